@@ -1,0 +1,89 @@
+//! Public identifiers are random UUIDs wrapped in one type per entity, so a cart id can never be
+//! passed where a checkout id is expected.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a valid id")]
+pub struct IdError;
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(Uuid);
+
+        impl $name {
+            pub fn new() -> Self {
+                Self(Uuid::new_v4())
+            }
+
+            pub fn parse(raw: &str) -> Result<Self, IdError> {
+                Uuid::parse_str(raw).map(Self).map_err(|_| IdError)
+            }
+
+            pub fn from_uuid(id: Uuid) -> Self {
+                Self(id)
+            }
+
+            pub fn uuid(self) -> Uuid {
+                self.0
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A customer of the shop.
+    CustomerId
+);
+id_type!(
+    /// A customer's cart.
+    CartId
+);
+id_type!(
+    /// One checkout attempt of a cart: the saga's row.
+    CheckoutId
+);
+id_type!(
+    /// The order created together with a checkout's reservation.
+    OrderId
+);
+id_type!(
+    /// A flash sale of one SKU.
+    FlashSaleId
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_round_trips_through_its_text() {
+        let id = CartId::new();
+        assert_eq!(CartId::parse(&id.to_string()).unwrap(), id);
+    }
+
+    #[test]
+    fn garbage_is_not_an_id() {
+        for bad in ["", "1", "not-a-uuid", "'; drop table carts; --"] {
+            assert_eq!(CheckoutId::parse(bad), Err(IdError));
+        }
+    }
+}

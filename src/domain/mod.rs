@@ -1,0 +1,26 @@
+//! The checkout vocabulary: money, SKUs, quantities, ids, products, carts, orders and the
+//! checkout state machine. Depends on nothing else in the crate and on no I/O library, so
+//! every rule here (promise 6: prices are integer minor units; promise 7: parse, don't
+//! validate) is checked the same way whichever store or transport carries the data.
+
+mod cart;
+mod checkout;
+mod clock;
+mod customer;
+mod ids;
+mod money;
+mod order;
+mod product;
+mod quantity;
+mod sku;
+
+pub use cart::{Cart, CartLine, CartStatus};
+pub use checkout::{Checkout, CheckoutState, TransitionError};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use customer::{Customer, CustomerName, CustomerNameError};
+pub use ids::{CartId, CheckoutId, CustomerId, FlashSaleId, IdError, OrderId};
+pub use money::{Currency, Money, MoneyError};
+pub use order::{Order, OrderLine, OrderStatus};
+pub use product::{NewProduct, Product, ProductName, ProductNameError, ProductPatch};
+pub use quantity::{Quantity, QuantityError, StockLevel};
+pub use sku::{Sku, SkuError};

@@ -1,0 +1,3 @@
+//! holdfast: a checkout engine that never oversells and never double-charges.
+
+pub mod domain;
