@@ -1,3 +1,21 @@
 //! holdfast: a checkout engine that never oversells and never double-charges.
+//!
+//! Reading order:
+//! - [`domain`]: money, SKUs, quantities, ids, products, carts, orders, checkout states, clock.
+//! - [`store`]: the `Store` trait (one method per atomic phase) and its PostgreSQL and SQLite
+//!   implementations.
+//! - [`http`]: the router, the error body, extractors and one file per resource.
+//! - [`workers`]: background loops (reservation expiry) with a `tick()` tests can drive.
+//! - [`audit`]: the promise checks behind `holdfast audit`.
+//! - [`config`], [`startup`], [`telemetry`], [`shutdown`]: flags, wiring, logs, stopping.
 
+pub mod audit;
+pub mod checkout;
+pub mod config;
 pub mod domain;
+pub mod http;
+pub mod shutdown;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+pub mod workers;

@@ -1,1 +1,61 @@
-fn main() {}
+//! `holdfast [serve|migrate|audit]`: parse flags, run, and turn any start-up failure into one
+//! line on stderr and exit code 2.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use holdfast::config::{Cli, Command, Settings};
+use holdfast::startup::{open_store, Application};
+use holdfast::{audit, shutdown, telemetry};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::from_flags(&cli.flags) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("holdfast: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(settings.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("holdfast: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let command = cli.command.unwrap_or(Command::Serve);
+    match runtime.block_on(run(command, settings)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("holdfast: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve => {
+            let app = Application::build(settings).await?;
+            app.run_until_stopped(shutdown::signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            open_store(&settings).await?;
+            println!("migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit => {
+            let store = open_store(&settings).await?;
+            let report = audit::run(store.as_ref()).await?;
+            print!("{report}");
+            Ok(if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! Command line and environment: every flag has a `HOLDFAST_*` variable (DESIGN §8), parsed by
+//! clap and validated into [`Settings`] before anything starts, so a bad value ends the process
+//! with one clear line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use secrecy::SecretString;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "holdfast",
+    version,
+    about = "A checkout engine that never oversells and never double-charges"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub flags: Flags,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand, PartialEq, Eq)]
+pub enum Command {
+    /// Run the HTTP service (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Check the promises on a live store; exit 1 on any violation.
+    Audit,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Flags {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "HOLDFAST_LISTEN",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
+    pub listen: SocketAddr,
+
+    /// Directory for the embedded store and generated secrets.
+    #[arg(
+        long,
+        env = "HOLDFAST_DATA_DIR",
+        default_value = "./holdfast-data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+
+    /// `postgres://...` runs on PostgreSQL; unset uses SQLite in the data directory.
+    #[arg(
+        long,
+        env = "HOLDFAST_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+
+    /// Connections in the PostgreSQL pool.
+    #[arg(
+        long,
+        env = "HOLDFAST_DATABASE_MAX_CONNECTIONS",
+        default_value_t = 16,
+        global = true
+    )]
+    pub database_max_connections: u32,
+
+    /// Redis for the flash-sale gate; unset uses the in-process gate.
+    #[arg(
+        long,
+        env = "HOLDFAST_REDIS_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
+
+    /// NATS JetStream for fulfilment events; unset uses in-process consumers.
+    #[arg(long, env = "HOLDFAST_NATS_URL", global = true, hide_env_values = true)]
+    pub nats_url: Option<String>,
+
+    /// Bearer token for /v1/admin/*; unset generates one into <data-dir>/admin-token.
+    #[arg(
+        long,
+        env = "HOLDFAST_ADMIN_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+
+    /// Stripe secret key; unset uses the built-in test-mode simulator.
+    #[arg(
+        long,
+        env = "HOLDFAST_STRIPE_SECRET_KEY",
+        global = true,
+        hide_env_values = true
+    )]
+    pub stripe_secret_key: Option<String>,
+
+    /// Stripe API base URL.
+    #[arg(long, env = "HOLDFAST_STRIPE_API_BASE", global = true)]
+    pub stripe_api_base: Option<String>,
+
+    /// Webhook signing secret (`whsec_...`); unset generates one into <data-dir>/webhook-secret.
+    #[arg(
+        long,
+        env = "HOLDFAST_STRIPE_WEBHOOK_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    pub stripe_webhook_secret: Option<String>,
+
+    /// Reservation window; a heartbeat pushes expiry to now + this.
+    #[arg(
+        long,
+        env = "HOLDFAST_RESERVATION_TTL_SECONDS",
+        default_value_t = 180,
+        global = true
+    )]
+    pub reservation_ttl_seconds: u64,
+
+    /// A checkout's reservation never lives longer than this, heartbeats or not.
+    #[arg(
+        long,
+        env = "HOLDFAST_RESERVATION_MAX_LIFETIME_SECONDS",
+        default_value_t = 1800,
+        global = true
+    )]
+    pub reservation_max_lifetime_seconds: u64,
+
+    /// How often the expiry worker looks for expired reservations, in milliseconds.
+    #[arg(
+        long,
+        env = "HOLDFAST_EXPIRY_INTERVAL_MS",
+        default_value_t = 1000,
+        global = true
+    )]
+    pub expiry_interval_ms: u64,
+
+    /// Per-customer rate limit on checkout, complete and token calls (burst 2x); 0 = off.
+    #[arg(
+        long,
+        env = "HOLDFAST_RATE_LIMIT_PER_SECOND",
+        default_value_t = 20,
+        global = true
+    )]
+    pub rate_limit_per_second: u32,
+
+    /// Log format: `text` or `json`.
+    #[arg(
+        long,
+        env = "HOLDFAST_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Sqlite { data_dir: PathBuf },
+    Postgres { url: String, max_connections: u32 },
+}
+
+/// Validated settings; built only through [`Settings::from_flags`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub store: StoreConfig,
+    pub redis_url: Option<String>,
+    pub nats_url: Option<String>,
+    pub admin_token: Option<SecretString>,
+    pub stripe_secret_key: Option<SecretString>,
+    pub stripe_api_base: Option<String>,
+    pub stripe_webhook_secret: Option<SecretString>,
+    pub reservation_ttl: Duration,
+    pub reservation_max_lifetime: Duration,
+    pub expiry_interval: Duration,
+    pub rate_limit_per_second: u32,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--database-url must be a postgres:// or postgresql:// URL (unset for the embedded SQLite store)")]
+    DatabaseUrl,
+    #[error("--{flag} must be a {scheme} URL")]
+    Url {
+        flag: &'static str,
+        scheme: &'static str,
+    },
+    #[error("--{flag} must be between {min} and {max}")]
+    Range {
+        flag: &'static str,
+        min: u64,
+        max: u64,
+    },
+    #[error("--admin-token must be at least 16 characters")]
+    AdminToken,
+    #[error("--stripe-webhook-secret must not be empty")]
+    WebhookSecret,
+}
+
+impl Settings {
+    pub fn from_flags(flags: &Flags) -> Result<Self, ConfigError> {
+        let store = match &flags.database_url {
+            None => StoreConfig::Sqlite {
+                data_dir: flags.data_dir.clone(),
+            },
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                StoreConfig::Postgres {
+                    url: url.clone(),
+                    max_connections: in_range(
+                        "database-max-connections",
+                        flags.database_max_connections.into(),
+                        1,
+                        1000,
+                    )? as u32,
+                }
+            }
+            Some(_) => return Err(ConfigError::DatabaseUrl),
+        };
+        check_scheme(
+            flags.redis_url.as_deref(),
+            "redis-url",
+            &["redis://", "rediss://"],
+            "redis://",
+        )?;
+        check_scheme(
+            flags.nats_url.as_deref(),
+            "nats-url",
+            &["nats://", "tls://"],
+            "nats://",
+        )?;
+        check_scheme(
+            flags.stripe_api_base.as_deref(),
+            "stripe-api-base",
+            &["http://", "https://"],
+            "http(s)://",
+        )?;
+        if flags.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(ConfigError::AdminToken);
+        }
+        if flags
+            .stripe_webhook_secret
+            .as_ref()
+            .is_some_and(String::is_empty)
+        {
+            return Err(ConfigError::WebhookSecret);
+        }
+        let max_lifetime = in_range(
+            "reservation-max-lifetime-seconds",
+            flags.reservation_max_lifetime_seconds,
+            1,
+            86_400,
+        )?;
+        let ttl = in_range(
+            "reservation-ttl-seconds",
+            flags.reservation_ttl_seconds,
+            1,
+            max_lifetime,
+        )?;
+        let expiry = in_range("expiry-interval-ms", flags.expiry_interval_ms, 10, 600_000)?;
+        Ok(Settings {
+            listen: flags.listen,
+            data_dir: flags.data_dir.clone(),
+            store,
+            redis_url: flags.redis_url.clone(),
+            nats_url: flags.nats_url.clone(),
+            admin_token: flags.admin_token.clone().map(SecretString::from),
+            stripe_secret_key: flags.stripe_secret_key.clone().map(SecretString::from),
+            stripe_api_base: flags.stripe_api_base.clone(),
+            stripe_webhook_secret: flags.stripe_webhook_secret.clone().map(SecretString::from),
+            reservation_ttl: Duration::from_secs(ttl),
+            reservation_max_lifetime: Duration::from_secs(max_lifetime),
+            expiry_interval: Duration::from_millis(expiry),
+            rate_limit_per_second: flags.rate_limit_per_second,
+            log_format: flags.log_format,
+        })
+    }
+}
+
+fn in_range(flag: &'static str, value: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::Range { flag, min, max })
+    }
+}
+
+fn check_scheme(
+    url: Option<&str>,
+    flag: &'static str,
+    allowed: &[&str],
+    scheme: &'static str,
+) -> Result<(), ConfigError> {
+    match url {
+        Some(u) if !allowed.iter().any(|p| u.starts_with(p)) => {
+            Err(ConfigError::Url { flag, scheme })
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Settings, ConfigError> {
+        let mut all = vec!["holdfast"];
+        all.extend_from_slice(args);
+        let cli = Cli::try_parse_from(all).expect("flags parse");
+        Settings::from_flags(&cli.flags)
+    }
+
+    #[test]
+    fn no_flags_means_the_embedded_store_on_port_8080() {
+        let s = parse(&[]).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
+        assert!(matches!(s.store, StoreConfig::Sqlite { .. }));
+        assert_eq!(s.reservation_ttl, Duration::from_secs(180));
+        assert_eq!(s.rate_limit_per_second, 20);
+    }
+
+    #[test]
+    fn a_database_url_that_is_not_postgres_is_rejected() {
+        assert!(matches!(
+            parse(&["--database-url", "mysql://x"]),
+            Err(ConfigError::DatabaseUrl)
+        ));
+        assert!(matches!(
+            parse(&["--database-url", "postgres://root@127.0.0.1/test"])
+                .unwrap()
+                .store,
+            StoreConfig::Postgres { .. }
+        ));
+    }
+
+    #[test]
+    fn a_ttl_longer_than_the_maximum_lifetime_is_rejected() {
+        assert!(matches!(
+            parse(&["--reservation-ttl-seconds", "4000"]),
+            Err(ConfigError::Range { .. })
+        ));
+        assert!(matches!(
+            parse(&["--reservation-ttl-seconds", "0"]),
+            Err(ConfigError::Range { .. })
+        ));
+    }
+
+    #[test]
+    fn a_short_admin_token_and_odd_urls_are_rejected() {
+        assert!(matches!(
+            parse(&["--admin-token", "short"]),
+            Err(ConfigError::AdminToken)
+        ));
+        assert!(matches!(
+            parse(&["--redis-url", "http://x"]),
+            Err(ConfigError::Url { .. })
+        ));
+        assert!(matches!(
+            parse(&["--nats-url", "x"]),
+            Err(ConfigError::Url { .. })
+        ));
+    }
+}

@@ -1,0 +1,202 @@
+//! Admin routes: customers and their tokens, the catalogue, stock edits with optimistic
+//! concurrency (`If-Match` on the product's version), the inventory view.
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::domain::{CustomerName, Money, NewProduct, ProductName, ProductPatch, Sku, StockLevel};
+
+use super::auth::Admin;
+use super::extract::{AppJson, AppQuery};
+use super::views::{AdminProductView, ListParams, ListView};
+use super::{error::not_found_of, new_customer_token, token_hash, ApiError, AppState};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/admin/customers", post(create_customer))
+        .route("/v1/admin/products", post(create_product))
+        .route(
+            "/v1/admin/products/{sku}",
+            patch(update_product).get(get_product),
+        )
+        .route("/v1/admin/inventory", get(inventory))
+}
+
+/// The actor recorded with stock changes made through the admin API.
+const ADMIN_ACTOR: &str = "admin";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateCustomer {
+    name: CustomerName,
+}
+
+async fn create_customer(
+    _: Admin,
+    State(state): State<AppState>,
+    AppJson(body): AppJson<CreateCustomer>,
+) -> Result<Response, ApiError> {
+    let token = new_customer_token();
+    let customer = state
+        .store
+        .create_customer(&body.name, &token_hash(&token))
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": customer.id, "name": customer.name, "token": token})),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateProduct {
+    sku: Sku,
+    name: ProductName,
+    price: Money,
+    stock: StockLevel,
+}
+
+async fn create_product(
+    _: Admin,
+    State(state): State<AppState>,
+    AppJson(body): AppJson<CreateProduct>,
+) -> Result<Response, ApiError> {
+    let new = NewProduct {
+        sku: body.sku,
+        name: body.name,
+        price: body.price,
+        stock: body.stock,
+    };
+    let product = state
+        .store
+        .create_product(&new, ADMIN_ACTOR, state.clock.now())
+        .await?;
+    Ok(with_etag(
+        StatusCode::CREATED,
+        product.version,
+        AdminProductView::from(&product),
+    ))
+}
+
+async fn get_product(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(sku): Path<String>,
+) -> Result<Response, ApiError> {
+    let sku = parse_sku(&sku)?;
+    let product = state
+        .store
+        .product(&sku)
+        .await?
+        .ok_or_else(|| not_found_of("product"))?;
+    Ok(with_etag(
+        StatusCode::OK,
+        product.version,
+        AdminProductView::from(&product),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchProduct {
+    name: Option<ProductName>,
+    price: Option<Money>,
+    stock: Option<StockLevel>,
+}
+
+async fn update_product(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(sku): Path<String>,
+    headers: HeaderMap,
+    AppJson(body): AppJson<PatchProduct>,
+) -> Result<Response, ApiError> {
+    let sku = parse_sku(&sku)?;
+    let expected = if_match_version(&headers)?;
+    let patch = ProductPatch {
+        name: body.name,
+        price: body.price,
+        stock: body.stock,
+    };
+    if patch.is_empty() {
+        return Err(ApiError::validation(
+            "nothing to change: give name, price or stock",
+        ));
+    }
+    let product = state
+        .store
+        .update_product(&sku, expected, &patch, ADMIN_ACTOR, state.clock.now())
+        .await?;
+    Ok(with_etag(
+        StatusCode::OK,
+        product.version,
+        AdminProductView::from(&product),
+    ))
+}
+
+async fn inventory(
+    _: Admin,
+    State(state): State<AppState>,
+    AppQuery(params): AppQuery<ListParams>,
+) -> Result<Json<ListView<AdminProductView>>, ApiError> {
+    let after = params.cursor.as_deref().map(parse_cursor_sku).transpose()?;
+    let page = state
+        .store
+        .list_products(after.as_ref(), params.limit()?)
+        .await?;
+    Ok(Json(ListView {
+        data: page.items.iter().map(AdminProductView::from).collect(),
+        next_cursor: page.next,
+    }))
+}
+
+pub(super) fn parse_sku(raw: &str) -> Result<Sku, ApiError> {
+    // A SKU that cannot exist is simply not found.
+    Sku::parse(raw).map_err(|_| not_found_of("product"))
+}
+
+pub(super) fn parse_cursor_sku(raw: &str) -> Result<Sku, ApiError> {
+    Sku::parse(raw).map_err(|_| ApiError::bad_request("invalid_cursor", "the cursor is not valid"))
+}
+
+/// `If-Match: "7"` (a bare `7` is accepted too). Missing is 428; unreadable is 400.
+fn if_match_version(headers: &HeaderMap) -> Result<i64, ApiError> {
+    let raw = headers
+        .get(header::IF_MATCH)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::PRECONDITION_REQUIRED,
+                "precondition_required",
+                "send If-Match with the product's ETag",
+            )
+        })?
+        .to_str()
+        .map_err(|_| invalid_if_match())?
+        .trim();
+    let unquoted = raw
+        .strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .unwrap_or(raw);
+    unquoted.parse::<i64>().map_err(|_| invalid_if_match())
+}
+
+fn invalid_if_match() -> ApiError {
+    ApiError::bad_request(
+        "invalid_if_match",
+        "If-Match must be the product's ETag, e.g. \"7\"",
+    )
+}
+
+fn with_etag(status: StatusCode, version: i64, body: AdminProductView) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    if let Ok(value) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    response
+}

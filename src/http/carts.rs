@@ -1,0 +1,94 @@
+//! Carts: a customer sees and changes only their own; another customer's cart id is simply not
+//! found (no existence leak).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use crate::domain::{CartId, Quantity};
+
+use super::admin::parse_sku;
+use super::auth::CustomerAuth;
+use super::extract::{AppJson, OptionalJson};
+use super::views::CartView;
+use super::{error::not_found_of, ApiError, AppState};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/carts", post(create))
+        .route("/v1/carts/{id}", get(one))
+        .route(
+            "/v1/carts/{id}/lines/{sku}",
+            put(set_line).delete(remove_line),
+        )
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoBody {}
+
+async fn create(
+    CustomerAuth(customer): CustomerAuth,
+    State(state): State<AppState>,
+    OptionalJson(NoBody {}): OptionalJson<NoBody>,
+) -> Result<(StatusCode, Json<CartView>), ApiError> {
+    let cart = state
+        .store
+        .create_cart(customer.id, state.clock.now())
+        .await?;
+    Ok((StatusCode::CREATED, Json(cart.into())))
+}
+
+pub(super) fn parse_cart_id(raw: &str) -> Result<CartId, ApiError> {
+    CartId::parse(raw).map_err(|_| not_found_of("cart"))
+}
+
+async fn one(
+    CustomerAuth(customer): CustomerAuth,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<CartView>, ApiError> {
+    let cart = state
+        .store
+        .cart(customer.id, parse_cart_id(&id)?)
+        .await?
+        .ok_or_else(|| not_found_of("cart"))?;
+    Ok(Json(cart.into()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetLine {
+    quantity: Quantity,
+}
+
+async fn set_line(
+    CustomerAuth(customer): CustomerAuth,
+    State(state): State<AppState>,
+    Path((id, sku)): Path<(String, String)>,
+    AppJson(body): AppJson<SetLine>,
+) -> Result<Json<CartView>, ApiError> {
+    let cart = parse_cart_id(&id)?;
+    let sku = parse_sku(&sku)?;
+    let cart = state
+        .store
+        .set_cart_line(customer.id, cart, &sku, body.quantity, state.clock.now())
+        .await?;
+    Ok(Json(cart.into()))
+}
+
+async fn remove_line(
+    CustomerAuth(customer): CustomerAuth,
+    State(state): State<AppState>,
+    Path((id, sku)): Path<(String, String)>,
+) -> Result<Json<CartView>, ApiError> {
+    let cart = parse_cart_id(&id)?;
+    let sku = parse_sku(&sku)?;
+    let cart = state
+        .store
+        .remove_cart_line(customer.id, cart, &sku, state.clock.now())
+        .await?;
+    Ok(Json(cart.into()))
+}

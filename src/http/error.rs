@@ -1,0 +1,202 @@
+//! The one error body of the public contract (DESIGN §8):
+//! `{"error":{"code":"snake_case_code","message":"...","details":...}}`. Only this module knows
+//! HTTP statuses; a 500 says `internal` and nothing more, the cause is logged.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::checkout::CheckoutError;
+use crate::store::StoreError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    details: Option<Value>,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            details: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn details(mut self, details: impl Serialize) -> Self {
+        self.details = serde_json::to_value(details).ok();
+        self
+    }
+
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn validation(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            message,
+        )
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer token is required",
+        )
+    }
+
+    pub fn forbidden() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this token may not use this route",
+        )
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+
+    /// Logs the cause with the request's span (which carries the request id) and answers a
+    /// bare `internal`.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    details: Option<&'a Value>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Body {
+            error: Inner {
+                code: self.code,
+                message: &self.message,
+                details: self.details.as_ref(),
+            },
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(what) => not_found_of(what),
+            StoreError::SkuTaken => Self::conflict("sku_taken", "a product with this sku exists"),
+            StoreError::VersionMismatch { current } => Self::new(
+                StatusCode::PRECONDITION_FAILED,
+                "version_mismatch",
+                format!("the product changed; its current version is {current}"),
+            )
+            .details(serde_json::json!({ "current_version": current })),
+            StoreError::StockBelowReserved { stock, reserved } => Self::conflict(
+                "stock_below_reserved",
+                format!("stock {stock} would be below the {reserved} units reserved"),
+            )
+            .details(serde_json::json!({ "stock": stock, "reserved": reserved })),
+            StoreError::InsufficientStock(short) => {
+                Self::conflict("insufficient_stock", "not enough stock").details(short)
+            }
+            StoreError::CartNotOpen(status) => {
+                Self::conflict("cart_not_open", format!("the cart is {}", status.as_str()))
+            }
+            StoreError::CartEmpty => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "cart_empty",
+                "the cart has no lines",
+            ),
+            StoreError::CheckoutExpired => Self::conflict(
+                "checkout_expired",
+                "the checkout's reservation has expired; start a new checkout",
+            ),
+            StoreError::CheckoutState(state) => Self::conflict(
+                "invalid_state",
+                format!("the checkout is {}", state.as_str()),
+            ),
+            StoreError::Money(e) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_amount",
+                e.to_string(),
+            ),
+            StoreError::Unavailable(cause) => {
+                tracing::error!(error = %cause, "store unavailable");
+                Self::unavailable("the store is unavailable; retry shortly")
+            }
+            e @ (StoreError::Corrupt(_) | StoreError::Database(_)) => Self::internal(e),
+        }
+    }
+}
+
+impl From<CheckoutError> for ApiError {
+    fn from(e: CheckoutError) -> Self {
+        match e {
+            CheckoutError::Store(e) => e.into(),
+        }
+    }
+}
+
+pub fn not_found_of(what: &str) -> ApiError {
+    let code = match what {
+        "cart" => "cart_not_found",
+        "product" => "product_not_found",
+        "checkout" => "checkout_not_found",
+        "order" => "order_not_found",
+        "customer" => "customer_not_found",
+        _ => "not_found",
+    };
+    ApiError::not_found(code, format!("{what} not found"))
+}

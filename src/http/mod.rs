@@ -1,0 +1,86 @@
+//! The HTTP edge: one router, one state, our own extractors and the contract's error body.
+//! A handler extracts, parses into domain types, makes one call into the checkout service or
+//! the store, and maps the result (DESIGN §8 is the contract).
+
+mod admin;
+mod auth;
+mod carts;
+mod catalogue;
+mod checkouts;
+mod error;
+mod extract;
+mod health;
+mod orders;
+mod views;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::checkout::CheckoutService;
+use crate::domain::Clock;
+use crate::store::Store;
+
+pub use auth::{new_customer_token, token_digest, token_hash};
+pub use error::ApiError;
+
+/// Request bodies above this answer 413.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub checkout: Arc<CheckoutService>,
+    pub clock: Arc<dyn Clock>,
+    /// SHA-256 of the admin token: the token itself is not kept in memory here.
+    pub admin_token_digest: [u8; 32],
+}
+
+pub fn router(state: AppState) -> Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    Router::new()
+        .merge(health::router())
+        .merge(admin::router())
+        .merge(catalogue::router())
+        .merge(carts::router())
+        .merge(checkouts::router())
+        .merge(orders::router())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal("a handler panicked").into_response()
+        }))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+async fn not_found() -> Response {
+    ApiError::not_found("route_not_found", "no such route").into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept this method",
+    )
+    .into_response()
+}

@@ -1,0 +1,55 @@
+//! A customer's orders: their own only.
+
+use axum::extract::{Path, State};
+use axum::routing::get;
+use axum::{Json, Router};
+
+use crate::domain::OrderId;
+
+use super::auth::CustomerAuth;
+use super::extract::AppQuery;
+use super::views::{ListParams, ListView, OrderView};
+use super::{error::not_found_of, ApiError, AppState};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/orders", get(list))
+        .route("/v1/orders/{id}", get(one))
+}
+
+async fn list(
+    CustomerAuth(customer): CustomerAuth,
+    State(state): State<AppState>,
+    AppQuery(params): AppQuery<ListParams>,
+) -> Result<Json<ListView<OrderView>>, ApiError> {
+    if let Some(cursor) = params.cursor.as_deref() {
+        if cursor.parse::<u64>().is_err() {
+            return Err(ApiError::bad_request(
+                "invalid_cursor",
+                "the cursor is not valid",
+            ));
+        }
+    }
+    let page = state
+        .store
+        .list_orders(customer.id, params.cursor.as_deref(), params.limit()?)
+        .await?;
+    Ok(Json(ListView {
+        data: page.items.into_iter().map(OrderView::from).collect(),
+        next_cursor: page.next,
+    }))
+}
+
+async fn one(
+    CustomerAuth(customer): CustomerAuth,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<OrderView>, ApiError> {
+    let id = OrderId::parse(&id).map_err(|_| not_found_of("order"))?;
+    let order = state
+        .store
+        .order(customer.id, id)
+        .await?
+        .ok_or_else(|| not_found_of("order"))?;
+    Ok(Json(order.into()))
+}

@@ -1,0 +1,162 @@
+//! What the API shows: private DTOs built from domain types, so the wire format is written
+//! down in one place and never leaks a store detail (ids of rows, token hashes).
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::domain::{Cart, Checkout, Money, Order, OrderLine, Product, Sku};
+
+use super::ApiError;
+
+/// RFC 3339 UTC with milliseconds, e.g. `2026-11-25T10:00:00.000Z`.
+pub fn rfc3339<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+#[derive(Serialize)]
+pub struct ProductView {
+    pub sku: Sku,
+    pub name: String,
+    pub price: Money,
+    pub available: i64,
+}
+
+impl From<&Product> for ProductView {
+    fn from(p: &Product) -> Self {
+        Self {
+            sku: p.sku.clone(),
+            name: p.name.clone(),
+            price: p.price,
+            available: p.available(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct AdminProductView {
+    pub sku: Sku,
+    pub name: String,
+    pub price: Money,
+    pub stock: i64,
+    pub reserved: i64,
+    pub available: i64,
+    pub version: i64,
+}
+
+impl From<&Product> for AdminProductView {
+    fn from(p: &Product) -> Self {
+        Self {
+            sku: p.sku.clone(),
+            name: p.name.clone(),
+            price: p.price,
+            stock: p.stock,
+            reserved: p.reserved,
+            available: p.available(),
+            version: p.version,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct CartView {
+    pub id: String,
+    pub status: &'static str,
+    pub lines: Vec<crate::domain::CartLine>,
+}
+
+impl From<Cart> for CartView {
+    fn from(c: Cart) -> Self {
+        Self {
+            id: c.id.to_string(),
+            status: c.status.as_str(),
+            lines: c.lines,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct CheckoutView {
+    pub id: String,
+    pub state: &'static str,
+    pub order_id: String,
+    pub cart_id: String,
+    pub total: Money,
+    #[serde(serialize_with = "rfc3339")]
+    pub expires_at: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339")]
+    pub created_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payment_intent_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decline_code: Option<String>,
+}
+
+impl From<Checkout> for CheckoutView {
+    fn from(c: Checkout) -> Self {
+        Self {
+            id: c.id.to_string(),
+            state: c.state.as_str(),
+            order_id: c.order_id.to_string(),
+            cart_id: c.cart_id.to_string(),
+            total: c.total,
+            expires_at: c.expires_at,
+            created_at: c.created_at,
+            payment_intent_id: c.payment_intent_id,
+            client_secret: c.client_secret,
+            decline_code: c.decline_code,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct OrderView {
+    pub id: String,
+    pub status: &'static str,
+    pub checkout_id: String,
+    pub total: Money,
+    pub lines: Vec<OrderLine>,
+    pub payment_intent_id: Option<String>,
+    #[serde(serialize_with = "rfc3339")]
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<Order> for OrderView {
+    fn from(o: Order) -> Self {
+        Self {
+            id: o.id.to_string(),
+            status: o.status.as_str(),
+            checkout_id: o.checkout_id.to_string(),
+            total: o.total,
+            lines: o.lines,
+            payment_intent_id: o.payment_intent_id,
+            created_at: o.created_at,
+        }
+    }
+}
+
+/// `{"data": [...], "next_cursor": ...}` (DESIGN §8).
+#[derive(Serialize)]
+pub struct ListView<T> {
+    pub data: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// `?limit=` (1..=500, default 50) and `?cursor=`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+impl ListParams {
+    pub fn limit(&self) -> Result<u32, ApiError> {
+        match self.limit {
+            None => Ok(50),
+            Some(n @ 1..=500) => Ok(n),
+            Some(_) => Err(ApiError::validation("limit must be between 1 and 500")),
+        }
+    }
+}

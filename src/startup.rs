@@ -1,0 +1,230 @@
+//! Wiring: the only module that names concrete stores. Opens the store, resolves secrets,
+//! binds the listener, builds the router and starts the workers.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::Engine as _;
+use rand::RngCore as _;
+use secrecy::{ExposeSecret as _, SecretString};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::checkout::{CheckoutService, Windows};
+use crate::config::{Settings, StoreConfig};
+use crate::domain::{Clock, SystemClock};
+use crate::http::{self, AppState};
+use crate::store::{PgStore, SqliteStore, Store, StoreError};
+use crate::workers::ExpiryWorker;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot use the data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: io::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+}
+
+/// Opens the configured store and applies its migrations.
+pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError> {
+    match &settings.store {
+        StoreConfig::Sqlite { data_dir } => {
+            ensure_dir(data_dir)?;
+            let store = SqliteStore::open(data_dir).await?;
+            store.migrate().await?;
+            Ok(Arc::new(store))
+        }
+        StoreConfig::Postgres {
+            url,
+            max_connections,
+        } => {
+            let store = PgStore::connect(url, *max_connections).await?;
+            store.migrate().await?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+fn ensure_dir(dir: &Path) -> Result<(), StartupError> {
+    std::fs::create_dir_all(dir).map_err(|source| StartupError::DataDir {
+        path: dir.to_owned(),
+        source,
+    })
+}
+
+/// A secret from its flag, or read from `<data-dir>/<file>`, or generated once into it
+/// (owner-only permissions). Returns the secret and where it came from, for the start-up log.
+fn resolve_secret(
+    given: Option<&SecretString>,
+    data_dir: &Path,
+    file: &str,
+    prefix: &str,
+) -> Result<(SecretString, String), StartupError> {
+    if let Some(secret) = given {
+        return Ok((secret.clone(), "flag/environment".to_owned()));
+    }
+    let path = data_dir.join(file);
+    let io_err = |source| StartupError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    ensure_dir(data_dir)?;
+    match std::fs::read_to_string(&path) {
+        Ok(existing) if !existing.trim().is_empty() => {
+            return Ok((
+                SecretString::from(existing.trim().to_owned()),
+                path.display().to_string(),
+            ))
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    let secret = format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    );
+    write_private(&path, &secret).map_err(io_err)?;
+    Ok((SecretString::from(secret), path.display().to_string()))
+}
+
+fn write_private(path: &Path, contents: &str) -> io::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()
+}
+
+/// Knobs tests may turn; production uses the defaults.
+#[derive(Clone)]
+pub struct Overrides {
+    pub clock: Arc<dyn Clock>,
+    /// Run background workers (tests that drive `tick()` themselves switch them off).
+    pub workers: bool,
+}
+
+impl Default for Overrides {
+    fn default() -> Self {
+        Self {
+            clock: Arc::new(SystemClock),
+            workers: true,
+        }
+    }
+}
+
+pub struct Application {
+    listener: TcpListener,
+    addr: SocketAddr,
+    state: AppState,
+    expiry: Arc<ExpiryWorker>,
+    settings: Settings,
+    workers: bool,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        Self::build_with(settings, Overrides::default()).await
+    }
+
+    pub async fn build_with(
+        settings: Settings,
+        overrides: Overrides,
+    ) -> Result<Self, StartupError> {
+        let store = open_store(&settings).await?;
+        let (admin_token, admin_source) = resolve_secret(
+            settings.admin_token.as_ref(),
+            &settings.data_dir,
+            "admin-token",
+            "hfa_",
+        )?;
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| StartupError::Bind {
+                    addr: settings.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| StartupError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+        let clock = overrides.clock;
+        let windows = Windows {
+            ttl: chrono::Duration::from_std(settings.reservation_ttl)
+                .unwrap_or(chrono::Duration::seconds(180)),
+            max_lifetime: chrono::Duration::from_std(settings.reservation_max_lifetime)
+                .unwrap_or(chrono::Duration::minutes(30)),
+        };
+        let state = AppState {
+            store: store.clone(),
+            checkout: Arc::new(CheckoutService::new(store.clone(), clock.clone(), windows)),
+            clock: clock.clone(),
+            admin_token_digest: http::token_digest(admin_token.expose_secret()),
+        };
+        tracing::info!(
+            "holdfast listening on http://{addr} (store: {}, admin token: {admin_source})",
+            store.kind().as_str()
+        );
+        Ok(Self {
+            listener,
+            addr,
+            expiry: Arc::new(ExpiryWorker::new(store, clock)),
+            state,
+            settings,
+            workers: overrides.workers,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.state.store.clone()
+    }
+
+    pub fn expiry_worker(&self) -> Arc<ExpiryWorker> {
+        self.expiry.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then lets in-flight requests finish and stops the
+    /// workers.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> io::Result<()> {
+        let stop = CancellationToken::new();
+        let mut workers = Vec::new();
+        if self.workers {
+            workers.push(tokio::spawn(
+                self.expiry
+                    .clone()
+                    .run_until_stopped(self.settings.expiry_interval, stop.clone()),
+            ));
+        }
+        let router = http::router(self.state);
+        let served = axum::serve(self.listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        stop.cancel();
+        for worker in workers {
+            let _ = worker.await;
+        }
+        tracing::info!("holdfast stopped");
+        served
+    }
+}

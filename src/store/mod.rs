@@ -1,0 +1,387 @@
+//! Persistence. One trait, two implementations (PostgreSQL for production, SQLite for the
+//! embedded shape) with the same methods in the same order. Each method is one atomic phase:
+//! one transaction that performs its effect and records the new state together (DESIGN §3).
+//! SQL lives only here.
+
+mod postgres;
+mod rows;
+mod sqlite;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Duration, Utc};
+use serde::Serialize;
+
+use std::collections::HashMap;
+
+use crate::domain::{
+    Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
+    CustomerName, MoneyError, NewProduct, Order, OrderId, OrderLine, Product, ProductPatch,
+    Quantity, Sku,
+};
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Postgres,
+    Sqlite,
+}
+
+impl StoreKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::Postgres => "postgres",
+            StoreKind::Sqlite => "sqlite",
+        }
+    }
+}
+
+/// What the caller needs to know, not which library failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("sku is already in the catalogue")]
+    SkuTaken,
+    #[error("the product changed: current version is {current}")]
+    VersionMismatch { current: i64 },
+    #[error("stock {stock} would be below the {reserved} units reserved")]
+    StockBelowReserved { stock: i64, reserved: i64 },
+    #[error("not enough stock")]
+    InsufficientStock(Vec<Shortfall>),
+    #[error("the cart is {0:?}")]
+    CartNotOpen(CartStatus),
+    #[error("the cart is empty")]
+    CartEmpty,
+    #[error("the checkout's reservation has expired")]
+    CheckoutExpired,
+    #[error("the checkout is {0:?}")]
+    CheckoutState(CheckoutState),
+    #[error(transparent)]
+    Money(#[from] MoneyError),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                StoreError::Unavailable(e.to_string())
+            }
+            other => StoreError::Database(other),
+        }
+    }
+}
+
+/// One line a checkout could not reserve, as shown to the customer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Shortfall {
+    pub sku: Sku,
+    pub requested: u32,
+    pub available: i64,
+}
+
+/// Everything `reserve_checkout` needs; ids are chosen by the caller so a retry can be
+/// recognised.
+#[derive(Debug, Clone)]
+pub struct NewCheckout {
+    pub id: CheckoutId,
+    pub order_id: OrderId,
+    pub customer_id: CustomerId,
+    pub cart_id: CartId,
+    pub now: DateTime<Utc>,
+    pub ttl: Duration,
+    pub max_lifetime: Duration,
+}
+
+/// A page of a list: `next` is the cursor of the following page, if any.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<String>,
+}
+
+/// What the expiry worker released in one batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Released {
+    pub checkouts: Vec<CheckoutId>,
+    pub units: i64,
+}
+
+/// Promise 1, as read from the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InventoryRow {
+    pub sku: Sku,
+    pub stock: i64,
+    pub reserved: i64,
+    /// Sum of the quantities of live (active/committing) reservations.
+    pub live_reserved: i64,
+    /// Sum of recorded stock changes (creation, admin edits).
+    pub adjusted_stock: i64,
+    /// Sum of confirmed (sold) reservation quantities.
+    pub sold: i64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    fn kind(&self) -> StoreKind;
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    // Customers.
+    async fn create_customer(
+        &self,
+        name: &CustomerName,
+        token_hash: &str,
+    ) -> Result<Customer, StoreError>;
+    async fn customer_by_token_hash(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<Customer>, StoreError>;
+
+    // Catalogue.
+    async fn create_product(
+        &self,
+        product: &NewProduct,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Product, StoreError>;
+    async fn product(&self, sku: &Sku) -> Result<Option<Product>, StoreError>;
+    async fn list_products(
+        &self,
+        after: Option<&Sku>,
+        limit: u32,
+    ) -> Result<Page<Product>, StoreError>;
+    /// Optimistic concurrency: applies only if the product is still at `expected_version`.
+    /// Every stock change is recorded with its actor for the audit.
+    async fn update_product(
+        &self,
+        sku: &Sku,
+        expected_version: i64,
+        patch: &ProductPatch,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Product, StoreError>;
+
+    // Carts.
+    async fn create_cart(
+        &self,
+        customer: CustomerId,
+        now: DateTime<Utc>,
+    ) -> Result<Cart, StoreError>;
+    /// A cart of another customer is `None`, exactly as a cart that does not exist.
+    async fn cart(&self, customer: CustomerId, cart: CartId) -> Result<Option<Cart>, StoreError>;
+    async fn set_cart_line(
+        &self,
+        customer: CustomerId,
+        cart: CartId,
+        sku: &Sku,
+        quantity: Quantity,
+        now: DateTime<Utc>,
+    ) -> Result<Cart, StoreError>;
+    async fn remove_cart_line(
+        &self,
+        customer: CustomerId,
+        cart: CartId,
+        sku: &Sku,
+        now: DateTime<Utc>,
+    ) -> Result<Cart, StoreError>;
+
+    // Checkouts: the saga's phases.
+    /// Reserve every line all-or-nothing and create the order, in one transaction.
+    async fn reserve_checkout(&self, new: &NewCheckout) -> Result<Checkout, StoreError>;
+    async fn checkout(
+        &self,
+        customer: CustomerId,
+        id: CheckoutId,
+    ) -> Result<Option<Checkout>, StoreError>;
+    /// Push the reservation's expiry to `now + ttl`, never past the checkout's maximum lifetime.
+    async fn heartbeat_checkout(
+        &self,
+        customer: CustomerId,
+        id: CheckoutId,
+        now: DateTime<Utc>,
+        ttl: Duration,
+    ) -> Result<Checkout, StoreError>;
+    /// Release a reserved checkout at once; cancelling a cancelled checkout is a no-op.
+    async fn cancel_checkout(
+        &self,
+        customer: CustomerId,
+        id: CheckoutId,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError>;
+    /// Expire up to `limit` reserved checkouts whose window has passed, releasing their units.
+    /// Safe to run from several workers and instances at once: each is released exactly once.
+    async fn expire_due_checkouts(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Released, StoreError>;
+
+    // Orders.
+    async fn order(&self, customer: CustomerId, id: OrderId) -> Result<Option<Order>, StoreError>;
+    async fn list_orders(
+        &self,
+        customer: CustomerId,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Page<Order>, StoreError>;
+
+    // Audit.
+    async fn inventory_audit(&self) -> Result<Vec<InventoryRow>, StoreError>;
+}
+
+/// How `Duration`s and instants are stored: milliseconds since the epoch, in both stores.
+pub(crate) fn to_millis(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+pub(crate) fn from_millis(ms: i64) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_millis(ms).ok_or_else(|| StoreError::Corrupt(format!("time {ms}")))
+}
+
+/// A cart line as reserved: the product row's id (lock order), its SKU, the quantity and the
+/// catalogue price read under the row lock.
+#[derive(Debug, Clone)]
+pub(crate) struct PricedLine {
+    pub product_id: i64,
+    pub sku: Sku,
+    pub quantity: Quantity,
+    pub unit_price: crate::domain::Money,
+}
+
+impl PricedLine {
+    pub fn line_total(&self) -> Result<crate::domain::Money, StoreError> {
+        Ok(self.unit_price.checked_mul(self.quantity.get())?)
+    }
+}
+
+/// The order total, computed here from catalogue prices only (promise 6). All lines must share
+/// one currency: a single payment cannot mix them.
+pub(crate) fn order_total(lines: &[PricedLine]) -> Result<crate::domain::Money, StoreError> {
+    let first = lines.first().ok_or(StoreError::CartEmpty)?;
+    lines.iter().try_fold(
+        crate::domain::Money::zero(first.unit_price.currency()),
+        |sum, line| Ok(sum.checked_add(line.line_total()?)?),
+    )
+}
+
+/// A cart line as read before reserving: product id, SKU and requested quantity.
+#[derive(Debug, Clone)]
+pub(crate) struct WantedLine {
+    pub product_id: i64,
+    pub sku: Sku,
+    pub quantity: i64,
+}
+
+/// Lines of the same product are summed before the guard, and sorted by product id: the one
+/// lock order every transaction uses, so concurrent carts cannot deadlock (DESIGN §3).
+pub(crate) fn lock_order(mut lines: Vec<WantedLine>) -> Vec<WantedLine> {
+    lines.sort_by_key(|l| l.product_id);
+    lines.dedup_by(|later, first| {
+        if later.product_id == first.product_id {
+            first.quantity += later.quantity;
+            true
+        } else {
+            false
+        }
+    });
+    lines
+}
+
+pub(crate) const PRODUCT_COLUMNS: &str =
+    "id, sku, name, price_amount, currency, stock, reserved, version";
+pub(crate) const CHECKOUT_COLUMNS: &str = "id, customer_id, cart_id, order_id, state, \
+     total_amount, currency, expires_at, max_expires_at, created_at, attempt, \
+     payment_intent_id, client_secret, decline_code";
+/// Promise 1 per product, read in one statement (one snapshot) in both stores.
+pub(crate) const INVENTORY_AUDIT_SQL: &str = "SELECT p.sku, p.stock, p.reserved, \
+     (SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT) FROM reservations r \
+        WHERE r.product_id = p.id AND r.status IN ('active', 'committing')) AS live_reserved, \
+     (SELECT CAST(COALESCE(SUM(new_stock - old_stock), 0) AS BIGINT) FROM stock_adjustments a \
+        WHERE a.product_id = p.id) AS adjusted_stock, \
+     (SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT) FROM reservations r \
+        WHERE r.product_id = p.id AND r.status = 'confirmed') AS sold \
+     FROM products p ORDER BY p.sku";
+
+pub(crate) const ORDER_COLUMNS: &str =
+    "id, customer_id, checkout_id, status, total_amount, currency, payment_intent_id, created_at, seq";
+
+pub(crate) fn cart_must_be_open(status: &str) -> Result<(), StoreError> {
+    match CartStatus::parse(status) {
+        Some(CartStatus::Open) => Ok(()),
+        Some(other) => Err(StoreError::CartNotOpen(other)),
+        None => Err(StoreError::Corrupt(format!("cart status {status:?}"))),
+    }
+}
+
+pub(crate) fn check_patch(
+    current: &Product,
+    expected_version: i64,
+    patch: &ProductPatch,
+) -> Result<(), StoreError> {
+    if current.version != expected_version {
+        return Err(StoreError::VersionMismatch {
+            current: current.version,
+        });
+    }
+    if let Some(stock) = patch.stock {
+        if stock.get() < current.reserved {
+            return Err(StoreError::StockBelowReserved {
+                stock: stock.get(),
+                reserved: current.reserved,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Cuts a `limit + 1` fetch down to `limit` and names the cursor of the next page.
+pub(crate) fn page_of<T>(items: &mut Vec<T>, limit: u32, cursor: impl Fn(&T) -> String) -> Page<T> {
+    let limit = limit as usize;
+    let next = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(&cursor).or(Some(String::new()))
+    } else {
+        None
+    };
+    Page {
+        items: std::mem::take(items),
+        next,
+    }
+}
+
+pub(crate) fn attach_lines(orders: &mut [Order], lines: Vec<(OrderId, OrderLine)>) {
+    let mut by_order: HashMap<OrderId, Vec<OrderLine>> = HashMap::new();
+    for (order, line) in lines {
+        by_order.entry(order).or_default().push(line);
+    }
+    for order in orders {
+        order.lines = by_order.remove(&order.id).unwrap_or_default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wanted(product_id: i64, quantity: i64) -> WantedLine {
+        WantedLine {
+            product_id,
+            sku: Sku::parse(&format!("p{product_id}")).unwrap(),
+            quantity,
+        }
+    }
+
+    #[test]
+    fn lines_of_one_product_are_summed_and_sorted_by_product_id() {
+        let lines = lock_order(vec![wanted(3, 1), wanted(1, 2), wanted(3, 4), wanted(2, 1)]);
+        let got: Vec<(i64, i64)> = lines.iter().map(|l| (l.product_id, l.quantity)).collect();
+        assert_eq!(got, vec![(1, 2), (2, 1), (3, 5)]);
+    }
+}

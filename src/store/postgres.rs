@@ -1,0 +1,818 @@
+//! The production store: PostgreSQL. Reservation is a guarded single `UPDATE` per product in
+//! product-id order (promises 1 and 2, no deadlock); background work is claimed with
+//! `FOR UPDATE SKIP LOCKED`, so any number of instances and workers can run at once.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration as StdDuration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Duration, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use crate::domain::{
+    Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
+    CustomerName, NewProduct, Order, OrderId, Product, ProductPatch, Quantity, Sku,
+};
+
+use super::rows::{self, row_decoders};
+use super::{
+    attach_lines, cart_must_be_open, check_patch, lock_order, order_total, page_of, to_millis,
+    InventoryRow, NewCheckout, Page, PricedLine, Released, Shortfall, Store, StoreError, StoreKind,
+    WantedLine, CHECKOUT_COLUMNS, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
+};
+
+mod decode {
+    super::row_decoders!(sqlx::postgres::PgRow);
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects (and fails fast if the database cannot be reached).
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Unavailable(format!("bad database url: {e}")))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(StdDuration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(Self { pool })
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
+    }
+
+    /// The pool, for the audit and for tests that must reach under the trait.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn cart_in(
+        tx: &mut Transaction<'_, Postgres>,
+        customer: CustomerId,
+        cart: CartId,
+    ) -> Result<Option<Cart>, StoreError> {
+        let Some(row) = sqlx::query("SELECT status FROM carts WHERE id = $1 AND customer_id = $2")
+            .bind(cart.uuid())
+            .bind(customer.uuid())
+            .fetch_optional(&mut **tx)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let status: String = row.try_get("status")?;
+        let lines = sqlx::query(
+            "SELECT p.sku, l.quantity FROM cart_lines l JOIN products p ON p.id = l.product_id \
+             WHERE l.cart_id = $1 ORDER BY p.sku",
+        )
+        .bind(cart.uuid())
+        .fetch_all(&mut **tx)
+        .await?
+        .iter()
+        .map(decode::cart_line)
+        .collect::<Result<_, _>>()?;
+        Ok(Some(Cart {
+            id: cart,
+            customer_id: customer,
+            status: CartStatus::parse(&status)
+                .ok_or_else(|| StoreError::Corrupt(format!("cart status {status:?}")))?,
+            lines,
+        }))
+    }
+
+    /// Locks an open cart of this customer for a change of its lines.
+    async fn lock_open_cart(
+        tx: &mut Transaction<'_, Postgres>,
+        customer: CustomerId,
+        cart: CartId,
+    ) -> Result<(), StoreError> {
+        let row =
+            sqlx::query("SELECT status FROM carts WHERE id = $1 AND customer_id = $2 FOR UPDATE")
+                .bind(cart.uuid())
+                .bind(customer.uuid())
+                .fetch_optional(&mut **tx)
+                .await?
+                .ok_or(StoreError::NotFound("cart"))?;
+        cart_must_be_open(&row.try_get::<String, _>("status")?)
+    }
+
+    /// Gives the units of these checkouts' active reservations back, products in id order.
+    async fn release_reservations(
+        tx: &mut Transaction<'_, Postgres>,
+        checkouts: &[Uuid],
+    ) -> Result<i64, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE reservations SET status = 'released' \
+             WHERE checkout_id = ANY($1) AND status = 'active' RETURNING product_id, quantity",
+        )
+        .bind(checkouts)
+        .fetch_all(&mut **tx)
+        .await?;
+        // A BTreeMap sums per product and iterates in product-id order: the lock order.
+        let mut per_product: BTreeMap<i64, i64> = BTreeMap::new();
+        for row in &rows {
+            *per_product.entry(row.try_get("product_id")?).or_default() +=
+                row.try_get::<i64, _>("quantity")?;
+        }
+        let mut units = 0;
+        for (product_id, quantity) in per_product {
+            sqlx::query("UPDATE products SET reserved = reserved - $1 WHERE id = $2")
+                .bind(quantity)
+                .bind(product_id)
+                .execute(&mut **tx)
+                .await?;
+            units += quantity;
+        }
+        Ok(units)
+    }
+
+    async fn order_lines(
+        &self,
+        customer: CustomerId,
+        seq_from: i64,
+        seq_to: i64,
+    ) -> Result<Vec<(OrderId, crate::domain::OrderLine)>, StoreError> {
+        sqlx::query(
+            "SELECT ol.order_id, ol.sku, ol.quantity, ol.unit_price, ol.line_total, o.currency \
+             FROM order_lines ol JOIN orders o ON o.id = ol.order_id \
+             WHERE o.customer_id = $1 AND o.seq BETWEEN $2 AND $3 ORDER BY ol.sku",
+        )
+        .bind(customer.uuid())
+        .bind(seq_from)
+        .bind(seq_to)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(decode::order_line)
+        .collect()
+    }
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+fn checkout_state(row: &PgRow) -> Result<CheckoutState, StoreError> {
+    let state: String = row.try_get("state")?;
+    CheckoutState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("state {state:?}")))
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn kind(&self) -> StoreKind {
+        StoreKind::Postgres
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn create_customer(
+        &self,
+        name: &CustomerName,
+        token_hash: &str,
+    ) -> Result<Customer, StoreError> {
+        let row = sqlx::query(
+            "INSERT INTO customers (id, name, token_hash, created_at) VALUES ($1, $2, $3, $4) \
+             RETURNING id, name",
+        )
+        .bind(Uuid::new_v4())
+        .bind(name.as_str())
+        .bind(token_hash)
+        .bind(to_millis(Utc::now()))
+        .fetch_one(&self.pool)
+        .await?;
+        decode::customer(&row)
+    }
+
+    async fn customer_by_token_hash(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<Customer>, StoreError> {
+        sqlx::query("SELECT id, name FROM customers WHERE token_hash = $1")
+            .bind(token_hash)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(decode::customer)
+            .transpose()
+    }
+
+    async fn create_product(
+        &self,
+        product: &NewProduct,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Product, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "INSERT INTO products (sku, name, price_amount, currency, stock, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $6) RETURNING {PRODUCT_COLUMNS}"
+        ))
+        .bind(product.sku.as_str())
+        .bind(product.name.as_str())
+        .bind(product.price.amount())
+        .bind(product.price.currency().as_str())
+        .bind(product.stock.get())
+        .bind(to_millis(now))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::SkuTaken
+            } else {
+                e.into()
+            }
+        })?;
+        let created = decode::product(&row)?;
+        sqlx::query(
+            "INSERT INTO stock_adjustments (product_id, actor, old_stock, new_stock, reason, at) \
+             VALUES ($1, $2, 0, $3, 'created', $4)",
+        )
+        .bind(created.id)
+        .bind(actor)
+        .bind(created.stock)
+        .bind(to_millis(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    async fn product(&self, sku: &Sku) -> Result<Option<Product>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {PRODUCT_COLUMNS} FROM products WHERE sku = $1"
+        ))
+        .bind(sku.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(decode::product)
+        .transpose()
+    }
+
+    async fn list_products(
+        &self,
+        after: Option<&Sku>,
+        limit: u32,
+    ) -> Result<Page<Product>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {PRODUCT_COLUMNS} FROM products WHERE sku > $1 ORDER BY sku LIMIT $2"
+        ))
+        .bind(after.map_or("", Sku::as_str))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut items: Vec<Product> = rows.iter().map(decode::product).collect::<Result<_, _>>()?;
+        Ok(page_of(&mut items, limit, |p| p.sku.to_string()))
+    }
+
+    async fn update_product(
+        &self,
+        sku: &Sku,
+        expected_version: i64,
+        patch: &ProductPatch,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Product, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT {PRODUCT_COLUMNS} FROM products WHERE sku = $1 FOR UPDATE"
+        ))
+        .bind(sku.as_str())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound("product"))?;
+        let current = decode::product(&row)?;
+        check_patch(&current, expected_version, patch)?;
+        let price = patch.price.unwrap_or(current.price);
+        let stock = patch.stock.map_or(current.stock, |s| s.get());
+        let name = patch
+            .name
+            .as_ref()
+            .map_or(current.name.as_str(), |n| n.as_str());
+        let row = sqlx::query(&format!(
+            "UPDATE products SET name = $2, price_amount = $3, currency = $4, stock = $5, \
+             version = version + 1, updated_at = $6 WHERE id = $1 RETURNING {PRODUCT_COLUMNS}"
+        ))
+        .bind(current.id)
+        .bind(name)
+        .bind(price.amount())
+        .bind(price.currency().as_str())
+        .bind(stock)
+        .bind(to_millis(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        if stock != current.stock {
+            sqlx::query(
+                "INSERT INTO stock_adjustments (product_id, actor, old_stock, new_stock, reason, at) \
+                 VALUES ($1, $2, $3, $4, 'admin_edit', $5)",
+            )
+            .bind(current.id)
+            .bind(actor)
+            .bind(current.stock)
+            .bind(stock)
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        decode::product(&row)
+    }
+
+    async fn create_cart(
+        &self,
+        customer: CustomerId,
+        now: DateTime<Utc>,
+    ) -> Result<Cart, StoreError> {
+        let id = CartId::new();
+        sqlx::query(
+            "INSERT INTO carts (id, customer_id, status, created_at, updated_at) \
+             VALUES ($1, $2, 'open', $3, $3)",
+        )
+        .bind(id.uuid())
+        .bind(customer.uuid())
+        .bind(to_millis(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(Cart {
+            id,
+            customer_id: customer,
+            status: CartStatus::Open,
+            lines: Vec::new(),
+        })
+    }
+
+    async fn cart(&self, customer: CustomerId, cart: CartId) -> Result<Option<Cart>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let found = Self::cart_in(&mut tx, customer, cart).await?;
+        tx.commit().await?;
+        Ok(found)
+    }
+
+    async fn set_cart_line(
+        &self,
+        customer: CustomerId,
+        cart: CartId,
+        sku: &Sku,
+        quantity: Quantity,
+        now: DateTime<Utc>,
+    ) -> Result<Cart, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        Self::lock_open_cart(&mut tx, customer, cart).await?;
+        let product: i64 = sqlx::query_scalar("SELECT id FROM products WHERE sku = $1")
+            .bind(sku.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound("product"))?;
+        sqlx::query(
+            "INSERT INTO cart_lines (cart_id, product_id, quantity) VALUES ($1, $2, $3) \
+             ON CONFLICT (cart_id, product_id) DO UPDATE SET quantity = EXCLUDED.quantity",
+        )
+        .bind(cart.uuid())
+        .bind(product)
+        .bind(i64::from(quantity.get()))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE carts SET updated_at = $2 WHERE id = $1")
+            .bind(cart.uuid())
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        let updated = Self::cart_in(&mut tx, customer, cart)
+            .await?
+            .ok_or(StoreError::NotFound("cart"))?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
+    async fn remove_cart_line(
+        &self,
+        customer: CustomerId,
+        cart: CartId,
+        sku: &Sku,
+        now: DateTime<Utc>,
+    ) -> Result<Cart, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        Self::lock_open_cart(&mut tx, customer, cart).await?;
+        sqlx::query(
+            "DELETE FROM cart_lines WHERE cart_id = $1 \
+             AND product_id = (SELECT id FROM products WHERE sku = $2)",
+        )
+        .bind(cart.uuid())
+        .bind(sku.as_str())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE carts SET updated_at = $2 WHERE id = $1")
+            .bind(cart.uuid())
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        let updated = Self::cart_in(&mut tx, customer, cart)
+            .await?
+            .ok_or(StoreError::NotFound("cart"))?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
+    #[tracing::instrument(skip_all, fields(checkout_id = %new.id, cart_id = %new.cart_id))]
+    async fn reserve_checkout(&self, new: &NewCheckout) -> Result<Checkout, StoreError> {
+        let now = to_millis(new.now);
+        let mut tx = self.pool.begin().await?;
+
+        // The cart flips to checking_out first: a second checkout of it stops here.
+        let claimed = sqlx::query(
+            "UPDATE carts SET status = 'checking_out', updated_at = $3 \
+             WHERE id = $1 AND customer_id = $2 AND status = 'open'",
+        )
+        .bind(new.cart_id.uuid())
+        .bind(new.customer_id.uuid())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if claimed.rows_affected() == 0 {
+            let status: Option<String> =
+                sqlx::query_scalar("SELECT status FROM carts WHERE id = $1 AND customer_id = $2")
+                    .bind(new.cart_id.uuid())
+                    .bind(new.customer_id.uuid())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            return Err(match status {
+                None => StoreError::NotFound("cart"),
+                Some(s) => cart_must_be_open(&s).err().unwrap_or(StoreError::CartEmpty),
+            });
+        }
+
+        let wanted = sqlx::query(
+            "SELECT l.product_id, p.sku, l.quantity FROM cart_lines l \
+             JOIN products p ON p.id = l.product_id WHERE l.cart_id = $1",
+        )
+        .bind(new.cart_id.uuid())
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(WantedLine {
+                product_id: row.try_get("product_id")?,
+                sku: rows::sku(row.try_get("sku")?)?,
+                quantity: row.try_get("quantity")?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+        if wanted.is_empty() {
+            return Err(StoreError::CartEmpty);
+        }
+
+        // One guarded statement per product, in product-id order (DESIGN §3).
+        let mut priced = Vec::new();
+        let mut short = Vec::new();
+        for line in lock_order(wanted) {
+            let row = sqlx::query(
+                "UPDATE products SET reserved = reserved + $1 \
+                 WHERE id = $2 AND stock - reserved >= $1 \
+                 RETURNING price_amount, currency",
+            )
+            .bind(line.quantity)
+            .bind(line.product_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match row {
+                Some(row) => priced.push(PricedLine {
+                    product_id: line.product_id,
+                    quantity: rows::quantity(line.quantity)?,
+                    unit_price: rows::money(
+                        row.try_get("price_amount")?,
+                        row.try_get("currency")?,
+                    )?,
+                    sku: line.sku,
+                }),
+                None => {
+                    let available: i64 =
+                        sqlx::query_scalar("SELECT stock - reserved FROM products WHERE id = $1")
+                            .bind(line.product_id)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                    short.push(Shortfall {
+                        sku: line.sku,
+                        requested: u32::try_from(line.quantity).unwrap_or(u32::MAX),
+                        available,
+                    });
+                }
+            }
+        }
+        if !short.is_empty() {
+            // Dropping the transaction rolls back every line reserved so far.
+            return Err(StoreError::InsufficientStock(short));
+        }
+        let total = order_total(&priced)?;
+        let expires_at = to_millis(new.now + new.ttl);
+        let max_expires_at = to_millis(new.now + new.max_lifetime);
+
+        sqlx::query(
+            "INSERT INTO orders (id, customer_id, checkout_id, status, total_amount, currency, \
+             created_at, updated_at) VALUES ($1, $2, $3, 'pending_payment', $4, $5, $6, $6)",
+        )
+        .bind(new.order_id.uuid())
+        .bind(new.customer_id.uuid())
+        .bind(new.id.uuid())
+        .bind(total.amount())
+        .bind(total.currency().as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let mut product_ids = Vec::with_capacity(priced.len());
+        let mut skus = Vec::with_capacity(priced.len());
+        let mut quantities = Vec::with_capacity(priced.len());
+        let mut unit_prices = Vec::with_capacity(priced.len());
+        let mut line_totals = Vec::with_capacity(priced.len());
+        for line in &priced {
+            product_ids.push(line.product_id);
+            skus.push(line.sku.to_string());
+            quantities.push(i64::from(line.quantity.get()));
+            unit_prices.push(line.unit_price.amount());
+            line_totals.push(line.line_total()?.amount());
+        }
+        sqlx::query(
+            "INSERT INTO order_lines (order_id, product_id, sku, quantity, unit_price, line_total) \
+             SELECT $1, * FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[])",
+        )
+        .bind(new.order_id.uuid())
+        .bind(&product_ids)
+        .bind(&skus)
+        .bind(&quantities)
+        .bind(&unit_prices)
+        .bind(&line_totals)
+        .execute(&mut *tx)
+        .await?;
+        let row = sqlx::query(&format!(
+            "INSERT INTO checkouts (id, customer_id, cart_id, order_id, state, total_amount, \
+             currency, expires_at, max_expires_at, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, 'reserved', $5, $6, $7, $8, $9, $9) RETURNING {CHECKOUT_COLUMNS}"
+        ))
+        .bind(new.id.uuid())
+        .bind(new.customer_id.uuid())
+        .bind(new.cart_id.uuid())
+        .bind(new.order_id.uuid())
+        .bind(total.amount())
+        .bind(total.currency().as_str())
+        .bind(expires_at)
+        .bind(max_expires_at)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO reservations (checkout_id, product_id, quantity, status) \
+             SELECT $1, * , 'active' FROM UNNEST($2::BIGINT[], $3::BIGINT[])",
+        )
+        .bind(new.id.uuid())
+        .bind(&product_ids)
+        .bind(&quantities)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        decode::checkout(&row)
+    }
+
+    async fn checkout(
+        &self,
+        customer: CustomerId,
+        id: CheckoutId,
+    ) -> Result<Option<Checkout>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {CHECKOUT_COLUMNS} FROM checkouts WHERE id = $1 AND customer_id = $2"
+        ))
+        .bind(id.uuid())
+        .bind(customer.uuid())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(decode::checkout)
+        .transpose()
+    }
+
+    async fn heartbeat_checkout(
+        &self,
+        customer: CustomerId,
+        id: CheckoutId,
+        now: DateTime<Utc>,
+        ttl: Duration,
+    ) -> Result<Checkout, StoreError> {
+        let row = sqlx::query(&format!(
+            "UPDATE checkouts SET expires_at = LEAST($3::BIGINT + $4::BIGINT, max_expires_at), \
+             updated_at = $3 WHERE id = $1 AND customer_id = $2 AND state = 'reserved' \
+             AND expires_at > $3 RETURNING {CHECKOUT_COLUMNS}"
+        ))
+        .bind(id.uuid())
+        .bind(customer.uuid())
+        .bind(to_millis(now))
+        .bind(ttl.num_milliseconds())
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => decode::checkout(&row),
+            None => Err(match self.checkout(customer, id).await? {
+                None => StoreError::NotFound("checkout"),
+                Some(c) if matches!(c.state, CheckoutState::Reserved | CheckoutState::Expired) => {
+                    StoreError::CheckoutExpired
+                }
+                Some(c) => StoreError::CheckoutState(c.state),
+            }),
+        }
+    }
+
+    async fn cancel_checkout(
+        &self,
+        customer: CustomerId,
+        id: CheckoutId,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT {CHECKOUT_COLUMNS} FROM checkouts WHERE id = $1 AND customer_id = $2 FOR UPDATE"
+        ))
+        .bind(id.uuid())
+        .bind(customer.uuid())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound("checkout"))?;
+        match checkout_state(&row)? {
+            CheckoutState::Reserved => {}
+            CheckoutState::Cancelled => return decode::checkout(&row),
+            other => return Err(StoreError::CheckoutState(other)),
+        }
+        let ids = [id.uuid()];
+        Self::release_reservations(&mut tx, &ids).await?;
+        let row = sqlx::query(&format!(
+            "UPDATE checkouts SET state = 'cancelled', updated_at = $2 WHERE id = $1 \
+             RETURNING {CHECKOUT_COLUMNS}"
+        ))
+        .bind(id.uuid())
+        .bind(to_millis(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        let cancelled = decode::checkout(&row)?;
+        close_order_and_reopen_cart(
+            &mut tx,
+            &[cancelled.order_id.uuid()],
+            &[cancelled.cart_id.uuid()],
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(cancelled)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn expire_due_checkouts(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Released, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "UPDATE checkouts SET state = 'expired', updated_at = $1 \
+             WHERE id IN (SELECT id FROM checkouts WHERE state = 'reserved' AND expires_at <= $1 \
+                          ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             AND state = 'reserved' AND expires_at <= $1 \
+             RETURNING id, order_id, cart_id",
+        )
+        .bind(to_millis(now))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(Released::default());
+        }
+        let mut checkouts = Vec::with_capacity(rows.len());
+        let mut orders = Vec::with_capacity(rows.len());
+        let mut carts = Vec::with_capacity(rows.len());
+        for row in &rows {
+            checkouts.push(row.try_get::<Uuid, _>("id")?);
+            orders.push(row.try_get::<Uuid, _>("order_id")?);
+            carts.push(row.try_get::<Uuid, _>("cart_id")?);
+        }
+        let units = Self::release_reservations(&mut tx, &checkouts).await?;
+        close_order_and_reopen_cart(&mut tx, &orders, &carts, now).await?;
+        tx.commit().await?;
+        Ok(Released {
+            checkouts: checkouts.into_iter().map(CheckoutId::from_uuid).collect(),
+            units,
+        })
+    }
+
+    async fn order(&self, customer: CustomerId, id: OrderId) -> Result<Option<Order>, StoreError> {
+        let Some(row) = sqlx::query(&format!(
+            "SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 AND customer_id = $2"
+        ))
+        .bind(id.uuid())
+        .bind(customer.uuid())
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let mut order = decode::order(&row)?;
+        let seq: i64 = row.try_get("seq")?;
+        order.lines = self
+            .order_lines(customer, seq, seq)
+            .await?
+            .into_iter()
+            .map(|(_, line)| line)
+            .collect();
+        Ok(Some(order))
+    }
+
+    async fn list_orders(
+        &self,
+        customer: CustomerId,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Page<Order>, StoreError> {
+        let after: i64 = after
+            .map_or(Ok(0), str::parse)
+            .map_err(|_| StoreError::NotFound("cursor"))?;
+        let rows = sqlx::query(&format!(
+            "SELECT {ORDER_COLUMNS} FROM orders WHERE customer_id = $1 AND seq > $2 \
+             ORDER BY seq LIMIT $3"
+        ))
+        .bind(customer.uuid())
+        .bind(after)
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut seqs = Vec::with_capacity(rows.len());
+        let mut items = Vec::with_capacity(rows.len());
+        for row in &rows {
+            seqs.push(row.try_get::<i64, _>("seq")?);
+            items.push(decode::order(row)?);
+        }
+        let page = page_of(&mut items, limit, |_| String::new());
+        let shown = page.items.len();
+        let next = page.next.map(|_| seqs[shown - 1].to_string());
+        let mut items = page.items;
+        if let (Some(first), Some(last)) = (seqs.first(), seqs.get(shown.saturating_sub(1))) {
+            attach_lines(&mut items, self.order_lines(customer, *first, *last).await?);
+        }
+        Ok(Page { items, next })
+    }
+
+    async fn inventory_audit(&self) -> Result<Vec<InventoryRow>, StoreError> {
+        sqlx::query(INVENTORY_AUDIT_SQL)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(InventoryRow {
+                    sku: rows::sku(row.try_get("sku")?)?,
+                    stock: row.try_get("stock")?,
+                    reserved: row.try_get("reserved")?,
+                    live_reserved: row.try_get("live_reserved")?,
+                    adjusted_stock: row.try_get("adjusted_stock")?,
+                    sold: row.try_get("sold")?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The order of a checkout that gave its units back is cancelled, and its cart may be checked
+/// out again.
+async fn close_order_and_reopen_cart(
+    tx: &mut Transaction<'_, Postgres>,
+    orders: &[Uuid],
+    carts: &[Uuid],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE orders SET status = 'cancelled', updated_at = $2 \
+         WHERE id = ANY($1) AND status = 'pending_payment'",
+    )
+    .bind(orders)
+    .bind(to_millis(now))
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "UPDATE carts SET status = 'open', updated_at = $2 \
+         WHERE id = ANY($1) AND status = 'checking_out'",
+    )
+    .bind(carts)
+    .bind(to_millis(now))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! Turning rows into domain types. Both stores select the same column names, so one macro
+//! writes the decoders for each row type; stored text that no longer parses is reported as
+//! `StoreError::Corrupt` rather than trusted.
+
+use crate::domain::{Currency, Money, Quantity, Sku};
+
+use super::StoreError;
+
+pub(super) fn sku(raw: &str) -> Result<Sku, StoreError> {
+    Sku::parse(raw).map_err(|_| StoreError::Corrupt(format!("sku {raw:?}")))
+}
+
+pub(super) fn money(amount: i64, currency: &str) -> Result<Money, StoreError> {
+    let currency = Currency::parse(currency)
+        .map_err(|_| StoreError::Corrupt(format!("currency {currency:?}")))?;
+    Ok(Money::new(amount, currency)?)
+}
+
+pub(super) fn quantity(raw: i64) -> Result<Quantity, StoreError> {
+    Quantity::new(raw).map_err(|_| StoreError::Corrupt(format!("quantity {raw}")))
+}
+
+macro_rules! row_decoders {
+    ($row:ty) => {
+        use sqlx::Row as _;
+
+        use crate::domain::{
+            CartId, CartLine, Checkout, CheckoutId, CheckoutState, Customer, CustomerId, Order,
+            OrderId, OrderLine, OrderStatus, Product,
+        };
+        use crate::store::rows::{money, quantity, sku};
+        use crate::store::{from_millis, StoreError};
+
+        pub(super) fn customer(row: &$row) -> Result<Customer, StoreError> {
+            Ok(Customer {
+                id: CustomerId::from_uuid(row.try_get("id")?),
+                name: row.try_get("name")?,
+            })
+        }
+
+        pub(super) fn product(row: &$row) -> Result<Product, StoreError> {
+            Ok(Product {
+                id: row.try_get("id")?,
+                sku: sku(row.try_get("sku")?)?,
+                name: row.try_get("name")?,
+                price: money(row.try_get("price_amount")?, row.try_get("currency")?)?,
+                stock: row.try_get("stock")?,
+                reserved: row.try_get("reserved")?,
+                version: row.try_get("version")?,
+            })
+        }
+
+        pub(super) fn cart_line(row: &$row) -> Result<CartLine, StoreError> {
+            Ok(CartLine {
+                sku: sku(row.try_get("sku")?)?,
+                quantity: quantity(row.try_get("quantity")?)?,
+            })
+        }
+
+        pub(super) fn checkout(row: &$row) -> Result<Checkout, StoreError> {
+            let state: String = row.try_get("state")?;
+            Ok(Checkout {
+                id: CheckoutId::from_uuid(row.try_get("id")?),
+                customer_id: CustomerId::from_uuid(row.try_get("customer_id")?),
+                cart_id: CartId::from_uuid(row.try_get("cart_id")?),
+                order_id: OrderId::from_uuid(row.try_get("order_id")?),
+                state: CheckoutState::parse(&state)
+                    .ok_or_else(|| StoreError::Corrupt(format!("checkout state {state:?}")))?,
+                total: money(row.try_get("total_amount")?, row.try_get("currency")?)?,
+                expires_at: from_millis(row.try_get("expires_at")?)?,
+                max_expires_at: from_millis(row.try_get("max_expires_at")?)?,
+                created_at: from_millis(row.try_get("created_at")?)?,
+                attempt: row.try_get("attempt")?,
+                payment_intent_id: row.try_get("payment_intent_id")?,
+                client_secret: row.try_get("client_secret")?,
+                decline_code: row.try_get("decline_code")?,
+            })
+        }
+
+        /// An order without its lines; `order_line` rows are attached by the caller.
+        pub(super) fn order(row: &$row) -> Result<Order, StoreError> {
+            let status: String = row.try_get("status")?;
+            Ok(Order {
+                id: OrderId::from_uuid(row.try_get("id")?),
+                customer_id: CustomerId::from_uuid(row.try_get("customer_id")?),
+                checkout_id: CheckoutId::from_uuid(row.try_get("checkout_id")?),
+                status: OrderStatus::parse(&status)
+                    .ok_or_else(|| StoreError::Corrupt(format!("order status {status:?}")))?,
+                total: money(row.try_get("total_amount")?, row.try_get("currency")?)?,
+                lines: Vec::new(),
+                payment_intent_id: row.try_get("payment_intent_id")?,
+                created_at: from_millis(row.try_get("created_at")?)?,
+            })
+        }
+
+        /// An order line with the id of the order it belongs to.
+        pub(super) fn order_line(row: &$row) -> Result<(OrderId, OrderLine), StoreError> {
+            let currency: String = row.try_get("currency")?;
+            Ok((
+                OrderId::from_uuid(row.try_get("order_id")?),
+                OrderLine {
+                    sku: sku(row.try_get("sku")?)?,
+                    quantity: quantity(row.try_get("quantity")?)?,
+                    unit_price: money(row.try_get("unit_price")?, &currency)?,
+                    line_total: money(row.try_get("line_total")?, &currency)?,
+                },
+            ))
+        }
+    };
+}
+
+pub(super) use row_decoders;
