@@ -1,0 +1,466 @@
+//! `spawn_app(StoreKind)`: the real application on 127.0.0.1:0 with a fresh database
+//! (PostgreSQL: a uuid-named `CREATE DATABASE`; SQLite: a temp dir), plus typed helpers so a
+//! test reads as its scenario. `TEST_LOG=1` shows the service's logs.
+
+use std::sync::{Arc, Once};
+
+use chrono::{TimeZone, Utc};
+use clap::Parser as _;
+use holdfast::audit::Report;
+use holdfast::config::{Cli, Settings};
+use holdfast::domain::{Clock, ManualClock, SystemClock};
+use holdfast::startup::{Application, Overrides};
+use holdfast::store::{Store, StoreKind};
+use holdfast::workers::ExpiryWorker;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// The server every PostgreSQL test database is created on.
+pub fn postgres_base_url() -> String {
+    std::env::var("HOLDFAST_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432".to_owned())
+}
+
+/// Creates an empty database with a unique name and returns its URL. Fails (never skips) when
+/// PostgreSQL cannot be reached.
+pub async fn fresh_postgres_database() -> String {
+    use sqlx::Connection as _;
+    let base = postgres_base_url();
+    let mut admin = sqlx::PgConnection::connect(&format!("{base}/test"))
+        .await
+        .expect("PostgreSQL must be reachable for the test suite (see README)");
+    let name = format!("hf_test_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create a test database");
+    format!("{base}/{name}")
+}
+
+fn init_logs() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            holdfast::telemetry::init(holdfast::config::LogFormat::Text);
+        }
+    });
+}
+
+#[derive(Clone)]
+pub struct Options {
+    pub ttl_seconds: u64,
+    pub max_lifetime_seconds: u64,
+    /// A clock that moves only when the test says so (workers are then off: tests tick them).
+    pub manual_clock: bool,
+    pub workers: bool,
+    pub expiry_interval_ms: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            ttl_seconds: 180,
+            max_lifetime_seconds: 1800,
+            manual_clock: false,
+            workers: true,
+            expiry_interval_ms: 100,
+        }
+    }
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub kind: StoreKind,
+    pub store: Arc<dyn Store>,
+    pub settings: Settings,
+    pub clock: Arc<dyn Clock>,
+    pub manual_clock: Option<Arc<ManualClock>>,
+    pub expiry: Arc<ExpiryWorker>,
+    pub database_url: Option<String>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+    _dir: Arc<TempDir>,
+}
+
+pub async fn spawn_app(kind: StoreKind) -> TestApp {
+    spawn_app_with(kind, Options::default()).await
+}
+
+pub async fn spawn_app_with(kind: StoreKind, options: Options) -> TestApp {
+    init_logs();
+    let dir = Arc::new(TempDir::new().expect("temp dir"));
+    let database_url = match kind {
+        StoreKind::Postgres => Some(fresh_postgres_database().await),
+        StoreKind::Sqlite => None,
+    };
+    let mut args = vec![
+        "holdfast".to_owned(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        dir.path().display().to_string(),
+        "--admin-token".into(),
+        ADMIN_TOKEN.into(),
+        "--reservation-ttl-seconds".into(),
+        options.ttl_seconds.to_string(),
+        "--reservation-max-lifetime-seconds".into(),
+        options.max_lifetime_seconds.to_string(),
+        "--expiry-interval-ms".into(),
+        options.expiry_interval_ms.to_string(),
+        "--database-max-connections".into(),
+        "8".into(),
+    ];
+    if let Some(url) = &database_url {
+        args.extend(["--database-url".to_owned(), url.clone()]);
+    }
+    let cli = Cli::try_parse_from(args).expect("test flags parse");
+    let settings = Settings::from_flags(&cli.flags).expect("test settings are valid");
+    let manual_clock = options.manual_clock.then(|| {
+        Arc::new(ManualClock::new(
+            Utc.with_ymd_and_hms(2030, 1, 1, 12, 0, 0).unwrap(),
+        ))
+    });
+    let clock: Arc<dyn Clock> = match &manual_clock {
+        Some(c) => c.clone(),
+        None => Arc::new(SystemClock),
+    };
+    let workers = options.workers && !options.manual_clock;
+    start(
+        kind,
+        settings,
+        clock,
+        manual_clock,
+        workers,
+        database_url,
+        dir,
+    )
+    .await
+}
+
+async fn start(
+    kind: StoreKind,
+    settings: Settings,
+    clock: Arc<dyn Clock>,
+    manual_clock: Option<Arc<ManualClock>>,
+    workers: bool,
+    database_url: Option<String>,
+    dir: Arc<TempDir>,
+) -> TestApp {
+    let app = Application::build_with(
+        settings.clone(),
+        Overrides {
+            clock: clock.clone(),
+            workers,
+        },
+    )
+    .await
+    .expect("the application starts");
+    let base = format!("http://{}", app.local_addr());
+    let store = app.store();
+    let expiry = app.expiry_worker();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        base,
+        client: reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()
+            .expect("http client"),
+        kind,
+        store,
+        settings,
+        clock,
+        manual_clock,
+        expiry,
+        database_url,
+        stop: Some(stop),
+        server: Some(server),
+        _dir: dir,
+    }
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Resp {
+    /// The error code of an error body.
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"]
+            .as_str()
+            .unwrap_or("<no error code>")
+    }
+
+    #[track_caller]
+    pub fn assert_status(&self, status: u16) -> &Self {
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "unexpected answer: {:?}",
+            self.body
+        );
+        self
+    }
+
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(
+            (self.status.as_u16(), self.code()),
+            (status, code),
+            "unexpected answer: {:?}",
+            self.body
+        );
+    }
+
+    pub fn str(&self, field: &str) -> String {
+        self.body[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("field {field} missing in {:?}", self.body))
+            .to_owned()
+    }
+}
+
+/// A customer as the tests see it.
+#[derive(Debug, Clone)]
+pub struct Customer {
+    pub id: String,
+    pub token: String,
+}
+
+impl TestApp {
+    /// A second instance on the same database (PostgreSQL), with its own pool and workers.
+    pub async fn spawn_sibling(&self) -> TestApp {
+        let mut settings = self.settings.clone();
+        settings.listen = "127.0.0.1:0".parse().expect("address");
+        start(
+            self.kind,
+            settings,
+            self.clock.clone(),
+            self.manual_clock.clone(),
+            self.manual_clock.is_none(),
+            self.database_url.clone(),
+            self._dir.clone(),
+        )
+        .await
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server
+                .await
+                .expect("server task")
+                .expect("server stops cleanly");
+        }
+    }
+
+    pub fn advance(&self, by: chrono::Duration) {
+        self.manual_clock
+            .as_ref()
+            .expect("the app was spawned with a manual clock")
+            .advance(by);
+    }
+
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Resp {
+        let mut req = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("request reaches the app");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.expect("read body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                panic!(
+                    "body is not JSON ({status}): {}",
+                    String::from_utf8_lossy(&bytes)
+                )
+            })
+        };
+        Resp {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Resp {
+        self.request(Method::GET, path, token, None).await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> Resp {
+        self.request(Method::POST, path, token, Some(body)).await
+    }
+
+    pub async fn admin_post(&self, path: &str, body: Value) -> Resp {
+        self.post(path, Some(ADMIN_TOKEN), body).await
+    }
+
+    pub async fn new_customer(&self, name: &str) -> Customer {
+        let resp = self
+            .admin_post("/v1/admin/customers", json!({ "name": name }))
+            .await;
+        resp.assert_status(201);
+        Customer {
+            id: resp.str("id"),
+            token: resp.str("token"),
+        }
+    }
+
+    pub async fn new_product(&self, sku: &str, price: i64, stock: i64) -> Resp {
+        let resp = self
+            .admin_post(
+                "/v1/admin/products",
+                json!({"sku": sku, "name": format!("Product {sku}"),
+                       "price": {"amount": price, "currency": "EUR"}, "stock": stock}),
+            )
+            .await;
+        resp.assert_status(201);
+        resp
+    }
+
+    pub async fn new_cart(&self, customer: &Customer) -> String {
+        let resp = self
+            .request(Method::POST, "/v1/carts", Some(&customer.token), None)
+            .await;
+        resp.assert_status(201);
+        resp.str("id")
+    }
+
+    pub async fn set_line(
+        &self,
+        customer: &Customer,
+        cart: &str,
+        sku: &str,
+        quantity: i64,
+    ) -> Resp {
+        self.request(
+            Method::PUT,
+            &format!("/v1/carts/{cart}/lines/{sku}"),
+            Some(&customer.token),
+            Some(json!({ "quantity": quantity })),
+        )
+        .await
+    }
+
+    /// A customer with a cart holding these lines, ready to check out.
+    pub async fn buyer_with(&self, name: &str, lines: &[(&str, i64)]) -> (Customer, String) {
+        let customer = self.new_customer(name).await;
+        let cart = self.new_cart(&customer).await;
+        for (sku, quantity) in lines {
+            self.set_line(&customer, &cart, sku, *quantity)
+                .await
+                .assert_status(200);
+        }
+        (customer, cart)
+    }
+
+    pub async fn start_checkout(&self, customer: &Customer, cart: &str) -> Resp {
+        self.post(
+            "/v1/checkouts",
+            Some(&customer.token),
+            json!({ "cart_id": cart }),
+        )
+        .await
+    }
+
+    /// `(stock, reserved, available)` of a SKU from the admin inventory.
+    pub async fn stock_of(&self, sku: &str) -> (i64, i64, i64) {
+        let resp = self
+            .get(&format!("/v1/admin/products/{sku}"), Some(ADMIN_TOKEN))
+            .await;
+        resp.assert_status(200);
+        let n = |f: &str| resp.body[f].as_i64().expect("a number");
+        (n("stock"), n("reserved"), n("available"))
+    }
+
+    /// Everything the admin can see of the inventory, for "nothing changed" assertions.
+    pub async fn inventory_snapshot(&self) -> Value {
+        let resp = self
+            .get("/v1/admin/inventory?limit=500", Some(ADMIN_TOKEN))
+            .await;
+        resp.assert_status(200);
+        resp.body
+    }
+
+    pub async fn audit(&self) -> Report {
+        holdfast::audit::run(self.store.as_ref())
+            .await
+            .expect("the audit can read the store")
+    }
+}
+
+pub trait AssertClean {
+    fn assert_clean(&self);
+}
+
+impl AssertClean for Report {
+    #[track_caller]
+    fn assert_clean(&self) {
+        assert!(self.is_clean(), "the audit found violations:\n{self}");
+    }
+}
+
+/// Waits for a condition of the outside world, failing after `seconds`.
+pub async fn eventually<F, Fut>(seconds: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs a test body once per store: `both_stores!(name);` makes `name::postgres` and
+/// `name::sqlite` from `async fn name(kind: StoreKind)`.
+#[macro_export]
+macro_rules! both_stores {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name(holdfast::store::StoreKind::Postgres).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(holdfast::store::StoreKind::Sqlite).await
+            }
+        }
+    )+};
+}
