@@ -4,6 +4,8 @@
 //! - [`domain`]: money, SKUs, quantities, ids, products, carts, orders, checkout states, clock.
 //! - [`store`]: the `Store` trait (one method per atomic phase) and its PostgreSQL and SQLite
 //!   implementations.
+//! - [`flash_sale`]: the admission gate in front of a flash sale's stock (Redis or in process).
+//! - [`checkout`]: the saga, one function per arrow of DESIGN §3.
 //! - [`http`]: the router, the error body, extractors and one file per resource.
 //! - [`workers`]: background loops (reservation expiry) with a `tick()` tests can drive.
 //! - [`audit`]: the promise checks behind `holdfast audit`.
@@ -13,6 +15,7 @@ pub mod audit;
 pub mod checkout;
 pub mod config;
 pub mod domain;
+pub mod flash_sale;
 pub mod http;
 pub mod shutdown;
 pub mod startup;

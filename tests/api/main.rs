@@ -1,4 +1,5 @@
-//! The integration suite: the real router over real connections, every case on both stores.
+//! The integration suite: the real router over real connections, every case on both stores
+//! (and both flash-sale gates).
 
 mod helpers;
 
@@ -6,4 +7,5 @@ mod binary;
 mod carts;
 mod catalogue;
 mod errors;
+mod gate;
 mod inventory;

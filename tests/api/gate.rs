@@ -1,0 +1,730 @@
+//! The admission gate's conformance suite (DESIGN §5): every case runs against the Redis gate
+//! (a real Redis, its own key prefix per test) and the in-process gate, so the embedded and the
+//! production shape admit exactly the same buyers. The Redis-only tests at the end kill and
+//! freeze a dedicated `redis-server` to prove the Redis gate fails closed, fast, and recovers.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration as StdDuration;
+
+use chrono::{DateTime, Duration, Utc};
+use holdfast::domain::{CustomerId, FlashSaleId};
+use holdfast::flash_sale::{
+    AdmissionGate, GateError, GateFigures, InProcessGate, RedisGate, SaleTerms, TOKEN_PREFIX,
+};
+use tokio::sync::Barrier;
+use tokio::time::{sleep, timeout, Instant};
+
+/// The shared Redis of this machine; `HOLDFAST_TEST_REDIS_URL` points the suite elsewhere.
+fn redis_url() -> String {
+    std::env::var("HOLDFAST_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Runs each case once per gate: `gate::redis::<case>` and `gate::in_process::<case>`.
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let prefix = super::fresh_prefix();
+                    let gate = holdfast::flash_sale::RedisGate::connect(&super::redis_url(), prefix.clone())
+                        .await
+                        .expect("the test Redis answers (is redis-server running on 6379?)");
+                    super::$case(std::sync::Arc::new(gate)).await;
+                    super::delete_keys(&prefix).await;
+                }
+            )*
+        }
+
+        mod in_process {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(std::sync::Arc::new(holdfast::flash_sale::InProcessGate::new())).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    five_thousand_buyers_for_a_hundred_units_admit_exactly_a_hundred,
+    a_holder_asking_again_gets_the_same_token_and_no_second_unit,
+    a_token_is_bound_to_its_customer_its_sale_and_its_hold,
+    a_lapsed_hold_frees_its_unit_for_the_next_buyer,
+    releasing_hands_the_unit_back_and_is_idempotent,
+    consuming_counts_the_unit_sold_once_and_releasing_does_not_return_it,
+    a_payment_after_the_hold_lapsed_still_counts_as_sold,
+    extending_keeps_a_holder_alive_past_its_first_expiry,
+    extending_never_shortens_a_hold_and_never_makes_a_holder,
+    a_sale_admits_nobody_before_it_starts_or_from_its_end_on,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn fresh_prefix() -> String {
+    format!("test:{}:", uuid::Uuid::new_v4())
+}
+
+/// Removes what a Redis case left behind. Best effort: a failed cleanup must not fail a test
+/// that passed, and a panicking case skips it (its keys carry a unique prefix either way).
+async fn delete_keys(prefix: &str) {
+    let Ok(client) = ::redis::Client::open(redis_url()) else {
+        return;
+    };
+    let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let keys: Vec<String> = match ::redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut connection)
+        .await
+    {
+        Ok(keys) => keys,
+        Err(_) => return,
+    };
+    if !keys.is_empty() {
+        let _: Result<(), _> = ::redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut connection)
+            .await;
+    }
+}
+
+/// A whole millisecond, so the Redis gate (which keeps milliseconds) and the in-process gate
+/// see exactly the same instants.
+fn an_instant() -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(Utc::now().timestamp_millis())
+        .expect("the current time is representable")
+}
+
+fn sale(units: u32, starts_at: DateTime<Utc>) -> SaleTerms {
+    SaleTerms {
+        sale_id: FlashSaleId::new(),
+        units,
+        starts_at,
+        ends_at: None,
+    }
+}
+
+fn hold() -> Duration {
+    Duration::minutes(5)
+}
+
+async fn figures(gate: &dyn AdmissionGate, terms: &SaleTerms, now: DateTime<Utc>) -> GateFigures {
+    gate.figures(terms.sale_id, now)
+        .await
+        .expect("the gate reports its figures")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cases
+
+async fn five_thousand_buyers_for_a_hundred_units_admit_exactly_a_hundred(
+    gate: Arc<dyn AdmissionGate>,
+) {
+    // Arrange
+    const BUYERS: usize = 5_000;
+    let now = an_instant();
+    let terms = Arc::new(sale(100, now - Duration::seconds(1)));
+    let barrier = Arc::new(Barrier::new(BUYERS));
+
+    // Act
+    let tasks: Vec<_> = (0..BUYERS)
+        .map(|_| {
+            let (gate, terms, barrier) = (gate.clone(), terms.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                gate.admit(&terms, CustomerId::new(), now, hold()).await
+            })
+        })
+        .collect();
+    let mut tokens = Vec::new();
+    let (mut sold_out, mut other) = (0, Vec::new());
+    for task in tasks {
+        match task.await.expect("an admission task does not panic") {
+            Ok(admission) => {
+                assert!(admission.newly_granted);
+                tokens.push(admission.token);
+            }
+            Err(GateError::SoldOut) => sold_out += 1,
+            Err(e) => other.push(e),
+        }
+    }
+
+    // Assert
+    assert_eq!(
+        other,
+        Vec::<GateError>::new(),
+        "no answer but admitted or sold out"
+    );
+    assert_eq!(tokens.len(), 100);
+    assert_eq!(sold_out, 4_900);
+    tokens.sort();
+    tokens.dedup();
+    assert_eq!(tokens.len(), 100, "every admission has its own token");
+    assert!(tokens.iter().all(|t| t.starts_with(TOKEN_PREFIX)));
+    assert_eq!(
+        figures(gate.as_ref(), &terms, now).await,
+        GateFigures {
+            holders: 100,
+            sold: 0
+        }
+    );
+}
+
+async fn a_holder_asking_again_gets_the_same_token_and_no_second_unit(
+    gate: Arc<dyn AdmissionGate>,
+) {
+    // Arrange
+    let now = an_instant();
+    let terms = sale(2, now);
+    let (buyer, other) = (CustomerId::new(), CustomerId::new());
+    let first = gate
+        .admit(&terms, buyer, now, hold())
+        .await
+        .expect("two units are free");
+
+    // Act
+    let again = gate
+        .admit(&terms, buyer, now + Duration::seconds(30), hold())
+        .await
+        .expect("a holder is answered with its admission");
+
+    // Assert
+    assert!(first.newly_granted);
+    assert!(!again.newly_granted);
+    assert_eq!(again.token, first.token);
+    assert_eq!(
+        again.expires_at, first.expires_at,
+        "asking again does not extend"
+    );
+    assert_eq!(first.expires_at, now + hold());
+    assert_eq!(figures(gate.as_ref(), &terms, now).await.holders, 1);
+    gate.admit(&terms, other, now, hold())
+        .await
+        .expect("the second unit is still free");
+    assert_eq!(
+        gate.admit(&terms, CustomerId::new(), now, hold()).await,
+        Err(GateError::SoldOut)
+    );
+}
+
+async fn a_token_is_bound_to_its_customer_its_sale_and_its_hold(gate: Arc<dyn AdmissionGate>) {
+    // Arrange
+    let now = an_instant();
+    let terms = sale(2, now);
+    let (alice, bob) = (CustomerId::new(), CustomerId::new());
+    let alices = gate.admit(&terms, alice, now, hold()).await.expect("free");
+    let bobs = gate.admit(&terms, bob, now, hold()).await.expect("free");
+    let sale_id = terms.sale_id;
+    let check = |customer: CustomerId, token: String, at: DateTime<Utc>| {
+        let gate = gate.clone();
+        async move {
+            gate.check(sale_id, customer, &token, at)
+                .await
+                .expect("the gate answers")
+        }
+    };
+
+    // Act + Assert
+    assert!(check(alice, alices.token.clone(), now).await);
+    assert!(check(bob, bobs.token.clone(), now).await);
+    assert!(
+        !check(bob, alices.token.clone(), now).await,
+        "another customer's token"
+    );
+    assert!(
+        !check(CustomerId::new(), alices.token.clone(), now).await,
+        "a customer who holds nothing"
+    );
+    assert!(
+        !check(alice, format!("{TOKEN_PREFIX}{}", "0".repeat(32)), now).await,
+        "a wrong token"
+    );
+    assert!(!check(alice, String::new(), now).await, "an empty token");
+    let last_live_instant = alices.expires_at - Duration::milliseconds(1);
+    assert!(check(alice, alices.token.clone(), last_live_instant).await);
+    assert!(
+        !check(alice, alices.token.clone(), alices.expires_at).await,
+        "an expired hold"
+    );
+    assert!(
+        !gate
+            .check(FlashSaleId::new(), alice, &alices.token, now)
+            .await
+            .expect("the gate answers"),
+        "another sale"
+    );
+}
+
+async fn a_lapsed_hold_frees_its_unit_for_the_next_buyer(gate: Arc<dyn AdmissionGate>) {
+    // Arrange
+    let now = an_instant();
+    let terms = sale(1, now);
+    let (first, next) = (CustomerId::new(), CustomerId::new());
+    gate.admit(&terms, first, now, hold()).await.expect("free");
+    assert_eq!(
+        gate.admit(&terms, next, now + Duration::minutes(1), hold())
+            .await,
+        Err(GateError::SoldOut)
+    );
+
+    // Act
+    let lapsed = now + hold();
+    let admission = gate
+        .admit(&terms, next, lapsed, hold())
+        .await
+        .expect("the first hold lapsed, so its unit is free");
+
+    // Assert
+    assert!(admission.newly_granted);
+    assert_eq!(admission.expires_at, lapsed + hold());
+    assert_eq!(
+        gate.admit(&terms, first, lapsed, hold()).await,
+        Err(GateError::SoldOut),
+        "the lapsed holder queues like everyone else"
+    );
+    assert_eq!(
+        figures(gate.as_ref(), &terms, lapsed).await,
+        GateFigures {
+            holders: 1,
+            sold: 0
+        }
+    );
+}
+
+async fn releasing_hands_the_unit_back_and_is_idempotent(gate: Arc<dyn AdmissionGate>) {
+    // Arrange
+    let now = an_instant();
+    let terms = sale(1, now);
+    let (first, next) = (CustomerId::new(), CustomerId::new());
+    let admission = gate.admit(&terms, first, now, hold()).await.expect("free");
+    assert_eq!(
+        gate.admit(&terms, next, now, hold()).await,
+        Err(GateError::SoldOut)
+    );
+
+    // Act
+    gate.release(terms.sale_id, first).await.expect("released");
+    gate.release(terms.sale_id, first)
+        .await
+        .expect("releasing again is harmless");
+
+    // Assert
+    assert!(!gate
+        .check(terms.sale_id, first, &admission.token, now)
+        .await
+        .expect("the gate answers"));
+    gate.admit(&terms, next, now, hold())
+        .await
+        .expect("the released unit goes to the next buyer");
+    assert_eq!(
+        figures(gate.as_ref(), &terms, now).await,
+        GateFigures {
+            holders: 1,
+            sold: 0
+        }
+    );
+    gate.release(FlashSaleId::new(), first)
+        .await
+        .expect("releasing in a sale nobody entered is harmless");
+}
+
+async fn consuming_counts_the_unit_sold_once_and_releasing_does_not_return_it(
+    gate: Arc<dyn AdmissionGate>,
+) {
+    // Arrange
+    let now = an_instant();
+    let terms = sale(2, now);
+    let (payer, holder, late) = (CustomerId::new(), CustomerId::new(), CustomerId::new());
+    let paid = gate.admit(&terms, payer, now, hold()).await.expect("free");
+    gate.admit(&terms, holder, now, hold()).await.expect("free");
+    let within_units = |f: GateFigures| f.holders + f.sold <= terms.units;
+
+    // Act
+    gate.consume(terms.sale_id, payer).await.expect("consumed");
+    gate.consume(terms.sale_id, payer)
+        .await
+        .expect("consuming again is harmless");
+    gate.release(terms.sale_id, payer)
+        .await
+        .expect("releasing a paid unit is harmless");
+
+    // Assert
+    let after = figures(gate.as_ref(), &terms, now).await;
+    assert_eq!(
+        after,
+        GateFigures {
+            holders: 1,
+            sold: 1
+        }
+    );
+    assert!(within_units(after));
+    assert!(!gate
+        .check(terms.sale_id, payer, &paid.token, now)
+        .await
+        .expect("the gate answers"));
+    assert_eq!(
+        gate.admit(&terms, late, now, hold()).await,
+        Err(GateError::SoldOut),
+        "one unit held and one sold"
+    );
+    assert_eq!(
+        gate.admit(&terms, payer, now, hold()).await,
+        Err(GateError::SoldOut),
+        "a buyer who paid is not admitted again"
+    );
+    gate.release(terms.sale_id, holder).await.expect("released");
+    gate.admit(&terms, late, now, hold())
+        .await
+        .expect("the released unit is free, the sold one is not");
+    let end = figures(gate.as_ref(), &terms, now).await;
+    assert_eq!(
+        end,
+        GateFigures {
+            holders: 1,
+            sold: 1
+        }
+    );
+    assert!(within_units(end));
+}
+
+async fn a_payment_after_the_hold_lapsed_still_counts_as_sold(gate: Arc<dyn AdmissionGate>) {
+    // Arrange
+    let now = an_instant();
+    let terms = sale(2, now);
+    let payer = CustomerId::new();
+    gate.admit(&terms, payer, now, hold()).await.expect("free");
+    let lapsed = now + hold() + Duration::seconds(1);
+    gate.admit(&terms, CustomerId::new(), lapsed, hold())
+        .await
+        .expect("the lapsed unit is free again");
+
+    // Act
+    gate.consume(terms.sale_id, payer).await.expect("consumed");
+
+    // Assert
+    assert_eq!(
+        figures(gate.as_ref(), &terms, lapsed).await,
+        GateFigures {
+            holders: 1,
+            sold: 1
+        }
+    );
+    assert_eq!(
+        gate.admit(&terms, CustomerId::new(), lapsed, hold()).await,
+        Err(GateError::SoldOut)
+    );
+}
+
+async fn extending_keeps_a_holder_alive_past_its_first_expiry(gate: Arc<dyn AdmissionGate>) {
+    // Arrange
+    let now = an_instant();
+    let terms = sale(1, now);
+    let (holder, next) = (CustomerId::new(), CustomerId::new());
+    let admission = gate.admit(&terms, holder, now, hold()).await.expect("free");
+    let until = now + Duration::minutes(10);
+
+    // Act
+    gate.extend(terms.sale_id, holder, until)
+        .await
+        .expect("extended");
+
+    // Assert
+    let past_first_expiry = admission.expires_at + Duration::minutes(2);
+    assert!(gate
+        .check(terms.sale_id, holder, &admission.token, past_first_expiry)
+        .await
+        .expect("the gate answers"));
+    assert_eq!(
+        gate.admit(&terms, next, past_first_expiry, hold()).await,
+        Err(GateError::SoldOut)
+    );
+    let again = gate
+        .admit(&terms, holder, past_first_expiry, hold())
+        .await
+        .expect("still a holder");
+    assert_eq!(again.expires_at, until);
+    assert!(!again.newly_granted);
+    gate.admit(&terms, next, until, hold())
+        .await
+        .expect("the extended hold lapsed at last");
+}
+
+async fn extending_never_shortens_a_hold_and_never_makes_a_holder(gate: Arc<dyn AdmissionGate>) {
+    // Arrange
+    let now = an_instant();
+    let terms = sale(2, now);
+    let (holder, stranger) = (CustomerId::new(), CustomerId::new());
+    let admission = gate.admit(&terms, holder, now, hold()).await.expect("free");
+
+    // Act
+    gate.extend(terms.sale_id, holder, now + Duration::minutes(1))
+        .await
+        .expect("an earlier expiry is ignored");
+    gate.extend(terms.sale_id, stranger, now + Duration::minutes(10))
+        .await
+        .expect("extending a non-holder is a no-op");
+
+    // Assert
+    let again = gate
+        .admit(&terms, holder, now, hold())
+        .await
+        .expect("still a holder");
+    assert_eq!(again.expires_at, admission.expires_at);
+    assert_eq!(figures(gate.as_ref(), &terms, now).await.holders, 1);
+    let after_a_minute = now + Duration::minutes(2);
+    assert!(gate
+        .check(terms.sale_id, holder, &admission.token, after_a_minute)
+        .await
+        .expect("the gate answers"));
+}
+
+async fn a_sale_admits_nobody_before_it_starts_or_from_its_end_on(gate: Arc<dyn AdmissionGate>) {
+    // Arrange
+    let starts_at = an_instant();
+    let ends_at = starts_at + Duration::hours(1);
+    let terms = SaleTerms {
+        ends_at: Some(ends_at),
+        ..sale(10, starts_at)
+    };
+    let buyer = CustomerId::new();
+
+    // Act + Assert
+    assert_eq!(
+        gate.admit(&terms, buyer, starts_at - Duration::milliseconds(1), hold())
+            .await,
+        Err(GateError::NotStarted)
+    );
+    assert_eq!(
+        gate.admit(&terms, buyer, ends_at, hold()).await,
+        Err(GateError::Ended)
+    );
+    assert_eq!(
+        figures(gate.as_ref(), &terms, starts_at).await,
+        GateFigures::default(),
+        "a refused buyer holds nothing"
+    );
+    gate.admit(&terms, buyer, starts_at, hold())
+        .await
+        .expect("open from its start instant");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis going away and coming back
+
+/// A `redis-server` of this test's own, on a free port, killed when dropped so no process
+/// outlives the test.
+struct DedicatedRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl DedicatedRedis {
+    fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("the OS hands out a free port")
+            .port();
+        let mut redis = Self { port, child: None };
+        redis.restart();
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn restart(&mut self) {
+        let port = self.port.to_string();
+        let child = Command::new("redis-server")
+            .args(["--port", &port, "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Already gone is fine; the point is that it is gone.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Freezes (`SIGSTOP`) or thaws (`SIGCONT`) the server: its socket stays open but nothing
+    /// answers, as when a host hangs or a network drops packets silently.
+    fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .expect("the server is running")
+            .id()
+            .to_string();
+        let status = Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill is installed");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
+    /// Waits until the server answers PING, with a deadline.
+    async fn wait_until_ready(&self) {
+        let deadline = Instant::now() + StdDuration::from_secs(10);
+        let client = ::redis::Client::open(self.url()).expect("a valid URL");
+        loop {
+            if let Ok(mut connection) = client.get_multiplexed_async_connection().await {
+                let pong: Result<String, _> =
+                    ::redis::cmd("PING").query_async(&mut connection).await;
+                if pong.is_ok() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not answer within 10 s",
+                self.port
+            );
+            sleep(StdDuration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for DedicatedRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_gate_fails_closed_while_redis_is_down_and_recovers_when_it_returns() {
+    // Arrange
+    let mut server = DedicatedRedis::start();
+    server.wait_until_ready().await;
+    let gate = RedisGate::connect(&server.url(), fresh_prefix())
+        .await
+        .expect("the dedicated Redis answers");
+    let now = an_instant();
+    let terms = sale(1, now);
+    gate.admit(&terms, CustomerId::new(), now, hold())
+        .await
+        .expect("the gate works while Redis is up");
+
+    // Act: Redis goes away.
+    server.kill();
+
+    // Assert: refused at once, never admitted, never "sold out".
+    for attempt in 0..3 {
+        let answer = timeout(
+            StdDuration::from_secs(5),
+            gate.admit(&terms, CustomerId::new(), now, hold()),
+        )
+        .await
+        .expect("the gate answers instead of hanging");
+        assert!(
+            matches!(answer, Err(GateError::Unavailable(_))),
+            "attempt {attempt}: {answer:?}"
+        );
+    }
+    let checked = timeout(
+        StdDuration::from_secs(5),
+        gate.check(terms.sale_id, CustomerId::new(), "fst_x", now),
+    )
+    .await
+    .expect("the gate answers instead of hanging");
+    assert!(
+        matches!(checked, Err(GateError::Unavailable(_))),
+        "an unanswerable check is an error, not a no: {checked:?}"
+    );
+
+    // Act: Redis comes back (empty: it kept nothing).
+    server.restart();
+    server.wait_until_ready().await;
+
+    // Assert: the gate reconnects by itself and loads its scripts again.
+    let buyer = CustomerId::new();
+    let deadline = Instant::now() + StdDuration::from_secs(10);
+    let admission = loop {
+        match timeout(
+            StdDuration::from_secs(5),
+            gate.admit(&terms, buyer, now, hold()),
+        )
+        .await
+        .expect("the gate answers instead of hanging")
+        {
+            Ok(admission) => break admission,
+            Err(GateError::Unavailable(_)) if Instant::now() < deadline => {
+                sleep(StdDuration::from_millis(50)).await;
+            }
+            Err(other) => panic!("the gate did not recover: {other:?}"),
+        }
+    };
+    assert!(admission.newly_granted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_gate_refuses_rather_than_waits_when_redis_stops_answering() {
+    // Arrange
+    let server = DedicatedRedis::start();
+    server.wait_until_ready().await;
+    let gate = RedisGate::connect(&server.url(), fresh_prefix())
+        .await
+        .expect("the dedicated Redis answers");
+    let now = an_instant();
+    let terms = sale(10, now);
+    gate.admit(&terms, CustomerId::new(), now, hold())
+        .await
+        .expect("the gate works while Redis answers");
+    let buyer = CustomerId::new();
+
+    // Act: Redis hangs with the connection open.
+    server.signal("-STOP");
+    let answer = timeout(
+        StdDuration::from_secs(5),
+        gate.admit(&terms, buyer, now, hold()),
+    )
+    .await
+    .expect("the gate gives up instead of hanging");
+    server.signal("-CONT");
+
+    // Assert
+    assert!(
+        matches!(answer, Err(GateError::Unavailable(_))),
+        "{answer:?}"
+    );
+    // The refused call may still have run once Redis woke up; asking again is safe either way:
+    // the buyer gets one hold, never two.
+    let deadline = Instant::now() + StdDuration::from_secs(10);
+    let admission = loop {
+        match gate.admit(&terms, buyer, now, hold()).await {
+            Ok(admission) => break admission,
+            Err(GateError::Unavailable(_)) if Instant::now() < deadline => {
+                sleep(StdDuration::from_millis(50)).await;
+            }
+            Err(other) => panic!("the gate did not recover: {other:?}"),
+        }
+    };
+    assert!(admission.token.starts_with(TOKEN_PREFIX));
+    assert_eq!(
+        gate.figures(terms.sale_id, now)
+            .await
+            .expect("the gate answers"),
+        GateFigures {
+            holders: 2,
+            sold: 0
+        }
+    );
+}
+
+#[tokio::test]
+async fn the_in_process_gate_names_itself() {
+    assert_eq!(InProcessGate::new().name(), "in_process");
+}
