@@ -119,7 +119,9 @@ async fn malformed_bodies_get_the_error_body_and_change_nothing(kind: StoreKind)
         r#"{{"sku":"big","name":"{}","price":{{"amount":1,"currency":"EUR"}},"stock":1}}"#,
         "x".repeat(70 * 1024)
     );
-    let cases: Vec<(Option<&str>, Vec<u8>, u16, &str, &str)> = vec![
+    // (content type, body, status, code, what)
+    type Case<'a> = (Option<&'a str>, Vec<u8>, u16, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
         (json_ct, b"{".to_vec(), 400, "invalid_json", "truncated JSON"),
         (json_ct, b"not json".to_vec(), 400, "invalid_json", "not JSON"),
         (json_ct, b"".to_vec(), 400, "invalid_json", "empty body"),

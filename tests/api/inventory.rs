@@ -65,13 +65,7 @@ async fn buyers(app: &TestApp, n: usize, lines: &[(&str, u32)]) -> Vec<(Customer
                         .await
                         .expect("line");
                 }
-                (
-                    Customer {
-                        id: customer.id.to_string(),
-                        token,
-                    },
-                    cart.id.to_string(),
-                )
+                (Customer { token }, cart.id.to_string())
             }
         })
         .buffer_unordered(16)
