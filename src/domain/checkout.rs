@@ -137,7 +137,14 @@ mod tests {
 
     #[test]
     fn a_completed_checkout_never_goes_back() {
-        for to in [Reserved, Charging, RequiresAction, PaymentFailed, Expired, Cancelled] {
+        for to in [
+            Reserved,
+            Charging,
+            RequiresAction,
+            PaymentFailed,
+            Expired,
+            Cancelled,
+        ] {
             assert!(Completed.transition(to).is_err(), "{to:?}");
         }
         assert_eq!(Completed.transition(Refunded), Ok(Refunded));
