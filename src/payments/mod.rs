@@ -20,8 +20,11 @@ use crate::domain::{CheckoutId, CustomerId, Money, OrderId};
 pub mod events;
 pub mod signature;
 
+pub mod stripe;
+
 pub use events::{EventError, EventObject, WebhookEvent};
 pub use signature::SignatureError;
+pub use stripe::{StripeConfigError, StripeGateway, Timeouts};
 
 /// The metadata keys every PaymentIntent carries, so a webhook or the audit can find the
 /// checkout and order a payment belongs to (DESIGN §8, contract details).
