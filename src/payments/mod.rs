@@ -19,11 +19,12 @@ use crate::domain::{CheckoutId, CustomerId, Money, OrderId};
 
 pub mod events;
 pub mod signature;
-
+pub mod simulator;
 pub mod stripe;
 
 pub use events::{EventError, EventObject, WebhookEvent};
 pub use signature::SignatureError;
+pub use simulator::{Ledger, SimulatedEvent, StripeSimulator};
 pub use stripe::{StripeConfigError, StripeGateway, Timeouts};
 
 /// The metadata keys every PaymentIntent carries, so a webhook or the audit can find the
