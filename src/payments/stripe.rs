@@ -189,8 +189,16 @@ fn transport_failure(e: reqwest::Error) -> Failure {
     } else {
         "connection failed"
     };
-    // The error's Display names the URL but never the headers, so no key leaks through it.
-    Failure::Gateway(GatewayError::Unknown(format!("{what}: {e}")))
+    // The chain names the URL and the cause (e.g. "connection closed before message
+    // completed") but never the headers, so no key leaks through it.
+    let mut chain = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        chain.push_str(": ");
+        chain.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    Failure::Gateway(GatewayError::Unknown(format!("{what}: {chain}")))
 }
 
 #[derive(Deserialize)]
