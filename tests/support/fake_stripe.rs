@@ -701,7 +701,17 @@ impl Ledger {
                 true,
             );
         }
-        if amount < 1 || amount > remaining {
+        if amount < 1 {
+            return (
+                invalid(
+                    StatusCode::BAD_REQUEST,
+                    "amount_too_small",
+                    "Refund amount must be positive.".into(),
+                ),
+                false,
+            );
+        }
+        if amount > remaining {
             return (
                 invalid(
                     StatusCode::BAD_REQUEST,
