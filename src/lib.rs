@@ -5,6 +5,8 @@
 //! - [`store`]: the `Store` trait (one method per atomic phase) and its PostgreSQL and SQLite
 //!   implementations.
 //! - [`flash_sale`]: the admission gate in front of a flash sale's stock (Redis or in process).
+//! - [`payments`]: the payment gateway (Stripe over HTTP, or the test-mode simulator), webhook
+//!   signatures and events.
 //! - [`checkout`]: the saga, one function per arrow of DESIGN §3.
 //! - [`http`]: the router, the error body, extractors and one file per resource.
 //! - [`workers`]: background loops (reservation expiry) with a `tick()` tests can drive.
@@ -17,6 +19,7 @@ pub mod config;
 pub mod domain;
 pub mod flash_sale;
 pub mod http;
+pub mod payments;
 pub mod shutdown;
 pub mod startup;
 pub mod store;

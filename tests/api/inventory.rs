@@ -443,6 +443,8 @@ async fn a_short_window_expires_and_the_units_come_back(kind: StoreKind) {
         .await
         .assert_status(201);
     app.audit().await.assert_clean();
+    // Shutdown stops the server and its expiry worker cleanly.
+    app.stop().await;
 }
 
 async fn cancel_releases_at_once_and_is_idempotent(kind: StoreKind) {

@@ -1,6 +1,8 @@
 //! The integration suite: the real router over real connections, every case on both stores
-//! (and both flash-sale gates).
+//! (and both flash-sale gates; the Stripe client against a fake Stripe server).
 
+#[path = "../support/fake_stripe.rs"]
+mod fake_stripe;
 mod helpers;
 
 mod binary;
@@ -9,3 +11,4 @@ mod catalogue;
 mod errors;
 mod gate;
 mod inventory;
+mod payments;
