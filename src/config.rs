@@ -105,7 +105,8 @@ pub struct Flags {
     #[arg(long, env = "HOLDFAST_STRIPE_API_BASE", global = true)]
     pub stripe_api_base: Option<String>,
 
-    /// Webhook signing secret (`whsec_...`); unset generates one into <data-dir>/webhook-secret.
+    /// Webhook signing secret (`whsec_...`; several comma-separated while rotating); unset
+    /// generates one into <data-dir>/webhook-secret.
     #[arg(
         long,
         env = "HOLDFAST_STRIPE_WEBHOOK_SECRET",
@@ -150,6 +151,28 @@ pub struct Flags {
     )]
     pub rate_limit_per_second: u32,
 
+    /// How often the recovery worker looks for stalled checkouts, in milliseconds.
+    #[arg(
+        long,
+        env = "HOLDFAST_RECOVERY_INTERVAL_MS",
+        default_value_t = 1000,
+        global = true
+    )]
+    pub recovery_interval_ms: u64,
+
+    /// How long an instance owns a checkout it is charging before recovery may take over.
+    #[arg(
+        long,
+        env = "HOLDFAST_LEASE_SECONDS",
+        default_value_t = 30,
+        global = true
+    )]
+    pub lease_seconds: u64,
+
+    /// Test-only: stop at this saga fault point so a crash test can kill the process there.
+    #[arg(long, env = "HOLDFAST_FAULT_POINT", global = true, hide = true)]
+    pub fault_point: Option<String>,
+
     /// Log format: `text` or `json`.
     #[arg(
         long,
@@ -183,10 +206,14 @@ pub struct Settings {
     pub admin_token: Option<SecretString>,
     pub stripe_secret_key: Option<SecretString>,
     pub stripe_api_base: Option<String>,
-    pub stripe_webhook_secret: Option<SecretString>,
+    /// The first signs nothing here; all are accepted on incoming webhooks (rotation).
+    pub stripe_webhook_secrets: Vec<SecretString>,
     pub reservation_ttl: Duration,
     pub reservation_max_lifetime: Duration,
     pub expiry_interval: Duration,
+    pub recovery_interval: Duration,
+    pub lease: Duration,
+    pub fault_point: Option<crate::checkout::faults::FaultPoint>,
     pub rate_limit_per_second: u32,
     pub log_format: LogFormat,
 }
@@ -210,6 +237,8 @@ pub enum ConfigError {
     AdminToken,
     #[error("--stripe-webhook-secret must not be empty")]
     WebhookSecret,
+    #[error("--fault-point: {0}")]
+    FaultPoint(String),
 }
 
 impl Settings {
@@ -252,13 +281,32 @@ impl Settings {
         if flags.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(ConfigError::AdminToken);
         }
-        if flags
-            .stripe_webhook_secret
-            .as_ref()
-            .is_some_and(String::is_empty)
-        {
-            return Err(ConfigError::WebhookSecret);
-        }
+        let stripe_webhook_secrets: Vec<SecretString> = match &flags.stripe_webhook_secret {
+            None => Vec::new(),
+            Some(list) => {
+                let secrets: Vec<&str> = list.split(',').map(str::trim).collect();
+                if secrets.iter().any(|s| s.is_empty()) {
+                    return Err(ConfigError::WebhookSecret);
+                }
+                secrets
+                    .into_iter()
+                    .map(|s| SecretString::from(s.to_owned()))
+                    .collect()
+            }
+        };
+        let fault_point = flags
+            .fault_point
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(ConfigError::FaultPoint)?;
+        let recovery = in_range(
+            "recovery-interval-ms",
+            flags.recovery_interval_ms,
+            10,
+            600_000,
+        )?;
+        let lease = in_range("lease-seconds", flags.lease_seconds, 1, 3600)?;
         let max_lifetime = in_range(
             "reservation-max-lifetime-seconds",
             flags.reservation_max_lifetime_seconds,
@@ -281,10 +329,13 @@ impl Settings {
             admin_token: flags.admin_token.clone().map(SecretString::from),
             stripe_secret_key: flags.stripe_secret_key.clone().map(SecretString::from),
             stripe_api_base: flags.stripe_api_base.clone(),
-            stripe_webhook_secret: flags.stripe_webhook_secret.clone().map(SecretString::from),
+            stripe_webhook_secrets,
             reservation_ttl: Duration::from_secs(ttl),
             reservation_max_lifetime: Duration::from_secs(max_lifetime),
             expiry_interval: Duration::from_millis(expiry),
+            recovery_interval: Duration::from_millis(recovery),
+            lease: Duration::from_secs(lease),
+            fault_point,
             rate_limit_per_second: flags.rate_limit_per_second,
             log_format: flags.log_format,
         })

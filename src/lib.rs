@@ -8,6 +8,7 @@
 //! - [`payments`]: the payment gateway (Stripe over HTTP, or the test-mode simulator), webhook
 //!   signatures and events.
 //! - [`checkout`]: the saga, one function per arrow of DESIGN §3.
+//! - [`idempotency`]: `Idempotency-Key` values and request fingerprints.
 //! - [`http`]: the router, the error body, extractors and one file per resource.
 //! - [`workers`]: background loops (reservation expiry) with a `tick()` tests can drive.
 //! - [`audit`]: the promise checks behind `holdfast audit`.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod domain;
 pub mod flash_sale;
 pub mod http;
+pub mod idempotency;
 pub mod payments;
 pub mod shutdown;
 pub mod startup;

@@ -13,12 +13,13 @@ use secrecy::{ExposeSecret as _, SecretString};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::checkout::{CheckoutService, Windows};
+use crate::checkout::{CheckoutService, SagaSettings, Windows};
 use crate::config::{Settings, StoreConfig};
 use crate::domain::{Clock, SystemClock};
 use crate::http::{self, AppState};
+use crate::payments::{PaymentGateway, StripeGateway, StripeSimulator, Timeouts};
 use crate::store::{PgStore, SqliteStore, Store, StoreError};
-use crate::workers::ExpiryWorker;
+use crate::workers::{ExpiryWorker, RecoveryWorker};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -28,6 +29,8 @@ pub enum StartupError {
     DataDir { path: PathBuf, source: io::Error },
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot set up the payment gateway: {0}")]
+    Gateway(String),
 }
 
 /// Opens the configured store and applies its migrations.
@@ -115,6 +118,8 @@ pub struct Overrides {
     pub clock: Arc<dyn Clock>,
     /// Run background workers (tests that drive `tick()` themselves switch them off).
     pub workers: bool,
+    /// Pacing of the saga (tests shorten retries).
+    pub saga: Option<SagaSettings>,
 }
 
 impl Default for Overrides {
@@ -122,6 +127,28 @@ impl Default for Overrides {
         Self {
             clock: Arc::new(SystemClock),
             workers: true,
+            saga: None,
+        }
+    }
+}
+
+/// The Stripe API when a secret key is configured, else the test-mode simulator.
+fn payment_gateway(
+    settings: &Settings,
+) -> Result<(Arc<dyn PaymentGateway>, Option<StripeSimulator>), StartupError> {
+    match &settings.stripe_secret_key {
+        Some(key) => {
+            let base = settings
+                .stripe_api_base
+                .as_deref()
+                .unwrap_or(crate::payments::stripe::DEFAULT_API_BASE);
+            let gateway = StripeGateway::new(key.clone(), base, Timeouts::default())
+                .map_err(|e| StartupError::Gateway(e.to_string()))?;
+            Ok((Arc::new(gateway), None))
+        }
+        None => {
+            let simulator = StripeSimulator::new();
+            Ok((Arc::new(simulator.clone()), Some(simulator)))
         }
     }
 }
@@ -131,6 +158,8 @@ pub struct Application {
     addr: SocketAddr,
     state: AppState,
     expiry: Arc<ExpiryWorker>,
+    recovery: Arc<RecoveryWorker>,
+    simulator: Option<StripeSimulator>,
     settings: Settings,
     workers: bool,
 }
@@ -162,16 +191,51 @@ impl Application {
             addr: settings.listen,
             source,
         })?;
+        let webhook_secrets = if settings.stripe_webhook_secrets.is_empty() {
+            let (secret, _) = resolve_secret(None, &settings.data_dir, "webhook-secret", "whsec_")?;
+            vec![secret]
+        } else {
+            settings.stripe_webhook_secrets.clone()
+        };
+        let (gateway, simulator) = payment_gateway(&settings)?;
+        if let Some(simulator) = &simulator {
+            // The simulator delivers its signed events to our own webhook endpoint, so the
+            // embedded shape exercises the same path as production.
+            let host = if addr.ip().is_unspecified() {
+                std::net::IpAddr::from([127, 0, 0, 1])
+            } else {
+                addr.ip()
+            };
+            let target = SocketAddr::new(host, addr.port());
+            simulator.set_webhook_target(
+                format!("http://{target}/webhooks/stripe"),
+                webhook_secrets[0].clone(),
+            );
+        }
         let clock = overrides.clock;
+        let saga = overrides.saga.unwrap_or_else(|| SagaSettings {
+            lease: chrono::Duration::from_std(settings.lease)
+                .unwrap_or(chrono::Duration::seconds(30)),
+            fault: settings.fault_point,
+            ..SagaSettings::default()
+        });
         let windows = Windows {
             ttl: chrono::Duration::from_std(settings.reservation_ttl)
                 .unwrap_or(chrono::Duration::seconds(180)),
             max_lifetime: chrono::Duration::from_std(settings.reservation_max_lifetime)
                 .unwrap_or(chrono::Duration::minutes(30)),
         };
+        let checkout = Arc::new(CheckoutService::new(
+            store.clone(),
+            clock.clone(),
+            gateway,
+            windows,
+            saga,
+        ));
         let state = AppState {
             store: store.clone(),
-            checkout: Arc::new(CheckoutService::new(store.clone(), clock.clone(), windows)),
+            checkout: checkout.clone(),
+            webhook_secrets: Arc::new(webhook_secrets),
             clock: clock.clone(),
             admin_token_digest: http::token_digest(admin_token.expose_secret()),
         };
@@ -183,6 +247,8 @@ impl Application {
             listener,
             addr,
             expiry: Arc::new(ExpiryWorker::new(store, clock)),
+            recovery: Arc::new(RecoveryWorker::new(checkout)),
+            simulator,
             state,
             settings,
             workers: overrides.workers,
@@ -201,6 +267,15 @@ impl Application {
         self.expiry.clone()
     }
 
+    pub fn recovery_worker(&self) -> Arc<RecoveryWorker> {
+        self.recovery.clone()
+    }
+
+    /// The built-in gateway, when no Stripe key is configured.
+    pub fn simulator(&self) -> Option<StripeSimulator> {
+        self.simulator.clone()
+    }
+
     /// Serves until `shutdown` resolves, then lets in-flight requests finish and stops the
     /// workers.
     pub async fn run_until_stopped(
@@ -214,6 +289,11 @@ impl Application {
                 self.expiry
                     .clone()
                     .run_until_stopped(self.settings.expiry_interval, stop.clone()),
+            ));
+            workers.push(tokio::spawn(
+                self.recovery
+                    .clone()
+                    .run_until_stopped(self.settings.recovery_interval, stop.clone()),
             ));
         }
         let router = http::router(self.state);

@@ -1,18 +1,35 @@
 //! The checkout saga (DESIGN §3): one function per arrow, each a single atomic phase in the
-//! store. This module decides ids, windows and time; the store makes each phase one
-//! transaction.
+//! store, with the one foreign call (the charge) between phases. A crash anywhere leaves a
+//! row that says where to resume; `recover` resumes it. Promises 3 (one charge: the key
+//! `checkout-{id}-charge-{attempt}` makes every retry the same request) and 4 (no ghost orders,
+//! no lost payments: every path ends paid, failed-and-released, or refunded).
+
+pub mod faults;
 
 use std::sync::Arc;
+use std::time::Duration as StdDuration;
 
 use chrono::Duration;
 
-use crate::domain::{CartId, Checkout, CheckoutId, Clock, CustomerId, OrderId};
-use crate::store::{NewCheckout, Store, StoreError};
+use crate::domain::{CartId, Checkout, CheckoutId, CheckoutState, Clock, CustomerId, OrderId};
+use crate::payments::{
+    ChargeOutcome, ChargeRequest, EventObject, GatewayError, IntentStatus, PaymentGateway,
+    PaymentIntent, RefundRequest, WebhookEvent,
+};
+use crate::store::{ChargeTicket, Lease, NewCheckout, Store, StoreError};
+
+use faults::FaultPoint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckoutError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("payment_method must be 1 to 255 letters, digits or '_'")]
+    BadPaymentMethod,
+    #[error("the payment method was refused: {message}")]
+    PaymentMethodRefused { code: String, message: String },
+    #[error("the payment provider cannot be used right now: {0}")]
+    Gateway(String),
 }
 
 /// Reservation windows (DESIGN §8: `--reservation-ttl-seconds`, maximum lifetime).
@@ -22,18 +39,81 @@ pub struct Windows {
     pub max_lifetime: Duration,
 }
 
+/// How the saga paces itself; tests shorten these.
+#[derive(Debug, Clone)]
+pub struct SagaSettings {
+    /// How long an instance owns a checkout it is charging.
+    pub lease: Duration,
+    /// Waits between tries of a charge whose outcome is unknown, within one request.
+    pub retry_delays: Vec<StdDuration>,
+    /// After the in-request tries, recovery tries again this much later.
+    pub retry_later: Duration,
+    /// How often a checkout waiting for customer authentication is checked with the gateway
+    /// (lost webhooks).
+    pub reconcile_after: Duration,
+    pub fault: Option<FaultPoint>,
+}
+
+impl Default for SagaSettings {
+    fn default() -> Self {
+        Self {
+            lease: Duration::seconds(30),
+            retry_delays: vec![StdDuration::from_millis(200), StdDuration::from_millis(800)],
+            retry_later: Duration::seconds(5),
+            reconcile_after: Duration::seconds(60),
+            fault: None,
+        }
+    }
+}
+
 pub struct CheckoutService {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    gateway: Arc<dyn PaymentGateway>,
     windows: Windows,
+    saga: SagaSettings,
+    /// This instance's name on the leases it takes.
+    owner: String,
+}
+
+/// The gateway key of one charge attempt: every retry of the attempt sends the same one.
+pub fn charge_key(id: CheckoutId, attempt: i32) -> String {
+    format!("checkout-{id}-charge-{attempt}")
+}
+
+fn valid_payment_method(pm: &str) -> bool {
+    !pm.is_empty() && pm.len() <= 255 && pm.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 impl CheckoutService {
-    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, windows: Windows) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        gateway: Arc<dyn PaymentGateway>,
+        windows: Windows,
+        saga: SagaSettings,
+    ) -> Self {
+        let owner = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
         Self {
             store,
             clock,
+            gateway,
             windows,
+            saga,
+            owner,
+        }
+    }
+
+    pub fn gateway(&self) -> Arc<dyn PaymentGateway> {
+        self.gateway.clone()
+    }
+
+    fn lease(&self, length: Duration) -> Lease<'_> {
+        let now = self.clock.now();
+        Lease {
+            owner: &self.owner,
+            now,
+            until: now + length,
         }
     }
 
@@ -89,5 +169,318 @@ impl CheckoutService {
             .checkout(customer, id)
             .await?
             .ok_or(CheckoutError::Store(StoreError::NotFound("checkout")))
+    }
+
+    /// reserved → charging → (completed | requires_action | payment_failed), or still
+    /// `charging` when the gateway's answer is unknown (recovery finishes it; a retry of the
+    /// request with the same Idempotency-Key does too).
+    #[tracing::instrument(skip_all, fields(checkout_id = %id))]
+    pub async fn complete(
+        &self,
+        customer: CustomerId,
+        id: CheckoutId,
+        payment_method: &str,
+    ) -> Result<Checkout, CheckoutError> {
+        if !valid_payment_method(payment_method) {
+            return Err(CheckoutError::BadPaymentMethod);
+        }
+        let ticket = match self
+            .store
+            .begin_charge(customer, id, payment_method, self.lease(self.saga.lease))
+            .await
+        {
+            Ok(ticket) => ticket,
+            // Already paid or waiting for the customer: completing again changes nothing.
+            Err(StoreError::CheckoutState(
+                CheckoutState::Completed | CheckoutState::RequiresAction,
+            )) => return self.get(customer, id).await,
+            Err(e) => return Err(e.into()),
+        };
+        faults::hit(self.saga.fault, FaultPoint::AfterBeginCharge).await;
+        self.drive_charge(&ticket).await
+    }
+
+    /// The charge of a `charging` checkout, retried with the same key while the outcome is
+    /// unknown. No database lock is held across the call: the `charging` state is what keeps
+    /// the reservation from expiring.
+    async fn drive_charge(&self, ticket: &ChargeTicket) -> Result<Checkout, CheckoutError> {
+        let checkout = &ticket.checkout;
+        let request = ChargeRequest {
+            amount: checkout.total,
+            payment_method: ticket.payment_method.clone(),
+            checkout_id: checkout.id,
+            order_id: checkout.order_id,
+            customer_id: checkout.customer_id,
+            idempotency_key: charge_key(checkout.id, checkout.attempt),
+        };
+        let mut delays = self.saga.retry_delays.iter();
+        loop {
+            let answer = self.gateway.create_and_confirm(&request).await;
+            faults::hit(self.saga.fault, FaultPoint::AfterGatewayCall).await;
+            match answer {
+                Ok(outcome) => return self.record_outcome(checkout.id, outcome).await,
+                Err(GatewayError::Unknown(_) | GatewayError::IdempotencyConflict) => {
+                    if let Some(delay) = delays.next() {
+                        tokio::time::sleep(*delay).await;
+                        continue;
+                    }
+                    tracing::warn!("charge outcome unknown; recovery will retry with the same key");
+                    self.store
+                        .defer_charge(checkout.id, self.clock.now() + self.saga.retry_later)
+                        .await?;
+                    return self.reload(checkout.id).await;
+                }
+                Err(GatewayError::InvalidRequest { code, message }) => {
+                    // Refused before any money could move: the customer may try another method.
+                    self.store
+                        .abort_charge(checkout.id, self.clock.now())
+                        .await?;
+                    return Err(CheckoutError::PaymentMethodRefused { code, message });
+                }
+                Err(GatewayError::Authentication(cause)) => {
+                    tracing::error!(%cause, "the payment provider refused our credentials");
+                    self.store
+                        .abort_charge(checkout.id, self.clock.now())
+                        .await?;
+                    return Err(CheckoutError::Gateway("authentication failed".into()));
+                }
+                Err(GatewayError::IdempotencyKeyReused(cause)) => {
+                    // An earlier request with this key had other parameters and may have
+                    // charged: never retry blindly; the reconciler asks the gateway.
+                    tracing::error!(%cause, "idempotency key reused with other parameters");
+                    self.store
+                        .defer_charge(checkout.id, self.clock.now() + self.saga.retry_later)
+                        .await?;
+                    return Err(CheckoutError::Gateway(
+                        "payment state is being reconciled".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn reload(&self, id: CheckoutId) -> Result<Checkout, CheckoutError> {
+        self.store
+            .find_checkout(id)
+            .await?
+            .ok_or(CheckoutError::Store(StoreError::NotFound("checkout")))
+    }
+
+    /// Records what the gateway said, one transaction per outcome.
+    async fn record_outcome(
+        &self,
+        id: CheckoutId,
+        outcome: ChargeOutcome,
+    ) -> Result<Checkout, CheckoutError> {
+        let now = self.clock.now();
+        match outcome {
+            ChargeOutcome::Succeeded(intent) => self.record_success(id, &intent).await,
+            ChargeOutcome::RequiresAction(intent) => Ok(self
+                .store
+                .record_requires_action(
+                    id,
+                    &intent.id,
+                    intent.client_secret.as_deref(),
+                    self.lease(self.saga.reconcile_after),
+                )
+                .await?),
+            ChargeOutcome::Declined {
+                payment_intent_id,
+                decline,
+            } => {
+                let code = decline.decline_code.as_deref().unwrap_or(&decline.code);
+                Ok(self
+                    .store
+                    .record_charge_declined(id, payment_intent_id.as_deref(), code, now)
+                    .await?)
+            }
+        }
+    }
+
+    /// succeeded → completed (stock confirmed, order paid, outbox row), or, when the units were
+    /// given back meanwhile and are gone, the money goes back.
+    async fn record_success(
+        &self,
+        id: CheckoutId,
+        intent: &PaymentIntent,
+    ) -> Result<Checkout, CheckoutError> {
+        let checkout = self
+            .store
+            .record_charge_succeeded(id, &intent.id, self.clock.now())
+            .await?;
+        faults::hit(self.saga.fault, FaultPoint::AfterRecordSuccess).await;
+        if checkout.refund_due {
+            return self.refund_late_success(checkout).await;
+        }
+        Ok(checkout)
+    }
+
+    /// Money without goods goes back, with its own idempotency key (DESIGN §3).
+    async fn refund_late_success(&self, checkout: Checkout) -> Result<Checkout, CheckoutError> {
+        let Some(intent) = checkout.payment_intent_id.clone() else {
+            return Ok(checkout);
+        };
+        let request = RefundRequest {
+            payment_intent_id: intent,
+            amount: None,
+            idempotency_key: format!("checkout-{}-refund", checkout.id),
+        };
+        match self.gateway.refund(&request).await {
+            Ok(refund) => {
+                tracing::info!(checkout_id = %checkout.id, "late payment refunded: the units were gone");
+                Ok(self
+                    .store
+                    .record_refunded(checkout.id, &refund.id, self.clock.now())
+                    .await?)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refund failed; recovery will retry");
+                Ok(checkout)
+            }
+        }
+    }
+
+    /// A verified webhook event moves its checkout on; duplicates and late events never move
+    /// one backwards (each store phase checks the state it starts from).
+    #[tracing::instrument(skip_all, fields(event_id = %event.id, event_type = %event.event_type))]
+    pub async fn handle_event(&self, event: &WebhookEvent) -> Result<(), CheckoutError> {
+        let EventObject::PaymentIntent(intent) = &event.object else {
+            return Ok(());
+        };
+        let Some(checkout) = self.checkout_for_intent(intent).await? else {
+            tracing::warn!(payment_intent = %intent.id, "event for a payment of no known checkout");
+            return Ok(());
+        };
+        let now = self.clock.now();
+        match event.event_type.as_str() {
+            "payment_intent.succeeded" => {
+                self.record_success(checkout.id, intent).await?;
+            }
+            "payment_intent.payment_failed" => {
+                let code = intent
+                    .last_payment_error
+                    .as_ref()
+                    .map(|d| d.decline_code.clone().unwrap_or_else(|| d.code.clone()))
+                    .unwrap_or_else(|| "payment_failed".to_owned());
+                self.store
+                    .record_charge_declined(checkout.id, Some(&intent.id), &code, now)
+                    .await?;
+            }
+            "payment_intent.canceled" => {
+                self.store.record_charge_cancelled(checkout.id, now).await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// By PaymentIntent id first, metadata second (the webhook may beat the charge response).
+    async fn checkout_for_intent(
+        &self,
+        intent: &PaymentIntent,
+    ) -> Result<Option<Checkout>, CheckoutError> {
+        if let Some(found) = self.store.checkout_by_payment_intent(&intent.id).await? {
+            return Ok(Some(found));
+        }
+        let Some(id) = intent.checkout_id() else {
+            return Ok(None);
+        };
+        Ok(self.store.find_checkout(id).await?)
+    }
+
+    /// One recovery batch: checkouts whose lease ran out (crashed instance, unknown outcome,
+    /// authentication pending) and money due back. Returns how many were claimed.
+    pub async fn recover_stalled(&self, limit: u32) -> Result<usize, CheckoutError> {
+        let tickets = self
+            .store
+            .claim_stalled(limit, self.lease(self.saga.lease))
+            .await?;
+        for ticket in &tickets {
+            if let Err(e) = self.recover(ticket).await {
+                tracing::warn!(checkout_id = %ticket.checkout.id, error = %e, "recovery step failed; will retry");
+            }
+        }
+        Ok(tickets.len())
+    }
+
+    async fn recover(&self, ticket: &ChargeTicket) -> Result<(), CheckoutError> {
+        let checkout = &ticket.checkout;
+        tracing::info!(checkout_id = %checkout.id, state = checkout.state.as_str(), "recovering checkout");
+        if checkout.refund_due {
+            self.refund_late_success(checkout.clone()).await?;
+            return Ok(());
+        }
+        match checkout.state {
+            CheckoutState::Charging => {
+                let after = self.drive_charge(ticket).await?;
+                if after.state == CheckoutState::Charging {
+                    self.settle_from_gateway(checkout).await?;
+                }
+            }
+            CheckoutState::RequiresAction => self.reconcile_action(checkout).await?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The create keeps answering "unknown": ask the gateway what it holds for the checkout.
+    async fn settle_from_gateway(&self, checkout: &Checkout) -> Result<(), CheckoutError> {
+        let intents = match self.gateway.intents_for_checkout(checkout.id).await {
+            Ok(intents) => intents,
+            Err(_) => return Ok(()),
+        };
+        if let Some(paid) = intents.iter().find(|i| i.status == IntentStatus::Succeeded) {
+            self.record_success(checkout.id, paid).await?;
+        }
+        Ok(())
+    }
+
+    /// Lost webhooks: a checkout waiting for authentication is checked with the gateway; when
+    /// its lifetime is over the PaymentIntent is cancelled and the units released.
+    async fn reconcile_action(&self, checkout: &Checkout) -> Result<(), CheckoutError> {
+        let Some(intent_id) = checkout.payment_intent_id.as_deref() else {
+            return Ok(());
+        };
+        let intent = match self.gateway.retrieve(intent_id).await {
+            Ok(intent) => intent,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot retrieve the payment; will retry");
+                return Ok(());
+            }
+        };
+        let now = self.clock.now();
+        match intent.status {
+            IntentStatus::Succeeded => {
+                self.record_success(checkout.id, &intent).await?;
+            }
+            IntentStatus::Canceled => {
+                self.store.record_charge_cancelled(checkout.id, now).await?;
+            }
+            IntentStatus::RequiresPaymentMethod => {
+                self.store
+                    .record_charge_declined(
+                        checkout.id,
+                        Some(&intent.id),
+                        "authentication_failed",
+                        now,
+                    )
+                    .await?;
+            }
+            _ if now >= checkout.max_expires_at => {
+                let key = format!("checkout-{}-cancel", checkout.id);
+                match self.gateway.cancel(intent_id, &key).await {
+                    Ok(after) if after.status == IntentStatus::Succeeded => {
+                        self.record_success(checkout.id, &after).await?;
+                    }
+                    Ok(_) => {
+                        self.store.record_charge_cancelled(checkout.id, now).await?;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot cancel the payment; will retry"),
+                }
+            }
+            // Still waiting for the customer: look again later (the claim's lease says when).
+            _ => {}
+        }
+        Ok(())
     }
 }

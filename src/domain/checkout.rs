@@ -87,7 +87,9 @@ impl CheckoutState {
         matches!(
             (self, to),
             (Reserved, Charging | Expired | Cancelled)
-                | (Charging, Completed | PaymentFailed | RequiresAction)
+                | (Charging, Completed | PaymentFailed | RequiresAction | Cancelled)
+                // The gateway refused the request before any money could move.
+                | (Charging, Reserved)
                 | (RequiresAction, Completed | PaymentFailed | Cancelled)
                 | (PaymentFailed | Expired | Cancelled, Completed | Refunded)
                 | (Completed, Refunded)
@@ -120,6 +122,9 @@ pub struct Checkout {
     pub payment_intent_id: Option<String>,
     pub client_secret: Option<String>,
     pub decline_code: Option<String>,
+    /// A payment succeeded after the units were given back and could not be taken again: the
+    /// money must go back to the customer.
+    pub refund_due: bool,
 }
 
 #[cfg(test)]

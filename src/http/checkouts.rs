@@ -2,16 +2,18 @@
 //! `crate::checkout`; this file only translates HTTP.
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use crate::domain::CheckoutId;
+use crate::domain::{CheckoutId, CheckoutState};
 
 use super::auth::CustomerAuth;
 use super::carts::parse_cart_id;
-use super::extract::{AppJson, OptionalJson};
+use super::extract::{JsonWithBytes, OptionalJson};
+use super::idempotent::{self, Outcome};
 use super::views::CheckoutView;
 use super::{error::not_found_of, ApiError, AppState};
 
@@ -21,6 +23,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/checkouts/{id}", get(one))
         .route("/v1/checkouts/{id}/heartbeat", post(heartbeat))
         .route("/v1/checkouts/{id}/cancel", post(cancel))
+        .route("/v1/checkouts/{id}/complete", post(complete))
 }
 
 #[derive(Deserialize)]
@@ -40,14 +43,75 @@ fn parse_checkout_id(raw: &str) -> Result<CheckoutId, ApiError> {
     CheckoutId::parse(raw).map_err(|_| not_found_of("checkout"))
 }
 
+/// `Idempotency-Key` is optional here: with one, a retried start answers the first result.
 async fn start(
     CustomerAuth(customer): CustomerAuth,
     State(state): State<AppState>,
-    AppJson(body): AppJson<StartCheckout>,
-) -> Result<(StatusCode, Json<CheckoutView>), ApiError> {
+    headers: HeaderMap,
+    JsonWithBytes(body, raw): JsonWithBytes<StartCheckout>,
+) -> Result<Response, ApiError> {
     let cart = parse_cart_id(&body.cart_id)?;
-    let checkout = state.checkout.start(customer.id, cart).await?;
-    Ok((StatusCode::CREATED, Json(checkout.into())))
+    let run = || async {
+        let checkout = state.checkout.start(customer.id, cart).await?;
+        Ok(Outcome {
+            status: StatusCode::CREATED,
+            body: serde_json::to_value(CheckoutView::from(checkout)).unwrap_or_default(),
+            definitive: true,
+        })
+    };
+    match idempotent::key_of(&headers)? {
+        Some(key) => {
+            idempotent::run(
+                &state,
+                customer.id,
+                &key,
+                ("POST", "/v1/checkouts", &raw),
+                run,
+            )
+            .await
+        }
+        None => run()
+            .await
+            .map(|o| (o.status, Json(o.body)).into_response()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Complete {
+    payment_method: String,
+}
+
+/// reserved → charging → outcome. `Idempotency-Key` is required; an outcome still unknown
+/// (`charging`) is not stored, so retrying with the same key drives it to its end.
+async fn complete(
+    CustomerAuth(customer): CustomerAuth,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    JsonWithBytes(body, raw): JsonWithBytes<Complete>,
+) -> Result<Response, ApiError> {
+    let key = idempotent::key_of(&headers)?.ok_or_else(|| {
+        ApiError::bad_request(
+            "idempotency_key_required",
+            "complete needs an Idempotency-Key header",
+        )
+    })?;
+    let id = parse_checkout_id(&id)?;
+    let path = format!("/v1/checkouts/{id}/complete");
+    idempotent::run(&state, customer.id, &key, ("POST", &path, &raw), || async {
+        let checkout = state
+            .checkout
+            .complete(customer.id, id, &body.payment_method)
+            .await?;
+        let definitive = checkout.state != CheckoutState::Charging;
+        Ok(Outcome {
+            status: StatusCode::OK,
+            body: serde_json::to_value(CheckoutView::from(checkout)).unwrap_or_default(),
+            definitive,
+        })
+    })
+    .await
 }
 
 async fn one(

@@ -113,15 +113,23 @@ struct Inner<'a> {
     details: Option<&'a Value>,
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = Body {
+impl ApiError {
+    /// The error body as JSON, as it is sent (and stored for idempotent replays).
+    pub fn body_json(&self) -> Value {
+        serde_json::to_value(Body {
             error: Inner {
                 code: self.code,
                 message: &self.message,
                 details: self.details.as_ref(),
             },
-        };
+        })
+        .unwrap_or(Value::Null)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = self.body_json();
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(seconds) = self.retry_after {
             response
@@ -167,6 +175,10 @@ impl From<StoreError> for ApiError {
                 "invalid_state",
                 format!("the checkout is {}", state.as_str()),
             ),
+            StoreError::ChargeInProgress => Self::conflict(
+                "payment_in_progress",
+                "a payment for this checkout is in progress; retry shortly",
+            ),
             StoreError::Money(e) => Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_amount",
@@ -185,6 +197,16 @@ impl From<CheckoutError> for ApiError {
     fn from(e: CheckoutError) -> Self {
         match e {
             CheckoutError::Store(e) => e.into(),
+            CheckoutError::BadPaymentMethod => Self::validation(e.to_string()),
+            CheckoutError::PaymentMethodRefused { code, message } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "payment_method_refused",
+                message,
+            )
+            .details(serde_json::json!({ "gateway_code": code })),
+            CheckoutError::Gateway(message) => {
+                Self::new(StatusCode::BAD_GATEWAY, "payment_gateway_error", message)
+            }
         }
     }
 }

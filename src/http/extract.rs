@@ -54,7 +54,39 @@ where
     }
 }
 
-fn is_json(headers: &HeaderMap) -> bool {
+/// A JSON body together with its raw bytes (for idempotency fingerprints).
+pub struct JsonWithBytes<T>(pub T, pub Bytes);
+
+impl<S, T> FromRequest<S> for JsonWithBytes<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = is_json(req.headers());
+        let bytes = read_body(req, state).await?;
+        if !is_json {
+            return Err(unsupported_media_type());
+        }
+        let value = parse(&bytes)?;
+        Ok(Self(value, bytes))
+    }
+}
+
+/// The raw body, size-limited, with the contract's 413.
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        read_body(req, state).await.map(Self)
+    }
+}
+
+pub(super) fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -87,7 +119,7 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-fn unsupported_media_type() -> ApiError {
+pub(super) fn unsupported_media_type() -> ApiError {
     ApiError::new(
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "unsupported_media_type",

@@ -10,8 +10,10 @@ mod checkouts;
 mod error;
 mod extract;
 mod health;
+mod idempotent;
 mod orders;
 mod views;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -40,6 +42,8 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// SHA-256 of the admin token: the token itself is not kept in memory here.
     pub admin_token_digest: [u8; 32],
+    /// Webhook signing secrets; any of them verifies (rotation).
+    pub webhook_secrets: Arc<Vec<secrecy::SecretString>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -51,6 +55,7 @@ pub fn router(state: AppState) -> Router {
         .merge(carts::router())
         .merge(checkouts::router())
         .merge(orders::router())
+        .merge(webhooks::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -58,6 +58,8 @@ pub enum StoreError {
     CheckoutExpired,
     #[error("the checkout is {0:?}")]
     CheckoutState(CheckoutState),
+    #[error("a payment for this checkout is in progress")]
+    ChargeInProgress,
     #[error(transparent)]
     Money(#[from] MoneyError),
     #[error("stored data is invalid: {0}")]
@@ -99,6 +101,39 @@ pub struct NewCheckout {
     pub ttl: Duration,
     pub max_lifetime: Duration,
 }
+
+/// Who is driving a checkout, and until when.
+#[derive(Debug, Clone, Copy)]
+pub struct Lease<'a> {
+    pub owner: &'a str,
+    pub now: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+}
+
+/// A checkout claimed for a charge (or for recovery), with what the charge must repeat.
+#[derive(Debug, Clone)]
+pub struct ChargeTicket {
+    pub checkout: Checkout,
+    pub payment_method: String,
+    /// Money of a late success is due back.
+    pub refund_due: bool,
+}
+
+/// Where an `Idempotency-Key` stands (DESIGN §4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyStart {
+    /// First use (or a stale in-flight one taken over): go ahead, then finish or abandon.
+    Proceed,
+    /// Done before: answer exactly this again.
+    Replay { status: u16, body: String },
+    /// The first request with this key is still running.
+    InFlight,
+    /// The key was used with different parameters.
+    Mismatch,
+}
+
+/// How long a stored idempotent response is replayed.
+pub const IDEMPOTENCY_RETENTION_HOURS: i64 = 24;
 
 /// A page of a list: `next` is the cursor of the following page, if any.
 #[derive(Debug, Clone)]
@@ -223,6 +258,107 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Released, StoreError>;
 
+    /// reserved → charging, taking the lease: the reservation can no longer expire. A checkout
+    /// already `charging` whose lease ran out is resumed with its recorded attempt and payment
+    /// method, so the gateway sees the very same request again.
+    async fn begin_charge(
+        &self,
+        customer: CustomerId,
+        id: CheckoutId,
+        payment_method: &str,
+        lease: Lease<'_>,
+    ) -> Result<ChargeTicket, StoreError>;
+    /// Any checkout by id, whoever owns it (webhooks, workers).
+    async fn find_checkout(&self, id: CheckoutId) -> Result<Option<Checkout>, StoreError>;
+    async fn checkout_by_payment_intent(
+        &self,
+        payment_intent_id: &str,
+    ) -> Result<Option<Checkout>, StoreError>;
+    /// The charge succeeded: confirm stock, order paid, `order.paid` outbox row, checkout
+    /// completed, in one transaction. A success for a checkout that gave its units back
+    /// re-reserves them if stock allows, otherwise marks the money as due back (`refund_due`).
+    async fn record_charge_succeeded(
+        &self,
+        id: CheckoutId,
+        payment_intent_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError>;
+    /// Declined: release the units, order and checkout `payment_failed`, cart open again.
+    async fn record_charge_declined(
+        &self,
+        id: CheckoutId,
+        payment_intent_id: Option<&str>,
+        decline_code: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError>;
+    /// The card needs the customer: order `payment_processing`; the lease now runs until the
+    /// authentication times out.
+    async fn record_requires_action(
+        &self,
+        id: CheckoutId,
+        payment_intent_id: &str,
+        client_secret: Option<&str>,
+        lease: Lease<'_>,
+    ) -> Result<Checkout, StoreError>;
+    /// Authentication abandoned or timed out and the PaymentIntent cancelled: release.
+    async fn record_charge_cancelled(
+        &self,
+        id: CheckoutId,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError>;
+    /// The gateway refused the request before any money could move (unknown payment method):
+    /// back to `reserved` so the customer may try another method.
+    async fn abort_charge(
+        &self,
+        id: CheckoutId,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError>;
+    /// Outcome unknown: give the lease up until `retry_at`, when recovery tries again with the
+    /// same key.
+    async fn defer_charge(&self, id: CheckoutId, retry_at: DateTime<Utc>)
+        -> Result<(), StoreError>;
+    /// Checkouts nobody is moving on: `charging`/`requires_action` whose lease ran out, and
+    /// money due back. Claimed with a new lease (`FOR UPDATE SKIP LOCKED` on PostgreSQL).
+    async fn claim_stalled(
+        &self,
+        limit: u32,
+        lease: Lease<'_>,
+    ) -> Result<Vec<ChargeTicket>, StoreError>;
+    /// The money of a late success went back: checkout and order `refunded`.
+    async fn record_refunded(
+        &self,
+        id: CheckoutId,
+        refund_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError>;
+
+    // Webhooks and edge idempotency.
+    /// True if this event id is new; it is recorded only after it was handled.
+    async fn webhook_seen(&self, event_id: &str) -> Result<bool, StoreError>;
+    async fn record_webhook_event(
+        &self,
+        event_id: &str,
+        event_type: &str,
+        payment_intent_id: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    async fn idempotency_begin(
+        &self,
+        customer: CustomerId,
+        key: &str,
+        fingerprint: &str,
+        now: DateTime<Utc>,
+        lock_for: Duration,
+    ) -> Result<IdempotencyStart, StoreError>;
+    async fn idempotency_finish(
+        &self,
+        customer: CustomerId,
+        key: &str,
+        status: u16,
+        body: &str,
+    ) -> Result<(), StoreError>;
+    async fn idempotency_abandon(&self, customer: CustomerId, key: &str) -> Result<(), StoreError>;
+
     // Orders.
     async fn order(&self, customer: CustomerId, id: OrderId) -> Result<Option<Order>, StoreError>;
     async fn list_orders(
@@ -298,7 +434,7 @@ pub(crate) const PRODUCT_COLUMNS: &str =
     "id, sku, name, price_amount, currency, stock, reserved, version";
 pub(crate) const CHECKOUT_COLUMNS: &str = "id, customer_id, cart_id, order_id, state, \
      total_amount, currency, expires_at, max_expires_at, created_at, attempt, \
-     payment_intent_id, client_secret, decline_code";
+     payment_intent_id, client_secret, decline_code, payment_method, refund_due";
 /// Promise 1 per product, read in one statement (one snapshot) in both stores.
 pub(crate) const INVENTORY_AUDIT_SQL: &str = "SELECT p.sku, p.stock, p.reserved, \
      (SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT) FROM reservations r \
@@ -363,6 +499,68 @@ pub(crate) fn attach_lines(orders: &mut [Order], lines: Vec<(OrderId, OrderLine)
     }
     for order in orders {
         order.lines = by_order.remove(&order.id).unwrap_or_default();
+    }
+}
+
+/// The `order.paid` outbox row of a completed checkout (promise 5).
+pub(crate) struct OutboxRow {
+    pub event_id: uuid::Uuid,
+    pub payload: String,
+}
+
+pub(crate) fn order_paid_event(
+    checkout: &Checkout,
+    payment_intent_id: &str,
+    lines: Vec<(OrderId, OrderLine)>,
+    now: DateTime<Utc>,
+) -> OutboxRow {
+    let event_id = uuid::Uuid::new_v4();
+    let lines: Vec<OrderLine> = lines.into_iter().map(|(_, line)| line).collect();
+    let payload = serde_json::json!({
+        "event_id": event_id,
+        "order_id": checkout.order_id,
+        "customer_id": checkout.customer_id,
+        "checkout_id": checkout.id,
+        "total": checkout.total,
+        "lines": lines,
+        "payment_intent_id": payment_intent_id,
+        "paid_at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    OutboxRow {
+        event_id,
+        payload: payload.to_string(),
+    }
+}
+
+/// A stored idempotency key, as read under its row lock.
+pub(crate) struct StoredKey {
+    pub fingerprint: String,
+    pub status: Option<i32>,
+    pub body: Option<String>,
+    pub locked_until: i64,
+    pub created_at: i64,
+}
+
+impl StoredKey {
+    /// DESIGN §4: expired keys start afresh; a different request is a mismatch; a finished one
+    /// replays; a running one conflicts unless its holder died (lock ran out).
+    pub fn decide(&self, fingerprint: &str, now: DateTime<Utc>) -> IdempotencyStart {
+        let now_ms = to_millis(now);
+        let retention = Duration::hours(IDEMPOTENCY_RETENTION_HOURS).num_milliseconds();
+        if self.created_at + retention < now_ms {
+            return IdempotencyStart::Proceed;
+        }
+        if self.fingerprint != fingerprint {
+            return IdempotencyStart::Mismatch;
+        }
+        match (self.status, &self.body) {
+            (Some(status), Some(body)) => IdempotencyStart::Replay {
+                status: u16::try_from(status).unwrap_or(500),
+                body: body.clone(),
+            },
+            _ if self.locked_until < now_ms => IdempotencyStart::Proceed,
+            _ => IdempotencyStart::InFlight,
+        }
     }
 }
 

@@ -74,7 +74,31 @@ macro_rules! row_decoders {
                 payment_intent_id: row.try_get("payment_intent_id")?,
                 client_secret: row.try_get("client_secret")?,
                 decline_code: row.try_get("decline_code")?,
+                refund_due: row.try_get("refund_due")?,
             })
+        }
+
+        pub(super) fn ticket(row: &$row) -> Result<crate::store::ChargeTicket, StoreError> {
+            Ok(crate::store::ChargeTicket {
+                checkout: checkout(row)?,
+                payment_method: row
+                    .try_get::<Option<String>, _>("payment_method")?
+                    .unwrap_or_default(),
+                refund_due: row.try_get("refund_due")?,
+            })
+        }
+
+        /// Reservation rows `(product_id, quantity)` summed per product; a `BTreeMap` iterates
+        /// in product-id order, the lock order.
+        pub(super) fn per_product(
+            rows: &[$row],
+        ) -> Result<std::collections::BTreeMap<i64, i64>, StoreError> {
+            let mut sums = std::collections::BTreeMap::new();
+            for row in rows {
+                *sums.entry(row.try_get("product_id")?).or_default() +=
+                    row.try_get::<i64, _>("quantity")?;
+            }
+            Ok(sums)
         }
 
         /// An order without its lines; `order_line` rows are attached by the caller.

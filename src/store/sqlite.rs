@@ -3,7 +3,6 @@
 //! another writer, and SQLite's busy/upgrade deadlocks between deferred transactions cannot
 //! happen. Reads are microseconds, so one connection serves an embedded shop well.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration as StdDuration;
 
@@ -23,9 +22,10 @@ use crate::domain::{
 
 use super::rows::{self, row_decoders};
 use super::{
-    attach_lines, cart_must_be_open, check_patch, lock_order, order_total, page_of, to_millis,
-    InventoryRow, NewCheckout, Page, PricedLine, Released, Shortfall, Store, StoreError, StoreKind,
-    WantedLine, CHECKOUT_COLUMNS, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
+    attach_lines, cart_must_be_open, check_patch, lock_order, order_paid_event, order_total,
+    page_of, to_millis, ChargeTicket, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page,
+    PricedLine, Released, Shortfall, Store, StoreError, StoreKind, StoredKey, WantedLine,
+    CHECKOUT_COLUMNS, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
 };
 
 mod decode {
@@ -135,12 +135,7 @@ impl SqliteStore {
                 .await?,
             );
         }
-        // A BTreeMap sums per product and iterates in product-id order: the lock order.
-        let mut per_product: BTreeMap<i64, i64> = BTreeMap::new();
-        for row in &rows {
-            *per_product.entry(row.try_get("product_id")?).or_default() +=
-                row.try_get::<i64, _>("quantity")?;
-        }
+        let per_product = decode::per_product(&rows)?;
         let mut units = 0;
         for (product_id, quantity) in per_product {
             sqlx::query("UPDATE products SET reserved = reserved - $1 WHERE id = $2")
@@ -151,6 +146,84 @@ impl SqliteStore {
             units += quantity;
         }
         Ok(units)
+    }
+
+    async fn lock_checkout(
+        tx: &mut Transaction<'_, Sqlite>,
+        id: CheckoutId,
+    ) -> Result<Checkout, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {CHECKOUT_COLUMNS} FROM checkouts WHERE id = $1"
+        ))
+        .bind(id.uuid())
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or(StoreError::NotFound("checkout"))?;
+        decode::checkout(&row)
+    }
+
+    /// Sold: every active reservation of the checkout leaves `reserved` and `stock` together.
+    async fn confirm_reservations(
+        tx: &mut Transaction<'_, Sqlite>,
+        id: CheckoutId,
+    ) -> Result<(), StoreError> {
+        let rows = sqlx::query(
+            "UPDATE reservations SET status = 'confirmed' \
+             WHERE checkout_id = $1 AND status = 'active' RETURNING product_id, quantity",
+        )
+        .bind(id.uuid())
+        .fetch_all(&mut **tx)
+        .await?;
+        for (product_id, quantity) in decode::per_product(&rows)? {
+            sqlx::query(
+                "UPDATE products SET stock = stock - $1, reserved = reserved - $1 WHERE id = $2",
+            )
+            .bind(quantity)
+            .bind(product_id)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// A late success for units already given back: take them again if every line is still
+    /// available (the single connection serialises this with every other writer), else leave everything as it was.
+    async fn reserve_again_and_confirm(
+        tx: &mut Transaction<'_, Sqlite>,
+        id: CheckoutId,
+    ) -> Result<bool, StoreError> {
+        let rows = sqlx::query(
+            "SELECT product_id, quantity FROM reservations \
+             WHERE checkout_id = $1 AND status = 'released'",
+        )
+        .bind(id.uuid())
+        .fetch_all(&mut **tx)
+        .await?;
+        let wanted = decode::per_product(&rows)?;
+        for (product_id, quantity) in &wanted {
+            let free: i64 =
+                sqlx::query_scalar("SELECT stock - reserved FROM products WHERE id = $1")
+                    .bind(product_id)
+                    .fetch_one(&mut **tx)
+                    .await?;
+            if *quantity > free {
+                return Ok(false);
+            }
+        }
+        for (product_id, quantity) in &wanted {
+            sqlx::query("UPDATE products SET stock = stock - $1 WHERE id = $2")
+                .bind(quantity)
+                .bind(product_id)
+                .execute(&mut **tx)
+                .await?;
+        }
+        sqlx::query(
+            "UPDATE reservations SET status = 'confirmed' WHERE checkout_id = $1 AND status = 'released'",
+        )
+        .bind(id.uuid())
+        .execute(&mut **tx)
+        .await?;
+        Ok(true)
     }
 
     async fn order_lines(
@@ -721,6 +794,483 @@ impl Store for SqliteStore {
         })
     }
 
+    #[tracing::instrument(skip_all, fields(checkout_id = %id))]
+    async fn begin_charge(
+        &self,
+        customer: CustomerId,
+        id: CheckoutId,
+        payment_method: &str,
+        lease: Lease<'_>,
+    ) -> Result<ChargeTicket, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT {CHECKOUT_COLUMNS}, lease_until FROM checkouts \
+             WHERE id = $1 AND customer_id = $2"
+        ))
+        .bind(id.uuid())
+        .bind(customer.uuid())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound("checkout"))?;
+        let current = decode::checkout(&row)?;
+        let lease_until: Option<i64> = row.try_get("lease_until")?;
+        let row = match current.state {
+            CheckoutState::Reserved if current.expires_at <= lease.now => {
+                return Err(StoreError::CheckoutExpired)
+            }
+            CheckoutState::Expired => return Err(StoreError::CheckoutExpired),
+            CheckoutState::Reserved => {
+                sqlx::query(&format!(
+                    "UPDATE checkouts SET state = 'charging', attempt = attempt + 1, \
+                 payment_method = $2, charge_started_at = $3, lease_owner = $4, \
+                 lease_until = $5, updated_at = $3 WHERE id = $1 RETURNING {CHECKOUT_COLUMNS}"
+                ))
+                .bind(id.uuid())
+                .bind(payment_method)
+                .bind(to_millis(lease.now))
+                .bind(lease.owner)
+                .bind(to_millis(lease.until))
+                .fetch_one(&mut *tx)
+                .await?
+            }
+            CheckoutState::Charging if lease_until.is_some_and(|t| t > to_millis(lease.now)) => {
+                return Err(StoreError::ChargeInProgress)
+            }
+            CheckoutState::Charging => {
+                sqlx::query(&format!(
+                    "UPDATE checkouts SET lease_owner = $2, lease_until = $3 WHERE id = $1 \
+                 RETURNING {CHECKOUT_COLUMNS}"
+                ))
+                .bind(id.uuid())
+                .bind(lease.owner)
+                .bind(to_millis(lease.until))
+                .fetch_one(&mut *tx)
+                .await?
+            }
+            other => return Err(StoreError::CheckoutState(other)),
+        };
+        tx.commit().await?;
+        decode::ticket(&row)
+    }
+
+    async fn find_checkout(&self, id: CheckoutId) -> Result<Option<Checkout>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {CHECKOUT_COLUMNS} FROM checkouts WHERE id = $1"
+        ))
+        .bind(id.uuid())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(decode::checkout)
+        .transpose()
+    }
+
+    async fn checkout_by_payment_intent(
+        &self,
+        payment_intent_id: &str,
+    ) -> Result<Option<Checkout>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {CHECKOUT_COLUMNS} FROM checkouts WHERE payment_intent_id = $1"
+        ))
+        .bind(payment_intent_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(decode::checkout)
+        .transpose()
+    }
+
+    #[tracing::instrument(skip_all, fields(checkout_id = %id))]
+    async fn record_charge_succeeded(
+        &self,
+        id: CheckoutId,
+        payment_intent_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = Self::lock_checkout(&mut tx, id).await?;
+        match current.state {
+            CheckoutState::Completed | CheckoutState::Refunded => return Ok(current),
+            CheckoutState::Reserved | CheckoutState::Charging | CheckoutState::RequiresAction => {
+                Self::confirm_reservations(&mut tx, id).await?;
+            }
+            CheckoutState::Expired | CheckoutState::PaymentFailed | CheckoutState::Cancelled => {
+                if current.refund_due {
+                    return Ok(current);
+                }
+                if !Self::reserve_again_and_confirm(&mut tx, id).await? {
+                    let row = sqlx::query(&format!(
+                        "UPDATE checkouts SET refund_due = TRUE, payment_intent_id = $2, \
+                         updated_at = $3 WHERE id = $1 RETURNING {CHECKOUT_COLUMNS}"
+                    ))
+                    .bind(id.uuid())
+                    .bind(payment_intent_id)
+                    .bind(to_millis(now))
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    return decode::checkout(&row);
+                }
+            }
+        }
+        sqlx::query(
+            "UPDATE orders SET status = 'paid', payment_intent_id = $2, updated_at = $3 WHERE id = $1",
+        )
+        .bind(current.order_id.uuid())
+        .bind(payment_intent_id)
+        .bind(to_millis(now))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE carts SET status = 'checked_out', updated_at = $2 WHERE id = $1")
+            .bind(current.cart_id.uuid())
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query(&format!(
+            "UPDATE checkouts SET state = 'completed', payment_intent_id = $2, lease_owner = NULL, \
+             lease_until = NULL, updated_at = $3 WHERE id = $1 RETURNING {CHECKOUT_COLUMNS}"
+        ))
+        .bind(id.uuid())
+        .bind(payment_intent_id)
+        .bind(to_millis(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        let completed = decode::checkout(&row)?;
+        let lines = sqlx::query(
+            "SELECT ol.order_id, ol.sku, ol.quantity, ol.unit_price, ol.line_total, o.currency \
+             FROM order_lines ol JOIN orders o ON o.id = ol.order_id WHERE o.id = $1 ORDER BY ol.sku",
+        )
+        .bind(current.order_id.uuid())
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(decode::order_line)
+        .collect::<Result<Vec<_>, _>>()?;
+        let event = order_paid_event(&completed, payment_intent_id, lines, now);
+        sqlx::query(
+            "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
+             VALUES ($1, 'order.paid', $2, $3, $4) ON CONFLICT (topic, order_id) DO NOTHING",
+        )
+        .bind(event.event_id)
+        .bind(completed.order_id.uuid())
+        .bind(&event.payload)
+        .bind(to_millis(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(completed)
+    }
+
+    #[tracing::instrument(skip_all, fields(checkout_id = %id))]
+    async fn record_charge_declined(
+        &self,
+        id: CheckoutId,
+        payment_intent_id: Option<&str>,
+        decline_code: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = Self::lock_checkout(&mut tx, id).await?;
+        if !matches!(
+            current.state,
+            CheckoutState::Charging | CheckoutState::RequiresAction
+        ) {
+            return Ok(current);
+        }
+        Self::release_reservations(&mut tx, &[id.uuid()]).await?;
+        let row = sqlx::query(&format!(
+            "UPDATE checkouts SET state = 'payment_failed', decline_code = $2, \
+             payment_intent_id = COALESCE($3, payment_intent_id), lease_owner = NULL, \
+             lease_until = NULL, updated_at = $4 WHERE id = $1 RETURNING {CHECKOUT_COLUMNS}"
+        ))
+        .bind(id.uuid())
+        .bind(decline_code)
+        .bind(payment_intent_id)
+        .bind(to_millis(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        finish_order_and_reopen_cart(&mut tx, &current, "payment_failed", now).await?;
+        tx.commit().await?;
+        decode::checkout(&row)
+    }
+
+    async fn record_requires_action(
+        &self,
+        id: CheckoutId,
+        payment_intent_id: &str,
+        client_secret: Option<&str>,
+        lease: Lease<'_>,
+    ) -> Result<Checkout, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = Self::lock_checkout(&mut tx, id).await?;
+        if current.state != CheckoutState::Charging {
+            return Ok(current);
+        }
+        let row = sqlx::query(&format!(
+            "UPDATE checkouts SET state = 'requires_action', payment_intent_id = $2, \
+             client_secret = $3, lease_owner = $4, lease_until = $5, updated_at = $6 \
+             WHERE id = $1 RETURNING {CHECKOUT_COLUMNS}"
+        ))
+        .bind(id.uuid())
+        .bind(payment_intent_id)
+        .bind(client_secret)
+        .bind(lease.owner)
+        .bind(to_millis(lease.until))
+        .bind(to_millis(lease.now))
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE orders SET status = 'payment_processing', payment_intent_id = $2, \
+             updated_at = $3 WHERE id = $1 AND status = 'pending_payment'",
+        )
+        .bind(current.order_id.uuid())
+        .bind(payment_intent_id)
+        .bind(to_millis(lease.now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        decode::checkout(&row)
+    }
+
+    async fn record_charge_cancelled(
+        &self,
+        id: CheckoutId,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = Self::lock_checkout(&mut tx, id).await?;
+        if !matches!(
+            current.state,
+            CheckoutState::Charging | CheckoutState::RequiresAction
+        ) {
+            return Ok(current);
+        }
+        Self::release_reservations(&mut tx, &[id.uuid()]).await?;
+        let row = sqlx::query(&format!(
+            "UPDATE checkouts SET state = 'cancelled', lease_owner = NULL, lease_until = NULL, \
+             updated_at = $2 WHERE id = $1 RETURNING {CHECKOUT_COLUMNS}"
+        ))
+        .bind(id.uuid())
+        .bind(to_millis(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        finish_order_and_reopen_cart(&mut tx, &current, "cancelled", now).await?;
+        tx.commit().await?;
+        decode::checkout(&row)
+    }
+
+    async fn abort_charge(
+        &self,
+        id: CheckoutId,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError> {
+        let row = sqlx::query(&format!(
+            "UPDATE checkouts SET state = 'reserved', lease_owner = NULL, lease_until = NULL, \
+             updated_at = $2 WHERE id = $1 AND state = 'charging' RETURNING {CHECKOUT_COLUMNS}"
+        ))
+        .bind(id.uuid())
+        .bind(to_millis(now))
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => decode::checkout(&row),
+            None => self
+                .find_checkout(id)
+                .await?
+                .ok_or(StoreError::NotFound("checkout")),
+        }
+    }
+
+    async fn defer_charge(
+        &self,
+        id: CheckoutId,
+        retry_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE checkouts SET lease_owner = NULL, lease_until = $2 \
+             WHERE id = $1 AND state = 'charging'",
+        )
+        .bind(id.uuid())
+        .bind(to_millis(retry_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn claim_stalled(
+        &self,
+        limit: u32,
+        lease: Lease<'_>,
+    ) -> Result<Vec<ChargeTicket>, StoreError> {
+        sqlx::query(&format!(
+            "UPDATE checkouts SET lease_owner = $1, lease_until = $2 WHERE id IN ( \
+               SELECT id FROM checkouts \
+               WHERE (state IN ('charging', 'requires_action') OR refund_due) \
+                 AND (lease_until IS NULL OR lease_until < $3) \
+               ORDER BY lease_until NULLS FIRST LIMIT $4) \
+             RETURNING {CHECKOUT_COLUMNS}"
+        ))
+        .bind(lease.owner)
+        .bind(to_millis(lease.until))
+        .bind(to_millis(lease.now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(decode::ticket)
+        .collect()
+    }
+
+    async fn record_refunded(
+        &self,
+        id: CheckoutId,
+        refund_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = Self::lock_checkout(&mut tx, id).await?;
+        if current.state == CheckoutState::Refunded {
+            return Ok(current);
+        }
+        let row = sqlx::query(&format!(
+            "UPDATE checkouts SET state = 'refunded', refund_due = FALSE, refund_id = $2, \
+             lease_owner = NULL, lease_until = NULL, updated_at = $3 WHERE id = $1 \
+             RETURNING {CHECKOUT_COLUMNS}"
+        ))
+        .bind(id.uuid())
+        .bind(refund_id)
+        .bind(to_millis(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE orders SET status = 'refunded', payment_intent_id = $2, updated_at = $3 \
+             WHERE id = $1",
+        )
+        .bind(current.order_id.uuid())
+        .bind(current.payment_intent_id.as_deref())
+        .bind(to_millis(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        decode::checkout(&row)
+    }
+
+    async fn webhook_seen(&self, event_id: &str) -> Result<bool, StoreError> {
+        let seen: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM webhook_events WHERE event_id = $1")
+                .bind(event_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(seen.is_some())
+    }
+
+    async fn record_webhook_event(
+        &self,
+        event_id: &str,
+        event_type: &str,
+        payment_intent_id: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO webhook_events (event_id, event_type, payment_intent_id, received_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(event_id)
+        .bind(event_type)
+        .bind(payment_intent_id)
+        .bind(to_millis(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn idempotency_begin(
+        &self,
+        customer: CustomerId,
+        key: &str,
+        fingerprint: &str,
+        now: DateTime<Utc>,
+        lock_for: Duration,
+    ) -> Result<IdempotencyStart, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_keys (customer_id, idem_key, fingerprint, locked_until, created_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (customer_id, idem_key) DO NOTHING",
+        )
+        .bind(customer.uuid())
+        .bind(key)
+        .bind(fingerprint)
+        .bind(to_millis(now + lock_for))
+        .bind(to_millis(now))
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 1 {
+            tx.commit().await?;
+            return Ok(IdempotencyStart::Proceed);
+        }
+        let row = sqlx::query(
+            "SELECT fingerprint, status_code, response_body, locked_until, created_at \
+             FROM idempotency_keys WHERE customer_id = $1 AND idem_key = $2",
+        )
+        .bind(customer.uuid())
+        .bind(key)
+        .fetch_one(&mut *tx)
+        .await?;
+        let stored = StoredKey {
+            fingerprint: row.try_get("fingerprint")?,
+            status: row.try_get("status_code")?,
+            body: row.try_get("response_body")?,
+            locked_until: row.try_get("locked_until")?,
+            created_at: row.try_get("created_at")?,
+        };
+        let start = stored.decide(fingerprint, now);
+        if start == IdempotencyStart::Proceed {
+            sqlx::query(
+                "UPDATE idempotency_keys SET fingerprint = $3, status_code = NULL, \
+                 response_body = NULL, locked_until = $4, created_at = $5 \
+                 WHERE customer_id = $1 AND idem_key = $2",
+            )
+            .bind(customer.uuid())
+            .bind(key)
+            .bind(fingerprint)
+            .bind(to_millis(now + lock_for))
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(start)
+    }
+
+    async fn idempotency_finish(
+        &self,
+        customer: CustomerId,
+        key: &str,
+        status: u16,
+        body: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE idempotency_keys SET status_code = $3, response_body = $4 \
+             WHERE customer_id = $1 AND idem_key = $2",
+        )
+        .bind(customer.uuid())
+        .bind(key)
+        .bind(i32::from(status))
+        .bind(body)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn idempotency_abandon(&self, customer: CustomerId, key: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM idempotency_keys WHERE customer_id = $1 AND idem_key = $2")
+            .bind(customer.uuid())
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn order(&self, customer: CustomerId, id: OrderId) -> Result<Option<Order>, StoreError> {
         let Some(row) = sqlx::query(&format!(
             "SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 AND customer_id = $2"
@@ -794,6 +1344,33 @@ impl Store for SqliteStore {
             })
             .collect()
     }
+}
+
+/// The order of a checkout that ended without payment gets its final status, and its cart may
+/// be checked out again.
+async fn finish_order_and_reopen_cart(
+    tx: &mut Transaction<'_, Sqlite>,
+    checkout: &Checkout,
+    status: &str,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE orders SET status = $2, updated_at = $3 \
+         WHERE id = $1 AND status IN ('pending_payment', 'payment_processing')",
+    )
+    .bind(checkout.order_id.uuid())
+    .bind(status)
+    .bind(to_millis(now))
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "UPDATE carts SET status = 'open', updated_at = $2 WHERE id = $1 AND status = 'checking_out'",
+    )
+    .bind(checkout.cart_id.uuid())
+    .bind(to_millis(now))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// The order of a checkout that gave its units back is cancelled, and its cart may be checked

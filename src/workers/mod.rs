@@ -3,5 +3,7 @@
 //! goes through the store, so any number of instances may run the same workers.
 
 mod expiry;
+mod recovery;
 
 pub use expiry::ExpiryWorker;
+pub use recovery::RecoveryWorker;

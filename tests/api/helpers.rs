@@ -7,11 +7,13 @@ use std::sync::{Arc, Once};
 use chrono::{TimeZone, Utc};
 use clap::Parser as _;
 use holdfast::audit::Report;
+use holdfast::checkout::SagaSettings;
 use holdfast::config::{Cli, Settings};
 use holdfast::domain::{Clock, ManualClock, SystemClock};
+use holdfast::payments::StripeSimulator;
 use holdfast::startup::{Application, Overrides};
 use holdfast::store::{Store, StoreKind};
-use holdfast::workers::ExpiryWorker;
+use holdfast::workers::{ExpiryWorker, RecoveryWorker};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -19,6 +21,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const WEBHOOK_SECRET: &str = "whsec_test_0123456789abcdef";
 
 /// The server every PostgreSQL test database is created on.
 pub fn postgres_base_url() -> String {
@@ -59,6 +62,25 @@ pub struct Options {
     pub manual_clock: bool,
     pub workers: bool,
     pub expiry_interval_ms: u64,
+    /// `(api base, secret key)` of a Stripe-compatible server; `None` = the simulator.
+    pub stripe: Option<(String, String)>,
+    /// Saga pacing; tests default to short retries.
+    pub saga: SagaSettings,
+    pub lease_seconds: u64,
+}
+
+/// Short retries so unknown outcomes resolve within a test's patience.
+pub fn quick_saga() -> SagaSettings {
+    SagaSettings {
+        lease: chrono::Duration::seconds(5),
+        retry_delays: vec![
+            std::time::Duration::from_millis(20),
+            std::time::Duration::from_millis(50),
+        ],
+        retry_later: chrono::Duration::milliseconds(200),
+        reconcile_after: chrono::Duration::milliseconds(300),
+        fault: None,
+    }
 }
 
 impl Default for Options {
@@ -69,6 +91,9 @@ impl Default for Options {
             manual_clock: false,
             workers: true,
             expiry_interval_ms: 100,
+            stripe: None,
+            saga: quick_saga(),
+            lease_seconds: 5,
         }
     }
 }
@@ -82,7 +107,10 @@ pub struct TestApp {
     pub clock: Arc<dyn Clock>,
     pub manual_clock: Option<Arc<ManualClock>>,
     pub expiry: Arc<ExpiryWorker>,
+    pub recovery: Arc<RecoveryWorker>,
+    pub simulator: Option<StripeSimulator>,
     pub database_url: Option<String>,
+    saga: SagaSettings,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
     _dir: Arc<TempDir>,
@@ -119,6 +147,22 @@ pub async fn spawn_app_with(kind: StoreKind, options: Options) -> TestApp {
     if let Some(url) = &database_url {
         args.extend(["--database-url".to_owned(), url.clone()]);
     }
+    if let Some((base, key)) = &options.stripe {
+        args.extend([
+            "--stripe-api-base".to_owned(),
+            base.clone(),
+            "--stripe-secret-key".to_owned(),
+            key.clone(),
+        ]);
+    }
+    args.extend([
+        "--stripe-webhook-secret".to_owned(),
+        WEBHOOK_SECRET.to_owned(),
+        "--recovery-interval-ms".to_owned(),
+        "100".to_owned(),
+        "--lease-seconds".to_owned(),
+        options.lease_seconds.to_string(),
+    ]);
     let cli = Cli::try_parse_from(args).expect("test flags parse");
     let settings = Settings::from_flags(&cli.flags).expect("test settings are valid");
     let manual_clock = options.manual_clock.then(|| {
@@ -139,10 +183,12 @@ pub async fn spawn_app_with(kind: StoreKind, options: Options) -> TestApp {
         workers,
         database_url,
         dir,
+        options.saga,
     )
     .await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn start(
     kind: StoreKind,
     settings: Settings,
@@ -151,12 +197,14 @@ async fn start(
     workers: bool,
     database_url: Option<String>,
     dir: Arc<TempDir>,
+    saga: SagaSettings,
 ) -> TestApp {
     let app = Application::build_with(
         settings.clone(),
         Overrides {
             clock: clock.clone(),
             workers,
+            saga: Some(saga.clone()),
         },
     )
     .await
@@ -164,6 +212,8 @@ async fn start(
     let base = format!("http://{}", app.local_addr());
     let store = app.store();
     let expiry = app.expiry_worker();
+    let recovery = app.recovery_worker();
+    let simulator = app.simulator();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
@@ -180,7 +230,10 @@ async fn start(
         clock,
         manual_clock,
         expiry,
+        recovery,
+        simulator,
         database_url,
+        saga,
         stop: Some(stop),
         server: Some(server),
         _dir: dir,
@@ -251,6 +304,7 @@ impl TestApp {
             self.manual_clock.is_none(),
             self.database_url.clone(),
             self._dir.clone(),
+            self.saga.clone(),
         )
         .await
     }
@@ -386,6 +440,45 @@ impl TestApp {
             json!({ "cart_id": cart }),
         )
         .await
+    }
+
+    /// `POST /v1/checkouts/{id}/complete` with a payment method and an Idempotency-Key.
+    pub async fn complete(
+        &self,
+        customer: &Customer,
+        checkout: &str,
+        payment_method: &str,
+        key: &str,
+    ) -> Resp {
+        let resp = self
+            .client
+            .post(format!("{}/v1/checkouts/{checkout}/complete", self.base))
+            .bearer_auth(&customer.token)
+            .header("Idempotency-Key", key)
+            .json(&json!({ "payment_method": payment_method }))
+            .send()
+            .await
+            .expect("request reaches the app");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.json().await.expect("a JSON body");
+        Resp {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// A customer with a reserved checkout of these lines: `(customer, checkout id, order id)`.
+    pub async fn reserved_checkout(
+        &self,
+        name: &str,
+        lines: &[(&str, i64)],
+    ) -> (Customer, String, String) {
+        let (customer, cart) = self.buyer_with(name, lines).await;
+        let started = self.start_checkout(&customer, &cart).await;
+        started.assert_status(201);
+        (customer, started.str("id"), started.str("order_id"))
     }
 
     /// `(stock, reserved, available)` of a SKU from the admin inventory.

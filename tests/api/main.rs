@@ -12,3 +12,4 @@ mod errors;
 mod gate;
 mod inventory;
 mod payments;
+mod saga;

@@ -1,0 +1,669 @@
+//! The checkout saga end to end (promises 3–5): completion with the simulator's test cards on
+//! both stores, Idempotency-Key, webhooks, late successes, and the Stripe client over HTTP
+//! against the fake Stripe server with its faults. Every case ends with the audit.
+
+use holdfast::domain::{CheckoutId, Currency, CustomerId, Money, OrderId};
+use holdfast::payments::{signature, ChargeOutcome, ChargeRequest, PaymentGateway as _};
+use holdfast::store::StoreKind;
+use serde_json::json;
+
+use crate::both_stores;
+use crate::fake_stripe::{FakeStripe, Fault, SECRET_KEY};
+use crate::helpers::{
+    eventually, spawn_app, spawn_app_with, AssertClean, Options, TestApp, WEBHOOK_SECRET,
+};
+
+both_stores!(
+    a_visa_payment_completes_the_checkout_and_pays_the_order,
+    a_declined_card_releases_the_units_and_reopens_the_cart,
+    a_card_that_needs_authentication_completes_when_the_customer_authenticates,
+    a_failed_authentication_releases_the_units,
+    complete_needs_an_idempotency_key_and_replays_its_answer,
+    an_unknown_payment_method_leaves_the_checkout_reserved,
+    an_expired_checkout_cannot_be_paid,
+    webhooks_need_a_valid_signature_and_are_handled_once,
+    a_late_success_for_an_expired_checkout_takes_the_units_again_or_refunds,
+    an_abandoned_authentication_is_cancelled_when_the_checkout_lifetime_ends,
+);
+
+fn checkout_id(raw: &str) -> CheckoutId {
+    CheckoutId::parse(raw).expect("a checkout id")
+}
+
+async fn a_visa_payment_completes_the_checkout_and_pays_the_order(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, order) = app.reserved_checkout("Ada", &[("tea-01", 2)]).await;
+
+    let done = app.complete(&ada, &checkout, "pm_card_visa", "key-1").await;
+
+    done.assert_status(200);
+    assert_eq!(done.body["state"], "completed");
+    assert_eq!(done.body["order_id"], order.as_str());
+    let order = app
+        .get(&format!("/v1/orders/{order}"), Some(&ada.token))
+        .await;
+    assert_eq!(order.body["status"], "paid");
+    let intent = order.str("payment_intent_id");
+    assert!(intent.starts_with("pi_"));
+    assert_eq!(
+        app.stock_of("tea-01").await,
+        (3, 0, 3),
+        "sold units leave stock and reserved"
+    );
+    let ledger = app.simulator.as_ref().unwrap().ledger();
+    assert_eq!(ledger.succeeded_for(checkout_id(&checkout)), 1);
+    // Completing again (another key) charges nothing more.
+    let again = app.complete(&ada, &checkout, "pm_card_visa", "key-2").await;
+    assert_eq!(again.body["state"], "completed");
+    assert_eq!(
+        app.simulator
+            .as_ref()
+            .unwrap()
+            .ledger()
+            .succeeded_for(checkout_id(&checkout)),
+        1
+    );
+    app.audit().await.assert_clean();
+}
+
+async fn a_declined_card_releases_the_units_and_reopens_the_cart(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, cart) = app.buyer_with("Ada", &[("tea-01", 2)]).await;
+    let started = app.start_checkout(&ada, &cart).await;
+    let checkout = started.str("id");
+
+    let declined = app
+        .complete(&ada, &checkout, "pm_card_chargeDeclined", "k")
+        .await;
+
+    declined.assert_status(200);
+    assert_eq!(declined.body["state"], "payment_failed");
+    assert_eq!(declined.body["decline_code"], "generic_decline");
+    assert_eq!(app.stock_of("tea-01").await, (5, 0, 5));
+    let order = app
+        .get(
+            &format!("/v1/orders/{}", started.str("order_id")),
+            Some(&ada.token),
+        )
+        .await;
+    assert_eq!(order.body["status"], "payment_failed");
+    // The cart keeps its lines and may be checked out again, with another card.
+    let retry = app.start_checkout(&ada, &cart).await;
+    retry.assert_status(201);
+    let funds = app
+        .complete(
+            &ada,
+            &retry.str("id"),
+            "pm_card_chargeDeclinedInsufficientFunds",
+            "k2",
+        )
+        .await;
+    assert_eq!(funds.body["decline_code"], "insufficient_funds");
+    let third = app.start_checkout(&ada, &cart).await;
+    let paid = app
+        .complete(&ada, &third.str("id"), "pm_card_mastercard", "k3")
+        .await;
+    assert_eq!(paid.body["state"], "completed");
+    assert_eq!(app.stock_of("tea-01").await, (3, 0, 3));
+    app.audit().await.assert_clean();
+}
+
+async fn a_card_that_needs_authentication_completes_when_the_customer_authenticates(
+    kind: StoreKind,
+) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, order) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+
+    let pending = app
+        .complete(&ada, &checkout, "pm_card_authenticationRequired", "k")
+        .await;
+
+    pending.assert_status(200);
+    assert_eq!(pending.body["state"], "requires_action");
+    assert!(pending.str("client_secret").contains("_secret_"));
+    let order_path = format!("/v1/orders/{order}");
+    assert_eq!(
+        app.get(&order_path, Some(&ada.token)).await.body["status"],
+        "payment_processing"
+    );
+    assert_eq!(
+        app.stock_of("tea-01").await,
+        (5, 1, 4),
+        "still held while the customer authenticates"
+    );
+
+    // The customer passes 3-D Secure; the simulator's signed webhook moves the checkout on.
+    let intent = pending.str("payment_intent_id");
+    app.simulator
+        .as_ref()
+        .unwrap()
+        .authenticate(&intent, true)
+        .expect("authenticate");
+    eventually(10, "the order is paid", || async {
+        app.get(&order_path, Some(&ada.token)).await.body["status"] == "paid"
+    })
+    .await;
+    let done = app
+        .get(&format!("/v1/checkouts/{checkout}"), Some(&ada.token))
+        .await;
+    assert_eq!(done.body["state"], "completed");
+    assert_eq!(app.stock_of("tea-01").await, (4, 0, 4));
+    app.audit().await.assert_clean();
+}
+
+async fn a_failed_authentication_releases_the_units(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, _) = app.reserved_checkout("Ada", &[("tea-01", 3)]).await;
+    let pending = app
+        .complete(&ada, &checkout, "pm_card_authenticationRequired", "k")
+        .await;
+    let intent = pending.str("payment_intent_id");
+
+    app.simulator
+        .as_ref()
+        .unwrap()
+        .authenticate(&intent, false)
+        .expect("authenticate");
+
+    eventually(10, "the units come back", || async {
+        app.stock_of("tea-01").await == (5, 0, 5)
+    })
+    .await;
+    let failed = app
+        .get(&format!("/v1/checkouts/{checkout}"), Some(&ada.token))
+        .await;
+    assert_eq!(failed.body["state"], "payment_failed");
+    app.audit().await.assert_clean();
+}
+
+async fn complete_needs_an_idempotency_key_and_replays_its_answer(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, _) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+
+    let missing = app
+        .post(
+            &format!("/v1/checkouts/{checkout}/complete"),
+            Some(&ada.token),
+            json!({"payment_method": "pm_card_visa"}),
+        )
+        .await;
+    missing.assert_error(400, "idempotency_key_required");
+    assert_eq!(app.stock_of("tea-01").await, (5, 1, 4), "nothing changed");
+
+    let first = app
+        .complete(&ada, &checkout, "pm_card_visa", "same-key")
+        .await;
+    let replay = app
+        .complete(&ada, &checkout, "pm_card_visa", "same-key")
+        .await;
+    assert_eq!(replay.status, first.status);
+    assert_eq!(replay.body, first.body);
+    assert_eq!(replay.headers["idempotent-replayed"], "true");
+    let reused = app
+        .complete(&ada, &checkout, "pm_card_mastercard", "same-key")
+        .await;
+    reused.assert_error(422, "idempotency_key_reused");
+    assert_eq!(
+        app.simulator
+            .as_ref()
+            .unwrap()
+            .ledger()
+            .succeeded_for(checkout_id(&checkout)),
+        1
+    );
+
+    // Keys are scoped to the customer: Bob's identical key is his own.
+    let (bob, bobs, _) = app.reserved_checkout("Bob", &[("tea-01", 1)]).await;
+    let his = app.complete(&bob, &bobs, "pm_card_visa", "same-key").await;
+    his.assert_status(200);
+    assert_eq!(his.body["id"], bobs.as_str());
+    assert_eq!(his.body["state"], "completed");
+    // Another customer's checkout id is simply not found.
+    app.complete(&bob, &checkout, "pm_card_visa", "other")
+        .await
+        .assert_error(404, "checkout_not_found");
+    app.audit().await.assert_clean();
+}
+
+async fn an_unknown_payment_method_leaves_the_checkout_reserved(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, _) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+
+    app.complete(&ada, &checkout, "pm_card_nonsense", "k1")
+        .await
+        .assert_error(422, "payment_method_refused");
+    app.complete(&ada, &checkout, "not a method!", "k2")
+        .await
+        .assert_error(422, "validation_failed");
+    let state = app
+        .get(&format!("/v1/checkouts/{checkout}"), Some(&ada.token))
+        .await;
+    assert_eq!(state.body["state"], "reserved");
+    assert_eq!(app.stock_of("tea-01").await, (5, 1, 4));
+
+    let paid = app.complete(&ada, &checkout, "pm_card_visa", "k3").await;
+    assert_eq!(paid.body["state"], "completed");
+    app.audit().await.assert_clean();
+}
+
+async fn an_expired_checkout_cannot_be_paid(kind: StoreKind) {
+    let app = spawn_app_with(
+        kind,
+        Options {
+            ttl_seconds: 1,
+            ..Options::default()
+        },
+    )
+    .await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, _) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    eventually(10, "the reservation expires", || async {
+        app.stock_of("tea-01").await == (5, 0, 5)
+    })
+    .await;
+
+    let late = app.complete(&ada, &checkout, "pm_card_visa", "k").await;
+
+    late.assert_error(409, "checkout_expired");
+    assert_eq!(
+        app.simulator
+            .as_ref()
+            .unwrap()
+            .ledger()
+            .succeeded_for(checkout_id(&checkout)),
+        0
+    );
+    app.audit().await.assert_clean();
+}
+
+async fn post_webhook(
+    app: &TestApp,
+    payload: &str,
+    header: Option<String>,
+) -> (u16, serde_json::Value) {
+    let mut req = app
+        .client
+        .post(format!("{}/webhooks/stripe", app.base))
+        .header("content-type", "application/json")
+        .body(payload.to_owned());
+    if let Some(h) = header {
+        req = req.header("Stripe-Signature", h);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or_default())
+}
+
+fn event(id: &str, kind: &str, intent: &str, checkout: &str, status: &str) -> String {
+    json!({
+        "id": id, "object": "event", "type": kind, "created": chrono::Utc::now().timestamp(),
+        "data": {"object": {
+            "id": intent, "object": "payment_intent", "amount": 450, "currency": "eur",
+            "status": status, "client_secret": null, "created": 0,
+            "metadata": {"checkout_id": checkout}, "last_payment_error": null
+        }}
+    })
+    .to_string()
+}
+
+async fn webhooks_need_a_valid_signature_and_are_handled_once(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, order) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    let pending = app
+        .complete(&ada, &checkout, "pm_card_authenticationRequired", "k")
+        .await;
+    let intent = pending.str("payment_intent_id");
+    let now = chrono::Utc::now().timestamp();
+    let payload = event(
+        "evt_test_1",
+        "payment_intent.succeeded",
+        &intent,
+        &checkout,
+        "succeeded",
+    );
+
+    let bad = [
+        (None, "signature_missing"),
+        (Some("garbage".to_owned()), "invalid_signature"),
+        (
+            Some(signature::sign(payload.as_bytes(), "whsec_wrong", now)),
+            "invalid_signature",
+        ),
+        (
+            Some(signature::sign(
+                payload.as_bytes(),
+                WEBHOOK_SECRET,
+                now - 301,
+            )),
+            "invalid_signature",
+        ),
+        (
+            Some(signature::sign(b"{\"tampered\":true}", WEBHOOK_SECRET, now)),
+            "invalid_signature",
+        ),
+    ];
+    for (header, code) in bad {
+        let (status, body) = post_webhook(&app, &payload, header.clone()).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some(code)),
+            "{header:?}"
+        );
+    }
+    assert_eq!(
+        app.get(&format!("/v1/orders/{order}"), Some(&ada.token))
+            .await
+            .body["status"],
+        "payment_processing"
+    );
+
+    let signed = signature::sign(payload.as_bytes(), WEBHOOK_SECRET, now);
+    let (status, _) = post_webhook(&app, &payload, Some(signed.clone())).await;
+    assert_eq!(status, 200);
+    let (status, body) = post_webhook(&app, &payload, Some(signed)).await;
+    assert_eq!((status, body["duplicate"].as_bool()), (200, Some(true)));
+    assert_eq!(
+        app.get(&format!("/v1/orders/{order}"), Some(&ada.token))
+            .await
+            .body["status"],
+        "paid"
+    );
+
+    // A failure reported after the success never moves the checkout back.
+    let failed = event(
+        "evt_test_2",
+        "payment_intent.payment_failed",
+        &intent,
+        &checkout,
+        "requires_payment_method",
+    );
+    let (status, _) = post_webhook(
+        &app,
+        &failed,
+        Some(signature::sign(failed.as_bytes(), WEBHOOK_SECRET, now)),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        app.get(&format!("/v1/checkouts/{checkout}"), Some(&ada.token))
+            .await
+            .body["state"],
+        "completed"
+    );
+    assert_eq!(app.stock_of("tea-01").await, (4, 0, 4));
+    app.audit().await.assert_clean();
+}
+
+async fn a_late_success_for_an_expired_checkout_takes_the_units_again_or_refunds(kind: StoreKind) {
+    let app = spawn_app_with(
+        kind,
+        Options {
+            ttl_seconds: 1,
+            ..Options::default()
+        },
+    )
+    .await;
+    app.new_product("tea-01", 450, 1).await;
+    let now = chrono::Utc::now().timestamp();
+
+    // Ada's reservation expires; a success for it arrives while the unit is still free.
+    let (ada, first, first_order) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    eventually(10, "expired", || async {
+        app.stock_of("tea-01").await == (1, 0, 1)
+    })
+    .await;
+    let paid = event(
+        "evt_late_1",
+        "payment_intent.succeeded",
+        "pi_late_1",
+        &first,
+        "succeeded",
+    );
+    let (status, _) = post_webhook(
+        &app,
+        &paid,
+        Some(signature::sign(paid.as_bytes(), WEBHOOK_SECRET, now)),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        app.get(&format!("/v1/orders/{first_order}"), Some(&ada.token))
+            .await
+            .body["status"],
+        "paid"
+    );
+    assert_eq!(app.stock_of("tea-01").await, (0, 0, 0));
+
+    // Bob's expires too, Carol buys the unit, and only then does Bob's payment succeed: the
+    // unit is gone, so his money goes back.
+    app.new_product("cup-02", 900, 1).await;
+    let (bob, second, second_order) = app.reserved_checkout("Bob", &[("cup-02", 1)]).await;
+    eventually(10, "expired", || async {
+        app.stock_of("cup-02").await == (1, 0, 1)
+    })
+    .await;
+    let (carol, carols, _) = app.reserved_checkout("Carol", &[("cup-02", 1)]).await;
+    assert_eq!(
+        app.complete(&carol, &carols, "pm_card_visa", "k")
+            .await
+            .body["state"],
+        "completed"
+    );
+    let simulator = app.simulator.clone().unwrap();
+    let late = simulator
+        .create_and_confirm(&ChargeRequest {
+            amount: Money::new(900, Currency::parse("EUR").unwrap()).unwrap(),
+            payment_method: "pm_card_visa".into(),
+            checkout_id: checkout_id(&second),
+            order_id: OrderId::parse(&second_order).unwrap(),
+            customer_id: CustomerId::new(),
+            idempotency_key: "late-bob".into(),
+        })
+        .await
+        .expect("the simulator charges");
+    let ChargeOutcome::Succeeded(intent) = late else {
+        panic!("a success: {late:?}")
+    };
+    // The simulator's webhook reaches the service, which refunds.
+    eventually(10, "the late payment is refunded", || async {
+        app.get(&format!("/v1/orders/{second_order}"), Some(&bob.token))
+            .await
+            .body["status"]
+            == "refunded"
+    })
+    .await;
+    assert_eq!(simulator.ledger().refunded(&intent.id), 900);
+    assert_eq!(
+        app.get(&format!("/v1/checkouts/{second}"), Some(&bob.token))
+            .await
+            .body["state"],
+        "refunded"
+    );
+    assert_eq!(
+        app.stock_of("cup-02").await,
+        (0, 0, 0),
+        "the unit was sold once, to Carol"
+    );
+    app.audit().await.assert_clean();
+}
+
+// The Stripe client over HTTP against the fake Stripe server (PostgreSQL).
+
+async fn app_on_fake_stripe() -> (TestApp, FakeStripe) {
+    let fake = FakeStripe::start().await;
+    let app = spawn_app_with(
+        StoreKind::Postgres,
+        Options {
+            stripe: Some((fake.base_url(), SECRET_KEY.to_owned())),
+            ..Options::default()
+        },
+    )
+    .await;
+    (app, fake)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_a_visa_payment_completes_with_one_charge() {
+    let (app, fake) = app_on_fake_stripe().await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, _) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    let done = app.complete(&ada, &checkout, "pm_card_visa", "k").await;
+    assert_eq!(done.body["state"], "completed", "{:?}", done.body);
+    assert_eq!(fake.charges_for(checkout_id(&checkout)), 1);
+    let keys: Vec<_> = fake
+        .request_log()
+        .into_iter()
+        .filter_map(|r| r.idempotency_key)
+        .collect();
+    assert_eq!(keys, [format!("checkout-{checkout}-charge-1")]);
+    app.audit().await.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_a_500_or_a_dropped_connection_still_ends_with_one_charge_and_a_paid_order() {
+    let (app, fake) = app_on_fake_stripe().await;
+    app.new_product("tea-01", 450, 5).await;
+    for (name, fault) in [
+        ("Ada", Fault::InternalError),
+        ("Bob", Fault::DropAfterCharge),
+        ("Cy", Fault::TooManyRequests),
+    ] {
+        let (customer, checkout, order) = app.reserved_checkout(name, &[("tea-01", 1)]).await;
+        fake.fail_next(1, fault);
+        let done = app
+            .complete(&customer, &checkout, "pm_card_visa", "k")
+            .await;
+        assert_eq!(
+            done.body["state"], "completed",
+            "{fault:?}: {:?}",
+            done.body
+        );
+        assert_eq!(fake.charges_for(checkout_id(&checkout)), 1, "{fault:?}");
+        assert_eq!(
+            app.get(&format!("/v1/orders/{order}"), Some(&customer.token))
+                .await
+                .body["status"],
+            "paid"
+        );
+    }
+    assert_eq!(app.stock_of("tea-01").await, (2, 0, 2));
+    app.audit().await.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_an_outcome_unknown_for_long_is_finished_by_recovery_with_the_same_key() {
+    let (app, fake) = app_on_fake_stripe().await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, order) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    // Every in-request try is lost after the charge was made.
+    fake.fail_next(3, Fault::DropAfterCharge);
+    let pending = app.complete(&ada, &checkout, "pm_card_visa", "k").await;
+    assert_eq!(pending.body["state"], "charging", "{:?}", pending.body);
+    assert_eq!(
+        app.stock_of("tea-01").await,
+        (5, 1, 4),
+        "the reservation cannot expire while charging"
+    );
+
+    // The recovery worker retries with the same key; the fake replays the stored charge.
+    eventually(15, "the order is paid", || async {
+        app.get(&format!("/v1/orders/{order}"), Some(&ada.token))
+            .await
+            .body["status"]
+            == "paid"
+    })
+    .await;
+    assert_eq!(fake.charges_for(checkout_id(&checkout)), 1);
+    // The same Idempotency-Key now answers the final state.
+    let retried = app.complete(&ada, &checkout, "pm_card_visa", "k").await;
+    assert_eq!(retried.body["state"], "completed");
+    app.audit().await.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_a_concurrent_duplicate_complete_gets_409() {
+    let (app, fake) = app_on_fake_stripe().await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, _) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    fake.hold();
+    let first = {
+        let client = app.client.clone();
+        let url = format!("{}/v1/checkouts/{checkout}/complete", app.base);
+        let token = ada.token.clone();
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .header("Idempotency-Key", "dup")
+                .json(&json!({"payment_method": "pm_card_visa"}))
+                .send()
+                .await
+                .expect("request")
+                .json::<serde_json::Value>()
+                .await
+                .expect("json")
+        })
+    };
+    fake.wait_until_held(1).await;
+    let duplicate = app.complete(&ada, &checkout, "pm_card_visa", "dup").await;
+    duplicate.assert_error(409, "idempotency_conflict");
+    let other_key = app.complete(&ada, &checkout, "pm_card_visa", "other").await;
+    other_key.assert_error(409, "payment_in_progress");
+    fake.release();
+    let first = first.await.unwrap();
+    assert_eq!(first["state"], "completed");
+    assert_eq!(fake.charges_for(checkout_id(&checkout)), 1);
+    app.audit().await.assert_clean();
+}
+
+async fn an_abandoned_authentication_is_cancelled_when_the_checkout_lifetime_ends(kind: StoreKind) {
+    let app = spawn_app_with(
+        kind,
+        Options {
+            ttl_seconds: 1,
+            max_lifetime_seconds: 2,
+            ..Options::default()
+        },
+    )
+    .await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, order) = app.reserved_checkout("Ada", &[("tea-01", 2)]).await;
+    let pending = app
+        .complete(&ada, &checkout, "pm_card_authenticationRequired", "k")
+        .await;
+    assert_eq!(pending.body["state"], "requires_action");
+
+    // The customer never authenticates: the reconciler asks the gateway, and once the
+    // checkout's lifetime is over cancels the payment and releases the units.
+    eventually(15, "the checkout is cancelled", || async {
+        app.recovery.tick().await.expect("recovery tick");
+        app.get(&format!("/v1/checkouts/{checkout}"), Some(&ada.token))
+            .await
+            .body["state"]
+            == "cancelled"
+    })
+    .await;
+    assert_eq!(app.stock_of("tea-01").await, (5, 0, 5));
+    assert_eq!(
+        app.get(&format!("/v1/orders/{order}"), Some(&ada.token))
+            .await
+            .body["status"],
+        "cancelled"
+    );
+    assert_eq!(
+        app.simulator
+            .as_ref()
+            .unwrap()
+            .ledger()
+            .succeeded_for(checkout_id(&checkout)),
+        0
+    );
+    app.audit().await.assert_clean();
+}
