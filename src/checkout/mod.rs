@@ -132,6 +132,7 @@ impl CheckoutService {
             now: self.clock.now(),
             ttl: self.windows.ttl,
             max_lifetime: self.windows.max_lifetime,
+            flash_sale: None,
         };
         Ok(self.store.reserve_checkout(&new).await?)
     }

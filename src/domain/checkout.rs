@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{CartId, CheckoutId, CustomerId, Money, OrderId};
 
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CheckoutState {
@@ -125,6 +126,8 @@ pub struct Checkout {
     /// A payment succeeded after the units were given back and could not be taken again: the
     /// money must go back to the customer.
     pub refund_due: bool,
+    /// The flash sale whose admission this checkout holds, if any.
+    pub flash_sale_id: Option<super::FlashSaleId>,
 }
 
 #[cfg(test)]

@@ -179,6 +179,11 @@ impl From<StoreError> for ApiError {
                 "payment_in_progress",
                 "a payment for this checkout is in progress; retry shortly",
             ),
+            StoreError::UnitsExceedAvailable { units, available } => Self::conflict(
+                "units_exceed_available",
+                format!("a sale of {units} units exceeds the {available} available"),
+            )
+            .details(serde_json::json!({ "units": units, "available": available })),
             StoreError::Money(e) => Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_amount",

@@ -14,6 +14,7 @@ use serde::Serialize;
 use std::collections::HashMap;
 
 use crate::domain::{
+    FlashSale, FlashSaleId, NewFlashSale,
     Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
     CustomerName, MoneyError, NewProduct, Order, OrderId, OrderLine, Product, ProductPatch,
     Quantity, Sku,
@@ -60,6 +61,8 @@ pub enum StoreError {
     CheckoutState(CheckoutState),
     #[error("a payment for this checkout is in progress")]
     ChargeInProgress,
+    #[error("a sale of {units} units exceeds the {available} available")]
+    UnitsExceedAvailable { units: u32, available: i64 },
     #[error(transparent)]
     Money(#[from] MoneyError),
     #[error("stored data is invalid: {0}")]
@@ -100,6 +103,8 @@ pub struct NewCheckout {
     pub now: DateTime<Utc>,
     pub ttl: Duration,
     pub max_lifetime: Duration,
+    /// The flash sale this checkout was admitted to.
+    pub flash_sale: Option<FlashSaleId>,
 }
 
 /// Who is driving a checkout, and until when.
@@ -147,6 +152,8 @@ pub struct Page<T> {
 pub struct Released {
     pub checkouts: Vec<CheckoutId>,
     pub units: i64,
+    /// Flash-sale admissions of the released checkouts, to hand back to the gate.
+    pub admissions: Vec<(FlashSaleId, CustomerId)>,
 }
 
 /// Promise 1, as read from the store.
@@ -359,6 +366,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     async fn idempotency_abandon(&self, customer: CustomerId, key: &str) -> Result<(), StoreError>;
 
+    // Flash sales.
+    /// Opens a sale; its units may not exceed the product's available stock at that moment.
+    async fn create_flash_sale(
+        &self,
+        sale: &NewFlashSale,
+        now: DateTime<Utc>,
+    ) -> Result<FlashSale, StoreError>;
+    async fn flash_sale(&self, id: FlashSaleId) -> Result<Option<FlashSale>, StoreError>;
+    /// Every sale not yet ended at `now` (few at a time; cached by the caller).
+    async fn current_flash_sales(&self, now: DateTime<Utc>) -> Result<Vec<FlashSale>, StoreError>;
+
     // Orders.
     async fn order(&self, customer: CustomerId, id: OrderId) -> Result<Option<Order>, StoreError>;
     async fn list_orders(
@@ -434,7 +452,7 @@ pub(crate) const PRODUCT_COLUMNS: &str =
     "id, sku, name, price_amount, currency, stock, reserved, version";
 pub(crate) const CHECKOUT_COLUMNS: &str = "id, customer_id, cart_id, order_id, state, \
      total_amount, currency, expires_at, max_expires_at, created_at, attempt, \
-     payment_intent_id, client_secret, decline_code, payment_method, refund_due";
+     payment_intent_id, client_secret, decline_code, payment_method, refund_due, flash_sale_id";
 /// Promise 1 per product, read in one statement (one snapshot) in both stores.
 pub(crate) const INVENTORY_AUDIT_SQL: &str = "SELECT p.sku, p.stock, p.reserved, \
      (SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT) FROM reservations r \

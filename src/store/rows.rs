@@ -75,6 +75,9 @@ macro_rules! row_decoders {
                 client_secret: row.try_get("client_secret")?,
                 decline_code: row.try_get("decline_code")?,
                 refund_due: row.try_get("refund_due")?,
+                flash_sale_id: row
+                    .try_get::<Option<uuid::Uuid>, _>("flash_sale_id")?
+                    .map(crate::domain::FlashSaleId::from_uuid),
             })
         }
 
@@ -85,6 +88,24 @@ macro_rules! row_decoders {
                     .try_get::<Option<String>, _>("payment_method")?
                     .unwrap_or_default(),
                 refund_due: row.try_get("refund_due")?,
+            })
+        }
+
+        pub(super) fn flash_sale(row: &$row) -> Result<crate::domain::FlashSale, StoreError> {
+            let units: i64 = row.try_get("units")?;
+            Ok(crate::domain::FlashSale {
+                id: crate::domain::FlashSaleId::from_uuid(row.try_get("id")?),
+                sku: sku(row.try_get("sku")?)?,
+                units: u32::try_from(units)
+                    .map_err(|_| StoreError::Corrupt(format!("sale units {units}")))?,
+                starts_at: from_millis(row.try_get("starts_at")?)?,
+                ends_at: row
+                    .try_get::<Option<i64>, _>("ends_at")?
+                    .map(from_millis)
+                    .transpose()?,
+                reservation_ttl: chrono::Duration::milliseconds(
+                    row.try_get("reservation_ttl_ms")?,
+                ),
             })
         }
 

@@ -16,7 +16,7 @@ use sqlx::{Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use crate::domain::{
-    Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
+    FlashSale, FlashSaleId, NewFlashSale, Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
     CustomerName, NewProduct, Order, OrderId, Product, ProductPatch, Quantity, Sku,
 };
 
@@ -638,8 +638,9 @@ impl Store for SqliteStore {
         }
         let row = sqlx::query(&format!(
             "INSERT INTO checkouts (id, customer_id, cart_id, order_id, state, total_amount, \
-             currency, expires_at, max_expires_at, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, 'reserved', $5, $6, $7, $8, $9, $9) RETURNING {CHECKOUT_COLUMNS}"
+             currency, expires_at, max_expires_at, created_at, updated_at, flash_sale_id) \
+             VALUES ($1, $2, $3, $4, 'reserved', $5, $6, $7, $8, $9, $9, $10) \
+             RETURNING {CHECKOUT_COLUMNS}"
         ))
         .bind(new.id.uuid())
         .bind(new.customer_id.uuid())
@@ -650,6 +651,7 @@ impl Store for SqliteStore {
         .bind(expires_at)
         .bind(max_expires_at)
         .bind(now)
+        .bind(new.flash_sale.map(FlashSaleId::uuid))
         .fetch_one(&mut *tx)
         .await?;
         for line in &priced {
@@ -768,7 +770,7 @@ impl Store for SqliteStore {
              WHERE id IN (SELECT id FROM checkouts WHERE state = 'reserved' AND expires_at <= $1 \
                           ORDER BY expires_at LIMIT $2) \
              AND state = 'reserved' AND expires_at <= $1 \
-             RETURNING id, order_id, cart_id",
+             RETURNING id, order_id, cart_id, customer_id, flash_sale_id",
         )
         .bind(to_millis(now))
         .bind(i64::from(limit))
@@ -780,7 +782,14 @@ impl Store for SqliteStore {
         let mut checkouts = Vec::with_capacity(rows.len());
         let mut orders = Vec::with_capacity(rows.len());
         let mut carts = Vec::with_capacity(rows.len());
+        let mut admissions = Vec::new();
         for row in &rows {
+            if let Some(sale) = row.try_get::<Option<Uuid>, _>("flash_sale_id")? {
+                admissions.push((
+                    FlashSaleId::from_uuid(sale),
+                    CustomerId::from_uuid(row.try_get("customer_id")?),
+                ));
+            }
             checkouts.push(row.try_get::<Uuid, _>("id")?);
             orders.push(row.try_get::<Uuid, _>("order_id")?);
             carts.push(row.try_get::<Uuid, _>("cart_id")?);
@@ -791,6 +800,7 @@ impl Store for SqliteStore {
         Ok(Released {
             checkouts: checkouts.into_iter().map(CheckoutId::from_uuid).collect(),
             units,
+            admissions,
         })
     }
 
@@ -1269,6 +1279,72 @@ impl Store for SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn create_flash_sale(
+        &self,
+        sale: &NewFlashSale,
+        now: DateTime<Utc>,
+    ) -> Result<FlashSale, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "SELECT id, stock - reserved AS available FROM products WHERE sku = $1",
+        )
+        .bind(sale.sku.as_str())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound("product"))?;
+        let product: i64 = row.try_get("id")?;
+        let available: i64 = row.try_get("available")?;
+        if i64::from(sale.units) > available {
+            return Err(StoreError::UnitsExceedAvailable {
+                units: sale.units,
+                available,
+            });
+        }
+        let row = sqlx::query(
+            "INSERT INTO flash_sales (id, product_id, sku, units, starts_at, ends_at, \
+             reservation_ttl_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             RETURNING id, sku, units, starts_at, ends_at, reservation_ttl_ms",
+        )
+        .bind(sale.id.uuid())
+        .bind(product)
+        .bind(sale.sku.as_str())
+        .bind(i64::from(sale.units))
+        .bind(to_millis(sale.starts_at))
+        .bind(sale.ends_at.map(to_millis))
+        .bind(sale.reservation_ttl.num_milliseconds())
+        .bind(to_millis(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        decode::flash_sale(&row)
+    }
+
+    async fn flash_sale(&self, id: FlashSaleId) -> Result<Option<FlashSale>, StoreError> {
+        sqlx::query(
+            "SELECT id, sku, units, starts_at, ends_at, reservation_ttl_ms FROM flash_sales \
+             WHERE id = $1",
+        )
+        .bind(id.uuid())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(decode::flash_sale)
+        .transpose()
+    }
+
+    async fn current_flash_sales(&self, now: DateTime<Utc>) -> Result<Vec<FlashSale>, StoreError> {
+        sqlx::query(
+            "SELECT id, sku, units, starts_at, ends_at, reservation_ttl_ms FROM flash_sales \
+             WHERE ends_at IS NULL OR ends_at > $1 ORDER BY starts_at",
+        )
+        .bind(to_millis(now))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(decode::flash_sale)
+        .collect()
     }
 
     async fn order(&self, customer: CustomerId, id: OrderId) -> Result<Option<Order>, StoreError> {
