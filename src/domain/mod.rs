@@ -18,7 +18,7 @@ pub use cart::{Cart, CartLine, CartStatus};
 pub use checkout::{Checkout, CheckoutState, TransitionError};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use customer::{Customer, CustomerName, CustomerNameError};
-pub use ids::{CartId, CheckoutId, CustomerId, FlashSaleId, IdError, OrderId};
+pub use ids::{CartId, CheckoutId, CustomerId, EventId, FlashSaleId, IdError, OrderId};
 pub use money::{Currency, Money, MoneyError};
 pub use order::{Order, OrderLine, OrderStatus};
 pub use product::{NewProduct, Product, ProductName, ProductNameError, ProductPatch};

@@ -3,6 +3,9 @@
 //! one transaction that performs its effect and records the new state together (DESIGN §3).
 //! SQL lives only here.
 
+mod outbox;
+mod outbox_postgres;
+mod outbox_sqlite;
 mod postgres;
 mod rows;
 mod sqlite;
@@ -19,6 +22,7 @@ use crate::domain::{
     Quantity, Sku,
 };
 
+pub use outbox::{OutboxEvent, OutboxLag, OutboxStore};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -129,7 +133,7 @@ pub struct InventoryRow {
 }
 
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: OutboxStore + Send + Sync + 'static {
     fn kind(&self) -> StoreKind;
     async fn ping(&self) -> Result<(), StoreError>;
 
