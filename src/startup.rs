@@ -17,6 +17,7 @@ use crate::checkout::{CheckoutService, Windows};
 use crate::config::{Settings, StoreConfig};
 use crate::domain::{Clock, SystemClock};
 use crate::http::{self, AppState};
+use crate::outbox::{EventSink, InProcessSink, NatsConsumers, NatsSink, Relay, SinkError};
 use crate::store::{PgStore, SqliteStore, Store, StoreError};
 use crate::workers::ExpiryWorker;
 
@@ -28,6 +29,8 @@ pub enum StartupError {
     DataDir { path: PathBuf, source: io::Error },
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot set up fulfilment events: {0}")]
+    Events(#[from] SinkError),
 }
 
 /// Opens the configured store and applies its migrations.
@@ -109,6 +112,24 @@ fn write_private(path: &Path, contents: &str) -> io::Result<()> {
     file.sync_all()
 }
 
+/// The relay's sink and, in the production shape, the NATS consumers: `--nats-url` unset
+/// means the embedded shape's in-process consumers (DESIGN §1).
+async fn events(
+    settings: &Settings,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+) -> Result<(Arc<dyn EventSink>, Option<Arc<NatsConsumers>>), StartupError> {
+    let Some(url) = &settings.nats_url else {
+        return Ok((Arc::new(InProcessSink::new(store, clock)), None));
+    };
+    let (stream, prefix) = (&settings.nats_stream, &settings.nats_subject_prefix);
+    let sink = NatsSink::connect(url, stream, prefix).await?;
+    let consumers =
+        NatsConsumers::new(sink.jetstream().clone(), stream, prefix, store, clock).await?;
+    tracing::info!("fulfilment events go to NATS stream {stream} as {prefix}.<topic>");
+    Ok((Arc::new(sink), Some(Arc::new(consumers))))
+}
+
 /// Knobs tests may turn; production uses the defaults.
 #[derive(Clone)]
 pub struct Overrides {
@@ -131,6 +152,8 @@ pub struct Application {
     addr: SocketAddr,
     state: AppState,
     expiry: Arc<ExpiryWorker>,
+    relay: Arc<Relay>,
+    consumers: Option<Arc<NatsConsumers>>,
     settings: Settings,
     workers: bool,
 }
@@ -163,6 +186,8 @@ impl Application {
             source,
         })?;
         let clock = overrides.clock;
+        let (sink, consumers) = events(&settings, store.clone(), clock.clone()).await?;
+        let relay = Arc::new(Relay::new(store.clone(), sink, clock.clone()));
         let windows = Windows {
             ttl: chrono::Duration::from_std(settings.reservation_ttl)
                 .unwrap_or(chrono::Duration::seconds(180)),
@@ -183,6 +208,8 @@ impl Application {
             listener,
             addr,
             expiry: Arc::new(ExpiryWorker::new(store, clock)),
+            relay,
+            consumers,
             state,
             settings,
             workers: overrides.workers,
@@ -201,6 +228,15 @@ impl Application {
         self.expiry.clone()
     }
 
+    pub fn relay(&self) -> Arc<Relay> {
+        self.relay.clone()
+    }
+
+    /// The NATS consumers, when `--nats-url` is set.
+    pub fn nats_consumers(&self) -> Option<Arc<NatsConsumers>> {
+        self.consumers.clone()
+    }
+
     /// Serves until `shutdown` resolves, then lets in-flight requests finish and stops the
     /// workers.
     pub async fn run_until_stopped(
@@ -215,6 +251,14 @@ impl Application {
                     .clone()
                     .run_until_stopped(self.settings.expiry_interval, stop.clone()),
             ));
+            workers.push(tokio::spawn(
+                self.relay
+                    .clone()
+                    .run_until_stopped(self.settings.relay_interval, stop.clone()),
+            ));
+            if let Some(consumers) = &self.consumers {
+                workers.push(consumers.clone().spawn(stop.clone()));
+            }
         }
         let router = http::router(self.state);
         let served = axum::serve(self.listener, router)
