@@ -9,6 +9,7 @@ use clap::Parser as _;
 use holdfast::audit::Report;
 use holdfast::config::{Cli, Settings};
 use holdfast::domain::{Clock, ManualClock, SystemClock};
+use holdfast::outbox::{NatsConsumers, Relay};
 use holdfast::startup::{Application, Overrides};
 use holdfast::store::{Store, StoreKind};
 use holdfast::workers::ExpiryWorker;
@@ -42,6 +43,11 @@ pub async fn fresh_postgres_database() -> String {
     format!("{base}/{name}")
 }
 
+/// The NATS server with JetStream the suite publishes to.
+pub fn nats_url() -> String {
+    std::env::var("HOLDFAST_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
 fn init_logs() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -59,6 +65,8 @@ pub struct Options {
     pub manual_clock: bool,
     pub workers: bool,
     pub expiry_interval_ms: u64,
+    /// Relay events to NATS on a stream and subject prefix of this test's own.
+    pub nats: bool,
 }
 
 impl Default for Options {
@@ -69,6 +77,7 @@ impl Default for Options {
             manual_clock: false,
             workers: true,
             expiry_interval_ms: 100,
+            nats: false,
         }
     }
 }
@@ -82,6 +91,8 @@ pub struct TestApp {
     pub clock: Arc<dyn Clock>,
     pub manual_clock: Option<Arc<ManualClock>>,
     pub expiry: Arc<ExpiryWorker>,
+    pub relay: Arc<Relay>,
+    pub nats_consumers: Option<Arc<NatsConsumers>>,
     pub database_url: Option<String>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
@@ -115,7 +126,15 @@ pub async fn spawn_app_with(kind: StoreKind, options: Options) -> TestApp {
         options.expiry_interval_ms.to_string(),
         "--database-max-connections".into(),
         "8".into(),
+        "--relay-interval-ms".into(),
+        "50".into(),
     ];
+    if options.nats {
+        let name = format!("hf_test_{}", uuid::Uuid::new_v4().simple());
+        args.extend(["--nats-url".to_owned(), nats_url()]);
+        args.extend(["--nats-stream".to_owned(), name.clone()]);
+        args.extend(["--nats-subject-prefix".to_owned(), name]);
+    }
     if let Some(url) = &database_url {
         args.extend(["--database-url".to_owned(), url.clone()]);
     }
@@ -164,6 +183,8 @@ async fn start(
     let base = format!("http://{}", app.local_addr());
     let store = app.store();
     let expiry = app.expiry_worker();
+    let relay = app.relay();
+    let nats_consumers = app.nats_consumers();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
@@ -180,6 +201,8 @@ async fn start(
         clock,
         manual_clock,
         expiry,
+        relay,
+        nats_consumers,
         database_url,
         stop: Some(stop),
         server: Some(server),

@@ -11,4 +11,5 @@ mod catalogue;
 mod errors;
 mod gate;
 mod inventory;
+mod outbox;
 mod payments;
