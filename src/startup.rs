@@ -29,8 +29,9 @@ pub enum StartupError {
     DataDir { path: PathBuf, source: io::Error },
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
+    // Not a `#[source]`: main prints the error chain, and the cause is already in the line.
     #[error("cannot set up fulfilment events: {0}")]
-    Events(#[from] SinkError),
+    Events(SinkError),
 }
 
 /// Opens the configured store and applies its migrations.
@@ -123,9 +124,12 @@ async fn events(
         return Ok((Arc::new(InProcessSink::new(store, clock)), None));
     };
     let (stream, prefix) = (&settings.nats_stream, &settings.nats_subject_prefix);
-    let sink = NatsSink::connect(url, stream, prefix).await?;
-    let consumers =
-        NatsConsumers::new(sink.jetstream().clone(), stream, prefix, store, clock).await?;
+    let sink = NatsSink::connect(url, stream, prefix)
+        .await
+        .map_err(StartupError::Events)?;
+    let consumers = NatsConsumers::new(sink.jetstream().clone(), stream, prefix, store, clock)
+        .await
+        .map_err(StartupError::Events)?;
     tracing::info!("fulfilment events go to NATS stream {stream} as {prefix}.<topic>");
     Ok((Arc::new(sink), Some(Arc::new(consumers))))
 }
