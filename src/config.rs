@@ -83,6 +83,33 @@ pub struct Flags {
     #[arg(long, env = "HOLDFAST_NATS_URL", global = true, hide_env_values = true)]
     pub nats_url: Option<String>,
 
+    /// JetStream stream holding the fulfilment events (created if missing).
+    #[arg(
+        long,
+        env = "HOLDFAST_NATS_STREAM",
+        default_value = "HOLDFAST_ORDERS",
+        global = true
+    )]
+    pub nats_stream: String,
+
+    /// Events are published to `<prefix>.<topic>`, e.g. `holdfast.order.paid`.
+    #[arg(
+        long,
+        env = "HOLDFAST_NATS_SUBJECT_PREFIX",
+        default_value = "holdfast",
+        global = true
+    )]
+    pub nats_subject_prefix: String,
+
+    /// How often the outbox relay looks for unpublished events, in milliseconds.
+    #[arg(
+        long,
+        env = "HOLDFAST_RELAY_INTERVAL_MS",
+        default_value_t = 200,
+        global = true
+    )]
+    pub relay_interval_ms: u64,
+
     /// Bearer token for /v1/admin/*; unset generates one into <data-dir>/admin-token.
     #[arg(
         long,
@@ -203,6 +230,8 @@ pub struct Settings {
     pub store: StoreConfig,
     pub redis_url: Option<String>,
     pub nats_url: Option<String>,
+    pub nats_stream: String,
+    pub nats_subject_prefix: String,
     pub admin_token: Option<SecretString>,
     pub stripe_secret_key: Option<SecretString>,
     pub stripe_api_base: Option<String>,
@@ -214,6 +243,7 @@ pub struct Settings {
     pub recovery_interval: Duration,
     pub lease: Duration,
     pub fault_point: Option<crate::checkout::faults::FaultPoint>,
+    pub relay_interval: Duration,
     pub rate_limit_per_second: u32,
     pub log_format: LogFormat,
 }
@@ -239,6 +269,11 @@ pub enum ConfigError {
     WebhookSecret,
     #[error("--fault-point: {0}")]
     FaultPoint(String),
+    #[error("--{flag} must be {what}")]
+    NatsName {
+        flag: &'static str,
+        what: &'static str,
+    },
 }
 
 impl Settings {
@@ -320,12 +355,16 @@ impl Settings {
             max_lifetime,
         )?;
         let expiry = in_range("expiry-interval-ms", flags.expiry_interval_ms, 10, 600_000)?;
+        let relay = in_range("relay-interval-ms", flags.relay_interval_ms, 10, 600_000)?;
+        check_nats_names(&flags.nats_stream, &flags.nats_subject_prefix)?;
         Ok(Settings {
             listen: flags.listen,
             data_dir: flags.data_dir.clone(),
             store,
             redis_url: flags.redis_url.clone(),
             nats_url: flags.nats_url.clone(),
+            nats_stream: flags.nats_stream.clone(),
+            nats_subject_prefix: flags.nats_subject_prefix.clone(),
             admin_token: flags.admin_token.clone().map(SecretString::from),
             stripe_secret_key: flags.stripe_secret_key.clone().map(SecretString::from),
             stripe_api_base: flags.stripe_api_base.clone(),
@@ -336,6 +375,7 @@ impl Settings {
             recovery_interval: Duration::from_millis(recovery),
             lease: Duration::from_secs(lease),
             fault_point,
+            relay_interval: Duration::from_millis(relay),
             rate_limit_per_second: flags.rate_limit_per_second,
             log_format: flags.log_format,
         })
@@ -362,6 +402,29 @@ fn check_scheme(
         }
         _ => Ok(()),
     }
+}
+
+/// A JetStream stream name is one token; a subject prefix is dot-separated tokens. Neither may
+/// hold wildcards or white space, which would widen what the stream captures.
+fn check_nats_names(stream: &str, prefix: &str) -> Result<(), ConfigError> {
+    let token_ok = |t: &str| {
+        !t.is_empty()
+            && t.chars()
+                .all(|c| !c.is_whitespace() && !matches!(c, '.' | '*' | '>' | '/' | '\\'))
+    };
+    if !token_ok(stream) || stream.len() > 255 {
+        return Err(ConfigError::NatsName {
+            flag: "nats-stream",
+            what: "a name without spaces, '.', '*', '>', '/' or '\\'",
+        });
+    }
+    if !prefix.split('.').all(token_ok) {
+        return Err(ConfigError::NatsName {
+            flag: "nats-subject-prefix",
+            what: "dot-separated names without spaces, '*' or '>'",
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -424,5 +487,34 @@ mod tests {
             parse(&["--nats-url", "x"]),
             Err(ConfigError::Url { .. })
         ));
+    }
+
+    #[test]
+    fn nats_names_default_to_the_production_stream_and_refuse_wildcards() {
+        let s = parse(&[]).unwrap();
+        assert_eq!(
+            (s.nats_stream.as_str(), s.nats_subject_prefix.as_str()),
+            ("HOLDFAST_ORDERS", "holdfast")
+        );
+        let ok = parse(&[
+            "--nats-stream",
+            "hf_test_1",
+            "--nats-subject-prefix",
+            "shop.eu",
+        ]);
+        assert!(ok.is_ok());
+        for bad in [
+            vec!["--nats-stream", "a.b"],
+            vec!["--nats-stream", ""],
+            vec!["--nats-stream", "a b"],
+            vec!["--nats-subject-prefix", "shop.*"],
+            vec!["--nats-subject-prefix", "shop."],
+            vec!["--nats-subject-prefix", ">"],
+        ] {
+            assert!(
+                matches!(parse(&bad), Err(ConfigError::NatsName { .. })),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -7,6 +7,7 @@
 //! - [`flash_sale`]: the admission gate in front of a flash sale's stock (Redis or in process).
 //! - [`payments`]: the payment gateway (Stripe over HTTP, or the test-mode simulator), webhook
 //!   signatures and events.
+//! - [`outbox`]: fulfilment events: the relay, the NATS and in-process sinks, the consumers.
 //! - [`checkout`]: the saga, one function per arrow of DESIGN §3.
 //! - [`idempotency`]: `Idempotency-Key` values and request fingerprints.
 //! - [`http`]: the router, the error body, extractors and one file per resource.
@@ -21,6 +22,7 @@ pub mod domain;
 pub mod flash_sale;
 pub mod http;
 pub mod idempotency;
+pub mod outbox;
 pub mod payments;
 pub mod shutdown;
 pub mod startup;

@@ -17,6 +17,7 @@ use crate::checkout::{CheckoutService, SagaSettings, Windows};
 use crate::config::{Settings, StoreConfig};
 use crate::domain::{Clock, SystemClock};
 use crate::http::{self, AppState};
+use crate::outbox::{EventSink, InProcessSink, NatsConsumers, NatsSink, Relay, SinkError};
 use crate::payments::{PaymentGateway, StripeGateway, StripeSimulator, Timeouts};
 use crate::store::{PgStore, SqliteStore, Store, StoreError};
 use crate::workers::{ExpiryWorker, RecoveryWorker};
@@ -31,6 +32,9 @@ pub enum StartupError {
     Bind { addr: SocketAddr, source: io::Error },
     #[error("cannot set up the payment gateway: {0}")]
     Gateway(String),
+    // Not a `#[source]`: main prints the error chain, and the cause is already in the line.
+    #[error("cannot set up fulfilment events: {0}")]
+    Events(SinkError),
 }
 
 /// Opens the configured store and applies its migrations.
@@ -112,6 +116,27 @@ fn write_private(path: &Path, contents: &str) -> io::Result<()> {
     file.sync_all()
 }
 
+/// The relay's sink and, in the production shape, the NATS consumers: `--nats-url` unset
+/// means the embedded shape's in-process consumers (DESIGN §1).
+async fn events(
+    settings: &Settings,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+) -> Result<(Arc<dyn EventSink>, Option<Arc<NatsConsumers>>), StartupError> {
+    let Some(url) = &settings.nats_url else {
+        return Ok((Arc::new(InProcessSink::new(store, clock)), None));
+    };
+    let (stream, prefix) = (&settings.nats_stream, &settings.nats_subject_prefix);
+    let sink = NatsSink::connect(url, stream, prefix)
+        .await
+        .map_err(StartupError::Events)?;
+    let consumers = NatsConsumers::new(sink.jetstream().clone(), stream, prefix, store, clock)
+        .await
+        .map_err(StartupError::Events)?;
+    tracing::info!("fulfilment events go to NATS stream {stream} as {prefix}.<topic>");
+    Ok((Arc::new(sink), Some(Arc::new(consumers))))
+}
+
 /// Knobs tests may turn; production uses the defaults.
 #[derive(Clone)]
 pub struct Overrides {
@@ -160,6 +185,8 @@ pub struct Application {
     expiry: Arc<ExpiryWorker>,
     recovery: Arc<RecoveryWorker>,
     simulator: Option<StripeSimulator>,
+    relay: Arc<Relay>,
+    consumers: Option<Arc<NatsConsumers>>,
     settings: Settings,
     workers: bool,
 }
@@ -219,6 +246,8 @@ impl Application {
             fault: settings.fault_point,
             ..SagaSettings::default()
         });
+        let (sink, consumers) = events(&settings, store.clone(), clock.clone()).await?;
+        let relay = Arc::new(Relay::new(store.clone(), sink, clock.clone()));
         let windows = Windows {
             ttl: chrono::Duration::from_std(settings.reservation_ttl)
                 .unwrap_or(chrono::Duration::seconds(180)),
@@ -249,6 +278,8 @@ impl Application {
             expiry: Arc::new(ExpiryWorker::new(store, clock)),
             recovery: Arc::new(RecoveryWorker::new(checkout)),
             simulator,
+            relay,
+            consumers,
             state,
             settings,
             workers: overrides.workers,
@@ -276,6 +307,15 @@ impl Application {
         self.simulator.clone()
     }
 
+    pub fn relay(&self) -> Arc<Relay> {
+        self.relay.clone()
+    }
+
+    /// The NATS consumers, when `--nats-url` is set.
+    pub fn nats_consumers(&self) -> Option<Arc<NatsConsumers>> {
+        self.consumers.clone()
+    }
+
     /// Serves until `shutdown` resolves, then lets in-flight requests finish and stops the
     /// workers.
     pub async fn run_until_stopped(
@@ -295,6 +335,14 @@ impl Application {
                     .clone()
                     .run_until_stopped(self.settings.recovery_interval, stop.clone()),
             ));
+            workers.push(tokio::spawn(
+                self.relay
+                    .clone()
+                    .run_until_stopped(self.settings.relay_interval, stop.clone()),
+            ));
+            if let Some(consumers) = &self.consumers {
+                workers.push(consumers.clone().spawn(stop.clone()));
+            }
         }
         let router = http::router(self.state);
         let served = axum::serve(self.listener, router)

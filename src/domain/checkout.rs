@@ -7,7 +7,6 @@ use serde::{Deserialize, Serialize};
 
 use super::{CartId, CheckoutId, CustomerId, Money, OrderId};
 
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CheckoutState {

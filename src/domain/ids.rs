@@ -69,6 +69,10 @@ id_type!(
     /// A flash sale of one SKU.
     FlashSaleId
 );
+id_type!(
+    /// One outbox event: consumers deduplicate deliveries by it (promise 5).
+    EventId
+);
 
 #[cfg(test)]
 mod tests {

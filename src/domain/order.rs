@@ -46,7 +46,7 @@ impl OrderStatus {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderLine {
     pub sku: Sku,
     pub quantity: Quantity,

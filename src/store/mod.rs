@@ -3,6 +3,9 @@
 //! one transaction that performs its effect and records the new state together (DESIGN §3).
 //! SQL lives only here.
 
+mod outbox;
+mod outbox_postgres;
+mod outbox_sqlite;
 mod postgres;
 mod rows;
 mod sqlite;
@@ -14,12 +17,12 @@ use serde::Serialize;
 use std::collections::HashMap;
 
 use crate::domain::{
-    FlashSale, FlashSaleId, NewFlashSale,
     Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
-    CustomerName, MoneyError, NewProduct, Order, OrderId, OrderLine, Product, ProductPatch,
-    Quantity, Sku,
+    CustomerName, FlashSale, FlashSaleId, MoneyError, NewFlashSale, NewProduct, Order, OrderId,
+    OrderLine, Product, ProductPatch, Quantity, Sku,
 };
 
+pub use outbox::{OutboxEvent, OutboxLag, OutboxStore};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -171,7 +174,7 @@ pub struct InventoryRow {
 }
 
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: OutboxStore + Send + Sync + 'static {
     fn kind(&self) -> StoreKind;
     async fn ping(&self) -> Result<(), StoreError>;
 

@@ -12,8 +12,9 @@ use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::domain::{
-    FlashSale, FlashSaleId, NewFlashSale, Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
-    CustomerName, NewProduct, Order, OrderId, Product, ProductPatch, Quantity, Sku,
+    Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
+    CustomerName, FlashSale, FlashSaleId, NewFlashSale, NewProduct, Order, OrderId, Product,
+    ProductPatch, Quantity, Sku,
 };
 
 use super::rows::{self, row_decoders};

@@ -103,9 +103,7 @@ macro_rules! row_decoders {
                     .try_get::<Option<i64>, _>("ends_at")?
                     .map(from_millis)
                     .transpose()?,
-                reservation_ttl: chrono::Duration::milliseconds(
-                    row.try_get("reservation_ttl_ms")?,
-                ),
+                reservation_ttl: chrono::Duration::milliseconds(row.try_get("reservation_ttl_ms")?),
             })
         }
 

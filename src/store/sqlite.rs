@@ -16,8 +16,9 @@ use sqlx::{Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use crate::domain::{
-    FlashSale, FlashSaleId, NewFlashSale, Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
-    CustomerName, NewProduct, Order, OrderId, Product, ProductPatch, Quantity, Sku,
+    Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
+    CustomerName, FlashSale, FlashSaleId, NewFlashSale, NewProduct, Order, OrderId, Product,
+    ProductPatch, Quantity, Sku,
 };
 
 use super::rows::{self, row_decoders};
@@ -1287,13 +1288,12 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
     ) -> Result<FlashSale, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(
-            "SELECT id, stock - reserved AS available FROM products WHERE sku = $1",
-        )
-        .bind(sale.sku.as_str())
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(StoreError::NotFound("product"))?;
+        let row =
+            sqlx::query("SELECT id, stock - reserved AS available FROM products WHERE sku = $1")
+                .bind(sale.sku.as_str())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound("product"))?;
         let product: i64 = row.try_get("id")?;
         let available: i64 = row.try_get("available")?;
         if i64::from(sale.units) > available {

@@ -10,6 +10,7 @@ use holdfast::audit::Report;
 use holdfast::checkout::SagaSettings;
 use holdfast::config::{Cli, Settings};
 use holdfast::domain::{Clock, ManualClock, SystemClock};
+use holdfast::outbox::{NatsConsumers, Relay};
 use holdfast::payments::StripeSimulator;
 use holdfast::startup::{Application, Overrides};
 use holdfast::store::{Store, StoreKind};
@@ -45,6 +46,11 @@ pub async fn fresh_postgres_database() -> String {
     format!("{base}/{name}")
 }
 
+/// The NATS server with JetStream the suite publishes to.
+pub fn nats_url() -> String {
+    std::env::var("HOLDFAST_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
 fn init_logs() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -62,6 +68,8 @@ pub struct Options {
     pub manual_clock: bool,
     pub workers: bool,
     pub expiry_interval_ms: u64,
+    /// Relay events to NATS on a stream and subject prefix of this test's own.
+    pub nats: bool,
     /// `(api base, secret key)` of a Stripe-compatible server; `None` = the simulator.
     pub stripe: Option<(String, String)>,
     /// Saga pacing; tests default to short retries.
@@ -94,6 +102,7 @@ impl Default for Options {
             stripe: None,
             saga: quick_saga(),
             lease_seconds: 5,
+            nats: false,
         }
     }
 }
@@ -109,6 +118,8 @@ pub struct TestApp {
     pub expiry: Arc<ExpiryWorker>,
     pub recovery: Arc<RecoveryWorker>,
     pub simulator: Option<StripeSimulator>,
+    pub relay: Arc<Relay>,
+    pub nats_consumers: Option<Arc<NatsConsumers>>,
     pub database_url: Option<String>,
     saga: SagaSettings,
     stop: Option<oneshot::Sender<()>>,
@@ -143,7 +154,15 @@ pub async fn spawn_app_with(kind: StoreKind, options: Options) -> TestApp {
         options.expiry_interval_ms.to_string(),
         "--database-max-connections".into(),
         "8".into(),
+        "--relay-interval-ms".into(),
+        "50".into(),
     ];
+    if options.nats {
+        let name = format!("hf_test_{}", uuid::Uuid::new_v4().simple());
+        args.extend(["--nats-url".to_owned(), nats_url()]);
+        args.extend(["--nats-stream".to_owned(), name.clone()]);
+        args.extend(["--nats-subject-prefix".to_owned(), name]);
+    }
     if let Some(url) = &database_url {
         args.extend(["--database-url".to_owned(), url.clone()]);
     }
@@ -214,6 +233,8 @@ async fn start(
     let expiry = app.expiry_worker();
     let recovery = app.recovery_worker();
     let simulator = app.simulator();
+    let relay = app.relay();
+    let nats_consumers = app.nats_consumers();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
@@ -232,6 +253,8 @@ async fn start(
         expiry,
         recovery,
         simulator,
+        relay,
+        nats_consumers,
         database_url,
         saga,
         stop: Some(stop),

@@ -11,5 +11,6 @@ mod catalogue;
 mod errors;
 mod gate;
 mod inventory;
+mod outbox;
 mod payments;
 mod saga;

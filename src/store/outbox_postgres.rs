@@ -1,0 +1,137 @@
+//! The outbox on PostgreSQL (promise 5). Claims take rows with `FOR UPDATE SKIP LOCKED`, so
+//! relays on several instances share the outbox without waiting on each other and never hold
+//! the same row at once; consumer records are `INSERT ... ON CONFLICT DO NOTHING` on the event
+//! id, so a redelivery is a no-op.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Duration, Utc};
+use sqlx::postgres::PgRow;
+use sqlx::Row as _;
+use uuid::Uuid;
+
+use crate::domain::{CustomerId, EventId, OrderId};
+
+use super::outbox::{in_outbox_order, lag, outbox_event_decoder, OUTBOX_COLUMNS};
+use super::{to_millis, OutboxEvent, OutboxLag, OutboxStore, PgStore, StoreError};
+
+outbox_event_decoder!(PgRow);
+
+#[async_trait]
+impl OutboxStore for PgStore {
+    #[tracing::instrument(skip_all)]
+    async fn claim_outbox(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        // The outer predicate repeats the inner one: a row whose claim committed between our
+        // snapshot and our lock is re-checked rather than claimed twice.
+        let rows = sqlx::query(&format!(
+            "UPDATE outbox SET claimed_until = $2 \
+             WHERE id IN (SELECT id FROM outbox WHERE published_at IS NULL \
+                            AND (claimed_until IS NULL OR claimed_until < $1) \
+                          ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             AND published_at IS NULL AND (claimed_until IS NULL OR claimed_until < $1) \
+             RETURNING {OUTBOX_COLUMNS}"
+        ))
+        .bind(to_millis(now))
+        .bind(to_millis(now + lease))
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await?;
+        let events = rows.iter().map(outbox_event).collect::<Result<_, _>>()?;
+        Ok(in_outbox_order(events))
+    }
+
+    async fn mark_published(
+        &self,
+        event_ids: &[EventId],
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let ids: Vec<Uuid> = event_ids.iter().map(|id| id.uuid()).collect();
+        let done = sqlx::query(
+            "UPDATE outbox SET published_at = $2, claimed_until = NULL \
+             WHERE event_id = ANY($1) AND published_at IS NULL",
+        )
+        .bind(&ids)
+        .bind(to_millis(now))
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn record_allocation(
+        &self,
+        event_id: EventId,
+        order_id: OrderId,
+        lines_json: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO warehouse_allocations (event_id, order_id, lines, created_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(event_id.uuid())
+        .bind(order_id.uuid())
+        .bind(lines_json)
+        .bind(to_millis(now))
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn record_notification(
+        &self,
+        event_id: EventId,
+        customer_id: CustomerId,
+        order_id: OrderId,
+        message: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO notifications (event_id, customer_id, order_id, message, created_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(event_id.uuid())
+        .bind(customer_id.uuid())
+        .bind(order_id.uuid())
+        .bind(message)
+        .bind(to_millis(now))
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn outbox_lag(&self, now: DateTime<Utc>) -> Result<OutboxLag, StoreError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS unpublished, MIN(created_at) AS oldest \
+             FROM outbox WHERE published_at IS NULL",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        Ok(lag(
+            row.try_get("unpublished")?,
+            row.try_get("oldest")?,
+            now,
+        ))
+    }
+
+    async fn allocations_for(&self, order_id: OrderId) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM warehouse_allocations WHERE order_id = $1")
+                .bind(order_id.uuid())
+                .fetch_one(self.pool())
+                .await?,
+        )
+    }
+
+    async fn notifications_for(&self, order_id: OrderId) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM notifications WHERE order_id = $1")
+                .bind(order_id.uuid())
+                .fetch_one(self.pool())
+                .await?,
+        )
+    }
+}
