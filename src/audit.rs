@@ -3,13 +3,19 @@
 
 use std::fmt;
 
-use crate::store::{Store, StoreError};
+use chrono::{DateTime, Duration, Utc};
+
+use crate::domain::{CheckoutState, OrderStatus};
+use crate::payments::{IntentStatus, PaymentGateway};
+use crate::store::{CheckoutAuditRow, Store, StoreError};
 
 /// One promise and what breaks it.
 #[derive(Debug, Clone)]
 pub struct Check {
     pub promise: &'static str,
     pub violations: Vec<String>,
+    /// Why the check could not run, if it could not.
+    pub skipped: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -30,17 +36,19 @@ impl Report {
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for check in &self.checks {
-            if check.violations.is_empty() {
-                writeln!(f, "ok    {}", check.promise)?;
-            } else {
-                writeln!(
-                    f,
-                    "FAIL  {} ({} violations)",
-                    check.promise,
-                    check.violations.len()
-                )?;
-                for v in check.violations.iter().take(20) {
-                    writeln!(f, "      - {v}")?;
+            match (&check.skipped, check.violations.is_empty()) {
+                (Some(why), _) => writeln!(f, "skip  {} ({why})", check.promise)?,
+                (None, true) => writeln!(f, "ok    {}", check.promise)?,
+                (None, false) => {
+                    writeln!(
+                        f,
+                        "FAIL  {} ({} violations)",
+                        check.promise,
+                        check.violations.len()
+                    )?;
+                    for v in check.violations.iter().take(20) {
+                        writeln!(f, "      - {v}")?;
+                    }
                 }
             }
         }
@@ -48,9 +56,40 @@ impl fmt::Display for Report {
     }
 }
 
+/// What the audit may consult besides the store.
+pub struct AuditOptions<'a> {
+    /// The gateway whose ledger promise 3 is checked against (`None`: skipped).
+    pub gateway: Option<&'a dyn PaymentGateway>,
+    pub now: DateTime<Utc>,
+    /// How long a checkout may sit past its expiry or lease, or an event unpublished, before it
+    /// counts as abandoned (workers run every second or so).
+    pub grace: Duration,
+}
+
+impl Default for AuditOptions<'_> {
+    fn default() -> Self {
+        Self {
+            gateway: None,
+            now: Utc::now(),
+            grace: Duration::seconds(60),
+        }
+    }
+}
+
+/// Promises 1, 4 and 5 from the store; 3 when a gateway is given.
 pub async fn run(store: &dyn Store) -> Result<Report, StoreError> {
+    run_with(store, AuditOptions::default()).await
+}
+
+pub async fn run_with(store: &dyn Store, options: AuditOptions<'_>) -> Result<Report, StoreError> {
+    let checkouts = store.checkout_audit().await?;
     Ok(Report {
-        checks: vec![no_oversell(store).await?],
+        checks: vec![
+            no_oversell(store).await?,
+            one_charge(&checkouts, options.gateway).await,
+            no_ghosts(&checkouts, &options),
+            one_event(&checkouts, &options),
+        ],
     })
 }
 
@@ -86,5 +125,138 @@ async fn no_oversell(store: &dyn Store) -> Result<Check, StoreError> {
         promise:
             "1 no oversell: 0 <= reserved <= stock, reserved = live reservations, stock adds up",
         violations,
+        skipped: None,
     })
+}
+
+/// Promise 3: the gateway holds at most one successful charge per checkout, and a checkout
+/// with a successful charge ended paid or refunded.
+async fn one_charge(checkouts: &[CheckoutAuditRow], gateway: Option<&dyn PaymentGateway>) -> Check {
+    let promise = "3 at most one charge per checkout (gateway ledger)";
+    let Some(gateway) = gateway else {
+        return Check {
+            promise,
+            violations: Vec::new(),
+            skipped: Some("no gateway ledger to compare with".into()),
+        };
+    };
+    let mut violations = Vec::new();
+    for row in checkouts {
+        match gateway.intents_for_checkout(row.id).await {
+            Ok(intents) => {
+                let paid = intents
+                    .iter()
+                    .filter(|i| i.status == IntentStatus::Succeeded)
+                    .count();
+                if paid > 1 {
+                    violations.push(format!("checkout {}: {paid} successful charges", row.id));
+                }
+                let settled = matches!(
+                    row.state,
+                    CheckoutState::Completed | CheckoutState::Refunded
+                ) || row.refund_due;
+                if paid == 1 && !settled && row.state.is_terminal() {
+                    violations.push(format!(
+                        "checkout {}: charged but {} without a refund",
+                        row.id,
+                        row.state.as_str()
+                    ));
+                }
+            }
+            Err(e) => violations.push(format!("checkout {}: gateway not readable: {e}", row.id)),
+        }
+    }
+    Check {
+        promise,
+        violations,
+        skipped: None,
+    }
+}
+
+/// Promise 4: every checkout is terminal or owned by a live lease (or, when reserved, not long
+/// past its expiry), money due back does not wait forever, and the order agrees.
+fn no_ghosts(checkouts: &[CheckoutAuditRow], options: &AuditOptions<'_>) -> Check {
+    let stale = options.now - options.grace;
+    let mut violations = Vec::new();
+    for row in checkouts {
+        let id = row.id;
+        match row.state {
+            CheckoutState::Reserved if row.expires_at < stale => {
+                violations.push(format!(
+                    "checkout {id}: reserved, expired at {} and never released",
+                    row.expires_at
+                ));
+            }
+            CheckoutState::Charging | CheckoutState::RequiresAction
+                if row.lease_until.is_none_or(|t| t < stale) =>
+            {
+                violations.push(format!(
+                    "checkout {id}: {} with no live lease",
+                    row.state.as_str()
+                ));
+            }
+            _ => {}
+        }
+        if row.refund_due && row.lease_until.is_none_or(|t| t < stale) {
+            violations.push(format!(
+                "checkout {id}: money due back and nobody refunding it"
+            ));
+        }
+        let expected: &[OrderStatus] = match row.state {
+            CheckoutState::Reserved | CheckoutState::Charging => &[OrderStatus::PendingPayment],
+            CheckoutState::RequiresAction => &[OrderStatus::PaymentProcessing],
+            CheckoutState::Completed => &[
+                OrderStatus::Paid,
+                OrderStatus::Fulfilled,
+                OrderStatus::Refunded,
+            ],
+            CheckoutState::PaymentFailed => &[OrderStatus::PaymentFailed],
+            CheckoutState::Expired | CheckoutState::Cancelled => {
+                &[OrderStatus::Cancelled, OrderStatus::PaymentFailed]
+            }
+            CheckoutState::Refunded => &[OrderStatus::Refunded],
+        };
+        if !expected.contains(&row.order_status) {
+            violations.push(format!(
+                "checkout {id}: {} but its order is {}",
+                row.state.as_str(),
+                row.order_status.as_str()
+            ));
+        }
+    }
+    Check {
+        promise: "4 no ghost orders: every checkout terminal or moved on by a live lease",
+        violations,
+        skipped: None,
+    }
+}
+
+/// Promise 5: every paid order has exactly one `order.paid` event, published in time; no
+/// unpaid order has one.
+fn one_event(checkouts: &[CheckoutAuditRow], options: &AuditOptions<'_>) -> Check {
+    let stale = options.now - options.grace;
+    let mut violations = Vec::new();
+    for row in checkouts {
+        let paid = matches!(row.order_status, OrderStatus::Paid | OrderStatus::Fulfilled)
+            || (row.order_status == OrderStatus::Refunded && row.state == CheckoutState::Completed);
+        match (paid, row.paid_events) {
+            (true, 1) | (false, 0) => {}
+            (_, n) => violations.push(format!(
+                "checkout {}: order {} with {n} order.paid events",
+                row.id,
+                row.order_status.as_str()
+            )),
+        }
+        if row.oldest_unpublished.is_some_and(|t| t < stale) {
+            violations.push(format!(
+                "checkout {}: order.paid event unpublished since {:?}",
+                row.id, row.oldest_unpublished
+            ));
+        }
+    }
+    Check {
+        promise: "5 exactly one fulfilment event per paid order, published",
+        violations,
+        skipped: None,
+    }
 }

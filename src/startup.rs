@@ -158,7 +158,7 @@ impl Default for Overrides {
 }
 
 /// The Stripe API when a secret key is configured, else the test-mode simulator.
-fn payment_gateway(
+pub fn payment_gateway(
     settings: &Settings,
 ) -> Result<(Arc<dyn PaymentGateway>, Option<StripeSimulator>), StartupError> {
     match &settings.stripe_secret_key {
@@ -296,6 +296,11 @@ impl Application {
 
     pub fn expiry_worker(&self) -> Arc<ExpiryWorker> {
         self.expiry.clone()
+    }
+
+    /// The payment gateway the saga charges through.
+    pub fn gateway(&self) -> Arc<dyn PaymentGateway> {
+        self.state.checkout.gateway()
     }
 
     pub fn recovery_worker(&self) -> Arc<RecoveryWorker> {

@@ -391,6 +391,8 @@ pub trait Store: OutboxStore + Send + Sync + 'static {
 
     // Audit.
     async fn inventory_audit(&self) -> Result<Vec<InventoryRow>, StoreError>;
+    /// Promises 4 and 5, one row per checkout.
+    async fn checkout_audit(&self) -> Result<Vec<CheckoutAuditRow>, StoreError>;
 }
 
 /// How `Duration`s and instants are stored: milliseconds since the epoch, in both stores.
@@ -456,6 +458,30 @@ pub(crate) const PRODUCT_COLUMNS: &str =
 pub(crate) const CHECKOUT_COLUMNS: &str = "id, customer_id, cart_id, order_id, state, \
      total_amount, currency, expires_at, max_expires_at, created_at, attempt, \
      payment_intent_id, client_secret, decline_code, payment_method, refund_due, flash_sale_id";
+/// Promises 4 and 5 for one checkout: where it stands, who drives it, its order and events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckoutAuditRow {
+    pub id: CheckoutId,
+    pub state: CheckoutState,
+    pub order_status: crate::domain::OrderStatus,
+    pub refund_due: bool,
+    pub expires_at: DateTime<Utc>,
+    pub lease_until: Option<DateTime<Utc>>,
+    /// `order.paid` outbox rows of its order, and how many of them are still unpublished.
+    pub paid_events: i64,
+    pub unpublished_events: i64,
+    pub oldest_unpublished: Option<DateTime<Utc>>,
+}
+
+pub(crate) const CHECKOUT_AUDIT_SQL: &str = "SELECT c.id, c.state, c.refund_due, c.expires_at, \
+     c.lease_until, o.status AS order_status, \
+     (SELECT COUNT(*) FROM outbox x WHERE x.order_id = o.id AND x.topic = 'order.paid') AS paid_events, \
+     (SELECT COUNT(*) FROM outbox x WHERE x.order_id = o.id AND x.topic = 'order.paid' \
+        AND x.published_at IS NULL) AS unpublished_events, \
+     (SELECT MIN(x.created_at) FROM outbox x WHERE x.order_id = o.id AND x.topic = 'order.paid' \
+        AND x.published_at IS NULL) AS oldest_unpublished \
+     FROM checkouts c JOIN orders o ON o.id = c.order_id ORDER BY c.created_at";
+
 /// Promise 1 per product, read in one statement (one snapshot) in both stores.
 pub(crate) const INVENTORY_AUDIT_SQL: &str = "SELECT p.sku, p.stock, p.reserved, \
      (SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT) FROM reservations r \

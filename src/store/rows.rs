@@ -107,6 +107,32 @@ macro_rules! row_decoders {
             })
         }
 
+        pub(super) fn checkout_audit(
+            row: &$row,
+        ) -> Result<crate::store::CheckoutAuditRow, StoreError> {
+            let state: String = row.try_get("state")?;
+            let order: String = row.try_get("order_status")?;
+            Ok(crate::store::CheckoutAuditRow {
+                id: CheckoutId::from_uuid(row.try_get("id")?),
+                state: CheckoutState::parse(&state)
+                    .ok_or_else(|| StoreError::Corrupt(format!("checkout state {state:?}")))?,
+                order_status: OrderStatus::parse(&order)
+                    .ok_or_else(|| StoreError::Corrupt(format!("order status {order:?}")))?,
+                refund_due: row.try_get("refund_due")?,
+                expires_at: from_millis(row.try_get("expires_at")?)?,
+                lease_until: row
+                    .try_get::<Option<i64>, _>("lease_until")?
+                    .map(from_millis)
+                    .transpose()?,
+                paid_events: row.try_get("paid_events")?,
+                unpublished_events: row.try_get("unpublished_events")?,
+                oldest_unpublished: row
+                    .try_get::<Option<i64>, _>("oldest_unpublished")?
+                    .map(from_millis)
+                    .transpose()?,
+            })
+        }
+
         /// Reservation rows `(product_id, quantity)` summed per product; a `BTreeMap` iterates
         /// in product-id order, the lock order.
         pub(super) fn per_product(

@@ -1403,6 +1403,15 @@ impl Store for SqliteStore {
         Ok(Page { items, next })
     }
 
+    async fn checkout_audit(&self) -> Result<Vec<crate::store::CheckoutAuditRow>, StoreError> {
+        sqlx::query(crate::store::CHECKOUT_AUDIT_SQL)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(decode::checkout_audit)
+            .collect()
+    }
+
     async fn inventory_audit(&self) -> Result<Vec<InventoryRow>, StoreError> {
         sqlx::query(INVENTORY_AUDIT_SQL)
             .fetch_all(&self.pool)

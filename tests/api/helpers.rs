@@ -118,6 +118,7 @@ pub struct TestApp {
     pub expiry: Arc<ExpiryWorker>,
     pub recovery: Arc<RecoveryWorker>,
     pub simulator: Option<StripeSimulator>,
+    pub gateway: Arc<dyn holdfast::payments::PaymentGateway>,
     pub relay: Arc<Relay>,
     pub nats_consumers: Option<Arc<NatsConsumers>>,
     pub database_url: Option<String>,
@@ -233,6 +234,7 @@ async fn start(
     let expiry = app.expiry_worker();
     let recovery = app.recovery_worker();
     let simulator = app.simulator();
+    let gateway = app.gateway();
     let relay = app.relay();
     let nats_consumers = app.nats_consumers();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -253,6 +255,7 @@ async fn start(
         expiry,
         recovery,
         simulator,
+        gateway,
         relay,
         nats_consumers,
         database_url,
@@ -523,8 +526,13 @@ impl TestApp {
         resp.body
     }
 
+    /// Every promise, promise 3 against the app's own gateway ledger.
     pub async fn audit(&self) -> Report {
-        holdfast::audit::run(self.store.as_ref())
+        let options = holdfast::audit::AuditOptions {
+            gateway: Some(self.gateway.as_ref()),
+            ..Default::default()
+        };
+        holdfast::audit::run_with(self.store.as_ref(), options)
             .await
             .expect("the audit can read the store")
     }
@@ -577,4 +585,35 @@ macro_rules! both_stores {
             }
         }
     )+};
+}
+
+/// Runs raw SQL on the app's database, under the store's feet (to corrupt rows on purpose).
+pub async fn execute_sql(app: &TestApp, statements: &[String]) {
+    match app.kind {
+        StoreKind::Postgres => {
+            let url = app
+                .database_url
+                .clone()
+                .expect("a PostgreSQL app has a URL");
+            let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+            for sql in statements {
+                sqlx::query(sql)
+                    .execute(&pool)
+                    .await
+                    .expect("statement runs");
+            }
+        }
+        StoreKind::Sqlite => {
+            let path = app.settings.data_dir.join("holdfast.db");
+            let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+                .await
+                .expect("open");
+            for sql in statements {
+                sqlx::query(sql)
+                    .execute(&pool)
+                    .await
+                    .expect("statement runs");
+            }
+        }
+    }
 }

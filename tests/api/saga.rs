@@ -24,6 +24,7 @@ both_stores!(
     webhooks_need_a_valid_signature_and_are_handled_once,
     a_late_success_for_an_expired_checkout_takes_the_units_again_or_refunds,
     an_abandoned_authentication_is_cancelled_when_the_checkout_lifetime_ends,
+    the_audit_finds_a_lost_event_and_a_ghost_checkout,
 );
 
 fn checkout_id(raw: &str) -> CheckoutId {
@@ -53,6 +54,16 @@ async fn a_visa_payment_completes_the_checkout_and_pays_the_order(kind: StoreKin
     );
     let ledger = app.simulator.as_ref().unwrap().ledger();
     assert_eq!(ledger.succeeded_for(checkout_id(&checkout)), 1);
+    // The order.paid event reaches the warehouse and the notification consumer exactly once.
+    let order_id = OrderId::parse(&order.str("id")).unwrap();
+    eventually(10, "the warehouse allocates the order", || async {
+        app.store.allocations_for(order_id).await.unwrap() == 1
+    })
+    .await;
+    eventually(10, "the customer is notified", || async {
+        app.store.notifications_for(order_id).await.unwrap() == 1
+    })
+    .await;
     // Completing again (another key) charges nothing more.
     let again = app.complete(&ada, &checkout, "pm_card_visa", "key-2").await;
     assert_eq!(again.body["state"], "completed");
@@ -666,4 +677,39 @@ async fn an_abandoned_authentication_is_cancelled_when_the_checkout_lifetime_end
         0
     );
     app.audit().await.assert_clean();
+}
+
+async fn the_audit_finds_a_lost_event_and_a_ghost_checkout(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, paid, _) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    app.complete(&ada, &paid, "pm_card_visa", "k")
+        .await
+        .assert_status(200);
+    let (_, ghost, _) = app.reserved_checkout("Bob", &[("tea-01", 1)]).await;
+    app.audit().await.assert_clean();
+
+    // The paid order loses its event, and a checkout sits in `charging` with nobody driving it.
+    let statements = [
+        "DELETE FROM outbox".to_owned(),
+        "UPDATE checkouts SET state = 'charging', lease_until = NULL, lease_owner = NULL \
+         WHERE state = 'reserved'"
+            .to_owned(),
+    ];
+    crate::helpers::execute_sql(&app, &statements).await;
+
+    let report = app.audit().await;
+    assert!(!report.is_clean());
+    assert!(
+        report
+            .violations()
+            .any(|v| v.contains(&paid) && v.contains("0 order.paid events")),
+        "{report}"
+    );
+    assert!(
+        report
+            .violations()
+            .any(|v| v.contains(&ghost) && v.contains("no live lease")),
+        "{report}"
+    );
 }
