@@ -9,6 +9,7 @@ mod catalogue;
 mod checkouts;
 mod error;
 mod extract;
+mod flash_sales;
 mod health;
 mod idempotent;
 mod orders;
@@ -42,6 +43,10 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// SHA-256 of the admin token: the token itself is not kept in memory here.
     pub admin_token_digest: [u8; 32],
+    /// A checkout's maximum lifetime (bounds a flash sale's reservation window).
+    pub max_lifetime: chrono::Duration,
+    /// Customers by token hash: tokens never change, so a known token needs no store call.
+    pub customers: Arc<auth::CustomerCache>,
     /// Webhook signing secrets; any of them verifies (rotation).
     pub webhook_secrets: Arc<Vec<secrecy::SecretString>>,
 }
@@ -55,6 +60,7 @@ pub fn router(state: AppState) -> Router {
         .merge(carts::router())
         .merge(checkouts::router())
         .merge(orders::router())
+        .merge(flash_sales::router())
         .merge(webhooks::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

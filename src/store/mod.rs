@@ -64,6 +64,8 @@ pub enum StoreError {
     CheckoutState(CheckoutState),
     #[error("a payment for this checkout is in progress")]
     ChargeInProgress,
+    #[error("this flash-sale admission already holds a live checkout")]
+    AdmissionInUse,
     #[error("a sale of {units} units exceeds the {available} available")]
     UnitsExceedAvailable { units: u32, available: i64 },
     #[error(transparent)]

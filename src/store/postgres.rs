@@ -655,7 +655,15 @@ impl Store for PgStore {
         .bind(now)
         .bind(new.flash_sale.map(FlashSaleId::uuid))
         .fetch_one(&mut *tx)
-        .await?;
+        .await
+        .map_err(|e| {
+            // Only the one-live-checkout-per-admission index can be violated here.
+            if is_unique_violation(&e) {
+                StoreError::AdmissionInUse
+            } else {
+                e.into()
+            }
+        })?;
         sqlx::query(
             "INSERT INTO reservations (checkout_id, product_id, quantity, status) \
              SELECT $1, * , 'active' FROM UNNEST($2::BIGINT[], $3::BIGINT[])",
