@@ -393,7 +393,8 @@ impl CheckoutService {
         Ok(checkout)
     }
 
-    /// Money without goods goes back, with its own idempotency key (DESIGN §3).
+    /// Money due back goes back, with its own idempotency key (DESIGN §3): a late success whose
+    /// units were gone, or an admin refund.
     async fn refund_late_success(&self, checkout: Checkout) -> Result<Checkout, CheckoutError> {
         let Some(intent) = checkout.payment_intent_id.clone() else {
             return Ok(checkout);
@@ -418,6 +419,14 @@ impl CheckoutService {
                 Ok(checkout)
             }
         }
+    }
+
+    /// An admin refund of a paid order: money back through the gateway (its own idempotency
+    /// key), units back on the shelf. Recorded as due first, so a crash midway is finished by
+    /// recovery.
+    pub async fn refund_order(&self, order: OrderId) -> Result<Checkout, CheckoutError> {
+        let checkout = self.store.request_refund(order, self.clock.now()).await?;
+        self.refund_late_success(checkout).await
     }
 
     /// A verified webhook event moves its checkout on; duplicates and late events never move

@@ -179,6 +179,10 @@ impl From<StoreError> for ApiError {
                 "payment_in_progress",
                 "a payment for this checkout is in progress; retry shortly",
             ),
+            StoreError::OrderState(status) => Self::conflict(
+                "invalid_order_state",
+                format!("the order is {}", status.as_str()),
+            ),
             StoreError::AdmissionInUse => Self::conflict(
                 "admission_in_use",
                 "this flash-sale admission already holds a live checkout",

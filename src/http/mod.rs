@@ -3,6 +3,7 @@
 //! the store, and maps the result (DESIGN §8 is the contract).
 
 mod admin;
+mod admin_orders;
 mod auth;
 mod carts;
 mod catalogue;
@@ -56,6 +57,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
         .merge(admin::router())
+        .merge(admin_orders::router())
         .merge(catalogue::router())
         .merge(carts::router())
         .merge(checkouts::router())
