@@ -187,6 +187,16 @@ pub struct Flags {
     )]
     pub rate_limit_per_second: u32,
 
+    /// A request's headers must arrive within this, and its answer follow within this again;
+    /// a slower client gets `408` and the connection is closed.
+    #[arg(
+        long,
+        env = "HOLDFAST_REQUEST_TIMEOUT_SECONDS",
+        default_value_t = 30,
+        global = true
+    )]
+    pub request_timeout_seconds: u64,
+
     /// How often the recovery worker looks for stalled checkouts, in milliseconds.
     #[arg(
         long,
@@ -255,6 +265,7 @@ pub struct Settings {
     pub fault_point: Option<crate::checkout::faults::FaultPoint>,
     pub relay_interval: Duration,
     pub rate_limit_per_second: u32,
+    pub request_timeout: Duration,
     pub log_format: LogFormat,
 }
 
@@ -366,6 +377,12 @@ impl Settings {
         )?;
         let expiry = in_range("expiry-interval-ms", flags.expiry_interval_ms, 10, 600_000)?;
         let relay = in_range("relay-interval-ms", flags.relay_interval_ms, 10, 600_000)?;
+        let request_timeout = in_range(
+            "request-timeout-seconds",
+            flags.request_timeout_seconds,
+            1,
+            3600,
+        )?;
         check_nats_names(&flags.nats_stream, &flags.nats_subject_prefix)?;
         Ok(Settings {
             listen: flags.listen,
@@ -388,6 +405,7 @@ impl Settings {
             fault_point,
             relay_interval: Duration::from_millis(relay),
             rate_limit_per_second: flags.rate_limit_per_second,
+            request_timeout: Duration::from_secs(request_timeout),
             log_format: flags.log_format,
         })
     }
@@ -456,6 +474,31 @@ mod tests {
         assert!(matches!(s.store, StoreConfig::Sqlite { .. }));
         assert_eq!(s.reservation_ttl, Duration::from_secs(180));
         assert_eq!(s.rate_limit_per_second, 20);
+        assert_eq!(s.request_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_request_timeout_of_zero_or_over_an_hour_is_rejected() {
+        for bad in ["0", "3601"] {
+            assert!(
+                matches!(
+                    parse(&["--request-timeout-seconds", bad]),
+                    Err(ConfigError::Range { .. })
+                ),
+                "{bad}"
+            );
+        }
+        let s = parse(&[
+            "--request-timeout-seconds",
+            "1",
+            "--rate-limit-per-second",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(
+            (s.request_timeout, s.rate_limit_per_second),
+            (Duration::from_secs(1), 0)
+        );
     }
 
     #[test]

@@ -281,6 +281,8 @@ impl Application {
             customers: Arc::default(),
             clock: clock.clone(),
             admin_token_digest: http::token_digest(admin_token.expose_secret()),
+            rate_limit: Arc::new(http::RateLimit::per_second(settings.rate_limit_per_second)),
+            request_timeout: settings.request_timeout,
         };
         tracing::info!(
             "holdfast listening on http://{addr} (store: {}, admin token: {admin_source})",
@@ -330,6 +332,11 @@ impl Application {
         self.relay.clone()
     }
 
+    /// The router with its layers and state, for driving requests in process.
+    pub fn router(&self) -> axum::Router {
+        http::router(self.state.clone())
+    }
+
     /// The NATS consumers, when `--nats-url` is set.
     pub fn nats_consumers(&self) -> Option<Arc<NatsConsumers>> {
         self.consumers.clone()
@@ -364,9 +371,13 @@ impl Application {
             }
         }
         let router = http::router(self.state);
-        let served = axum::serve(self.listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let served = http::serve(
+            self.listener,
+            router,
+            self.settings.request_timeout,
+            shutdown,
+        )
+        .await;
         stop.cancel();
         for worker in workers {
             let _ = worker.await;

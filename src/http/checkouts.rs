@@ -14,6 +14,7 @@ use super::auth::CustomerAuth;
 use super::carts::parse_cart_id;
 use super::extract::{JsonWithBytes, OptionalJson};
 use super::idempotent::{self, Outcome};
+use super::limits::RateLimited;
 use super::views::CheckoutView;
 use super::{error::not_found_of, ApiError, AppState};
 
@@ -44,7 +45,7 @@ fn parse_checkout_id(raw: &str) -> Result<CheckoutId, ApiError> {
 
 /// `Idempotency-Key` is optional here: with one, a retried start answers the first result.
 async fn start(
-    CustomerAuth(customer): CustomerAuth,
+    RateLimited(customer): RateLimited,
     State(state): State<AppState>,
     headers: HeaderMap,
     JsonWithBytes(body, raw): JsonWithBytes<StartCheckout>,
@@ -87,7 +88,7 @@ struct Complete {
 /// reserved → charging → outcome. `Idempotency-Key` is required; an outcome still unknown
 /// (`charging`) is not stored, so retrying with the same key drives it to its end.
 async fn complete(
-    CustomerAuth(customer): CustomerAuth,
+    RateLimited(customer): RateLimited,
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,

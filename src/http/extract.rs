@@ -101,11 +101,7 @@ pub(super) fn is_json(headers: &HeaderMap) -> bool {
 async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
     Bytes::from_request(req, state).await.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "the body is larger than 64 KiB",
-            )
+            super::limits::payload_too_large()
         } else {
             ApiError::bad_request("bad_request", rejection.body_text())
         }

@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 use crate::domain::{FlashSale, FlashSaleId, NewFlashSale, Sku};
 use crate::flash_sale::GateFigures;
 
-use super::auth::{Admin, CustomerAuth};
+use super::auth::Admin;
 use super::extract::{AppJson, OptionalJson};
+use super::limits::RateLimited;
 use super::views::rfc3339;
 use super::{error::not_found_of, ApiError, AppState};
 
@@ -144,7 +145,7 @@ struct TokenView {
 /// `201` for a first grant, `200` with the same token for a holder asking again, `409
 /// sold_out` (or `sale_not_started` / `sale_ended`) for everyone else.
 async fn take_token(
-    CustomerAuth(customer): CustomerAuth,
+    RateLimited(customer): RateLimited,
     State(state): State<AppState>,
     Path(id): Path<String>,
     OptionalJson(NoBody {}): OptionalJson<NoBody>,

@@ -13,16 +13,20 @@ mod extract;
 mod flash_sales;
 mod health;
 mod idempotent;
+mod limits;
 mod orders;
+mod server;
 mod views;
 mod webhooks;
 
 use std::sync::Arc;
 
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -33,6 +37,8 @@ use crate::store::Store;
 
 pub use auth::{new_customer_token, token_digest, token_hash};
 pub use error::ApiError;
+pub use limits::{RateLimit, HEADER_LIMIT};
+pub use server::serve;
 
 /// Request bodies above this answer 413.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -50,10 +56,15 @@ pub struct AppState {
     pub customers: Arc<auth::CustomerCache>,
     /// Webhook signing secrets; any of them verifies (rotation).
     pub webhook_secrets: Arc<Vec<secrecy::SecretString>>,
+    /// Per-customer budget of the calls that reserve stock or move money.
+    pub rate_limit: Arc<RateLimit>,
+    /// A request not answered within this gets `408`.
+    pub request_timeout: std::time::Duration,
 }
 
 pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
+    let timeout = state.request_timeout;
     Router::new()
         .merge(health::router())
         .merge(admin::router())
@@ -71,6 +82,14 @@ pub fn router(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("a handler panicked").into_response()
         }))
+        .layer(axum::middleware::from_fn(limits::reject_oversized))
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(move |e: tower::BoxError| {
+                    limits::timed_out(timeout, e)
+                }))
+                .timeout(timeout),
+        )
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
                 let id = req

@@ -78,6 +78,10 @@ pub struct Options {
     /// Saga pacing; tests default to short retries.
     pub saga: SagaSettings,
     pub lease_seconds: u64,
+    /// Per-customer rate limit; `0` (the tests' default) switches it off, so races of thousands
+    /// of requests are not throttled.
+    pub rate_limit_per_second: u32,
+    pub request_timeout_seconds: u64,
 }
 
 /// Short retries so unknown outcomes resolve within a test's patience.
@@ -107,6 +111,8 @@ impl Default for Options {
             lease_seconds: 5,
             nats: false,
             redis: None,
+            rate_limit_per_second: 0,
+            request_timeout_seconds: 30,
         }
     }
 }
@@ -126,6 +132,8 @@ pub struct TestApp {
     pub relay: Arc<Relay>,
     pub nats_consumers: Option<Arc<NatsConsumers>>,
     pub database_url: Option<String>,
+    /// The router with its layers and state, for requests driven in process.
+    pub router: axum::Router,
     saga: SagaSettings,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
@@ -161,6 +169,10 @@ pub async fn spawn_app_with(kind: StoreKind, options: Options) -> TestApp {
         "8".into(),
         "--relay-interval-ms".into(),
         "50".into(),
+        "--rate-limit-per-second".into(),
+        options.rate_limit_per_second.to_string(),
+        "--request-timeout-seconds".into(),
+        options.request_timeout_seconds.to_string(),
     ];
     if options.nats {
         let name = format!("hf_test_{}", uuid::Uuid::new_v4().simple());
@@ -249,6 +261,7 @@ async fn start(
     let gateway = app.gateway();
     let relay = app.relay();
     let nats_consumers = app.nats_consumers();
+    let router = app.router();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
@@ -271,6 +284,7 @@ async fn start(
         relay,
         nats_consumers,
         database_url,
+        router,
         saga,
         stop: Some(stop),
         server: Some(server),
@@ -626,6 +640,34 @@ pub async fn execute_sql(app: &TestApp, statements: &[String]) {
                     .await
                     .expect("statement runs");
             }
+        }
+    }
+}
+
+/// Runs a query under the store's feet and returns its first column as text (to look at what
+/// the store really keeps).
+pub async fn fetch_strings(app: &TestApp, sql: &str) -> Vec<String> {
+    match app.kind {
+        StoreKind::Postgres => {
+            let url = app
+                .database_url
+                .clone()
+                .expect("a PostgreSQL app has a URL");
+            let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+            sqlx::query_scalar(sql)
+                .fetch_all(&pool)
+                .await
+                .expect("query runs")
+        }
+        StoreKind::Sqlite => {
+            let path = app.settings.data_dir.join("holdfast.db");
+            let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+                .await
+                .expect("open");
+            sqlx::query_scalar(sql)
+                .fetch_all(&pool)
+                .await
+                .expect("query runs")
         }
     }
 }

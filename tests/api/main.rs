@@ -12,6 +12,7 @@ mod errors;
 mod flash_sale;
 mod gate;
 mod inventory;
+mod limits;
 mod outbox;
 mod payments;
 mod saga;
