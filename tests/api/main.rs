@@ -5,6 +5,7 @@
 mod fake_stripe;
 mod helpers;
 
+mod authz;
 mod binary;
 mod carts;
 mod catalogue;
