@@ -16,4 +16,6 @@ mod inventory;
 mod limits;
 mod outbox;
 mod payments;
+mod prices;
 mod saga;
+mod webhooks;
