@@ -18,4 +18,5 @@ mod outbox;
 mod payments;
 mod prices;
 mod saga;
+mod secrets;
 mod webhooks;
