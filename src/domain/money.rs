@@ -201,6 +201,34 @@ mod tests {
     }
 
     proptest! {
+        /// Any amount and any currency text in a body: money exactly when the amount is a
+        /// non-negative integer and the currency three upper-case ASCII letters.
+        #[test]
+        fn any_amount_and_currency_deserialise_only_when_valid(
+            amount in proptest::num::i128::ANY,
+            currency in "(?s).{0,5}|[A-Z]{3}",
+        ) {
+            let body = serde_json::json!({"amount": 0, "currency": currency}).to_string()
+                .replacen("\"amount\":0", &format!("\"amount\":{amount}"), 1);
+            let parsed = serde_json::from_str::<Money>(&body);
+            let valid = (0..=i128::from(i64::MAX)).contains(&amount)
+                && currency.len() == 3
+                && currency.bytes().all(|b| b.is_ascii_uppercase());
+            proptest::prop_assert_eq!(parsed.is_ok(), valid, "{}", body);
+            if let Ok(money) = parsed {
+                proptest::prop_assert_eq!(i128::from(money.amount()), amount);
+                proptest::prop_assert_eq!(money.currency(), crate::domain::Currency::parse(&currency).expect("valid"));
+            }
+        }
+
+        /// Arbitrary text where money belongs never panics and never yields a negative amount.
+        #[test]
+        fn any_text_where_money_belongs_never_yields_a_negative_amount(raw in "(?s).{0,64}") {
+            if let Ok(money) = serde_json::from_str::<Money>(&raw) {
+                proptest::prop_assert!(money.amount() >= 0);
+            }
+        }
+
         #[test]
         fn addition_is_exact_or_reports_overflow(a in 0i64..=i64::MAX, b in 0i64..=i64::MAX) {
             match eur(a).checked_add(eur(b)) {

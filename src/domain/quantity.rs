@@ -99,4 +99,40 @@ mod tests {
         assert!(StockLevel::new(-1).is_err());
         assert!(StockLevel::new(StockLevel::MAX + 1).is_err());
     }
+
+    proptest::proptest! {
+        /// Any integer in a body: a quantity exactly when it is 1..=10,000.
+        #[test]
+        fn any_integer_deserialises_to_a_quantity_only_in_range(n in proptest::num::i128::ANY) {
+            let parsed = serde_json::from_str::<Quantity>(&n.to_string());
+            proptest::prop_assert_eq!(parsed.is_ok(), (1..=10_000).contains(&n));
+            if let Ok(q) = parsed {
+                proptest::prop_assert_eq!(i128::from(q.get()), n);
+            }
+        }
+
+        /// Anything else a client may send (fractions, strings, exponents, garbage) is refused
+        /// without a panic, unless it is a plain integer in range.
+        #[test]
+        fn any_text_deserialises_to_a_quantity_only_if_it_is_an_integer_in_range(
+            raw in "(?s).{0,24}|[-+]?[0-9]{1,22}(\\.[0-9]{0,3})?([eE][-+]?[0-9]{1,3})?"
+        ) {
+            let parsed = serde_json::from_str::<Quantity>(&raw);
+            // JSON's white space only: serde_json refuses any other.
+            let trimmed = raw.trim_matches(|c| matches!(c, ' ' | '\t' | '\n' | '\r'));
+            let plain = trimmed.parse::<i64>().ok().filter(|n| (1..=10_000).contains(n));
+            let canonical = plain.is_some_and(|n| n.to_string() == trimmed);
+            if canonical {
+                proptest::prop_assert!(parsed.is_ok(), "{raw:?}");
+            } else if let Ok(q) = parsed {
+                proptest::prop_assert_eq!(Some(i64::from(q.get())), plain, "{:?}", raw);
+            }
+        }
+
+        #[test]
+        fn any_integer_deserialises_to_a_stock_level_only_in_range(n in proptest::num::i128::ANY) {
+            let parsed = serde_json::from_str::<StockLevel>(&n.to_string());
+            proptest::prop_assert_eq!(parsed.is_ok(), (0..=1_000_000_000).contains(&n));
+        }
+    }
 }

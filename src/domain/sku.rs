@@ -68,4 +68,29 @@ mod tests {
             assert_eq!(Sku::parse(bad), Err(SkuError::Characters), "{bad:?}");
         }
     }
+
+    proptest::proptest! {
+        /// Any string at all: accepted exactly when it is 1–64 bytes of the allowed set, and
+        /// then kept as given.
+        #[test]
+        fn parsing_any_string_accepts_exactly_the_allowed_ones(raw in ".{0,80}") {
+            let allowed = !raw.is_empty()
+                && raw.len() <= 64
+                && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            match Sku::parse(&raw) {
+                Ok(sku) => {
+                    proptest::prop_assert!(allowed);
+                    proptest::prop_assert_eq!(sku.as_str(), raw.as_str());
+                }
+                Err(_) => proptest::prop_assert!(!allowed),
+            }
+        }
+
+        #[test]
+        fn skus_of_the_allowed_set_round_trip_through_json(raw in "[A-Za-z0-9._-]{1,64}") {
+            let sku = Sku::parse(&raw).expect("allowed characters");
+            let json = serde_json::to_string(&sku).expect("serialises");
+            proptest::prop_assert_eq!(serde_json::from_str::<Sku>(&json).expect("parses"), sku);
+        }
+    }
 }

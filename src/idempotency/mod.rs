@@ -82,4 +82,20 @@ mod tests {
             )
         );
     }
+
+    proptest::proptest! {
+        /// Any header value at all: accepted exactly when it is 1–255 visible ASCII bytes.
+        #[test]
+        fn parsing_any_key_accepts_exactly_visible_ascii_up_to_255(raw in "(?s).{0,300}") {
+            let allowed =
+                (1..=255).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_graphic());
+            match IdempotencyKey::parse(&raw) {
+                Ok(key) => {
+                    proptest::prop_assert!(allowed);
+                    proptest::prop_assert_eq!(key.as_str(), raw.as_str());
+                }
+                Err(_) => proptest::prop_assert!(!allowed),
+            }
+        }
+    }
 }

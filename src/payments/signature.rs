@@ -282,6 +282,49 @@ mod tests {
             let _ = verify(&header, &body, &[SECRET], NOW, DEFAULT_TOLERANCE);
         }
 
+        /// Whatever header an attacker writes, without the secret it verifies nothing.
+        #[test]
+        fn no_header_made_without_the_secret_is_accepted(
+            header in "(?s).{0,200}",
+            body in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            prop_assert!(verify(&header, &body, &[SECRET], NOW, DEFAULT_TOLERANCE).is_err());
+        }
+
+        /// Well-formed headers with a fresh timestamp and random 32-byte signatures: rejected.
+        #[test]
+        fn random_signatures_with_a_fresh_timestamp_are_rejected(
+            skew in -300i64..=300,
+            tags in proptest::collection::vec(proptest::array::uniform32(any::<u8>()), 1..4),
+        ) {
+            let mut header = format!("t={}", NOW + skew);
+            for tag in &tags {
+                header.push_str(&format!(",v1={}", hex::encode(tag)));
+            }
+            prop_assert_eq!(check(&header, BODY, &[SECRET]), Err(SignatureError::NoMatch));
+        }
+
+        /// A genuine signature covers its body, its timestamp and its secret: change any one and
+        /// it is rejected.
+        #[test]
+        fn a_genuine_signature_fails_for_any_other_body_time_or_secret(
+            body in proptest::collection::vec(any::<u8>(), 0..64),
+            other in proptest::collection::vec(any::<u8>(), 0..64),
+            shift in 1i64..=300,
+            secret in "whsec_[a-zA-Z0-9]{1,20}",
+        ) {
+            let header = sign(&body, SECRET, NOW);
+            prop_assert_eq!(check(&header, &body, &[SECRET]), Ok(()));
+            if other != body {
+                prop_assert_eq!(check(&header, &other, &[SECRET]), Err(SignatureError::NoMatch));
+            }
+            let moved = header.replacen(&format!("t={NOW}"), &format!("t={}", NOW - shift), 1);
+            prop_assert_eq!(check(&moved, &body, &[SECRET]), Err(SignatureError::NoMatch));
+            if secret != SECRET {
+                prop_assert_eq!(check(&header, &body, &[&secret]), Err(SignatureError::NoMatch));
+            }
+        }
+
         #[test]
         fn structured_garbage_never_panics(
             t in proptest::option::of(any::<i64>()),

@@ -647,4 +647,67 @@ mod tests {
         let got: Vec<(i64, i64)> = lines.iter().map(|l| (l.product_id, l.quantity)).collect();
         assert_eq!(got, vec![(1, 2), (2, 1), (3, 5)]);
     }
+
+    fn priced(lines: &[(i64, u32)]) -> Vec<PricedLine> {
+        let eur = crate::domain::Currency::parse("EUR").expect("a currency");
+        lines
+            .iter()
+            .enumerate()
+            .map(|(i, &(price, quantity))| PricedLine {
+                product_id: i as i64,
+                sku: Sku::parse(&format!("p{i}")).expect("a sku"),
+                quantity: Quantity::new(quantity.into()).expect("a quantity in range"),
+                unit_price: crate::domain::Money::new(price, eur).expect("a price"),
+            })
+            .collect()
+    }
+
+    /// The exact total in i128, which cannot overflow for these inputs.
+    fn exact(lines: &[(i64, u32)]) -> i128 {
+        lines
+            .iter()
+            .map(|&(price, quantity)| i128::from(price) * i128::from(quantity))
+            .sum()
+    }
+
+    #[test]
+    fn a_total_past_the_largest_amount_is_an_overflow_error() {
+        let total = order_total(&priced(&[(i64::MAX, 1), (1, 1)]));
+        assert!(matches!(
+            total,
+            Err(StoreError::Money(MoneyError::Overflow))
+        ));
+    }
+
+    proptest::proptest! {
+        /// Catalogue prices up to 10^12 minor units and quantities up to the line maximum.
+        #[test]
+        fn order_totals_of_catalogue_sized_lines_are_exact(
+            lines in proptest::collection::vec((0i64..=1_000_000_000_000, 1u32..=10_000), 1..=50)
+        ) {
+            let total = order_total(&priced(&lines)).expect("these totals fit in an i64");
+            proptest::prop_assert_eq!(i128::from(total.amount()), exact(&lines));
+        }
+
+        /// Any price at all: the total is exact or an overflow error, never a wrapped figure.
+        #[test]
+        fn order_totals_are_exact_or_overflow_and_never_wrap(
+            lines in proptest::collection::vec((0i64..=i64::MAX, 1u32..=10_000), 1..=50)
+        ) {
+            match order_total(&priced(&lines)) {
+                Ok(total) => proptest::prop_assert_eq!(i128::from(total.amount()), exact(&lines)),
+                Err(StoreError::Money(MoneyError::Overflow)) => {
+                    // Some prefix of the sum (or one line) left the i64 range.
+                    let mut running = 0i128;
+                    let overflowed = lines.iter().any(|&(price, quantity)| {
+                        let line = i128::from(price) * i128::from(quantity);
+                        running += line;
+                        line > i128::from(i64::MAX) || running > i128::from(i64::MAX)
+                    });
+                    proptest::prop_assert!(overflowed);
+                }
+                Err(other) => proptest::prop_assert!(false, "unexpected error {other}"),
+            }
+        }
+    }
 }

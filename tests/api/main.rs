@@ -11,6 +11,7 @@ mod carts;
 mod catalogue;
 mod errors;
 mod flash_sale;
+mod fuzz;
 mod gate;
 mod inventory;
 mod limits;
