@@ -184,7 +184,7 @@ async fn shop_once(shop: &Shop, rec: &mut Recorder, rng: &mut StdRng, customer: 
             )
             .await;
         rec.latency("cart_line", &call);
-        if !call.answer().is_some_and(|a| a.status == 200) {
+        if call.answer().is_none_or(|a| a.status != 200) {
             return rec.failed("cart line", &call);
         }
     }

@@ -11,6 +11,7 @@ mod catalogue;
 mod errors;
 mod gate;
 mod inventory;
+mod loadgen;
 mod outbox;
 mod payments;
 mod saga;
