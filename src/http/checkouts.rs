@@ -31,7 +31,6 @@ pub fn router() -> Router<AppState> {
 struct StartCheckout {
     cart_id: String,
     #[serde(default)]
-    #[allow(dead_code)]
     flash_sale_token: Option<String>,
 }
 
@@ -52,7 +51,10 @@ async fn start(
 ) -> Result<Response, ApiError> {
     let cart = parse_cart_id(&body.cart_id)?;
     let run = || async {
-        let checkout = state.checkout.start(customer.id, cart).await?;
+        let checkout = state
+            .checkout
+            .start(customer.id, cart, body.flash_sale_token.as_deref())
+            .await?;
         Ok(Outcome {
             status: StatusCode::CREATED,
             body: serde_json::to_value(CheckoutView::from(checkout)).unwrap_or_default(),

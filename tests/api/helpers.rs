@@ -70,6 +70,9 @@ pub struct Options {
     pub expiry_interval_ms: u64,
     /// Relay events to NATS on a stream and subject prefix of this test's own.
     pub nats: bool,
+    /// The flash-sale gate on this Redis (with a key prefix of the test's own); `None` = in
+    /// process.
+    pub redis: Option<String>,
     /// `(api base, secret key)` of a Stripe-compatible server; `None` = the simulator.
     pub stripe: Option<(String, String)>,
     /// Saga pacing; tests default to short retries.
@@ -103,6 +106,7 @@ impl Default for Options {
             saga: quick_saga(),
             lease_seconds: 5,
             nats: false,
+            redis: None,
         }
     }
 }
@@ -173,6 +177,14 @@ pub async fn spawn_app_with(kind: StoreKind, options: Options) -> TestApp {
             base.clone(),
             "--stripe-secret-key".to_owned(),
             key.clone(),
+        ]);
+    }
+    if let Some(url) = &options.redis {
+        args.extend([
+            "--redis-url".to_owned(),
+            url.clone(),
+            "--redis-key-prefix".to_owned(),
+            format!("test:{}:", uuid::Uuid::new_v4().simple()),
         ]);
     }
     args.extend([

@@ -9,6 +9,7 @@ mod binary;
 mod carts;
 mod catalogue;
 mod errors;
+mod flash_sale;
 mod gate;
 mod inventory;
 mod loadgen;

@@ -25,6 +25,7 @@ both_stores!(
     a_late_success_for_an_expired_checkout_takes_the_units_again_or_refunds,
     an_abandoned_authentication_is_cancelled_when_the_checkout_lifetime_ends,
     the_audit_finds_a_lost_event_and_a_ghost_checkout,
+    an_admin_ships_or_refunds_a_paid_order,
 );
 
 fn checkout_id(raw: &str) -> CheckoutId {
@@ -712,4 +713,80 @@ async fn the_audit_finds_a_lost_event_and_a_ghost_checkout(kind: StoreKind) {
             .any(|v| v.contains(&ghost) && v.contains("no live lease")),
         "{report}"
     );
+}
+
+async fn an_admin_ships_or_refunds_a_paid_order(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, first, first_order) = app.reserved_checkout("Ada", &[("tea-01", 2)]).await;
+    let (_, _, unpaid_order) = app.reserved_checkout("Bob", &[("tea-01", 1)]).await;
+    assert_eq!(
+        app.complete(&ada, &first, "pm_card_visa", "k").await.body["state"],
+        "completed"
+    );
+    let (ada2, second, second_order) = app.reserved_checkout("Ada2", &[("tea-01", 2)]).await;
+    assert_eq!(
+        app.complete(&ada2, &second, "pm_card_visa", "k").await.body["state"],
+        "completed"
+    );
+    assert_eq!(app.stock_of("tea-01").await, (1, 1, 0));
+
+    // Refund: money back once, units back on the shelf.
+    let refunded = app
+        .admin_post(&format!("/v1/admin/orders/{first_order}/refund"), json!({}))
+        .await;
+    refunded.assert_status(200);
+    assert_eq!(refunded.body["status"], "refunded");
+    let intent = refunded.str("payment_intent_id");
+    assert_eq!(
+        app.simulator.as_ref().unwrap().ledger().refunded(&intent),
+        900
+    );
+    assert_eq!(app.stock_of("tea-01").await, (3, 1, 2));
+    app.admin_post(&format!("/v1/admin/orders/{first_order}/refund"), json!({}))
+        .await
+        .assert_error(409, "invalid_order_state");
+    assert_eq!(
+        app.simulator.as_ref().unwrap().ledger().refunded(&intent),
+        900,
+        "refunded once"
+    );
+    assert_eq!(
+        app.get(&format!("/v1/checkouts/{first}"), Some(&ada.token))
+            .await
+            .body["state"],
+        "refunded"
+    );
+
+    // Shipment: paid → fulfilled, once; an unpaid order cannot ship.
+    let shipped = app
+        .admin_post(
+            &format!("/v1/admin/orders/{second_order}/shipments"),
+            json!({}),
+        )
+        .await;
+    shipped.assert_status(200);
+    assert_eq!(shipped.body["status"], "fulfilled");
+    app.admin_post(
+        &format!("/v1/admin/orders/{second_order}/shipments"),
+        json!({}),
+    )
+    .await
+    .assert_status(200);
+    app.admin_post(
+        &format!("/v1/admin/orders/{second_order}/refund"),
+        json!({}),
+    )
+    .await
+    .assert_error(409, "invalid_order_state");
+    app.admin_post(
+        &format!("/v1/admin/orders/{unpaid_order}/shipments"),
+        json!({}),
+    )
+    .await
+    .assert_error(409, "invalid_order_state");
+    app.admin_post("/v1/admin/orders/nope/refund", json!({}))
+        .await
+        .assert_error(404, "order_not_found");
+    app.audit().await.assert_clean();
 }
