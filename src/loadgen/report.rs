@@ -133,6 +133,10 @@ impl Summary {
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "{} against {}", self.scenario, self.target)?;
+        if let Some(gate) = self.admission_gate {
+            let through = if gate { "yes" } else { "no" };
+            writeln!(f, "  admission gate      {through}")?;
+        }
         for note in &self.notes {
             writeln!(f, "  note: {note}")?;
         }
