@@ -8,6 +8,7 @@ mod helpers;
 mod binary;
 mod carts;
 mod catalogue;
+mod crash;
 mod errors;
 mod flash_sale;
 mod gate;
