@@ -95,6 +95,25 @@ impl PgStore {
         }))
     }
 
+    /// Stamps a changed cart, reads it back and commits the change.
+    async fn finish_cart_change(
+        mut tx: Transaction<'_, Postgres>,
+        customer: CustomerId,
+        cart: CartId,
+        now: DateTime<Utc>,
+    ) -> Result<Cart, StoreError> {
+        sqlx::query("UPDATE carts SET updated_at = $2 WHERE id = $1")
+            .bind(cart.uuid())
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        let updated = Self::cart_in(&mut tx, customer, cart)
+            .await?
+            .ok_or(StoreError::NotFound("cart"))?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
     /// Locks an open cart of this customer for a change of its lines.
     async fn lock_open_cart(
         tx: &mut Transaction<'_, Postgres>,
@@ -490,16 +509,7 @@ impl Store for PgStore {
         .bind(i64::from(quantity.get()))
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE carts SET updated_at = $2 WHERE id = $1")
-            .bind(cart.uuid())
-            .bind(to_millis(now))
-            .execute(&mut *tx)
-            .await?;
-        let updated = Self::cart_in(&mut tx, customer, cart)
-            .await?
-            .ok_or(StoreError::NotFound("cart"))?;
-        tx.commit().await?;
-        Ok(updated)
+        Self::finish_cart_change(tx, customer, cart, now).await
     }
 
     async fn remove_cart_line(
@@ -519,16 +529,7 @@ impl Store for PgStore {
         .bind(sku.as_str())
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE carts SET updated_at = $2 WHERE id = $1")
-            .bind(cart.uuid())
-            .bind(to_millis(now))
-            .execute(&mut *tx)
-            .await?;
-        let updated = Self::cart_in(&mut tx, customer, cart)
-            .await?
-            .ok_or(StoreError::NotFound("cart"))?;
-        tx.commit().await?;
-        Ok(updated)
+        Self::finish_cart_change(tx, customer, cart, now).await
     }
 
     #[tracing::instrument(skip_all, fields(checkout_id = %new.id, cart_id = %new.cart_id))]

@@ -6,14 +6,13 @@
 use std::sync::Arc;
 
 use futures::stream::{self, StreamExt as _};
-use holdfast::domain::{CustomerName, Quantity, Sku};
 use holdfast::store::StoreKind;
 use serde_json::{json, Value};
 use tokio::sync::Barrier;
 
 use crate::both_stores;
 use crate::gate::DedicatedRedis;
-use crate::helpers::{spawn_app_with, AssertClean, Customer, Options, Resp, TestApp};
+use crate::helpers::{buyers, spawn_app_with, AssertClean, Customer, Options, Resp, TestApp};
 
 both_stores!(
     five_thousand_token_requests_for_a_hundred_units_admit_exactly_a_hundred,
@@ -30,36 +29,6 @@ fn redis_url() -> String {
 async fn app_for(kind: StoreKind, options: Options) -> TestApp {
     let redis = matches!(kind, StoreKind::Postgres).then(redis_url);
     spawn_app_with(kind, Options { redis, ..options }).await
-}
-
-/// `n` customers with a cart holding one unit of `sku`, made through the store (fast set-up).
-async fn buyers(app: &TestApp, n: usize, sku: &str) -> Vec<(Customer, String)> {
-    let sku = Sku::parse(sku).unwrap();
-    stream::iter(0..n)
-        .map(|i| {
-            let sku = sku.clone();
-            async move {
-                let token = holdfast::http::new_customer_token();
-                let customer = app
-                    .store
-                    .create_customer(
-                        &CustomerName::parse(&format!("buyer {i}")).unwrap(),
-                        &holdfast::http::token_hash(&token),
-                    )
-                    .await
-                    .unwrap();
-                let now = chrono::Utc::now();
-                let cart = app.store.create_cart(customer.id, now).await.unwrap();
-                app.store
-                    .set_cart_line(customer.id, cart.id, &sku, Quantity::new(1).unwrap(), now)
-                    .await
-                    .unwrap();
-                (Customer { token }, cart.id.to_string())
-            }
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await
 }
 
 async fn open_sale(app: &TestApp, sku: &str, units: i64, ttl_seconds: Option<i64>) -> String {
@@ -129,7 +98,7 @@ async fn five_thousand_token_requests_for_a_hundred_units_admit_exactly_a_hundre
     let app = app_for(kind, Options::default()).await;
     app.new_product("hot", 500, 100).await;
     let sale = open_sale(&app, "hot", 100, None).await;
-    let all = buyers(&app, 5000, "hot").await;
+    let all = buyers(&app, 5000, &[("hot", 1)]).await;
     let before = table_counts(&app).await;
 
     let barrier = Arc::new(Barrier::new(all.len()));
@@ -205,7 +174,7 @@ async fn five_thousand_buyers_for_a_hundred_units_make_exactly_a_hundred_paid_or
     let app = app_for(kind, Options::default()).await;
     app.new_product("hot", 500, 100).await;
     let sale = open_sale(&app, "hot", 100, None).await;
-    let all = buyers(&app, 5000, "hot").await;
+    let all = buyers(&app, 5000, &[("hot", 1)]).await;
 
     let outcomes: Vec<String> = stream::iter(all)
         .map(|(customer, cart)| {
@@ -415,7 +384,7 @@ async fn redis_stopped_mid_sale_answers_503_and_never_oversells() {
     .await;
     app.new_product("hot", 500, 3).await;
     let sale = open_sale(&app, "hot", 3, None).await;
-    let all = buyers(&app, 8, "hot").await;
+    let all = buyers(&app, 8, &[("hot", 1)]).await;
     let first = take_token(&app, &all[0].0, &sale).await;
     first.assert_status(201);
 

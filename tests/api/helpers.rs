@@ -671,3 +671,46 @@ pub async fn fetch_strings(app: &TestApp, sql: &str) -> Vec<String> {
         }
     }
 }
+
+/// Makes `n` customers each with a cart holding `lines`, directly through the store (fast
+/// set-up); the race itself goes over HTTP.
+pub async fn buyers(app: &TestApp, n: usize, lines: &[(&str, u32)]) -> Vec<(Customer, String)> {
+    use futures::stream::{self, StreamExt as _};
+    use holdfast::domain::{CustomerName, Quantity, Sku};
+    let lines: Vec<(Sku, Quantity)> = lines
+        .iter()
+        .map(|(s, q)| {
+            (
+                Sku::parse(s).unwrap(),
+                Quantity::new(i64::from(*q)).unwrap(),
+            )
+        })
+        .collect();
+    stream::iter(0..n)
+        .map(|i| {
+            let lines = lines.clone();
+            async move {
+                let token = holdfast::http::new_customer_token();
+                let customer = app
+                    .store
+                    .create_customer(
+                        &CustomerName::parse(&format!("buyer {i}")).unwrap(),
+                        &holdfast::http::token_hash(&token),
+                    )
+                    .await
+                    .expect("customer");
+                let now = chrono::Utc::now();
+                let cart = app.store.create_cart(customer.id, now).await.expect("cart");
+                for (sku, q) in &lines {
+                    app.store
+                        .set_cart_line(customer.id, cart.id, sku, *q, now)
+                        .await
+                        .expect("line");
+                }
+                (Customer { token }, cart.id.to_string())
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await
+}

@@ -790,3 +790,117 @@ async fn an_admin_ships_or_refunds_a_paid_order(kind: StoreKind) {
         .assert_error(404, "order_not_found");
     app.audit().await.assert_clean();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_a_webhook_that_beats_the_charge_response_completes_the_checkout_once() {
+    let (app, fake) = app_on_fake_stripe().await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, order) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    fake.hold();
+    let pending = {
+        let client = app.client.clone();
+        let url = format!("{}/v1/checkouts/{checkout}/complete", app.base);
+        let token = ada.token.clone();
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .header("Idempotency-Key", "k")
+                .json(&json!({"payment_method": "pm_card_visa"}))
+                .send()
+                .await
+                .expect("request")
+                .json::<serde_json::Value>()
+                .await
+                .expect("json")
+        })
+    };
+    fake.wait_until_held(1).await;
+
+    // Stripe's event arrives while our charge call is still waiting for its answer: it is
+    // matched by the metadata and completes the checkout.
+    let now = chrono::Utc::now().timestamp();
+    let early = event(
+        "evt_early",
+        "payment_intent.succeeded",
+        "pi_early",
+        &checkout,
+        "succeeded",
+    );
+    let (status, _) = post_webhook(
+        &app,
+        &early,
+        Some(signature::sign(early.as_bytes(), WEBHOOK_SECRET, now)),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        app.get(&format!("/v1/orders/{order}"), Some(&ada.token))
+            .await
+            .body["status"],
+        "paid"
+    );
+
+    // The late response changes nothing: still completed, stock confirmed once, one event.
+    fake.release();
+    let answer = pending.await.unwrap();
+    assert_eq!(answer["state"], "completed");
+    assert_eq!(app.stock_of("tea-01").await, (4, 0, 4));
+    let order_id = OrderId::parse(&order).unwrap();
+    eventually(10, "one allocation", || async {
+        app.store.allocations_for(order_id).await.unwrap() == 1
+    })
+    .await;
+    app.audit().await.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_an_in_flight_checkout_finish() {
+    let (app, fake) = app_on_fake_stripe().await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, order) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    let (store, gateway) = (app.store.clone(), app.gateway.clone());
+    fake.hold();
+    let pending = {
+        let client = app.client.clone();
+        let url = format!("{}/v1/checkouts/{checkout}/complete", app.base);
+        let token = ada.token.clone();
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .header("Idempotency-Key", "k")
+                .json(&json!({"payment_method": "pm_card_visa"}))
+                .send()
+                .await
+                .expect("the in-flight request is answered")
+                .json::<serde_json::Value>()
+                .await
+                .expect("json")
+        })
+    };
+    fake.wait_until_held(1).await;
+
+    // Shutdown begins while the charge is in flight; it waits for the request to finish.
+    let stopping = tokio::spawn(app.stop());
+    fake.release();
+    let answer = pending.await.unwrap();
+    stopping.await.expect("the server stops cleanly");
+
+    assert_eq!(answer["state"], "completed");
+    assert_eq!(fake.charges_for(checkout_id(&checkout)), 1);
+    let paid = store
+        .admin_order(OrderId::parse(&order).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(paid.status.as_str(), "paid");
+    let options = holdfast::audit::AuditOptions {
+        gateway: Some(gateway.as_ref()),
+        ..Default::default()
+    };
+    holdfast::audit::run_with(store.as_ref(), options)
+        .await
+        .unwrap()
+        .assert_clean();
+}
