@@ -183,6 +183,10 @@ impl From<StoreError> for ApiError {
                 "invalid_order_state",
                 format!("the order is {}", status.as_str()),
             ),
+            StoreError::SaleExists => Self::conflict(
+                "flash_sale_exists",
+                "a flash sale of this SKU is open or planned; it must end first",
+            ),
             StoreError::AdmissionInUse => Self::conflict(
                 "admission_in_use",
                 "this flash-sale admission already holds a live checkout",

@@ -68,6 +68,8 @@ pub enum StoreError {
     OrderState(crate::domain::OrderStatus),
     #[error("this flash-sale admission already holds a live checkout")]
     AdmissionInUse,
+    #[error("a flash sale of this SKU is open or planned")]
+    SaleExists,
     #[error("a sale of {units} units exceeds the {available} available")]
     UnitsExceedAvailable { units: u32, available: i64 },
     #[error(transparent)]
@@ -361,7 +363,7 @@ pub trait Store: OutboxStore + Send + Sync + 'static {
     async fn admin_order(&self, id: OrderId) -> Result<Option<Order>, StoreError>;
 
     // Webhooks and edge idempotency.
-    /// True if this event id is new; it is recorded only after it was handled.
+    /// True if this event id was handled before (events are recorded only once handled).
     async fn webhook_seen(&self, event_id: &str) -> Result<bool, StoreError>;
     async fn record_webhook_event(
         &self,

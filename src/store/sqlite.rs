@@ -1400,6 +1400,17 @@ impl Store for SqliteStore {
                 .ok_or(StoreError::NotFound("product"))?;
         let product: i64 = row.try_get("id")?;
         let available: i64 = row.try_get("available")?;
+        // One live sale per SKU: two would each demand their own token for the same cart line.
+        let live: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM flash_sales WHERE product_id = $1 AND (ends_at IS NULL OR ends_at > $2)",
+        )
+        .bind(product)
+        .bind(to_millis(now))
+        .fetch_optional(&mut *tx)
+        .await?;
+        if live.is_some() {
+            return Err(StoreError::SaleExists);
+        }
         if i64::from(sale.units) > available {
             return Err(StoreError::UnitsExceedAvailable {
                 units: sale.units,

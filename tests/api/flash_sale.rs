@@ -361,6 +361,10 @@ async fn a_sale_cannot_offer_more_than_is_available(kind: StoreKind) {
         )
         .await;
     later.assert_status(201);
+    // One live (or planned) sale per SKU.
+    app.admin_post("/v1/admin/flash-sales", json!({"sku": "hot", "units": 1}))
+        .await
+        .assert_error(409, "flash_sale_exists");
     let ada = app.new_customer("Ada").await;
     take_token(&app, &ada, &later.str("id"))
         .await
