@@ -13,6 +13,7 @@
 //! - [`http`]: the router, the error body, extractors and one file per resource.
 //! - [`workers`]: background loops (reservation expiry) with a `tick()` tests can drive.
 //! - [`audit`]: the promise checks behind `holdfast audit`.
+//! - [`observe`]: the Prometheus metrics every layer counts into.
 //! - [`config`], [`startup`], [`telemetry`], [`shutdown`]: flags, wiring, logs, stopping.
 
 pub mod audit;
@@ -22,6 +23,7 @@ pub mod domain;
 pub mod flash_sale;
 pub mod http;
 pub mod idempotency;
+pub mod observe;
 pub mod outbox;
 pub mod payments;
 pub mod shutdown;

@@ -9,6 +9,7 @@ use axum::{Json, Router};
 use secrecy::ExposeSecret as _;
 use serde_json::{json, Value};
 
+use crate::observe;
 use crate::payments::{signature, WebhookEvent};
 
 use super::extract::{is_json, unsupported_media_type, RawBody};
@@ -44,17 +45,22 @@ async fn stripe(
         state.clock.now().timestamp(),
         signature::DEFAULT_TOLERANCE,
     )
-    .map_err(|e| ApiError::bad_request("invalid_signature", e.to_string()))?;
-    let event = WebhookEvent::parse(&body)
-        .map_err(|e| ApiError::bad_request("invalid_event", e.to_string()))?;
+    .map_err(|e| {
+        observe::webhook_event("unknown", "invalid_signature");
+        ApiError::bad_request("invalid_signature", e.to_string())
+    })?;
+    let event = WebhookEvent::parse(&body).map_err(|e| {
+        observe::webhook_event("unknown", "invalid_event");
+        ApiError::bad_request("invalid_event", e.to_string())
+    })?;
     if state.store.webhook_seen(&event.id).await? {
+        observe::webhook_event(&event.event_type, "duplicate");
         return Ok(Json(json!({"received": true, "duplicate": true})));
     }
-    state
-        .checkout
-        .handle_event(&event)
-        .await
-        .map_err(|e| ApiError::internal(format!("webhook {} not handled: {e}", event.id)))?;
+    state.checkout.handle_event(&event).await.map_err(|e| {
+        observe::webhook_event(&event.event_type, "failed");
+        ApiError::internal(format!("webhook {} not handled: {e}", event.id))
+    })?;
     state
         .store
         .record_webhook_event(
@@ -64,5 +70,6 @@ async fn stripe(
             state.clock.now(),
         )
         .await?;
+    observe::webhook_event(&event.event_type, "handled");
     Ok(Json(json!({"received": true})))
 }

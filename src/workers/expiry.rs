@@ -36,6 +36,7 @@ impl ExpiryWorker {
             .store
             .expire_due_checkouts(self.clock.now(), self.batch)
             .await?;
+        crate::observe::expiry_released(released.checkouts.len());
         if !released.checkouts.is_empty() {
             self.released_checkouts
                 .fetch_add(released.checkouts.len() as u64, Ordering::Relaxed);
