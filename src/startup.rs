@@ -267,6 +267,7 @@ impl Application {
             webhook_secrets: Arc::new(webhook_secrets),
             clock: clock.clone(),
             admin_token_digest: http::token_digest(admin_token.expose_secret()),
+            simulator: simulator.clone(),
         };
         tracing::info!(
             "holdfast listening on http://{addr} (store: {}, admin token: {admin_source})",

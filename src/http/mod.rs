@@ -7,11 +7,16 @@ mod auth;
 mod carts;
 mod catalogue;
 mod checkouts;
+mod demo;
 mod error;
 mod extract;
 mod health;
 mod idempotent;
+mod metrics;
+mod openapi;
+mod ops;
 mod orders;
+mod ui;
 mod views;
 mod webhooks;
 
@@ -31,6 +36,7 @@ use crate::store::Store;
 
 pub use auth::{new_customer_token, token_digest, token_hash};
 pub use error::ApiError;
+pub use openapi::ApiDoc;
 
 /// Request bodies above this answer 413.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -44,9 +50,12 @@ pub struct AppState {
     pub admin_token_digest: [u8; 32],
     /// Webhook signing secrets; any of them verifies (rotation).
     pub webhook_secrets: Arc<Vec<secrecy::SecretString>>,
+    /// The built-in payment simulator when it is the gateway: the demo routes need it.
+    pub simulator: Option<crate::payments::StripeSimulator>,
 }
 
 pub fn router(state: AppState) -> Router {
+    crate::observe::install();
     let request_id = HeaderName::from_static("x-request-id");
     Router::new()
         .merge(health::router())
@@ -56,9 +65,15 @@ pub fn router(state: AppState) -> Router {
         .merge(checkouts::router())
         .merge(orders::router())
         .merge(webhooks::router())
+        .merge(ops::router())
+        .merge(demo::router())
+        .merge(metrics::router())
+        .merge(openapi::router())
+        .merge(ui::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+        .layer(axum::middleware::from_fn(metrics::track))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("a handler panicked").into_response()

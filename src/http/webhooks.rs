@@ -13,12 +13,27 @@ use crate::observe;
 use crate::payments::{signature, WebhookEvent};
 
 use super::extract::{is_json, unsupported_media_type, RawBody};
+use super::openapi::{ErrorBody, WebhookReceived};
 use super::{ApiError, AppState};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/webhooks/stripe", post(stripe))
 }
 
+/// A signed Stripe event; 2xx only once it is durably handled, so Stripe retries the rest.
+#[utoipa::path(
+    post,
+    path = "/webhooks/stripe",
+    tag = "webhooks",
+    params(("Stripe-Signature" = String, Header, description = "`t=...,v1=...` over `t.payload`")),
+    request_body(content = Object, description = "a Stripe event", content_type = "application/json"),
+    responses(
+        (status = 200, body = WebhookReceived),
+        (status = 400, body = ErrorBody, description = "`signature_missing`, `invalid_signature`, `invalid_event`"),
+        (status = 415, body = ErrorBody, description = "not JSON"),
+        (status = 500, body = ErrorBody, description = "not handled yet; Stripe retries"),
+    )
+)]
 async fn stripe(
     State(state): State<AppState>,
     headers: HeaderMap,
