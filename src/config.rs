@@ -200,6 +200,15 @@ pub struct Flags {
     #[arg(long, env = "HOLDFAST_FAULT_POINT", global = true, hide = true)]
     pub fault_point: Option<String>,
 
+    /// Seed a demo catalogue and a flash sale at start when the catalogue is empty.
+    #[arg(
+        long,
+        env = "HOLDFAST_DEMO",
+        global = true,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub demo: bool,
+
     /// Log format: `text` or `json`.
     #[arg(
         long,
@@ -246,6 +255,7 @@ pub struct Settings {
     pub relay_interval: Duration,
     pub rate_limit_per_second: u32,
     pub log_format: LogFormat,
+    pub demo: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -378,6 +388,7 @@ impl Settings {
             relay_interval: Duration::from_millis(relay),
             rate_limit_per_second: flags.rate_limit_per_second,
             log_format: flags.log_format,
+            demo: flags.demo,
         })
     }
 }
@@ -445,6 +456,13 @@ mod tests {
         assert!(matches!(s.store, StoreConfig::Sqlite { .. }));
         assert_eq!(s.reservation_ttl, Duration::from_secs(180));
         assert_eq!(s.rate_limit_per_second, 20);
+    }
+
+    #[test]
+    fn demo_mode_is_off_unless_asked_for() {
+        assert!(!parse(&[]).unwrap().demo);
+        assert!(parse(&["--demo"]).unwrap().demo);
+        assert!(parse(&["serve", "--demo"]).unwrap().demo);
     }
 
     #[test]

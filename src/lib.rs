@@ -14,11 +14,13 @@
 //! - [`workers`]: background loops (reservation expiry) with a `tick()` tests can drive.
 //! - [`audit`]: the promise checks behind `holdfast audit`.
 //! - [`observe`]: the Prometheus metrics every layer counts into.
+//! - [`demo`]: the catalogue `serve --demo` seeds.
 //! - [`config`], [`startup`], [`telemetry`], [`shutdown`]: flags, wiring, logs, stopping.
 
 pub mod audit;
 pub mod checkout;
 pub mod config;
+pub mod demo;
 pub mod domain;
 pub mod flash_sale;
 pub mod http;
