@@ -43,6 +43,7 @@ struct CreateCustomer {
 /// A customer and their bearer token (shown once; only its digest is stored).
 #[utoipa::path(
     post,
+    operation_id = "create_customer",
     path = "/v1/admin/customers",
     tag = "admin",
     security(("admin_token" = [])),
@@ -88,6 +89,7 @@ struct CreateProduct {
 /// A product in the catalogue; the answer's `ETag` is its version.
 #[utoipa::path(
     post,
+    operation_id = "create_product",
     path = "/v1/admin/products",
     tag = "admin",
     security(("admin_token" = [])),

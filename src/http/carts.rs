@@ -34,6 +34,7 @@ struct NoBody {}
 /// A new, empty cart of the caller's.
 #[utoipa::path(
     post,
+    operation_id = "create_cart",
     path = "/v1/carts",
     tag = "carts",
     security(("customer_token" = [])),
@@ -58,6 +59,7 @@ pub(super) fn parse_cart_id(raw: &str) -> Result<CartId, ApiError> {
 /// One of the caller's carts.
 #[utoipa::path(
     get,
+    operation_id = "get_cart",
     path = "/v1/carts/{id}",
     tag = "carts",
     security(("customer_token" = [])),
@@ -91,6 +93,7 @@ struct SetLine {
 /// Sets the quantity of a SKU in an open cart.
 #[utoipa::path(
     put,
+    operation_id = "set_cart_line",
     path = "/v1/carts/{id}/lines/{sku}",
     tag = "carts",
     security(("customer_token" = [])),
@@ -122,6 +125,7 @@ async fn set_line(
 /// Removes a SKU from an open cart.
 #[utoipa::path(
     delete,
+    operation_id = "remove_cart_line",
     path = "/v1/carts/{id}/lines/{sku}",
     tag = "carts",
     security(("customer_token" = [])),

@@ -19,6 +19,7 @@ pub fn router() -> Router<AppState> {
 /// The catalogue with live availability, by SKU.
 #[utoipa::path(
     get,
+    operation_id = "list_products",
     path = "/v1/products",
     tag = "catalogue",
     params(ListParams),
@@ -46,6 +47,7 @@ async fn list(
 /// One product.
 #[utoipa::path(
     get,
+    operation_id = "get_catalogue_product",
     path = "/v1/products/{sku}",
     tag = "catalogue",
     params(("sku" = String, Path)),

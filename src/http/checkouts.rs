@@ -48,6 +48,7 @@ fn parse_checkout_id(raw: &str) -> Result<CheckoutId, ApiError> {
 /// `Idempotency-Key` is optional here: with one, a retried start answers the first result.
 #[utoipa::path(
     post,
+    operation_id = "start_checkout",
     path = "/v1/checkouts",
     tag = "checkouts",
     security(("customer_token" = [])),
@@ -105,6 +106,7 @@ struct Complete {
 /// (`charging`) is not stored, so retrying with the same key drives it to its end.
 #[utoipa::path(
     post,
+    operation_id = "complete_checkout",
     path = "/v1/checkouts/{id}/complete",
     tag = "checkouts",
     security(("customer_token" = [])),
@@ -156,6 +158,7 @@ async fn complete(
 /// One of the caller's checkouts.
 #[utoipa::path(
     get,
+    operation_id = "get_checkout",
     path = "/v1/checkouts/{id}",
     tag = "checkouts",
     security(("customer_token" = [])),
@@ -181,6 +184,7 @@ async fn one(
 /// Pushes the reservation's expiry to now + TTL, never past the checkout's maximum lifetime.
 #[utoipa::path(
     post,
+    operation_id = "heartbeat_checkout",
     path = "/v1/checkouts/{id}/heartbeat",
     tag = "checkouts",
     security(("customer_token" = [])),
@@ -208,6 +212,7 @@ async fn heartbeat(
 /// Releases a reserved checkout's units at once.
 #[utoipa::path(
     post,
+    operation_id = "cancel_checkout",
     path = "/v1/checkouts/{id}/cancel",
     tag = "checkouts",
     security(("customer_token" = [])),

@@ -50,6 +50,7 @@ pub(super) struct DemoCustomer {
 /// A customer for a storefront visitor, named like a guest.
 #[utoipa::path(
     post,
+    operation_id = "create_demo_customer",
     path = "/v1/demo/customers",
     tag = "demo",
     responses(
@@ -100,6 +101,7 @@ pub(super) struct Authenticated {
 /// delivers the signed webhook, which moves the checkout on exactly as Stripe's would.
 #[utoipa::path(
     post,
+    operation_id = "authenticate_demo_payment",
     path = "/v1/demo/payments/{payment_intent_id}/authenticate",
     tag = "demo",
     security(("customer_token" = [])),

@@ -114,6 +114,7 @@ impl From<FlashSaleRow> for FlashSaleView {
 /// What an operator needs on one screen.
 #[utoipa::path(
     get,
+    operation_id = "operations_view",
     path = "/v1/admin/ops",
     tag = "admin",
     security(("admin_token" = [])),

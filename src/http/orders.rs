@@ -21,6 +21,7 @@ pub fn router() -> Router<AppState> {
 /// The caller's orders, oldest first.
 #[utoipa::path(
     get,
+    operation_id = "list_orders",
     path = "/v1/orders",
     tag = "orders",
     security(("customer_token" = [])),
@@ -57,6 +58,7 @@ async fn list(
 /// One of the caller's orders.
 #[utoipa::path(
     get,
+    operation_id = "get_order",
     path = "/v1/orders/{id}",
     tag = "orders",
     security(("customer_token" = [])),

@@ -23,6 +23,7 @@ pub fn router() -> Router<AppState> {
 /// A signed Stripe event; 2xx only once it is durably handled, so Stripe retries the rest.
 #[utoipa::path(
     post,
+    operation_id = "stripe_webhook",
     path = "/webhooks/stripe",
     tag = "webhooks",
     params(("Stripe-Signature" = String, Header, description = "`t=...,v1=...` over `t.payload`")),

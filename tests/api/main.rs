@@ -6,11 +6,15 @@ mod fake_stripe;
 mod helpers;
 
 mod binary;
+mod browser;
 mod carts;
 mod catalogue;
 mod errors;
 mod gate;
 mod inventory;
+mod metrics;
+mod openapi;
+mod ops;
 mod outbox;
 mod payments;
 mod saga;

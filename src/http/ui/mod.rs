@@ -78,6 +78,7 @@ fn page(html: &'static str) -> Response {
 /// The storefront: catalogue, cart, checkout with its reservation countdown, payment, order.
 #[utoipa::path(
     get,
+    operation_id = "storefront_page",
     path = "/",
     tag = "pages",
     responses((status = 200, description = "The storefront page", content_type = "text/html"))
@@ -89,6 +90,7 @@ async fn storefront() -> Response {
 /// The operations page; it asks for the admin token and reads `/v1/admin/*` with it.
 #[utoipa::path(
     get,
+    operation_id = "operations_page",
     path = "/ops",
     tag = "pages",
     responses((status = 200, description = "The operations page", content_type = "text/html"))
@@ -100,6 +102,7 @@ async fn ops_page() -> Response {
 /// A script or style sheet of the pages.
 #[utoipa::path(
     get,
+    operation_id = "page_asset",
     path = "/ui/{file}",
     tag = "pages",
     params(("file" = String, Path, description = "`style.css`, `common.js`, `shop.js` or `ops.js`")),

@@ -61,7 +61,7 @@
     replace($(target), entries.length
       ? entries.map(([name, n]) => el("tr", { "data-name": name },
           el("td", {}, el("span", { class: "status " + name }, name)), el("td", { class: "num" }, n)))
-      : el("tr", {}, el("td", { class: "muted" }, "none yet")));
+      : el("tr", {}, el("td", { class: "muted", colspan: 2 }, "none yet")));
   }
 
   function age(seconds) {
@@ -112,7 +112,7 @@
           el("td", {}, s.id.slice(0, 8)), el("td", {}, s.sku), el("td", { class: "num" }, s.units),
           el("td", { class: "num" }, s.in_checkout), el("td", { class: "num" }, s.sold),
           el("td", {}, when(s.starts_at)), el("td", {}, s.ends_at ? when(s.ends_at) : "open")))
-      : el("tr", {}, el("td", { class: "muted" }, "no flash sales")));
+      : el("tr", {}, el("td", { class: "muted", colspan: 7 }, "no flash sales")));
 
     replace($("failures"), o.recent_failures.length
       ? o.recent_failures.map((f) => el("tr", { "data-checkout": f.checkout_id },
@@ -120,7 +120,7 @@
           el("td", {}, el("span", { class: "status " + f.state }, f.state)),
           el("td", {}, f.refund_due ? "money due back" : (f.decline_code || "")),
           el("td", { class: "num" }, money(f.total)), el("td", {}, f.payment_intent_id || "")))
-      : el("tr", {}, el("td", { class: "muted" }, "nothing has failed")));
+      : el("tr", {}, el("td", { class: "muted", colspan: 6 }, "nothing has failed")));
 
     replace($("updated"), "updated " + new Date().toLocaleTimeString());
   }

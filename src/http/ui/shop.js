@@ -109,7 +109,7 @@
     const known = state.products.size > 0;
     state.products = new Map(all.map((p) => [p.sku, p]));
     replace($("catalogue-note"), all.length
-      ? all.length + " products · availability updates live"
+      ? all.length + (all.length === 1 ? " product" : " products") + " · availability updates live"
       : "The catalogue is empty. Start the service with --demo for a sample shop.");
     if (!known || $("catalogue").children.length !== all.length) renderCatalogue();
     else updateAvailability();
@@ -258,6 +258,8 @@
     if (state.cart) state.cart.status = "checking_out";
     renderCart();
     showCheckout();
+    // The units just held leave "available" at once, not at the next poll.
+    loadCatalogue();
   }
 
   function showCheckout() {
