@@ -237,11 +237,12 @@ fn one_event(checkouts: &[CheckoutAuditRow], options: &AuditOptions<'_>) -> Chec
     let stale = options.now - options.grace;
     let mut violations = Vec::new();
     for row in checkouts {
-        let paid = matches!(row.order_status, OrderStatus::Paid | OrderStatus::Fulfilled)
-            || (row.order_status == OrderStatus::Refunded && row.state == CheckoutState::Completed);
-        match (paid, row.paid_events) {
-            (true, 1) | (false, 0) => {}
-            (_, n) => violations.push(format!(
+        let paid = matches!(row.order_status, OrderStatus::Paid | OrderStatus::Fulfilled);
+        // A refunded order had its event if it was paid first; a refunded late success never was.
+        let refunded = row.order_status == OrderStatus::Refunded;
+        match (paid, refunded, row.paid_events) {
+            (true, _, 1) | (false, false, 0) | (false, true, 0 | 1) => {}
+            (_, _, n) => violations.push(format!(
                 "checkout {}: order {} with {n} order.paid events",
                 row.id,
                 row.order_status.as_str()

@@ -79,6 +79,15 @@ pub struct Flags {
     )]
     pub redis_url: Option<String>,
 
+    /// Prefix of every Redis key the flash-sale gate uses.
+    #[arg(
+        long,
+        env = "HOLDFAST_REDIS_KEY_PREFIX",
+        default_value = "holdfast:",
+        global = true
+    )]
+    pub redis_key_prefix: String,
+
     /// NATS JetStream for fulfilment events; unset uses in-process consumers.
     #[arg(long, env = "HOLDFAST_NATS_URL", global = true, hide_env_values = true)]
     pub nats_url: Option<String>,
@@ -238,6 +247,7 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub store: StoreConfig,
     pub redis_url: Option<String>,
+    pub redis_key_prefix: String,
     pub nats_url: Option<String>,
     pub nats_stream: String,
     pub nats_subject_prefix: String,
@@ -372,6 +382,7 @@ impl Settings {
             data_dir: flags.data_dir.clone(),
             store,
             redis_url: flags.redis_url.clone(),
+            redis_key_prefix: flags.redis_key_prefix.clone(),
             nats_url: flags.nats_url.clone(),
             nats_stream: flags.nats_stream.clone(),
             nats_subject_prefix: flags.nats_subject_prefix.clone(),

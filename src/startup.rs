@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::checkout::{CheckoutService, SagaSettings, Windows};
 use crate::config::{Settings, StoreConfig};
 use crate::domain::{Clock, SystemClock};
+use crate::flash_sale::{AdmissionGate, InProcessGate, RedisGate};
 use crate::http::{self, AppState};
 use crate::outbox::{EventSink, InProcessSink, NatsConsumers, NatsSink, Relay, SinkError};
 use crate::payments::{PaymentGateway, StripeGateway, StripeSimulator, Timeouts};
@@ -32,6 +33,8 @@ pub enum StartupError {
     Bind { addr: SocketAddr, source: io::Error },
     #[error("cannot set up the payment gateway: {0}")]
     Gateway(String),
+    #[error("cannot reach the flash-sale gate: {0}")]
+    Gate(crate::flash_sale::GateError),
     // Not a `#[source]`: main prints the error chain, and the cause is already in the line.
     #[error("cannot set up fulfilment events: {0}")]
     Events(SinkError),
@@ -262,10 +265,19 @@ impl Application {
             max_lifetime: chrono::Duration::from_std(settings.reservation_max_lifetime)
                 .unwrap_or(chrono::Duration::minutes(30)),
         };
+        let gate: Arc<dyn AdmissionGate> = match &settings.redis_url {
+            Some(url) => Arc::new(
+                RedisGate::connect(url, settings.redis_key_prefix.clone())
+                    .await
+                    .map_err(StartupError::Gate)?,
+            ),
+            None => Arc::new(InProcessGate::new()),
+        };
         let checkout = Arc::new(CheckoutService::new(
             store.clone(),
             clock.clone(),
             gateway,
+            gate,
             windows,
             saga,
         ));
@@ -273,6 +285,8 @@ impl Application {
             store: store.clone(),
             checkout: checkout.clone(),
             webhook_secrets: Arc::new(webhook_secrets),
+            max_lifetime: windows.max_lifetime,
+            customers: Arc::default(),
             clock: clock.clone(),
             admin_token_digest: http::token_digest(admin_token.expose_secret()),
             simulator: simulator.clone(),
@@ -285,7 +299,7 @@ impl Application {
         Ok(Self {
             listener,
             addr,
-            expiry: Arc::new(ExpiryWorker::new(store, clock)),
+            expiry: Arc::new(ExpiryWorker::new(store, clock).with_admissions(checkout.clone())),
             recovery: Arc::new(RecoveryWorker::new(checkout)),
             simulator,
             relay,

@@ -4,6 +4,7 @@
 //! `checkout-{id}-charge-{attempt}` makes every retry the same request) and 4 (no ghost orders,
 //! no lost payments: every path ends paid, failed-and-released, or refunded).
 
+mod admission;
 pub mod faults;
 
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use std::time::Duration as StdDuration;
 use chrono::Duration;
 
 use crate::domain::{CartId, Checkout, CheckoutId, CheckoutState, Clock, CustomerId, OrderId};
+use crate::flash_sale::AdmissionGate;
 use crate::observe::{self, CheckoutOutcome, SagaStep};
 use crate::payments::{
     ChargeOutcome, ChargeRequest, EventObject, GatewayError, IntentStatus, PaymentGateway,
@@ -31,6 +33,12 @@ pub enum CheckoutError {
     PaymentMethodRefused { code: String, message: String },
     #[error("the payment provider cannot be used right now: {0}")]
     Gateway(String),
+    #[error(transparent)]
+    Gate(crate::flash_sale::GateError),
+    #[error("this cart holds a flash-sale item: a valid admission token is required")]
+    AdmissionRequired,
+    #[error("a checkout may hold items of one flash sale only")]
+    OneSalePerCheckout,
 }
 
 /// Reservation windows (DESIGN §8: `--reservation-ttl-seconds`, maximum lifetime).
@@ -71,6 +79,8 @@ pub struct CheckoutService {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     gateway: Arc<dyn PaymentGateway>,
+    gate: Arc<dyn AdmissionGate>,
+    sales: admission::SaleCache,
     windows: Windows,
     saga: SagaSettings,
     /// This instance's name on the leases it takes.
@@ -91,6 +101,7 @@ impl CheckoutService {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         gateway: Arc<dyn PaymentGateway>,
+        gate: Arc<dyn AdmissionGate>,
         windows: Windows,
         saga: SagaSettings,
     ) -> Self {
@@ -99,6 +110,8 @@ impl CheckoutService {
             store,
             clock,
             gateway,
+            gate,
+            sales: admission::SaleCache::default(),
             windows,
             saga,
             owner,
@@ -118,26 +131,53 @@ impl CheckoutService {
         }
     }
 
-    /// (new) → reserved: every line reserved and the order created, in one transaction.
+    /// (new) → reserved: every line reserved and the order created, in one transaction. A cart
+    /// holding a flash-sale SKU needs the customer's admission token and gets the sale's window.
     #[tracing::instrument(skip_all, fields(%customer, %cart))]
     pub async fn start(
         &self,
         customer: CustomerId,
         cart: CartId,
+        flash_sale_token: Option<&str>,
     ) -> Result<Checkout, CheckoutError> {
+        let skus: Vec<_> = self
+            .store
+            .cart(customer, cart)
+            .await?
+            .ok_or(CheckoutError::Store(StoreError::NotFound("cart")))?
+            .lines
+            .into_iter()
+            .map(|line| line.sku)
+            .collect();
+        let sale = self
+            .admitted_sale(customer, &skus, flash_sale_token)
+            .await?;
         let new = NewCheckout {
             id: CheckoutId::new(),
             order_id: OrderId::new(),
             customer_id: customer,
             cart_id: cart,
             now: self.clock.now(),
-            ttl: self.windows.ttl,
+            ttl: sale
+                .as_ref()
+                .map_or(self.windows.ttl, |s| s.reservation_ttl),
             max_lifetime: self.windows.max_lifetime,
-            flash_sale: None,
+            flash_sale: sale.as_ref().map(|s| s.id),
         };
         let reserved = observe::timed(SagaStep::Reserve, self.store.reserve_checkout(&new)).await;
         count_reservation(&reserved);
-        Ok(reserved?)
+        let checkout = reserved?;
+        if let Some(sale) = &sale {
+            // The admission now lives as long as the checkout may.
+            if let Err(e) = self
+                .gate
+                .extend(sale.id, customer, checkout.max_expires_at)
+                .await
+            {
+                tracing::warn!(error = %e, "admission not extended; it expires with its token");
+            }
+        }
+        Ok(checkout)
     }
 
     /// reserved → reserved with the expiry pushed, never past the maximum lifetime.
@@ -146,9 +186,17 @@ impl CheckoutService {
         customer: CustomerId,
         id: CheckoutId,
     ) -> Result<Checkout, CheckoutError> {
+        let current = self.get(customer, id).await?;
+        let ttl = match current.flash_sale_id {
+            Some(sale) => self
+                .sale(sale)
+                .await?
+                .map_or(self.windows.ttl, |s| s.reservation_ttl),
+            None => self.windows.ttl,
+        };
         Ok(self
             .store
-            .heartbeat_checkout(customer, id, self.clock.now(), self.windows.ttl)
+            .heartbeat_checkout(customer, id, self.clock.now(), ttl)
             .await?)
     }
 
@@ -158,12 +206,13 @@ impl CheckoutService {
         customer: CustomerId,
         id: CheckoutId,
     ) -> Result<Checkout, CheckoutError> {
-        let cancelled = self
+        let checkout = self
             .store
             .cancel_checkout(customer, id, self.clock.now())
             .await?;
         observe::checkout(CheckoutOutcome::Cancelled);
-        Ok(cancelled)
+        self.settle_admission(&checkout).await;
+        Ok(checkout)
     }
 
     pub async fn get(
@@ -306,11 +355,37 @@ impl CheckoutService {
             } => {
                 let code = decline.decline_code.as_deref().unwrap_or(&decline.code);
                 Ok(self
-                    .store
-                    .record_charge_declined(id, payment_intent_id.as_deref(), code, now)
+                    .declined(id, payment_intent_id.as_deref(), code, now)
                     .await?)
             }
         }
+    }
+
+    /// charging | requires_action → payment_failed, units and admission handed back.
+    async fn declined(
+        &self,
+        id: CheckoutId,
+        payment_intent_id: Option<&str>,
+        code: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Checkout, CheckoutError> {
+        let checkout = self
+            .store
+            .record_charge_declined(id, payment_intent_id, code, now)
+            .await?;
+        self.settle_admission(&checkout).await;
+        Ok(checkout)
+    }
+
+    /// requires_action → cancelled (authentication abandoned), units and admission handed back.
+    async fn cancelled(
+        &self,
+        id: CheckoutId,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Checkout, CheckoutError> {
+        let checkout = self.store.record_charge_cancelled(id, now).await?;
+        self.settle_admission(&checkout).await;
+        Ok(checkout)
     }
 
     /// succeeded → completed (stock confirmed, order paid, outbox row), or, when the units were
@@ -328,10 +403,12 @@ impl CheckoutService {
         if checkout.refund_due {
             return self.refund_late_success(checkout).await;
         }
+        self.settle_admission(&checkout).await;
         Ok(checkout)
     }
 
-    /// Money without goods goes back, with its own idempotency key (DESIGN §3).
+    /// Money due back goes back, with its own idempotency key (DESIGN §3): a late success whose
+    /// units were gone, or an admin refund.
     async fn refund_late_success(&self, checkout: Checkout) -> Result<Checkout, CheckoutError> {
         let Some(intent) = checkout.payment_intent_id.clone() else {
             return Ok(checkout);
@@ -344,16 +421,26 @@ impl CheckoutService {
         match self.gateway.refund(&request).await {
             Ok(refund) => {
                 tracing::info!(checkout_id = %checkout.id, "late payment refunded: the units were gone");
-                Ok(self
+                let refunded = self
                     .store
                     .record_refunded(checkout.id, &refund.id, self.clock.now())
-                    .await?)
+                    .await?;
+                self.settle_admission(&refunded).await;
+                Ok(refunded)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "refund failed; recovery will retry");
                 Ok(checkout)
             }
         }
+    }
+
+    /// An admin refund of a paid order: money back through the gateway (its own idempotency
+    /// key), units back on the shelf. Recorded as due first, so a crash midway is finished by
+    /// recovery.
+    pub async fn refund_order(&self, order: OrderId) -> Result<Checkout, CheckoutError> {
+        let checkout = self.store.request_refund(order, self.clock.now()).await?;
+        self.refund_late_success(checkout).await
     }
 
     /// A verified webhook event moves its checkout on; duplicates and late events never move
@@ -377,14 +464,11 @@ impl CheckoutService {
                     .map(|d| d.decline_code.clone().unwrap_or_else(|| d.code.clone()))
                     .unwrap_or_else(|| "payment_failed".to_owned());
                 Some(
-                    self.store
-                        .record_charge_declined(checkout.id, Some(&intent.id), &code, now)
+                    self.declined(checkout.id, Some(&intent.id), &code, now)
                         .await?,
                 )
             }
-            "payment_intent.canceled" => {
-                Some(self.store.record_charge_cancelled(checkout.id, now).await?)
-            }
+            "payment_intent.canceled" => Some(self.cancelled(checkout.id, now).await?),
             _ => None,
         };
         if let Some(after) = &after {
@@ -473,16 +557,10 @@ impl CheckoutService {
                 self.record_success(checkout.id, &intent).await?;
             }
             IntentStatus::Canceled => {
-                self.store.record_charge_cancelled(checkout.id, now).await?;
+                self.cancelled(checkout.id, now).await?;
             }
             IntentStatus::RequiresPaymentMethod => {
-                self.store
-                    .record_charge_declined(
-                        checkout.id,
-                        Some(&intent.id),
-                        "authentication_failed",
-                        now,
-                    )
+                self.declined(checkout.id, Some(&intent.id), "authentication_failed", now)
                     .await?;
             }
             _ if now >= checkout.max_expires_at => {
@@ -492,7 +570,7 @@ impl CheckoutService {
                         self.record_success(checkout.id, &after).await?;
                     }
                     Ok(_) => {
-                        self.store.record_charge_cancelled(checkout.id, now).await?;
+                        self.cancelled(checkout.id, now).await?;
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot cancel the payment; will retry"),
                 }

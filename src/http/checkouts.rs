@@ -33,7 +33,6 @@ pub fn router() -> Router<AppState> {
 struct StartCheckout {
     cart_id: String,
     #[serde(default)]
-    #[allow(dead_code)]
     flash_sale_token: Option<String>,
 }
 
@@ -57,8 +56,9 @@ fn parse_checkout_id(raw: &str) -> Result<CheckoutId, ApiError> {
     responses(
         (status = 201, body = CheckoutView, description = "every line reserved until `expires_at`"),
         (status = 404, body = ErrorBody, description = "`cart_not_found`"),
-        (status = 409, body = ErrorBody, description = "`insufficient_stock` with per-SKU `details`, `cart_not_open`, `sold_out`"),
-        (status = 422, body = ErrorBody, description = "`cart_empty`"),
+        (status = 403, body = ErrorBody, description = "`admission_required`: a flash-sale item without a valid token"),
+        (status = 409, body = ErrorBody, description = "`insufficient_stock` with per-SKU `details`, `cart_not_open`, `admission_in_use`"),
+        (status = 422, body = ErrorBody, description = "`cart_empty`, `one_flash_sale_per_checkout`"),
         (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
     )
 )]
@@ -70,7 +70,10 @@ async fn start(
 ) -> Result<Response, ApiError> {
     let cart = parse_cart_id(&body.cart_id)?;
     let run = || async {
-        let checkout = state.checkout.start(customer.id, cart).await?;
+        let checkout = state
+            .checkout
+            .start(customer.id, cart, body.flash_sale_token.as_deref())
+            .await?;
         Ok(Outcome {
             status: StatusCode::CREATED,
             body: serde_json::to_value(CheckoutView::from(checkout)).unwrap_or_default(),

@@ -179,6 +179,14 @@ impl From<StoreError> for ApiError {
                 "payment_in_progress",
                 "a payment for this checkout is in progress; retry shortly",
             ),
+            StoreError::OrderState(status) => Self::conflict(
+                "invalid_order_state",
+                format!("the order is {}", status.as_str()),
+            ),
+            StoreError::AdmissionInUse => Self::conflict(
+                "admission_in_use",
+                "this flash-sale admission already holds a live checkout",
+            ),
             StoreError::UnitsExceedAvailable { units, available } => Self::conflict(
                 "units_exceed_available",
                 format!("a sale of {units} units exceeds the {available} available"),
@@ -212,6 +220,38 @@ impl From<CheckoutError> for ApiError {
             CheckoutError::Gateway(message) => {
                 Self::new(StatusCode::BAD_GATEWAY, "payment_gateway_error", message)
             }
+            CheckoutError::Gate(gate) => gate.into(),
+            CheckoutError::AdmissionRequired => Self::new(
+                StatusCode::FORBIDDEN,
+                "admission_required",
+                "this cart holds a flash-sale item: take a token and send it as flash_sale_token",
+            ),
+            CheckoutError::OneSalePerCheckout => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "one_flash_sale_per_checkout",
+                "a checkout may hold items of one flash sale only",
+            ),
+        }
+    }
+}
+
+impl From<crate::flash_sale::GateError> for ApiError {
+    fn from(e: crate::flash_sale::GateError) -> Self {
+        use crate::flash_sale::GateError;
+        match e {
+            GateError::SoldOut => Self::conflict("sold_out", "the sale is sold out"),
+            GateError::NotStarted => Self::conflict("sale_not_started", "the sale has not started"),
+            GateError::Ended => Self::conflict("sale_ended", "the sale has ended"),
+            GateError::Unavailable(cause) => {
+                // Fail closed: nobody is admitted while the gate cannot be asked.
+                tracing::error!(error = %cause, "admission gate unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "admission_unavailable",
+                    "admission is unavailable; retry shortly",
+                )
+                .retry_after(1)
+            }
         }
     }
 }
@@ -223,6 +263,7 @@ pub fn not_found_of(what: &str) -> ApiError {
         "checkout" => "checkout_not_found",
         "order" => "order_not_found",
         "customer" => "customer_not_found",
+        "flash sale" => "flash_sale_not_found",
         _ => "not_found",
     };
     ApiError::not_found(code, format!("{what} not found"))

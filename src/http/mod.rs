@@ -3,6 +3,7 @@
 //! the store, and maps the result (DESIGN §8 is the contract).
 
 mod admin;
+mod admin_orders;
 mod auth;
 mod carts;
 mod catalogue;
@@ -10,6 +11,7 @@ mod checkouts;
 mod demo;
 mod error;
 mod extract;
+mod flash_sales;
 mod health;
 mod idempotent;
 mod metrics;
@@ -48,6 +50,10 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// SHA-256 of the admin token: the token itself is not kept in memory here.
     pub admin_token_digest: [u8; 32],
+    /// A checkout's maximum lifetime (bounds a flash sale's reservation window).
+    pub max_lifetime: chrono::Duration,
+    /// Customers by token hash: tokens never change, so a known token needs no store call.
+    pub customers: Arc<auth::CustomerCache>,
     /// Webhook signing secrets; any of them verifies (rotation).
     pub webhook_secrets: Arc<Vec<secrecy::SecretString>>,
     /// The built-in payment simulator when it is the gateway: the demo routes need it.
@@ -60,10 +66,12 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
         .merge(admin::router())
+        .merge(admin_orders::router())
         .merge(catalogue::router())
         .merge(carts::router())
         .merge(checkouts::router())
         .merge(orders::router())
+        .merge(flash_sales::router())
         .merge(webhooks::router())
         .merge(ops::router())
         .merge(demo::router())

@@ -16,7 +16,8 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use super::{
-    admin, carts, catalogue, checkouts, demo, health, metrics, ops, orders, ui, webhooks, AppState,
+    admin, admin_orders, carts, catalogue, checkouts, demo, flash_sales, health, metrics, ops,
+    orders, ui, webhooks, AppState,
 };
 
 pub fn router() -> Router<AppState> {
@@ -40,6 +41,11 @@ pub fn router() -> Router<AppState> {
         admin::get_product,
         admin::update_product,
         admin::inventory,
+        admin_orders::refund,
+        admin_orders::ship,
+        flash_sales::open,
+        flash_sales::figures,
+        flash_sales::take_token,
         ops::ops,
         catalogue::list,
         catalogue::one,
@@ -187,6 +193,17 @@ pub struct WebhookReceived {
     received: bool,
     /// Present and `true` when this event id was handled before.
     duplicate: Option<bool>,
+}
+
+/// How a flash sale stands at the gate.
+#[derive(ToSchema)]
+#[schema(as = GateFigures)]
+#[allow(dead_code)] // documentation only: `flash_sale::GateFigures` is the real one
+pub struct GateFiguresSchema {
+    /// Customers holding a live admission token.
+    holders: u32,
+    /// Units paid for.
+    sold: u32,
 }
 
 /// The document as JSON, built once: it depends on the code only.

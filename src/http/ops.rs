@@ -89,6 +89,9 @@ struct FlashSaleView {
     starts_at: DateTime<Utc>,
     #[schema(value_type = Option<String>, format = DateTime)]
     ends_at: Option<String>,
+    /// Admission tokens held now, as the gate counts them; `null` when the gate cannot be
+    /// asked (the page still shows what the database knows).
+    tokens_held: Option<u32>,
     /// Live checkouts holding one of the sale's units.
     in_checkout: i64,
     /// Units paid for.
@@ -105,6 +108,7 @@ impl From<FlashSaleRow> for FlashSaleView {
             ends_at: f
                 .ends_at
                 .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+            tokens_held: None,
             in_checkout: f.in_checkout,
             sold: f.sold,
         }
@@ -127,6 +131,19 @@ impl From<FlashSaleRow> for FlashSaleView {
 async fn ops(_: Admin, State(state): State<AppState>) -> Result<Json<OpsView>, ApiError> {
     let store = &state.store;
     let lag = store.outbox_lag(state.clock.now()).await?;
+    let mut flash_sales = Vec::new();
+    for row in store.flash_sale_stats(FLASH_SALES).await? {
+        let id = row.id;
+        let mut view = FlashSaleView::from(row);
+        view.tokens_held = match state.checkout.sale_figures(id).await {
+            Ok(figures) => Some(figures.holders),
+            Err(e) => {
+                tracing::warn!(error = %e, "flash-sale figures unavailable for the ops view");
+                None
+            }
+        };
+        flash_sales.push(view);
+    }
     Ok(Json(OpsView {
         checkouts_by_state: store.checkouts_by_state().await?,
         orders_by_status: store.orders_by_status().await?,
@@ -142,11 +159,6 @@ async fn ops(_: Admin, State(state): State<AppState>) -> Result<Json<OpsView>, A
             .into_iter()
             .map(FailureView::from)
             .collect(),
-        flash_sales: store
-            .flash_sale_stats(FLASH_SALES)
-            .await?
-            .into_iter()
-            .map(FlashSaleView::from)
-            .collect(),
+        flash_sales,
     }))
 }

@@ -68,6 +68,10 @@ pub enum StoreError {
     CheckoutState(CheckoutState),
     #[error("a payment for this checkout is in progress")]
     ChargeInProgress,
+    #[error("the order is {0:?}")]
+    OrderState(crate::domain::OrderStatus),
+    #[error("this flash-sale admission already holds a live checkout")]
+    AdmissionInUse,
     #[error("a sale of {units} units exceeds the {available} available")]
     UnitsExceedAvailable { units: u32, available: i64 },
     #[error(transparent)]
@@ -338,13 +342,27 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         limit: u32,
         lease: Lease<'_>,
     ) -> Result<Vec<ChargeTicket>, StoreError>;
-    /// The money of a late success went back: checkout and order `refunded`.
+    /// The money went back: checkout and order `refunded`; units a completed checkout had
+    /// bought return to stock.
     async fn record_refunded(
         &self,
         id: CheckoutId,
         refund_id: &str,
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError>;
+
+    /// An admin refund of a paid order: its checkout's money is due back (the refund itself
+    /// runs through the gateway, then `record_refunded`, crash-safe via recovery).
+    async fn request_refund(
+        &self,
+        order: OrderId,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError>;
+    /// paid → fulfilled (shipped); fulfilling a fulfilled order changes nothing.
+    async fn mark_fulfilled(&self, order: OrderId, now: DateTime<Utc>)
+        -> Result<Order, StoreError>;
+    /// Any order by id, for the admin.
+    async fn admin_order(&self, id: OrderId) -> Result<Option<Order>, StoreError>;
 
     // Webhooks and edge idempotency.
     /// True if this event id is new; it is recorded only after it was handled.

@@ -17,8 +17,8 @@ use uuid::Uuid;
 
 use crate::domain::{
     Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
-    CustomerName, FlashSale, FlashSaleId, NewFlashSale, NewProduct, Order, OrderId, Product,
-    ProductPatch, Quantity, Sku,
+    CustomerName, FlashSale, FlashSaleId, NewFlashSale, NewProduct, Order, OrderId, OrderStatus,
+    Product, ProductPatch, Quantity, Sku,
 };
 
 use super::rows::{self, row_decoders};
@@ -104,6 +104,25 @@ impl SqliteStore {
         }))
     }
 
+    /// Stamps a changed cart, reads it back and commits the change.
+    async fn finish_cart_change(
+        mut tx: Transaction<'_, Sqlite>,
+        customer: CustomerId,
+        cart: CartId,
+        now: DateTime<Utc>,
+    ) -> Result<Cart, StoreError> {
+        sqlx::query("UPDATE carts SET updated_at = $2 WHERE id = $1")
+            .bind(cart.uuid())
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        let updated = Self::cart_in(&mut tx, customer, cart)
+            .await?
+            .ok_or(StoreError::NotFound("cart"))?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
     /// Locks an open cart of this customer for a change of its lines.
     async fn lock_open_cart(
         tx: &mut Transaction<'_, Sqlite>,
@@ -183,6 +202,28 @@ impl SqliteStore {
             .bind(product_id)
             .execute(&mut **tx)
             .await?;
+        }
+        Ok(())
+    }
+
+    /// A refunded sale: its confirmed units go back on the shelf.
+    async fn return_stock(
+        tx: &mut Transaction<'_, Sqlite>,
+        id: CheckoutId,
+    ) -> Result<(), StoreError> {
+        let rows = sqlx::query(
+            "UPDATE reservations SET status = 'returned' \
+             WHERE checkout_id = $1 AND status = 'confirmed' RETURNING product_id, quantity",
+        )
+        .bind(id.uuid())
+        .fetch_all(&mut **tx)
+        .await?;
+        for (product_id, quantity) in decode::per_product(&rows)? {
+            sqlx::query("UPDATE products SET stock = stock + $1 WHERE id = $2")
+                .bind(quantity)
+                .bind(product_id)
+                .execute(&mut **tx)
+                .await?;
         }
         Ok(())
     }
@@ -476,16 +517,7 @@ impl Store for SqliteStore {
         .bind(i64::from(quantity.get()))
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE carts SET updated_at = $2 WHERE id = $1")
-            .bind(cart.uuid())
-            .bind(to_millis(now))
-            .execute(&mut *tx)
-            .await?;
-        let updated = Self::cart_in(&mut tx, customer, cart)
-            .await?
-            .ok_or(StoreError::NotFound("cart"))?;
-        tx.commit().await?;
-        Ok(updated)
+        Self::finish_cart_change(tx, customer, cart, now).await
     }
 
     async fn remove_cart_line(
@@ -505,16 +537,7 @@ impl Store for SqliteStore {
         .bind(sku.as_str())
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE carts SET updated_at = $2 WHERE id = $1")
-            .bind(cart.uuid())
-            .bind(to_millis(now))
-            .execute(&mut *tx)
-            .await?;
-        let updated = Self::cart_in(&mut tx, customer, cart)
-            .await?
-            .ok_or(StoreError::NotFound("cart"))?;
-        tx.commit().await?;
-        Ok(updated)
+        Self::finish_cart_change(tx, customer, cart, now).await
     }
 
     #[tracing::instrument(skip_all, fields(checkout_id = %new.id, cart_id = %new.cart_id))]
@@ -654,7 +677,15 @@ impl Store for SqliteStore {
         .bind(now)
         .bind(new.flash_sale.map(FlashSaleId::uuid))
         .fetch_one(&mut *tx)
-        .await?;
+        .await
+        .map_err(|e| {
+            // Only the one-live-checkout-per-admission index can be violated here.
+            if is_unique_violation(&e) {
+                StoreError::AdmissionInUse
+            } else {
+                e.into()
+            }
+        })?;
         for line in &priced {
             sqlx::query(
                 "INSERT INTO reservations (checkout_id, product_id, quantity, status) \
@@ -912,7 +943,8 @@ impl Store for SqliteStore {
                 if !Self::reserve_again_and_confirm(&mut tx, id).await? {
                     let row = sqlx::query(&format!(
                         "UPDATE checkouts SET refund_due = TRUE, payment_intent_id = $2, \
-                         updated_at = $3 WHERE id = $1 RETURNING {CHECKOUT_COLUMNS}"
+                         lease_owner = NULL, lease_until = $3, updated_at = $3 WHERE id = $1 \
+                         RETURNING {CHECKOUT_COLUMNS}"
                     ))
                     .bind(id.uuid())
                     .bind(payment_intent_id)
@@ -1143,6 +1175,9 @@ impl Store for SqliteStore {
         if current.state == CheckoutState::Refunded {
             return Ok(current);
         }
+        if current.state == CheckoutState::Completed {
+            Self::return_stock(&mut tx, id).await?;
+        }
         let row = sqlx::query(&format!(
             "UPDATE checkouts SET state = 'refunded', refund_due = FALSE, refund_id = $2, \
              lease_owner = NULL, lease_until = NULL, updated_at = $3 WHERE id = $1 \
@@ -1164,6 +1199,75 @@ impl Store for SqliteStore {
         .await?;
         tx.commit().await?;
         decode::checkout(&row)
+    }
+
+    async fn request_refund(
+        &self,
+        order: OrderId,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
+            .bind(order.uuid())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound("order"))?;
+        match OrderStatus::parse(&status) {
+            Some(OrderStatus::Paid) => {}
+            Some(other) => return Err(StoreError::OrderState(other)),
+            None => return Err(StoreError::Corrupt(format!("order status {status:?}"))),
+        }
+        let row = sqlx::query(&format!(
+            "UPDATE checkouts SET refund_due = TRUE, lease_owner = NULL, lease_until = $2, \
+             updated_at = $2 WHERE order_id = $1 RETURNING {CHECKOUT_COLUMNS}"
+        ))
+        .bind(order.uuid())
+        .bind(to_millis(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        decode::checkout(&row)
+    }
+
+    async fn mark_fulfilled(
+        &self,
+        order: OrderId,
+        now: DateTime<Utc>,
+    ) -> Result<Order, StoreError> {
+        let changed = sqlx::query(
+            "UPDATE orders SET status = 'fulfilled', updated_at = $2 WHERE id = $1 AND status = 'paid'",
+        )
+        .bind(order.uuid())
+        .bind(to_millis(now))
+        .execute(&self.pool)
+        .await?;
+        let found = self
+            .admin_order(order)
+            .await?
+            .ok_or(StoreError::NotFound("order"))?;
+        if changed.rows_affected() == 0 && found.status != OrderStatus::Fulfilled {
+            return Err(StoreError::OrderState(found.status));
+        }
+        Ok(found)
+    }
+
+    async fn admin_order(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
+        let Some(row) = sqlx::query(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"))
+            .bind(id.uuid())
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let mut order = decode::order(&row)?;
+        let seq: i64 = row.try_get("seq")?;
+        order.lines = self
+            .order_lines(order.customer_id, seq, seq)
+            .await?
+            .into_iter()
+            .map(|(_, line)| line)
+            .collect();
+        Ok(Some(order))
     }
 
     async fn webhook_seen(&self, event_id: &str) -> Result<bool, StoreError> {

@@ -8,12 +8,15 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::checkout::CheckoutService;
 use crate::domain::Clock;
 use crate::store::{Released, Store, StoreError};
 
 pub struct ExpiryWorker {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    /// Hands flash-sale admissions of released checkouts back to the gate.
+    admissions: Option<Arc<CheckoutService>>,
     batch: u32,
     released_checkouts: AtomicU64,
     released_units: AtomicU64,
@@ -24,10 +27,16 @@ impl ExpiryWorker {
         Self {
             store,
             clock,
+            admissions: None,
             batch: 100,
             released_checkouts: AtomicU64::new(0),
             released_units: AtomicU64::new(0),
         }
+    }
+
+    pub fn with_admissions(mut self, checkout: Arc<CheckoutService>) -> Self {
+        self.admissions = Some(checkout);
+        self
     }
 
     /// One batch: what was released (empty when there was nothing to do).
@@ -37,6 +46,9 @@ impl ExpiryWorker {
             .expire_due_checkouts(self.clock.now(), self.batch)
             .await?;
         crate::observe::expiry_released(released.checkouts.len());
+        if let Some(checkout) = &self.admissions {
+            checkout.release_admissions(&released.admissions).await;
+        }
         if !released.checkouts.is_empty() {
             self.released_checkouts
                 .fetch_add(released.checkouts.len() as u64, Ordering::Relaxed);

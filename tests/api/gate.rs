@@ -519,13 +519,13 @@ async fn a_sale_admits_nobody_before_it_starts_or_from_its_end_on(gate: Arc<dyn 
 
 /// A `redis-server` of this test's own, on a free port, killed when dropped so no process
 /// outlives the test.
-struct DedicatedRedis {
+pub(crate) struct DedicatedRedis {
     port: u16,
     child: Option<Child>,
 }
 
 impl DedicatedRedis {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
             .expect("the OS hands out a free port")
@@ -535,11 +535,11 @@ impl DedicatedRedis {
         redis
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         let port = self.port.to_string();
         let child = Command::new("redis-server")
             .args(["--port", &port, "--bind", "127.0.0.1"])
@@ -552,7 +552,7 @@ impl DedicatedRedis {
         self.child = Some(child);
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             // Already gone is fine; the point is that it is gone.
             let _ = child.kill();
@@ -577,7 +577,7 @@ impl DedicatedRedis {
     }
 
     /// Waits until the server answers PING, with a deadline.
-    async fn wait_until_ready(&self) {
+    pub(crate) async fn wait_until_ready(&self) {
         let deadline = Instant::now() + StdDuration::from_secs(10);
         let client = ::redis::Client::open(self.url()).expect("a valid URL");
         loop {

@@ -70,6 +70,9 @@ pub struct Options {
     pub expiry_interval_ms: u64,
     /// Relay events to NATS on a stream and subject prefix of this test's own.
     pub nats: bool,
+    /// The flash-sale gate on this Redis (with a key prefix of the test's own); `None` = in
+    /// process.
+    pub redis: Option<String>,
     /// `(api base, secret key)` of a Stripe-compatible server; `None` = the simulator.
     pub stripe: Option<(String, String)>,
     /// Saga pacing; tests default to short retries.
@@ -103,6 +106,7 @@ impl Default for Options {
             saga: quick_saga(),
             lease_seconds: 5,
             nats: false,
+            redis: None,
         }
     }
 }
@@ -173,6 +177,14 @@ pub async fn spawn_app_with(kind: StoreKind, options: Options) -> TestApp {
             base.clone(),
             "--stripe-secret-key".to_owned(),
             key.clone(),
+        ]);
+    }
+    if let Some(url) = &options.redis {
+        args.extend([
+            "--redis-url".to_owned(),
+            url.clone(),
+            "--redis-key-prefix".to_owned(),
+            format!("test:{}:", uuid::Uuid::new_v4().simple()),
         ]);
     }
     args.extend([
@@ -616,4 +628,47 @@ pub async fn execute_sql(app: &TestApp, statements: &[String]) {
             }
         }
     }
+}
+
+/// Makes `n` customers each with a cart holding `lines`, directly through the store (fast
+/// set-up); the race itself goes over HTTP.
+pub async fn buyers(app: &TestApp, n: usize, lines: &[(&str, u32)]) -> Vec<(Customer, String)> {
+    use futures::stream::{self, StreamExt as _};
+    use holdfast::domain::{CustomerName, Quantity, Sku};
+    let lines: Vec<(Sku, Quantity)> = lines
+        .iter()
+        .map(|(s, q)| {
+            (
+                Sku::parse(s).unwrap(),
+                Quantity::new(i64::from(*q)).unwrap(),
+            )
+        })
+        .collect();
+    stream::iter(0..n)
+        .map(|i| {
+            let lines = lines.clone();
+            async move {
+                let token = holdfast::http::new_customer_token();
+                let customer = app
+                    .store
+                    .create_customer(
+                        &CustomerName::parse(&format!("buyer {i}")).unwrap(),
+                        &holdfast::http::token_hash(&token),
+                    )
+                    .await
+                    .expect("customer");
+                let now = chrono::Utc::now();
+                let cart = app.store.create_cart(customer.id, now).await.expect("cart");
+                for (sku, q) in &lines {
+                    app.store
+                        .set_cart_line(customer.id, cart.id, sku, *q, now)
+                        .await
+                        .expect("line");
+                }
+                (Customer { token }, cart.id.to_string())
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await
 }

@@ -5,8 +5,6 @@
 use std::sync::Arc;
 
 use chrono::Duration;
-use futures::stream::{self, StreamExt as _};
-use holdfast::domain::{CustomerName, Quantity, Sku};
 use holdfast::store::StoreKind;
 use holdfast::workers::ExpiryWorker;
 use reqwest::Method;
@@ -15,7 +13,8 @@ use tokio::sync::Barrier;
 
 use crate::both_stores;
 use crate::helpers::{
-    eventually, spawn_app, spawn_app_with, AssertClean, Customer, Options, TestApp, ADMIN_TOKEN,
+    buyers, eventually, spawn_app, spawn_app_with, AssertClean, Customer, Options, TestApp,
+    ADMIN_TOKEN,
 };
 
 both_stores!(
@@ -31,47 +30,6 @@ both_stores!(
     stock_can_never_drop_below_what_is_reserved,
     the_audit_finds_a_corrupted_row,
 );
-
-/// Makes `n` customers each with a cart holding `lines`, directly through the store (fast
-/// set-up); the race itself goes over HTTP.
-async fn buyers(app: &TestApp, n: usize, lines: &[(&str, u32)]) -> Vec<(Customer, String)> {
-    let lines: Vec<(Sku, Quantity)> = lines
-        .iter()
-        .map(|(s, q)| {
-            (
-                Sku::parse(s).unwrap(),
-                Quantity::new(i64::from(*q)).unwrap(),
-            )
-        })
-        .collect();
-    stream::iter(0..n)
-        .map(|i| {
-            let lines = lines.clone();
-            async move {
-                let token = holdfast::http::new_customer_token();
-                let customer = app
-                    .store
-                    .create_customer(
-                        &CustomerName::parse(&format!("buyer {i}")).unwrap(),
-                        &holdfast::http::token_hash(&token),
-                    )
-                    .await
-                    .expect("customer");
-                let now = chrono::Utc::now();
-                let cart = app.store.create_cart(customer.id, now).await.expect("cart");
-                for (sku, q) in &lines {
-                    app.store
-                        .set_cart_line(customer.id, cart.id, sku, *q, now)
-                        .await
-                        .expect("line");
-                }
-                (Customer { token }, cart.id.to_string())
-            }
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await
-}
 
 /// Releases every buyer's checkout at once and returns the answers.
 async fn race_checkouts(

@@ -10,6 +10,7 @@ mod browser;
 mod carts;
 mod catalogue;
 mod errors;
+mod flash_sale;
 mod gate;
 mod inventory;
 mod metrics;

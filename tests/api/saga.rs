@@ -25,6 +25,7 @@ both_stores!(
     a_late_success_for_an_expired_checkout_takes_the_units_again_or_refunds,
     an_abandoned_authentication_is_cancelled_when_the_checkout_lifetime_ends,
     the_audit_finds_a_lost_event_and_a_ghost_checkout,
+    an_admin_ships_or_refunds_a_paid_order,
 );
 
 fn checkout_id(raw: &str) -> CheckoutId {
@@ -712,4 +713,194 @@ async fn the_audit_finds_a_lost_event_and_a_ghost_checkout(kind: StoreKind) {
             .any(|v| v.contains(&ghost) && v.contains("no live lease")),
         "{report}"
     );
+}
+
+async fn an_admin_ships_or_refunds_a_paid_order(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, first, first_order) = app.reserved_checkout("Ada", &[("tea-01", 2)]).await;
+    let (_, _, unpaid_order) = app.reserved_checkout("Bob", &[("tea-01", 1)]).await;
+    assert_eq!(
+        app.complete(&ada, &first, "pm_card_visa", "k").await.body["state"],
+        "completed"
+    );
+    let (ada2, second, second_order) = app.reserved_checkout("Ada2", &[("tea-01", 2)]).await;
+    assert_eq!(
+        app.complete(&ada2, &second, "pm_card_visa", "k").await.body["state"],
+        "completed"
+    );
+    assert_eq!(app.stock_of("tea-01").await, (1, 1, 0));
+
+    // Refund: money back once, units back on the shelf.
+    let refunded = app
+        .admin_post(&format!("/v1/admin/orders/{first_order}/refund"), json!({}))
+        .await;
+    refunded.assert_status(200);
+    assert_eq!(refunded.body["status"], "refunded");
+    let intent = refunded.str("payment_intent_id");
+    assert_eq!(
+        app.simulator.as_ref().unwrap().ledger().refunded(&intent),
+        900
+    );
+    assert_eq!(app.stock_of("tea-01").await, (3, 1, 2));
+    app.admin_post(&format!("/v1/admin/orders/{first_order}/refund"), json!({}))
+        .await
+        .assert_error(409, "invalid_order_state");
+    assert_eq!(
+        app.simulator.as_ref().unwrap().ledger().refunded(&intent),
+        900,
+        "refunded once"
+    );
+    assert_eq!(
+        app.get(&format!("/v1/checkouts/{first}"), Some(&ada.token))
+            .await
+            .body["state"],
+        "refunded"
+    );
+
+    // Shipment: paid → fulfilled, once; an unpaid order cannot ship.
+    let shipped = app
+        .admin_post(
+            &format!("/v1/admin/orders/{second_order}/shipments"),
+            json!({}),
+        )
+        .await;
+    shipped.assert_status(200);
+    assert_eq!(shipped.body["status"], "fulfilled");
+    app.admin_post(
+        &format!("/v1/admin/orders/{second_order}/shipments"),
+        json!({}),
+    )
+    .await
+    .assert_status(200);
+    app.admin_post(
+        &format!("/v1/admin/orders/{second_order}/refund"),
+        json!({}),
+    )
+    .await
+    .assert_error(409, "invalid_order_state");
+    app.admin_post(
+        &format!("/v1/admin/orders/{unpaid_order}/shipments"),
+        json!({}),
+    )
+    .await
+    .assert_error(409, "invalid_order_state");
+    app.admin_post("/v1/admin/orders/nope/refund", json!({}))
+        .await
+        .assert_error(404, "order_not_found");
+    app.audit().await.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_a_webhook_that_beats_the_charge_response_completes_the_checkout_once() {
+    let (app, fake) = app_on_fake_stripe().await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, order) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    fake.hold();
+    let pending = {
+        let client = app.client.clone();
+        let url = format!("{}/v1/checkouts/{checkout}/complete", app.base);
+        let token = ada.token.clone();
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .header("Idempotency-Key", "k")
+                .json(&json!({"payment_method": "pm_card_visa"}))
+                .send()
+                .await
+                .expect("request")
+                .json::<serde_json::Value>()
+                .await
+                .expect("json")
+        })
+    };
+    fake.wait_until_held(1).await;
+
+    // Stripe's event arrives while our charge call is still waiting for its answer: it is
+    // matched by the metadata and completes the checkout.
+    let now = chrono::Utc::now().timestamp();
+    let early = event(
+        "evt_early",
+        "payment_intent.succeeded",
+        "pi_early",
+        &checkout,
+        "succeeded",
+    );
+    let (status, _) = post_webhook(
+        &app,
+        &early,
+        Some(signature::sign(early.as_bytes(), WEBHOOK_SECRET, now)),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        app.get(&format!("/v1/orders/{order}"), Some(&ada.token))
+            .await
+            .body["status"],
+        "paid"
+    );
+
+    // The late response changes nothing: still completed, stock confirmed once, one event.
+    fake.release();
+    let answer = pending.await.unwrap();
+    assert_eq!(answer["state"], "completed");
+    assert_eq!(app.stock_of("tea-01").await, (4, 0, 4));
+    let order_id = OrderId::parse(&order).unwrap();
+    eventually(10, "one allocation", || async {
+        app.store.allocations_for(order_id).await.unwrap() == 1
+    })
+    .await;
+    app.audit().await.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_an_in_flight_checkout_finish() {
+    let (app, fake) = app_on_fake_stripe().await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, order) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    let (store, gateway) = (app.store.clone(), app.gateway.clone());
+    fake.hold();
+    let pending = {
+        let client = app.client.clone();
+        let url = format!("{}/v1/checkouts/{checkout}/complete", app.base);
+        let token = ada.token.clone();
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .header("Idempotency-Key", "k")
+                .json(&json!({"payment_method": "pm_card_visa"}))
+                .send()
+                .await
+                .expect("the in-flight request is answered")
+                .json::<serde_json::Value>()
+                .await
+                .expect("json")
+        })
+    };
+    fake.wait_until_held(1).await;
+
+    // Shutdown begins while the charge is in flight; it waits for the request to finish.
+    let stopping = tokio::spawn(app.stop());
+    fake.release();
+    let answer = pending.await.unwrap();
+    stopping.await.expect("the server stops cleanly");
+
+    assert_eq!(answer["state"], "completed");
+    assert_eq!(fake.charges_for(checkout_id(&checkout)), 1);
+    let paid = store
+        .admin_order(OrderId::parse(&order).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(paid.status.as_str(), "paid");
+    let options = holdfast::audit::AuditOptions {
+        gateway: Some(gateway.as_ref()),
+        ..Default::default()
+    };
+    holdfast::audit::run_with(store.as_ref(), options)
+        .await
+        .unwrap()
+        .assert_clean();
 }

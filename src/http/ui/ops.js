@@ -110,9 +110,10 @@
     replace($("sales"), o.flash_sales.length
       ? o.flash_sales.map((s) => el("tr", { "data-sale": s.id },
           el("td", {}, s.id.slice(0, 8)), el("td", {}, s.sku), el("td", { class: "num" }, s.units),
+          el("td", { class: "num" }, s.tokens_held === null ? "?" : s.tokens_held),
           el("td", { class: "num" }, s.in_checkout), el("td", { class: "num" }, s.sold),
           el("td", {}, when(s.starts_at)), el("td", {}, s.ends_at ? when(s.ends_at) : "open")))
-      : el("tr", {}, el("td", { class: "muted", colspan: 7 }, "no flash sales")));
+      : el("tr", {}, el("td", { class: "muted", colspan: 8 }, "no flash sales")));
 
     replace($("failures"), o.recent_failures.length
       ? o.recent_failures.map((f) => el("tr", { "data-checkout": f.checkout_id },

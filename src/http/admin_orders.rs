@@ -1,0 +1,101 @@
+//! Admin actions on orders: mark a paid order shipped (`fulfilled`), or refund it (money back
+//! through the gateway, units back in stock).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use crate::domain::OrderId;
+
+use super::auth::Admin;
+use super::extract::OptionalJson;
+use super::openapi::ErrorBody;
+use super::views::OrderView;
+use super::{error::not_found_of, ApiError, AppState};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/admin/orders/{id}/refund", post(refund))
+        .route("/v1/admin/orders/{id}/shipments", post(ship))
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoBody {}
+
+fn parse_order_id(raw: &str) -> Result<OrderId, ApiError> {
+    OrderId::parse(raw).map_err(|_| not_found_of("order"))
+}
+
+async fn current(state: &AppState, id: OrderId) -> Result<Json<OrderView>, ApiError> {
+    let order = state
+        .store
+        .admin_order(id)
+        .await?
+        .ok_or_else(|| not_found_of("order"))?;
+    Ok(Json(order.into()))
+}
+
+/// `200` with the refunded order, or `202` with the order still `paid` when the refund is
+/// recorded but the gateway has not confirmed it yet (recovery finishes it).
+#[utoipa::path(
+    post,
+    operation_id = "refund_order",
+    path = "/v1/admin/orders/{id}/refund",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("id" = String, Path)),
+    responses(
+        (status = 200, body = OrderView, description = "refunded"),
+        (status = 202, body = OrderView, description = "refund recorded, not yet confirmed by the gateway"),
+        (status = 404, body = ErrorBody, description = "`order_not_found`"),
+        (status = 409, body = ErrorBody, description = "the order cannot be refunded in its status"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+        (status = 403, body = ErrorBody, description = "a customer's token"),
+    )
+)]
+async fn refund(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    OptionalJson(NoBody {}): OptionalJson<NoBody>,
+) -> Result<Response, ApiError> {
+    let id = parse_order_id(&id)?;
+    let checkout = state.checkout.refund_order(id).await?;
+    let status = if checkout.refund_due {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, current(&state, id).await?).into_response())
+}
+
+/// Marks a paid order shipped (`fulfilled`).
+#[utoipa::path(
+    post,
+    operation_id = "ship_order",
+    path = "/v1/admin/orders/{id}/shipments",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("id" = String, Path)),
+    responses(
+        (status = 200, body = OrderView),
+        (status = 404, body = ErrorBody, description = "`order_not_found`"),
+        (status = 409, body = ErrorBody, description = "the order is not paid"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+        (status = 403, body = ErrorBody, description = "a customer's token"),
+    )
+)]
+async fn ship(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    OptionalJson(NoBody {}): OptionalJson<NoBody>,
+) -> Result<Json<OrderView>, ApiError> {
+    let id = parse_order_id(&id)?;
+    let order = state.store.mark_fulfilled(id, state.clock.now()).await?;
+    Ok(Json(order.into()))
+}
