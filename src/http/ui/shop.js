@@ -33,6 +33,7 @@
     ticker: null,
     orderPoll: null,
     sales: [], // flash sales, when the API offers them
+    noSaleList: false,
   };
 
   function token() {
@@ -480,8 +481,13 @@
   /** The flash-sale list is optional: a service without `GET /v1/flash-sales` (or with no
    *  sale on) simply shows no flash-sale view. */
   async function loadFlashSales() {
+    if (state.noSaleList) return;
     let answer;
     try { answer = await api("GET", "/v1/flash-sales"); } catch (_) { return; }
+    if (errorCode(answer) === "route_not_found") {
+      // This service has no public sale list: stop asking, show no flash-sale view.
+      state.noSaleList = true;
+    }
     if (answer.status !== 200 || !answer.body) {
       state.sales = [];
     } else {
