@@ -22,7 +22,7 @@ pub struct Cli {
     pub flags: Flags,
 }
 
-#[derive(Debug, Clone, Copy, Subcommand, PartialEq, Eq)]
+#[derive(Debug, Clone, Subcommand, PartialEq)]
 pub enum Command {
     /// Run the HTTP service (the default).
     Serve,
@@ -30,6 +30,9 @@ pub enum Command {
     Migrate,
     /// Check the promises on a live store; exit 1 on any violation.
     Audit,
+    /// Replay a flash sale or a steady shopping mix against a running holdfast on this
+    /// machine; exit 1 on oversell or a failed audit.
+    Loadgen(crate::loadgen::LoadgenArgs),
 }
 
 #[derive(Debug, Clone, Args)]

@@ -1,15 +1,20 @@
-//! `holdfast [serve|migrate|audit]`: parse flags, run, and turn any start-up failure into one
-//! line on stderr and exit code 2.
+//! `holdfast [serve|migrate|audit|loadgen]`: parse flags, run, and turn any start-up failure
+//! into one line on stderr and exit code 2.
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, FromArgMatches as _};
 use holdfast::config::{Cli, Command, Settings};
 use holdfast::startup::{open_store, payment_gateway, Application};
-use holdfast::{audit, shutdown, telemetry};
+use holdfast::{audit, loadgen, shutdown, telemetry};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // The load generator audits only a store the user named, not the default directory.
+    if let Some(Command::Loadgen(args)) = &mut cli.command {
+        args.store_flags_given = loadgen::store_flags_given(&matches);
+    }
     let settings = match Settings::from_flags(&cli.flags) {
         Ok(s) => s,
         Err(e) => {
@@ -47,6 +52,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             println!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Loadgen(args) => loadgen::run(args, &settings).await,
         Command::Audit => {
             let store = open_store(&settings).await?;
             // Promise 3 is checked against Stripe when a key is configured; the simulator's

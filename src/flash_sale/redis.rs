@@ -24,8 +24,10 @@ use super::{hold_until, new_token, Admission, AdmissionGate, GateError, GateFigu
 use crate::domain::{CustomerId, FlashSaleId};
 
 /// The longest any gate call may take, reconnecting included. A buyer waiting on the gate is a
-/// buyer not served; past this, refusing is kinder than waiting.
-pub const CALL_TIMEOUT: StdDuration = StdDuration::from_secs(1);
+/// buyer not served; past this, refusing is kinder than waiting. Two seconds leave room for a
+/// burst of thousands of buyers queued on one multiplexed connection of a busy host, while a
+/// dead Redis is still noticed at once (connection refused) and a frozen one within this bound.
+pub const CALL_TIMEOUT: StdDuration = StdDuration::from_secs(2);
 
 /// A connection attempt to a reachable Redis takes well under a millisecond on a LAN; half a
 /// second means it is not reachable.
