@@ -222,6 +222,15 @@ pub struct Flags {
     #[arg(long, env = "HOLDFAST_FAULT_POINT", global = true, hide = true)]
     pub fault_point: Option<String>,
 
+    /// Seed a demo catalogue and a flash sale at start when the catalogue is empty.
+    #[arg(
+        long,
+        env = "HOLDFAST_DEMO",
+        global = true,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub demo: bool,
+
     /// Log format: `text` or `json`.
     #[arg(
         long,
@@ -270,6 +279,7 @@ pub struct Settings {
     pub rate_limit_per_second: u32,
     pub request_timeout: Duration,
     pub log_format: LogFormat,
+    pub demo: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -410,6 +420,7 @@ impl Settings {
             rate_limit_per_second: flags.rate_limit_per_second,
             request_timeout: Duration::from_secs(request_timeout),
             log_format: flags.log_format,
+            demo: flags.demo,
         })
     }
 }
@@ -502,6 +513,13 @@ mod tests {
             (s.request_timeout, s.rate_limit_per_second),
             (Duration::from_secs(1), 0)
         );
+    }
+
+    #[test]
+    fn demo_mode_is_off_unless_asked_for() {
+        assert!(!parse(&[]).unwrap().demo);
+        assert!(parse(&["--demo"]).unwrap().demo);
+        assert!(parse(&["serve", "--demo"]).unwrap().demo);
     }
 
     #[test]

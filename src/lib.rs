@@ -14,16 +14,20 @@
 //! - [`workers`]: background loops (reservation expiry) with a `tick()` tests can drive.
 //! - [`audit`]: the promise checks behind `holdfast audit`.
 //! - [`loadgen`]: `holdfast loadgen`, a flash sale or steady load against a running server.
+//! - [`observe`]: the Prometheus metrics every layer counts into.
+//! - [`demo`]: the catalogue `serve --demo` seeds.
 //! - [`config`], [`startup`], [`telemetry`], [`shutdown`]: flags, wiring, logs, stopping.
 
 pub mod audit;
 pub mod checkout;
 pub mod config;
+pub mod demo;
 pub mod domain;
 pub mod flash_sale;
 pub mod http;
 pub mod idempotency;
 pub mod loadgen;
+pub mod observe;
 pub mod outbox;
 pub mod payments;
 pub mod shutdown;

@@ -204,6 +204,14 @@ impl Application {
         overrides: Overrides,
     ) -> Result<Self, StartupError> {
         let store = open_store(&settings).await?;
+        if settings.demo {
+            let seeded = crate::demo::seed(store.as_ref(), overrides.clock.now()).await?;
+            tracing::info!(
+                products = seeded.products,
+                flash_sale = seeded.flash_sale,
+                "demo catalogue"
+            );
+        }
         let (admin_token, admin_source) = resolve_secret(
             settings.admin_token.as_ref(),
             &settings.data_dir,
@@ -283,9 +291,11 @@ impl Application {
             admin_token_digest: http::token_digest(admin_token.expose_secret()),
             rate_limit: Arc::new(http::RateLimit::per_second(settings.rate_limit_per_second)),
             request_timeout: settings.request_timeout,
+            simulator: simulator.clone(),
         };
         tracing::info!(
-            "holdfast listening on http://{addr} (store: {}, admin token: {admin_source})",
+            "holdfast listening on http://{addr} (store: {}, admin token: {admin_source}); \
+             storefront at /, operations at /ops",
             store.kind().as_str()
         );
         Ok(Self {

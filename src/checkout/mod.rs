@@ -14,6 +14,7 @@ use chrono::Duration;
 
 use crate::domain::{CartId, Checkout, CheckoutId, CheckoutState, Clock, CustomerId, OrderId};
 use crate::flash_sale::AdmissionGate;
+use crate::observe::{self, CheckoutOutcome, SagaStep};
 use crate::payments::{
     ChargeOutcome, ChargeRequest, EventObject, GatewayError, IntentStatus, PaymentGateway,
     PaymentIntent, RefundRequest, WebhookEvent,
@@ -163,7 +164,9 @@ impl CheckoutService {
             max_lifetime: self.windows.max_lifetime,
             flash_sale: sale.as_ref().map(|s| s.id),
         };
-        let checkout = self.store.reserve_checkout(&new).await?;
+        let reserved = observe::timed(SagaStep::Reserve, self.store.reserve_checkout(&new)).await;
+        count_reservation(&reserved);
+        let checkout = reserved?;
         if let Some(sale) = &sale {
             // The admission now lives as long as the checkout may.
             if let Err(e) = self
@@ -207,6 +210,7 @@ impl CheckoutService {
             .store
             .cancel_checkout(customer, id, self.clock.now())
             .await?;
+        observe::checkout(CheckoutOutcome::Cancelled);
         self.settle_admission(&checkout).await;
         Ok(checkout)
     }
@@ -266,10 +270,20 @@ impl CheckoutService {
         };
         let mut delays = self.saga.retry_delays.iter();
         loop {
-            let answer = self.gateway.create_and_confirm(&request).await;
+            let answer =
+                observe::timed(SagaStep::Charge, self.gateway.create_and_confirm(&request)).await;
+            count_gateway_call(&answer);
             faults::hit(self.saga.fault, FaultPoint::AfterGatewayCall).await;
             match answer {
-                Ok(outcome) => return self.record_outcome(checkout.id, outcome).await,
+                Ok(outcome) => {
+                    let recorded =
+                        observe::timed(SagaStep::Record, self.record_outcome(checkout.id, outcome))
+                            .await;
+                    if let Ok(after) = &recorded {
+                        count_transition(CheckoutState::Charging, after);
+                    }
+                    return recorded;
+                }
                 Err(GatewayError::Unknown(_) | GatewayError::IdempotencyConflict) => {
                     if let Some(delay) = delays.next() {
                         tokio::time::sleep(*delay).await;
@@ -441,23 +455,24 @@ impl CheckoutService {
             return Ok(());
         };
         let now = self.clock.now();
-        match event.event_type.as_str() {
-            "payment_intent.succeeded" => {
-                self.record_success(checkout.id, intent).await?;
-            }
+        let after = match event.event_type.as_str() {
+            "payment_intent.succeeded" => Some(self.record_success(checkout.id, intent).await?),
             "payment_intent.payment_failed" => {
                 let code = intent
                     .last_payment_error
                     .as_ref()
                     .map(|d| d.decline_code.clone().unwrap_or_else(|| d.code.clone()))
                     .unwrap_or_else(|| "payment_failed".to_owned());
-                self.declined(checkout.id, Some(&intent.id), &code, now)
-                    .await?;
+                Some(
+                    self.declined(checkout.id, Some(&intent.id), &code, now)
+                        .await?,
+                )
             }
-            "payment_intent.canceled" => {
-                self.cancelled(checkout.id, now).await?;
-            }
-            _ => {}
+            "payment_intent.canceled" => Some(self.cancelled(checkout.id, now).await?),
+            _ => None,
+        };
+        if let Some(after) = &after {
+            count_transition(checkout.state, after);
         }
         Ok(())
     }
@@ -565,4 +580,46 @@ impl CheckoutService {
         }
         Ok(())
     }
+}
+
+/// Metrics: how a reservation attempt ended.
+fn count_reservation(result: &Result<Checkout, StoreError>) {
+    match result {
+        Ok(_) => observe::checkout(CheckoutOutcome::Reserved),
+        Err(StoreError::InsufficientStock(_)) => {
+            observe::checkout(CheckoutOutcome::InsufficientStock)
+        }
+        Err(_) => {}
+    }
+}
+
+/// Metrics: a recorded outcome counts once, when it moved the checkout. Phases are idempotent
+/// (a webhook repeating what the charge response said returns the checkout unchanged), so the
+/// state before is what tells a move from a repeat.
+fn count_transition(before: CheckoutState, after: &Checkout) {
+    if before == after.state {
+        return;
+    }
+    let outcome = match after.state {
+        CheckoutState::Completed => CheckoutOutcome::Completed,
+        CheckoutState::PaymentFailed => CheckoutOutcome::PaymentFailed,
+        CheckoutState::RequiresAction => CheckoutOutcome::RequiresAction,
+        CheckoutState::Cancelled => CheckoutOutcome::Cancelled,
+        _ => return,
+    };
+    observe::checkout(outcome);
+}
+
+/// Metrics: what one charge call answered.
+fn count_gateway_call(answer: &Result<ChargeOutcome, GatewayError>) {
+    observe::gateway_call(match answer {
+        Ok(ChargeOutcome::Succeeded(_)) => "succeeded",
+        Ok(ChargeOutcome::RequiresAction(_)) => "requires_action",
+        Ok(ChargeOutcome::Declined { .. }) => "declined",
+        Err(GatewayError::Unknown(_)) => "unknown",
+        Err(GatewayError::IdempotencyConflict) => "idempotency_conflict",
+        Err(GatewayError::InvalidRequest { .. }) => "invalid_request",
+        Err(GatewayError::Authentication(_)) => "authentication_error",
+        Err(GatewayError::IdempotencyKeyReused(_)) => "idempotency_key_reused",
+    });
 }

@@ -8,11 +8,13 @@ use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
+use utoipa::ToSchema;
 
 use crate::domain::{CustomerName, Money, NewProduct, ProductName, ProductPatch, Sku, StockLevel};
 
 use super::auth::Admin;
 use super::extract::{AppJson, AppQuery};
+use super::openapi::{CustomerCreated, ErrorBody, MoneySchema};
 use super::views::{AdminProductView, ListParams, ListView};
 use super::{error::not_found_of, new_customer_token, token_hash, ApiError, AppState};
 
@@ -30,12 +32,29 @@ pub fn router() -> Router<AppState> {
 /// The actor recorded with stock changes made through the admin API.
 const ADMIN_ACTOR: &str = "admin";
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateCustomer {
+    /// 1 to 200 characters.
+    #[schema(value_type = String)]
     name: CustomerName,
 }
 
+/// A customer and their bearer token (shown once; only its digest is stored).
+#[utoipa::path(
+    post,
+    operation_id = "create_customer",
+    path = "/v1/admin/customers",
+    tag = "admin",
+    security(("admin_token" = [])),
+    request_body = CreateCustomer,
+    responses(
+        (status = 201, body = CustomerCreated),
+        (status = 422, body = ErrorBody, description = "invalid name"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+        (status = 403, body = ErrorBody, description = "a customer's token"),
+    )
+)]
 async fn create_customer(
     _: Admin,
     State(state): State<AppState>,
@@ -53,15 +72,36 @@ async fn create_customer(
         .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateProduct {
+    /// Letters, digits, `-`, `_`, `.`; 1 to 64 characters.
+    #[schema(value_type = String)]
     sku: Sku,
+    #[schema(value_type = String)]
     name: ProductName,
+    #[schema(value_type = MoneySchema)]
     price: Money,
+    #[schema(value_type = i64, minimum = 0)]
     stock: StockLevel,
 }
 
+/// A product in the catalogue; the answer's `ETag` is its version.
+#[utoipa::path(
+    post,
+    operation_id = "create_product",
+    path = "/v1/admin/products",
+    tag = "admin",
+    security(("admin_token" = [])),
+    request_body = CreateProduct,
+    responses(
+        (status = 201, body = AdminProductView, headers(("ETag" = String, description = "the version, quoted"))),
+        (status = 409, body = ErrorBody, description = "`sku_taken`"),
+        (status = 422, body = ErrorBody, description = "invalid field"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+        (status = 403, body = ErrorBody, description = "a customer's token"),
+    )
+)]
 async fn create_product(
     _: Admin,
     State(state): State<AppState>,
@@ -84,6 +124,20 @@ async fn create_product(
     ))
 }
 
+/// One product with its stock, reserved units and version.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/products/{sku}",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("sku" = String, Path)),
+    responses(
+        (status = 200, body = AdminProductView, headers(("ETag" = String, description = "the version, quoted"))),
+        (status = 404, body = ErrorBody, description = "`product_not_found`"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+        (status = 403, body = ErrorBody, description = "a customer's token"),
+    )
+)]
 async fn get_product(
     _: Admin,
     State(state): State<AppState>,
@@ -102,14 +156,41 @@ async fn get_product(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PatchProduct {
+    #[schema(value_type = Option<String>)]
     name: Option<ProductName>,
+    #[schema(value_type = Option<MoneySchema>)]
     price: Option<Money>,
+    /// Never below the units currently reserved.
+    #[schema(value_type = Option<i64>, minimum = 0)]
     stock: Option<StockLevel>,
 }
 
+/// Changes name, price or stock if the product is still at the version in `If-Match`.
+#[utoipa::path(
+    patch,
+    path = "/v1/admin/products/{sku}",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(
+        ("sku" = String, Path),
+        ("If-Match" = String, Header, description = "the product's ETag, e.g. `\"7\"`"),
+    ),
+    request_body = PatchProduct,
+    responses(
+        (status = 200, body = AdminProductView, headers(("ETag" = String, description = "the new version, quoted"))),
+        (status = 400, body = ErrorBody, description = "`invalid_if_match`"),
+        (status = 404, body = ErrorBody, description = "`product_not_found`"),
+        (status = 409, body = ErrorBody, description = "`stock_below_reserved`"),
+        (status = 412, body = ErrorBody, description = "`version_mismatch`"),
+        (status = 422, body = ErrorBody, description = "nothing to change, or an invalid field"),
+        (status = 428, body = ErrorBody, description = "`precondition_required`: no If-Match"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+        (status = 403, body = ErrorBody, description = "a customer's token"),
+    )
+)]
 async fn update_product(
     _: Admin,
     State(state): State<AppState>,
@@ -140,6 +221,20 @@ async fn update_product(
     ))
 }
 
+/// Stock, reserved and available per SKU, by SKU.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/inventory",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(ListParams),
+    responses(
+        (status = 200, body = ListView<AdminProductView>),
+        (status = 400, body = ErrorBody, description = "`invalid_cursor`, `invalid_query`"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+        (status = 403, body = ErrorBody, description = "a customer's token"),
+    )
+)]
 async fn inventory(
     _: Admin,
     State(state): State<AppState>,

@@ -12,6 +12,7 @@ use crate::domain::OrderId;
 
 use super::auth::Admin;
 use super::extract::OptionalJson;
+use super::openapi::ErrorBody;
 use super::views::OrderView;
 use super::{error::not_found_of, ApiError, AppState};
 
@@ -40,6 +41,22 @@ async fn current(state: &AppState, id: OrderId) -> Result<Json<OrderView>, ApiEr
 
 /// `200` with the refunded order, or `202` with the order still `paid` when the refund is
 /// recorded but the gateway has not confirmed it yet (recovery finishes it).
+#[utoipa::path(
+    post,
+    operation_id = "refund_order",
+    path = "/v1/admin/orders/{id}/refund",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("id" = String, Path)),
+    responses(
+        (status = 200, body = OrderView, description = "refunded"),
+        (status = 202, body = OrderView, description = "refund recorded, not yet confirmed by the gateway"),
+        (status = 404, body = ErrorBody, description = "`order_not_found`"),
+        (status = 409, body = ErrorBody, description = "the order cannot be refunded in its status"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+        (status = 403, body = ErrorBody, description = "a customer's token"),
+    )
+)]
 async fn refund(
     _: Admin,
     State(state): State<AppState>,
@@ -56,6 +73,22 @@ async fn refund(
     Ok((status, current(&state, id).await?).into_response())
 }
 
+/// Marks a paid order shipped (`fulfilled`).
+#[utoipa::path(
+    post,
+    operation_id = "ship_order",
+    path = "/v1/admin/orders/{id}/shipments",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("id" = String, Path)),
+    responses(
+        (status = 200, body = OrderView),
+        (status = 404, body = ErrorBody, description = "`order_not_found`"),
+        (status = 409, body = ErrorBody, description = "the order is not paid"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+        (status = 403, body = ErrorBody, description = "a customer's token"),
+    )
+)]
 async fn ship(
     _: Admin,
     State(state): State<AppState>,

@@ -6,12 +6,14 @@ use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
+use utoipa::ToSchema;
 
 use crate::domain::{CartId, Quantity};
 
 use super::admin::parse_sku;
 use super::auth::CustomerAuth;
 use super::extract::{AppJson, OptionalJson};
+use super::openapi::ErrorBody;
 use super::views::CartView;
 use super::{error::not_found_of, ApiError, AppState};
 
@@ -29,6 +31,15 @@ pub fn router() -> Router<AppState> {
 #[serde(deny_unknown_fields)]
 struct NoBody {}
 
+/// A new, empty cart of the caller's.
+#[utoipa::path(
+    post,
+    operation_id = "create_cart",
+    path = "/v1/carts",
+    tag = "carts",
+    security(("customer_token" = [])),
+    responses((status = 201, body = CartView), (status = 401, body = ErrorBody, description = "no token, or an unknown one"))
+)]
 async fn create(
     CustomerAuth(customer): CustomerAuth,
     State(state): State<AppState>,
@@ -45,6 +56,20 @@ pub(super) fn parse_cart_id(raw: &str) -> Result<CartId, ApiError> {
     CartId::parse(raw).map_err(|_| not_found_of("cart"))
 }
 
+/// One of the caller's carts.
+#[utoipa::path(
+    get,
+    operation_id = "get_cart",
+    path = "/v1/carts/{id}",
+    tag = "carts",
+    security(("customer_token" = [])),
+    params(("id" = String, Path)),
+    responses(
+        (status = 200, body = CartView),
+        (status = 404, body = ErrorBody, description = "`cart_not_found` (also another customer's cart)"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+    )
+)]
 async fn one(
     CustomerAuth(customer): CustomerAuth,
     State(state): State<AppState>,
@@ -58,12 +83,30 @@ async fn one(
     Ok(Json(cart.into()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SetLine {
+    #[schema(value_type = u32, minimum = 1, maximum = 10000)]
     quantity: Quantity,
 }
 
+/// Sets the quantity of a SKU in an open cart.
+#[utoipa::path(
+    put,
+    operation_id = "set_cart_line",
+    path = "/v1/carts/{id}/lines/{sku}",
+    tag = "carts",
+    security(("customer_token" = [])),
+    params(("id" = String, Path), ("sku" = String, Path)),
+    request_body = SetLine,
+    responses(
+        (status = 200, body = CartView),
+        (status = 404, body = ErrorBody, description = "`cart_not_found`, `product_not_found`"),
+        (status = 409, body = ErrorBody, description = "`cart_not_open`: a checkout holds it"),
+        (status = 422, body = ErrorBody, description = "quantity out of range"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+    )
+)]
 async fn set_line(
     CustomerAuth(customer): CustomerAuth,
     State(state): State<AppState>,
@@ -79,6 +122,21 @@ async fn set_line(
     Ok(Json(cart.into()))
 }
 
+/// Removes a SKU from an open cart.
+#[utoipa::path(
+    delete,
+    operation_id = "remove_cart_line",
+    path = "/v1/carts/{id}/lines/{sku}",
+    tag = "carts",
+    security(("customer_token" = [])),
+    params(("id" = String, Path), ("sku" = String, Path)),
+    responses(
+        (status = 200, body = CartView),
+        (status = 404, body = ErrorBody, description = "`cart_not_found`, `product_not_found`"),
+        (status = 409, body = ErrorBody, description = "`cart_not_open`"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+    )
+)]
 async fn remove_line(
     CustomerAuth(customer): CustomerAuth,
     State(state): State<AppState>,

@@ -6,6 +6,7 @@ use axum::{Json, Router};
 
 use super::admin::{parse_cursor_sku, parse_sku};
 use super::extract::AppQuery;
+use super::openapi::ErrorBody;
 use super::views::{ListParams, ListView, ProductView};
 use super::{error::not_found_of, ApiError, AppState};
 
@@ -15,6 +16,19 @@ pub fn router() -> Router<AppState> {
         .route("/v1/products/{sku}", get(one))
 }
 
+/// The catalogue with live availability, by SKU.
+#[utoipa::path(
+    get,
+    operation_id = "list_products",
+    path = "/v1/products",
+    tag = "catalogue",
+    params(ListParams),
+    responses(
+        (status = 200, body = ListView<ProductView>),
+        (status = 400, body = ErrorBody, description = "`invalid_cursor`, `invalid_query`"),
+        (status = 422, body = ErrorBody, description = "limit out of range"),
+    )
+)]
 async fn list(
     State(state): State<AppState>,
     AppQuery(params): AppQuery<ListParams>,
@@ -30,6 +44,18 @@ async fn list(
     }))
 }
 
+/// One product.
+#[utoipa::path(
+    get,
+    operation_id = "get_catalogue_product",
+    path = "/v1/products/{sku}",
+    tag = "catalogue",
+    params(("sku" = String, Path)),
+    responses(
+        (status = 200, body = ProductView),
+        (status = 404, body = ErrorBody, description = "`product_not_found`"),
+    )
+)]
 async fn one(
     State(state): State<AppState>,
     Path(sku): Path<String>,

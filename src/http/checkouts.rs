@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
+use utoipa::ToSchema;
 
 use crate::domain::{CheckoutId, CheckoutState};
 
@@ -15,6 +16,7 @@ use super::carts::parse_cart_id;
 use super::extract::{JsonWithBytes, OptionalJson};
 use super::idempotent::{self, Outcome};
 use super::limits::RateLimited;
+use super::openapi::ErrorBody;
 use super::views::CheckoutView;
 use super::{error::not_found_of, ApiError, AppState};
 
@@ -27,7 +29,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/checkouts/{id}/complete", post(complete))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct StartCheckout {
     cart_id: String,
@@ -44,6 +46,23 @@ fn parse_checkout_id(raw: &str) -> Result<CheckoutId, ApiError> {
 }
 
 /// `Idempotency-Key` is optional here: with one, a retried start answers the first result.
+#[utoipa::path(
+    post,
+    operation_id = "start_checkout",
+    path = "/v1/checkouts",
+    tag = "checkouts",
+    security(("customer_token" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "optional; a retry answers the first result")),
+    request_body = StartCheckout,
+    responses(
+        (status = 201, body = CheckoutView, description = "every line reserved until `expires_at`"),
+        (status = 404, body = ErrorBody, description = "`cart_not_found`"),
+        (status = 403, body = ErrorBody, description = "`admission_required`: a flash-sale item without a valid token"),
+        (status = 409, body = ErrorBody, description = "`insufficient_stock` with per-SKU `details`, `cart_not_open`, `admission_in_use`"),
+        (status = 422, body = ErrorBody, description = "`cart_empty`, `one_flash_sale_per_checkout`"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+    )
+)]
 async fn start(
     RateLimited(customer): RateLimited,
     State(state): State<AppState>,
@@ -79,14 +98,37 @@ async fn start(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Complete {
+    /// e.g. `pm_card_visa`; with the simulator also `pm_card_chargeDeclined`,
+    /// `pm_card_authenticationRequired`, `pm_card_chargeDeclinedInsufficientFunds`.
     payment_method: String,
 }
 
 /// reserved → charging → outcome. `Idempotency-Key` is required; an outcome still unknown
 /// (`charging`) is not stored, so retrying with the same key drives it to its end.
+#[utoipa::path(
+    post,
+    operation_id = "complete_checkout",
+    path = "/v1/checkouts/{id}/complete",
+    tag = "checkouts",
+    security(("customer_token" = [])),
+    params(
+        ("id" = String, Path),
+        ("Idempotency-Key" = String, Header, description = "required; a replay answers the stored result"),
+    ),
+    request_body = Complete,
+    responses(
+        (status = 200, body = CheckoutView, description = "`state` is `completed`, `requires_action` (with `client_secret`), `payment_failed` (with `decline_code`) or still `charging`"),
+        (status = 400, body = ErrorBody, description = "`idempotency_key_required`, `invalid_idempotency_key`"),
+        (status = 404, body = ErrorBody, description = "`checkout_not_found`"),
+        (status = 409, body = ErrorBody, description = "`checkout_expired`, `invalid_state`, `payment_in_progress`, `idempotency_conflict`"),
+        (status = 422, body = ErrorBody, description = "`idempotency_key_reused`, `payment_method_refused`, invalid payment method"),
+        (status = 502, body = ErrorBody, description = "`payment_gateway_error`"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+    )
+)]
 async fn complete(
     RateLimited(customer): RateLimited,
     State(state): State<AppState>,
@@ -117,6 +159,20 @@ async fn complete(
     .await
 }
 
+/// One of the caller's checkouts.
+#[utoipa::path(
+    get,
+    operation_id = "get_checkout",
+    path = "/v1/checkouts/{id}",
+    tag = "checkouts",
+    security(("customer_token" = [])),
+    params(("id" = String, Path)),
+    responses(
+        (status = 200, body = CheckoutView),
+        (status = 404, body = ErrorBody, description = "`checkout_not_found`"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+    )
+)]
 async fn one(
     CustomerAuth(customer): CustomerAuth,
     State(state): State<AppState>,
@@ -129,6 +185,21 @@ async fn one(
     Ok(Json(checkout.into()))
 }
 
+/// Pushes the reservation's expiry to now + TTL, never past the checkout's maximum lifetime.
+#[utoipa::path(
+    post,
+    operation_id = "heartbeat_checkout",
+    path = "/v1/checkouts/{id}/heartbeat",
+    tag = "checkouts",
+    security(("customer_token" = [])),
+    params(("id" = String, Path)),
+    responses(
+        (status = 200, body = CheckoutView),
+        (status = 404, body = ErrorBody, description = "`checkout_not_found`"),
+        (status = 409, body = ErrorBody, description = "`checkout_expired`, `invalid_state`"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+    )
+)]
 async fn heartbeat(
     CustomerAuth(customer): CustomerAuth,
     State(state): State<AppState>,
@@ -142,6 +213,21 @@ async fn heartbeat(
     Ok(Json(checkout.into()))
 }
 
+/// Releases a reserved checkout's units at once.
+#[utoipa::path(
+    post,
+    operation_id = "cancel_checkout",
+    path = "/v1/checkouts/{id}/cancel",
+    tag = "checkouts",
+    security(("customer_token" = [])),
+    params(("id" = String, Path)),
+    responses(
+        (status = 200, body = CheckoutView),
+        (status = 404, body = ErrorBody, description = "`checkout_not_found`"),
+        (status = 409, body = ErrorBody, description = "`invalid_state`"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+    )
+)]
 async fn cancel(
     CustomerAuth(customer): CustomerAuth,
     State(state): State<AppState>,

@@ -9,6 +9,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::domain::{FlashSale, FlashSaleId, NewFlashSale, Sku};
 use crate::flash_sale::GateFigures;
@@ -16,6 +17,7 @@ use crate::flash_sale::GateFigures;
 use super::auth::Admin;
 use super::extract::{AppJson, OptionalJson};
 use super::limits::RateLimited;
+use super::openapi::{ErrorBody, GateFiguresSchema};
 use super::views::rfc3339;
 use super::{error::not_found_of, ApiError, AppState};
 
@@ -30,10 +32,12 @@ pub fn router() -> Router<AppState> {
 const DEFAULT_SALE_TTL_SECONDS: i64 = 300;
 const MAX_UNITS: u32 = 1_000_000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct OpenSale {
+    #[schema(value_type = String)]
     sku: Sku,
+    #[schema(minimum = 1, maximum = 1000000)]
     units: i64,
     #[serde(default)]
     starts_at: Option<DateTime<Utc>>,
@@ -43,9 +47,11 @@ struct OpenSale {
     reservation_ttl_seconds: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct SaleView {
+    #[schema(value_type = String)]
     id: FlashSaleId,
+    #[schema(value_type = String)]
     sku: Sku,
     units: u32,
     #[serde(serialize_with = "rfc3339")]
@@ -54,6 +60,7 @@ struct SaleView {
     ends_at: Option<DateTime<Utc>>,
     reservation_ttl_seconds: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<GateFiguresSchema>)]
     figures: Option<GateFigures>,
 }
 
@@ -78,6 +85,23 @@ impl SaleView {
     }
 }
 
+/// Opens a sale of `units` of one SKU behind the admission gate.
+#[utoipa::path(
+    post,
+    operation_id = "open_flash_sale",
+    path = "/v1/admin/flash-sales",
+    tag = "admin",
+    security(("admin_token" = [])),
+    request_body = OpenSale,
+    responses(
+        (status = 201, body = SaleView),
+        (status = 404, body = ErrorBody, description = "`product_not_found`"),
+        (status = 409, body = ErrorBody, description = "`units_exceed_available`"),
+        (status = 422, body = ErrorBody, description = "invalid units, window or times"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+        (status = 403, body = ErrorBody, description = "a customer's token"),
+    )
+)]
 async fn open(
     _: Admin,
     State(state): State<AppState>,
@@ -116,6 +140,21 @@ fn parse_sale_id(raw: &str) -> Result<FlashSaleId, ApiError> {
     FlashSaleId::parse(raw).map_err(|_| not_found_of("flash sale"))
 }
 
+/// A sale with its live figures: token holders and units sold.
+#[utoipa::path(
+    get,
+    operation_id = "get_flash_sale",
+    path = "/v1/admin/flash-sales/{id}",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("id" = String, Path)),
+    responses(
+        (status = 200, body = SaleView),
+        (status = 404, body = ErrorBody, description = "`flash_sale_not_found`"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+        (status = 403, body = ErrorBody, description = "a customer's token"),
+    )
+)]
 async fn figures(
     _: Admin,
     State(state): State<AppState>,
@@ -134,9 +173,10 @@ async fn figures(
 #[serde(deny_unknown_fields)]
 struct NoBody {}
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct TokenView {
     token: String,
+    #[schema(value_type = String)]
     sale_id: FlashSaleId,
     #[serde(serialize_with = "rfc3339")]
     expires_at: DateTime<Utc>,
@@ -144,6 +184,22 @@ struct TokenView {
 
 /// `201` for a first grant, `200` with the same token for a holder asking again, `409
 /// sold_out` (or `sale_not_started` / `sale_ended`) for everyone else.
+#[utoipa::path(
+    post,
+    operation_id = "take_flash_sale_token",
+    path = "/v1/flash-sales/{id}/tokens",
+    tag = "checkouts",
+    security(("customer_token" = [])),
+    params(("id" = String, Path)),
+    responses(
+        (status = 201, body = TokenView, description = "a first grant"),
+        (status = 200, body = TokenView, description = "the same token again, for a holder"),
+        (status = 404, body = ErrorBody, description = "`flash_sale_not_found`"),
+        (status = 409, body = ErrorBody, description = "`sold_out`, `sale_not_started`, `sale_ended`"),
+        (status = 503, body = ErrorBody, description = "`admission_unavailable`: the gate fails closed"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+    )
+)]
 async fn take_token(
     RateLimited(customer): RateLimited,
     State(state): State<AppState>,

@@ -8,14 +8,19 @@ mod auth;
 mod carts;
 mod catalogue;
 mod checkouts;
+mod demo;
 mod error;
 mod extract;
 mod flash_sales;
 mod health;
 mod idempotent;
 mod limits;
+mod metrics;
+mod openapi;
+mod ops;
 mod orders;
 mod server;
+mod ui;
 mod views;
 mod webhooks;
 
@@ -38,6 +43,7 @@ use crate::store::Store;
 pub use auth::{new_customer_token, token_digest, token_hash};
 pub use error::ApiError;
 pub use limits::{RateLimit, HEADER_LIMIT};
+pub use openapi::ApiDoc;
 pub use server::serve;
 
 /// Request bodies above this answer 413.
@@ -60,9 +66,12 @@ pub struct AppState {
     pub rate_limit: Arc<RateLimit>,
     /// A request not answered within this gets `408`.
     pub request_timeout: std::time::Duration,
+    /// The built-in payment simulator when it is the gateway: the demo routes need it.
+    pub simulator: Option<crate::payments::StripeSimulator>,
 }
 
 pub fn router(state: AppState) -> Router {
+    crate::observe::install();
     let request_id = HeaderName::from_static("x-request-id");
     let timeout = state.request_timeout;
     Router::new()
@@ -75,9 +84,15 @@ pub fn router(state: AppState) -> Router {
         .merge(orders::router())
         .merge(flash_sales::router())
         .merge(webhooks::router())
+        .merge(ops::router())
+        .merge(demo::router())
+        .merge(metrics::router())
+        .merge(openapi::router())
+        .merge(ui::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+        .layer(axum::middleware::from_fn(metrics::track))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("a handler panicked").into_response()

@@ -8,6 +8,7 @@ use crate::domain::OrderId;
 
 use super::auth::CustomerAuth;
 use super::extract::AppQuery;
+use super::openapi::ErrorBody;
 use super::views::{ListParams, ListView, OrderView};
 use super::{error::not_found_of, ApiError, AppState};
 
@@ -17,6 +18,20 @@ pub fn router() -> Router<AppState> {
         .route("/v1/orders/{id}", get(one))
 }
 
+/// The caller's orders, oldest first.
+#[utoipa::path(
+    get,
+    operation_id = "list_orders",
+    path = "/v1/orders",
+    tag = "orders",
+    security(("customer_token" = [])),
+    params(ListParams),
+    responses(
+        (status = 200, body = ListView<OrderView>),
+        (status = 400, body = ErrorBody, description = "`invalid_cursor`, `invalid_query`"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+    )
+)]
 async fn list(
     CustomerAuth(customer): CustomerAuth,
     State(state): State<AppState>,
@@ -40,6 +55,20 @@ async fn list(
     }))
 }
 
+/// One of the caller's orders.
+#[utoipa::path(
+    get,
+    operation_id = "get_order",
+    path = "/v1/orders/{id}",
+    tag = "orders",
+    security(("customer_token" = [])),
+    params(("id" = String, Path)),
+    responses(
+        (status = 200, body = OrderView),
+        (status = 404, body = ErrorBody, description = "`order_not_found`"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+    )
+)]
 async fn one(
     CustomerAuth(customer): CustomerAuth,
     State(state): State<AppState>,

@@ -3,9 +3,11 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize, Serializer};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::domain::{Cart, Checkout, Money, Order, OrderLine, Product, Sku};
 
+use super::openapi::{CartLineSchema, MoneySchema, OrderLineSchema};
 use super::ApiError;
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-11-25T10:00:00.000Z`.
@@ -13,11 +15,14 @@ pub fn rfc3339<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error
     s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ProductView {
+    #[schema(value_type = String)]
     pub sku: Sku,
     pub name: String,
+    #[schema(value_type = MoneySchema)]
     pub price: Money,
+    /// Stock minus what live checkouts hold.
     pub available: i64,
 }
 
@@ -32,10 +37,12 @@ impl From<&Product> for ProductView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct AdminProductView {
+    #[schema(value_type = String)]
     pub sku: Sku,
     pub name: String,
+    #[schema(value_type = MoneySchema)]
     pub price: Money,
     pub stock: i64,
     pub reserved: i64,
@@ -57,10 +64,13 @@ impl From<&Product> for AdminProductView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct CartView {
     pub id: String,
+    /// `open`, `checking_out` (a live checkout holds it) or `checked_out`.
+    #[schema(value_type = String)]
     pub status: &'static str,
+    #[schema(value_type = Vec<CartLineSchema>)]
     pub lines: Vec<crate::domain::CartLine>,
 }
 
@@ -74,13 +84,18 @@ impl From<Cart> for CartView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct CheckoutView {
     pub id: String,
+    /// `reserved`, `charging`, `requires_action`, `completed`, `payment_failed`, `expired`,
+    /// `cancelled` or `refunded`.
+    #[schema(value_type = String)]
     pub state: &'static str,
     pub order_id: String,
     pub cart_id: String,
+    #[schema(value_type = MoneySchema)]
     pub total: Money,
+    /// When the reservation lapses unless a heartbeat pushes it.
     #[serde(serialize_with = "rfc3339")]
     pub expires_at: DateTime<Utc>,
     #[serde(serialize_with = "rfc3339")]
@@ -110,12 +125,17 @@ impl From<Checkout> for CheckoutView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct OrderView {
     pub id: String,
+    /// `pending_payment`, `payment_processing`, `paid`, `payment_failed`, `cancelled`,
+    /// `fulfilled` or `refunded`.
+    #[schema(value_type = String)]
     pub status: &'static str,
     pub checkout_id: String,
+    #[schema(value_type = MoneySchema)]
     pub total: Money,
+    #[schema(value_type = Vec<OrderLineSchema>)]
     pub lines: Vec<OrderLine>,
     pub payment_intent_id: Option<String>,
     #[serde(serialize_with = "rfc3339")]
@@ -137,17 +157,21 @@ impl From<Order> for OrderView {
 }
 
 /// `{"data": [...], "next_cursor": ...}` (DESIGN §8).
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ListView<T> {
     pub data: Vec<T>,
     pub next_cursor: Option<String>,
 }
 
 /// `?limit=` (1..=500, default 50) and `?cursor=`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
 }
 

@@ -3,6 +3,9 @@
 //! one transaction that performs its effect and records the new state together (DESIGN §3).
 //! SQL lives only here.
 
+mod ops;
+mod ops_postgres;
+mod ops_sqlite;
 mod outbox;
 mod outbox_postgres;
 mod outbox_sqlite;
@@ -22,6 +25,7 @@ use crate::domain::{
     OrderLine, Product, ProductPatch, Quantity, Sku,
 };
 
+pub use ops::{FailureRow, FlashSaleRow, OpsStore};
 pub use outbox::{OutboxEvent, OutboxLag, OutboxStore};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -180,7 +184,7 @@ pub struct InventoryRow {
 }
 
 #[async_trait]
-pub trait Store: OutboxStore + Send + Sync + 'static {
+pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
     fn kind(&self) -> StoreKind;
     async fn ping(&self) -> Result<(), StoreError>;
 

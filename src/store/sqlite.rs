@@ -1401,7 +1401,7 @@ impl Store for SqliteStore {
         let product: i64 = row.try_get("id")?;
         let available: i64 = row.try_get("available")?;
         // One live sale per SKU: two would each demand their own token for the same cart line.
-        let live: Option<i64> = sqlx::query_scalar(
+        let live: Option<i32> = sqlx::query_scalar(
             "SELECT 1 FROM flash_sales WHERE product_id = $1 AND (ends_at IS NULL OR ends_at > $2)",
         )
         .bind(product)

@@ -45,6 +45,7 @@ impl ExpiryWorker {
             .store
             .expire_due_checkouts(self.clock.now(), self.batch)
             .await?;
+        crate::observe::expiry_released(released.checkouts.len());
         if let Some(checkout) = &self.admissions {
             checkout.release_admissions(&released.admissions).await;
         }

@@ -7,6 +7,7 @@ mod helpers;
 
 mod authz;
 mod binary;
+mod browser;
 mod carts;
 mod catalogue;
 mod crash;
@@ -17,6 +18,9 @@ mod gate;
 mod inventory;
 mod limits;
 mod loadgen;
+mod metrics;
+mod openapi;
+mod ops;
 mod outbox;
 mod payments;
 mod prices;

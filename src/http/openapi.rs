@@ -1,0 +1,228 @@
+//! `GET /openapi.json`: the OpenAPI 3 document of every route, generated from the handlers'
+//! `#[utoipa::path]` attributes so the document cannot drift from the code (DESIGN §8, §9).
+//! A test checks that every route the router serves is in [`ApiDoc`]'s `paths(...)` list and
+//! the other way round: a new route without documentation fails the suite.
+//!
+//! The schemas here describe bodies written by hand elsewhere (the error body of
+//! [`ApiError`](super::ApiError), money, lines): documentation only, never built.
+
+use std::sync::OnceLock;
+
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use super::{
+    admin, admin_orders, carts, catalogue, checkouts, demo, flash_sales, health, metrics, ops,
+    orders, ui, webhooks, AppState,
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/openapi.json", get(openapi_json))
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "holdfast",
+        description = "A checkout engine that never oversells and never double-charges. \
+            Errors are always `{\"error\":{\"code\",\"message\",\"details\"}}`; lists are \
+            `{\"data\":[...],\"next_cursor\":...}`; money is integer minor units plus an \
+            ISO-4217 currency."
+    ),
+    paths(
+        health::healthz,
+        health::readyz,
+        admin::create_customer,
+        admin::create_product,
+        admin::get_product,
+        admin::update_product,
+        admin::inventory,
+        admin_orders::refund,
+        admin_orders::ship,
+        flash_sales::open,
+        flash_sales::figures,
+        flash_sales::take_token,
+        ops::ops,
+        catalogue::list,
+        catalogue::one,
+        carts::create,
+        carts::one,
+        carts::set_line,
+        carts::remove_line,
+        checkouts::start,
+        checkouts::one,
+        checkouts::heartbeat,
+        checkouts::cancel,
+        checkouts::complete,
+        orders::list,
+        orders::one,
+        webhooks::stripe,
+        demo::create_customer,
+        demo::authenticate,
+        metrics::metrics,
+        openapi_json,
+        ui::storefront,
+        ui::ops_page,
+        ui::asset,
+    ),
+    components(schemas(ErrorBody, ErrorDetail, MoneySchema)),
+    modifiers(&BearerTokens),
+    tags(
+        (name = "catalogue", description = "What anyone may see"),
+        (name = "carts", description = "A customer's own carts"),
+        (name = "checkouts", description = "Reserve, heartbeat, pay, cancel (the saga, DESIGN §3)"),
+        (name = "orders", description = "A customer's own orders"),
+        (name = "admin", description = "The admin token's routes"),
+        (name = "webhooks", description = "Signed Stripe events"),
+        (name = "demo", description = "Only with the built-in payment simulator"),
+        (name = "operations", description = "Health, metrics, this document"),
+        (name = "pages", description = "The storefront and the operations page"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The two bearer schemes of DESIGN §8: the admin token and a customer's token.
+struct BearerTokens;
+
+impl Modify for BearerTokens {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        for (name, what) in [
+            (
+                "admin_token",
+                "The admin token (`--admin-token`, or `<data-dir>/admin-token`)",
+            ),
+            (
+                "customer_token",
+                "A customer's token, from `POST /v1/admin/customers`",
+            ),
+        ] {
+            let mut scheme = Http::new(HttpAuthScheme::Bearer);
+            scheme.description = Some(what.to_owned());
+            components.add_security_scheme(name, SecurityScheme::Http(scheme));
+        }
+    }
+}
+
+/// The contract's error body.
+#[derive(ToSchema)]
+#[schema(example = json!({"error": {"code": "insufficient_stock", "message": "not enough stock",
+    "details": [{"sku": "tea-01", "requested": 3, "available": 1}]}}))]
+#[allow(dead_code)] // documentation only: `ApiError` writes the body
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)] // documentation only
+pub struct ErrorDetail {
+    /// Stable snake_case code, e.g. `insufficient_stock`, `route_not_found`.
+    code: String,
+    /// For people; may change.
+    message: String,
+    /// Structured context when the code has some (per-SKU shortfalls, current version).
+    details: Option<serde_json::Value>,
+}
+
+/// Money: integer minor units and an ISO-4217 currency (promise 6).
+#[derive(ToSchema)]
+#[schema(as = Money, example = json!({"amount": 450, "currency": "EUR"}))]
+#[allow(dead_code)] // documentation only: `domain::Money` is serialised by hand
+pub struct MoneySchema {
+    /// Minor units (cents), never negative.
+    #[schema(minimum = 0)]
+    amount: i64,
+    #[schema(pattern = "^[A-Z]{3}$")]
+    currency: String,
+}
+
+/// A cart line.
+#[derive(ToSchema)]
+#[schema(as = CartLine)]
+#[allow(dead_code)] // documentation only
+pub struct CartLineSchema {
+    sku: String,
+    #[schema(minimum = 1, maximum = 10000)]
+    quantity: u32,
+}
+
+/// An order line, priced from the catalogue when the checkout reserved it.
+#[derive(ToSchema)]
+#[schema(as = OrderLine)]
+#[allow(dead_code)] // documentation only
+pub struct OrderLineSchema {
+    sku: String,
+    quantity: u32,
+    unit_price: MoneySchema,
+    line_total: MoneySchema,
+}
+
+/// A new customer: the token is shown once.
+#[derive(ToSchema)]
+#[allow(dead_code)] // documentation only
+pub struct CustomerCreated {
+    id: String,
+    name: String,
+    /// The customer's bearer token.
+    token: String,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)] // documentation only
+pub struct Health {
+    /// `ok`
+    status: String,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)] // documentation only
+pub struct Readiness {
+    /// `ready`
+    status: String,
+    /// `postgres` or `sqlite`
+    store: String,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)] // documentation only
+pub struct WebhookReceived {
+    received: bool,
+    /// Present and `true` when this event id was handled before.
+    duplicate: Option<bool>,
+}
+
+/// How a flash sale stands at the gate.
+#[derive(ToSchema)]
+#[schema(as = GateFigures)]
+#[allow(dead_code)] // documentation only: `flash_sale::GateFigures` is the real one
+pub struct GateFiguresSchema {
+    /// Customers holding a live admission token.
+    holders: u32,
+    /// Units paid for.
+    sold: u32,
+}
+
+/// The document as JSON, built once: it depends on the code only.
+fn document() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| {
+        ApiDoc::openapi()
+            .to_json()
+            .expect("the generated document serialises")
+    })
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3 document", content_type = "application/json"))
+)]
+async fn openapi_json() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], document()).into_response()
+}

@@ -1,0 +1,164 @@
+//! `GET /v1/admin/ops`: one read for the operations page (DESIGN §9): checkouts by state,
+//! orders by status, outbox lag, the last failures and compensations, and the flash sales.
+//! Admin only; the page itself (`/ops`) holds no data and asks for the token.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::domain::Money;
+use crate::store::{FailureRow, FlashSaleRow};
+
+use super::auth::Admin;
+use super::openapi::{ErrorBody, MoneySchema};
+use super::views::rfc3339;
+use super::{ApiError, AppState};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/admin/ops", get(ops))
+}
+
+/// How many failures the page lists: enough to see a pattern, few enough to read.
+const RECENT_FAILURES: u32 = 20;
+const FLASH_SALES: u32 = 20;
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct OpsView {
+    /// Count per checkout state, e.g. `{"reserved": 3, "completed": 10}`.
+    checkouts_by_state: BTreeMap<String, i64>,
+    /// Count per order status.
+    orders_by_status: BTreeMap<String, i64>,
+    outbox: OutboxView,
+    /// Newest first.
+    recent_failures: Vec<FailureView>,
+    /// Newest first.
+    flash_sales: Vec<FlashSaleView>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct OutboxView {
+    unpublished: i64,
+    /// `null` when every event is published.
+    oldest_unpublished_age_seconds: Option<f64>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct FailureView {
+    checkout_id: String,
+    order_id: String,
+    /// `payment_failed`, `cancelled`, `expired` or `refunded`.
+    state: &'static str,
+    #[schema(value_type = MoneySchema)]
+    total: Money,
+    decline_code: Option<String>,
+    payment_intent_id: Option<String>,
+    /// A late payment for units already gone: the money is going back.
+    refund_due: bool,
+    #[serde(serialize_with = "rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    at: DateTime<Utc>,
+}
+
+impl From<FailureRow> for FailureView {
+    fn from(f: FailureRow) -> Self {
+        Self {
+            checkout_id: f.checkout_id.to_string(),
+            order_id: f.order_id.to_string(),
+            state: f.state.as_str(),
+            total: f.total,
+            decline_code: f.decline_code,
+            payment_intent_id: f.payment_intent_id,
+            refund_due: f.refund_due,
+            at: f.updated_at,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+struct FlashSaleView {
+    id: String,
+    sku: String,
+    units: i64,
+    #[serde(serialize_with = "rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    starts_at: DateTime<Utc>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    ends_at: Option<String>,
+    /// Admission tokens held now, as the gate counts them; `null` when the gate cannot be
+    /// asked (the page still shows what the database knows).
+    tokens_held: Option<u32>,
+    /// Live checkouts holding one of the sale's units.
+    in_checkout: i64,
+    /// Units paid for.
+    sold: i64,
+}
+
+impl From<FlashSaleRow> for FlashSaleView {
+    fn from(f: FlashSaleRow) -> Self {
+        Self {
+            id: f.id.to_string(),
+            sku: f.sku.as_str().to_owned(),
+            units: f.units,
+            starts_at: f.starts_at,
+            ends_at: f
+                .ends_at
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+            tokens_held: None,
+            in_checkout: f.in_checkout,
+            sold: f.sold,
+        }
+    }
+}
+
+/// What an operator needs on one screen.
+#[utoipa::path(
+    get,
+    operation_id = "operations_view",
+    path = "/v1/admin/ops",
+    tag = "admin",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, body = OpsView),
+        (status = 401, body = ErrorBody, description = "no or an unknown token"),
+        (status = 403, body = ErrorBody, description = "a customer's token"),
+    )
+)]
+async fn ops(_: Admin, State(state): State<AppState>) -> Result<Json<OpsView>, ApiError> {
+    let store = &state.store;
+    let lag = store.outbox_lag(state.clock.now()).await?;
+    let mut flash_sales = Vec::new();
+    for row in store.flash_sale_stats(FLASH_SALES).await? {
+        let id = row.id;
+        let mut view = FlashSaleView::from(row);
+        view.tokens_held = match state.checkout.sale_figures(id).await {
+            Ok(figures) => Some(figures.holders),
+            Err(e) => {
+                tracing::warn!(error = %e, "flash-sale figures unavailable for the ops view");
+                None
+            }
+        };
+        flash_sales.push(view);
+    }
+    Ok(Json(OpsView {
+        checkouts_by_state: store.checkouts_by_state().await?,
+        orders_by_status: store.orders_by_status().await?,
+        outbox: OutboxView {
+            unpublished: lag.unpublished,
+            oldest_unpublished_age_seconds: lag
+                .oldest_unpublished_age
+                .map(|age| age.num_milliseconds() as f64 / 1000.0),
+        },
+        recent_failures: store
+            .recent_failures(RECENT_FAILURES)
+            .await?
+            .into_iter()
+            .map(FailureView::from)
+            .collect(),
+        flash_sales,
+    }))
+}

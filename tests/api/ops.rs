@@ -1,0 +1,230 @@
+//! The operator's view (`GET /v1/admin/ops`), the demo routes that exist only beside the
+//! payment simulator, the `--demo` catalogue, and the pages served by the service itself.
+
+use chrono::Utc;
+use holdfast::domain::{FlashSaleId, NewFlashSale, Sku};
+use holdfast::store::StoreKind;
+use serde_json::json;
+
+use crate::both_stores;
+use crate::fake_stripe::{FakeStripe, SECRET_KEY};
+use crate::helpers::{eventually, spawn_app, spawn_app_with, AssertClean, Options, ADMIN_TOKEN};
+
+both_stores!(
+    the_ops_view_counts_checkouts_orders_failures_and_flash_sales,
+    a_demo_customer_can_shop_and_pass_3d_secure_on_the_simulator,
+    the_demo_catalogue_is_seeded_once_into_an_empty_store,
+);
+
+async fn the_ops_view_counts_checkouts_orders_failures_and_flash_sales(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    app.new_product("hot-01", 900, 10).await;
+    let (ada, paid, _) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    app.complete(&ada, &paid, "pm_card_visa", "k1").await;
+    let (bob, declined, _) = app.reserved_checkout("Bob", &[("tea-01", 2)]).await;
+    app.complete(&bob, &declined, "pm_card_chargeDeclined", "k2")
+        .await;
+    let sale = NewFlashSale {
+        id: FlashSaleId::new(),
+        sku: Sku::parse("hot-01").unwrap(),
+        units: 3,
+        starts_at: Utc::now(),
+        ends_at: None,
+        reservation_ttl: chrono::Duration::minutes(5),
+    };
+    app.store
+        .create_flash_sale(&sale, Utc::now())
+        .await
+        .expect("a sale opens");
+
+    let ops = app.get("/v1/admin/ops", Some(ADMIN_TOKEN)).await;
+
+    ops.assert_status(200);
+    let body = &ops.body;
+    assert_eq!(body["checkouts_by_state"]["completed"], 1);
+    assert_eq!(body["checkouts_by_state"]["payment_failed"], 1);
+    assert_eq!(body["orders_by_status"]["paid"], 1);
+    assert_eq!(body["orders_by_status"]["payment_failed"], 1);
+    assert!(body["outbox"]["unpublished"].as_i64().is_some());
+    let failures = body["recent_failures"].as_array().expect("failures");
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0]["checkout_id"], declined.as_str());
+    assert_eq!(failures[0]["state"], "payment_failed");
+    assert_eq!(failures[0]["decline_code"], "generic_decline");
+    assert_eq!(
+        failures[0]["total"],
+        json!({"amount": 900, "currency": "EUR"})
+    );
+    let sales = body["flash_sales"].as_array().expect("sales");
+    assert_eq!(sales.len(), 1);
+    assert_eq!(sales[0]["sku"], "hot-01");
+    assert_eq!(sales[0]["units"], 3);
+    assert_eq!(
+        (
+            &sales[0]["tokens_held"],
+            &sales[0]["in_checkout"],
+            &sales[0]["sold"]
+        ),
+        (&json!(0), &json!(0), &json!(0))
+    );
+    // The operator's view is the admin's only.
+    app.get("/v1/admin/ops", None)
+        .await
+        .assert_error(401, "unauthorized");
+    app.get("/v1/admin/ops", Some(&ada.token))
+        .await
+        .assert_error(403, "forbidden");
+    eventually(10, "the outbox drains", || async {
+        app.get("/v1/admin/ops", Some(ADMIN_TOKEN)).await.body["outbox"]["unpublished"] == 0
+    })
+    .await;
+    let drained = app.get("/v1/admin/ops", Some(ADMIN_TOKEN)).await;
+    assert!(drained.body["outbox"]["oldest_unpublished_age_seconds"].is_null());
+    app.audit().await.assert_clean();
+}
+
+async fn a_demo_customer_can_shop_and_pass_3d_secure_on_the_simulator(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+
+    let made = app.post("/v1/demo/customers", None, json!({})).await;
+
+    made.assert_status(201);
+    let token = made.str("token");
+    assert!(made.str("name").starts_with("Guest "));
+    let guest = crate::helpers::Customer { token };
+    let cart = app.new_cart(&guest).await;
+    app.set_line(&guest, &cart, "tea-01", 1)
+        .await
+        .assert_status(200);
+    let started = app.start_checkout(&guest, &cart).await;
+    started.assert_status(201);
+    let checkout = started.str("id");
+    let pending = app
+        .complete(&guest, &checkout, "pm_card_authenticationRequired", "k")
+        .await;
+    assert_eq!(pending.body["state"], "requires_action");
+    let intent = pending.str("payment_intent_id");
+    let path = format!("/v1/demo/payments/{intent}/authenticate");
+    // Someone else's payment is not found, and nothing moves.
+    let mallory = app.new_customer("Mallory").await;
+    app.post(&path, Some(&mallory.token), json!({"succeed": true}))
+        .await
+        .assert_error(404, "payment_not_found");
+    app.post(&path, None, json!({"succeed": true}))
+        .await
+        .assert_error(401, "unauthorized");
+    app.post(&path, Some(&guest.token), json!({"succeed": "yes"}))
+        .await
+        .assert_error(422, "validation_failed");
+    assert_eq!(app.stock_of("tea-01").await, (5, 1, 4));
+
+    let passed = app
+        .post(&path, Some(&guest.token), json!({"succeed": true}))
+        .await;
+
+    passed.assert_status(200);
+    assert_eq!(passed.body["status"], "succeeded");
+    let order_path = format!("/v1/orders/{}", started.str("order_id"));
+    eventually(10, "the webhook pays the order", || async {
+        app.get(&order_path, Some(&guest.token)).await.body["status"] == "paid"
+    })
+    .await;
+    app.post(&path, Some(&guest.token), json!({"succeed": true}))
+        .await
+        .assert_error(409, "invalid_state");
+    app.audit().await.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_routes_do_not_exist_with_a_real_payment_gateway() {
+    let fake = FakeStripe::start().await;
+    let app = spawn_app_with(
+        StoreKind::Sqlite,
+        Options {
+            stripe: Some((fake.base_url(), SECRET_KEY.to_owned())),
+            ..Options::default()
+        },
+    )
+    .await;
+    let customer = app.new_customer("Ada").await;
+
+    app.post("/v1/demo/customers", None, json!({}))
+        .await
+        .assert_error(404, "route_not_found");
+    app.post(
+        "/v1/demo/payments/pi_123/authenticate",
+        Some(&customer.token),
+        json!({"succeed": true}),
+    )
+    .await
+    .assert_error(404, "route_not_found");
+}
+
+async fn the_demo_catalogue_is_seeded_once_into_an_empty_store(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+
+    let first = holdfast::demo::seed(app.store.as_ref(), Utc::now())
+        .await
+        .expect("seeding works");
+    let second = holdfast::demo::seed(app.store.as_ref(), Utc::now())
+        .await
+        .expect("seeding again works");
+
+    assert!(first.products >= 24 && first.flash_sale, "{first:?}");
+    assert_eq!(second.products, 0, "a filled catalogue is left alone");
+    let products = app.get("/v1/products?limit=500", None).await;
+    let data = products.body["data"].as_array().expect("products");
+    assert_eq!(data.len(), first.products);
+    assert!(data.iter().all(|p| p["price"]["currency"] == "EUR"));
+    let single = app
+        .get(
+            &format!("/v1/products/{}", holdfast::demo::LAST_UNIT_SKU),
+            None,
+        )
+        .await;
+    assert_eq!(single.body["available"], 1);
+    let ops = app.get("/v1/admin/ops", Some(ADMIN_TOKEN)).await;
+    assert_eq!(
+        ops.body["flash_sales"][0]["sku"],
+        holdfast::demo::FLASH_SALE_SKU
+    );
+    app.audit().await.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pages_and_their_files_are_served_without_a_token() {
+    let app = spawn_app(StoreKind::Sqlite).await;
+
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/ops", "text/html"),
+        ("/ui/style.css", "text/css"),
+        ("/ui/common.js", "text/javascript"),
+        ("/ui/shop.js", "text/javascript"),
+        ("/ui/ops.js", "text/javascript"),
+    ] {
+        let resp = app
+            .client
+            .get(format!("{}{path}", app.base))
+            .send()
+            .await
+            .expect("the app answers");
+        assert_eq!(resp.status(), 200, "{path}");
+        let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(content_type.starts_with(kind), "{path}: {content_type}");
+        if kind == "text/html" {
+            let csp = resp.headers()["content-security-policy"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            assert!(csp.contains("script-src 'self'"), "{csp}");
+        }
+        assert!(!resp.text().await.unwrap().is_empty(), "{path}");
+    }
+    app.get("/ui/../Cargo.toml", None).await.assert_status(404);
+    app.get("/ui/secrets.txt", None)
+        .await
+        .assert_error(404, "not_found");
+}
