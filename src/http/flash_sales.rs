@@ -25,6 +25,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/admin/flash-sales", post(open))
         .route("/v1/admin/flash-sales/{id}", get(figures))
+        .route("/v1/flash-sales", get(current))
         .route("/v1/flash-sales/{id}/tokens", post(take_token))
 }
 
@@ -167,6 +168,32 @@ async fn figures(
         .ok_or_else(|| not_found_of("flash sale"))?;
     let figures = state.checkout.sale_figures(sale.id).await?;
     Ok(Json(SaleView::of(sale, Some(figures))))
+}
+
+/// The sales open now or planned, for the storefront: `{data, next_cursor}` (never more than
+/// a few at a time, so one page).
+#[utoipa::path(
+    get,
+    operation_id = "list_flash_sales",
+    path = "/v1/flash-sales",
+    tag = "catalogue",
+    responses((status = 200, body = SaleList))
+)]
+async fn current(State(state): State<AppState>) -> Result<Json<SaleList>, ApiError> {
+    let sales = state.store.current_flash_sales(state.clock.now()).await?;
+    Ok(Json(SaleList {
+        data: sales
+            .into_iter()
+            .map(|sale| SaleView::of(sale, None))
+            .collect(),
+        next_cursor: None,
+    }))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+struct SaleList {
+    data: Vec<SaleView>,
+    next_cursor: Option<String>,
 }
 
 #[derive(Default, Deserialize)]

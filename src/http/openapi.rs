@@ -46,6 +46,7 @@ pub fn router() -> Router<AppState> {
         flash_sales::open,
         flash_sales::figures,
         flash_sales::take_token,
+        flash_sales::current,
         ops::ops,
         catalogue::list,
         catalogue::one,

@@ -361,6 +361,12 @@ async fn a_sale_cannot_offer_more_than_is_available(kind: StoreKind) {
         )
         .await;
     later.assert_status(201);
+    // Anyone may list the sales that are on or planned.
+    let listed = app.get("/v1/flash-sales", None).await;
+    listed.assert_status(200);
+    assert_eq!(listed.body["data"][0]["id"], later.str("id").as_str());
+    assert_eq!(listed.body["data"][0]["sku"], "hot");
+    assert!(listed.body["data"][0].get("figures").is_none());
     // One live (or planned) sale per SKU.
     app.admin_post("/v1/admin/flash-sales", json!({"sku": "hot", "units": 1}))
         .await
