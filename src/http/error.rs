@@ -183,6 +183,10 @@ impl From<StoreError> for ApiError {
                 "invalid_order_state",
                 format!("the order is {}", status.as_str()),
             ),
+            StoreError::PriceChanged => Self::conflict(
+                "price_changed",
+                "a price in the cart changed while checking out; nothing was reserved, try again",
+            ),
             StoreError::SaleExists => Self::conflict(
                 "flash_sale_exists",
                 "a flash sale of this SKU is open or planned; it must end first",

@@ -3,6 +3,17 @@
 //! one transaction that performs its effect and records the new state together (DESIGN §3).
 //! SQL lives only here.
 
+/// The checkout columns as a literal, so hot-path statements can be `concat!`ed into static
+/// strings (sqlx keeps one prepared statement per distinct text and connection).
+macro_rules! checkout_columns {
+    () => {
+        "id, customer_id, cart_id, order_id, state, total_amount, currency, expires_at, \
+         max_expires_at, created_at, attempt, payment_intent_id, client_secret, decline_code, \
+         payment_method, refund_due, flash_sale_id"
+    };
+}
+pub(crate) use checkout_columns;
+
 mod ops;
 mod ops_postgres;
 mod ops_sqlite;
@@ -72,6 +83,10 @@ pub enum StoreError {
     OrderState(crate::domain::OrderStatus),
     #[error("this flash-sale admission already holds a live checkout")]
     AdmissionInUse,
+    /// The catalogue price of a line changed again and again while the checkout was being
+    /// reserved; nothing was reserved and the customer may simply try again.
+    #[error("a price changed while checking out")]
+    PriceChanged,
     #[error("a flash sale of this SKU is open or planned")]
     SaleExists,
     #[error("a sale of {units} units exceeds the {available} available")]
@@ -462,6 +477,100 @@ pub(crate) struct WantedLine {
     pub quantity: i64,
 }
 
+/// How often `reserve_checkout` starts over when a price changed between reading it and
+/// locking the product row; past this the customer hears `PriceChanged`.
+pub(crate) const PRICE_RETRIES: usize = 3;
+
+/// A cart line with the catalogue price read together with it (before the row lock): lines of
+/// one product summed and sorted by product id, like [`lock_order`].
+pub(crate) fn priced_in_lock_order(
+    lines: Vec<(WantedLine, crate::domain::Money)>,
+) -> Result<Vec<PricedLine>, StoreError> {
+    let prices: HashMap<i64, crate::domain::Money> = lines
+        .iter()
+        .map(|(line, price)| (line.product_id, *price))
+        .collect();
+    lock_order(lines.into_iter().map(|(line, _)| line).collect())
+        .into_iter()
+        .map(|line| {
+            let unit_price = *prices
+                .get(&line.product_id)
+                .expect("every summed line comes from a priced line");
+            Ok(PricedLine {
+                product_id: line.product_id,
+                quantity: rows::quantity(line.quantity)?,
+                sku: line.sku,
+                unit_price,
+            })
+        })
+        .collect()
+}
+
+/// What a guarded reservation found when a line did not fit: the row as it is now.
+#[derive(Debug, Clone)]
+pub(crate) struct RowNow {
+    pub available: i64,
+    pub unit_price: crate::domain::Money,
+}
+
+/// Why a plain reservation stops short: a real shortfall is the customer's answer, a moved
+/// price or a row that freed up meanwhile means the whole transaction runs again.
+pub(crate) enum Guarded {
+    Reserved,
+    Short(Vec<Shortfall>),
+    Retry,
+}
+
+/// Sorts the lines a guarded update did not match into shortfalls or a retry. A price that
+/// moved wins over a shortfall (the retry reports the shortfall at the new price).
+pub(crate) fn judge_misses(misses: &[(&PricedLine, RowNow)]) -> Guarded {
+    if misses.is_empty() {
+        return Guarded::Reserved;
+    }
+    if misses
+        .iter()
+        .any(|(line, now)| now.unit_price != line.unit_price)
+    {
+        return Guarded::Retry;
+    }
+    let short: Vec<Shortfall> = misses
+        .iter()
+        .filter(|(line, now)| now.available < i64::from(line.quantity.get()))
+        .map(|(line, now)| Shortfall {
+            sku: line.sku.clone(),
+            requested: line.quantity.get(),
+            available: now.available,
+        })
+        .collect();
+    if short.is_empty() {
+        // The units were released between the guard and this read: not a refusal (promise 2).
+        Guarded::Retry
+    } else {
+        Guarded::Short(short)
+    }
+}
+
+/// A multi-row guarded update of rows this transaction holds locked must match every row;
+/// anything less would break all-or-nothing, so the transaction is abandoned.
+pub(crate) fn all_matched(updated: u64, expected: usize) -> Result<(), StoreError> {
+    if usize::try_from(updated).is_ok_and(|n| n == expected) {
+        Ok(())
+    } else {
+        Err(StoreError::Corrupt(format!(
+            "a guarded update matched {updated} of {expected} locked rows"
+        )))
+    }
+}
+
+/// The answer the plain path gives for a cart it could not claim: unknown (or someone else's)
+/// is not found, otherwise the status that stopped it.
+pub(crate) fn unclaimed_cart(status: Option<&str>) -> StoreError {
+    match status {
+        None => StoreError::NotFound("cart"),
+        Some(s) => cart_must_be_open(s).err().unwrap_or(StoreError::CartEmpty),
+    }
+}
+
 /// Lines of the same product are summed before the guard, and sorted by product id: the one
 /// lock order every transaction uses, so concurrent carts cannot deadlock (DESIGN §3).
 pub(crate) fn lock_order(mut lines: Vec<WantedLine>) -> Vec<WantedLine> {
@@ -479,9 +588,7 @@ pub(crate) fn lock_order(mut lines: Vec<WantedLine>) -> Vec<WantedLine> {
 
 pub(crate) const PRODUCT_COLUMNS: &str =
     "id, sku, name, price_amount, currency, stock, reserved, version";
-pub(crate) const CHECKOUT_COLUMNS: &str = "id, customer_id, cart_id, order_id, state, \
-     total_amount, currency, expires_at, max_expires_at, created_at, attempt, \
-     payment_intent_id, client_secret, decline_code, payment_method, refund_due, flash_sale_id";
+pub(crate) const CHECKOUT_COLUMNS: &str = checkout_columns!();
 /// Promises 4 and 5 for one checkout: where it stands, who drives it, its order and events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckoutAuditRow {

@@ -2,6 +2,7 @@
 //! product-id order (promises 1 and 2, no deadlock); background work is claimed with
 //! `FOR UPDATE SKIP LOCKED`, so any number of instances and workers can run at once.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration as StdDuration;
 
@@ -13,16 +14,17 @@ use uuid::Uuid;
 
 use crate::domain::{
     Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
-    CustomerName, FlashSale, FlashSaleId, NewFlashSale, NewProduct, Order, OrderId, OrderStatus,
-    Product, ProductPatch, Quantity, Sku,
+    CustomerName, FlashSale, FlashSaleId, Money, NewFlashSale, NewProduct, Order, OrderId,
+    OrderStatus, Product, ProductPatch, Quantity, Sku,
 };
 
 use super::rows::{self, row_decoders};
 use super::{
-    attach_lines, cart_must_be_open, check_patch, lock_order, order_paid_event, order_total,
-    page_of, to_millis, ChargeTicket, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page,
-    PricedLine, Released, Shortfall, Store, StoreError, StoreKind, StoredKey, WantedLine,
-    CHECKOUT_COLUMNS, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
+    all_matched, attach_lines, cart_must_be_open, check_patch, judge_misses, order_paid_event,
+    order_total, page_of, priced_in_lock_order, to_millis, unclaimed_cart, ChargeTicket, Guarded,
+    IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine, Released, RowNow, Store,
+    StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS, INVENTORY_AUDIT_SQL,
+    ORDER_COLUMNS, PRICE_RETRIES, PRODUCT_COLUMNS,
 };
 
 mod decode {
@@ -260,6 +262,201 @@ impl PgStore {
         Ok(true)
     }
 
+    /// One attempt of the plain reservation. Everything that does not need a product row lock
+    /// runs first (claim the cart, read lines and prices, write order, lines, checkout and
+    /// reservations); the guarded updates of the product rows come last, right before the
+    /// commit, so a hot row is locked for as short as possible. `None`: a price moved after it
+    /// was read, and the transaction was rolled back to start over.
+    async fn try_reserve_checkout(
+        &self,
+        new: &NewCheckout,
+    ) -> Result<Option<Checkout>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        Self::claim_cart(&mut tx, new).await?;
+        let priced = Self::priced_lines(&mut tx, new.cart_id).await?;
+        if priced.is_empty() {
+            return Err(StoreError::CartEmpty);
+        }
+        let total = order_total(&priced)?;
+        let row = Self::insert_checkout(&mut tx, new, &priced, total).await?;
+        match Self::reserve_lines(&mut tx, &priced).await? {
+            Guarded::Reserved => {}
+            // Dropping the transaction rolls back everything written above.
+            Guarded::Short(short) => return Err(StoreError::InsufficientStock(short)),
+            Guarded::Retry => return Ok(None),
+        }
+        tx.commit().await?;
+        decode::checkout(&row).map(Some)
+    }
+
+    /// The cart flips to checking_out first: a second checkout of it stops here.
+    async fn claim_cart(
+        tx: &mut Transaction<'_, Postgres>,
+        new: &NewCheckout,
+    ) -> Result<(), StoreError> {
+        let claimed = sqlx::query(
+            "UPDATE carts SET status = 'checking_out', updated_at = $3 \
+             WHERE id = $1 AND customer_id = $2 AND status = 'open'",
+        )
+        .bind(new.cart_id.uuid())
+        .bind(new.customer_id.uuid())
+        .bind(to_millis(new.now))
+        .execute(&mut **tx)
+        .await?;
+        if claimed.rows_affected() == 1 {
+            return Ok(());
+        }
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM carts WHERE id = $1 AND customer_id = $2")
+                .bind(new.cart_id.uuid())
+                .bind(new.customer_id.uuid())
+                .fetch_optional(&mut **tx)
+                .await?;
+        Err(unclaimed_cart(status.as_deref()))
+    }
+
+    /// The cart's lines with the current catalogue prices, in one statement, summed per product
+    /// and in lock order. Read without locking the product rows: the guard re-checks the price.
+    async fn priced_lines(
+        tx: &mut Transaction<'_, Postgres>,
+        cart: CartId,
+    ) -> Result<Vec<PricedLine>, StoreError> {
+        let lines = sqlx::query(
+            "SELECT l.product_id, p.sku, l.quantity, p.price_amount, p.currency \
+             FROM cart_lines l JOIN products p ON p.id = l.product_id WHERE l.cart_id = $1",
+        )
+        .bind(cart.uuid())
+        .fetch_all(&mut **tx)
+        .await?
+        .iter()
+        .map(decode_priced_line)
+        .collect::<Result<Vec<_>, StoreError>>()?;
+        priced_in_lock_order(lines)
+    }
+
+    /// Order, order lines, checkout and reservations in one statement (foreign keys are checked
+    /// at its end). Only the one-live-checkout-per-admission index can be violated here.
+    async fn insert_checkout(
+        tx: &mut Transaction<'_, Postgres>,
+        new: &NewCheckout,
+        priced: &[PricedLine],
+        total: Money,
+    ) -> Result<PgRow, StoreError> {
+        let now = to_millis(new.now);
+        let mut product_ids = Vec::with_capacity(priced.len());
+        let mut skus = Vec::with_capacity(priced.len());
+        let mut quantities = Vec::with_capacity(priced.len());
+        let mut unit_prices = Vec::with_capacity(priced.len());
+        let mut line_totals = Vec::with_capacity(priced.len());
+        for line in priced {
+            product_ids.push(line.product_id);
+            skus.push(line.sku.to_string());
+            quantities.push(i64::from(line.quantity.get()));
+            unit_prices.push(line.unit_price.amount());
+            line_totals.push(line.line_total()?.amount());
+        }
+        sqlx::query(concat!(
+            "WITH o AS (INSERT INTO orders (id, customer_id, checkout_id, status, total_amount, \
+             currency, created_at, updated_at) \
+             VALUES ($1, $2, $3, 'pending_payment', $4, $5, $6, $6)), \
+             ol AS (INSERT INTO order_lines (order_id, product_id, sku, quantity, unit_price, \
+             line_total) SELECT $1, * FROM UNNEST($7::BIGINT[], $8::TEXT[], $9::BIGINT[], \
+             $10::BIGINT[], $11::BIGINT[])), \
+             r AS (INSERT INTO reservations (checkout_id, product_id, quantity, status) \
+             SELECT $3, *, 'active' FROM UNNEST($7::BIGINT[], $9::BIGINT[])) \
+             INSERT INTO checkouts (id, customer_id, cart_id, order_id, state, total_amount, \
+             currency, expires_at, max_expires_at, created_at, updated_at, flash_sale_id) \
+             VALUES ($3, $2, $12, $1, 'reserved', $4, $5, $13, $14, $6, $6, $15) RETURNING ",
+            checkout_columns!()
+        ))
+        .bind(new.order_id.uuid())
+        .bind(new.customer_id.uuid())
+        .bind(new.id.uuid())
+        .bind(total.amount())
+        .bind(total.currency().as_str())
+        .bind(now)
+        .bind(&product_ids)
+        .bind(&skus)
+        .bind(&quantities)
+        .bind(&unit_prices)
+        .bind(&line_totals)
+        .bind(new.cart_id.uuid())
+        .bind(to_millis(new.now + new.ttl))
+        .bind(to_millis(new.now + new.max_lifetime))
+        .bind(new.flash_sale.map(FlashSaleId::uuid))
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(admission_in_use)
+    }
+
+    /// The guarded updates, last in the transaction. One line is one statement; several are
+    /// locked in product-id order (`FOR NO KEY UPDATE`, the strength an `UPDATE` takes, so the
+    /// foreign-key checks of concurrent inserts do not wait) and then reserved in one statement.
+    async fn reserve_lines(
+        tx: &mut Transaction<'_, Postgres>,
+        priced: &[PricedLine],
+    ) -> Result<Guarded, StoreError> {
+        if let [line] = priced {
+            let updated = sqlx::query(
+                "UPDATE products SET reserved = reserved + $2 \
+                 WHERE id = $1 AND stock - reserved >= $2 AND price_amount = $3 AND currency = $4",
+            )
+            .bind(line.product_id)
+            .bind(i64::from(line.quantity.get()))
+            .bind(line.unit_price.amount())
+            .bind(line.unit_price.currency().as_str())
+            .execute(&mut **tx)
+            .await?;
+            if updated.rows_affected() == 1 {
+                return Ok(Guarded::Reserved);
+            }
+            let row = sqlx::query(
+                "SELECT id, stock - reserved AS available, price_amount, currency \
+                 FROM products WHERE id = $1",
+            )
+            .bind(line.product_id)
+            .fetch_one(&mut **tx)
+            .await?;
+            return Ok(judge_misses(&[(line, decode_row_now(&row)?)]));
+        }
+        let ids: Vec<i64> = priced.iter().map(|l| l.product_id).collect();
+        let quantities: Vec<i64> = priced.iter().map(|l| i64::from(l.quantity.get())).collect();
+        let locked = sqlx::query(
+            "SELECT id, stock - reserved AS available, price_amount, currency \
+             FROM products WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+        )
+        .bind(&ids)
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut now_by_id = HashMap::with_capacity(locked.len());
+        for row in &locked {
+            now_by_id.insert(row.try_get::<i64, _>("id")?, decode_row_now(row)?);
+        }
+        let mut misses = Vec::new();
+        for line in priced {
+            let now = now_by_id
+                .remove(&line.product_id)
+                .ok_or(StoreError::NotFound("product"))?;
+            if now.unit_price != line.unit_price || now.available < i64::from(line.quantity.get()) {
+                misses.push((line, now));
+            }
+        }
+        if !misses.is_empty() {
+            return Ok(judge_misses(&misses));
+        }
+        let updated = sqlx::query(
+            "UPDATE products p SET reserved = p.reserved + w.quantity \
+             FROM UNNEST($1::BIGINT[], $2::BIGINT[]) AS w(id, quantity) \
+             WHERE p.id = w.id AND p.stock - p.reserved >= w.quantity",
+        )
+        .bind(&ids)
+        .bind(&quantities)
+        .execute(&mut **tx)
+        .await?;
+        all_matched(updated.rows_affected(), ids.len())?;
+        Ok(Guarded::Reserved)
+    }
+
     async fn order_lines(
         &self,
         customer: CustomerId,
@@ -284,6 +481,37 @@ impl PgStore {
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+/// A second live checkout of one flash-sale admission is refused by its unique index.
+fn admission_in_use(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db)
+            if db.is_unique_violation()
+                && db.constraint() == Some("checkouts_one_live_per_admission") =>
+        {
+            StoreError::AdmissionInUse
+        }
+        _ => e.into(),
+    }
+}
+
+fn decode_priced_line(row: &PgRow) -> Result<(WantedLine, Money), StoreError> {
+    Ok((
+        WantedLine {
+            product_id: row.try_get("product_id")?,
+            sku: rows::sku(row.try_get("sku")?)?,
+            quantity: row.try_get("quantity")?,
+        },
+        rows::money(row.try_get("price_amount")?, row.try_get("currency")?)?,
+    ))
+}
+
+fn decode_row_now(row: &PgRow) -> Result<RowNow, StoreError> {
+    Ok(RowNow {
+        available: row.try_get("available")?,
+        unit_price: rows::money(row.try_get("price_amount")?, row.try_get("currency")?)?,
+    })
 }
 
 fn checkout_state(row: &PgRow) -> Result<CheckoutState, StoreError> {
@@ -534,170 +762,12 @@ impl Store for PgStore {
 
     #[tracing::instrument(skip_all, fields(checkout_id = %new.id, cart_id = %new.cart_id))]
     async fn reserve_checkout(&self, new: &NewCheckout) -> Result<Checkout, StoreError> {
-        let now = to_millis(new.now);
-        let mut tx = self.pool.begin().await?;
-
-        // The cart flips to checking_out first: a second checkout of it stops here.
-        let claimed = sqlx::query(
-            "UPDATE carts SET status = 'checking_out', updated_at = $3 \
-             WHERE id = $1 AND customer_id = $2 AND status = 'open'",
-        )
-        .bind(new.cart_id.uuid())
-        .bind(new.customer_id.uuid())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        if claimed.rows_affected() == 0 {
-            let status: Option<String> =
-                sqlx::query_scalar("SELECT status FROM carts WHERE id = $1 AND customer_id = $2")
-                    .bind(new.cart_id.uuid())
-                    .bind(new.customer_id.uuid())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            return Err(match status {
-                None => StoreError::NotFound("cart"),
-                Some(s) => cart_must_be_open(&s).err().unwrap_or(StoreError::CartEmpty),
-            });
-        }
-
-        let wanted = sqlx::query(
-            "SELECT l.product_id, p.sku, l.quantity FROM cart_lines l \
-             JOIN products p ON p.id = l.product_id WHERE l.cart_id = $1",
-        )
-        .bind(new.cart_id.uuid())
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|row| {
-            Ok(WantedLine {
-                product_id: row.try_get("product_id")?,
-                sku: rows::sku(row.try_get("sku")?)?,
-                quantity: row.try_get("quantity")?,
-            })
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-        if wanted.is_empty() {
-            return Err(StoreError::CartEmpty);
-        }
-
-        // One guarded statement per product, in product-id order (DESIGN §3).
-        let mut priced = Vec::new();
-        let mut short = Vec::new();
-        for line in lock_order(wanted) {
-            let row = sqlx::query(
-                "UPDATE products SET reserved = reserved + $1 \
-                 WHERE id = $2 AND stock - reserved >= $1 \
-                 RETURNING price_amount, currency",
-            )
-            .bind(line.quantity)
-            .bind(line.product_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            match row {
-                Some(row) => priced.push(PricedLine {
-                    product_id: line.product_id,
-                    quantity: rows::quantity(line.quantity)?,
-                    unit_price: rows::money(
-                        row.try_get("price_amount")?,
-                        row.try_get("currency")?,
-                    )?,
-                    sku: line.sku,
-                }),
-                None => {
-                    let available: i64 =
-                        sqlx::query_scalar("SELECT stock - reserved FROM products WHERE id = $1")
-                            .bind(line.product_id)
-                            .fetch_one(&mut *tx)
-                            .await?;
-                    short.push(Shortfall {
-                        sku: line.sku,
-                        requested: u32::try_from(line.quantity).unwrap_or(u32::MAX),
-                        available,
-                    });
-                }
+        for _ in 0..PRICE_RETRIES {
+            if let Some(checkout) = self.try_reserve_checkout(new).await? {
+                return Ok(checkout);
             }
         }
-        if !short.is_empty() {
-            // Dropping the transaction rolls back every line reserved so far.
-            return Err(StoreError::InsufficientStock(short));
-        }
-        let total = order_total(&priced)?;
-        let expires_at = to_millis(new.now + new.ttl);
-        let max_expires_at = to_millis(new.now + new.max_lifetime);
-
-        sqlx::query(
-            "INSERT INTO orders (id, customer_id, checkout_id, status, total_amount, currency, \
-             created_at, updated_at) VALUES ($1, $2, $3, 'pending_payment', $4, $5, $6, $6)",
-        )
-        .bind(new.order_id.uuid())
-        .bind(new.customer_id.uuid())
-        .bind(new.id.uuid())
-        .bind(total.amount())
-        .bind(total.currency().as_str())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        let mut product_ids = Vec::with_capacity(priced.len());
-        let mut skus = Vec::with_capacity(priced.len());
-        let mut quantities = Vec::with_capacity(priced.len());
-        let mut unit_prices = Vec::with_capacity(priced.len());
-        let mut line_totals = Vec::with_capacity(priced.len());
-        for line in &priced {
-            product_ids.push(line.product_id);
-            skus.push(line.sku.to_string());
-            quantities.push(i64::from(line.quantity.get()));
-            unit_prices.push(line.unit_price.amount());
-            line_totals.push(line.line_total()?.amount());
-        }
-        sqlx::query(
-            "INSERT INTO order_lines (order_id, product_id, sku, quantity, unit_price, line_total) \
-             SELECT $1, * FROM UNNEST($2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[])",
-        )
-        .bind(new.order_id.uuid())
-        .bind(&product_ids)
-        .bind(&skus)
-        .bind(&quantities)
-        .bind(&unit_prices)
-        .bind(&line_totals)
-        .execute(&mut *tx)
-        .await?;
-        let row = sqlx::query(&format!(
-            "INSERT INTO checkouts (id, customer_id, cart_id, order_id, state, total_amount, \
-             currency, expires_at, max_expires_at, created_at, updated_at, flash_sale_id) \
-             VALUES ($1, $2, $3, $4, 'reserved', $5, $6, $7, $8, $9, $9, $10) \
-             RETURNING {CHECKOUT_COLUMNS}"
-        ))
-        .bind(new.id.uuid())
-        .bind(new.customer_id.uuid())
-        .bind(new.cart_id.uuid())
-        .bind(new.order_id.uuid())
-        .bind(total.amount())
-        .bind(total.currency().as_str())
-        .bind(expires_at)
-        .bind(max_expires_at)
-        .bind(now)
-        .bind(new.flash_sale.map(FlashSaleId::uuid))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| {
-            // Only the one-live-checkout-per-admission index can be violated here.
-            if is_unique_violation(&e) {
-                StoreError::AdmissionInUse
-            } else {
-                e.into()
-            }
-        })?;
-        sqlx::query(
-            "INSERT INTO reservations (checkout_id, product_id, quantity, status) \
-             SELECT $1, * , 'active' FROM UNNEST($2::BIGINT[], $3::BIGINT[])",
-        )
-        .bind(new.id.uuid())
-        .bind(&product_ids)
-        .bind(&quantities)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        decode::checkout(&row)
+        Err(StoreError::PriceChanged)
     }
 
     async fn checkout(

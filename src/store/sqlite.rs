@@ -17,16 +17,17 @@ use uuid::Uuid;
 
 use crate::domain::{
     Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
-    CustomerName, FlashSale, FlashSaleId, NewFlashSale, NewProduct, Order, OrderId, OrderStatus,
-    Product, ProductPatch, Quantity, Sku,
+    CustomerName, FlashSale, FlashSaleId, Money, NewFlashSale, NewProduct, Order, OrderId,
+    OrderStatus, Product, ProductPatch, Quantity, Sku,
 };
 
 use super::rows::{self, row_decoders};
 use super::{
-    attach_lines, cart_must_be_open, check_patch, lock_order, order_paid_event, order_total,
-    page_of, to_millis, ChargeTicket, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page,
-    PricedLine, Released, Shortfall, Store, StoreError, StoreKind, StoredKey, WantedLine,
-    CHECKOUT_COLUMNS, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
+    attach_lines, cart_must_be_open, check_patch, judge_misses, order_paid_event, order_total,
+    page_of, priced_in_lock_order, to_millis, unclaimed_cart, ChargeTicket, Guarded,
+    IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine, Released, RowNow, Store,
+    StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS, INVENTORY_AUDIT_SQL,
+    ORDER_COLUMNS, PRICE_RETRIES, PRODUCT_COLUMNS,
 };
 
 mod decode {
@@ -268,6 +269,181 @@ impl SqliteStore {
         Ok(true)
     }
 
+    /// One attempt of the plain reservation, in the same order as on PostgreSQL: claim, read
+    /// lines with prices, write the checkout, and the guarded product updates last.
+    async fn try_reserve_checkout(
+        &self,
+        new: &NewCheckout,
+    ) -> Result<Option<Checkout>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        Self::claim_cart(&mut tx, new).await?;
+        let priced = Self::priced_lines(&mut tx, new.cart_id).await?;
+        if priced.is_empty() {
+            return Err(StoreError::CartEmpty);
+        }
+        let total = order_total(&priced)?;
+        let row = Self::insert_checkout(&mut tx, new, &priced, total).await?;
+        match Self::reserve_lines(&mut tx, &priced).await? {
+            Guarded::Reserved => {}
+            // Dropping the transaction rolls back everything written above.
+            Guarded::Short(short) => return Err(StoreError::InsufficientStock(short)),
+            Guarded::Retry => return Ok(None),
+        }
+        tx.commit().await?;
+        decode::checkout(&row).map(Some)
+    }
+
+    /// The cart flips to checking_out first: a second checkout of it stops here.
+    async fn claim_cart(
+        tx: &mut Transaction<'_, Sqlite>,
+        new: &NewCheckout,
+    ) -> Result<(), StoreError> {
+        let claimed = sqlx::query(
+            "UPDATE carts SET status = 'checking_out', updated_at = $3 \
+             WHERE id = $1 AND customer_id = $2 AND status = 'open'",
+        )
+        .bind(new.cart_id.uuid())
+        .bind(new.customer_id.uuid())
+        .bind(to_millis(new.now))
+        .execute(&mut **tx)
+        .await?;
+        if claimed.rows_affected() == 1 {
+            return Ok(());
+        }
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM carts WHERE id = $1 AND customer_id = $2")
+                .bind(new.cart_id.uuid())
+                .bind(new.customer_id.uuid())
+                .fetch_optional(&mut **tx)
+                .await?;
+        Err(unclaimed_cart(status.as_deref()))
+    }
+
+    /// The cart's lines with the current catalogue prices, summed per product, in lock order.
+    async fn priced_lines(
+        tx: &mut Transaction<'_, Sqlite>,
+        cart: CartId,
+    ) -> Result<Vec<PricedLine>, StoreError> {
+        let lines = sqlx::query(
+            "SELECT l.product_id, p.sku, l.quantity, p.price_amount, p.currency \
+             FROM cart_lines l JOIN products p ON p.id = l.product_id WHERE l.cart_id = $1",
+        )
+        .bind(cart.uuid())
+        .fetch_all(&mut **tx)
+        .await?
+        .iter()
+        .map(decode_priced_line)
+        .collect::<Result<Vec<_>, StoreError>>()?;
+        priced_in_lock_order(lines)
+    }
+
+    /// Order, order lines, checkout and reservations. Only the one-live-checkout-per-admission
+    /// index can be violated here.
+    async fn insert_checkout(
+        tx: &mut Transaction<'_, Sqlite>,
+        new: &NewCheckout,
+        priced: &[PricedLine],
+        total: Money,
+    ) -> Result<SqliteRow, StoreError> {
+        let now = to_millis(new.now);
+        sqlx::query(
+            "INSERT INTO orders (id, customer_id, checkout_id, status, total_amount, currency, \
+             created_at, updated_at, seq) VALUES ($1, $2, $3, 'pending_payment', $4, $5, $6, $6, \
+             (SELECT COALESCE(MAX(seq), 0) + 1 FROM orders))",
+        )
+        .bind(new.order_id.uuid())
+        .bind(new.customer_id.uuid())
+        .bind(new.id.uuid())
+        .bind(total.amount())
+        .bind(total.currency().as_str())
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        for line in priced {
+            sqlx::query(
+                "INSERT INTO order_lines (order_id, product_id, sku, quantity, unit_price, \
+                 line_total) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(new.order_id.uuid())
+            .bind(line.product_id)
+            .bind(line.sku.as_str())
+            .bind(i64::from(line.quantity.get()))
+            .bind(line.unit_price.amount())
+            .bind(line.line_total()?.amount())
+            .execute(&mut **tx)
+            .await?;
+        }
+        let row = sqlx::query(concat!(
+            "INSERT INTO checkouts (id, customer_id, cart_id, order_id, state, total_amount, \
+             currency, expires_at, max_expires_at, created_at, updated_at, flash_sale_id) \
+             VALUES ($1, $2, $3, $4, 'reserved', $5, $6, $7, $8, $9, $9, $10) RETURNING ",
+            checkout_columns!()
+        ))
+        .bind(new.id.uuid())
+        .bind(new.customer_id.uuid())
+        .bind(new.cart_id.uuid())
+        .bind(new.order_id.uuid())
+        .bind(total.amount())
+        .bind(total.currency().as_str())
+        .bind(to_millis(new.now + new.ttl))
+        .bind(to_millis(new.now + new.max_lifetime))
+        .bind(now)
+        .bind(new.flash_sale.map(FlashSaleId::uuid))
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::AdmissionInUse
+            } else {
+                e.into()
+            }
+        })?;
+        for line in priced {
+            sqlx::query(
+                "INSERT INTO reservations (checkout_id, product_id, quantity, status) \
+                 VALUES ($1, $2, $3, 'active')",
+            )
+            .bind(new.id.uuid())
+            .bind(line.product_id)
+            .bind(i64::from(line.quantity.get()))
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(row)
+    }
+
+    /// One guarded statement per product, in product-id order (DESIGN §3), with the price read
+    /// earlier in the guard; a line that does not match is read back to say why.
+    async fn reserve_lines(
+        tx: &mut Transaction<'_, Sqlite>,
+        priced: &[PricedLine],
+    ) -> Result<Guarded, StoreError> {
+        let mut misses = Vec::new();
+        for line in priced {
+            let updated = sqlx::query(
+                "UPDATE products SET reserved = reserved + $2 \
+                 WHERE id = $1 AND stock - reserved >= $2 AND price_amount = $3 AND currency = $4",
+            )
+            .bind(line.product_id)
+            .bind(i64::from(line.quantity.get()))
+            .bind(line.unit_price.amount())
+            .bind(line.unit_price.currency().as_str())
+            .execute(&mut **tx)
+            .await?;
+            if updated.rows_affected() == 0 {
+                let row = sqlx::query(
+                    "SELECT stock - reserved AS available, price_amount, currency \
+                     FROM products WHERE id = $1",
+                )
+                .bind(line.product_id)
+                .fetch_one(&mut **tx)
+                .await?;
+                misses.push((line, decode_row_now(&row)?));
+            }
+        }
+        Ok(judge_misses(&misses))
+    }
+
     async fn order_lines(
         &self,
         customer: CustomerId,
@@ -292,6 +468,24 @@ impl SqliteStore {
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+fn decode_priced_line(row: &SqliteRow) -> Result<(WantedLine, Money), StoreError> {
+    Ok((
+        WantedLine {
+            product_id: row.try_get("product_id")?,
+            sku: rows::sku(row.try_get("sku")?)?,
+            quantity: row.try_get("quantity")?,
+        },
+        rows::money(row.try_get("price_amount")?, row.try_get("currency")?)?,
+    ))
+}
+
+fn decode_row_now(row: &SqliteRow) -> Result<RowNow, StoreError> {
+    Ok(RowNow {
+        available: row.try_get("available")?,
+        unit_price: rows::money(row.try_get("price_amount")?, row.try_get("currency")?)?,
+    })
 }
 
 fn checkout_state(row: &SqliteRow) -> Result<CheckoutState, StoreError> {
@@ -542,163 +736,12 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(skip_all, fields(checkout_id = %new.id, cart_id = %new.cart_id))]
     async fn reserve_checkout(&self, new: &NewCheckout) -> Result<Checkout, StoreError> {
-        let now = to_millis(new.now);
-        let mut tx = self.pool.begin().await?;
-
-        // The cart flips to checking_out first: a second checkout of it stops here.
-        let claimed = sqlx::query(
-            "UPDATE carts SET status = 'checking_out', updated_at = $3 \
-             WHERE id = $1 AND customer_id = $2 AND status = 'open'",
-        )
-        .bind(new.cart_id.uuid())
-        .bind(new.customer_id.uuid())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        if claimed.rows_affected() == 0 {
-            let status: Option<String> =
-                sqlx::query_scalar("SELECT status FROM carts WHERE id = $1 AND customer_id = $2")
-                    .bind(new.cart_id.uuid())
-                    .bind(new.customer_id.uuid())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            return Err(match status {
-                None => StoreError::NotFound("cart"),
-                Some(s) => cart_must_be_open(&s).err().unwrap_or(StoreError::CartEmpty),
-            });
-        }
-
-        let wanted = sqlx::query(
-            "SELECT l.product_id, p.sku, l.quantity FROM cart_lines l \
-             JOIN products p ON p.id = l.product_id WHERE l.cart_id = $1",
-        )
-        .bind(new.cart_id.uuid())
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|row| {
-            Ok(WantedLine {
-                product_id: row.try_get("product_id")?,
-                sku: rows::sku(row.try_get("sku")?)?,
-                quantity: row.try_get("quantity")?,
-            })
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-        if wanted.is_empty() {
-            return Err(StoreError::CartEmpty);
-        }
-
-        // One guarded statement per product, in product-id order (DESIGN §3).
-        let mut priced = Vec::new();
-        let mut short = Vec::new();
-        for line in lock_order(wanted) {
-            let row = sqlx::query(
-                "UPDATE products SET reserved = reserved + $1 \
-                 WHERE id = $2 AND stock - reserved >= $1 \
-                 RETURNING price_amount, currency",
-            )
-            .bind(line.quantity)
-            .bind(line.product_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            match row {
-                Some(row) => priced.push(PricedLine {
-                    product_id: line.product_id,
-                    quantity: rows::quantity(line.quantity)?,
-                    unit_price: rows::money(
-                        row.try_get("price_amount")?,
-                        row.try_get("currency")?,
-                    )?,
-                    sku: line.sku,
-                }),
-                None => {
-                    let available: i64 =
-                        sqlx::query_scalar("SELECT stock - reserved FROM products WHERE id = $1")
-                            .bind(line.product_id)
-                            .fetch_one(&mut *tx)
-                            .await?;
-                    short.push(Shortfall {
-                        sku: line.sku,
-                        requested: u32::try_from(line.quantity).unwrap_or(u32::MAX),
-                        available,
-                    });
-                }
+        for _ in 0..PRICE_RETRIES {
+            if let Some(checkout) = self.try_reserve_checkout(new).await? {
+                return Ok(checkout);
             }
         }
-        if !short.is_empty() {
-            // Dropping the transaction rolls back every line reserved so far.
-            return Err(StoreError::InsufficientStock(short));
-        }
-        let total = order_total(&priced)?;
-        let expires_at = to_millis(new.now + new.ttl);
-        let max_expires_at = to_millis(new.now + new.max_lifetime);
-
-        sqlx::query(
-            "INSERT INTO orders (id, customer_id, checkout_id, status, total_amount, currency, \
-             created_at, updated_at, seq) VALUES ($1, $2, $3, 'pending_payment', $4, $5, $6, $6, \
-             (SELECT COALESCE(MAX(seq), 0) + 1 FROM orders))",
-        )
-        .bind(new.order_id.uuid())
-        .bind(new.customer_id.uuid())
-        .bind(new.id.uuid())
-        .bind(total.amount())
-        .bind(total.currency().as_str())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        for line in &priced {
-            sqlx::query(
-                "INSERT INTO order_lines (order_id, product_id, sku, quantity, unit_price, \
-                 line_total) VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(new.order_id.uuid())
-            .bind(line.product_id)
-            .bind(line.sku.as_str())
-            .bind(i64::from(line.quantity.get()))
-            .bind(line.unit_price.amount())
-            .bind(line.line_total()?.amount())
-            .execute(&mut *tx)
-            .await?;
-        }
-        let row = sqlx::query(&format!(
-            "INSERT INTO checkouts (id, customer_id, cart_id, order_id, state, total_amount, \
-             currency, expires_at, max_expires_at, created_at, updated_at, flash_sale_id) \
-             VALUES ($1, $2, $3, $4, 'reserved', $5, $6, $7, $8, $9, $9, $10) \
-             RETURNING {CHECKOUT_COLUMNS}"
-        ))
-        .bind(new.id.uuid())
-        .bind(new.customer_id.uuid())
-        .bind(new.cart_id.uuid())
-        .bind(new.order_id.uuid())
-        .bind(total.amount())
-        .bind(total.currency().as_str())
-        .bind(expires_at)
-        .bind(max_expires_at)
-        .bind(now)
-        .bind(new.flash_sale.map(FlashSaleId::uuid))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| {
-            // Only the one-live-checkout-per-admission index can be violated here.
-            if is_unique_violation(&e) {
-                StoreError::AdmissionInUse
-            } else {
-                e.into()
-            }
-        })?;
-        for line in &priced {
-            sqlx::query(
-                "INSERT INTO reservations (checkout_id, product_id, quantity, status) \
-                 VALUES ($1, $2, $3, 'active')",
-            )
-            .bind(new.id.uuid())
-            .bind(line.product_id)
-            .bind(i64::from(line.quantity.get()))
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        decode::checkout(&row)
+        Err(StoreError::PriceChanged)
     }
 
     async fn checkout(
