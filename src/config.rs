@@ -9,6 +9,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
 
+pub use crate::checkout::GroupSettings;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "holdfast",
@@ -231,6 +233,34 @@ pub struct Flags {
     )]
     pub demo: bool,
 
+    /// Reserve concurrent checkouts together, one transaction and one commit per batch.
+    #[arg(
+        long,
+        env = "HOLDFAST_GROUP_RESERVATIONS",
+        global = true,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub group_reservations: bool,
+
+    /// Most checkouts reserved in one group transaction (1 to 1000).
+    #[arg(
+        long,
+        env = "HOLDFAST_GROUP_MAX_BATCH",
+        default_value_t = 64,
+        global = true
+    )]
+    pub group_max_batch: u64,
+
+    /// How long a group batch waits for more checkouts after the queue is drained, in
+    /// microseconds (at most 100000; 0 = not at all).
+    #[arg(
+        long,
+        env = "HOLDFAST_GROUP_LINGER_US",
+        default_value_t = 0,
+        global = true
+    )]
+    pub group_linger_us: u64,
+
     /// Log format: `text` or `json`.
     #[arg(
         long,
@@ -280,6 +310,8 @@ pub struct Settings {
     pub request_timeout: Duration,
     pub log_format: LogFormat,
     pub demo: bool,
+    /// Group reservation (`--group-reservations`, `--group-max-batch`, `--group-linger-us`).
+    pub group: GroupSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -397,6 +429,16 @@ impl Settings {
             3600,
         )?;
         check_nats_names(&flags.nats_stream, &flags.nats_subject_prefix)?;
+        let group = GroupSettings {
+            enabled: flags.group_reservations,
+            max_batch: in_range("group-max-batch", flags.group_max_batch, 1, 1000)? as usize,
+            linger: Duration::from_micros(in_range(
+                "group-linger-us",
+                flags.group_linger_us,
+                0,
+                100_000,
+            )?),
+        };
         Ok(Settings {
             listen: flags.listen,
             data_dir: flags.data_dir.clone(),
@@ -421,6 +463,7 @@ impl Settings {
             request_timeout: Duration::from_secs(request_timeout),
             log_format: flags.log_format,
             demo: flags.demo,
+            group,
         })
     }
 }
@@ -513,6 +556,37 @@ mod tests {
             (s.request_timeout, s.rate_limit_per_second),
             (Duration::from_secs(1), 0)
         );
+    }
+
+    #[test]
+    fn group_reservation_is_off_by_default_and_its_limits_are_checked() {
+        assert_eq!(parse(&[]).unwrap().group, GroupSettings::default());
+        let s = parse(&[
+            "--group-reservations",
+            "--group-max-batch",
+            "1000",
+            "--group-linger-us",
+            "100000",
+        ])
+        .unwrap();
+        assert_eq!(
+            s.group,
+            GroupSettings {
+                enabled: true,
+                max_batch: 1000,
+                linger: Duration::from_millis(100),
+            }
+        );
+        for bad in [
+            vec!["--group-max-batch", "0"],
+            vec!["--group-max-batch", "1001"],
+            vec!["--group-linger-us", "100001"],
+        ] {
+            assert!(
+                matches!(parse(&bad), Err(ConfigError::Range { .. })),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

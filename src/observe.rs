@@ -21,6 +21,12 @@ const GATEWAY_CALLS: &str = "holdfast_gateway_calls_total";
 const WEBHOOK_EVENTS: &str = "holdfast_webhook_events_total";
 const OUTBOX_UNPUBLISHED: &str = "holdfast_outbox_unpublished";
 const EXPIRY_RELEASED: &str = "holdfast_expiry_released_total";
+const RESERVATION_BATCH: &str = "holdfast_reservation_batch_size";
+
+/// Group reservation batches hold 1 to `--group-max-batch` (at most 1000) checkouts.
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1000.0,
+];
 
 /// Saga steps are database phases (milliseconds) or a gateway call (up to the client's
 /// timeout), so the buckets span both.
@@ -38,6 +44,8 @@ pub fn install() -> &'static PrometheusHandle {
             .set_buckets_for_metric(Matcher::Full(SAGA_STEP.to_owned()), SAGA_BUCKETS)
             // The only error is an empty bucket list, and the list above is not empty.
             .expect("saga buckets are not empty")
+            .set_buckets_for_metric(Matcher::Full(RESERVATION_BATCH.to_owned()), BATCH_BUCKETS)
+            .expect("batch buckets are not empty")
             .build_recorder();
         let handle = recorder.handle();
         if metrics::set_global_recorder(recorder).is_err() {
@@ -80,6 +88,10 @@ fn describe() {
     describe_gauge!(
         OUTBOX_UNPUBLISHED,
         "Fulfilment events written but not yet published (read at scrape time)."
+    );
+    describe_histogram!(
+        RESERVATION_BATCH,
+        "Checkouts reserved together in one transaction (group reservation)."
     );
     describe_counter!(
         EXPIRY_RELEASED,
@@ -195,6 +207,11 @@ pub fn webhook_event(event_type: &str, result: &'static str) {
         _ => "other".to_owned(),
     };
     counter!(WEBHOOK_EVENTS, "type" => event_type, "result" => result).increment(1);
+}
+
+/// One group reservation batch and how many checkouts it carried.
+pub fn reservation_batch(size: usize) {
+    histogram!(RESERVATION_BATCH).record(size as f64);
 }
 
 pub fn outbox_unpublished(count: i64) {

@@ -273,14 +273,10 @@ impl Application {
             ),
             None => Arc::new(InProcessGate::new()),
         };
-        let checkout = Arc::new(CheckoutService::new(
-            store.clone(),
-            clock.clone(),
-            gateway,
-            gate,
-            windows,
-            saga,
-        ));
+        let checkout = Arc::new(
+            CheckoutService::new(store.clone(), clock.clone(), gateway, gate, windows, saga)
+                .with_grouping(&settings.group),
+        );
         let state = AppState {
             store: store.clone(),
             checkout: checkout.clone(),

@@ -6,6 +6,7 @@
 
 mod admission;
 pub mod faults;
+mod group;
 
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
@@ -22,6 +23,8 @@ use crate::payments::{
 use crate::store::{ChargeTicket, Lease, NewCheckout, Store, StoreError};
 
 use faults::FaultPoint;
+pub use group::GroupSettings;
+use group::Grouper;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckoutError {
@@ -85,6 +88,8 @@ pub struct CheckoutService {
     saga: SagaSettings,
     /// This instance's name on the leases it takes.
     owner: String,
+    /// Group reservation, when switched on: concurrent reservations share a transaction.
+    grouper: Option<Grouper>,
 }
 
 /// The gateway key of one charge attempt: every retry of the attempt sends the same one.
@@ -115,6 +120,23 @@ impl CheckoutService {
             windows,
             saga,
             owner,
+            grouper: None,
+        }
+    }
+
+    /// Reserves through the group batcher (`--group-reservations`). Starts its collector on
+    /// the current runtime; it stops when the service is dropped.
+    pub fn with_grouping(mut self, settings: &GroupSettings) -> Self {
+        self.grouper = settings
+            .enabled
+            .then(|| Grouper::start(self.store.clone(), settings));
+        self
+    }
+
+    async fn reserve(&self, new: NewCheckout) -> Result<Checkout, StoreError> {
+        match &self.grouper {
+            Some(grouper) => grouper.reserve(new).await,
+            None => self.store.reserve_checkout(&new).await,
         }
     }
 
@@ -164,7 +186,7 @@ impl CheckoutService {
             max_lifetime: self.windows.max_lifetime,
             flash_sale: sale.as_ref().map(|s| s.id),
         };
-        let reserved = observe::timed(SagaStep::Reserve, self.store.reserve_checkout(&new)).await;
+        let reserved = observe::timed(SagaStep::Reserve, self.reserve(new)).await;
         count_reservation(&reserved);
         let checkout = reserved?;
         if let Some(sale) = &sale {

@@ -58,7 +58,7 @@ fn parse_checkout_id(raw: &str) -> Result<CheckoutId, ApiError> {
         (status = 201, body = CheckoutView, description = "every line reserved until `expires_at`"),
         (status = 404, body = ErrorBody, description = "`cart_not_found`"),
         (status = 403, body = ErrorBody, description = "`admission_required`: a flash-sale item without a valid token"),
-        (status = 409, body = ErrorBody, description = "`insufficient_stock` with per-SKU `details`, `cart_not_open`, `admission_in_use`"),
+        (status = 409, body = ErrorBody, description = "`insufficient_stock` with per-SKU `details`, `cart_not_open`, `admission_in_use`, `price_changed`"),
         (status = 422, body = ErrorBody, description = "`cart_empty`, `one_flash_sale_per_checkout`"),
         (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
     )

@@ -12,8 +12,8 @@ macro_rules! checkout_columns {
          payment_method, refund_due, flash_sale_id"
     };
 }
-pub(crate) use checkout_columns;
 
+mod group;
 mod ops;
 mod ops_postgres;
 mod ops_sqlite;
@@ -265,6 +265,12 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
     // Checkouts: the saga's phases.
     /// Reserve every line all-or-nothing and create the order, in one transaction.
     async fn reserve_checkout(&self, new: &NewCheckout) -> Result<Checkout, StoreError>;
+    /// Group reservation: the checkouts of `batch` in one transaction, sharing one commit and
+    /// one update per product row. Answers come in batch order, each exactly what
+    /// `reserve_checkout` would have said at its place in the batch (all-or-nothing per
+    /// checkout; a refused cart stays open and untouched). If the transaction fails as a whole,
+    /// every request runs through `reserve_checkout` on its own.
+    async fn reserve_checkouts(&self, batch: &[NewCheckout]) -> Vec<Result<Checkout, StoreError>>;
     async fn checkout(
         &self,
         customer: CustomerId,

@@ -18,6 +18,7 @@ use crate::domain::{
     OrderStatus, Product, ProductPatch, Quantity, Sku,
 };
 
+use super::group::{self, Candidate, Planned};
 use super::rows::{self, row_decoders};
 use super::{
     all_matched, attach_lines, cart_must_be_open, check_patch, judge_misses, order_paid_event,
@@ -444,17 +445,186 @@ impl PgStore {
         if !misses.is_empty() {
             return Ok(judge_misses(&misses));
         }
-        let updated = sqlx::query(
-            "UPDATE products p SET reserved = p.reserved + w.quantity \
-             FROM UNNEST($1::BIGINT[], $2::BIGINT[]) AS w(id, quantity) \
-             WHERE p.id = w.id AND p.stock - p.reserved >= w.quantity",
-        )
-        .bind(&ids)
-        .bind(&quantities)
-        .execute(&mut **tx)
-        .await?;
+        let updated = sqlx::query(RESERVE_LOCKED)
+            .bind(&ids)
+            .bind(&quantities)
+            .execute(&mut **tx)
+            .await?;
         all_matched(updated.rows_affected(), ids.len())?;
         Ok(Guarded::Reserved)
+    }
+
+    /// The whole batch in one transaction: lock the open carts (id order), read their lines,
+    /// lock the product rows (id order) and read what is free, decide in arrival order, write
+    /// every granted checkout in one statement and reserve in one guarded statement.
+    async fn try_reserve_group(
+        &self,
+        batch: &[NewCheckout],
+    ) -> Result<Vec<Result<Checkout, StoreError>>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let carts = Self::lock_open_carts(&mut tx, batch).await?;
+        let open_ids: Vec<Uuid> = carts.open.keys().copied().collect();
+        let mut wanted: HashMap<Uuid, Vec<WantedLine>> = HashMap::new();
+        let line_rows = sqlx::query(
+            "SELECT l.cart_id, l.product_id, p.sku, l.quantity FROM cart_lines l \
+             JOIN products p ON p.id = l.product_id WHERE l.cart_id = ANY($1)",
+        )
+        .bind(&open_ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in &line_rows {
+            wanted
+                .entry(row.try_get("cart_id")?)
+                .or_default()
+                .push(WantedLine {
+                    product_id: row.try_get("product_id")?,
+                    sku: rows::sku(row.try_get("sku")?)?,
+                    quantity: row.try_get("quantity")?,
+                });
+        }
+        let mut product_ids: Vec<i64> = wanted.values().flatten().map(|l| l.product_id).collect();
+        product_ids.sort_unstable();
+        product_ids.dedup();
+        let mut rows_now = HashMap::with_capacity(product_ids.len());
+        for row in &sqlx::query(
+            "SELECT id, stock - reserved AS available, price_amount, currency \
+             FROM products WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+        )
+        .bind(&product_ids)
+        .fetch_all(&mut *tx)
+        .await?
+        {
+            rows_now.insert(row.try_get::<i64, _>("id")?, decode_row_now(row)?);
+        }
+        let available = rows_now.iter().map(|(id, r)| (*id, r.available)).collect();
+        let candidates = batch
+            .iter()
+            .map(|new| {
+                let cart = carts.check(new);
+                let lines = match (&cart, wanted.get(&new.cart_id.uuid())) {
+                    (Ok(()), Some(lines)) => priced_under_lock(lines, &rows_now)?,
+                    _ => Vec::new(),
+                };
+                Ok(Candidate { cart, lines })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let plan = group::plan(batch, candidates, &available);
+        let written = if plan.granted() > 0 {
+            let written = Self::insert_group(&mut tx, batch, &plan).await?;
+            let (ids, quantities): (Vec<i64>, Vec<i64>) = plan.reserve.iter().unzip();
+            let updated = sqlx::query(RESERVE_LOCKED)
+                .bind(&ids)
+                .bind(&quantities)
+                .execute(&mut *tx)
+                .await?;
+            all_matched(updated.rows_affected(), ids.len())?;
+            written
+        } else {
+            HashMap::new()
+        };
+        tx.commit().await?;
+        Ok(group::answers(batch, plan, written))
+    }
+
+    /// Locks the batch's open carts in id order. A cart that is not open is not locked (the
+    /// plain path's guarded claim would not lock it either), only read for its answer.
+    async fn lock_open_carts(
+        tx: &mut Transaction<'_, Postgres>,
+        batch: &[NewCheckout],
+    ) -> Result<GroupCarts, StoreError> {
+        let cart_ids: Vec<Uuid> = batch.iter().map(|n| n.cart_id.uuid()).collect();
+        let mut carts = GroupCarts::default();
+        for row in &sqlx::query(
+            "SELECT id, customer_id FROM carts WHERE id = ANY($1) AND status = 'open' \
+             ORDER BY id FOR UPDATE",
+        )
+        .bind(&cart_ids)
+        .fetch_all(&mut **tx)
+        .await?
+        {
+            carts
+                .open
+                .insert(row.try_get("id")?, row.try_get("customer_id")?);
+        }
+        let missing: Vec<Uuid> = cart_ids
+            .into_iter()
+            .filter(|id| !carts.open.contains_key(id))
+            .collect();
+        if !missing.is_empty() {
+            for row in &sqlx::query("SELECT id, customer_id, status FROM carts WHERE id = ANY($1)")
+                .bind(&missing)
+                .fetch_all(&mut **tx)
+                .await?
+            {
+                carts.other.insert(
+                    row.try_get("id")?,
+                    (row.try_get("customer_id")?, row.try_get("status")?),
+                );
+            }
+        }
+        Ok(carts)
+    }
+
+    /// Every granted checkout's order, lines, checkout row and reservations, and its cart
+    /// claimed, in one statement.
+    async fn insert_group(
+        tx: &mut Transaction<'_, Postgres>,
+        batch: &[NewCheckout],
+        plan: &group::Plan,
+    ) -> Result<HashMap<CheckoutId, Checkout>, StoreError> {
+        let mut c = GroupColumns::default();
+        for (new, outcome) in batch.iter().zip(&plan.outcomes) {
+            if let Planned::Grant { lines, total } = outcome {
+                c.push(new, lines, *total)?;
+            }
+        }
+        sqlx::query(concat!(
+            "WITH o AS (INSERT INTO orders (id, customer_id, checkout_id, status, total_amount, \
+             currency, created_at, updated_at) \
+             SELECT t.order_id, t.customer_id, t.checkout_id, 'pending_payment', t.total, \
+             t.currency, t.at, t.at \
+             FROM UNNEST($1::UUID[], $2::UUID[], $3::UUID[], $4::BIGINT[], $5::TEXT[], \
+             $6::BIGINT[]) WITH ORDINALITY \
+             AS t(order_id, customer_id, checkout_id, total, currency, at, n) ORDER BY t.n), \
+             ol AS (INSERT INTO order_lines (order_id, product_id, sku, quantity, unit_price, \
+             line_total) SELECT * FROM UNNEST($7::UUID[], $8::BIGINT[], $9::TEXT[], \
+             $10::BIGINT[], $11::BIGINT[], $12::BIGINT[])), \
+             r AS (INSERT INTO reservations (checkout_id, product_id, quantity, status) \
+             SELECT *, 'active' FROM UNNEST($13::UUID[], $8::BIGINT[], $10::BIGINT[])), \
+             c AS (UPDATE carts SET status = 'checking_out', updated_at = t.at \
+             FROM UNNEST($14::UUID[], $6::BIGINT[]) AS t(id, at) WHERE carts.id = t.id) \
+             INSERT INTO checkouts (id, customer_id, cart_id, order_id, state, total_amount, \
+             currency, expires_at, max_expires_at, created_at, updated_at, flash_sale_id) \
+             SELECT t.checkout_id, t.customer_id, t.cart_id, t.order_id, 'reserved', t.total, \
+             t.currency, t.expires_at, t.max_expires_at, t.at, t.at, t.sale \
+             FROM UNNEST($3::UUID[], $2::UUID[], $14::UUID[], $1::UUID[], $4::BIGINT[], \
+             $5::TEXT[], $15::BIGINT[], $16::BIGINT[], $6::BIGINT[], $17::UUID[]) \
+             AS t(checkout_id, customer_id, cart_id, order_id, total, currency, expires_at, \
+             max_expires_at, at, sale) RETURNING ",
+            checkout_columns!()
+        ))
+        .bind(&c.order_ids)
+        .bind(&c.customer_ids)
+        .bind(&c.checkout_ids)
+        .bind(&c.totals)
+        .bind(&c.currencies)
+        .bind(&c.ats)
+        .bind(&c.line_orders)
+        .bind(&c.line_products)
+        .bind(&c.line_skus)
+        .bind(&c.line_quantities)
+        .bind(&c.line_prices)
+        .bind(&c.line_totals)
+        .bind(&c.line_checkouts)
+        .bind(&c.cart_ids)
+        .bind(&c.expires)
+        .bind(&c.max_expires)
+        .bind(&c.sales)
+        .fetch_all(&mut **tx)
+        .await?
+        .iter()
+        .map(|row| decode::checkout(row).map(|checkout| (checkout.id, checkout)))
+        .collect()
     }
 
     async fn order_lines(
@@ -493,6 +663,104 @@ fn admission_in_use(e: sqlx::Error) -> StoreError {
             StoreError::AdmissionInUse
         }
         _ => e.into(),
+    }
+}
+
+/// Reserves rows this transaction already holds locked: every row must match.
+const RESERVE_LOCKED: &str = "UPDATE products p SET reserved = p.reserved + w.quantity \
+     FROM UNNEST($1::BIGINT[], $2::BIGINT[]) AS w(id, quantity) \
+     WHERE p.id = w.id AND p.stock - p.reserved >= w.quantity";
+
+/// A batch's carts: the open ones locked (id → owner), the others read (id → owner, status).
+#[derive(Default)]
+struct GroupCarts {
+    open: HashMap<Uuid, Uuid>,
+    other: HashMap<Uuid, (Uuid, String)>,
+}
+
+impl GroupCarts {
+    /// The plain path's answer for this request's cart: someone else's cart is not found.
+    fn check(&self, new: &NewCheckout) -> Result<(), StoreError> {
+        let (cart, customer) = (new.cart_id.uuid(), new.customer_id.uuid());
+        match self.open.get(&cart) {
+            Some(owner) if *owner == customer => Ok(()),
+            Some(_) => Err(StoreError::NotFound("cart")),
+            None => Err(unclaimed_cart(
+                self.other
+                    .get(&cart)
+                    .filter(|(owner, _)| *owner == customer)
+                    .map(|(_, status)| status.as_str()),
+            )),
+        }
+    }
+}
+
+/// A cart's lines priced from the locked product rows, summed and in lock order.
+fn priced_under_lock(
+    lines: &[WantedLine],
+    rows_now: &HashMap<i64, RowNow>,
+) -> Result<Vec<PricedLine>, StoreError> {
+    let priced = lines
+        .iter()
+        .map(|line| {
+            let now = rows_now
+                .get(&line.product_id)
+                .ok_or_else(|| StoreError::Corrupt(format!("product {}", line.product_id)))?;
+            Ok((line.clone(), now.unit_price))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    priced_in_lock_order(priced)
+}
+
+/// The columns of a batch's granted checkouts, one array per column, for `UNNEST`.
+#[derive(Default)]
+struct GroupColumns {
+    order_ids: Vec<Uuid>,
+    customer_ids: Vec<Uuid>,
+    checkout_ids: Vec<Uuid>,
+    cart_ids: Vec<Uuid>,
+    totals: Vec<i64>,
+    currencies: Vec<String>,
+    ats: Vec<i64>,
+    expires: Vec<i64>,
+    max_expires: Vec<i64>,
+    sales: Vec<Option<Uuid>>,
+    line_orders: Vec<Uuid>,
+    line_checkouts: Vec<Uuid>,
+    line_products: Vec<i64>,
+    line_skus: Vec<String>,
+    line_quantities: Vec<i64>,
+    line_prices: Vec<i64>,
+    line_totals: Vec<i64>,
+}
+
+impl GroupColumns {
+    fn push(
+        &mut self,
+        new: &NewCheckout,
+        lines: &[PricedLine],
+        total: Money,
+    ) -> Result<(), StoreError> {
+        self.order_ids.push(new.order_id.uuid());
+        self.customer_ids.push(new.customer_id.uuid());
+        self.checkout_ids.push(new.id.uuid());
+        self.cart_ids.push(new.cart_id.uuid());
+        self.totals.push(total.amount());
+        self.currencies.push(total.currency().as_str().to_owned());
+        self.ats.push(to_millis(new.now));
+        self.expires.push(to_millis(new.now + new.ttl));
+        self.max_expires.push(to_millis(new.now + new.max_lifetime));
+        self.sales.push(new.flash_sale.map(FlashSaleId::uuid));
+        for line in lines {
+            self.line_orders.push(new.order_id.uuid());
+            self.line_checkouts.push(new.id.uuid());
+            self.line_products.push(line.product_id);
+            self.line_skus.push(line.sku.to_string());
+            self.line_quantities.push(i64::from(line.quantity.get()));
+            self.line_prices.push(line.unit_price.amount());
+            self.line_totals.push(line.line_total()?.amount());
+        }
+        Ok(())
     }
 }
 
@@ -768,6 +1036,21 @@ impl Store for PgStore {
             }
         }
         Err(StoreError::PriceChanged)
+    }
+
+    #[tracing::instrument(skip_all, fields(size = batch.len()))]
+    async fn reserve_checkouts(&self, batch: &[NewCheckout]) -> Vec<Result<Checkout, StoreError>> {
+        if batch.len() < 2 {
+            return group::one_by_one(self, batch).await;
+        }
+        match self.try_reserve_group(batch).await {
+            Ok(answers) => answers,
+            Err(e) => {
+                // Rolled back (e.g. two live checkouts of one admission): nothing was written.
+                tracing::info!(error = %e, "group reservation fell back to one by one");
+                group::one_by_one(self, batch).await
+            }
+        }
     }
 
     async fn checkout(

@@ -3,6 +3,7 @@
 //! another writer, and SQLite's busy/upgrade deadlocks between deferred transactions cannot
 //! happen. Reads are microseconds, so one connection serves an embedded shop well.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration as StdDuration;
 
@@ -21,10 +22,11 @@ use crate::domain::{
     OrderStatus, Product, ProductPatch, Quantity, Sku,
 };
 
+use super::group::{self, Candidate, Planned};
 use super::rows::{self, row_decoders};
 use super::{
-    attach_lines, cart_must_be_open, check_patch, judge_misses, order_paid_event, order_total,
-    page_of, priced_in_lock_order, to_millis, unclaimed_cart, ChargeTicket, Guarded,
+    all_matched, attach_lines, cart_must_be_open, check_patch, judge_misses, order_paid_event,
+    order_total, page_of, priced_in_lock_order, to_millis, unclaimed_cart, ChargeTicket, Guarded,
     IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine, Released, RowNow, Store,
     StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS, INVENTORY_AUDIT_SQL,
     ORDER_COLUMNS, PRICE_RETRIES, PRODUCT_COLUMNS,
@@ -444,6 +446,68 @@ impl SqliteStore {
         Ok(judge_misses(&misses))
     }
 
+    /// The whole batch in one transaction (the single connection serialises it): read every
+    /// cart, its priced lines and what is free, decide in arrival order, write the granted
+    /// checkouts and reserve each product once, under one commit.
+    async fn try_reserve_group(
+        &self,
+        batch: &[NewCheckout],
+    ) -> Result<Vec<Result<Checkout, StoreError>>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut candidates = Vec::with_capacity(batch.len());
+        let mut available = HashMap::new();
+        for new in batch {
+            let status: Option<String> =
+                sqlx::query_scalar("SELECT status FROM carts WHERE id = $1 AND customer_id = $2")
+                    .bind(new.cart_id.uuid())
+                    .bind(new.customer_id.uuid())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let cart = match status.as_deref() {
+                None => Err(StoreError::NotFound("cart")),
+                Some(status) => cart_must_be_open(status),
+            };
+            let lines = match cart {
+                Ok(()) => Self::priced_lines(&mut tx, new.cart_id).await?,
+                Err(_) => Vec::new(),
+            };
+            for line in &lines {
+                if !available.contains_key(&line.product_id) {
+                    let free: i64 =
+                        sqlx::query_scalar("SELECT stock - reserved FROM products WHERE id = $1")
+                            .bind(line.product_id)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                    available.insert(line.product_id, free);
+                }
+            }
+            candidates.push(Candidate { cart, lines });
+        }
+        let plan = group::plan(batch, candidates, &available);
+        let mut written = HashMap::new();
+        for (new, outcome) in batch.iter().zip(&plan.outcomes) {
+            if let Planned::Grant { lines, total } = outcome {
+                Self::claim_cart(&mut tx, new).await?;
+                let row = Self::insert_checkout(&mut tx, new, lines, *total).await?;
+                let checkout = decode::checkout(&row)?;
+                written.insert(checkout.id, checkout);
+            }
+        }
+        for (product_id, quantity) in &plan.reserve {
+            let updated = sqlx::query(
+                "UPDATE products SET reserved = reserved + $2 \
+                 WHERE id = $1 AND stock - reserved >= $2",
+            )
+            .bind(product_id)
+            .bind(quantity)
+            .execute(&mut *tx)
+            .await?;
+            all_matched(updated.rows_affected(), 1)?;
+        }
+        tx.commit().await?;
+        Ok(group::answers(batch, plan, written))
+    }
+
     async fn order_lines(
         &self,
         customer: CustomerId,
@@ -742,6 +806,21 @@ impl Store for SqliteStore {
             }
         }
         Err(StoreError::PriceChanged)
+    }
+
+    #[tracing::instrument(skip_all, fields(size = batch.len()))]
+    async fn reserve_checkouts(&self, batch: &[NewCheckout]) -> Vec<Result<Checkout, StoreError>> {
+        if batch.len() < 2 {
+            return group::one_by_one(self, batch).await;
+        }
+        match self.try_reserve_group(batch).await {
+            Ok(answers) => answers,
+            Err(e) => {
+                // Rolled back (e.g. two live checkouts of one admission): nothing was written.
+                tracing::info!(error = %e, "group reservation fell back to one by one");
+                group::one_by_one(self, batch).await
+            }
+        }
     }
 
     async fn checkout(

@@ -82,6 +82,9 @@ pub struct Options {
     /// of requests are not throttled.
     pub rate_limit_per_second: u32,
     pub request_timeout_seconds: u64,
+    /// Group reservation (`--group-reservations`) with this linger in microseconds; `None` =
+    /// the plain path.
+    pub group_linger_us: Option<u64>,
 }
 
 /// Short retries so unknown outcomes resolve within a test's patience.
@@ -113,6 +116,7 @@ impl Default for Options {
             redis: None,
             rate_limit_per_second: 0,
             request_timeout_seconds: 30,
+            group_linger_us: None,
         }
     }
 }
@@ -182,6 +186,13 @@ pub async fn spawn_app_with(kind: StoreKind, options: Options) -> TestApp {
     }
     if let Some(url) = &database_url {
         args.extend(["--database-url".to_owned(), url.clone()]);
+    }
+    if let Some(linger) = options.group_linger_us {
+        args.extend([
+            "--group-reservations".to_owned(),
+            "--group-linger-us".to_owned(),
+            linger.to_string(),
+        ]);
     }
     if let Some((base, key)) = &options.stripe {
         args.extend([

@@ -32,7 +32,7 @@ both_stores!(
 );
 
 /// Releases every buyer's checkout at once and returns the answers.
-async fn race_checkouts(
+pub(crate) async fn race_checkouts(
     app: &TestApp,
     buyers: Vec<(Customer, String)>,
 ) -> Vec<crate::helpers::Resp> {
@@ -90,7 +90,7 @@ impl Handle {
     }
 }
 
-fn count(answers: &[crate::helpers::Resp], status: u16, code: Option<&str>) -> usize {
+pub(crate) fn count(answers: &[crate::helpers::Resp], status: u16, code: Option<&str>) -> usize {
     answers
         .iter()
         .filter(|r| r.status.as_u16() == status && code.is_none_or(|c| r.code() == c))

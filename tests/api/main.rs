@@ -15,6 +15,7 @@ mod errors;
 mod flash_sale;
 mod fuzz;
 mod gate;
+mod group_reservation;
 mod inventory;
 mod limits;
 mod loadgen;
