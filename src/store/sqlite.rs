@@ -3,6 +3,7 @@
 //! another writer, and SQLite's busy/upgrade deadlocks between deferred transactions cannot
 //! happen. Reads are microseconds, so one connection serves an embedded shop well.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration as StdDuration;
@@ -472,13 +473,13 @@ impl SqliteStore {
                 Err(_) => Vec::new(),
             };
             for line in &lines {
-                if !available.contains_key(&line.product_id) {
+                if let Entry::Vacant(slot) = available.entry(line.product_id) {
                     let free: i64 =
                         sqlx::query_scalar("SELECT stock - reserved FROM products WHERE id = $1")
                             .bind(line.product_id)
                             .fetch_one(&mut *tx)
                             .await?;
-                    available.insert(line.product_id, free);
+                    slot.insert(free);
                 }
             }
             candidates.push(Candidate { cart, lines });
