@@ -8,7 +8,8 @@
 //! - [`payments`]: the payment gateway (Stripe over HTTP, or the test-mode simulator), webhook
 //!   signatures and events.
 //! - [`outbox`]: fulfilment events: the relay, the NATS and in-process sinks, the consumers.
-//! - [`checkout`]: the saga, one function per arrow of DESIGN §3.
+//! - [`checkout`]: the saga, one function per arrow of DESIGN §3, and the batcher that groups
+//!   concurrent reservations.
 //! - [`idempotency`]: `Idempotency-Key` values and request fingerprints.
 //! - [`http`]: the router, the error body, extractors and one file per resource.
 //! - [`workers`]: background loops (reservation expiry) with a `tick()` tests can drive.

@@ -1,5 +1,7 @@
-//! The production store: PostgreSQL. Reservation is a guarded single `UPDATE` per product in
-//! product-id order (promises 1 and 2, no deadlock); background work is claimed with
+//! The production store: PostgreSQL. Reservation is a guarded `UPDATE` per product in
+//! product-id order (promises 1 and 2, no deadlock), run last in its transaction so a hot row
+//! is locked only for the update and the commit; group reservation reserves a whole batch of
+//! checkouts with one update per product and one commit. Background work is claimed with
 //! `FOR UPDATE SKIP LOCKED`, so any number of instances and workers can run at once.
 
 use std::collections::HashMap;

@@ -174,7 +174,7 @@ fn a_start_up_failure_is_one_line_and_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_addr = busy.local_addr().unwrap().to_string();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["--database-url", "mysql://nope"], "postgres://"),
         (
             &["--database-url", "postgres://root@127.0.0.1:1/none"],
@@ -185,6 +185,8 @@ fn a_start_up_failure_is_one_line_and_exit_code_2() {
             &["--reservation-ttl-seconds", "0"],
             "reservation-ttl-seconds",
         ),
+        (&["--group-max-batch", "0"], "group-max-batch"),
+        (&["--group-linger-us", "100001"], "group-linger-us"),
     ];
     for (args, expected) in cases {
         let (code, stderr) = run_failing(args, dir.path());
