@@ -13,8 +13,8 @@ use tokio::sync::Barrier;
 
 use crate::both_stores;
 use crate::helpers::{
-    buyers, eventually, spawn_app, spawn_app_with, AssertClean, Customer, Options, TestApp,
-    ADMIN_TOKEN,
+    buyers, eventually, execute_sql, spawn_app, spawn_app_with, AssertClean, Customer, Options,
+    TestApp, ADMIN_TOKEN,
 };
 
 both_stores!(
@@ -29,6 +29,7 @@ both_stores!(
     cancel_releases_at_once_and_is_idempotent,
     stock_can_never_drop_below_what_is_reserved,
     the_audit_finds_a_corrupted_row,
+    a_price_that_keeps_changing_is_a_clear_conflict_and_reserves_nothing,
 );
 
 /// Releases every buyer's checkout at once and returns the answers.
@@ -535,6 +536,55 @@ async fn the_audit_finds_a_corrupted_row(kind: StoreKind) {
     assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL  1 no oversell"));
 }
 
+async fn a_price_that_keeps_changing_is_a_clear_conflict_and_reserves_nothing(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, cart) = app.buyer_with("Ada", &[("tea-01", 1)]).await;
+    // Every attempt moves the price after reading it and before its guarded update (the
+    // reservation rows are written in between), inside the attempt's own transaction.
+    let install = match kind {
+        StoreKind::Postgres => vec![
+            "CREATE FUNCTION move_price() RETURNS trigger AS $$ BEGIN \
+             UPDATE products SET price_amount = price_amount + 1 WHERE id = NEW.product_id; \
+             RETURN NEW; END $$ LANGUAGE plpgsql"
+                .to_owned(),
+            "CREATE TRIGGER moving_price AFTER INSERT ON reservations \
+             FOR EACH ROW EXECUTE FUNCTION move_price()"
+                .to_owned(),
+        ],
+        StoreKind::Sqlite => vec!["CREATE TRIGGER moving_price AFTER INSERT ON reservations \
+             BEGIN UPDATE products SET price_amount = price_amount + 1 \
+             WHERE id = NEW.product_id; END"
+            .to_owned()],
+    };
+    execute_sql(&app, &install).await;
+    let before = app.inventory_snapshot().await;
+
+    let resp = app.start_checkout(&ada, &cart).await;
+
+    resp.assert_error(409, "price_changed");
+    assert_eq!(app.inventory_snapshot().await, before, "nothing changed");
+    let open = app
+        .get(&format!("/v1/carts/{cart}"), Some(&ada.token))
+        .await;
+    assert_eq!(open.body["status"], "open");
+    execute_sql(
+        &app,
+        &["DROP TRIGGER moving_price ON reservations".to_owned()]
+            .into_iter()
+            .map(|sql| match kind {
+                StoreKind::Postgres => sql,
+                StoreKind::Sqlite => "DROP TRIGGER moving_price".to_owned(),
+            })
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let started = app.start_checkout(&ada, &cart).await;
+    started.assert_status(201);
+    assert_eq!(started.body["total"]["amount"], 450);
+    app.audit().await.assert_clean();
+}
+
 // PostgreSQL only: several instances and workers on one database.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -616,5 +666,64 @@ async fn two_expiry_workers_release_each_reservation_exactly_once() {
     }
     assert_eq!(total, (300, 300), "each reservation released exactly once");
     assert_eq!(app.stock_of("hot").await, (300, 0, 300));
+    app.audit().await.assert_clean();
+}
+
+// PostgreSQL only: a price that moves between reading the cart and locking the row.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_price_changed_while_checking_out_is_charged_at_the_new_price() {
+    let app = spawn_app(StoreKind::Postgres).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, cart) = app.buyer_with("Ada", &[("tea-01", 2)]).await;
+    let url = app
+        .database_url
+        .clone()
+        .expect("a PostgreSQL app has a URL");
+    let admin = sqlx::PgPool::connect(&url).await.expect("connect");
+    // Hold the row with a price change in flight: the checkout reads the old price, then its
+    // guarded update waits for this transaction.
+    let mut change = admin.begin().await.expect("begin");
+    sqlx::query("UPDATE products SET price_amount = 500 WHERE sku = 'tea-01'")
+        .execute(&mut *change)
+        .await
+        .expect("price change");
+    let checkout = {
+        let (base, client, token) = (app.base.clone(), app.client.clone(), ada.token.clone());
+        tokio::spawn(async move {
+            let resp = client
+                .post(format!("{base}/v1/checkouts"))
+                .bearer_auth(token)
+                .json(&json!({ "cart_id": cart }))
+                .send()
+                .await
+                .expect("request");
+            (
+                resp.status().as_u16(),
+                resp.json::<serde_json::Value>().await.expect("json"),
+            )
+        })
+    };
+    eventually(10, "the checkout waits on the product row", || {
+        let admin = admin.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE products SET reserved%'",
+            )
+            .fetch_one(&admin)
+            .await
+            .expect("activity");
+            waiting > 0
+        }
+    })
+    .await;
+    change.commit().await.expect("commit the new price");
+
+    let (status, body) = checkout.await.expect("task");
+
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["total"]["amount"], 1000, "charged at the new price");
+    assert_eq!(app.stock_of("tea-01").await, (5, 2, 3));
     app.audit().await.assert_clean();
 }
