@@ -6,15 +6,20 @@
 //!
 //! * holdfast over HTTP: the real `Application` on a fresh database, `POST /v1/checkouts`, whose
 //!   store reserves with one guarded `UPDATE` (DESIGN §3);
+//! * the same with group reservation on (`--group-reservations`): concurrent checkouts share one
+//!   transaction, one hot-row update and one commit;
 //! * the hand-rolled loop most shops write, straight on PostgreSQL in its own database: read the
 //!   row, compare-and-set on `version`, three attempts with 50 ms and 100 ms backoff, then
 //!   "try again later".
 //!
 //! and reports units sold, buyers refused while stock remained, oversell, latency and
-//! throughput for each. It is a benchmark, not a test: it prints figures and asserts nothing.
+//! throughput for each. The `hot-all` scenario has stock for every buyer, so every request is a
+//! reservation; there the run also measures the database's own ceiling for the same statements
+//! with `scripts/pgbench-ceiling.sh` (when `pgbench` is installed) and prints each row's ratio
+//! to it. It is a benchmark, not a test: it prints figures and asserts nothing.
 //!
-//! `cargo bench --bench reservation -- [--scenario hot|spread|all] [--buyers N] [--units U]
-//! [--skus S] [--concurrency C] [--pool P] [--seed N] [--json]`
+//! `cargo bench --bench reservation -- [--scenario hot|hot-all|spread|all] [--buyers N]
+//! [--units U] [--skus S] [--concurrency C] [--pool P] [--seed N] [--json]`
 //!
 //! Numbers move with the machine: read them next to each other, never against another run.
 
@@ -50,10 +55,10 @@ struct Flags {
     /// Which scenario to run; the flags below override its figures.
     #[arg(long, value_enum, default_value = "all")]
     scenario: Choice,
-    /// Buyers, each wanting one unit (hot: 5000, spread: 20000).
+    /// Buyers, each wanting one unit (hot and hot-all: 5000, spread: 20000).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     buyers: Option<u64>,
-    /// Units in stock per SKU (100).
+    /// Units in stock per SKU (hot and spread: 100, hot-all: as many as buyers).
     #[arg(long, value_parser = clap::value_parser!(i64).range(0..=StockLevel::MAX))]
     units: Option<i64>,
     /// SKUs the buyers are spread over, uniformly at random (hot: 1, spread: 200).
@@ -88,6 +93,7 @@ struct Flags {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Choice {
     Hot,
+    HotAll,
     Spread,
     All,
 }
@@ -110,6 +116,15 @@ impl Scenario {
             buyers: 5_000,
             concurrency: 64,
         };
+        // Stock for everyone: every request reserves, so the hot row's lock and the commit
+        // are all that is measured, as in the pgbench ceiling.
+        let hot_all = Scenario {
+            name: "hot-all",
+            skus: 1,
+            units: 5_000,
+            buyers: 5_000,
+            concurrency: 64,
+        };
         let spread = Scenario {
             name: "spread",
             skus: 200,
@@ -119,8 +134,9 @@ impl Scenario {
         };
         let picked = match flags.scenario {
             Choice::Hot => vec![hot],
+            Choice::HotAll => vec![hot_all],
             Choice::Spread => vec![spread],
-            Choice::All => vec![hot, spread],
+            Choice::All => vec![hot, hot_all, spread],
         };
         let size = |n: u64| usize::try_from(n).expect("a count that fits in memory");
         picked
@@ -198,6 +214,8 @@ struct Row {
     last_sale: Duration,
     wall: Duration,
     audit_clean: Option<bool>,
+    /// Requests per second over the pgbench ceiling of the same run, where one was measured.
+    of_ceiling: Option<f64>,
 }
 
 #[tokio::main]
@@ -210,7 +228,15 @@ async fn main() {
     }
     for scenario in Scenario::chosen(&flags) {
         let skus_of = scenario.draw(flags.seed);
-        let mut rows = vec![holdfast_over_http(&flags, &scenario, skus_of.clone()).await];
+        let ceiling = if scenario.name == "hot-all" {
+            pgbench_ceiling(scenario.concurrency).await
+        } else {
+            None
+        };
+        let mut rows = vec![
+            holdfast_over_http(&flags, &scenario, skus_of.clone(), Path::Plain).await,
+            holdfast_over_http(&flags, &scenario, skus_of.clone(), Path::Grouped).await,
+        ];
         let per_client = u32::try_from(scenario.concurrency).unwrap_or(u32::MAX);
         let mut connections = vec![flags.pool];
         if per_client != flags.pool && per_client <= MAX_CONNECTIONS {
@@ -219,11 +245,16 @@ async fn main() {
         for n in connections {
             rows.push(version_retry(&flags, &scenario, skus_of.clone(), n).await);
         }
+        if let Some(tps) = ceiling {
+            for row in &mut rows {
+                row.of_ceiling = Some(per_second(row) / tps);
+            }
+        }
         // Printed once every run is over, so progress lines on stderr never split the table.
         if flags.json {
             rows.iter().for_each(print_json);
         } else {
-            print_table(&scenario, &rows);
+            print_table(&scenario, &rows, ceiling);
         }
     }
 }
@@ -236,10 +267,32 @@ struct HttpBuyer {
     cart_id: String,
 }
 
-async fn holdfast_over_http(flags: &Flags, scenario: &Scenario, skus_of: Arc<Vec<usize>>) -> Row {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Each checkout in its own transaction.
+    Plain,
+    /// `--group-reservations`: concurrent checkouts combined into one transaction.
+    Grouped,
+}
+
+impl Path {
+    fn name(self) -> &'static str {
+        match self {
+            Path::Plain => "holdfast (HTTP)",
+            Path::Grouped => "holdfast grouped",
+        }
+    }
+}
+
+async fn holdfast_over_http(
+    flags: &Flags,
+    scenario: &Scenario,
+    skus_of: Arc<Vec<usize>>,
+    path: Path,
+) -> Row {
     let (url, database) = fresh_database(&flags.postgres_url).await;
     let dir = tempfile::TempDir::new().expect("a temporary data directory");
-    let cli = Cli::try_parse_from([
+    let mut args = vec![
         "holdfast".to_owned(),
         "--listen".into(),
         "127.0.0.1:0".into(),
@@ -254,8 +307,11 @@ async fn holdfast_over_http(flags: &Flags, scenario: &Scenario, skus_of: Arc<Vec
         // No reservation may expire mid-run: returned units would mix two sales in one count.
         "--reservation-ttl-seconds".into(),
         "1800".into(),
-    ])
-    .expect("the benchmark's flags parse");
+    ];
+    if path == Path::Grouped {
+        args.push("--group-reservations".into());
+    }
+    let cli = Cli::try_parse_from(args).expect("the benchmark's flags parse");
     let settings = Settings::from_flags(&cli.flags).expect("the benchmark's settings are valid");
     let app = Application::build_with(settings, Overrides::default())
         .await
@@ -270,7 +326,7 @@ async fn holdfast_over_http(flags: &Flags, scenario: &Scenario, skus_of: Arc<Vec
     let skus = create_products(store.as_ref(), scenario).await;
     let buyers = Arc::new(create_buyers(store.clone(), &skus, &skus_of).await);
     let client = reqwest::Client::new();
-    eprintln!("{}: holdfast over HTTP: racing", scenario.name);
+    eprintln!("{}: {}: racing", scenario.name, path.name());
     let run = drive(skus_of, scenario.concurrency, move |buyer| {
         let (client, url, buyers) = (client.clone(), checkouts.clone(), buyers.clone());
         async move { checkout_over_http(&client, &url, &buyers[buyer]).await }
@@ -297,7 +353,7 @@ async fn holdfast_over_http(flags: &Flags, scenario: &Scenario, skus_of: Arc<Vec
     let _ = server.await;
     drop(store);
     drop_database(&flags.postgres_url, &database).await;
-    let mut row = summarise(scenario, "holdfast (HTTP)", flags.pool, run, &sold);
+    let mut row = summarise(scenario, path.name(), flags.pool, run, &sold);
     row.audit_clean = Some(audit.is_clean());
     row
 }
@@ -645,6 +701,7 @@ fn summarise(
         last_sale,
         wall: run.wall,
         audit_clean: None,
+        of_ceiling: None,
     }
 }
 
@@ -688,17 +745,21 @@ fn print_json(row: &Row) {
         "wall_s": row.wall.as_secs_f64(),
         "requests_per_s": per_second(row),
         "audit_clean": row.audit_clean,
+        "of_pgbench_ceiling": row.of_ceiling,
     });
     println!("{value}");
 }
 
-fn print_table(scenario: &Scenario, rows: &[Row]) {
+fn print_table(scenario: &Scenario, rows: &[Row], ceiling: Option<f64>) {
     println!(
         "\n{}: {} SKU(s) x {} units, {} buyers wanting 1 unit each, {} concurrent clients",
         scenario.name, scenario.skus, scenario.units, scenario.buyers, scenario.concurrency
     );
+    if let Some(tps) = ceiling {
+        println!("pgbench ceiling, same statements, one hot row: {tps:.0} tps");
+    }
     println!(
-        "{:<8} {:<20} {:>5} {:>6} {:>7} {:>7} {:>18} {:>8} {:>6} {:>6} {:>6} {:>11} {:>14} {:>11} {:>6} {:>6}",
+        "{:<8} {:<20} {:>5} {:>6} {:>7} {:>7} {:>18} {:>8} {:>6} {:>6} {:>6} {:>11} {:>14} {:>11} {:>6} {:>6} {:>10}",
         "scenario",
         "algorithm",
         "conns",
@@ -714,11 +775,12 @@ fn print_table(scenario: &Scenario, rows: &[Row]) {
         "p99_refused_ms",
         "last_sale_s",
         "wall_s",
-        "req/s"
+        "req/s",
+        "of_ceiling"
     );
     for row in rows {
         println!(
-            "{:<8} {:<20} {:>5} {:>6} {:>7} {:>7} {:>18} {:>8} {:>6} {:>6.1} {:>6.1} {:>11.1} {:>14.1} {:>11.2} {:>6.2} {:>6.0}",
+            "{:<8} {:<20} {:>5} {:>6} {:>7} {:>7} {:>18} {:>8} {:>6} {:>6.1} {:>6.1} {:>11.1} {:>14.1} {:>11.2} {:>6.2} {:>6.0} {:>10}",
             row.scenario.name,
             row.algorithm,
             row.connections,
@@ -734,7 +796,9 @@ fn print_table(scenario: &Scenario, rows: &[Row]) {
             ms(row.p99_refused),
             row.last_sale.as_secs_f64(),
             row.wall.as_secs_f64(),
-            per_second(row)
+            per_second(row),
+            row.of_ceiling
+                .map_or_else(|| "-".to_owned(), |r| format!("{:.0}%", r * 100.0))
         );
     }
     for row in rows {
@@ -747,6 +811,51 @@ fn print_table(scenario: &Scenario, rows: &[Row]) {
             println!("{} audit after {}: {verdict}", row.algorithm, scenario.name);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The database's own ceiling
+
+/// Runs `scripts/pgbench-ceiling.sh --only hot` with as many clients as the race has and reads
+/// its transactions per second; `None` (with the reason on stderr) when it cannot run, so a
+/// machine without pgbench still gets the other rows.
+async fn pgbench_ceiling(clients: usize) -> Option<f64> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pgbench-ceiling.sh");
+    eprintln!("pgbench ceiling: {clients} clients, 10 s");
+    let out = tokio::process::Command::new("bash")
+        .arg(script)
+        .args(["--only", "hot", "--seconds", "10", "--clients"])
+        .arg(clients.to_string())
+        .output()
+        .await;
+    let out = match out {
+        Ok(out) if out.status.success() => out,
+        Ok(out) => {
+            eprintln!(
+                "pgbench ceiling not measured: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Err(e) => {
+            eprintln!("pgbench ceiling not measured: {e}");
+            return None;
+        }
+    };
+    // The line reads `hot  <clients> clients  <s> s  tps <tps>  failed <n> ...`.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let tps = stdout
+        .lines()
+        .filter(|line| line.starts_with("hot"))
+        .find_map(|line| {
+            let mut words = line.split_whitespace();
+            words.find(|w| *w == "tps")?;
+            words.next()?.parse::<f64>().ok()
+        });
+    if tps.is_none() {
+        eprintln!("pgbench ceiling not measured: no tps in\n{stdout}");
+    }
+    tps
 }
 
 // ---------------------------------------------------------------------------------------------

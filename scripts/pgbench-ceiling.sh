@@ -8,20 +8,26 @@
 # The stock is set far beyond what a run can take, so the guard never refuses and every
 # transaction is a reservation.
 #
-# Usage: scripts/pgbench-ceiling.sh [--clients N] [--seconds S]
+# Usage: scripts/pgbench-ceiling.sh [--clients N] [--seconds S] [--only hot|200-rows]
 # Environment: PGHOST (127.0.0.1), PGPORT (5432), PGUSER (root), PGBENCH_THREADS (nproc).
 set -euo pipefail
 
 clients=64
 seconds=10
+only=all
 while [ $# -gt 0 ]; do
     case "$1" in
         --clients) clients=$2; shift 2 ;;
         --seconds) seconds=$2; shift 2 ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        --only) only=$2; shift 2 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
         *) echo "pgbench-ceiling: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
+case "$only" in
+    all|hot|200-rows) ;;
+    *) echo "pgbench-ceiling: --only takes hot or 200-rows, not $only" >&2; exit 2 ;;
+esac
 
 export PGHOST=${PGHOST:-127.0.0.1} PGPORT=${PGPORT:-5432} PGUSER=${PGUSER:-root}
 threads=${PGBENCH_THREADS:-$(nproc)}
@@ -89,7 +95,11 @@ SQL
 }
 
 echo "# $(nproc) cores, $(psql -At -d "$db" -c 'SHOW server_version'), pgbench $(pgbench --version | awk '{print $3}'), $threads pgbench threads"
-load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-run hot '\set id 1'
-load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-run 200-rows '\set id random(1, 200)'
+if [ "$only" != 200-rows ]; then
+    load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+    run hot '\set id 1'
+fi
+if [ "$only" != hot ]; then
+    load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+    run 200-rows '\set id random(1, 200)'
+fi
