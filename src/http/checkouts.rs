@@ -55,6 +55,7 @@ fn parse_checkout_id(raw: &str) -> Result<CheckoutId, ApiError> {
     params(("Idempotency-Key" = Option<String>, Header, description = "optional; a retry answers the first result")),
     request_body = StartCheckout,
     responses(
+        (status = 429, body = ErrorBody, description = "`rate_limited`: over the per-customer budget; `Retry-After` says when to come back"),
         (status = 201, body = CheckoutView, description = "every line reserved until `expires_at`"),
         (status = 404, body = ErrorBody, description = "`cart_not_found`"),
         (status = 403, body = ErrorBody, description = "`admission_required`: a flash-sale item without a valid token"),
@@ -120,6 +121,7 @@ struct Complete {
     ),
     request_body = Complete,
     responses(
+        (status = 429, body = ErrorBody, description = "`rate_limited`: over the per-customer budget; `Retry-After` says when to come back"),
         (status = 200, body = CheckoutView, description = "`state` is `completed`, `requires_action` (with `client_secret`), `payment_failed` (with `decline_code`) or still `charging`"),
         (status = 400, body = ErrorBody, description = "`idempotency_key_required`, `invalid_idempotency_key`"),
         (status = 404, body = ErrorBody, description = "`checkout_not_found`"),

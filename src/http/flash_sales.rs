@@ -219,6 +219,7 @@ struct TokenView {
     security(("customer_token" = [])),
     params(("id" = String, Path)),
     responses(
+        (status = 429, body = ErrorBody, description = "`rate_limited`: over the per-customer budget; `Retry-After` says when to come back"),
         (status = 201, body = TokenView, description = "a first grant"),
         (status = 200, body = TokenView, description = "the same token again, for a holder"),
         (status = 404, body = ErrorBody, description = "`flash_sale_not_found`"),

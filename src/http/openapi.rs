@@ -71,7 +71,7 @@ pub fn router() -> Router<AppState> {
         ui::asset,
     ),
     components(schemas(ErrorBody, ErrorDetail, MoneySchema)),
-    modifiers(&BearerTokens),
+    modifiers(&BearerTokens, &EdgeErrors),
     tags(
         (name = "catalogue", description = "What anyone may see"),
         (name = "carts", description = "A customer's own carts"),
@@ -105,6 +105,80 @@ impl Modify for BearerTokens {
             let mut scheme = Http::new(HttpAuthScheme::Bearer);
             scheme.description = Some(what.to_owned());
             components.add_security_scheme(name, SecurityScheme::Http(scheme));
+        }
+    }
+}
+
+/// Answers the edge gives on any route, before a handler runs (`AppJson`, `AppQuery`, the body
+/// limit): every operation with a body can meet 400, 413, 415 and 422, and every operation with a
+/// query 400 and 422. Added here once rather than repeated in each handler's attribute, so a new
+/// route is documented truthfully without remembering to list them.
+struct EdgeErrors;
+
+impl EdgeErrors {
+    const BODY: [(&'static str, &'static str); 4] = [
+        ("400", "`invalid_json`: the body is not JSON"),
+        (
+            "422",
+            "`validation_failed`: an unknown field, a missing one, or a wrong type",
+        ),
+        ("413", "`payload_too_large`: the body is over 64 KiB"),
+        (
+            "415",
+            "`unsupported_media_type`: the body is not `application/json`",
+        ),
+    ];
+    const QUERY: [(&'static str, &'static str); 2] = [
+        ("400", "`invalid_query`, `invalid_cursor`"),
+        ("422", "`validation_failed`: `limit` outside 1..=500"),
+    ];
+}
+
+impl Modify for EdgeErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::ParameterIn;
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for operation in operations.into_iter().flatten() {
+                let has_query = operation
+                    .parameters
+                    .iter()
+                    .flatten()
+                    .any(|p| matches!(p.parameter_in, ParameterIn::Query));
+                let mut answers = Vec::new();
+                if operation.request_body.is_some() {
+                    answers.extend(Self::BODY);
+                }
+                if has_query {
+                    answers.extend(Self::QUERY);
+                }
+                for (status, description) in answers {
+                    operation
+                        .responses
+                        .responses
+                        .entry(status.to_owned())
+                        .or_insert_with(|| error(description).into());
+                }
+            }
         }
     }
 }

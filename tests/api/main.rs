@@ -26,5 +26,6 @@ mod outbox;
 mod payments;
 mod prices;
 mod saga;
+mod schemathesis;
 mod secrets;
 mod webhooks;
