@@ -39,3 +39,39 @@ pub struct Customer {
     pub id: CustomerId,
     pub name: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_is_trimmed_and_must_not_be_blank() {
+        assert_eq!(
+            CustomerName::parse("  Ada ").map(|n| n.0),
+            Ok("Ada".to_owned())
+        );
+        for bad in ["", "   ", "a\u{0}b", "line\nbreak"] {
+            assert_eq!(CustomerName::parse(bad), Err(CustomerNameError), "{bad:?}");
+        }
+        assert!(CustomerName::parse(&"é".repeat(200)).is_ok());
+        assert!(CustomerName::parse(&"é".repeat(201)).is_err());
+    }
+
+    proptest::proptest! {
+        /// Any text: accepted exactly when its trimmed form is 1–200 characters without control
+        /// characters, and then kept trimmed.
+        #[test]
+        fn parsing_any_text_accepts_exactly_the_allowed_names(raw in "\\PC{0,220}|[\\x00-\\x1f ]{0,5}") {
+            let trimmed = raw.trim();
+            let n = trimmed.chars().count();
+            let allowed = (1..=200).contains(&n) && !trimmed.chars().any(char::is_control);
+            match CustomerName::parse(&raw) {
+                Ok(name) => {
+                    proptest::prop_assert!(allowed);
+                    proptest::prop_assert_eq!(name.as_str(), trimmed);
+                }
+                Err(_) => proptest::prop_assert!(!allowed),
+            }
+        }
+    }
+}

@@ -90,4 +90,20 @@ mod tests {
             assert_eq!(CheckoutId::parse(bad), Err(IdError));
         }
     }
+
+    proptest::proptest! {
+        /// Any text at all: parsing never panics, and what it accepts prints back as the same id.
+        #[test]
+        fn parsing_any_text_never_panics_and_accepted_ids_round_trip(raw in "\\PC{0,60}") {
+            if let Ok(id) = OrderId::parse(&raw) {
+                proptest::prop_assert_eq!(OrderId::parse(&id.to_string()), Ok(id));
+            }
+        }
+
+        #[test]
+        fn every_uuid_is_an_id(bits in proptest::prelude::any::<u128>()) {
+            let uuid = Uuid::from_u128(bits);
+            proptest::prop_assert_eq!(CartId::parse(&uuid.to_string()), Ok(CartId::from_uuid(uuid)));
+        }
+    }
 }

@@ -295,3 +295,50 @@ fn with_etag(status: StatusCode, version: i64, body: AdminProductView) -> Respon
     }
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers_with(if_match: &str) -> Option<HeaderMap> {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::IF_MATCH, HeaderValue::from_str(if_match).ok()?);
+        Some(headers)
+    }
+
+    #[test]
+    fn a_missing_if_match_is_428_and_an_unreadable_one_400() {
+        assert_eq!(
+            if_match_version(&HeaderMap::new()).map_err(|e| e.code()),
+            Err("precondition_required")
+        );
+        for bad in ["", "\"7", "W/\"7\"", "*", "7.0", "\"\""] {
+            let headers = headers_with(bad).expect("a valid header value");
+            assert_eq!(
+                if_match_version(&headers).map_err(|e| e.code()),
+                Err("invalid_if_match"),
+                "{bad:?}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn an_etag_is_read_back_as_its_version(version in proptest::prelude::any::<i64>()) {
+            let headers = headers_with(&format!("\"{version}\"")).expect("a valid header value");
+            proptest::prop_assert_eq!(if_match_version(&headers).ok(), Some(version));
+        }
+
+        /// Any header text: reading it never panics, and anything accepted is a number, bare or
+        /// quoted once.
+        #[test]
+        fn any_if_match_is_read_safely(raw in "[ -~]{0,40}") {
+            if let Some(headers) = headers_with(&raw) {
+                if let Ok(version) = if_match_version(&headers) {
+                    let unquoted = raw.trim().trim_matches('"');
+                    proptest::prop_assert_eq!(unquoted.parse::<i64>().ok(), Some(version));
+                }
+            }
+        }
+    }
+}

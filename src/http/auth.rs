@@ -128,4 +128,35 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
     }
+
+    fn parts_with(authorization: &[u8]) -> Option<Parts> {
+        let value = axum::http::HeaderValue::from_bytes(authorization).ok()?;
+        let (parts, ()) = axum::http::Request::builder()
+            .header(AUTHORIZATION, value)
+            .body(())
+            .expect("a request with one header")
+            .into_parts();
+        Some(parts)
+    }
+
+    proptest::proptest! {
+        /// Any header bytes at all: reading the credential never panics, and whatever it accepts
+        /// is a non-empty, bounded token that came after a `Bearer` scheme.
+        #[test]
+        fn any_authorization_header_is_read_safely(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            if let Some(parts) = parts_with(&raw) {
+                if let Some(token) = bearer(&parts) {
+                    proptest::prop_assert!(!token.is_empty() && token.len() <= 512);
+                    let text = std::str::from_utf8(&raw).expect("a token was read from text");
+                    proptest::prop_assert!(text.get(..7).is_some_and(|s| s.eq_ignore_ascii_case("bearer ")));
+                }
+            }
+        }
+
+        #[test]
+        fn a_bearer_token_is_read_back_as_sent(token in "[A-Za-z0-9_\\-]{1,512}", scheme in "(?i)bearer") {
+            let parts = parts_with(format!("{scheme} {token}").as_bytes()).expect("a valid header");
+            proptest::prop_assert_eq!(bearer(&parts), Some(token.as_str()));
+        }
+    }
 }
