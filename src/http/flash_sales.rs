@@ -1,6 +1,7 @@
 //! Flash sales (DESIGN §5): the admin opens a sale; buyers take an admission token; only token
-//! holders reach the database. A token request for a known sale touches no store at all: the
-//! sale and the customer are cached, and the gate answers alone.
+//! holders reach the database. A token request for a known sale from a customer this instance
+//! has seen before touches no store at all: the sale and the customer are cached, and the gate
+//! answers alone (a customer's very first request looks their token up once).
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;

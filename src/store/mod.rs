@@ -20,6 +20,7 @@ mod ops_sqlite;
 mod outbox;
 mod outbox_postgres;
 mod outbox_sqlite;
+mod pool;
 mod postgres;
 mod rows;
 mod sqlite;
@@ -38,6 +39,7 @@ use crate::domain::{
 
 pub use ops::{FailureRow, FlashSaleRow, OpsStore};
 pub use outbox::{OutboxEvent, OutboxLag, OutboxStore};
+pub use pool::Acquisitions;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -201,6 +203,8 @@ pub struct InventoryRow {
 #[async_trait]
 pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
     fn kind(&self) -> StoreKind;
+    /// How many times this store has taken a connection from its pool so far.
+    fn acquisitions(&self) -> u64;
     async fn ping(&self) -> Result<(), StoreError>;
 
     // Customers.

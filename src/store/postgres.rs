@@ -24,10 +24,10 @@ use super::group::{self, Candidate, Planned};
 use super::rows::{self, row_decoders};
 use super::{
     all_matched, attach_lines, cart_must_be_open, check_patch, judge_misses, order_paid_event,
-    order_total, page_of, priced_in_lock_order, to_millis, unclaimed_cart, ChargeTicket, Guarded,
-    IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine, Released, RowNow, Store,
-    StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS, INVENTORY_AUDIT_SQL,
-    ORDER_COLUMNS, PRICE_RETRIES, PRODUCT_COLUMNS,
+    order_total, page_of, priced_in_lock_order, to_millis, unclaimed_cart, Acquisitions,
+    ChargeTicket, Guarded, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine,
+    Released, RowNow, Store, StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS,
+    INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRICE_RETRIES, PRODUCT_COLUMNS,
 };
 
 mod decode {
@@ -39,6 +39,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    acquisitions: Acquisitions,
 }
 
 impl PgStore {
@@ -46,13 +47,15 @@ impl PgStore {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Unavailable(format!("bad database url: {e}")))?;
-        let pool = PgPoolOptions::new()
+        let acquisitions = Acquisitions::default();
+        let pool = acquisitions
+            .options(PgPoolOptions::new())
             .max_connections(max_connections)
             .acquire_timeout(StdDuration::from_secs(10))
             .connect_with(options)
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(Self { pool })
+        Ok(Self { pool, acquisitions })
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -793,6 +796,10 @@ fn checkout_state(row: &PgRow) -> Result<CheckoutState, StoreError> {
 impl Store for PgStore {
     fn kind(&self) -> StoreKind {
         StoreKind::Postgres
+    }
+
+    fn acquisitions(&self) -> u64 {
+        self.acquisitions.get()
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -27,10 +27,10 @@ use super::group::{self, Candidate, Planned};
 use super::rows::{self, row_decoders};
 use super::{
     all_matched, attach_lines, cart_must_be_open, check_patch, judge_misses, order_paid_event,
-    order_total, page_of, priced_in_lock_order, to_millis, unclaimed_cart, ChargeTicket, Guarded,
-    IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine, Released, RowNow, Store,
-    StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS, INVENTORY_AUDIT_SQL,
-    ORDER_COLUMNS, PRICE_RETRIES, PRODUCT_COLUMNS,
+    order_total, page_of, priced_in_lock_order, to_millis, unclaimed_cart, Acquisitions,
+    ChargeTicket, Guarded, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine,
+    Released, RowNow, Store, StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS,
+    INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRICE_RETRIES, PRODUCT_COLUMNS,
 };
 
 mod decode {
@@ -42,6 +42,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    acquisitions: Acquisitions,
 }
 
 impl SqliteStore {
@@ -54,13 +55,15 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(StdDuration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
+        let acquisitions = Acquisitions::default();
+        let pool = acquisitions
+            .options(SqlitePoolOptions::new())
             .max_connections(1)
             .acquire_timeout(StdDuration::from_secs(30))
             .connect_with(options)
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(Self { pool })
+        Ok(Self { pool, acquisitions })
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -562,6 +565,10 @@ fn checkout_state(row: &SqliteRow) -> Result<CheckoutState, StoreError> {
 impl Store for SqliteStore {
     fn kind(&self) -> StoreKind {
         StoreKind::Sqlite
+    }
+
+    fn acquisitions(&self) -> u64 {
+        self.acquisitions.get()
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -20,6 +20,7 @@ both_stores!(
     a_flash_sale_item_needs_the_buyers_own_token,
     abandoned_and_declined_checkouts_hand_their_units_to_the_next_buyer,
     a_sale_cannot_offer_more_than_is_available,
+    refused_buyers_are_answered_without_touching_the_database,
 );
 
 fn redis_url() -> String {
@@ -437,5 +438,93 @@ async fn redis_stopped_mid_sale_answers_503_and_never_oversells() {
     assert!((1..=3).contains(&sold), "sold {sold}");
     let (stock, _, _) = app.stock_of("hot").await;
     assert_eq!(stock + sold, 3, "every sold unit left stock exactly once");
+    app.audit().await.assert_clean();
+}
+
+/// Promise of DESIGN §5: once the units are spoken for, a buyer hears `sold_out` from the gate
+/// alone. The store counts every connection it takes from its pool; hundreds of refusals, all at
+/// once, must not move that count. (Background workers are off, so nothing else touches it.)
+async fn refused_buyers_are_answered_without_touching_the_database(kind: StoreKind) {
+    // Arrange: ten units, ten holders, and 490 more buyers whose credentials the service has
+    // already seen once (a first request authenticates against the store).
+    let app = app_for(
+        kind,
+        Options {
+            workers: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    app.new_product("hot", 500, 10).await;
+    let sale = open_sale(&app, "hot", 10, None).await;
+    let all = buyers(&app, 500, &[("hot", 1)]).await;
+    let (holders, refused) = all.split_at(10);
+    for (customer, _) in holders {
+        take_token(&app, customer, &sale).await.assert_status(201);
+    }
+    for (customer, cart) in refused {
+        app.get(&format!("/v1/carts/{cart}"), Some(&customer.token))
+            .await
+            .assert_status(200);
+    }
+    let before = app.store.acquisitions();
+
+    // Act: every other buyer asks at once.
+    let barrier = Arc::new(Barrier::new(refused.len()));
+    let tasks: Vec<_> = refused
+        .iter()
+        .cloned()
+        .map(|(customer, _)| {
+            let (client, base, sale, barrier) = (
+                app.client.clone(),
+                app.base.clone(),
+                sale.clone(),
+                barrier.clone(),
+            );
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let resp = client
+                    .post(format!("{base}/v1/flash-sales/{sale}/tokens"))
+                    .bearer_auth(&customer.token)
+                    .send()
+                    .await
+                    .expect("request");
+                let status = resp.status().as_u16();
+                (status, resp.json::<Value>().await.expect("json"))
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("task"));
+    }
+    let after = app.store.acquisitions();
+
+    // Assert
+    let sold_out = answers
+        .iter()
+        .filter(|(s, b)| *s == 409 && b["error"]["code"] == "sold_out")
+        .count();
+    assert_eq!(
+        sold_out,
+        refused.len(),
+        "every refused buyer hears sold_out: {answers:?}"
+    );
+    assert_eq!(
+        after,
+        before,
+        "{} refusals took {} connections from the store",
+        refused.len(),
+        after - before
+    );
+    // The count does move when the database is used, so the check above can fail.
+    app.get(
+        &format!("/v1/carts/{}", refused[0].1),
+        Some(&refused[0].0.token),
+    )
+    .await
+    .assert_status(200);
+    assert!(app.store.acquisitions() > after);
+    assert_eq!(app.stock_of("hot").await, (10, 0, 10));
     app.audit().await.assert_clean();
 }
