@@ -131,7 +131,7 @@ pub struct Flags {
         global = true,
         hide_env_values = true
     )]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<SecretArg>,
 
     /// Stripe secret key; unset uses the built-in test-mode simulator.
     #[arg(
@@ -140,7 +140,7 @@ pub struct Flags {
         global = true,
         hide_env_values = true
     )]
-    pub stripe_secret_key: Option<String>,
+    pub stripe_secret_key: Option<SecretArg>,
 
     /// Stripe API base URL.
     #[arg(long, env = "HOLDFAST_STRIPE_API_BASE", global = true)]
@@ -154,7 +154,7 @@ pub struct Flags {
         global = true,
         hide_env_values = true
     )]
-    pub stripe_webhook_secret: Option<String>,
+    pub stripe_webhook_secret: Option<SecretArg>,
 
     /// Reservation window; a heartbeat pushes expiry to now + this.
     #[arg(
@@ -271,6 +271,25 @@ pub struct Flags {
     pub log_format: LogFormat,
 }
 
+/// A secret as given on the command line or in the environment. Its `Debug` hides it, so the
+/// parsed flags can be printed or logged whole without leaking it (DESIGN §7).
+#[derive(Clone)]
+pub struct SecretArg(String);
+
+impl std::str::FromStr for SecretArg {
+    type Err = std::convert::Infallible;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        Ok(Self(raw.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for SecretArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretArg([redacted])")
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -379,13 +398,13 @@ impl Settings {
             &["http://", "https://"],
             "http(s)://",
         )?;
-        if flags.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+        if flags.admin_token.as_ref().is_some_and(|t| t.0.len() < 16) {
             return Err(ConfigError::AdminToken);
         }
         let stripe_webhook_secrets: Vec<SecretString> = match &flags.stripe_webhook_secret {
             None => Vec::new(),
             Some(list) => {
-                let secrets: Vec<&str> = list.split(',').map(str::trim).collect();
+                let secrets: Vec<&str> = list.0.split(',').map(str::trim).collect();
                 if secrets.iter().any(|s| s.is_empty()) {
                     return Err(ConfigError::WebhookSecret);
                 }
@@ -448,8 +467,11 @@ impl Settings {
             nats_url: flags.nats_url.clone(),
             nats_stream: flags.nats_stream.clone(),
             nats_subject_prefix: flags.nats_subject_prefix.clone(),
-            admin_token: flags.admin_token.clone().map(SecretString::from),
-            stripe_secret_key: flags.stripe_secret_key.clone().map(SecretString::from),
+            admin_token: flags.admin_token.clone().map(|t| SecretString::from(t.0)),
+            stripe_secret_key: flags
+                .stripe_secret_key
+                .clone()
+                .map(|k| SecretString::from(k.0)),
             stripe_api_base: flags.stripe_api_base.clone(),
             stripe_webhook_secrets,
             reservation_ttl: Duration::from_secs(ttl),
@@ -522,6 +544,25 @@ mod tests {
         all.extend_from_slice(args);
         let cli = Cli::try_parse_from(all).expect("flags parse");
         Settings::from_flags(&cli.flags)
+    }
+
+    #[test]
+    fn printing_the_flags_or_the_settings_shows_no_secret() {
+        let cli = Cli::try_parse_from([
+            "holdfast",
+            "--admin-token",
+            "admin-secret-0123456789",
+            "--stripe-secret-key",
+            "sk_test_secret_0123",
+            "--stripe-webhook-secret",
+            "whsec_secret_0123",
+        ])
+        .expect("flags parse");
+        let settings = Settings::from_flags(&cli.flags).expect("valid settings");
+        let printed = format!("{cli:?} {settings:?}");
+        for secret in ["admin-secret", "sk_test_secret", "whsec_secret"] {
+            assert!(!printed.contains(secret), "{secret} printed in {printed}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! No secret is ever logged or returned (DESIGN §7): the built binary runs with debug logs while
 //! it is given right and wrong credentials and signatures, and neither its output nor any
-//! answer holds the admin token, the webhook secret or a customer's token. The store keeps
+//! answer holds the admin token, the webhook secret, the Stripe secret key or a customer's
+//! token, whether the secrets came as flags or as `HOLDFAST_*` variables. The store keeps
 //! only the SHA-256 of a customer's token.
 
 use std::fs::File;
@@ -14,12 +15,24 @@ use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
 use crate::both_stores;
-use crate::helpers::{fetch_strings, spawn_app};
+use crate::fake_stripe::FakeStripe;
+use crate::helpers::{fetch_strings, fresh_postgres_database, spawn_app};
 
 both_stores!(the_store_keeps_only_the_hash_of_a_customers_token);
 
 const ADMIN: &str = "hfa_secret_admin_token_4f1c9e2b7a";
 const WEBHOOK: &str = "whsec_secret_webhook_key_8d3a6b0e5c";
+const STRIPE_KEY: &str = "sk_test_secret_stripe_key_2b9e7c4d1f";
+
+/// How the secrets reach the server, and what it runs on.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// Flags, SQLite, the built-in payment simulator.
+    FlagsEmbedded,
+    /// `HOLDFAST_*` environment variables, PostgreSQL, and a Stripe secret key used against a
+    /// Stripe-compatible server.
+    EnvironmentProduction,
+}
 
 /// `(status, raw body)` of one call.
 async fn call(
@@ -60,7 +73,16 @@ async fn webhook(
 }
 
 #[tokio::test]
-async fn secrets_never_appear_in_logs_or_answers_even_at_debug_level() {
+async fn secrets_given_as_flags_never_appear_in_logs_or_answers_even_at_debug_level() {
+    secrets_never_appear_in_logs_or_answers(Shape::FlagsEmbedded).await;
+}
+
+#[tokio::test]
+async fn secrets_given_in_the_environment_never_appear_in_logs_or_answers_on_postgres() {
+    secrets_never_appear_in_logs_or_answers(Shape::EnvironmentProduction).await;
+}
+
+async fn secrets_never_appear_in_logs_or_answers(shape: Shape) {
     let dir = tempfile::tempdir().unwrap();
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -70,12 +92,32 @@ async fn secrets_never_appear_in_logs_or_answers_even_at_debug_level() {
     // Files rather than pipes: debug logs are plenty, and a full pipe would stall the server.
     let out_path = dir.path().join("stdout.log");
     let err_path = dir.path().join("stderr.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_holdfast"));
+    command
         .current_dir(dir.path())
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--admin-token", ADMIN, "--stripe-webhook-secret", WEBHOOK])
-        .env("RUST_LOG", "debug")
-        .env_remove("HOLDFAST_DATABASE_URL")
+        .env("RUST_LOG", "debug");
+    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("HOLDFAST_")) {
+        command.env_remove(name);
+    }
+    // Kept alive until the server has stopped.
+    let mut _fake_stripe = None;
+    match shape {
+        Shape::FlagsEmbedded => {
+            command.args(["--admin-token", ADMIN, "--stripe-webhook-secret", WEBHOOK]);
+        }
+        Shape::EnvironmentProduction => {
+            let fake = FakeStripe::start().await;
+            command
+                .env("HOLDFAST_ADMIN_TOKEN", ADMIN)
+                .env("HOLDFAST_STRIPE_WEBHOOK_SECRET", WEBHOOK)
+                .env("HOLDFAST_STRIPE_SECRET_KEY", STRIPE_KEY)
+                .env("HOLDFAST_STRIPE_API_BASE", fake.base_url())
+                .env("HOLDFAST_DATABASE_URL", fresh_postgres_database().await);
+            _fake_stripe = Some(fake);
+        }
+    }
+    let mut child = command
         .stdout(Stdio::from(File::create(&out_path).unwrap()))
         .stderr(Stdio::from(File::create(&err_path).unwrap()))
         .spawn()
@@ -183,7 +225,13 @@ async fn secrets_never_appear_in_logs_or_answers_even_at_debug_level() {
         .send()
         .await
         .expect("the app answers");
-    answers.push((paid.status().as_u16(), paid.text().await.unwrap()));
+    let paid = (paid.status().as_u16(), paid.text().await.unwrap());
+    // The payment went through the gateway (with the Stripe key, in production shape).
+    assert!(
+        paid.0 == 200 && paid.1.contains("requires_action"),
+        "{paid:?}"
+    );
+    answers.push(paid);
     // Bad webhooks: forged, signed with another secret, stale, and over another body.
     let now = chrono::Utc::now().timestamp();
     let event = crate::webhooks::event(
@@ -231,6 +279,7 @@ async fn secrets_never_appear_in_logs_or_answers_even_at_debug_level() {
         ("the admin token", ADMIN),
         ("the webhook secret", WEBHOOK),
         ("the customer's token", token.as_str()),
+        ("the Stripe secret key", STRIPE_KEY),
     ] {
         assert!(!output.contains(secret), "{name} appears in the output");
         for (status, body) in &answers {
