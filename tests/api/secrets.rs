@@ -22,7 +22,8 @@ both_stores!(the_store_keeps_only_the_hash_of_a_customers_token);
 
 const ADMIN: &str = "hfa_secret_admin_token_4f1c9e2b7a";
 const WEBHOOK: &str = "whsec_secret_webhook_key_8d3a6b0e5c";
-const STRIPE_KEY: &str = "sk_test_secret_stripe_key_2b9e7c4d1f";
+/// The key the fake Stripe server accepts.
+const STRIPE_KEY: &str = crate::fake_stripe::SECRET_KEY;
 
 /// How the secrets reach the server, and what it runs on.
 #[derive(Clone, Copy)]
