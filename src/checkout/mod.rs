@@ -61,7 +61,8 @@ pub struct SagaSettings {
     /// After the in-request tries, recovery tries again this much later.
     pub retry_later: Duration,
     /// How often a checkout waiting for customer authentication is checked with the gateway
-    /// (lost webhooks).
+    /// (lost webhooks), and how long a charge must have been in flight before recovery asks
+    /// the gateway what it holds for the checkout.
     pub reconcile_after: Duration,
     pub fault: Option<FaultPoint>,
 }
@@ -536,28 +537,52 @@ impl CheckoutService {
             return Ok(());
         }
         match checkout.state {
-            CheckoutState::Charging => {
-                let after = self.drive_charge(ticket).await?;
-                if after.state == CheckoutState::Charging {
-                    self.settle_from_gateway(checkout).await?;
-                }
-            }
+            CheckoutState::Charging => self.recover_charge(ticket).await?,
             CheckoutState::RequiresAction => self.reconcile_action(checkout).await?,
             _ => {}
         }
         Ok(())
     }
 
-    /// The create keeps answering "unknown": ask the gateway what it holds for the checkout.
-    async fn settle_from_gateway(&self, checkout: &Checkout) -> Result<(), CheckoutError> {
-        let intents = match self.gateway.intents_for_checkout(checkout.id).await {
-            Ok(intents) => intents,
-            Err(_) => return Ok(()),
+    /// Repeats the charge with its key. Whatever that ends in (unknown again, a reused key, a
+    /// store error), a charge in flight for longer than the
+    /// reconcile threshold is settled from what the gateway holds, so no answer of the create
+    /// can keep a paid checkout in `charging` for ever (promise 4).
+    async fn recover_charge(&self, ticket: &ChargeTicket) -> Result<(), CheckoutError> {
+        let id = ticket.checkout.id;
+        let driven = self.drive_charge(ticket).await;
+        let still_charging = match &driven {
+            Ok(after) => after.state == CheckoutState::Charging,
+            Err(_) => self.reload(id).await?.state == CheckoutState::Charging,
         };
-        if let Some(paid) = intents.iter().find(|i| i.status == IntentStatus::Succeeded) {
-            self.record_success(checkout.id, paid).await?;
+        let in_flight_for_long = ticket
+            .charge_started_at
+            .is_none_or(|since| self.clock.now() - since >= self.saga.reconcile_after);
+        if still_charging && in_flight_for_long && self.settle_from_gateway(id).await? {
+            return Ok(());
         }
-        Ok(())
+        driven.map(|_| ())
+    }
+
+    /// The create gives no usable answer: ask the gateway what it holds for the checkout (by
+    /// metadata; Stripe's search lags, hence only for charges in flight a while). True when a
+    /// payment was found and recorded.
+    async fn settle_from_gateway(&self, id: CheckoutId) -> Result<bool, CheckoutError> {
+        let intents = match self.gateway.intents_for_checkout(id).await {
+            Ok(intents) => intents,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot search the gateway; will retry");
+                return Ok(false);
+            }
+        };
+        match intents.iter().find(|i| i.status == IntentStatus::Succeeded) {
+            Some(paid) => {
+                tracing::info!(checkout_id = %id, payment_intent_id = %paid.id, "charge settled from the gateway");
+                self.record_success(id, paid).await?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Lost webhooks: a checkout waiting for authentication is checked with the gateway; when

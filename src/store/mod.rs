@@ -150,6 +150,9 @@ pub struct ChargeTicket {
     pub payment_method: String,
     /// Money of a late success is due back.
     pub refund_due: bool,
+    /// When the checkout entered `charging` (the reconciler asks the gateway only after a
+    /// while: Stripe's search lags behind).
+    pub charge_started_at: Option<DateTime<Utc>>,
 }
 
 /// Where an `Idempotency-Key` stands (DESIGN §4).

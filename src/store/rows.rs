@@ -88,6 +88,10 @@ macro_rules! row_decoders {
                     .try_get::<Option<String>, _>("payment_method")?
                     .unwrap_or_default(),
                 refund_due: row.try_get("refund_due")?,
+                charge_started_at: row
+                    .try_get::<Option<i64>, _>("charge_started_at")?
+                    .map(from_millis)
+                    .transpose()?,
             })
         }
 

@@ -988,7 +988,8 @@ impl Store for SqliteStore {
                 sqlx::query(&format!(
                     "UPDATE checkouts SET state = 'charging', attempt = attempt + 1, \
                  payment_method = $2, charge_started_at = $3, lease_owner = $4, \
-                 lease_until = $5, updated_at = $3 WHERE id = $1 RETURNING {CHECKOUT_COLUMNS}"
+                 lease_until = $5, updated_at = $3 WHERE id = $1 \
+                 RETURNING {CHECKOUT_COLUMNS}, charge_started_at"
                 ))
                 .bind(id.uuid())
                 .bind(payment_method)
@@ -1004,7 +1005,7 @@ impl Store for SqliteStore {
             CheckoutState::Charging => {
                 sqlx::query(&format!(
                     "UPDATE checkouts SET lease_owner = $2, lease_until = $3 WHERE id = $1 \
-                 RETURNING {CHECKOUT_COLUMNS}"
+                 RETURNING {CHECKOUT_COLUMNS}, charge_started_at"
                 ))
                 .bind(id.uuid())
                 .bind(lease.owner)
@@ -1274,7 +1275,7 @@ impl Store for SqliteStore {
                WHERE (state IN ('charging', 'requires_action') OR refund_due) \
                  AND (lease_until IS NULL OR lease_until < $3) \
                ORDER BY lease_until NULLS FIRST LIMIT $4) \
-             RETURNING {CHECKOUT_COLUMNS}"
+             RETURNING {CHECKOUT_COLUMNS}, charge_started_at"
         ))
         .bind(lease.owner)
         .bind(to_millis(lease.until))

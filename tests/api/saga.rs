@@ -2,15 +2,18 @@
 //! both stores, Idempotency-Key, webhooks, late successes, and the Stripe client over HTTP
 //! against the fake Stripe server with its faults. Every case ends with the audit.
 
+use holdfast::checkout::charge_key;
 use holdfast::domain::{CheckoutId, Currency, CustomerId, Money, OrderId};
-use holdfast::payments::{signature, ChargeOutcome, ChargeRequest, PaymentGateway as _};
+use holdfast::payments::{
+    signature, ChargeOutcome, ChargeRequest, PaymentGateway as _, StripeGateway, Timeouts,
+};
 use holdfast::store::StoreKind;
 use serde_json::json;
 
 use crate::both_stores;
 use crate::fake_stripe::{FakeStripe, Fault, SECRET_KEY};
 use crate::helpers::{
-    eventually, spawn_app, spawn_app_with, AssertClean, Options, TestApp, WEBHOOK_SECRET,
+    eventually, spawn_app, spawn_app_with, AssertClean, Customer, Options, TestApp, WEBHOOK_SECRET,
 };
 
 both_stores!(
@@ -26,6 +29,7 @@ both_stores!(
     an_abandoned_authentication_is_cancelled_when_the_checkout_lifetime_ends,
     the_audit_finds_a_lost_event_and_a_ghost_checkout,
     an_admin_ships_or_refunds_a_paid_order,
+    over_http_a_reused_charge_key_is_settled_from_the_gateway_by_recovery,
 );
 
 fn checkout_id(raw: &str) -> CheckoutId {
@@ -509,16 +513,47 @@ async fn a_late_success_for_an_expired_checkout_takes_the_units_again_or_refunds
 // The Stripe client over HTTP against the fake Stripe server (PostgreSQL).
 
 async fn app_on_fake_stripe() -> (TestApp, FakeStripe) {
+    app_with_fake_stripe(StoreKind::Postgres, Options::default()).await
+}
+
+async fn app_with_fake_stripe(kind: StoreKind, options: Options) -> (TestApp, FakeStripe) {
     let fake = FakeStripe::start().await;
     let app = spawn_app_with(
-        StoreKind::Postgres,
+        kind,
         Options {
             stripe: Some((fake.base_url(), SECRET_KEY.to_owned())),
-            ..Options::default()
+            ..options
         },
     )
     .await;
     (app, fake)
+}
+
+/// The app on the fake with a clock that moves only when the test says so (workers off).
+async fn manual_app_with_fake_stripe(kind: StoreKind) -> (TestApp, FakeStripe) {
+    app_with_fake_stripe(
+        kind,
+        Options {
+            manual_clock: true,
+            ..Options::default()
+        },
+    )
+    .await
+}
+
+/// Lets time pass past every retry and reconcile threshold and runs recovery, a few rounds,
+/// until the checkout has left `charging`; returns its state.
+async fn recover_until_settled(app: &TestApp, customer: &Customer, checkout: &str) -> String {
+    let path = format!("/v1/checkouts/{checkout}");
+    for _ in 0..5 {
+        app.advance(chrono::Duration::seconds(1));
+        app.recovery.tick().await.expect("recovery tick");
+        let state = app.get(&path, Some(&customer.token)).await.str("state");
+        if state != "charging" {
+            return state;
+        }
+    }
+    "charging".to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -903,4 +938,48 @@ async fn shutdown_lets_an_in_flight_checkout_finish() {
         .await
         .unwrap()
         .assert_clean();
+}
+
+async fn over_http_a_reused_charge_key_is_settled_from_the_gateway_by_recovery(kind: StoreKind) {
+    let (app, fake) = manual_app_with_fake_stripe(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, order) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    // Another client (say, an older release sending other parameters) already charged under
+    // this checkout's first key: Stripe answers every request of ours with that key 400
+    // idempotency_error, while the money has moved.
+    let other_client = StripeGateway::new(SECRET_KEY.into(), &fake.base_url(), Timeouts::default())
+        .expect("a gateway on the fake");
+    let earlier = other_client
+        .create_and_confirm(&ChargeRequest {
+            amount: Money::new(450, Currency::parse("EUR").unwrap()).unwrap(),
+            payment_method: "pm_card_mastercard".into(),
+            checkout_id: checkout_id(&checkout),
+            order_id: OrderId::parse(&order).unwrap(),
+            customer_id: CustomerId::new(),
+            idempotency_key: charge_key(checkout_id(&checkout), 1),
+        })
+        .await;
+    assert!(
+        matches!(earlier, Ok(ChargeOutcome::Succeeded(_))),
+        "{earlier:?}"
+    );
+
+    let refused = app.complete(&ada, &checkout, "pm_card_visa", "k").await;
+    refused.assert_error(502, "payment_gateway_error");
+
+    // Recovery keeps getting 400 for the key; once the charge has been in flight past the
+    // reconcile threshold it asks the gateway, which holds the payment.
+    assert_eq!(
+        recover_until_settled(&app, &ada, &checkout).await,
+        "completed"
+    );
+    assert_eq!(
+        app.get(&format!("/v1/orders/{order}"), Some(&ada.token))
+            .await
+            .body["status"],
+        "paid"
+    );
+    assert_eq!(fake.charges_for(checkout_id(&checkout)), 1);
+    assert_eq!(app.stock_of("tea-01").await, (4, 0, 4));
+    app.audit().await.assert_clean();
 }
