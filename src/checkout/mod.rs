@@ -281,6 +281,12 @@ impl CheckoutService {
     /// The charge of a `charging` checkout, retried with the same key while the outcome is
     /// unknown. No database lock is held across the call: the `charging` state is what keeps
     /// the reservation from expiring.
+    ///
+    /// A refusal (bad payment method, our credentials) gives the checkout back to the customer
+    /// only while no earlier request of this attempt can have run. Once one may have (its
+    /// answer was lost, or this is a resumed charge), giving it back would make the next
+    /// `complete` a new attempt with a new key, and a second charge (promise 3): the charge
+    /// stays open instead, retried with the same key and reconciled through the gateway.
     async fn drive_charge(&self, ticket: &ChargeTicket) -> Result<Checkout, CheckoutError> {
         let checkout = &ticket.checkout;
         let request = ChargeRequest {
@@ -292,6 +298,7 @@ impl CheckoutService {
             idempotency_key: charge_key(checkout.id, checkout.attempt),
         };
         let mut delays = self.saga.retry_delays.iter();
+        let mut may_have_charged = !ticket.opens_attempt;
         loop {
             let answer =
                 observe::timed(SagaStep::Charge, self.gateway.create_and_confirm(&request)).await;
@@ -308,15 +315,22 @@ impl CheckoutService {
                     return recorded;
                 }
                 Err(GatewayError::Unknown(_) | GatewayError::IdempotencyConflict) => {
+                    may_have_charged = true;
                     if let Some(delay) = delays.next() {
                         tokio::time::sleep(*delay).await;
                         continue;
                     }
                     tracing::warn!("charge outcome unknown; recovery will retry with the same key");
-                    self.store
-                        .defer_charge(checkout.id, self.clock.now() + self.saga.retry_later)
-                        .await?;
-                    return self.reload(checkout.id).await;
+                    return self.retry_later(checkout.id).await;
+                }
+                Err(
+                    refusal @ (GatewayError::InvalidRequest { .. }
+                    | GatewayError::Authentication(_)),
+                ) if may_have_charged => {
+                    // Stripe refuses a request before looking at its key (401), or stores
+                    // nothing for it (400): the refusal says nothing about the earlier request.
+                    tracing::error!(error = %refusal, "refused after an unknown outcome; the charge stays open");
+                    return self.retry_later(checkout.id).await;
                 }
                 Err(GatewayError::InvalidRequest { code, message }) => {
                     // Refused before any money could move: the customer may try another method.
@@ -345,6 +359,15 @@ impl CheckoutService {
                 }
             }
         }
+    }
+
+    /// Gives the lease up until recovery tries the same key again; the checkout stays
+    /// `charging`.
+    async fn retry_later(&self, id: CheckoutId) -> Result<Checkout, CheckoutError> {
+        self.store
+            .defer_charge(id, self.clock.now() + self.saga.retry_later)
+            .await?;
+        self.reload(id).await
     }
 
     async fn reload(&self, id: CheckoutId) -> Result<Checkout, CheckoutError> {
@@ -545,7 +568,7 @@ impl CheckoutService {
     }
 
     /// Repeats the charge with its key. Whatever that ends in (unknown again, a reused key, a
-    /// store error), a charge in flight for longer than the
+    /// refusal after an unknown outcome, a store error), a charge in flight for longer than the
     /// reconcile threshold is settled from what the gateway holds, so no answer of the create
     /// can keep a paid checkout in `charging` for ever (promise 4).
     async fn recover_charge(&self, ticket: &ChargeTicket) -> Result<(), CheckoutError> {

@@ -153,6 +153,11 @@ pub struct ChargeTicket {
     /// When the checkout entered `charging` (the reconciler asks the gateway only after a
     /// while: Stripe's search lags behind).
     pub charge_started_at: Option<DateTime<Utc>>,
+    /// This ticket moved the checkout into `charging` and opened its attempt, so no request
+    /// with the attempt's key can have reached the gateway before. Only then does a refusal
+    /// prove that no money moved; a resumed or recovered charge may follow a request whose
+    /// outcome nobody saw (promise 3).
+    pub opens_attempt: bool,
 }
 
 /// Where an `Idempotency-Key` stands (DESIGN §4).

@@ -92,6 +92,9 @@ macro_rules! row_decoders {
                     .try_get::<Option<i64>, _>("charge_started_at")?
                     .map(from_millis)
                     .transpose()?,
+                // The phase that opens an attempt says so; any other claim may follow a
+                // request that already went out.
+                opens_attempt: false,
             })
         }
 

@@ -979,13 +979,13 @@ impl Store for SqliteStore {
         .ok_or(StoreError::NotFound("checkout"))?;
         let current = decode::checkout(&row)?;
         let lease_until: Option<i64> = row.try_get("lease_until")?;
-        let row = match current.state {
+        let (row, opens_attempt) = match current.state {
             CheckoutState::Reserved if current.expires_at <= lease.now => {
                 return Err(StoreError::CheckoutExpired)
             }
             CheckoutState::Expired => return Err(StoreError::CheckoutExpired),
             CheckoutState::Reserved => {
-                sqlx::query(&format!(
+                let row = sqlx::query(&format!(
                     "UPDATE checkouts SET state = 'charging', attempt = attempt + 1, \
                  payment_method = $2, charge_started_at = $3, lease_owner = $4, \
                  lease_until = $5, updated_at = $3 WHERE id = $1 \
@@ -997,13 +997,14 @@ impl Store for SqliteStore {
                 .bind(lease.owner)
                 .bind(to_millis(lease.until))
                 .fetch_one(&mut *tx)
-                .await?
+                .await?;
+                (row, true)
             }
             CheckoutState::Charging if lease_until.is_some_and(|t| t > to_millis(lease.now)) => {
                 return Err(StoreError::ChargeInProgress)
             }
             CheckoutState::Charging => {
-                sqlx::query(&format!(
+                let row = sqlx::query(&format!(
                     "UPDATE checkouts SET lease_owner = $2, lease_until = $3 WHERE id = $1 \
                  RETURNING {CHECKOUT_COLUMNS}, charge_started_at"
                 ))
@@ -1011,12 +1012,16 @@ impl Store for SqliteStore {
                 .bind(lease.owner)
                 .bind(to_millis(lease.until))
                 .fetch_one(&mut *tx)
-                .await?
+                .await?;
+                (row, false)
             }
             other => return Err(StoreError::CheckoutState(other)),
         };
         tx.commit().await?;
-        decode::ticket(&row)
+        Ok(ChargeTicket {
+            opens_attempt,
+            ..decode::ticket(&row)?
+        })
     }
 
     async fn find_checkout(&self, id: CheckoutId) -> Result<Option<Checkout>, StoreError> {

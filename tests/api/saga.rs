@@ -30,6 +30,7 @@ both_stores!(
     the_audit_finds_a_lost_event_and_a_ghost_checkout,
     an_admin_ships_or_refunds_a_paid_order,
     over_http_a_reused_charge_key_is_settled_from_the_gateway_by_recovery,
+    over_http_a_refusal_after_an_unknown_outcome_never_opens_a_second_attempt,
 );
 
 fn checkout_id(raw: &str) -> CheckoutId {
@@ -556,6 +557,17 @@ async fn recover_until_settled(app: &TestApp, customer: &Customer, checkout: &st
     "charging".to_owned()
 }
 
+/// The idempotency keys of every charge request the fake received for this checkout.
+fn charge_keys(fake: &FakeStripe, checkout: &str) -> Vec<String> {
+    let prefix = format!("checkout-{checkout}-charge-");
+    fake.request_log()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path == "/v1/payment_intents")
+        .filter_map(|r| r.idempotency_key)
+        .filter(|k| k.starts_with(&prefix))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_http_a_visa_payment_completes_with_one_charge() {
     let (app, fake) = app_on_fake_stripe().await;
@@ -981,5 +993,59 @@ async fn over_http_a_reused_charge_key_is_settled_from_the_gateway_by_recovery(k
     );
     assert_eq!(fake.charges_for(checkout_id(&checkout)), 1);
     assert_eq!(app.stock_of("tea-01").await, (4, 0, 4));
+    app.audit().await.assert_clean();
+}
+
+async fn over_http_a_refusal_after_an_unknown_outcome_never_opens_a_second_attempt(
+    kind: StoreKind,
+) {
+    let (app, fake) = manual_app_with_fake_stripe(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    // (first try's fate, the retry's refusal): the money moved and the answer was lost, then
+    // the key is refused; or a 500, then the payment method is refused.
+    for (name, lost, refusal) in [
+        ("Ada", Fault::DropAfterCharge, Fault::Unauthorized),
+        ("Bob", Fault::InternalError, Fault::InvalidRequest),
+    ] {
+        let (customer, checkout, order) = app.reserved_checkout(name, &[("tea-01", 1)]).await;
+        fake.fail_next(1, lost);
+        fake.fail_next(1, refusal);
+
+        let answer = app
+            .complete(&customer, &checkout, "pm_card_visa", "k")
+            .await;
+
+        // The refusal says nothing about the first try: the charge stays open, same attempt.
+        answer.assert_status(200);
+        assert_eq!(answer.body["state"], "charging", "{lost:?}, {refusal:?}");
+        assert_eq!(app.stock_of("tea-01").await.1, 1, "{lost:?}: still held");
+        app.complete(&customer, &checkout, "pm_card_visa", "another-key")
+            .await
+            .assert_error(409, "payment_in_progress");
+        assert_eq!(
+            recover_until_settled(&app, &customer, &checkout).await,
+            "completed",
+            "{lost:?}, {refusal:?}"
+        );
+        assert_eq!(
+            app.get(&format!("/v1/orders/{order}"), Some(&customer.token))
+                .await
+                .body["status"],
+            "paid"
+        );
+        assert_eq!(fake.charges_for(checkout_id(&checkout)), 1, "{lost:?}");
+        let first_key = charge_key(checkout_id(&checkout), 1);
+        let keys = charge_keys(&fake, &checkout);
+        assert!(
+            keys.len() >= 3 && keys.iter().all(|k| *k == first_key),
+            "{lost:?}: every try repeats the first attempt: {keys:?}"
+        );
+        // Later requests with the first key answer the final state.
+        let retried = app
+            .complete(&customer, &checkout, "pm_card_visa", "k")
+            .await;
+        assert_eq!(retried.body["state"], "completed");
+    }
+    assert_eq!(app.stock_of("tea-01").await, (3, 0, 3));
     app.audit().await.assert_clean();
 }
