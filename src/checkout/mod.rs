@@ -469,7 +469,7 @@ impl CheckoutService {
                 tracing::info!(checkout_id = %checkout.id, "late payment refunded: the units were gone");
                 let refunded = self
                     .store
-                    .record_refunded(checkout.id, &refund.id, self.clock.now())
+                    .record_refunded(checkout.id, Some(&refund.id), self.clock.now())
                     .await?;
                 self.settle_admission(&refunded).await;
                 Ok(refunded)
@@ -493,15 +493,32 @@ impl CheckoutService {
     /// one backwards (each store phase checks the state it starts from).
     #[tracing::instrument(skip_all, fields(event_id = %event.id, event_type = %event.event_type))]
     pub async fn handle_event(&self, event: &WebhookEvent) -> Result<(), CheckoutError> {
-        let EventObject::PaymentIntent(intent) = &event.object else {
-            return Ok(());
-        };
+        match &event.object {
+            EventObject::PaymentIntent(intent) => {
+                self.handle_intent_event(&event.event_type, intent).await
+            }
+            EventObject::Charge {
+                payment_intent: Some(intent_id),
+                refunded,
+                ..
+            } if event.event_type == "charge.refunded" => {
+                self.refunded_at_gateway(intent_id, *refunded).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn handle_intent_event(
+        &self,
+        event_type: &str,
+        intent: &PaymentIntent,
+    ) -> Result<(), CheckoutError> {
         let Some(checkout) = self.checkout_for_intent(intent).await? else {
             tracing::warn!(payment_intent = %intent.id, "event for a payment of no known checkout");
             return Ok(());
         };
         let now = self.clock.now();
-        let after = match event.event_type.as_str() {
+        let after = match event_type {
             "payment_intent.succeeded" => Some(self.record_success(checkout.id, intent).await?),
             "payment_intent.payment_failed" => {
                 let code = intent
@@ -521,6 +538,57 @@ impl CheckoutService {
             count_transition(checkout.state, after);
         }
         Ok(())
+    }
+
+    /// `charge.refunded`: money went back through the gateway, by our own refund (whose event
+    /// repeats what `record_refunded` did) or from Stripe's dashboard. A full refund of the
+    /// payment a checkout kept ends it `refunded` exactly as our own refund path does; a
+    /// partial one changes nothing. A refund that arrives before the success it undoes is
+    /// refused, so Stripe delivers it again once the success is recorded (out of order, it
+    /// must neither be lost nor let the late success sell the units).
+    async fn refunded_at_gateway(&self, intent_id: &str, fully: bool) -> Result<(), CheckoutError> {
+        if !fully {
+            tracing::info!(payment_intent = %intent_id, "partial refund; the order stays as it is");
+            return Ok(());
+        }
+        let Some(checkout) = self.checkout_of_payment(intent_id).await? else {
+            tracing::warn!(payment_intent = %intent_id, "refund of a payment of no known checkout");
+            return Ok(());
+        };
+        let kept = checkout.payment_intent_id.as_deref() == Some(intent_id);
+        match checkout.state {
+            CheckoutState::Refunded => Ok(()),
+            state if !state.is_terminal() => Err(StoreError::CheckoutState(state).into()),
+            _ if !kept => {
+                tracing::warn!(checkout_id = %checkout.id, payment_intent = %intent_id, "refund of a payment the checkout did not keep");
+                Ok(())
+            }
+            _ => {
+                let refunded = self
+                    .store
+                    .record_refunded(checkout.id, None, self.clock.now())
+                    .await?;
+                self.settle_admission(&refunded).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// By PaymentIntent id, or, while our record of the payment lags behind (its outcome
+    /// still unknown), by the metadata of the intent as the gateway holds it.
+    async fn checkout_of_payment(
+        &self,
+        intent_id: &str,
+    ) -> Result<Option<Checkout>, CheckoutError> {
+        if let Some(found) = self.store.checkout_by_payment_intent(intent_id).await? {
+            return Ok(Some(found));
+        }
+        match self.gateway.retrieve(intent_id).await {
+            Ok(intent) => self.checkout_for_intent(&intent).await,
+            // Not a payment of this account.
+            Err(GatewayError::InvalidRequest { .. }) => Ok(None),
+            Err(e) => Err(CheckoutError::Gateway(e.to_string())),
+        }
     }
 
     /// By PaymentIntent id first, metadata second (the webhook may beat the charge response).

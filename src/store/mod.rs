@@ -374,11 +374,14 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         lease: Lease<'_>,
     ) -> Result<Vec<ChargeTicket>, StoreError>;
     /// The money went back: checkout and order `refunded`; units a completed checkout had
-    /// bought return to stock.
+    /// bought return to stock unless its order was shipped (those left the warehouse; an admin
+    /// stock edit brings returned goods back). Refunding a refunded checkout changes nothing
+    /// but a missing refund id. `refund_id` is `None` when only Stripe's `charge.refunded`
+    /// event reported the refund.
     async fn record_refunded(
         &self,
         id: CheckoutId,
-        refund_id: &str,
+        refund_id: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError>;
 

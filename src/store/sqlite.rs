@@ -1296,19 +1296,36 @@ impl Store for SqliteStore {
     async fn record_refunded(
         &self,
         id: CheckoutId,
-        refund_id: &str,
+        refund_id: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError> {
         let mut tx = self.pool.begin().await?;
         let current = Self::lock_checkout(&mut tx, id).await?;
         if current.state == CheckoutState::Refunded {
+            // The gateway's event may have recorded the refund first, without its id.
+            if refund_id.is_some() {
+                sqlx::query(
+                    "UPDATE checkouts SET refund_id = COALESCE(refund_id, $2) WHERE id = $1",
+                )
+                .bind(id.uuid())
+                .bind(refund_id)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+            }
             return Ok(current);
         }
-        if current.state == CheckoutState::Completed {
+        let order_status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
+            .bind(current.order_id.uuid())
+            .fetch_one(&mut *tx)
+            .await?;
+        // Units of a shipped order left the warehouse: only unshipped ones go back on the shelf.
+        if current.state == CheckoutState::Completed && order_status == OrderStatus::Paid.as_str() {
             Self::return_stock(&mut tx, id).await?;
         }
         let row = sqlx::query(&format!(
-            "UPDATE checkouts SET state = 'refunded', refund_due = FALSE, refund_id = $2, \
+            "UPDATE checkouts SET state = 'refunded', refund_due = FALSE, \
+             refund_id = COALESCE($2, refund_id), \
              lease_owner = NULL, lease_until = NULL, updated_at = $3 WHERE id = $1 \
              RETURNING {CHECKOUT_COLUMNS}"
         ))

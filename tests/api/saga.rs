@@ -31,6 +31,9 @@ both_stores!(
     an_admin_ships_or_refunds_a_paid_order,
     over_http_a_reused_charge_key_is_settled_from_the_gateway_by_recovery,
     over_http_a_refusal_after_an_unknown_outcome_never_opens_a_second_attempt,
+    a_full_refund_reported_by_stripe_refunds_the_order_once,
+    a_refund_reported_for_a_shipped_order_leaves_its_units_sold,
+    a_refund_reported_before_the_payment_is_recorded_is_refused_until_it_is,
 );
 
 fn checkout_id(raw: &str) -> CheckoutId {
@@ -327,6 +330,169 @@ fn event(id: &str, kind: &str, intent: &str, checkout: &str, status: &str) -> St
         }}
     })
     .to_string()
+}
+
+/// A `charge.refunded` event as Stripe sends it (API 2024-06-20: the charge, its refunds not
+/// expanded). `refunded` is Stripe's "fully refunded".
+fn refund_event(id: &str, intent: &str, amount: i64, amount_refunded: i64) -> String {
+    json!({
+        "id": id, "object": "event", "type": "charge.refunded",
+        "created": chrono::Utc::now().timestamp(),
+        "data": {"object": {
+            "id": format!("ch_of_{intent}"), "object": "charge", "amount": amount,
+            "amount_refunded": amount_refunded, "currency": "eur", "payment_intent": intent,
+            "refunded": amount_refunded == amount, "status": "succeeded"
+        }}
+    })
+    .to_string()
+}
+
+/// Signs and delivers an event now; returns the status and whether it was a duplicate.
+async fn deliver_signed(app: &TestApp, payload: &str) -> (u16, Option<bool>) {
+    let now = chrono::Utc::now().timestamp();
+    let header = signature::sign(payload.as_bytes(), WEBHOOK_SECRET, now);
+    let (status, body) = post_webhook(app, payload, Some(header)).await;
+    (status, body["duplicate"].as_bool())
+}
+
+/// `(order status, checkout state)` as the customer sees them.
+async fn statuses(
+    app: &TestApp,
+    customer: &Customer,
+    checkout: &str,
+    order: &str,
+) -> (String, String) {
+    let order = app
+        .get(&format!("/v1/orders/{order}"), Some(&customer.token))
+        .await;
+    let checkout = app
+        .get(&format!("/v1/checkouts/{checkout}"), Some(&customer.token))
+        .await;
+    (order.str("status"), checkout.str("state"))
+}
+
+/// A paid checkout of two units of tea-01 (stock 5): `(customer, checkout, order, intent)`.
+async fn paid_for_two(app: &TestApp) -> (Customer, String, String, String) {
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, order) = app.reserved_checkout("Ada", &[("tea-01", 2)]).await;
+    let paid = app.complete(&ada, &checkout, "pm_card_visa", "k").await;
+    assert_eq!(paid.body["state"], "completed", "{:?}", paid.body);
+    let intent = app
+        .get(&format!("/v1/orders/{order}"), Some(&ada.token))
+        .await
+        .str("payment_intent_id");
+    (ada, checkout, order, intent)
+}
+
+async fn a_full_refund_reported_by_stripe_refunds_the_order_once(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    let (ada, checkout, order, intent) = paid_for_two(&app).await;
+    assert_eq!(app.stock_of("tea-01").await, (3, 0, 3));
+
+    // A partial refund (say, goodwill on one cup) leaves the order paid.
+    let partial = refund_event("evt_refund_partial", &intent, 900, 100);
+    assert_eq!(deliver_signed(&app, &partial).await, (200, None));
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("paid".into(), "completed".into())
+    );
+
+    // The full refund made on Stripe's dashboard, delivered twice.
+    let full = refund_event("evt_refund_full", &intent, 900, 900);
+    assert_eq!(deliver_signed(&app, &full).await, (200, None));
+    assert_eq!(deliver_signed(&app, &full).await, (200, Some(true)));
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("refunded".into(), "refunded".into())
+    );
+    assert_eq!(
+        app.stock_of("tea-01").await,
+        (5, 0, 5),
+        "the units are back on the shelf, as after an admin refund"
+    );
+
+    // The same story under another event id, and a success arriving late: nothing moves back.
+    let again = refund_event("evt_refund_again", &intent, 900, 900);
+    assert_eq!(deliver_signed(&app, &again).await, (200, None));
+    let late = event(
+        "evt_late_success",
+        "payment_intent.succeeded",
+        &intent,
+        &checkout,
+        "succeeded",
+    );
+    assert_eq!(deliver_signed(&app, &late).await, (200, None));
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("refunded".into(), "refunded".into())
+    );
+    assert_eq!(app.stock_of("tea-01").await, (5, 0, 5), "returned once");
+    let events = crate::helpers::fetch_strings(
+        &app,
+        "SELECT CAST(COUNT(*) AS TEXT) FROM outbox WHERE topic = 'order.paid'",
+    )
+    .await;
+    assert_eq!(events, ["1"], "the order was paid once");
+    app.audit().await.assert_clean();
+}
+
+async fn a_refund_reported_for_a_shipped_order_leaves_its_units_sold(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    let (ada, checkout, order, intent) = paid_for_two(&app).await;
+    app.admin_post(&format!("/v1/admin/orders/{order}/shipments"), json!({}))
+        .await
+        .assert_status(200);
+
+    let full = refund_event("evt_refund_shipped", &intent, 900, 900);
+    assert_eq!(deliver_signed(&app, &full).await, (200, None));
+
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("refunded".into(), "refunded".into())
+    );
+    assert_eq!(
+        app.stock_of("tea-01").await,
+        (3, 0, 3),
+        "shipped units left the warehouse; they come back only by a stock adjustment"
+    );
+    app.audit().await.assert_clean();
+}
+
+async fn a_refund_reported_before_the_payment_is_recorded_is_refused_until_it_is(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, order) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    let pending = app
+        .complete(&ada, &checkout, "pm_card_authenticationRequired", "k")
+        .await;
+    assert_eq!(pending.body["state"], "requires_action");
+    let intent = pending.str("payment_intent_id");
+
+    // Stripe delivers out of order: the refund before the success. Answering 2xx would lose
+    // it, so the endpoint refuses and Stripe delivers it again later.
+    let refund = refund_event("evt_refund_early", &intent, 450, 450);
+    assert_eq!(deliver_signed(&app, &refund).await.0, 500);
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("payment_processing".into(), "requires_action".into())
+    );
+
+    app.simulator
+        .as_ref()
+        .unwrap()
+        .authenticate(&intent, true)
+        .expect("authenticate");
+    eventually(10, "the order is paid", || async {
+        statuses(&app, &ada, &checkout, &order).await.0 == "paid"
+    })
+    .await;
+    assert_eq!(deliver_signed(&app, &refund).await, (200, None));
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("refunded".into(), "refunded".into())
+    );
+    assert_eq!(app.stock_of("tea-01").await, (5, 0, 5));
+    app.audit().await.assert_clean();
 }
 
 async fn webhooks_need_a_valid_signature_and_are_handled_once(kind: StoreKind) {
