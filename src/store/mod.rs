@@ -778,6 +778,66 @@ mod tests {
         assert_eq!(got, vec![(1, 2), (2, 1), (3, 5)]);
     }
 
+    const HOUR_MS: i64 = 3_600_000;
+
+    /// A key stored at `created_at` by a request whose fingerprint is `"first"`.
+    fn stored(finished: bool, created_at: i64, locked_until: i64) -> StoredKey {
+        StoredKey {
+            fingerprint: "first".into(),
+            status: finished.then_some(201),
+            body: finished.then(|| "{\"id\":\"c1\"}".to_owned()),
+            locked_until,
+            created_at,
+        }
+    }
+
+    fn at(ms: i64) -> DateTime<Utc> {
+        from_millis(ms).expect("a time in range")
+    }
+
+    #[test]
+    fn a_finished_key_replays_its_answer_and_refuses_another_request() {
+        let key = stored(true, 0, 60_000);
+        let replay = IdempotencyStart::Replay {
+            status: 201,
+            body: "{\"id\":\"c1\"}".into(),
+        };
+        assert_eq!(key.decide("first", at(HOUR_MS)), replay);
+        assert_eq!(key.decide("other", at(HOUR_MS)), IdempotencyStart::Mismatch);
+    }
+
+    #[test]
+    fn a_key_older_than_the_retention_is_treated_as_new() {
+        let retention = IDEMPOTENCY_RETENTION_HOURS * HOUR_MS;
+        let created = 1_000;
+        for finished in [true, false] {
+            let key = stored(finished, created, created + 60_000);
+            for fingerprint in ["first", "other"] {
+                assert_eq!(
+                    key.decide(fingerprint, at(created + retention + 1)),
+                    IdempotencyStart::Proceed,
+                    "finished {finished}, {fingerprint}"
+                );
+            }
+        }
+        // On the last millisecond of the 24 hours it still counts.
+        assert_eq!(
+            stored(true, created, created + 60_000).decide("other", at(created + retention)),
+            IdempotencyStart::Mismatch
+        );
+    }
+
+    #[test]
+    fn a_stale_in_flight_lock_is_taken_over() {
+        let key = stored(false, 0, 60_000);
+        assert_eq!(key.decide("first", at(30_000)), IdempotencyStart::InFlight);
+        assert_eq!(key.decide("first", at(60_000)), IdempotencyStart::InFlight);
+        // The first request's holder died (its lock ran out): the retry goes ahead.
+        assert_eq!(key.decide("first", at(60_001)), IdempotencyStart::Proceed);
+        // A different request never takes another's key over, stale or not.
+        assert_eq!(key.decide("other", at(60_001)), IdempotencyStart::Mismatch);
+    }
+
     fn priced(lines: &[(i64, u32)]) -> Vec<PricedLine> {
         let eur = crate::domain::Currency::parse("EUR").expect("a currency");
         lines
