@@ -34,6 +34,9 @@ both_stores!(
     a_full_refund_reported_by_stripe_refunds_the_order_once,
     a_refund_reported_for_a_shipped_order_leaves_its_units_sold,
     a_refund_reported_before_the_payment_is_recorded_is_refused_until_it_is,
+    starting_a_checkout_again_with_its_idempotency_key_replays_the_first_answer,
+    an_idempotency_key_reused_for_another_cart_is_refused_and_changes_nothing,
+    another_customers_identical_idempotency_key_starts_a_checkout_of_their_own,
 );
 
 fn checkout_id(raw: &str) -> CheckoutId {
@@ -247,6 +250,92 @@ async fn complete_needs_an_idempotency_key_and_replays_its_answer(kind: StoreKin
     app.complete(&bob, &checkout, "pm_card_visa", "other")
         .await
         .assert_error(404, "checkout_not_found");
+    app.audit().await.assert_clean();
+}
+
+async fn checkout_count(app: &TestApp) -> Vec<String> {
+    crate::helpers::fetch_strings(app, "SELECT CAST(COUNT(*) AS TEXT) FROM checkouts").await
+}
+
+async fn starting_a_checkout_again_with_its_idempotency_key_replays_the_first_answer(
+    kind: StoreKind,
+) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, cart) = app.buyer_with("Ada", &[("tea-01", 2)]).await;
+    let first = app.start_checkout_with_key(&ada, &cart, "start-1").await;
+    first.assert_status(201);
+
+    // The answer was lost on the way back; the client sends the very same request again.
+    let replay = app.start_checkout_with_key(&ada, &cart, "start-1").await;
+
+    replay.assert_status(201);
+    assert_eq!(replay.body, first.body);
+    assert_eq!(replay.headers["idempotent-replayed"], "true");
+    assert_eq!(app.stock_of("tea-01").await, (5, 2, 3), "reserved once");
+    assert_eq!(checkout_count(&app).await, ["1"]);
+    // Without the key the same request is a second start, which the cart refuses.
+    app.start_checkout(&ada, &cart)
+        .await
+        .assert_error(409, "cart_not_open");
+    app.audit().await.assert_clean();
+}
+
+async fn an_idempotency_key_reused_for_another_cart_is_refused_and_changes_nothing(
+    kind: StoreKind,
+) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, cart) = app.buyer_with("Ada", &[("tea-01", 2)]).await;
+    let other_cart = app.new_cart(&ada).await;
+    app.set_line(&ada, &other_cart, "tea-01", 1)
+        .await
+        .assert_status(200);
+    app.start_checkout_with_key(&ada, &cart, "start-1")
+        .await
+        .assert_status(201);
+
+    let reused = app
+        .start_checkout_with_key(&ada, &other_cart, "start-1")
+        .await;
+
+    reused.assert_error(422, "idempotency_key_reused");
+    assert_eq!(app.stock_of("tea-01").await, (5, 2, 3), "nothing reserved");
+    assert_eq!(checkout_count(&app).await, ["1"]);
+    // The other cart is untouched: with a key of its own it checks out.
+    app.start_checkout_with_key(&ada, &other_cart, "start-2")
+        .await
+        .assert_status(201);
+    assert_eq!(app.stock_of("tea-01").await, (5, 3, 2));
+    app.audit().await.assert_clean();
+}
+
+async fn another_customers_identical_idempotency_key_starts_a_checkout_of_their_own(
+    kind: StoreKind,
+) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, adas_cart) = app.buyer_with("Ada", &[("tea-01", 2)]).await;
+    let (bob, bobs_cart) = app.buyer_with("Bob", &[("tea-01", 1)]).await;
+    let adas = app
+        .start_checkout_with_key(&ada, &adas_cart, "start-1")
+        .await;
+    adas.assert_status(201);
+
+    let bobs = app
+        .start_checkout_with_key(&bob, &bobs_cart, "start-1")
+        .await;
+
+    bobs.assert_status(201);
+    assert!(bobs.headers.get("idempotent-replayed").is_none());
+    assert_ne!(bobs.body["id"], adas.body["id"]);
+    assert_eq!(bobs.body["cart_id"], bobs_cart.as_str());
+    assert_eq!(app.stock_of("tea-01").await, (5, 3, 2));
+    // And each replays their own.
+    let again = app
+        .start_checkout_with_key(&ada, &adas_cart, "start-1")
+        .await;
+    assert_eq!(again.body, adas.body);
     app.audit().await.assert_clean();
 }
 
