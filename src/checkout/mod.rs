@@ -61,7 +61,8 @@ pub struct SagaSettings {
     /// After the in-request tries, recovery tries again this much later.
     pub retry_later: Duration,
     /// How often a checkout waiting for customer authentication is checked with the gateway
-    /// (lost webhooks).
+    /// (lost webhooks), and how long a charge must have been in flight before recovery asks
+    /// the gateway what it holds for the checkout.
     pub reconcile_after: Duration,
     pub fault: Option<FaultPoint>,
 }
@@ -280,6 +281,12 @@ impl CheckoutService {
     /// The charge of a `charging` checkout, retried with the same key while the outcome is
     /// unknown. No database lock is held across the call: the `charging` state is what keeps
     /// the reservation from expiring.
+    ///
+    /// A refusal (bad payment method, our credentials) gives the checkout back to the customer
+    /// only while no earlier request of this attempt can have run. Once one may have (its
+    /// answer was lost, or this is a resumed charge), giving it back would make the next
+    /// `complete` a new attempt with a new key, and a second charge (promise 3): the charge
+    /// stays open instead, retried with the same key and reconciled through the gateway.
     async fn drive_charge(&self, ticket: &ChargeTicket) -> Result<Checkout, CheckoutError> {
         let checkout = &ticket.checkout;
         let request = ChargeRequest {
@@ -291,6 +298,7 @@ impl CheckoutService {
             idempotency_key: charge_key(checkout.id, checkout.attempt),
         };
         let mut delays = self.saga.retry_delays.iter();
+        let mut may_have_charged = !ticket.opens_attempt;
         loop {
             let answer =
                 observe::timed(SagaStep::Charge, self.gateway.create_and_confirm(&request)).await;
@@ -307,15 +315,22 @@ impl CheckoutService {
                     return recorded;
                 }
                 Err(GatewayError::Unknown(_) | GatewayError::IdempotencyConflict) => {
+                    may_have_charged = true;
                     if let Some(delay) = delays.next() {
                         tokio::time::sleep(*delay).await;
                         continue;
                     }
                     tracing::warn!("charge outcome unknown; recovery will retry with the same key");
-                    self.store
-                        .defer_charge(checkout.id, self.clock.now() + self.saga.retry_later)
-                        .await?;
-                    return self.reload(checkout.id).await;
+                    return self.retry_later(checkout.id).await;
+                }
+                Err(
+                    refusal @ (GatewayError::InvalidRequest { .. }
+                    | GatewayError::Authentication(_)),
+                ) if may_have_charged => {
+                    // Stripe refuses a request before looking at its key (401), or stores
+                    // nothing for it (400): the refusal says nothing about the earlier request.
+                    tracing::error!(error = %refusal, "refused after an unknown outcome; the charge stays open");
+                    return self.retry_later(checkout.id).await;
                 }
                 Err(GatewayError::InvalidRequest { code, message }) => {
                     // Refused before any money could move: the customer may try another method.
@@ -344,6 +359,15 @@ impl CheckoutService {
                 }
             }
         }
+    }
+
+    /// Gives the lease up until recovery tries the same key again; the checkout stays
+    /// `charging`.
+    async fn retry_later(&self, id: CheckoutId) -> Result<Checkout, CheckoutError> {
+        self.store
+            .defer_charge(id, self.clock.now() + self.saga.retry_later)
+            .await?;
+        self.reload(id).await
     }
 
     async fn reload(&self, id: CheckoutId) -> Result<Checkout, CheckoutError> {
@@ -445,7 +469,7 @@ impl CheckoutService {
                 tracing::info!(checkout_id = %checkout.id, "late payment refunded: the units were gone");
                 let refunded = self
                     .store
-                    .record_refunded(checkout.id, &refund.id, self.clock.now())
+                    .record_refunded(checkout.id, Some(&refund.id), self.clock.now())
                     .await?;
                 self.settle_admission(&refunded).await;
                 Ok(refunded)
@@ -469,15 +493,32 @@ impl CheckoutService {
     /// one backwards (each store phase checks the state it starts from).
     #[tracing::instrument(skip_all, fields(event_id = %event.id, event_type = %event.event_type))]
     pub async fn handle_event(&self, event: &WebhookEvent) -> Result<(), CheckoutError> {
-        let EventObject::PaymentIntent(intent) = &event.object else {
-            return Ok(());
-        };
+        match &event.object {
+            EventObject::PaymentIntent(intent) => {
+                self.handle_intent_event(&event.event_type, intent).await
+            }
+            EventObject::Charge {
+                payment_intent: Some(intent_id),
+                refunded,
+                ..
+            } if event.event_type == "charge.refunded" => {
+                self.refunded_at_gateway(intent_id, *refunded).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn handle_intent_event(
+        &self,
+        event_type: &str,
+        intent: &PaymentIntent,
+    ) -> Result<(), CheckoutError> {
         let Some(checkout) = self.checkout_for_intent(intent).await? else {
             tracing::warn!(payment_intent = %intent.id, "event for a payment of no known checkout");
             return Ok(());
         };
         let now = self.clock.now();
-        let after = match event.event_type.as_str() {
+        let after = match event_type {
             "payment_intent.succeeded" => Some(self.record_success(checkout.id, intent).await?),
             "payment_intent.payment_failed" => {
                 let code = intent
@@ -497,6 +538,57 @@ impl CheckoutService {
             count_transition(checkout.state, after);
         }
         Ok(())
+    }
+
+    /// `charge.refunded`: money went back through the gateway, by our own refund (whose event
+    /// repeats what `record_refunded` did) or from Stripe's dashboard. A full refund of the
+    /// payment a checkout kept ends it `refunded` exactly as our own refund path does; a
+    /// partial one changes nothing. A refund that arrives before the success it undoes is
+    /// refused, so Stripe delivers it again once the success is recorded (out of order, it
+    /// must neither be lost nor let the late success sell the units).
+    async fn refunded_at_gateway(&self, intent_id: &str, fully: bool) -> Result<(), CheckoutError> {
+        if !fully {
+            tracing::info!(payment_intent = %intent_id, "partial refund; the order stays as it is");
+            return Ok(());
+        }
+        let Some(checkout) = self.checkout_of_payment(intent_id).await? else {
+            tracing::warn!(payment_intent = %intent_id, "refund of a payment of no known checkout");
+            return Ok(());
+        };
+        let kept = checkout.payment_intent_id.as_deref() == Some(intent_id);
+        match checkout.state {
+            CheckoutState::Refunded => Ok(()),
+            state if !state.is_terminal() => Err(StoreError::CheckoutState(state).into()),
+            _ if !kept => {
+                tracing::warn!(checkout_id = %checkout.id, payment_intent = %intent_id, "refund of a payment the checkout did not keep");
+                Ok(())
+            }
+            _ => {
+                let refunded = self
+                    .store
+                    .record_refunded(checkout.id, None, self.clock.now())
+                    .await?;
+                self.settle_admission(&refunded).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// By PaymentIntent id, or, while our record of the payment lags behind (its outcome
+    /// still unknown), by the metadata of the intent as the gateway holds it.
+    async fn checkout_of_payment(
+        &self,
+        intent_id: &str,
+    ) -> Result<Option<Checkout>, CheckoutError> {
+        if let Some(found) = self.store.checkout_by_payment_intent(intent_id).await? {
+            return Ok(Some(found));
+        }
+        match self.gateway.retrieve(intent_id).await {
+            Ok(intent) => self.checkout_for_intent(&intent).await,
+            // Not a payment of this account.
+            Err(GatewayError::InvalidRequest { .. }) => Ok(None),
+            Err(e) => Err(CheckoutError::Gateway(e.to_string())),
+        }
     }
 
     /// By PaymentIntent id first, metadata second (the webhook may beat the charge response).
@@ -536,28 +628,52 @@ impl CheckoutService {
             return Ok(());
         }
         match checkout.state {
-            CheckoutState::Charging => {
-                let after = self.drive_charge(ticket).await?;
-                if after.state == CheckoutState::Charging {
-                    self.settle_from_gateway(checkout).await?;
-                }
-            }
+            CheckoutState::Charging => self.recover_charge(ticket).await?,
             CheckoutState::RequiresAction => self.reconcile_action(checkout).await?,
             _ => {}
         }
         Ok(())
     }
 
-    /// The create keeps answering "unknown": ask the gateway what it holds for the checkout.
-    async fn settle_from_gateway(&self, checkout: &Checkout) -> Result<(), CheckoutError> {
-        let intents = match self.gateway.intents_for_checkout(checkout.id).await {
-            Ok(intents) => intents,
-            Err(_) => return Ok(()),
+    /// Repeats the charge with its key. Whatever that ends in (unknown again, a reused key, a
+    /// refusal after an unknown outcome, a store error), a charge in flight for longer than the
+    /// reconcile threshold is settled from what the gateway holds, so no answer of the create
+    /// can keep a paid checkout in `charging` for ever (promise 4).
+    async fn recover_charge(&self, ticket: &ChargeTicket) -> Result<(), CheckoutError> {
+        let id = ticket.checkout.id;
+        let driven = self.drive_charge(ticket).await;
+        let still_charging = match &driven {
+            Ok(after) => after.state == CheckoutState::Charging,
+            Err(_) => self.reload(id).await?.state == CheckoutState::Charging,
         };
-        if let Some(paid) = intents.iter().find(|i| i.status == IntentStatus::Succeeded) {
-            self.record_success(checkout.id, paid).await?;
+        let in_flight_for_long = ticket
+            .charge_started_at
+            .is_none_or(|since| self.clock.now() - since >= self.saga.reconcile_after);
+        if still_charging && in_flight_for_long && self.settle_from_gateway(id).await? {
+            return Ok(());
         }
-        Ok(())
+        driven.map(|_| ())
+    }
+
+    /// The create gives no usable answer: ask the gateway what it holds for the checkout (by
+    /// metadata; Stripe's search lags, hence only for charges in flight a while). True when a
+    /// payment was found and recorded.
+    async fn settle_from_gateway(&self, id: CheckoutId) -> Result<bool, CheckoutError> {
+        let intents = match self.gateway.intents_for_checkout(id).await {
+            Ok(intents) => intents,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot search the gateway; will retry");
+                return Ok(false);
+            }
+        };
+        match intents.iter().find(|i| i.status == IntentStatus::Succeeded) {
+            Some(paid) => {
+                tracing::info!(checkout_id = %id, payment_intent_id = %paid.id, "charge settled from the gateway");
+                self.record_success(id, paid).await?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Lost webhooks: a checkout waiting for authentication is checked with the gateway; when

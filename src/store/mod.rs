@@ -152,6 +152,14 @@ pub struct ChargeTicket {
     pub payment_method: String,
     /// Money of a late success is due back.
     pub refund_due: bool,
+    /// When the checkout entered `charging` (the reconciler asks the gateway only after a
+    /// while: Stripe's search lags behind).
+    pub charge_started_at: Option<DateTime<Utc>>,
+    /// This ticket moved the checkout into `charging` and opened its attempt, so no request
+    /// with the attempt's key can have reached the gateway before. Only then does a refusal
+    /// prove that no money moved; a resumed or recovered charge may follow a request whose
+    /// outcome nobody saw (promise 3).
+    pub opens_attempt: bool,
 }
 
 /// Where an `Idempotency-Key` stands (DESIGN §4).
@@ -370,11 +378,14 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         lease: Lease<'_>,
     ) -> Result<Vec<ChargeTicket>, StoreError>;
     /// The money went back: checkout and order `refunded`; units a completed checkout had
-    /// bought return to stock.
+    /// bought return to stock unless its order was shipped (those left the warehouse; an admin
+    /// stock edit brings returned goods back). Refunding a refunded checkout changes nothing
+    /// but a missing refund id. `refund_id` is `None` when only Stripe's `charge.refunded`
+    /// event reported the refund.
     async fn record_refunded(
         &self,
         id: CheckoutId,
-        refund_id: &str,
+        refund_id: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError>;
 
@@ -769,6 +780,66 @@ mod tests {
         let lines = lock_order(vec![wanted(3, 1), wanted(1, 2), wanted(3, 4), wanted(2, 1)]);
         let got: Vec<(i64, i64)> = lines.iter().map(|l| (l.product_id, l.quantity)).collect();
         assert_eq!(got, vec![(1, 2), (2, 1), (3, 5)]);
+    }
+
+    const HOUR_MS: i64 = 3_600_000;
+
+    /// A key stored at `created_at` by a request whose fingerprint is `"first"`.
+    fn stored(finished: bool, created_at: i64, locked_until: i64) -> StoredKey {
+        StoredKey {
+            fingerprint: "first".into(),
+            status: finished.then_some(201),
+            body: finished.then(|| "{\"id\":\"c1\"}".to_owned()),
+            locked_until,
+            created_at,
+        }
+    }
+
+    fn at(ms: i64) -> DateTime<Utc> {
+        from_millis(ms).expect("a time in range")
+    }
+
+    #[test]
+    fn a_finished_key_replays_its_answer_and_refuses_another_request() {
+        let key = stored(true, 0, 60_000);
+        let replay = IdempotencyStart::Replay {
+            status: 201,
+            body: "{\"id\":\"c1\"}".into(),
+        };
+        assert_eq!(key.decide("first", at(HOUR_MS)), replay);
+        assert_eq!(key.decide("other", at(HOUR_MS)), IdempotencyStart::Mismatch);
+    }
+
+    #[test]
+    fn a_key_older_than_the_retention_is_treated_as_new() {
+        let retention = IDEMPOTENCY_RETENTION_HOURS * HOUR_MS;
+        let created = 1_000;
+        for finished in [true, false] {
+            let key = stored(finished, created, created + 60_000);
+            for fingerprint in ["first", "other"] {
+                assert_eq!(
+                    key.decide(fingerprint, at(created + retention + 1)),
+                    IdempotencyStart::Proceed,
+                    "finished {finished}, {fingerprint}"
+                );
+            }
+        }
+        // On the last millisecond of the 24 hours it still counts.
+        assert_eq!(
+            stored(true, created, created + 60_000).decide("other", at(created + retention)),
+            IdempotencyStart::Mismatch
+        );
+    }
+
+    #[test]
+    fn a_stale_in_flight_lock_is_taken_over() {
+        let key = stored(false, 0, 60_000);
+        assert_eq!(key.decide("first", at(30_000)), IdempotencyStart::InFlight);
+        assert_eq!(key.decide("first", at(60_000)), IdempotencyStart::InFlight);
+        // The first request's holder died (its lock ran out): the retry goes ahead.
+        assert_eq!(key.decide("first", at(60_001)), IdempotencyStart::Proceed);
+        // A different request never takes another's key over, stale or not.
+        assert_eq!(key.decide("other", at(60_001)), IdempotencyStart::Mismatch);
     }
 
     fn priced(lines: &[(i64, u32)]) -> Vec<PricedLine> {

@@ -1217,16 +1217,17 @@ impl Store for PgStore {
         .ok_or(StoreError::NotFound("checkout"))?;
         let current = decode::checkout(&row)?;
         let lease_until: Option<i64> = row.try_get("lease_until")?;
-        let row = match current.state {
+        let (row, opens_attempt) = match current.state {
             CheckoutState::Reserved if current.expires_at <= lease.now => {
                 return Err(StoreError::CheckoutExpired)
             }
             CheckoutState::Expired => return Err(StoreError::CheckoutExpired),
             CheckoutState::Reserved => {
-                sqlx::query(&format!(
+                let row = sqlx::query(&format!(
                     "UPDATE checkouts SET state = 'charging', attempt = attempt + 1, \
                  payment_method = $2, charge_started_at = $3, lease_owner = $4, \
-                 lease_until = $5, updated_at = $3 WHERE id = $1 RETURNING {CHECKOUT_COLUMNS}"
+                 lease_until = $5, updated_at = $3 WHERE id = $1 \
+                 RETURNING {CHECKOUT_COLUMNS}, charge_started_at"
                 ))
                 .bind(id.uuid())
                 .bind(payment_method)
@@ -1234,26 +1235,31 @@ impl Store for PgStore {
                 .bind(lease.owner)
                 .bind(to_millis(lease.until))
                 .fetch_one(&mut *tx)
-                .await?
+                .await?;
+                (row, true)
             }
             CheckoutState::Charging if lease_until.is_some_and(|t| t > to_millis(lease.now)) => {
                 return Err(StoreError::ChargeInProgress)
             }
             CheckoutState::Charging => {
-                sqlx::query(&format!(
+                let row = sqlx::query(&format!(
                     "UPDATE checkouts SET lease_owner = $2, lease_until = $3 WHERE id = $1 \
-                 RETURNING {CHECKOUT_COLUMNS}"
+                 RETURNING {CHECKOUT_COLUMNS}, charge_started_at"
                 ))
                 .bind(id.uuid())
                 .bind(lease.owner)
                 .bind(to_millis(lease.until))
                 .fetch_one(&mut *tx)
-                .await?
+                .await?;
+                (row, false)
             }
             other => return Err(StoreError::CheckoutState(other)),
         };
         tx.commit().await?;
-        decode::ticket(&row)
+        Ok(ChargeTicket {
+            opens_attempt,
+            ..decode::ticket(&row)?
+        })
     }
 
     async fn find_checkout(&self, id: CheckoutId) -> Result<Option<Checkout>, StoreError> {
@@ -1512,7 +1518,7 @@ impl Store for PgStore {
                WHERE (state IN ('charging', 'requires_action') OR refund_due) \
                  AND (lease_until IS NULL OR lease_until < $3) \
                ORDER BY lease_until NULLS FIRST LIMIT $4 FOR UPDATE SKIP LOCKED) \
-             RETURNING {CHECKOUT_COLUMNS}"
+             RETURNING {CHECKOUT_COLUMNS}, charge_started_at"
         ))
         .bind(lease.owner)
         .bind(to_millis(lease.until))
@@ -1528,19 +1534,37 @@ impl Store for PgStore {
     async fn record_refunded(
         &self,
         id: CheckoutId,
-        refund_id: &str,
+        refund_id: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError> {
         let mut tx = self.pool.begin().await?;
         let current = Self::lock_checkout(&mut tx, id).await?;
         if current.state == CheckoutState::Refunded {
+            // The gateway's event may have recorded the refund first, without its id.
+            if refund_id.is_some() {
+                sqlx::query(
+                    "UPDATE checkouts SET refund_id = COALESCE(refund_id, $2) WHERE id = $1",
+                )
+                .bind(id.uuid())
+                .bind(refund_id)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+            }
             return Ok(current);
         }
-        if current.state == CheckoutState::Completed {
+        let order_status: String =
+            sqlx::query_scalar("SELECT status FROM orders WHERE id = $1 FOR UPDATE")
+                .bind(current.order_id.uuid())
+                .fetch_one(&mut *tx)
+                .await?;
+        // Units of a shipped order left the warehouse: only unshipped ones go back on the shelf.
+        if current.state == CheckoutState::Completed && order_status == OrderStatus::Paid.as_str() {
             Self::return_stock(&mut tx, id).await?;
         }
         let row = sqlx::query(&format!(
-            "UPDATE checkouts SET state = 'refunded', refund_due = FALSE, refund_id = $2, \
+            "UPDATE checkouts SET state = 'refunded', refund_due = FALSE, \
+             refund_id = COALESCE($2, refund_id), \
              lease_owner = NULL, lease_until = NULL, updated_at = $3 WHERE id = $1 \
              RETURNING {CHECKOUT_COLUMNS}"
         ))

@@ -88,6 +88,13 @@ macro_rules! row_decoders {
                     .try_get::<Option<String>, _>("payment_method")?
                     .unwrap_or_default(),
                 refund_due: row.try_get("refund_due")?,
+                charge_started_at: row
+                    .try_get::<Option<i64>, _>("charge_started_at")?
+                    .map(from_millis)
+                    .transpose()?,
+                // The phase that opens an attempt says so; any other claim may follow a
+                // request that already went out.
+                opens_attempt: false,
             })
         }
 

@@ -505,6 +505,32 @@ impl TestApp {
         .await
     }
 
+    /// `POST /v1/checkouts` for a cart, with an Idempotency-Key.
+    pub async fn start_checkout_with_key(
+        &self,
+        customer: &Customer,
+        cart: &str,
+        key: &str,
+    ) -> Resp {
+        let resp = self
+            .client
+            .post(format!("{}/v1/checkouts", self.base))
+            .bearer_auth(&customer.token)
+            .header("Idempotency-Key", key)
+            .json(&json!({ "cart_id": cart }))
+            .send()
+            .await
+            .expect("request reaches the app");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.json().await.expect("a JSON body");
+        Resp {
+            status,
+            headers,
+            body,
+        }
+    }
+
     /// `POST /v1/checkouts/{id}/complete` with a payment method and an Idempotency-Key.
     pub async fn complete(
         &self,

@@ -2,15 +2,18 @@
 //! both stores, Idempotency-Key, webhooks, late successes, and the Stripe client over HTTP
 //! against the fake Stripe server with its faults. Every case ends with the audit.
 
+use holdfast::checkout::charge_key;
 use holdfast::domain::{CheckoutId, Currency, CustomerId, Money, OrderId};
-use holdfast::payments::{signature, ChargeOutcome, ChargeRequest, PaymentGateway as _};
+use holdfast::payments::{
+    signature, ChargeOutcome, ChargeRequest, PaymentGateway as _, StripeGateway, Timeouts,
+};
 use holdfast::store::StoreKind;
 use serde_json::json;
 
 use crate::both_stores;
 use crate::fake_stripe::{FakeStripe, Fault, SECRET_KEY};
 use crate::helpers::{
-    eventually, spawn_app, spawn_app_with, AssertClean, Options, TestApp, WEBHOOK_SECRET,
+    eventually, spawn_app, spawn_app_with, AssertClean, Customer, Options, TestApp, WEBHOOK_SECRET,
 };
 
 both_stores!(
@@ -26,6 +29,14 @@ both_stores!(
     an_abandoned_authentication_is_cancelled_when_the_checkout_lifetime_ends,
     the_audit_finds_a_lost_event_and_a_ghost_checkout,
     an_admin_ships_or_refunds_a_paid_order,
+    over_http_a_reused_charge_key_is_settled_from_the_gateway_by_recovery,
+    over_http_a_refusal_after_an_unknown_outcome_never_opens_a_second_attempt,
+    a_full_refund_reported_by_stripe_refunds_the_order_once,
+    a_refund_reported_for_a_shipped_order_leaves_its_units_sold,
+    a_refund_reported_before_the_payment_is_recorded_is_refused_until_it_is,
+    starting_a_checkout_again_with_its_idempotency_key_replays_the_first_answer,
+    an_idempotency_key_reused_for_another_cart_is_refused_and_changes_nothing,
+    another_customers_identical_idempotency_key_starts_a_checkout_of_their_own,
 );
 
 fn checkout_id(raw: &str) -> CheckoutId {
@@ -242,6 +253,92 @@ async fn complete_needs_an_idempotency_key_and_replays_its_answer(kind: StoreKin
     app.audit().await.assert_clean();
 }
 
+async fn checkout_count(app: &TestApp) -> Vec<String> {
+    crate::helpers::fetch_strings(app, "SELECT CAST(COUNT(*) AS TEXT) FROM checkouts").await
+}
+
+async fn starting_a_checkout_again_with_its_idempotency_key_replays_the_first_answer(
+    kind: StoreKind,
+) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, cart) = app.buyer_with("Ada", &[("tea-01", 2)]).await;
+    let first = app.start_checkout_with_key(&ada, &cart, "start-1").await;
+    first.assert_status(201);
+
+    // The answer was lost on the way back; the client sends the very same request again.
+    let replay = app.start_checkout_with_key(&ada, &cart, "start-1").await;
+
+    replay.assert_status(201);
+    assert_eq!(replay.body, first.body);
+    assert_eq!(replay.headers["idempotent-replayed"], "true");
+    assert_eq!(app.stock_of("tea-01").await, (5, 2, 3), "reserved once");
+    assert_eq!(checkout_count(&app).await, ["1"]);
+    // Without the key the same request is a second start, which the cart refuses.
+    app.start_checkout(&ada, &cart)
+        .await
+        .assert_error(409, "cart_not_open");
+    app.audit().await.assert_clean();
+}
+
+async fn an_idempotency_key_reused_for_another_cart_is_refused_and_changes_nothing(
+    kind: StoreKind,
+) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, cart) = app.buyer_with("Ada", &[("tea-01", 2)]).await;
+    let other_cart = app.new_cart(&ada).await;
+    app.set_line(&ada, &other_cart, "tea-01", 1)
+        .await
+        .assert_status(200);
+    app.start_checkout_with_key(&ada, &cart, "start-1")
+        .await
+        .assert_status(201);
+
+    let reused = app
+        .start_checkout_with_key(&ada, &other_cart, "start-1")
+        .await;
+
+    reused.assert_error(422, "idempotency_key_reused");
+    assert_eq!(app.stock_of("tea-01").await, (5, 2, 3), "nothing reserved");
+    assert_eq!(checkout_count(&app).await, ["1"]);
+    // The other cart is untouched: with a key of its own it checks out.
+    app.start_checkout_with_key(&ada, &other_cart, "start-2")
+        .await
+        .assert_status(201);
+    assert_eq!(app.stock_of("tea-01").await, (5, 3, 2));
+    app.audit().await.assert_clean();
+}
+
+async fn another_customers_identical_idempotency_key_starts_a_checkout_of_their_own(
+    kind: StoreKind,
+) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, adas_cart) = app.buyer_with("Ada", &[("tea-01", 2)]).await;
+    let (bob, bobs_cart) = app.buyer_with("Bob", &[("tea-01", 1)]).await;
+    let adas = app
+        .start_checkout_with_key(&ada, &adas_cart, "start-1")
+        .await;
+    adas.assert_status(201);
+
+    let bobs = app
+        .start_checkout_with_key(&bob, &bobs_cart, "start-1")
+        .await;
+
+    bobs.assert_status(201);
+    assert!(bobs.headers.get("idempotent-replayed").is_none());
+    assert_ne!(bobs.body["id"], adas.body["id"]);
+    assert_eq!(bobs.body["cart_id"], bobs_cart.as_str());
+    assert_eq!(app.stock_of("tea-01").await, (5, 3, 2));
+    // And each replays their own.
+    let again = app
+        .start_checkout_with_key(&ada, &adas_cart, "start-1")
+        .await;
+    assert_eq!(again.body, adas.body);
+    app.audit().await.assert_clean();
+}
+
 async fn an_unknown_payment_method_leaves_the_checkout_reserved(kind: StoreKind) {
     let app = spawn_app(kind).await;
     app.new_product("tea-01", 450, 5).await;
@@ -322,6 +419,169 @@ fn event(id: &str, kind: &str, intent: &str, checkout: &str, status: &str) -> St
         }}
     })
     .to_string()
+}
+
+/// A `charge.refunded` event as Stripe sends it (API 2024-06-20: the charge, its refunds not
+/// expanded). `refunded` is Stripe's "fully refunded".
+fn refund_event(id: &str, intent: &str, amount: i64, amount_refunded: i64) -> String {
+    json!({
+        "id": id, "object": "event", "type": "charge.refunded",
+        "created": chrono::Utc::now().timestamp(),
+        "data": {"object": {
+            "id": format!("ch_of_{intent}"), "object": "charge", "amount": amount,
+            "amount_refunded": amount_refunded, "currency": "eur", "payment_intent": intent,
+            "refunded": amount_refunded == amount, "status": "succeeded"
+        }}
+    })
+    .to_string()
+}
+
+/// Signs and delivers an event now; returns the status and whether it was a duplicate.
+async fn deliver_signed(app: &TestApp, payload: &str) -> (u16, Option<bool>) {
+    let now = chrono::Utc::now().timestamp();
+    let header = signature::sign(payload.as_bytes(), WEBHOOK_SECRET, now);
+    let (status, body) = post_webhook(app, payload, Some(header)).await;
+    (status, body["duplicate"].as_bool())
+}
+
+/// `(order status, checkout state)` as the customer sees them.
+async fn statuses(
+    app: &TestApp,
+    customer: &Customer,
+    checkout: &str,
+    order: &str,
+) -> (String, String) {
+    let order = app
+        .get(&format!("/v1/orders/{order}"), Some(&customer.token))
+        .await;
+    let checkout = app
+        .get(&format!("/v1/checkouts/{checkout}"), Some(&customer.token))
+        .await;
+    (order.str("status"), checkout.str("state"))
+}
+
+/// A paid checkout of two units of tea-01 (stock 5): `(customer, checkout, order, intent)`.
+async fn paid_for_two(app: &TestApp) -> (Customer, String, String, String) {
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, order) = app.reserved_checkout("Ada", &[("tea-01", 2)]).await;
+    let paid = app.complete(&ada, &checkout, "pm_card_visa", "k").await;
+    assert_eq!(paid.body["state"], "completed", "{:?}", paid.body);
+    let intent = app
+        .get(&format!("/v1/orders/{order}"), Some(&ada.token))
+        .await
+        .str("payment_intent_id");
+    (ada, checkout, order, intent)
+}
+
+async fn a_full_refund_reported_by_stripe_refunds_the_order_once(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    let (ada, checkout, order, intent) = paid_for_two(&app).await;
+    assert_eq!(app.stock_of("tea-01").await, (3, 0, 3));
+
+    // A partial refund (say, goodwill on one cup) leaves the order paid.
+    let partial = refund_event("evt_refund_partial", &intent, 900, 100);
+    assert_eq!(deliver_signed(&app, &partial).await, (200, None));
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("paid".into(), "completed".into())
+    );
+
+    // The full refund made on Stripe's dashboard, delivered twice.
+    let full = refund_event("evt_refund_full", &intent, 900, 900);
+    assert_eq!(deliver_signed(&app, &full).await, (200, None));
+    assert_eq!(deliver_signed(&app, &full).await, (200, Some(true)));
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("refunded".into(), "refunded".into())
+    );
+    assert_eq!(
+        app.stock_of("tea-01").await,
+        (5, 0, 5),
+        "the units are back on the shelf, as after an admin refund"
+    );
+
+    // The same story under another event id, and a success arriving late: nothing moves back.
+    let again = refund_event("evt_refund_again", &intent, 900, 900);
+    assert_eq!(deliver_signed(&app, &again).await, (200, None));
+    let late = event(
+        "evt_late_success",
+        "payment_intent.succeeded",
+        &intent,
+        &checkout,
+        "succeeded",
+    );
+    assert_eq!(deliver_signed(&app, &late).await, (200, None));
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("refunded".into(), "refunded".into())
+    );
+    assert_eq!(app.stock_of("tea-01").await, (5, 0, 5), "returned once");
+    let events = crate::helpers::fetch_strings(
+        &app,
+        "SELECT CAST(COUNT(*) AS TEXT) FROM outbox WHERE topic = 'order.paid'",
+    )
+    .await;
+    assert_eq!(events, ["1"], "the order was paid once");
+    app.audit().await.assert_clean();
+}
+
+async fn a_refund_reported_for_a_shipped_order_leaves_its_units_sold(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    let (ada, checkout, order, intent) = paid_for_two(&app).await;
+    app.admin_post(&format!("/v1/admin/orders/{order}/shipments"), json!({}))
+        .await
+        .assert_status(200);
+
+    let full = refund_event("evt_refund_shipped", &intent, 900, 900);
+    assert_eq!(deliver_signed(&app, &full).await, (200, None));
+
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("refunded".into(), "refunded".into())
+    );
+    assert_eq!(
+        app.stock_of("tea-01").await,
+        (3, 0, 3),
+        "shipped units left the warehouse; they come back only by a stock adjustment"
+    );
+    app.audit().await.assert_clean();
+}
+
+async fn a_refund_reported_before_the_payment_is_recorded_is_refused_until_it_is(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, order) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    let pending = app
+        .complete(&ada, &checkout, "pm_card_authenticationRequired", "k")
+        .await;
+    assert_eq!(pending.body["state"], "requires_action");
+    let intent = pending.str("payment_intent_id");
+
+    // Stripe delivers out of order: the refund before the success. Answering 2xx would lose
+    // it, so the endpoint refuses and Stripe delivers it again later.
+    let refund = refund_event("evt_refund_early", &intent, 450, 450);
+    assert_eq!(deliver_signed(&app, &refund).await.0, 500);
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("payment_processing".into(), "requires_action".into())
+    );
+
+    app.simulator
+        .as_ref()
+        .unwrap()
+        .authenticate(&intent, true)
+        .expect("authenticate");
+    eventually(10, "the order is paid", || async {
+        statuses(&app, &ada, &checkout, &order).await.0 == "paid"
+    })
+    .await;
+    assert_eq!(deliver_signed(&app, &refund).await, (200, None));
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("refunded".into(), "refunded".into())
+    );
+    assert_eq!(app.stock_of("tea-01").await, (5, 0, 5));
+    app.audit().await.assert_clean();
 }
 
 async fn webhooks_need_a_valid_signature_and_are_handled_once(kind: StoreKind) {
@@ -509,16 +769,58 @@ async fn a_late_success_for_an_expired_checkout_takes_the_units_again_or_refunds
 // The Stripe client over HTTP against the fake Stripe server (PostgreSQL).
 
 async fn app_on_fake_stripe() -> (TestApp, FakeStripe) {
+    app_with_fake_stripe(StoreKind::Postgres, Options::default()).await
+}
+
+async fn app_with_fake_stripe(kind: StoreKind, options: Options) -> (TestApp, FakeStripe) {
     let fake = FakeStripe::start().await;
     let app = spawn_app_with(
-        StoreKind::Postgres,
+        kind,
         Options {
             stripe: Some((fake.base_url(), SECRET_KEY.to_owned())),
-            ..Options::default()
+            ..options
         },
     )
     .await;
     (app, fake)
+}
+
+/// The app on the fake with a clock that moves only when the test says so (workers off).
+async fn manual_app_with_fake_stripe(kind: StoreKind) -> (TestApp, FakeStripe) {
+    app_with_fake_stripe(
+        kind,
+        Options {
+            manual_clock: true,
+            ..Options::default()
+        },
+    )
+    .await
+}
+
+/// Lets time pass past every retry and reconcile threshold and runs recovery, a few rounds,
+/// until the checkout has left `charging`; returns its state.
+async fn recover_until_settled(app: &TestApp, customer: &Customer, checkout: &str) -> String {
+    let path = format!("/v1/checkouts/{checkout}");
+    for _ in 0..5 {
+        app.advance(chrono::Duration::seconds(1));
+        app.recovery.tick().await.expect("recovery tick");
+        let state = app.get(&path, Some(&customer.token)).await.str("state");
+        if state != "charging" {
+            return state;
+        }
+    }
+    "charging".to_owned()
+}
+
+/// The idempotency keys of every charge request the fake received for this checkout.
+fn charge_keys(fake: &FakeStripe, checkout: &str) -> Vec<String> {
+    let prefix = format!("checkout-{checkout}-charge-");
+    fake.request_log()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path == "/v1/payment_intents")
+        .filter_map(|r| r.idempotency_key)
+        .filter(|k| k.starts_with(&prefix))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -903,4 +1205,102 @@ async fn shutdown_lets_an_in_flight_checkout_finish() {
         .await
         .unwrap()
         .assert_clean();
+}
+
+async fn over_http_a_reused_charge_key_is_settled_from_the_gateway_by_recovery(kind: StoreKind) {
+    let (app, fake) = manual_app_with_fake_stripe(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, order) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    // Another client (say, an older release sending other parameters) already charged under
+    // this checkout's first key: Stripe answers every request of ours with that key 400
+    // idempotency_error, while the money has moved.
+    let other_client = StripeGateway::new(SECRET_KEY.into(), &fake.base_url(), Timeouts::default())
+        .expect("a gateway on the fake");
+    let earlier = other_client
+        .create_and_confirm(&ChargeRequest {
+            amount: Money::new(450, Currency::parse("EUR").unwrap()).unwrap(),
+            payment_method: "pm_card_mastercard".into(),
+            checkout_id: checkout_id(&checkout),
+            order_id: OrderId::parse(&order).unwrap(),
+            customer_id: CustomerId::new(),
+            idempotency_key: charge_key(checkout_id(&checkout), 1),
+        })
+        .await;
+    assert!(
+        matches!(earlier, Ok(ChargeOutcome::Succeeded(_))),
+        "{earlier:?}"
+    );
+
+    let refused = app.complete(&ada, &checkout, "pm_card_visa", "k").await;
+    refused.assert_error(502, "payment_gateway_error");
+
+    // Recovery keeps getting 400 for the key; once the charge has been in flight past the
+    // reconcile threshold it asks the gateway, which holds the payment.
+    assert_eq!(
+        recover_until_settled(&app, &ada, &checkout).await,
+        "completed"
+    );
+    assert_eq!(
+        app.get(&format!("/v1/orders/{order}"), Some(&ada.token))
+            .await
+            .body["status"],
+        "paid"
+    );
+    assert_eq!(fake.charges_for(checkout_id(&checkout)), 1);
+    assert_eq!(app.stock_of("tea-01").await, (4, 0, 4));
+    app.audit().await.assert_clean();
+}
+
+async fn over_http_a_refusal_after_an_unknown_outcome_never_opens_a_second_attempt(
+    kind: StoreKind,
+) {
+    let (app, fake) = manual_app_with_fake_stripe(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    // (first try's fate, the retry's refusal): the money moved and the answer was lost, then
+    // the key is refused; or a 500, then the payment method is refused.
+    for (name, lost, refusal) in [
+        ("Ada", Fault::DropAfterCharge, Fault::Unauthorized),
+        ("Bob", Fault::InternalError, Fault::InvalidRequest),
+    ] {
+        let (customer, checkout, order) = app.reserved_checkout(name, &[("tea-01", 1)]).await;
+        fake.fail_next(1, lost);
+        fake.fail_next(1, refusal);
+
+        let answer = app
+            .complete(&customer, &checkout, "pm_card_visa", "k")
+            .await;
+
+        // The refusal says nothing about the first try: the charge stays open, same attempt.
+        answer.assert_status(200);
+        assert_eq!(answer.body["state"], "charging", "{lost:?}, {refusal:?}");
+        assert_eq!(app.stock_of("tea-01").await.1, 1, "{lost:?}: still held");
+        app.complete(&customer, &checkout, "pm_card_visa", "another-key")
+            .await
+            .assert_error(409, "payment_in_progress");
+        assert_eq!(
+            recover_until_settled(&app, &customer, &checkout).await,
+            "completed",
+            "{lost:?}, {refusal:?}"
+        );
+        assert_eq!(
+            app.get(&format!("/v1/orders/{order}"), Some(&customer.token))
+                .await
+                .body["status"],
+            "paid"
+        );
+        assert_eq!(fake.charges_for(checkout_id(&checkout)), 1, "{lost:?}");
+        let first_key = charge_key(checkout_id(&checkout), 1);
+        let keys = charge_keys(&fake, &checkout);
+        assert!(
+            keys.len() >= 3 && keys.iter().all(|k| *k == first_key),
+            "{lost:?}: every try repeats the first attempt: {keys:?}"
+        );
+        // Later requests with the first key answer the final state.
+        let retried = app
+            .complete(&customer, &checkout, "pm_card_visa", "k")
+            .await;
+        assert_eq!(retried.body["state"], "completed");
+    }
+    assert_eq!(app.stock_of("tea-01").await, (3, 0, 3));
+    app.audit().await.assert_clean();
 }

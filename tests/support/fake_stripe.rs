@@ -9,9 +9,9 @@
 //! (only the public domain types), so the client is tested against an independent reading of
 //! Stripe, not against itself.
 //!
-//! Faults on demand: added latency, 500s and 429s that happen before the request reaches the
-//! API (nothing stored, nothing charged), a dropped connection after the charge was made, a
-//! mangled body, and a gate that holds requests in flight until the test lets them go.
+//! Faults on demand: added latency, 500s, 429s, 401s and 400s that happen before the request
+//! reaches the API (nothing stored, nothing charged), a dropped connection after the charge was
+//! made, a mangled body, and a gate that holds requests in flight until the test lets them go.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -36,6 +36,13 @@ pub enum Fault {
     InternalError,
     /// 429 from the rate limiter: nothing runs, nothing is stored.
     TooManyRequests,
+    /// 401 as for a revoked or rolled key: Stripe authenticates before it looks at the
+    /// idempotency key, so nothing runs and nothing is stored or replayed.
+    Unauthorized,
+    /// 400 `invalid_request_error` as for a payment method detached meanwhile. Stripe stores
+    /// nothing for a request refused by validation, and replays instead when the key already
+    /// holds an answer; so does the fake.
+    InvalidRequest,
     /// The request runs (money moves, the answer is stored under its key), then the
     /// connection is cut before the client reads an answer.
     DropAfterCharge,
@@ -286,17 +293,31 @@ async fn handle(
         ledger.log.len() - 1
     };
 
-    if header(&headers, "authorization").as_deref() != Some(&format!("Bearer {SECRET_KEY}")) {
-        return send(
+    let unauthorized = || {
+        send(
             stripe_error(
                 StatusCode::UNAUTHORIZED,
                 json!({"type": "invalid_request_error", "message": "Invalid API Key provided: sk_test_****"}),
             ),
             false,
-        );
+        )
+    };
+    if header(&headers, "authorization").as_deref() != Some(&format!("Bearer {SECRET_KEY}")) {
+        return unauthorized();
     }
     let fault = shared.ledger().faults.pop_front();
     match fault {
+        Some(Fault::Unauthorized) => return unauthorized(),
+        Some(Fault::InvalidRequest) if !holds_answer(&shared, key.as_deref()) => {
+            return send(
+                invalid(
+                    StatusCode::BAD_REQUEST,
+                    "resource_missing",
+                    "No such PaymentMethod: it was detached from its customer".into(),
+                ),
+                false,
+            )
+        }
         Some(Fault::InternalError) => {
             return send(
                 stripe_error(
@@ -368,6 +389,16 @@ fn deliver(reply: Reply, replayed: bool, fault: Option<Fault>) -> Response {
         Some(Fault::MalformedBody) => (StatusCode::OK, "{\"id\": \"pi_").into_response(),
         _ => send(reply, replayed),
     }
+}
+
+/// Whether an answer is stored under this idempotency key (a replay would send it).
+fn holds_answer(shared: &Shared, key: Option<&str>) -> bool {
+    key.is_some_and(|key| {
+        matches!(
+            shared.ledger().idempotency.get(key),
+            Some(Slot::Done { .. })
+        )
+    })
 }
 
 enum Begin {
