@@ -20,6 +20,7 @@ const SAGA_STEP: &str = "holdfast_saga_step_seconds";
 const GATEWAY_CALLS: &str = "holdfast_gateway_calls_total";
 const WEBHOOK_EVENTS: &str = "holdfast_webhook_events_total";
 const OUTBOX_UNPUBLISHED: &str = "holdfast_outbox_unpublished";
+const OUTBOX_OLDEST_AGE: &str = "holdfast_outbox_oldest_unpublished_age_seconds";
 const EXPIRY_RELEASED: &str = "holdfast_expiry_released_total";
 const RESERVATION_BATCH: &str = "holdfast_reservation_batch_size";
 
@@ -89,6 +90,11 @@ fn describe() {
         OUTBOX_UNPUBLISHED,
         "Fulfilment events written but not yet published (read at scrape time)."
     );
+    describe_gauge!(
+        OUTBOX_OLDEST_AGE,
+        metrics::Unit::Seconds,
+        "Age of the oldest fulfilment event not yet published; 0 when all are (the outbox lag)."
+    );
     describe_histogram!(
         RESERVATION_BATCH,
         "Checkouts reserved together in one transaction (group reservation)."
@@ -108,6 +114,7 @@ fn register_known_series() {
     counter!(REFUSALS).increment(0);
     counter!(EXPIRY_RELEASED).increment(0);
     gauge!(OUTBOX_UNPUBLISHED).set(0.0);
+    gauge!(OUTBOX_OLDEST_AGE).set(0.0);
 }
 
 /// Where a checkout went (the `outcome` label of `holdfast_checkouts_total`).
@@ -214,8 +221,11 @@ pub fn reservation_batch(size: usize) {
     histogram!(RESERVATION_BATCH).record(size as f64);
 }
 
-pub fn outbox_unpublished(count: i64) {
-    gauge!(OUTBOX_UNPUBLISHED).set(count as f64);
+/// The outbox lag as read at scrape time.
+pub fn outbox_lag(unpublished: i64, oldest_age: Option<chrono::Duration>) {
+    gauge!(OUTBOX_UNPUBLISHED).set(unpublished as f64);
+    let age = oldest_age.map_or(0.0, |age| age.num_milliseconds().max(0) as f64 / 1000.0);
+    gauge!(OUTBOX_OLDEST_AGE).set(age);
 }
 
 pub fn expiry_released(checkouts: usize) {

@@ -20,7 +20,7 @@ pub fn router() -> Router<AppState> {
 /// The Prometheus text exposition format, version 0.0.4.
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Everything counted so far. The outbox gauge is read from the store now, so it is exact at
+/// Everything counted so far. The outbox gauges are read from the store now, so it is exact at
 /// scrape time whichever instance's relay is publishing.
 #[utoipa::path(
     get,
@@ -33,7 +33,7 @@ const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 )]
 async fn metrics(State(state): State<AppState>) -> Response {
     match state.store.outbox_lag(state.clock.now()).await {
-        Ok(lag) => observe::outbox_unpublished(lag.unpublished),
+        Ok(lag) => observe::outbox_lag(lag.unpublished, lag.oldest_unpublished_age),
         // A scrape still answers: the gauge keeps its last value, and the log says why.
         Err(e) => tracing::warn!(error = %e, "cannot read the outbox lag for /metrics"),
     }

@@ -8,9 +8,12 @@ use std::collections::BTreeMap;
 use holdfast::store::StoreKind;
 
 use crate::both_stores;
-use crate::helpers::{eventually, spawn_app, TestApp};
+use crate::helpers::{eventually, spawn_app, spawn_app_with, Options, TestApp};
 
-both_stores!(a_paid_checkout_moves_the_counters);
+both_stores!(
+    a_paid_checkout_moves_the_counters,
+    a_refusal_and_an_expiry_move_their_counters,
+);
 
 /// One sample: metric name and its labels in order of appearance.
 type Series = (String, Vec<(String, String)>);
@@ -185,8 +188,12 @@ async fn a_paid_checkout_moves_the_counters(kind: StoreKind) {
     app.new_product("tea-01", 450, 5).await;
     let before = scrape(&app).await;
     assert!(
-        before.contains_key(&("holdfast_outbox_unpublished".to_owned(), vec![])),
-        "the outbox gauge is always there"
+        before.contains_key(&("holdfast_outbox_unpublished".to_owned(), vec![]))
+            && before.contains_key(&(
+                "holdfast_outbox_oldest_unpublished_age_seconds".to_owned(),
+                vec![]
+            )),
+        "the outbox gauges are always there"
     );
 
     let (ada, checkout, order) = app.reserved_checkout("Ada", &[("tea-01", 2)]).await;
@@ -235,4 +242,40 @@ async fn a_paid_checkout_moves_the_counters(kind: StoreKind) {
         .await
         .expect("a body");
     assert!(!text.contains(&checkout) && !text.contains(&order));
+}
+
+async fn a_refusal_and_an_expiry_move_their_counters(kind: StoreKind) {
+    let app = spawn_app_with(
+        kind,
+        Options {
+            ttl_seconds: 1,
+            ..Options::default()
+        },
+    )
+    .await;
+    app.new_product("one-01", 450, 1).await;
+    let before = scrape(&app).await;
+
+    let (_, _, _) = app.reserved_checkout("Ada", &[("one-01", 1)]).await;
+    let (bob, cart) = app.buyer_with("Bob", &[("one-01", 1)]).await;
+    app.start_checkout(&bob, &cart)
+        .await
+        .assert_error(409, "insufficient_stock");
+    eventually(10, "the reservation expires and is released", || async {
+        app.stock_of("one-01").await == (1, 0, 1)
+    })
+    .await;
+
+    let after = scrape(&app).await;
+    let moved =
+        |name: &str, with: &[(&str, &str)]| value(&after, name, with) - value(&before, name, with);
+    assert!(moved("holdfast_reservation_refusals_total", &[]) >= 1.0);
+    assert!(
+        moved(
+            "holdfast_checkouts_total",
+            &[("outcome", "insufficient_stock")]
+        ) >= 1.0
+    );
+    assert!(moved("holdfast_expiry_released_total", &[]) >= 1.0);
+    assert!(moved("holdfast_checkouts_total", &[("outcome", "expired")]) >= 1.0);
 }
