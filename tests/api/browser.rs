@@ -293,6 +293,10 @@ async fn a_declined_card_is_shown_and_the_stock_comes_back() {
     let mut browser = Browser::open("declined").await;
 
     browser.goto(&format!("{}/", app.base)).await;
+    browser
+        .text_matches(TEA_AVAILABLE, |t| t == "10 available", "shows 10 available")
+        .await;
+    browser.screenshot("catalogue").await;
     browser.click(ADD_TEA).await;
     browser
         .text_matches(
@@ -301,11 +305,13 @@ async fn a_declined_card_is_shown_and_the_stock_comes_back() {
             "holds one tea",
         )
         .await;
+    browser.screenshot("cart").await;
     browser.click("#checkout-button").await;
     browser.visible("#pay-button").await;
     browser
         .text_matches(TEA_AVAILABLE, |t| t == "9 available", "shows the unit held")
         .await;
+    browser.screenshot("checkout").await;
     assert_eq!(app.stock_of("tea-01").await, (10, 1, 9));
     browser
         .click("input[value=\"pm_card_chargeDeclined\"]")
@@ -367,8 +373,9 @@ async fn the_operations_page_asks_for_the_token_and_follows_the_stock() {
     browser
         .text_matches(available, |t| t == "5", "shows 5 available")
         .await;
+    browser.screenshot("stock-before").await;
 
-    let (_ada, _checkout, _order) = app.reserved_checkout("Ada", &[("tea-01", 2)]).await;
+    let (ada, checkout, _order) = app.reserved_checkout("Ada", &[("tea-01", 2)]).await;
 
     browser
         .text_matches(reserved, |t| t == "2", "shows 2 reserved")
@@ -384,5 +391,22 @@ async fn the_operations_page_asks_for_the_token_and_follows_the_stock() {
         )
         .await;
     browser.screenshot("stock-reserved").await;
+
+    // The sale goes through: the units leave the stock for good.
+    let paid = app
+        .complete(&ada, &checkout, "pm_card_visa", "ops-pay")
+        .await;
+    assert_eq!(paid.body["state"], "completed", "{:?}", paid.body);
+    let stock = r#"tr[data-sku="tea-01"] td[data-col="stock"]"#;
+    browser
+        .text_matches(stock, |t| t == "3", "shows the stock down to 3")
+        .await;
+    browser
+        .text_matches(reserved, |t| t == "0", "shows nothing reserved")
+        .await;
+    browser
+        .text_matches(available, |t| t == "3", "shows 3 available")
+        .await;
+    browser.screenshot("stock-sold").await;
     browser.close().await;
 }
