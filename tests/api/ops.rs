@@ -14,6 +14,7 @@ both_stores!(
     the_ops_view_counts_checkouts_orders_failures_and_flash_sales,
     a_demo_customer_can_shop_and_pass_3d_secure_on_the_simulator,
     the_demo_catalogue_is_seeded_once_into_an_empty_store,
+    the_ops_view_follows_a_live_sale_and_shows_a_refund_among_the_compensations,
 );
 
 async fn the_ops_view_counts_checkouts_orders_failures_and_flash_sales(kind: StoreKind) {
@@ -227,4 +228,66 @@ async fn the_pages_and_their_files_are_served_without_a_token() {
     app.get("/ui/secrets.txt", None)
         .await
         .assert_error(404, "not_found");
+}
+
+async fn the_ops_view_follows_a_live_sale_and_shows_a_refund_among_the_compensations(
+    kind: StoreKind,
+) {
+    let app = spawn_app(kind).await;
+    app.new_product("hot-01", 900, 10).await;
+    let sale = app
+        .admin_post(
+            "/v1/admin/flash-sales",
+            json!({"sku": "hot-01", "units": 3}),
+        )
+        .await;
+    sale.assert_status(201);
+    let tokens = format!("/v1/flash-sales/{}/tokens", sale.str("id"));
+    // Ada buys one unit with her token; Bob holds a token and has not checked out yet.
+    let (ada, cart) = app.buyer_with("Ada", &[("hot-01", 1)]).await;
+    let token = app.post(&tokens, Some(&ada.token), json!({})).await;
+    token.assert_status(201);
+    let started = app
+        .post(
+            "/v1/checkouts",
+            Some(&ada.token),
+            json!({"cart_id": cart, "flash_sale_token": token.str("token")}),
+        )
+        .await;
+    started.assert_status(201);
+    let paid = app
+        .complete(&ada, &started.str("id"), "pm_card_visa", "ops-sale")
+        .await;
+    assert_eq!(paid.body["state"], "completed", "{:?}", paid.body);
+    let bob = app.new_customer("Bob").await;
+    app.post(&tokens, Some(&bob.token), json!({}))
+        .await
+        .assert_status(201);
+
+    let during = app.get("/v1/admin/ops", Some(ADMIN_TOKEN)).await;
+
+    during.assert_status(200);
+    let sales = during.body["flash_sales"].as_array().expect("sales");
+    assert_eq!(sales.len(), 1, "{sales:?}");
+    assert_eq!(sales[0]["sold"], 1, "{sales:?}");
+    assert_eq!(sales[0]["tokens_held"], 1, "Bob's token: {sales:?}");
+    assert_eq!(sales[0]["in_checkout"], 0, "{sales:?}");
+
+    // A refund is a compensation the operator sees.
+    app.admin_post(
+        &format!("/v1/admin/orders/{}/refund", started.str("order_id")),
+        json!({}),
+    )
+    .await
+    .assert_status(200);
+    let after = app.get("/v1/admin/ops", Some(ADMIN_TOKEN)).await;
+    let failures = after.body["recent_failures"].as_array().expect("failures");
+    assert!(
+        failures
+            .iter()
+            .any(|f| f["checkout_id"] == started.str("id").as_str() && f["state"] == "refunded"),
+        "{failures:?}"
+    );
+    assert_eq!(after.body["orders_by_status"]["refunded"], 1);
+    app.audit().await.assert_clean();
 }
