@@ -85,6 +85,9 @@ pub struct Options {
     /// Group reservation (`--group-reservations`) with this linger in microseconds; `None` =
     /// the plain path.
     pub group_linger_us: Option<u64>,
+    /// `--stripe-webhook-secret` as given (several comma-separated while rotating); `None` =
+    /// [`WEBHOOK_SECRET`].
+    pub webhook_secrets: Option<String>,
 }
 
 /// Short retries so unknown outcomes resolve within a test's patience.
@@ -117,6 +120,7 @@ impl Default for Options {
             rate_limit_per_second: 0,
             request_timeout_seconds: 30,
             group_linger_us: None,
+            webhook_secrets: None,
         }
     }
 }
@@ -212,7 +216,10 @@ pub async fn spawn_app_with(kind: StoreKind, options: Options) -> TestApp {
     }
     args.extend([
         "--stripe-webhook-secret".to_owned(),
-        WEBHOOK_SECRET.to_owned(),
+        options
+            .webhook_secrets
+            .clone()
+            .unwrap_or_else(|| WEBHOOK_SECRET.to_owned()),
         "--recovery-interval-ms".to_owned(),
         "100".to_owned(),
         "--lease-seconds".to_owned(),

@@ -7,12 +7,15 @@ use holdfast::store::StoreKind;
 use serde_json::{json, Value};
 
 use crate::both_stores;
-use crate::helpers::{fetch_strings, spawn_app, Customer, TestApp, WEBHOOK_SECRET};
+use crate::helpers::{
+    fetch_strings, spawn_app, spawn_app_with, Customer, Options, TestApp, WEBHOOK_SECRET,
+};
 
 both_stores!(
     hostile_deliveries_are_refused_and_change_nothing,
     an_event_for_an_unknown_payment_is_acknowledged_and_changes_nothing,
     a_replayed_event_id_is_handled_once,
+    while_rotating_both_configured_secrets_are_accepted_and_no_other,
 );
 
 /// A `payment_intent.*` event as Stripe sends it.
@@ -348,4 +351,44 @@ async fn a_replayed_event_id_is_handled_once(kind: StoreKind) {
     )
     .await;
     assert_eq!(events.len(), 1);
+}
+
+async fn while_rotating_both_configured_secrets_are_accepted_and_no_other(kind: StoreKind) {
+    let (old, new) = ("whsec_rotation_old_5e1d", "whsec_rotation_new_9a7c");
+    let app = spawn_app_with(
+        kind,
+        Options {
+            webhook_secrets: Some(format!("{old}, {new}")),
+            ..Options::default()
+        },
+    )
+    .await;
+    let now = chrono::Utc::now().timestamp();
+
+    for (i, (secret, expected)) in [(old, 200), (new, 200), (WEBHOOK_SECRET, 400)]
+        .into_iter()
+        .enumerate()
+    {
+        let body = event(
+            &format!("evt_rotation_{i}"),
+            "payment_intent.canceled",
+            "pi_nobody_knows",
+            None,
+        );
+        let (status, answer) = deliver(
+            &app,
+            body.clone().into_bytes(),
+            Some("application/json"),
+            Some(signature::sign(body.as_bytes(), secret, now)),
+        )
+        .await;
+        assert_eq!(status, expected, "signed with secret #{i}: {answer}");
+    }
+    // Only the two accepted deliveries were recorded.
+    let seen = fetch_strings(
+        &app,
+        "SELECT event_id FROM webhook_events ORDER BY event_id",
+    )
+    .await;
+    assert_eq!(seen, ["evt_rotation_0", "evt_rotation_1"]);
 }
