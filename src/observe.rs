@@ -21,6 +21,7 @@ const GATEWAY_CALLS: &str = "holdfast_gateway_calls_total";
 const WEBHOOK_EVENTS: &str = "holdfast_webhook_events_total";
 const OUTBOX_UNPUBLISHED: &str = "holdfast_outbox_unpublished";
 const OUTBOX_OLDEST_AGE: &str = "holdfast_outbox_oldest_unpublished_age_seconds";
+
 const EXPIRY_RELEASED: &str = "holdfast_expiry_released_total";
 const RESERVATION_BATCH: &str = "holdfast_reservation_batch_size";
 
@@ -219,6 +220,18 @@ pub fn webhook_event(event_type: &str, result: &'static str) {
 /// One group reservation batch and how many checkouts it carried.
 pub fn reservation_batch(size: usize) {
     histogram!(RESERVATION_BATCH).record(size as f64);
+}
+
+/// The exposition lines of the store's own count of connections taken. Written by hand beside
+/// the recorder's output rather than through it: the count belongs to the store the scraped
+/// router serves, and the recorder is process-wide (tests run many apps in one process).
+pub fn store_connections(count: u64) -> String {
+    format!(
+        "# HELP holdfast_store_connections_total Connections the store took from its pool: one \
+         per transaction or statement.\n\
+         # TYPE holdfast_store_connections_total counter\n\
+         holdfast_store_connections_total {count}\n"
+    )
 }
 
 /// The outbox lag as read at scrape time.

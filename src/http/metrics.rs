@@ -37,7 +37,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
         // A scrape still answers: the gauge keeps its last value, and the log says why.
         Err(e) => tracing::warn!(error = %e, "cannot read the outbox lag for /metrics"),
     }
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], observe::render()).into_response()
+    let mut text = observe::render();
+    text.push_str(&observe::store_connections(state.store.acquisitions()));
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
 }
 
 /// Counts the request once its answer is known. Installed with `Router::layer`, which wraps

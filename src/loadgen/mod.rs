@@ -105,6 +105,10 @@ pub struct FlashSaleArgs {
     /// Share of buyers whose first card is declined (they try once more with a good one).
     #[arg(long, env = "HOLDFAST_LOADGEN_DECLINE_RATE", default_value_t = 0.0, value_parser = parse_rate)]
     pub decline_rate: f64,
+    /// Open no flash sale: every buyer goes straight to checkout, so the run can be compared
+    /// with the gated one.
+    #[arg(long, env = "HOLDFAST_LOADGEN_NO_GATE")]
+    pub no_gate: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Args)]
@@ -264,6 +268,7 @@ pub async fn run(args: LoadgenArgs, settings: &Settings) -> anyhow::Result<ExitC
                 units: a.units,
                 abandon_rate: a.abandon_rate,
                 decline_rate: a.decline_rate,
+                gate: !a.no_gate,
             };
             run_flash_sale(&options, &config).await?
         }
@@ -417,6 +422,22 @@ impl Api {
 
     pub fn admin(&self) -> &str {
         self.admin_token.expose_secret()
+    }
+
+    /// The server's `holdfast_store_connections_total`, or `None` if `/metrics` does not
+    /// have it (the count is per server process).
+    pub async fn store_connections(&self) -> Option<u64> {
+        let answer = self
+            .client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .ok()?;
+        let text = answer.text().await.ok()?;
+        text.lines()
+            .find_map(|line| line.strip_prefix("holdfast_store_connections_total "))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .map(|value| value as u64)
     }
 
     pub async fn ready(&self) -> anyhow::Result<()> {
@@ -982,6 +1003,8 @@ pub(crate) struct Finished {
     pub setup: Duration,
     pub wall: Duration,
     pub notes: Vec<String>,
+    /// Connections the server's store took during the timed phase, when it says.
+    pub store_connections: Option<u64>,
 }
 
 /// Reads the stock left, judges the refusals, runs the audit, and builds the summary.
@@ -1062,6 +1085,7 @@ pub(crate) async fn finish(
         requests_per_second: per_second(record.requests),
         error_samples: record.error_samples,
         notes,
+        store_connections: run.store_connections,
         audit,
     })
 }

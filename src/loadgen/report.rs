@@ -115,6 +115,10 @@ pub struct Summary {
     /// A few of the errors, verbatim, to start looking from.
     pub error_samples: Vec<String>,
     pub notes: Vec<String>,
+    /// Connections the server's store took from its pool during the timed phase (read from
+    /// its `/metrics` before and after; `None` when it does not say).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_connections: Option<u64>,
     pub audit: AuditOutcome,
 }
 
@@ -185,6 +189,13 @@ impl fmt::Display for Summary {
             self.requests,
             self.requests_per_second
         )?;
+        if let Some(connections) = self.store_connections {
+            let per_attempt = connections as f64 / self.attempts.max(1) as f64;
+            writeln!(
+                f,
+                "  store connections   {connections} during the run ({per_attempt:.2} per attempt)"
+            )?;
+        }
         for sample in &self.error_samples {
             writeln!(f, "  error sample        {sample}")?;
         }

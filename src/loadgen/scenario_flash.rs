@@ -37,6 +37,9 @@ pub struct FlashSaleConfig {
     /// card, as buyers do, so a declined card hands its unit to the next buyer rather than
     /// ending the sale short.
     pub decline_rate: f64,
+    /// Open a flash sale and send buyers through its admission gate (`false`: straight to
+    /// checkout, for comparison).
+    pub gate: bool,
 }
 
 /// What one buyer will do once they hold a unit.
@@ -98,9 +101,15 @@ pub async fn run_flash_sale(
     api.create_product(&sku, PRICE, units).await?;
     let buyers = set_up_buyers(&api, options, &tag, &sku, config.buyers).await?;
     // The sale opens once every buyer stands ready, as a sale opens at its announced time.
-    let gate = open_sale(&api, &sku, config.units).await?;
+    let gate = if config.gate {
+        open_sale(&api, &sku, config.units).await?
+    } else {
+        None
+    };
     let mut notes = Vec::new();
-    if gate.is_none() {
+    if !config.gate {
+        notes.push("--no-gate: no flash sale, every buyer went straight to checkout".to_owned());
+    } else if gate.is_none() {
         notes.push(
             "the server has no flash-sale routes (POST /v1/admin/flash-sales answered 404 \
              route_not_found): no admission gate, every buyer went straight to checkout"
@@ -109,6 +118,7 @@ pub async fn run_flash_sale(
     }
     let setup = setup_start.elapsed();
 
+    let connections_before = api.store_connections().await;
     let start = Instant::now();
     let progress = Progress::new(Some(config.buyers as u64), None);
     let printer = ProgressPrinter::start(progress.clone(), options.progress);
@@ -129,6 +139,7 @@ pub async fn run_flash_sale(
     .await?;
     let wall = start.elapsed();
     printer.finish().await;
+    let connections_after = api.store_connections().await;
 
     finish(
         &api,
@@ -142,6 +153,9 @@ pub async fn run_flash_sale(
             setup,
             wall,
             notes,
+            store_connections: connections_before
+                .zip(connections_after)
+                .map(|(before, after)| after.saturating_sub(before)),
         },
     )
     .await
@@ -288,6 +302,7 @@ mod tests {
             units: 10,
             abandon_rate: 0.05,
             decline_rate: 0.1,
+            gate: true,
         };
         let a = plans(&config, 7);
         let count = |p: Plan| a.iter().filter(|x| **x == p).count();

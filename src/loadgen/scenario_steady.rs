@@ -104,6 +104,7 @@ pub async fn run_steady(options: &RunOptions, config: &SteadyConfig) -> anyhow::
         progress,
         start,
     });
+    let connections_before = api.store_connections().await;
     let record = run_workers(options.concurrency, start, |w| {
         let shop = shop.clone();
         async move { worker(shop, w).await }
@@ -111,6 +112,7 @@ pub async fn run_steady(options: &RunOptions, config: &SteadyConfig) -> anyhow::
     .await?;
     let wall = start.elapsed();
     printer.finish().await;
+    let connections_after = api.store_connections().await;
 
     let label = match (skus.first(), skus.last()) {
         (Some(first), Some(last)) if skus.len() > 1 => {
@@ -133,6 +135,9 @@ pub async fn run_steady(options: &RunOptions, config: &SteadyConfig) -> anyhow::
             setup,
             wall,
             notes: Vec::new(),
+            store_connections: connections_before
+                .zip(connections_after)
+                .map(|(before, after)| after.saturating_sub(before)),
         },
     )
     .await

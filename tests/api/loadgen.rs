@@ -16,6 +16,7 @@ use crate::helpers::{spawn_app, TestApp, ADMIN_TOKEN};
 both_stores!(
     a_flash_sale_sells_exactly_its_units_and_refuses_the_rest,
     a_steady_mix_of_carts_sells_without_errors_or_false_refusals,
+    without_the_gate_a_flash_sale_still_sells_exactly_its_units,
 );
 
 fn options(app: &TestApp, concurrency: usize) -> RunOptions {
@@ -63,6 +64,7 @@ async fn a_flash_sale_sells_exactly_its_units_and_refuses_the_rest(kind: StoreKi
         units: 20,
         abandon_rate: 0.0,
         decline_rate: 0.1,
+        gate: true,
     };
 
     let summary = loadgen::run_flash_sale(&options(&app, 16), &config)
@@ -85,6 +87,38 @@ async fn a_flash_sale_sells_exactly_its_units_and_refuses_the_rest(kind: StoreKi
     for call in ["token", "checkout", "complete"] {
         assert!(summary.latency.contains_key(call), "no {call} latency");
     }
+    // The server says how often its store was used; the sale's 20 journeys needed it.
+    assert!(
+        summary.store_connections.is_some_and(|n| n >= 20),
+        "{summary}"
+    );
+    app.stop().await;
+}
+
+async fn without_the_gate_a_flash_sale_still_sells_exactly_its_units(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    let config = FlashSaleConfig {
+        buyers: 200,
+        units: 20,
+        abandon_rate: 0.0,
+        decline_rate: 0.0,
+        gate: false,
+    };
+
+    let summary = loadgen::run_flash_sale(&options(&app, 16), &config)
+        .await
+        .expect("the load run completes");
+
+    assert_kept_the_promises(&summary);
+    assert_eq!(summary.admission_gate, Some(false), "{summary}");
+    assert_eq!(summary.sold, 20, "{summary}");
+    // Every buyer reached the database: the refusals are the guarded reservation's.
+    assert_eq!(summary.outcome("insufficient_stock"), 180, "{summary}");
+    assert_eq!(summary.outcome("sold_out"), 0, "{summary}");
+    assert!(
+        summary.store_connections.is_some_and(|n| n >= 200),
+        "{summary}"
+    );
     app.stop().await;
 }
 

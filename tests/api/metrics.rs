@@ -217,6 +217,7 @@ async fn a_paid_checkout_moves_the_counters(kind: StoreKind) {
     let moved =
         |name: &str, with: &[(&str, &str)]| value(&after, name, with) - value(&before, name, with);
     assert!(moved("holdfast_checkouts_total", &[("outcome", "reserved")]) >= 1.0);
+    assert!(moved("holdfast_store_connections_total", &[]) >= 1.0);
     assert!(moved("holdfast_checkouts_total", &[("outcome", "completed")]) >= 1.0);
     assert!(moved("holdfast_gateway_calls_total", &[("outcome", "succeeded")]) >= 1.0);
     for step in ["reserve", "charge", "record"] {
