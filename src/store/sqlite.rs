@@ -27,10 +27,10 @@ use super::group::{self, Candidate, Planned};
 use super::rows::{self, row_decoders};
 use super::{
     all_matched, attach_lines, cart_must_be_open, check_patch, judge_misses, order_paid_event,
-    order_total, page_of, priced_in_lock_order, to_millis, unclaimed_cart, ChargeTicket, Guarded,
-    IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine, Released, RowNow, Store,
-    StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS, INVENTORY_AUDIT_SQL,
-    ORDER_COLUMNS, PRICE_RETRIES, PRODUCT_COLUMNS,
+    order_total, page_of, priced_in_lock_order, reserve_retrying, to_millis, unclaimed_cart,
+    ChargeTicket, Guarded, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine,
+    Released, Retry, RowNow, Store, StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS,
+    INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
 };
 
 mod decode {
@@ -273,11 +273,13 @@ impl SqliteStore {
     }
 
     /// One attempt of the plain reservation, in the same order as on PostgreSQL: claim, read
-    /// lines with prices, write the checkout, and the guarded product updates last.
+    /// lines with prices, write the checkout, and the guarded product updates last. Every
+    /// read-back is as good as locked here (the one connection serialises all transactions),
+    /// so it never finds units freed after its guard.
     async fn try_reserve_checkout(
         &self,
         new: &NewCheckout,
-    ) -> Result<Option<Checkout>, StoreError> {
+    ) -> Result<Result<Checkout, Retry>, StoreError> {
         let mut tx = self.pool.begin().await?;
         Self::claim_cart(&mut tx, new).await?;
         let priced = Self::priced_lines(&mut tx, new.cart_id).await?;
@@ -290,10 +292,10 @@ impl SqliteStore {
             Guarded::Reserved => {}
             // Dropping the transaction rolls back everything written above.
             Guarded::Short(short) => return Err(StoreError::InsufficientStock(short)),
-            Guarded::Retry => return Ok(None),
+            Guarded::Retry(why) => return Ok(Err(why)),
         }
         tx.commit().await?;
-        decode::checkout(&row).map(Some)
+        decode::checkout(&row).map(Ok)
     }
 
     /// The cart flips to checking_out first: a second checkout of it stops here.
@@ -801,12 +803,7 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(skip_all, fields(checkout_id = %new.id, cart_id = %new.cart_id))]
     async fn reserve_checkout(&self, new: &NewCheckout) -> Result<Checkout, StoreError> {
-        for _ in 0..PRICE_RETRIES {
-            if let Some(checkout) = self.try_reserve_checkout(new).await? {
-                return Ok(checkout);
-            }
-        }
-        Err(StoreError::PriceChanged)
+        reserve_retrying(|_| self.try_reserve_checkout(new)).await
     }
 
     #[tracing::instrument(skip_all, fields(size = batch.len()))]

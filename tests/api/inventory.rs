@@ -2,6 +2,7 @@
 //! all-or-nothing carts, expiry, heartbeat, cancel, two instances and two expiry workers on one
 //! database. Every race ends with the audit.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use chrono::Duration;
@@ -13,8 +14,8 @@ use tokio::sync::Barrier;
 
 use crate::both_stores;
 use crate::helpers::{
-    buyers, eventually, execute_sql, spawn_app, spawn_app_with, AssertClean, Customer, Options,
-    TestApp, ADMIN_TOKEN,
+    buyers, eventually, execute_sql, fetch_strings, spawn_app, spawn_app_with, AssertClean,
+    Customer, Options, TestApp, ADMIN_TOKEN,
 };
 
 both_stores!(
@@ -30,6 +31,7 @@ both_stores!(
     stock_can_never_drop_below_what_is_reserved,
     the_audit_finds_a_corrupted_row,
     a_price_that_keeps_changing_is_a_clear_conflict_and_reserves_nothing,
+    buyers_racing_cancellations_are_never_refused_while_units_are_free,
 );
 
 /// Releases every buyer's checkout at once and returns the answers.
@@ -585,6 +587,87 @@ async fn a_price_that_keeps_changing_is_a_clear_conflict_and_reserves_nothing(ki
     app.audit().await.assert_clean();
 }
 
+async fn buyers_racing_cancellations_are_never_refused_while_units_are_free(kind: StoreKind) {
+    const UNITS: usize = 20;
+    let app = spawn_app(kind).await;
+    app.new_product("hot", 500, UNITS as i64).await;
+    let holders = buyers(&app, UNITS, &[("hot", 1)]).await;
+    let held = race_checkouts(&app, holders.clone()).await;
+    assert_eq!(count(&held, 201, None), UNITS);
+    let newcomers = buyers(&app, UNITS, &[("hot", 1)]).await;
+    let cancelled = Arc::new(AtomicUsize::new(0));
+    let barrier = Arc::new(Barrier::new(2 * UNITS));
+    let handle = Arc::new(app_handle(&app));
+
+    // Every holder cancels while as many newcomers check out. A newcomer refused before the
+    // last cancel may simply have been early; one refused by an attempt that began after every
+    // unit came back was refused while stock was free.
+    let cancels: Vec<_> = holders
+        .into_iter()
+        .zip(&held)
+        .map(|((holder, _), answer)| {
+            let (barrier, handle, cancelled) = (barrier.clone(), handle.clone(), cancelled.clone());
+            let id = answer.str("id");
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let resp = handle
+                    .client
+                    .post(format!("{}/v1/checkouts/{id}/cancel", handle.base))
+                    .bearer_auth(&holder.token)
+                    .send()
+                    .await
+                    .expect("request");
+                assert_eq!(resp.status().as_u16(), 200, "cancel");
+                cancelled.fetch_add(1, Ordering::SeqCst);
+            })
+        })
+        .collect();
+    let checkouts: Vec<_> = newcomers
+        .into_iter()
+        .map(|(customer, cart)| {
+            let (barrier, handle, cancelled) = (barrier.clone(), handle.clone(), cancelled.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let mut answers = Vec::new();
+                loop {
+                    let all_back = cancelled.load(Ordering::SeqCst) == UNITS;
+                    let resp = handle.start_checkout(&customer, &cart).await;
+                    let again = resp.code() == "insufficient_stock" && !all_back;
+                    answers.push(resp);
+                    if !again {
+                        return answers;
+                    }
+                    // Pacing, not synchronisation: the outcome is decided by the loop above.
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+            })
+        })
+        .collect();
+    for task in cancels {
+        task.await.expect("cancel task");
+    }
+    let mut finals = Vec::new();
+    for task in checkouts {
+        let mut answers = task.await.expect("checkout task");
+        for answer in &answers {
+            assert!(
+                answer.status.as_u16() == 201 || answer.code() == "insufficient_stock",
+                "only a reservation or a real shortfall: {:?}",
+                answer.body
+            );
+        }
+        finals.push(answers.pop().expect("at least one answer"));
+    }
+
+    assert_eq!(
+        count(&finals, 201, None),
+        UNITS,
+        "every newcomer got a unit"
+    );
+    assert_eq!(app.stock_of("hot").await, (UNITS as i64, UNITS as i64, 0));
+    app.audit().await.assert_clean();
+}
+
 // PostgreSQL only: several instances and workers on one database.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -725,5 +808,45 @@ async fn a_price_changed_while_checking_out_is_charged_at_the_new_price() {
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["total"]["amount"], 1000, "charged at the new price");
     assert_eq!(app.stock_of("tea-01").await, (5, 2, 3));
+    app.audit().await.assert_clean();
+}
+
+// PostgreSQL only: units freed between the single-line guard and its read-back.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_freed_between_the_guard_and_its_read_back_never_turn_a_buyer_away() {
+    let app = spawn_app(StoreKind::Postgres).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, cart) = app.buyer_with("Ada", &[("tea-01", 1)]).await;
+    // The unlocked single-line guard always misses although the row has room, exactly what
+    // it sees when a release commits right after it: every read-back then finds units freed.
+    // A sequence counts the misses, as it is not rolled back with the attempts.
+    execute_sql(
+        &app,
+        &[
+            "CREATE SEQUENCE guard_misses".to_owned(),
+            "CREATE FUNCTION miss_the_guard() RETURNS trigger AS $$ BEGIN \
+             IF NEW.reserved > OLD.reserved \
+                AND position('SET reserved = reserved +' IN current_query()) > 0 THEN \
+               PERFORM nextval('guard_misses'); RETURN NULL; \
+             END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
+                .to_owned(),
+            "CREATE TRIGGER missing_guard BEFORE UPDATE ON products \
+             FOR EACH ROW EXECUTE FUNCTION miss_the_guard()"
+                .to_owned(),
+        ],
+    )
+    .await;
+
+    let resp = app.start_checkout(&ada, &cart).await;
+
+    resp.assert_status(201);
+    let misses = fetch_strings(&app, "SELECT last_value::TEXT FROM guard_misses").await;
+    let misses: u32 = misses[0].parse().expect("a count");
+    assert!(
+        misses > 3,
+        "more stock-driven retries ({misses}) than a price change is allowed"
+    );
+    assert_eq!(app.stock_of("tea-01").await, (5, 1, 4));
     app.audit().await.assert_clean();
 }
