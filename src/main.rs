@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory as _, FromArgMatches as _};
 use holdfast::config::{Cli, Command, Settings};
-use holdfast::startup::{open_store, payment_gateway, Application};
+use holdfast::startup::{open_existing_store, open_store, payment_gateway, Application};
 use holdfast::{audit, loadgen, shutdown, telemetry};
 
 fn main() -> ExitCode {
@@ -54,7 +54,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         }
         Command::Loadgen(args) => loadgen::run(args, &settings).await,
         Command::Audit => {
-            let store = open_store(&settings).await?;
+            // A live database is read as it is; migrating it is `holdfast migrate`'s decision.
+            let store = open_existing_store(&settings).await?;
             // Promise 3 is checked against Stripe when a key is configured; the simulator's
             // ledger lives inside the serving process, so the command skips it there.
             let (gateway, simulator) = payment_gateway(&settings)?;

@@ -95,6 +95,12 @@ pub enum StoreError {
     Money(#[from] MoneyError),
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
+    /// Opened as it is (no migrations run), the database lacks migrations this binary needs.
+    #[error(
+        "the database schema is behind this binary ({applied} of {known} migrations applied); \
+         run `holdfast migrate` first"
+    )]
+    SchemaBehind { applied: usize, known: usize },
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
     #[error(transparent)]
@@ -447,6 +453,28 @@ pub(crate) fn to_millis(t: DateTime<Utc>) -> i64 {
 
 pub(crate) fn from_millis(ms: i64) -> Result<DateTime<Utc>, StoreError> {
     DateTime::from_timestamp_millis(ms).ok_or_else(|| StoreError::Corrupt(format!("time {ms}")))
+}
+
+/// Every migration of `migrator` must be among the `applied` versions: a store read as it is
+/// (the audit on a live database) is never migrated on the way.
+pub(crate) fn schema_is_current(
+    migrator: &sqlx::migrate::Migrator,
+    applied: &[i64],
+) -> Result<(), StoreError> {
+    let known: Vec<i64> = migrator
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .map(|m| m.version)
+        .collect();
+    let present = known.iter().filter(|v| applied.contains(v)).count();
+    if present == known.len() {
+        Ok(())
+    } else {
+        Err(StoreError::SchemaBehind {
+            applied: present,
+            known: known.len(),
+        })
+    }
 }
 
 /// A cart line as reserved: the product row's id (lock order), its SKU, the quantity and the

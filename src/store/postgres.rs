@@ -24,10 +24,10 @@ use super::group::{self, Candidate, Planned};
 use super::rows::{self, row_decoders};
 use super::{
     all_matched, attach_lines, cart_must_be_open, check_patch, judge_misses, order_paid_event,
-    order_total, page_of, priced_in_lock_order, reserve_retrying, to_millis, unclaimed_cart,
-    ChargeTicket, Guarded, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine,
-    ReadBack, Released, Retry, RowNow, Store, StoreError, StoreKind, StoredKey, WantedLine,
-    CHECKOUT_COLUMNS, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
+    order_total, page_of, priced_in_lock_order, reserve_retrying, schema_is_current, to_millis,
+    unclaimed_cart, ChargeTicket, Guarded, IdempotencyStart, InventoryRow, Lease, NewCheckout,
+    Page, PricedLine, ReadBack, Released, Retry, RowNow, Store, StoreError, StoreKind, StoredKey,
+    WantedLine, CHECKOUT_COLUMNS, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
 };
 
 mod decode {
@@ -60,6 +60,23 @@ impl PgStore {
             .run(&self.pool)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
+    }
+
+    /// For a store read as it is: every migration this binary knows must have been applied
+    /// (nothing is created here, not even sqlx's bookkeeping table).
+    pub async fn check_migrated(&self) -> Result<(), StoreError> {
+        let tracked: bool =
+            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                .fetch_one(&self.pool)
+                .await?;
+        let applied: Vec<i64> = if tracked {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await?
+        } else {
+            Vec::new()
+        };
+        schema_is_current(&MIGRATOR, &applied)
     }
 
     /// The pool, for the audit and for tests that must reach under the trait.

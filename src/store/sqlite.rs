@@ -5,7 +5,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration as StdDuration;
 
 use async_trait::async_trait;
@@ -27,10 +27,10 @@ use super::group::{self, Candidate, Planned};
 use super::rows::{self, row_decoders};
 use super::{
     all_matched, attach_lines, cart_must_be_open, check_patch, judge_misses, order_paid_event,
-    order_total, page_of, priced_in_lock_order, reserve_retrying, to_millis, unclaimed_cart,
-    ChargeTicket, Guarded, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine,
-    Released, Retry, RowNow, Store, StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS,
-    INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
+    order_total, page_of, priced_in_lock_order, reserve_retrying, schema_is_current, to_millis,
+    unclaimed_cart, ChargeTicket, Guarded, IdempotencyStart, InventoryRow, Lease, NewCheckout,
+    Page, PricedLine, Released, Retry, RowNow, Store, StoreError, StoreKind, StoredKey, WantedLine,
+    CHECKOUT_COLUMNS, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
 };
 
 mod decode {
@@ -45,11 +45,26 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database file `holdfast.db` in `data_dir`.
+    /// The database file of the embedded store in `data_dir`.
+    pub fn file_in(data_dir: &Path) -> PathBuf {
+        data_dir.join("holdfast.db")
+    }
+
+    /// Opens (creating if needed) the database file in `data_dir`.
     pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::connect(data_dir, true).await
+    }
+
+    /// Opens the database file in `data_dir` only if it exists, for a store read as it is: a
+    /// mistyped directory must not leave an empty database behind.
+    pub async fn open_existing(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::connect(data_dir, false).await
+    }
+
+    async fn connect(data_dir: &Path, create: bool) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::new()
-            .filename(data_dir.join("holdfast.db"))
-            .create_if_missing(true)
+            .filename(Self::file_in(data_dir))
+            .create_if_missing(create)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
@@ -68,6 +83,24 @@ impl SqliteStore {
             .run(&self.pool)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
+    }
+
+    /// For a store read as it is: every migration this binary knows must have been applied
+    /// (nothing is created here, not even sqlx's bookkeeping table).
+    pub async fn check_migrated(&self) -> Result<(), StoreError> {
+        let tracked: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let applied: Vec<i64> = if tracked > 0 {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await?
+        } else {
+            Vec::new()
+        };
+        schema_is_current(&MIGRATOR, &applied)
     }
 
     /// The pool, for the audit and for tests that must reach under the trait.

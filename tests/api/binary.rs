@@ -1,5 +1,6 @@
 //! The built binary as a newcomer runs it: no flags, an empty directory, data that survives a
 //! restart, a clean exit on SIGTERM, and one clear line (exit code 2) when it cannot start.
+//! `migrate` creates the schema; `audit` reads a store as it is and never migrates it.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -15,13 +16,23 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// The built binary with no `HOLDFAST_*` variable of the test's own environment: only what a
+/// test sets reaches it.
+fn holdfast() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("HOLDFAST_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
 /// Starts `holdfast` with no flags in `dir`; only the port comes from the environment.
 fn start(dir: &Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_holdfast"))
+    holdfast()
         .current_dir(dir)
         .env("HOLDFAST_LISTEN", format!("127.0.0.1:{port}"))
-        .env_remove("HOLDFAST_DATABASE_URL")
-        .env_remove("HOLDFAST_ADMIN_TOKEN")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -157,10 +168,9 @@ async fn a_newcomer_runs_the_binary_and_finds_the_data_after_a_restart() {
 }
 
 fn run_failing(args: &[&str], dir: &Path) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+    let out = holdfast()
         .current_dir(dir)
         .args(args)
-        .env_remove("HOLDFAST_DATABASE_URL")
         .output()
         .expect("run holdfast");
     (
@@ -203,4 +213,157 @@ fn a_start_up_failure_is_one_line_and_exit_code_2() {
         );
     }
     drop(busy);
+}
+
+/// Runs `holdfast <args>` to its end: exit code, stdout and stderr.
+fn run(args: &[&str], dir: &Path) -> (Option<i32>, String, String) {
+    let out = holdfast()
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run holdfast");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Tables every store has once migrated.
+const TABLES: [&str; 7] = [
+    "products",
+    "stock_adjustments",
+    "carts",
+    "checkouts",
+    "reservations",
+    "orders",
+    "outbox",
+];
+
+async fn postgres_tables(url: &str) -> Vec<String> {
+    let pool = sqlx::PgPool::connect(url).await.expect("connect");
+    sqlx::query_scalar("SELECT tablename::TEXT FROM pg_tables WHERE schemaname = 'public'")
+        .fetch_all(&pool)
+        .await
+        .expect("list tables")
+}
+
+async fn sqlite_tables(data_dir: &Path) -> Vec<String> {
+    let file = data_dir.join("holdfast.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", file.display()))
+        .await
+        .expect("open");
+    sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .fetch_all(&pool)
+        .await
+        .expect("list tables")
+}
+
+#[track_caller]
+fn assert_has_tables(tables: &[String]) {
+    for table in TABLES {
+        assert!(tables.iter().any(|t| t == table), "{table} in {tables:?}");
+    }
+}
+
+#[tokio::test]
+async fn migrate_creates_the_schema_on_a_fresh_postgres_database_and_an_empty_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::helpers::fresh_postgres_database().await;
+    for _ in 0..2 {
+        let (code, stdout, stderr) = run(&["migrate", "--database-url", &url], dir.path());
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(stdout.contains("migrations applied"), "{stdout}");
+    }
+    assert_has_tables(&postgres_tables(&url).await);
+
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().display().to_string();
+    for _ in 0..2 {
+        let (code, _, stderr) = run(&["migrate", "--data-dir", &data_dir], dir.path());
+        assert_eq!(code, Some(0), "{stderr}");
+    }
+    assert_has_tables(&sqlite_tables(data.path()).await);
+}
+
+/// The one line a failed command ends with (log lines may come before it).
+#[track_caller]
+fn last_line(stderr: &str) -> &str {
+    stderr
+        .lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_audit_never_migrates_and_refuses_a_store_that_is_not_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::helpers::fresh_postgres_database().await;
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().display().to_string();
+    let stores: [(&[&str], &str); 2] = [
+        (&["--database-url", &url], "schema is behind"),
+        (&["--data-dir", &data_dir], "no database at"),
+    ];
+    for (flags, why) in stores {
+        let with = |command: &'static str| -> Vec<&str> {
+            std::iter::once(command)
+                .chain(flags.iter().copied())
+                .collect()
+        };
+
+        let (code, stdout, stderr) = run(&with("audit"), dir.path());
+
+        assert_eq!(code, Some(2), "{flags:?}: {stdout}{stderr}");
+        let line = last_line(&stderr);
+        assert!(
+            line.starts_with("holdfast: ")
+                && line.contains(why)
+                && line.contains("holdfast migrate"),
+            "{flags:?}: {stderr}"
+        );
+        assert_eq!(run(&with("migrate"), dir.path()).0, Some(0), "{flags:?}");
+        let (code, stdout, stderr) = run(&with("audit"), dir.path());
+        assert_eq!(code, Some(0), "{flags:?}: {stdout}{stderr}");
+        assert!(stdout.contains("ok    1 no oversell"), "{stdout}");
+    }
+    // A database one migration behind this binary is refused as well.
+    let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+    sqlx::query(
+        "DELETE FROM _sqlx_migrations WHERE version = (SELECT MAX(version) FROM _sqlx_migrations)",
+    )
+    .execute(&pool)
+    .await
+    .expect("forget the last migration");
+    let (code, _, stderr) = run(&["audit", "--database-url", &url], dir.path());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        last_line(&stderr).contains("migrations applied"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn an_audit_of_a_store_that_is_not_migrated_leaves_it_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::helpers::fresh_postgres_database().await;
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().display().to_string();
+
+    assert_eq!(
+        run(&["audit", "--database-url", &url], dir.path()).0,
+        Some(2)
+    );
+    assert_eq!(
+        run(&["audit", "--data-dir", &data_dir], dir.path()).0,
+        Some(2)
+    );
+
+    assert_eq!(
+        postgres_tables(&url).await,
+        Vec::<String>::new(),
+        "no table created"
+    );
+    let files: Vec<_> = std::fs::read_dir(data.path()).unwrap().collect();
+    assert!(files.is_empty(), "no database file created: {files:?}");
 }
