@@ -367,3 +367,56 @@ async fn an_audit_of_a_store_that_is_not_migrated_leaves_it_untouched() {
     let files: Vec<_> = std::fs::read_dir(data.path()).unwrap().collect();
     assert!(files.is_empty(), "no database file created: {files:?}");
 }
+
+#[test]
+fn a_bad_flag_or_variable_is_one_line_and_exit_code_2_while_help_and_version_exit_0() {
+    let dir = tempfile::tempdir().unwrap();
+    // (flags, environment, what the line names)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 6] = [
+        (&["--listen", "not-an-address"], &[], "--listen"),
+        (&[], &[("HOLDFAST_LISTEN", "not-an-address")], "--listen"),
+        (
+            &[],
+            &[("HOLDFAST_DATABASE_URL", "mysql://root@127.0.0.1/shop")],
+            "--database-url",
+        ),
+        (&["--log-format", "xml"], &[], "text, json"),
+        (&["--no-such-flag"], &[], "--no-such-flag"),
+        (&["audit", "extra"], &[], "extra"),
+    ];
+    for (flags, vars, named) in cases {
+        let out = holdfast()
+            .current_dir(dir.path())
+            .args(flags)
+            .envs(vars.iter().copied())
+            .output()
+            .expect("run holdfast");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?} {vars:?}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "{flags:?} {vars:?}: exactly one line: {stderr}"
+        );
+        assert!(
+            lines[0].starts_with("holdfast: ") && lines[0].contains(named),
+            "{flags:?} {vars:?}: {stderr}"
+        );
+    }
+    for (flags, shows) in [
+        (&["--help"][..], "Usage:"),
+        (&["audit", "--help"][..], "Usage:"),
+        (&["--version"][..], env!("CARGO_PKG_VERSION")),
+    ] {
+        let out = holdfast()
+            .current_dir(dir.path())
+            .args(flags)
+            .output()
+            .expect("run holdfast");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{flags:?}");
+        assert!(stdout.contains(shows), "{flags:?}: {stdout}");
+    }
+}
