@@ -32,6 +32,7 @@ both_stores!(
     the_audit_finds_a_corrupted_row,
     a_price_that_keeps_changing_is_a_clear_conflict_and_reserves_nothing,
     buyers_racing_cancellations_are_never_refused_while_units_are_free,
+    the_audit_judges_what_is_overdue_by_the_apps_own_clock,
 );
 
 /// Releases every buyer's checkout at once and returns the answers.
@@ -406,6 +407,34 @@ async fn a_short_window_expires_and_the_units_come_back(kind: StoreKind) {
     app.audit().await.assert_clean();
     // Shutdown stops the server and its expiry worker cleanly.
     app.stop().await;
+}
+
+async fn the_audit_judges_what_is_overdue_by_the_apps_own_clock(kind: StoreKind) {
+    let app = spawn_app_with(
+        kind,
+        Options {
+            ttl_seconds: 60,
+            manual_clock: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    app.new_product("tea-01", 450, 1).await;
+    let (ada, cart) = app.buyer_with("Ada", &[("tea-01", 1)]).await;
+    app.start_checkout(&ada, &cart).await.assert_status(201);
+
+    // Long past its window and the audit's grace, by the app's clock, with nobody releasing it.
+    app.advance(Duration::minutes(10));
+    let report = app.audit().await;
+
+    assert!(
+        report
+            .violations()
+            .any(|v| v.contains("reserved, expired at") && v.contains("never released")),
+        "{report}"
+    );
+    while !app.expiry.tick().await.expect("tick").checkouts.is_empty() {}
+    app.audit().await.assert_clean();
 }
 
 async fn cancel_releases_at_once_and_is_idempotent(kind: StoreKind) {
