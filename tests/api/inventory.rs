@@ -33,6 +33,7 @@ both_stores!(
     a_price_that_keeps_changing_is_a_clear_conflict_and_reserves_nothing,
     buyers_racing_cancellations_are_never_refused_while_units_are_free,
     the_audit_judges_what_is_overdue_by_the_apps_own_clock,
+    every_stock_edit_is_recorded_and_stock_changed_behind_the_store_fails_the_audit,
 );
 
 /// Releases every buyer's checkout at once and returns the answers.
@@ -515,6 +516,74 @@ async fn stock_can_never_drop_below_what_is_reserved(kind: StoreKind) {
     assert_eq!(resp.status().as_u16(), 200);
     assert_eq!(app.stock_of("tea-01").await, (4, 4, 0));
     app.audit().await.assert_clean();
+}
+
+async fn every_stock_edit_is_recorded_and_stock_changed_behind_the_store_fails_the_audit(
+    kind: StoreKind,
+) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, cart) = app.buyer_with("Ada", &[("tea-01", 2)]).await;
+    app.start_checkout(&ada, &cart).await.assert_status(201);
+    let before = chrono::Utc::now().timestamp_millis();
+
+    let resp = app
+        .client
+        .patch(format!("{}/v1/admin/products/tea-01", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("If-Match", "\"1\"")
+        .json(&json!({ "stock": 8 }))
+        .send()
+        .await
+        .expect("request");
+
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["etag"], "\"2\"");
+    let after = chrono::Utc::now().timestamp_millis();
+    let rows = fetch_strings(
+        &app,
+        "SELECT a.actor || ' ' || a.reason || ' ' || CAST(a.old_stock AS TEXT) || ' ' || \
+         CAST(a.new_stock AS TEXT) || ' ' || CAST(a.at AS TEXT) \
+         FROM stock_adjustments a JOIN products p ON p.id = a.product_id \
+         WHERE p.sku = 'tea-01' ORDER BY a.id",
+    )
+    .await;
+    assert_eq!(rows.len(), 2, "the creation and the edit: {rows:?}");
+    let edit: Vec<&str> = rows[1].split(' ').collect();
+    assert_eq!(&edit[..4], ["admin", "admin_edit", "5", "8"], "{rows:?}");
+    let at: i64 = edit[4].parse().expect("milliseconds");
+    assert!(
+        (before..=after).contains(&at),
+        "{before} <= {at} <= {after}"
+    );
+    assert_eq!(app.stock_of("tea-01").await, (8, 2, 6));
+    app.audit().await.assert_clean();
+
+    // A unit that appears without an adjustment: the stock history no longer adds up.
+    execute_sql(
+        &app,
+        &["UPDATE products SET stock = stock + 1 WHERE sku = 'tea-01'".to_owned()],
+    )
+    .await;
+    let report = app.audit().await;
+
+    assert!(
+        report
+            .violations()
+            .any(|v| v.contains("tea-01: stock 9 but adjustments 8 minus sold 0 = 8")),
+        "{report}"
+    );
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"));
+    cmd.arg("audit")
+        .arg("--data-dir")
+        .arg(&app.settings.data_dir);
+    if let Some(url) = &app.database_url {
+        cmd.arg("--database-url").arg(url);
+    }
+    let out = cmd.output().expect("run holdfast audit");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("stock 9 but adjustments 8"), "{stdout}");
 }
 
 async fn the_audit_finds_a_corrupted_row(kind: StoreKind) {
