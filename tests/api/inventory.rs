@@ -948,3 +948,75 @@ async fn units_freed_between_the_guard_and_its_read_back_never_turn_a_buyer_away
     assert_eq!(app.stock_of("tea-01").await, (5, 1, 4));
     app.audit().await.assert_clean();
 }
+
+// PostgreSQL only: the expiry worker through a database outage.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_expiry_worker_keeps_releasing_after_the_database_dropped_its_connections() {
+    use sqlx::Connection as _;
+    let app = spawn_app_with(
+        StoreKind::Postgres,
+        Options {
+            ttl_seconds: 1,
+            ..Options::default()
+        },
+    )
+    .await;
+    app.new_product("tea-01", 450, 2).await;
+    let (ada, adas_cart) = app.buyer_with("Ada", &[("tea-01", 1)]).await;
+    let first = app.start_checkout(&ada, &adas_cart).await;
+    first.assert_status(201);
+    let url = app
+        .database_url
+        .clone()
+        .expect("a PostgreSQL app has a URL");
+    let name = url.rsplit('/').next().expect("a database name").to_owned();
+    let mut admin =
+        sqlx::PgConnection::connect(&format!("{}/test", crate::helpers::postgres_base_url()))
+            .await
+            .expect("connect to the server");
+    let allow = |on: bool| format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {on}");
+
+    // An outage: every connection of the app's database is killed, and no new one is let in
+    // until the worker has failed at least once.
+    sqlx::query(&allow(false))
+        .execute(&mut admin)
+        .await
+        .expect("refuse connections");
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(&name)
+    .execute(&mut admin)
+    .await
+    .expect("terminate the app's connections");
+    eventually(20, "the expiry worker meets the outage", || async {
+        app.expiry.failed_ticks() > 0
+    })
+    .await;
+    sqlx::query(&allow(true))
+        .execute(&mut admin)
+        .await
+        .expect("let connections in again");
+
+    // The worker is still running: what expired during the outage and what expires after it
+    // both come back.
+    let (bob, bobs_cart) = app.buyer_with("Bob", &[("tea-01", 1)]).await;
+    let later = app.start_checkout(&bob, &bobs_cart).await;
+    later.assert_status(201);
+    eventually(20, "both units come back", || async {
+        app.stock_of("tea-01").await == (2, 0, 2)
+    })
+    .await;
+    for (customer, checkout) in [(&ada, &first), (&bob, &later)] {
+        let got = app
+            .get(
+                &format!("/v1/checkouts/{}", checkout.str("id")),
+                Some(&customer.token),
+            )
+            .await;
+        assert_eq!(got.body["state"], "expired");
+    }
+    app.audit().await.assert_clean();
+}
