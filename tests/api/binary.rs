@@ -1,5 +1,6 @@
 //! The built binary as a newcomer runs it: no flags, an empty directory, data that survives a
-//! restart, a clean exit on SIGTERM, and one clear line (exit code 2) when it cannot start.
+//! restart, a clean exit on SIGTERM and SIGINT, and one clear line (exit code 2) when it cannot
+//! start or a flag is bad.
 //! `migrate` creates the schema; `audit` reads a store as it is and never migrates it.
 
 use std::net::TcpListener;
@@ -52,13 +53,18 @@ async fn wait_ready(client: &reqwest::Client, base: &str) {
     }
 }
 
-fn terminate(child: &mut Child) -> std::process::ExitStatus {
+/// Sends `signal` (`TERM`, `INT`) and waits for the process to exit.
+fn stop_with(child: &mut Child, signal: &str) -> std::process::ExitStatus {
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([&format!("-{signal}"), &child.id().to_string()])
         .status()
-        .expect("send SIGTERM");
+        .expect("send the signal");
     assert!(status.success());
     child.wait().expect("holdfast exits")
+}
+
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    stop_with(child, "TERM")
 }
 
 async fn call(
@@ -419,4 +425,24 @@ fn a_bad_flag_or_variable_is_one_line_and_exit_code_2_while_help_and_version_exi
         assert_eq!(out.status.code(), Some(0), "{flags:?}");
         assert!(stdout.contains(shows), "{flags:?}: {stdout}");
     }
+}
+
+#[tokio::test]
+async fn sigint_stops_the_service_with_exit_code_0_like_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let client = reqwest::Client::new();
+    let mut child = start(dir.path(), port);
+    wait_ready(&client, &format!("http://127.0.0.1:{port}")).await;
+
+    let exit = stop_with(&mut child, "INT");
+
+    assert!(
+        exit.success(),
+        "SIGINT ends holdfast with exit code 0, got {exit:?}"
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("SIGINT received"), "{stderr}");
+    assert!(stderr.contains("holdfast stopped"), "{stderr}");
 }
