@@ -92,9 +92,13 @@ async fn a_newcomer_runs_the_binary_and_finds_the_data_after_a_restart() {
     let mut child = start(dir.path(), port);
     wait_ready(&client, &base).await;
 
-    let admin = std::fs::read_to_string(dir.path().join("holdfast-data/admin-token"))
-        .expect("admin token written");
-    let admin = admin.trim();
+    let secrets = |file: &str| {
+        std::fs::read_to_string(dir.path().join("holdfast-data").join(file))
+            .unwrap_or_else(|e| panic!("{file} written: {e}"))
+    };
+    let first_admin_token = secrets("admin-token");
+    let first_webhook_secret = secrets("webhook-secret");
+    let admin = first_admin_token.trim();
     let (status, customer) = call(
         &client,
         reqwest::Method::POST,
@@ -151,6 +155,9 @@ async fn a_newcomer_runs_the_binary_and_finds_the_data_after_a_restart() {
 
     let mut child = start(dir.path(), port);
     wait_ready(&client, &base).await;
+    // The secrets were generated once: a restart reads them back, it does not replace them.
+    assert_eq!(secrets("admin-token"), first_admin_token);
+    assert_eq!(secrets("webhook-secret"), first_webhook_secret);
     let (status, cart) = call(
         &client,
         reqwest::Method::GET,
