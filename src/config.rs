@@ -490,6 +490,25 @@ impl Settings {
     }
 }
 
+/// clap's message for a command line it could not parse, as one line (the start-up contract:
+/// one clear line, exit 2): its first paragraph, which holds the error and any list of
+/// possible values, without the `error: ` label, the tips and the usage that follow.
+pub fn error_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let paragraph: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let line = paragraph.join(" ");
+    match line.strip_prefix("error: ") {
+        Some(rest) => rest.to_owned(),
+        None if line.is_empty() => "invalid command line".to_owned(),
+        None => line,
+    }
+}
+
 fn in_range(flag: &'static str, value: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
     if (min..=max).contains(&value) {
         Ok(value)
@@ -563,6 +582,29 @@ mod tests {
         for secret in ["admin-secret", "sk_test_secret", "whsec_secret"] {
             assert!(!printed.contains(secret), "{secret} printed in {printed}");
         }
+    }
+
+    #[test]
+    fn a_flag_clap_cannot_parse_is_told_in_one_line() {
+        for args in [
+            vec!["holdfast", "--listen", "not-an-address"],
+            vec!["holdfast", "--no-such-flag"],
+            vec!["holdfast", "--rate-limit-per-second", "-5"],
+            vec!["holdfast", "audit", "extra"],
+        ] {
+            let e = Cli::try_parse_from(&args).expect_err("a bad command line");
+            let line = error_line(&e);
+            assert!(
+                !line.contains('\n') && !line.is_empty(),
+                "{args:?}: {line:?}"
+            );
+            assert!(!line.starts_with("error:"), "{args:?}: {line:?}");
+            assert!(!line.contains("Usage"), "{args:?}: {line:?}");
+        }
+        let e = Cli::try_parse_from(["holdfast", "--listen", "nope"]).expect_err("bad address");
+        assert!(error_line(&e).contains("--listen"), "{}", error_line(&e));
+        let e = Cli::try_parse_from(["holdfast", "--log-format", "xml"]).expect_err("bad format");
+        assert!(error_line(&e).contains("text, json"), "{}", error_line(&e));
     }
 
     #[test]

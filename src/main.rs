@@ -4,13 +4,23 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory as _, FromArgMatches as _};
-use holdfast::config::{Cli, Command, Settings};
-use holdfast::startup::{open_store, payment_gateway, Application};
+use holdfast::config::{self, Cli, Command, Settings};
+use holdfast::startup::{open_existing_store, open_store, payment_gateway, Application};
 use holdfast::{audit, loadgen, shutdown, telemetry};
 
 fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
-    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches).map(|cli| (matches, cli)));
+    let (matches, mut cli) = match parsed {
+        Ok(parsed) => parsed,
+        // `--help` and `--version` are answers, not errors: clap prints them and exits 0.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprintln!("holdfast: {}", config::error_line(&e));
+            return ExitCode::from(2);
+        }
+    };
     // The load generator audits only a store the user named, not the default directory.
     if let Some(Command::Loadgen(args)) = &mut cli.command {
         args.store_flags_given = loadgen::store_flags_given(&matches);
@@ -54,7 +64,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         }
         Command::Loadgen(args) => loadgen::run(args, &settings).await,
         Command::Audit => {
-            let store = open_store(&settings).await?;
+            // A live database is read as it is; migrating it is `holdfast migrate`'s decision.
+            let store = open_existing_store(&settings).await?;
             // Promise 3 is checked against Stripe when a key is configured; the simulator's
             // ledger lives inside the serving process, so the command skips it there.
             let (gateway, simulator) = payment_gateway(&settings)?;

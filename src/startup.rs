@@ -25,8 +25,12 @@ use crate::workers::{ExpiryWorker, RecoveryWorker};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
+    // Not a `#[source]` (nor `#[from]`, which implies it): main prints the error chain, and
+    // the cause is already in the line.
     #[error("cannot open the store: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
+    #[error("no database at {}; run `holdfast migrate` first", .0.display())]
+    NoDatabase(PathBuf),
     #[error("cannot use the data directory {path}: {source}")]
     DataDir { path: PathBuf, source: io::Error },
     #[error("cannot listen on {addr}: {source}")]
@@ -38,6 +42,12 @@ pub enum StartupError {
     // Not a `#[source]`: main prints the error chain, and the cause is already in the line.
     #[error("cannot set up fulfilment events: {0}")]
     Events(SinkError),
+}
+
+impl From<StoreError> for StartupError {
+    fn from(e: StoreError) -> Self {
+        StartupError::Store(e)
+    }
 }
 
 /// Opens the configured store and applies its migrations.
@@ -55,6 +65,31 @@ pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupEr
         } => {
             let store = PgStore::connect(url, *max_connections).await?;
             store.migrate().await?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// Opens the configured store as it is, for reading a live database (`holdfast audit`, the
+/// load generator's audit): nothing is created or migrated behind the operator's back, and a
+/// schema behind this binary's migrations is an error that says to run `holdfast migrate`.
+pub async fn open_existing_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError> {
+    match &settings.store {
+        StoreConfig::Sqlite { data_dir } => {
+            let file = SqliteStore::file_in(data_dir);
+            if !file.is_file() {
+                return Err(StartupError::NoDatabase(file));
+            }
+            let store = SqliteStore::open_existing(data_dir).await?;
+            store.check_migrated().await?;
+            Ok(Arc::new(store))
+        }
+        StoreConfig::Postgres {
+            url,
+            max_connections,
+        } => {
+            let store = PgStore::connect(url, *max_connections).await?;
+            store.check_migrated().await?;
             Ok(Arc::new(store))
         }
     }

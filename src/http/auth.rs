@@ -1,5 +1,5 @@
-//! Bearer tokens (DESIGN §7, §8). The admin token and customer tokens are only ever compared
-//! as SHA-256 digests in constant time; the database stores the digest, never the token.
+//! Bearer tokens (DESIGN §7, §8). The admin token is compared as a SHA-256 digest in constant
+//! time; a customer token is found by its SHA-256 digest, the only form the database keeps.
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;

@@ -209,7 +209,9 @@ impl From<StoreError> for ApiError {
                 tracing::error!(error = %cause, "store unavailable");
                 Self::unavailable("the store is unavailable; retry shortly")
             }
-            e @ (StoreError::Corrupt(_) | StoreError::Database(_)) => Self::internal(e),
+            e @ (StoreError::Corrupt(_)
+            | StoreError::SchemaBehind { .. }
+            | StoreError::Database(_)) => Self::internal(e),
         }
     }
 }

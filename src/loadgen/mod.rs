@@ -242,7 +242,7 @@ pub async fn run(args: LoadgenArgs, settings: &Settings) -> anyhow::Result<ExitC
     let admin_token = admin_token(settings)?;
     // Open the store before the load, so a wrong flag fails in a second, not after the run.
     let audit = if args.store_flags_given {
-        let store = crate::startup::open_store(settings).await?;
+        let store = crate::startup::open_existing_store(settings).await?;
         // As `holdfast audit`: the simulator's ledger lives in the serving process, so
         // promise 3 is checked only against a real Stripe account.
         let (gateway, simulator) = crate::startup::payment_gateway(settings)?;
@@ -1206,6 +1206,7 @@ mod tests {
                 units: 20,
                 abandon_rate: 0.0,
                 decline_rate: 0.1,
+                no_gate: false,
             })
         );
     }

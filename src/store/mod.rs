@@ -97,6 +97,12 @@ pub enum StoreError {
     Money(#[from] MoneyError),
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
+    /// Opened as it is (no migrations run), the database lacks migrations this binary needs.
+    #[error(
+        "the database schema is behind this binary ({applied} of {known} migrations applied); \
+         run `holdfast migrate` first"
+    )]
+    SchemaBehind { applied: usize, known: usize },
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
     #[error(transparent)]
@@ -464,6 +470,28 @@ pub(crate) fn from_millis(ms: i64) -> Result<DateTime<Utc>, StoreError> {
     DateTime::from_timestamp_millis(ms).ok_or_else(|| StoreError::Corrupt(format!("time {ms}")))
 }
 
+/// Every migration of `migrator` must be among the `applied` versions: a store read as it is
+/// (the audit on a live database) is never migrated on the way.
+pub(crate) fn schema_is_current(
+    migrator: &sqlx::migrate::Migrator,
+    applied: &[i64],
+) -> Result<(), StoreError> {
+    let known: Vec<i64> = migrator
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .map(|m| m.version)
+        .collect();
+    let present = known.iter().filter(|v| applied.contains(v)).count();
+    if present == known.len() {
+        Ok(())
+    } else {
+        Err(StoreError::SchemaBehind {
+            applied: present,
+            known: known.len(),
+        })
+    }
+}
+
 /// A cart line as reserved: the product row's id (lock order), its SKU, the quantity and the
 /// catalogue price read under the row lock.
 #[derive(Debug, Clone)]
@@ -502,6 +530,10 @@ pub(crate) struct WantedLine {
 /// locking the product row; past this the customer hears `PriceChanged`.
 pub(crate) const PRICE_RETRIES: usize = 3;
 
+/// How often an attempt reads a row its guard refused without locking it, before the next
+/// attempt reads it under the row lock (see [`reserve_retrying`]).
+pub(crate) const UNLOCKED_READ_BACKS: usize = 8;
+
 /// A cart line with the catalogue price read together with it (before the row lock): lines of
 /// one product summed and sorted by product id, like [`lock_order`].
 pub(crate) fn priced_in_lock_order(
@@ -534,12 +566,72 @@ pub(crate) struct RowNow {
     pub unit_price: crate::domain::Money,
 }
 
-/// Why a plain reservation stops short: a real shortfall is the customer's answer, a moved
+/// Why a plain reservation stops short: a real shortfall is the customer's answer; a moved
 /// price or a row that freed up meanwhile means the whole transaction runs again.
 pub(crate) enum Guarded {
     Reserved,
     Short(Vec<Shortfall>),
-    Retry,
+    Retry(Retry),
+}
+
+/// Why an attempt of the plain reservation was rolled back to start over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// A catalogue price differs from the one the cart was priced at.
+    PriceMoved,
+    /// The guard refused a line that the row, read right after, has room for at the same
+    /// price: another transaction freed units between the two statements.
+    Freed,
+}
+
+/// How an attempt reads a product row its guarded update did not match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadBack {
+    /// A plain read: cheap, and a sold-out row stays unlocked for everyone else, but a release
+    /// may land between the guard and the read ([`Retry::Freed`]).
+    Unlocked,
+    /// Under the row lock: what it finds stays true until the commit, so the verdict is final
+    /// (reserved, short, or a moved price) and never [`Retry::Freed`].
+    Locked,
+}
+
+/// The plain reservation's retry loop, shared by both stores. Only a moved price counts
+/// toward [`PRICE_RETRIES`]: a customer may hear `PriceChanged`, but never because units were
+/// freed meanwhile (promise 2). A [`Retry::Freed`] runs again, and cannot do so forever. Each
+/// one is justified by a release that committed between the guard (too few units) and the
+/// read-back (enough); the windows of successive attempts do not overlap, so every such retry
+/// answers a distinct release by another transaction. And past [`UNLOCKED_READ_BACKS`] of
+/// them the read-back takes the row lock, under which `Freed` cannot happen (a store that
+/// still answers it is broken: `Corrupt`, not a spin). At most
+/// `PRICE_RETRIES + UNLOCKED_READ_BACKS` attempts in all.
+pub(crate) async fn reserve_retrying<T, F, Fut>(mut attempt: F) -> Result<T, StoreError>
+where
+    F: FnMut(ReadBack) -> Fut,
+    Fut: std::future::Future<Output = Result<Result<T, Retry>, StoreError>>,
+{
+    let (mut price_moves, mut freed) = (0, 0);
+    loop {
+        let read_back = if freed < UNLOCKED_READ_BACKS {
+            ReadBack::Unlocked
+        } else {
+            ReadBack::Locked
+        };
+        match attempt(read_back).await? {
+            Ok(done) => return Ok(done),
+            Err(Retry::PriceMoved) => {
+                price_moves += 1;
+                if price_moves >= PRICE_RETRIES {
+                    return Err(StoreError::PriceChanged);
+                }
+            }
+            Err(Retry::Freed) if read_back == ReadBack::Locked => {
+                return Err(StoreError::Corrupt(
+                    "a guarded update refused a row that has room under its lock".into(),
+                ));
+            }
+            Err(Retry::Freed) => freed += 1,
+        }
+    }
 }
 
 /// Sorts the lines a guarded update did not match into shortfalls or a retry. A price that
@@ -552,7 +644,7 @@ pub(crate) fn judge_misses(misses: &[(&PricedLine, RowNow)]) -> Guarded {
         .iter()
         .any(|(line, now)| now.unit_price != line.unit_price)
     {
-        return Guarded::Retry;
+        return Guarded::Retry(Retry::PriceMoved);
     }
     let short: Vec<Shortfall> = misses
         .iter()
@@ -565,7 +657,7 @@ pub(crate) fn judge_misses(misses: &[(&PricedLine, RowNow)]) -> Guarded {
         .collect();
     if short.is_empty() {
         // The units were released between the guard and this read: not a refusal (promise 2).
-        Guarded::Retry
+        Guarded::Retry(Retry::Freed)
     } else {
         Guarded::Short(short)
     }
@@ -854,6 +946,86 @@ mod tests {
                 unit_price: crate::domain::Money::new(price, eur).expect("a price"),
             })
             .collect()
+    }
+
+    /// Runs the retry loop over scripted attempt outcomes (`None` = reserved) and returns its
+    /// answer with the read-backs the attempts were asked for.
+    fn retry_script(script: &[Option<Retry>]) -> (Result<(), StoreError>, Vec<ReadBack>) {
+        let mut outcomes = script.iter().copied();
+        let mut asked = Vec::new();
+        let answer = futures::executor::block_on(reserve_retrying(|read_back| {
+            asked.push(read_back);
+            let outcome = outcomes.next().expect("the loop stopped within the script");
+            std::future::ready(Ok(outcome.map_or(Ok(()), Err)))
+        }));
+        (answer, asked)
+    }
+
+    #[test]
+    fn units_freed_meanwhile_never_end_as_a_price_change() {
+        let mut script = vec![Some(Retry::Freed); UNLOCKED_READ_BACKS];
+        script.push(None);
+
+        let (answer, asked) = retry_script(&script);
+
+        assert!(answer.is_ok(), "{answer:?}");
+        assert_eq!(asked.len(), UNLOCKED_READ_BACKS + 1);
+        assert_eq!(
+            asked.last(),
+            Some(&ReadBack::Locked),
+            "the last read-back is locked"
+        );
+    }
+
+    #[test]
+    fn only_moved_prices_count_toward_the_price_limit() {
+        let (answer, asked) = retry_script(&[
+            Some(Retry::PriceMoved),
+            Some(Retry::Freed),
+            Some(Retry::PriceMoved),
+            Some(Retry::Freed),
+            Some(Retry::PriceMoved),
+        ]);
+
+        assert!(
+            matches!(answer, Err(StoreError::PriceChanged)),
+            "{answer:?}"
+        );
+        assert_eq!(asked.len(), 5);
+    }
+
+    #[test]
+    fn a_locked_read_back_that_still_finds_units_freed_stops_the_loop() {
+        let (answer, asked) = retry_script(&[Some(Retry::Freed); UNLOCKED_READ_BACKS + 1]);
+
+        assert!(matches!(answer, Err(StoreError::Corrupt(_))), "{answer:?}");
+        assert_eq!(asked.len(), UNLOCKED_READ_BACKS + 1);
+    }
+
+    #[test]
+    fn a_read_back_that_finds_room_at_the_same_price_is_a_retry_not_a_shortfall() {
+        let lines = priced(&[(450, 2)]);
+        let now = |available, price| RowNow {
+            available,
+            unit_price: crate::domain::Money::new(
+                price,
+                crate::domain::Currency::parse("EUR").expect("a currency"),
+            )
+            .expect("a price"),
+        };
+
+        assert!(matches!(
+            judge_misses(&[(&lines[0], now(2, 450))]),
+            Guarded::Retry(Retry::Freed)
+        ));
+        assert!(matches!(
+            judge_misses(&[(&lines[0], now(1, 450))]),
+            Guarded::Short(_)
+        ));
+        assert!(matches!(
+            judge_misses(&[(&lines[0], now(1, 500))]),
+            Guarded::Retry(Retry::PriceMoved)
+        ));
     }
 
     /// The exact total in i128, which cannot overflow for these inputs.

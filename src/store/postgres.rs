@@ -24,10 +24,10 @@ use super::group::{self, Candidate, Planned};
 use super::rows::{self, row_decoders};
 use super::{
     all_matched, attach_lines, cart_must_be_open, check_patch, judge_misses, order_paid_event,
-    order_total, page_of, priced_in_lock_order, to_millis, unclaimed_cart, Acquisitions,
-    ChargeTicket, Guarded, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine,
-    Released, RowNow, Store, StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS,
-    INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRICE_RETRIES, PRODUCT_COLUMNS,
+    order_total, page_of, priced_in_lock_order, reserve_retrying, schema_is_current, to_millis,
+    unclaimed_cart, Acquisitions, ChargeTicket, Guarded, IdempotencyStart, InventoryRow, Lease,
+    NewCheckout, Page, PricedLine, ReadBack, Released, Retry, RowNow, Store, StoreError, StoreKind,
+    StoredKey, WantedLine, CHECKOUT_COLUMNS, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
 };
 
 mod decode {
@@ -63,6 +63,23 @@ impl PgStore {
             .run(&self.pool)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
+    }
+
+    /// For a store read as it is: every migration this binary knows must have been applied
+    /// (nothing is created here, not even sqlx's bookkeeping table).
+    pub async fn check_migrated(&self) -> Result<(), StoreError> {
+        let tracked: bool =
+            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                .fetch_one(&self.pool)
+                .await?;
+        let applied: Vec<i64> = if tracked {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await?
+        } else {
+            Vec::new()
+        };
+        schema_is_current(&MIGRATOR, &applied)
     }
 
     /// The pool, for the audit and for tests that must reach under the trait.
@@ -271,12 +288,13 @@ impl PgStore {
     /// One attempt of the plain reservation. Everything that does not need a product row lock
     /// runs first (claim the cart, read lines and prices, write order, lines, checkout and
     /// reservations); the guarded updates of the product rows come last, right before the
-    /// commit, so a hot row is locked for as short as possible. `None`: a price moved after it
-    /// was read, and the transaction was rolled back to start over.
+    /// commit, so a hot row is locked for as short as possible. `Err(Retry)`: the transaction
+    /// was rolled back to start over (a price moved, or units were freed meanwhile).
     async fn try_reserve_checkout(
         &self,
         new: &NewCheckout,
-    ) -> Result<Option<Checkout>, StoreError> {
+        read_back: ReadBack,
+    ) -> Result<Result<Checkout, Retry>, StoreError> {
         let mut tx = self.pool.begin().await?;
         Self::claim_cart(&mut tx, new).await?;
         let priced = Self::priced_lines(&mut tx, new.cart_id).await?;
@@ -285,14 +303,14 @@ impl PgStore {
         }
         let total = order_total(&priced)?;
         let row = Self::insert_checkout(&mut tx, new, &priced, total).await?;
-        match Self::reserve_lines(&mut tx, &priced).await? {
+        match Self::reserve_lines(&mut tx, &priced, read_back).await? {
             Guarded::Reserved => {}
             // Dropping the transaction rolls back everything written above.
             Guarded::Short(short) => return Err(StoreError::InsufficientStock(short)),
-            Guarded::Retry => return Ok(None),
+            Guarded::Retry(why) => return Ok(Err(why)),
         }
         tx.commit().await?;
-        decode::checkout(&row).map(Some)
+        decode::checkout(&row).map(Ok)
     }
 
     /// The cart flips to checking_out first: a second checkout of it stops here.
@@ -395,14 +413,17 @@ impl PgStore {
         .map_err(admission_in_use)
     }
 
-    /// The guarded updates, last in the transaction. One line is one statement; several are
-    /// locked in product-id order (`FOR NO KEY UPDATE`, the strength an `UPDATE` takes, so the
-    /// foreign-key checks of concurrent inserts do not wait) and then reserved in one statement.
+    /// The guarded updates, last in the transaction. One line is one statement, its miss read
+    /// back without a lock unless `read_back` asks for one; several lines (or a locked read-back)
+    /// are locked in product-id order (`FOR NO KEY UPDATE`, the strength an `UPDATE` takes, so
+    /// the foreign-key checks of concurrent inserts do not wait), judged under the lock and then
+    /// reserved in one statement.
     async fn reserve_lines(
         tx: &mut Transaction<'_, Postgres>,
         priced: &[PricedLine],
+        read_back: ReadBack,
     ) -> Result<Guarded, StoreError> {
-        if let [line] = priced {
+        if let ([line], ReadBack::Unlocked) = (priced, read_back) {
             let updated = sqlx::query(
                 "UPDATE products SET reserved = reserved + $2 \
                  WHERE id = $1 AND stock - reserved >= $2 AND price_amount = $3 AND currency = $4",
@@ -1039,12 +1060,7 @@ impl Store for PgStore {
 
     #[tracing::instrument(skip_all, fields(checkout_id = %new.id, cart_id = %new.cart_id))]
     async fn reserve_checkout(&self, new: &NewCheckout) -> Result<Checkout, StoreError> {
-        for _ in 0..PRICE_RETRIES {
-            if let Some(checkout) = self.try_reserve_checkout(new).await? {
-                return Ok(checkout);
-            }
-        }
-        Err(StoreError::PriceChanged)
+        reserve_retrying(|read_back| self.try_reserve_checkout(new, read_back)).await
     }
 
     #[tracing::instrument(skip_all, fields(size = batch.len()))]

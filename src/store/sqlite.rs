@@ -5,7 +5,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration as StdDuration;
 
 use async_trait::async_trait;
@@ -27,10 +27,10 @@ use super::group::{self, Candidate, Planned};
 use super::rows::{self, row_decoders};
 use super::{
     all_matched, attach_lines, cart_must_be_open, check_patch, judge_misses, order_paid_event,
-    order_total, page_of, priced_in_lock_order, to_millis, unclaimed_cart, Acquisitions,
-    ChargeTicket, Guarded, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine,
-    Released, RowNow, Store, StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS,
-    INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRICE_RETRIES, PRODUCT_COLUMNS,
+    order_total, page_of, priced_in_lock_order, reserve_retrying, schema_is_current, to_millis,
+    unclaimed_cart, Acquisitions, ChargeTicket, Guarded, IdempotencyStart, InventoryRow, Lease,
+    NewCheckout, Page, PricedLine, Released, Retry, RowNow, Store, StoreError, StoreKind,
+    StoredKey, WantedLine, CHECKOUT_COLUMNS, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
 };
 
 mod decode {
@@ -46,11 +46,26 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database file `holdfast.db` in `data_dir`.
+    /// The database file of the embedded store in `data_dir`.
+    pub fn file_in(data_dir: &Path) -> PathBuf {
+        data_dir.join("holdfast.db")
+    }
+
+    /// Opens (creating if needed) the database file in `data_dir`.
     pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::connect(data_dir, true).await
+    }
+
+    /// Opens the database file in `data_dir` only if it exists, for a store read as it is: a
+    /// mistyped directory must not leave an empty database behind.
+    pub async fn open_existing(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::connect(data_dir, false).await
+    }
+
+    async fn connect(data_dir: &Path, create: bool) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::new()
-            .filename(data_dir.join("holdfast.db"))
-            .create_if_missing(true)
+            .filename(Self::file_in(data_dir))
+            .create_if_missing(create)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
@@ -71,6 +86,24 @@ impl SqliteStore {
             .run(&self.pool)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
+    }
+
+    /// For a store read as it is: every migration this binary knows must have been applied
+    /// (nothing is created here, not even sqlx's bookkeeping table).
+    pub async fn check_migrated(&self) -> Result<(), StoreError> {
+        let tracked: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let applied: Vec<i64> = if tracked > 0 {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await?
+        } else {
+            Vec::new()
+        };
+        schema_is_current(&MIGRATOR, &applied)
     }
 
     /// The pool, for the audit and for tests that must reach under the trait.
@@ -276,11 +309,13 @@ impl SqliteStore {
     }
 
     /// One attempt of the plain reservation, in the same order as on PostgreSQL: claim, read
-    /// lines with prices, write the checkout, and the guarded product updates last.
+    /// lines with prices, write the checkout, and the guarded product updates last. Every
+    /// read-back is as good as locked here (the one connection serialises all transactions),
+    /// so it never finds units freed after its guard.
     async fn try_reserve_checkout(
         &self,
         new: &NewCheckout,
-    ) -> Result<Option<Checkout>, StoreError> {
+    ) -> Result<Result<Checkout, Retry>, StoreError> {
         let mut tx = self.pool.begin().await?;
         Self::claim_cart(&mut tx, new).await?;
         let priced = Self::priced_lines(&mut tx, new.cart_id).await?;
@@ -293,10 +328,10 @@ impl SqliteStore {
             Guarded::Reserved => {}
             // Dropping the transaction rolls back everything written above.
             Guarded::Short(short) => return Err(StoreError::InsufficientStock(short)),
-            Guarded::Retry => return Ok(None),
+            Guarded::Retry(why) => return Ok(Err(why)),
         }
         tx.commit().await?;
-        decode::checkout(&row).map(Some)
+        decode::checkout(&row).map(Ok)
     }
 
     /// The cart flips to checking_out first: a second checkout of it stops here.
@@ -808,12 +843,7 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(skip_all, fields(checkout_id = %new.id, cart_id = %new.cart_id))]
     async fn reserve_checkout(&self, new: &NewCheckout) -> Result<Checkout, StoreError> {
-        for _ in 0..PRICE_RETRIES {
-            if let Some(checkout) = self.try_reserve_checkout(new).await? {
-                return Ok(checkout);
-            }
-        }
-        Err(StoreError::PriceChanged)
+        reserve_retrying(|_| self.try_reserve_checkout(new)).await
     }
 
     #[tracing::instrument(skip_all, fields(size = batch.len()))]

@@ -20,6 +20,7 @@ pub struct ExpiryWorker {
     batch: u32,
     released_checkouts: AtomicU64,
     released_units: AtomicU64,
+    failed_ticks: AtomicU64,
 }
 
 impl ExpiryWorker {
@@ -31,6 +32,7 @@ impl ExpiryWorker {
             batch: 100,
             released_checkouts: AtomicU64::new(0),
             released_units: AtomicU64::new(0),
+            failed_ticks: AtomicU64::new(0),
         }
     }
 
@@ -71,13 +73,20 @@ impl ExpiryWorker {
         )
     }
 
+    /// Ticks of [`Self::run_until_stopped`] that failed (the store was unreachable, say) and
+    /// were tried again at the next interval.
+    pub fn failed_ticks(&self) -> u64 {
+        self.failed_ticks.load(Ordering::Relaxed)
+    }
+
     /// Ticks every `interval` (at once again while batches come back full) until `stop`;
-    /// a database error is logged and the loop goes on.
+    /// a database error is logged and counted, and the loop goes on.
     pub async fn run_until_stopped(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
         loop {
             let full = match self.tick().await {
                 Ok(released) => released.checkouts.len() >= self.batch as usize,
                 Err(e) => {
+                    self.failed_ticks.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "expiry tick failed; retrying");
                     false
                 }

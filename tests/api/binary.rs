@@ -1,5 +1,7 @@
 //! The built binary as a newcomer runs it: no flags, an empty directory, data that survives a
-//! restart, a clean exit on SIGTERM, and one clear line (exit code 2) when it cannot start.
+//! restart, a clean exit on SIGTERM and SIGINT, and one clear line (exit code 2) when it cannot
+//! start or a flag is bad.
+//! `migrate` creates the schema; `audit` reads a store as it is and never migrates it.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -15,13 +17,23 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// The built binary with no `HOLDFAST_*` variable of the test's own environment: only what a
+/// test sets reaches it.
+fn holdfast() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("HOLDFAST_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
 /// Starts `holdfast` with no flags in `dir`; only the port comes from the environment.
 fn start(dir: &Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_holdfast"))
+    holdfast()
         .current_dir(dir)
         .env("HOLDFAST_LISTEN", format!("127.0.0.1:{port}"))
-        .env_remove("HOLDFAST_DATABASE_URL")
-        .env_remove("HOLDFAST_ADMIN_TOKEN")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -41,13 +53,18 @@ async fn wait_ready(client: &reqwest::Client, base: &str) {
     }
 }
 
-fn terminate(child: &mut Child) -> std::process::ExitStatus {
+/// Sends `signal` (`TERM`, `INT`) and waits for the process to exit.
+fn stop_with(child: &mut Child, signal: &str) -> std::process::ExitStatus {
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([&format!("-{signal}"), &child.id().to_string()])
         .status()
-        .expect("send SIGTERM");
+        .expect("send the signal");
     assert!(status.success());
     child.wait().expect("holdfast exits")
+}
+
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    stop_with(child, "TERM")
 }
 
 async fn call(
@@ -75,9 +92,13 @@ async fn a_newcomer_runs_the_binary_and_finds_the_data_after_a_restart() {
     let mut child = start(dir.path(), port);
     wait_ready(&client, &base).await;
 
-    let admin = std::fs::read_to_string(dir.path().join("holdfast-data/admin-token"))
-        .expect("admin token written");
-    let admin = admin.trim();
+    let secrets = |file: &str| {
+        std::fs::read_to_string(dir.path().join("holdfast-data").join(file))
+            .unwrap_or_else(|e| panic!("{file} written: {e}"))
+    };
+    let first_admin_token = secrets("admin-token");
+    let first_webhook_secret = secrets("webhook-secret");
+    let admin = first_admin_token.trim();
     let (status, customer) = call(
         &client,
         reqwest::Method::POST,
@@ -134,6 +155,9 @@ async fn a_newcomer_runs_the_binary_and_finds_the_data_after_a_restart() {
 
     let mut child = start(dir.path(), port);
     wait_ready(&client, &base).await;
+    // The secrets were generated once: a restart reads them back, it does not replace them.
+    assert_eq!(secrets("admin-token"), first_admin_token);
+    assert_eq!(secrets("webhook-secret"), first_webhook_secret);
     let (status, cart) = call(
         &client,
         reqwest::Method::GET,
@@ -157,10 +181,9 @@ async fn a_newcomer_runs_the_binary_and_finds_the_data_after_a_restart() {
 }
 
 fn run_failing(args: &[&str], dir: &Path) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+    let out = holdfast()
         .current_dir(dir)
         .args(args)
-        .env_remove("HOLDFAST_DATABASE_URL")
         .output()
         .expect("run holdfast");
     (
@@ -203,4 +226,230 @@ fn a_start_up_failure_is_one_line_and_exit_code_2() {
         );
     }
     drop(busy);
+}
+
+/// Runs `holdfast <args>` to its end: exit code, stdout and stderr.
+fn run(args: &[&str], dir: &Path) -> (Option<i32>, String, String) {
+    let out = holdfast()
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run holdfast");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Tables every store has once migrated.
+const TABLES: [&str; 7] = [
+    "products",
+    "stock_adjustments",
+    "carts",
+    "checkouts",
+    "reservations",
+    "orders",
+    "outbox",
+];
+
+async fn postgres_tables(url: &str) -> Vec<String> {
+    let pool = sqlx::PgPool::connect(url).await.expect("connect");
+    sqlx::query_scalar("SELECT tablename::TEXT FROM pg_tables WHERE schemaname = 'public'")
+        .fetch_all(&pool)
+        .await
+        .expect("list tables")
+}
+
+async fn sqlite_tables(data_dir: &Path) -> Vec<String> {
+    let file = data_dir.join("holdfast.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", file.display()))
+        .await
+        .expect("open");
+    sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .fetch_all(&pool)
+        .await
+        .expect("list tables")
+}
+
+#[track_caller]
+fn assert_has_tables(tables: &[String]) {
+    for table in TABLES {
+        assert!(tables.iter().any(|t| t == table), "{table} in {tables:?}");
+    }
+}
+
+#[tokio::test]
+async fn migrate_creates_the_schema_on_a_fresh_postgres_database_and_an_empty_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::helpers::fresh_postgres_database().await;
+    for _ in 0..2 {
+        let (code, stdout, stderr) = run(&["migrate", "--database-url", &url], dir.path());
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(stdout.contains("migrations applied"), "{stdout}");
+    }
+    assert_has_tables(&postgres_tables(&url).await);
+
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().display().to_string();
+    for _ in 0..2 {
+        let (code, _, stderr) = run(&["migrate", "--data-dir", &data_dir], dir.path());
+        assert_eq!(code, Some(0), "{stderr}");
+    }
+    assert_has_tables(&sqlite_tables(data.path()).await);
+}
+
+/// The one line a failed command ends with (log lines may come before it).
+#[track_caller]
+fn last_line(stderr: &str) -> &str {
+    stderr
+        .lines()
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_audit_never_migrates_and_refuses_a_store_that_is_not_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::helpers::fresh_postgres_database().await;
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().display().to_string();
+    let stores: [(&[&str], &str); 2] = [
+        (&["--database-url", &url], "schema is behind"),
+        (&["--data-dir", &data_dir], "no database at"),
+    ];
+    for (flags, why) in stores {
+        let with = |command: &'static str| -> Vec<&str> {
+            std::iter::once(command)
+                .chain(flags.iter().copied())
+                .collect()
+        };
+
+        let (code, stdout, stderr) = run(&with("audit"), dir.path());
+
+        assert_eq!(code, Some(2), "{flags:?}: {stdout}{stderr}");
+        let line = last_line(&stderr);
+        assert!(
+            line.starts_with("holdfast: ")
+                && line.contains(why)
+                && line.contains("holdfast migrate"),
+            "{flags:?}: {stderr}"
+        );
+        assert_eq!(run(&with("migrate"), dir.path()).0, Some(0), "{flags:?}");
+        let (code, stdout, stderr) = run(&with("audit"), dir.path());
+        assert_eq!(code, Some(0), "{flags:?}: {stdout}{stderr}");
+        assert!(stdout.contains("ok    1 no oversell"), "{stdout}");
+    }
+    // A database one migration behind this binary is refused as well.
+    let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+    sqlx::query(
+        "DELETE FROM _sqlx_migrations WHERE version = (SELECT MAX(version) FROM _sqlx_migrations)",
+    )
+    .execute(&pool)
+    .await
+    .expect("forget the last migration");
+    let (code, _, stderr) = run(&["audit", "--database-url", &url], dir.path());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        last_line(&stderr).contains("migrations applied"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn an_audit_of_a_store_that_is_not_migrated_leaves_it_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::helpers::fresh_postgres_database().await;
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().display().to_string();
+
+    assert_eq!(
+        run(&["audit", "--database-url", &url], dir.path()).0,
+        Some(2)
+    );
+    assert_eq!(
+        run(&["audit", "--data-dir", &data_dir], dir.path()).0,
+        Some(2)
+    );
+
+    assert_eq!(
+        postgres_tables(&url).await,
+        Vec::<String>::new(),
+        "no table created"
+    );
+    let files: Vec<_> = std::fs::read_dir(data.path()).unwrap().collect();
+    assert!(files.is_empty(), "no database file created: {files:?}");
+}
+
+#[test]
+fn a_bad_flag_or_variable_is_one_line_and_exit_code_2_while_help_and_version_exit_0() {
+    let dir = tempfile::tempdir().unwrap();
+    // (flags, environment, what the line names)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 6] = [
+        (&["--listen", "not-an-address"], &[], "--listen"),
+        (&[], &[("HOLDFAST_LISTEN", "not-an-address")], "--listen"),
+        (
+            &[],
+            &[("HOLDFAST_DATABASE_URL", "mysql://root@127.0.0.1/shop")],
+            "--database-url",
+        ),
+        (&["--log-format", "xml"], &[], "text, json"),
+        (&["--no-such-flag"], &[], "--no-such-flag"),
+        (&["audit", "extra"], &[], "extra"),
+    ];
+    for (flags, vars, named) in cases {
+        let out = holdfast()
+            .current_dir(dir.path())
+            .args(flags)
+            .envs(vars.iter().copied())
+            .output()
+            .expect("run holdfast");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?} {vars:?}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "{flags:?} {vars:?}: exactly one line: {stderr}"
+        );
+        assert!(
+            lines[0].starts_with("holdfast: ") && lines[0].contains(named),
+            "{flags:?} {vars:?}: {stderr}"
+        );
+    }
+    for (flags, shows) in [
+        (&["--help"][..], "Usage:"),
+        (&["audit", "--help"][..], "Usage:"),
+        (&["--version"][..], env!("CARGO_PKG_VERSION")),
+    ] {
+        let out = holdfast()
+            .current_dir(dir.path())
+            .args(flags)
+            .output()
+            .expect("run holdfast");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{flags:?}");
+        assert!(stdout.contains(shows), "{flags:?}: {stdout}");
+    }
+}
+
+#[tokio::test]
+async fn sigint_stops_the_service_with_exit_code_0_like_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let client = reqwest::Client::new();
+    let mut child = start(dir.path(), port);
+    wait_ready(&client, &format!("http://127.0.0.1:{port}")).await;
+
+    let exit = stop_with(&mut child, "INT");
+
+    assert!(
+        exit.success(),
+        "SIGINT ends holdfast with exit code 0, got {exit:?}"
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("SIGINT received"), "{stderr}");
+    assert!(stderr.contains("holdfast stopped"), "{stderr}");
 }

@@ -101,6 +101,10 @@ async fn cart_lines_refuse_bad_quantities_and_unknown_skus_and_change_nothing(ki
     app.set_line(&ada, &cart, "tea-01", 2)
         .await
         .assert_status(200);
+    let before = app
+        .get(&format!("/v1/carts/{cart}"), Some(&ada.token))
+        .await;
+    before.assert_status(200);
 
     let cases = [
         (json!({"quantity": 0}), 422, "validation_failed", "zero"),
@@ -164,6 +168,18 @@ async fn cart_lines_refuse_bad_quantities_and_unknown_skus_and_change_nothing(ki
     app.set_line(&ada, &cart, "bad%2Fsku", 1)
         .await
         .assert_error(404, "product_not_found");
+    let after = app
+        .get(&format!("/v1/carts/{cart}"), Some(&ada.token))
+        .await;
+    assert_eq!(
+        after.body, before.body,
+        "rejected requests changed the cart"
+    );
+    assert_eq!(
+        after.body["lines"],
+        json!([{"sku": "tea-01", "quantity": 2}])
+    );
+
     app.set_line(&ada, &cart, "tea-01", 10_000)
         .await
         .assert_status(200);

@@ -1,18 +1,20 @@
 //! Bad input and missing credentials: every answer is the contract's JSON error body with the
-//! right status, and a rejected request changes nothing (promise 7).
+//! right status, and a rejected request changes nothing (promise 7). A store that stops
+//! answering makes `/readyz` say so with the same body.
 
 use holdfast::store::StoreKind;
 use reqwest::Method;
 use serde_json::json;
 
 use crate::both_stores;
-use crate::helpers::{spawn_app, TestApp, ADMIN_TOKEN};
+use crate::helpers::{eventually, spawn_app, AssertClean, Customer, TestApp, ADMIN_TOKEN};
 
 both_stores!(
     missing_or_wrong_tokens_are_refused,
     malformed_bodies_get_the_error_body_and_change_nothing,
     unknown_routes_and_methods_get_the_error_body,
     bad_products_are_refused_and_change_nothing,
+    every_json_route_refuses_malformed_mistyped_and_unknown_bodies_and_changes_nothing,
 );
 
 async fn missing_or_wrong_tokens_are_refused(kind: StoreKind) {
@@ -238,4 +240,269 @@ async fn bad_products_are_refused_and_change_nothing(kind: StoreKind) {
         .await;
     resp.assert_error(422, "validation_failed");
     assert_eq!(app.inventory_snapshot().await, before);
+}
+
+/// A route that reads a JSON body, with a body it would accept.
+struct JsonRoute {
+    method: Method,
+    path: String,
+    token: Option<String>,
+    valid: serde_json::Value,
+}
+
+/// Everything the admin and the customer can see, for "nothing changed" assertions.
+async fn everything_visible(
+    app: &TestApp,
+    ada: &Customer,
+    cart: &str,
+    checkout: &str,
+    sale: &str,
+) -> Vec<serde_json::Value> {
+    let admin = Some(ADMIN_TOKEN);
+    let customer = Some(ada.token.as_str());
+    let mut seen = vec![app.inventory_snapshot().await];
+    for (path, token) in [
+        ("/v1/admin/ops".to_owned(), admin),
+        (format!("/v1/admin/flash-sales/{sale}"), admin),
+        (format!("/v1/carts/{cart}"), customer),
+        (format!("/v1/checkouts/{checkout}"), customer),
+        ("/v1/orders".to_owned(), customer),
+    ] {
+        let resp = app.get(&path, token).await;
+        resp.assert_status(200);
+        seen.push(resp.body);
+    }
+    seen
+}
+
+async fn every_json_route_refuses_malformed_mistyped_and_unknown_bodies_and_changes_nothing(
+    kind: StoreKind,
+) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 10).await;
+    app.new_product("hot-01", 900, 5).await;
+    let sale = app
+        .admin_post(
+            "/v1/admin/flash-sales",
+            json!({"sku": "hot-01", "units": 2}),
+        )
+        .await;
+    sale.assert_status(201);
+    let sale = sale.str("id");
+    let (ada, checkout, order) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    let cart = app.new_cart(&ada).await;
+    app.set_line(&ada, &cart, "tea-01", 2)
+        .await
+        .assert_status(200);
+    let admin = Some(ADMIN_TOKEN.to_owned());
+    let customer = Some(ada.token.clone());
+    let route = |method: Method, path: String, token: &Option<String>, valid| JsonRoute {
+        method,
+        path,
+        token: token.clone(),
+        valid,
+    };
+    // Every route whose body is JSON, but the webhook: Stripe's events carry fields we do not
+    // know by design, and its signature is checked first (tests/api/webhooks.rs).
+    let routes = [
+        route(
+            Method::POST,
+            "/v1/admin/customers".into(),
+            &admin,
+            json!({"name": "Bo"}),
+        ),
+        route(
+            Method::POST,
+            "/v1/admin/products".into(),
+            &admin,
+            json!({"sku": "new-01", "name": "New", "price": {"amount": 100, "currency": "EUR"},
+                   "stock": 1}),
+        ),
+        route(
+            Method::PATCH,
+            "/v1/admin/products/tea-01".into(),
+            &admin,
+            json!({"stock": 20}),
+        ),
+        route(
+            Method::POST,
+            "/v1/admin/flash-sales".into(),
+            &admin,
+            json!({"sku": "tea-01", "units": 1}),
+        ),
+        route(
+            Method::POST,
+            format!("/v1/admin/orders/{order}/refund"),
+            &admin,
+            json!({}),
+        ),
+        route(
+            Method::POST,
+            format!("/v1/admin/orders/{order}/shipments"),
+            &admin,
+            json!({}),
+        ),
+        route(Method::POST, "/v1/carts".into(), &customer, json!({})),
+        route(
+            Method::PUT,
+            format!("/v1/carts/{cart}/lines/tea-01"),
+            &customer,
+            json!({"quantity": 3}),
+        ),
+        route(
+            Method::POST,
+            "/v1/checkouts".into(),
+            &customer,
+            json!({"cart_id": cart}),
+        ),
+        route(
+            Method::POST,
+            format!("/v1/checkouts/{checkout}/heartbeat"),
+            &customer,
+            json!({}),
+        ),
+        route(
+            Method::POST,
+            format!("/v1/checkouts/{checkout}/cancel"),
+            &customer,
+            json!({}),
+        ),
+        route(
+            Method::POST,
+            format!("/v1/checkouts/{checkout}/complete"),
+            &customer,
+            json!({"payment_method": "pm_card_visa"}),
+        ),
+        route(
+            Method::POST,
+            format!("/v1/flash-sales/{sale}/tokens"),
+            &customer,
+            json!({}),
+        ),
+        route(Method::POST, "/v1/demo/customers".into(), &None, json!({})),
+        route(
+            Method::POST,
+            "/v1/demo/payments/pi_none/authenticate".into(),
+            &customer,
+            json!({"succeed": true}),
+        ),
+    ];
+    let before = everything_visible(&app, &ada, &cart, &checkout, &sale).await;
+
+    for route in &routes {
+        let mut unknown = route.valid.clone();
+        unknown["unexpected"] = json!(1);
+        // (content type, body, status, code, what)
+        let cases = [
+            (
+                "application/json",
+                b"{,}".to_vec(),
+                400,
+                "invalid_json",
+                "malformed JSON",
+            ),
+            (
+                "text/plain",
+                route.valid.to_string().into_bytes(),
+                415,
+                "unsupported_media_type",
+                "a body that is not declared JSON",
+            ),
+            (
+                "application/json",
+                unknown.to_string().into_bytes(),
+                422,
+                "validation_failed",
+                "an unknown field",
+            ),
+        ];
+        for (content_type, body, status, code, what) in cases {
+            let mut req = app
+                .client
+                .request(route.method.clone(), format!("{}{}", app.base, route.path))
+                .header("content-type", content_type)
+                .header("if-match", "\"1\"")
+                .header(
+                    "idempotency-key",
+                    format!("errors-{}", uuid::Uuid::new_v4()),
+                )
+                .body(body);
+            if let Some(token) = &route.token {
+                req = req.bearer_auth(token);
+            }
+            let resp = req.send().await.expect("request");
+            let got = resp.status().as_u16();
+            let answer: serde_json::Value = resp.json().await.expect("an error body is JSON");
+
+            assert_eq!(
+                (got, answer["error"]["code"].as_str()),
+                (status, Some(code)),
+                "{} {}, {what}: {answer}",
+                route.method,
+                route.path
+            );
+        }
+    }
+
+    assert_eq!(
+        everything_visible(&app, &ada, &cart, &checkout, &sale).await,
+        before,
+        "a rejected request changed something"
+    );
+    app.audit().await.assert_clean();
+}
+
+// PostgreSQL only: a store that stops answering.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_answers_503_while_the_database_refuses_connections() {
+    use sqlx::Connection as _;
+    let app = spawn_app(StoreKind::Postgres).await;
+    app.get("/readyz", None).await.assert_status(200);
+    let url = app
+        .database_url
+        .clone()
+        .expect("a PostgreSQL app has a URL");
+    let name = url.rsplit('/').next().expect("a database name").to_owned();
+    let mut admin =
+        sqlx::PgConnection::connect(&format!("{}/test", crate::helpers::postgres_base_url()))
+            .await
+            .expect("connect to the server");
+    let allow = |on: bool| format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {on}");
+
+    // The database stops answering the app: its connections are killed and no new one is let
+    // in (cheaper than dropping it, which waits for a checkpoint).
+    sqlx::query(&allow(false))
+        .execute(&mut admin)
+        .await
+        .expect("refuse connections");
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(&name)
+    .execute(&mut admin)
+    .await
+    .expect("terminate the app's connections");
+
+    eventually(15, "/readyz notices", || async {
+        app.get("/readyz", None).await.status.as_u16() == 503
+    })
+    .await;
+    let resp = app.get("/readyz", None).await;
+    resp.assert_error(503, "unavailable");
+    assert!(resp.headers["content-type"]
+        .to_str()
+        .expect("ascii")
+        .starts_with("application/json"));
+    app.get("/healthz", None).await.assert_status(200);
+
+    sqlx::query(&allow(true))
+        .execute(&mut admin)
+        .await
+        .expect("let connections in again");
+    eventually(15, "/readyz recovers", || async {
+        app.get("/readyz", None).await.status.as_u16() == 200
+    })
+    .await;
 }

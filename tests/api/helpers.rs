@@ -596,10 +596,13 @@ impl TestApp {
         resp.body
     }
 
-    /// Every promise, promise 3 against the app's own gateway ledger.
+    /// Every promise, promise 3 against the app's own gateway ledger, at the app's own time:
+    /// an app on a manual clock lives elsewhere in time, and the checks of what is overdue
+    /// must look from there.
     pub async fn audit(&self) -> Report {
         let options = holdfast::audit::AuditOptions {
             gateway: Some(self.gateway.as_ref()),
+            now: self.clock.now(),
             ..Default::default()
         };
         holdfast::audit::run_with(self.store.as_ref(), options)

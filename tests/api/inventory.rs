@@ -2,6 +2,7 @@
 //! all-or-nothing carts, expiry, heartbeat, cancel, two instances and two expiry workers on one
 //! database. Every race ends with the audit.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use chrono::Duration;
@@ -13,8 +14,8 @@ use tokio::sync::Barrier;
 
 use crate::both_stores;
 use crate::helpers::{
-    buyers, eventually, execute_sql, spawn_app, spawn_app_with, AssertClean, Customer, Options,
-    TestApp, ADMIN_TOKEN,
+    buyers, eventually, execute_sql, fetch_strings, spawn_app, spawn_app_with, AssertClean,
+    Customer, Options, TestApp, ADMIN_TOKEN,
 };
 
 both_stores!(
@@ -30,6 +31,9 @@ both_stores!(
     stock_can_never_drop_below_what_is_reserved,
     the_audit_finds_a_corrupted_row,
     a_price_that_keeps_changing_is_a_clear_conflict_and_reserves_nothing,
+    buyers_racing_cancellations_are_never_refused_while_units_are_free,
+    the_audit_judges_what_is_overdue_by_the_apps_own_clock,
+    every_stock_edit_is_recorded_and_stock_changed_behind_the_store_fails_the_audit,
 );
 
 /// Releases every buyer's checkout at once and returns the answers.
@@ -406,6 +410,34 @@ async fn a_short_window_expires_and_the_units_come_back(kind: StoreKind) {
     app.stop().await;
 }
 
+async fn the_audit_judges_what_is_overdue_by_the_apps_own_clock(kind: StoreKind) {
+    let app = spawn_app_with(
+        kind,
+        Options {
+            ttl_seconds: 60,
+            manual_clock: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    app.new_product("tea-01", 450, 1).await;
+    let (ada, cart) = app.buyer_with("Ada", &[("tea-01", 1)]).await;
+    app.start_checkout(&ada, &cart).await.assert_status(201);
+
+    // Long past its window and the audit's grace, by the app's clock, with nobody releasing it.
+    app.advance(Duration::minutes(10));
+    let report = app.audit().await;
+
+    assert!(
+        report
+            .violations()
+            .any(|v| v.contains("reserved, expired at") && v.contains("never released")),
+        "{report}"
+    );
+    while !app.expiry.tick().await.expect("tick").checkouts.is_empty() {}
+    app.audit().await.assert_clean();
+}
+
 async fn cancel_releases_at_once_and_is_idempotent(kind: StoreKind) {
     let app = spawn_app(kind).await;
     app.new_product("tea-01", 450, 3).await;
@@ -484,6 +516,74 @@ async fn stock_can_never_drop_below_what_is_reserved(kind: StoreKind) {
     assert_eq!(resp.status().as_u16(), 200);
     assert_eq!(app.stock_of("tea-01").await, (4, 4, 0));
     app.audit().await.assert_clean();
+}
+
+async fn every_stock_edit_is_recorded_and_stock_changed_behind_the_store_fails_the_audit(
+    kind: StoreKind,
+) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, cart) = app.buyer_with("Ada", &[("tea-01", 2)]).await;
+    app.start_checkout(&ada, &cart).await.assert_status(201);
+    let before = chrono::Utc::now().timestamp_millis();
+
+    let resp = app
+        .client
+        .patch(format!("{}/v1/admin/products/tea-01", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("If-Match", "\"1\"")
+        .json(&json!({ "stock": 8 }))
+        .send()
+        .await
+        .expect("request");
+
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["etag"], "\"2\"");
+    let after = chrono::Utc::now().timestamp_millis();
+    let rows = fetch_strings(
+        &app,
+        "SELECT a.actor || ' ' || a.reason || ' ' || CAST(a.old_stock AS TEXT) || ' ' || \
+         CAST(a.new_stock AS TEXT) || ' ' || CAST(a.at AS TEXT) \
+         FROM stock_adjustments a JOIN products p ON p.id = a.product_id \
+         WHERE p.sku = 'tea-01' ORDER BY a.id",
+    )
+    .await;
+    assert_eq!(rows.len(), 2, "the creation and the edit: {rows:?}");
+    let edit: Vec<&str> = rows[1].split(' ').collect();
+    assert_eq!(&edit[..4], ["admin", "admin_edit", "5", "8"], "{rows:?}");
+    let at: i64 = edit[4].parse().expect("milliseconds");
+    assert!(
+        (before..=after).contains(&at),
+        "{before} <= {at} <= {after}"
+    );
+    assert_eq!(app.stock_of("tea-01").await, (8, 2, 6));
+    app.audit().await.assert_clean();
+
+    // A unit that appears without an adjustment: the stock history no longer adds up.
+    execute_sql(
+        &app,
+        &["UPDATE products SET stock = stock + 1 WHERE sku = 'tea-01'".to_owned()],
+    )
+    .await;
+    let report = app.audit().await;
+
+    assert!(
+        report
+            .violations()
+            .any(|v| v.contains("tea-01: stock 9 but adjustments 8 minus sold 0 = 8")),
+        "{report}"
+    );
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"));
+    cmd.arg("audit")
+        .arg("--data-dir")
+        .arg(&app.settings.data_dir);
+    if let Some(url) = &app.database_url {
+        cmd.arg("--database-url").arg(url);
+    }
+    let out = cmd.output().expect("run holdfast audit");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("stock 9 but adjustments 8"), "{stdout}");
 }
 
 async fn the_audit_finds_a_corrupted_row(kind: StoreKind) {
@@ -582,6 +682,87 @@ async fn a_price_that_keeps_changing_is_a_clear_conflict_and_reserves_nothing(ki
     let started = app.start_checkout(&ada, &cart).await;
     started.assert_status(201);
     assert_eq!(started.body["total"]["amount"], 450);
+    app.audit().await.assert_clean();
+}
+
+async fn buyers_racing_cancellations_are_never_refused_while_units_are_free(kind: StoreKind) {
+    const UNITS: usize = 20;
+    let app = spawn_app(kind).await;
+    app.new_product("hot", 500, UNITS as i64).await;
+    let holders = buyers(&app, UNITS, &[("hot", 1)]).await;
+    let held = race_checkouts(&app, holders.clone()).await;
+    assert_eq!(count(&held, 201, None), UNITS);
+    let newcomers = buyers(&app, UNITS, &[("hot", 1)]).await;
+    let cancelled = Arc::new(AtomicUsize::new(0));
+    let barrier = Arc::new(Barrier::new(2 * UNITS));
+    let handle = Arc::new(app_handle(&app));
+
+    // Every holder cancels while as many newcomers check out. A newcomer refused before the
+    // last cancel may simply have been early; one refused by an attempt that began after every
+    // unit came back was refused while stock was free.
+    let cancels: Vec<_> = holders
+        .into_iter()
+        .zip(&held)
+        .map(|((holder, _), answer)| {
+            let (barrier, handle, cancelled) = (barrier.clone(), handle.clone(), cancelled.clone());
+            let id = answer.str("id");
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let resp = handle
+                    .client
+                    .post(format!("{}/v1/checkouts/{id}/cancel", handle.base))
+                    .bearer_auth(&holder.token)
+                    .send()
+                    .await
+                    .expect("request");
+                assert_eq!(resp.status().as_u16(), 200, "cancel");
+                cancelled.fetch_add(1, Ordering::SeqCst);
+            })
+        })
+        .collect();
+    let checkouts: Vec<_> = newcomers
+        .into_iter()
+        .map(|(customer, cart)| {
+            let (barrier, handle, cancelled) = (barrier.clone(), handle.clone(), cancelled.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let mut answers = Vec::new();
+                loop {
+                    let all_back = cancelled.load(Ordering::SeqCst) == UNITS;
+                    let resp = handle.start_checkout(&customer, &cart).await;
+                    let again = resp.code() == "insufficient_stock" && !all_back;
+                    answers.push(resp);
+                    if !again {
+                        return answers;
+                    }
+                    // Pacing, not synchronisation: the outcome is decided by the loop above.
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+            })
+        })
+        .collect();
+    for task in cancels {
+        task.await.expect("cancel task");
+    }
+    let mut finals = Vec::new();
+    for task in checkouts {
+        let mut answers = task.await.expect("checkout task");
+        for answer in &answers {
+            assert!(
+                answer.status.as_u16() == 201 || answer.code() == "insufficient_stock",
+                "only a reservation or a real shortfall: {:?}",
+                answer.body
+            );
+        }
+        finals.push(answers.pop().expect("at least one answer"));
+    }
+
+    assert_eq!(
+        count(&finals, 201, None),
+        UNITS,
+        "every newcomer got a unit"
+    );
+    assert_eq!(app.stock_of("hot").await, (UNITS as i64, UNITS as i64, 0));
     app.audit().await.assert_clean();
 }
 
@@ -725,5 +906,117 @@ async fn a_price_changed_while_checking_out_is_charged_at_the_new_price() {
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["total"]["amount"], 1000, "charged at the new price");
     assert_eq!(app.stock_of("tea-01").await, (5, 2, 3));
+    app.audit().await.assert_clean();
+}
+
+// PostgreSQL only: units freed between the single-line guard and its read-back.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_freed_between_the_guard_and_its_read_back_never_turn_a_buyer_away() {
+    let app = spawn_app(StoreKind::Postgres).await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, cart) = app.buyer_with("Ada", &[("tea-01", 1)]).await;
+    // The unlocked single-line guard always misses although the row has room, exactly what
+    // it sees when a release commits right after it: every read-back then finds units freed.
+    // A sequence counts the misses, as it is not rolled back with the attempts.
+    execute_sql(
+        &app,
+        &[
+            "CREATE SEQUENCE guard_misses".to_owned(),
+            "CREATE FUNCTION miss_the_guard() RETURNS trigger AS $$ BEGIN \
+             IF NEW.reserved > OLD.reserved \
+                AND position('SET reserved = reserved +' IN current_query()) > 0 THEN \
+               PERFORM nextval('guard_misses'); RETURN NULL; \
+             END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
+                .to_owned(),
+            "CREATE TRIGGER missing_guard BEFORE UPDATE ON products \
+             FOR EACH ROW EXECUTE FUNCTION miss_the_guard()"
+                .to_owned(),
+        ],
+    )
+    .await;
+
+    let resp = app.start_checkout(&ada, &cart).await;
+
+    resp.assert_status(201);
+    let misses = fetch_strings(&app, "SELECT last_value::TEXT FROM guard_misses").await;
+    let misses: u32 = misses[0].parse().expect("a count");
+    assert!(
+        misses > 3,
+        "more stock-driven retries ({misses}) than a price change is allowed"
+    );
+    assert_eq!(app.stock_of("tea-01").await, (5, 1, 4));
+    app.audit().await.assert_clean();
+}
+
+// PostgreSQL only: the expiry worker through a database outage.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_expiry_worker_keeps_releasing_after_the_database_dropped_its_connections() {
+    use sqlx::Connection as _;
+    let app = spawn_app_with(
+        StoreKind::Postgres,
+        Options {
+            ttl_seconds: 1,
+            ..Options::default()
+        },
+    )
+    .await;
+    app.new_product("tea-01", 450, 2).await;
+    let (ada, adas_cart) = app.buyer_with("Ada", &[("tea-01", 1)]).await;
+    let first = app.start_checkout(&ada, &adas_cart).await;
+    first.assert_status(201);
+    let url = app
+        .database_url
+        .clone()
+        .expect("a PostgreSQL app has a URL");
+    let name = url.rsplit('/').next().expect("a database name").to_owned();
+    let mut admin =
+        sqlx::PgConnection::connect(&format!("{}/test", crate::helpers::postgres_base_url()))
+            .await
+            .expect("connect to the server");
+    let allow = |on: bool| format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {on}");
+
+    // An outage: every connection of the app's database is killed, and no new one is let in
+    // until the worker has failed at least once.
+    sqlx::query(&allow(false))
+        .execute(&mut admin)
+        .await
+        .expect("refuse connections");
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(&name)
+    .execute(&mut admin)
+    .await
+    .expect("terminate the app's connections");
+    eventually(20, "the expiry worker meets the outage", || async {
+        app.expiry.failed_ticks() > 0
+    })
+    .await;
+    sqlx::query(&allow(true))
+        .execute(&mut admin)
+        .await
+        .expect("let connections in again");
+
+    // The worker is still running: what expired during the outage and what expires after it
+    // both come back.
+    let (bob, bobs_cart) = app.buyer_with("Bob", &[("tea-01", 1)]).await;
+    let later = app.start_checkout(&bob, &bobs_cart).await;
+    later.assert_status(201);
+    eventually(20, "both units come back", || async {
+        app.stock_of("tea-01").await == (2, 0, 2)
+    })
+    .await;
+    for (customer, checkout) in [(&ada, &first), (&bob, &later)] {
+        let got = app
+            .get(
+                &format!("/v1/checkouts/{}", checkout.str("id")),
+                Some(&customer.token),
+            )
+            .await;
+        assert_eq!(got.body["state"], "expired");
+    }
     app.audit().await.assert_clean();
 }
