@@ -13,12 +13,12 @@
 //!   "try again later".
 //!
 //! and reports units sold, buyers refused while stock remained, oversell, latency and
-//! throughput for each. The `hot-all` scenario has stock for every buyer, so every request is a
-//! reservation; there the run also measures the database's own ceiling for the same statements
-//! with `scripts/pgbench-ceiling.sh` (when `pgbench` is installed) and prints each row's ratio
-//! to it. It is a benchmark, not a test: it prints figures and asserts nothing.
+//! throughput for each. The `hot-all` and `spread-all` scenarios have stock for every buyer, so
+//! every request is a reservation; there the run also measures the database's own ceiling for
+//! the same statements with `scripts/pgbench-ceiling.sh` (when `pgbench` is installed: one hot
+//! row, or 200 rows) and prints each row's ratio to it. It is a benchmark, not a test: it prints figures and asserts nothing.
 //!
-//! `cargo bench --bench reservation -- [--scenario hot|hot-all|spread|all] [--buyers N]
+//! `cargo bench --bench reservation -- [--scenario hot|hot-all|spread|spread-all|all] [--buyers N]
 //! [--units U] [--skus S] [--concurrency C] [--pool P] [--seed N] [--json]`
 //!
 //! Numbers move with the machine: read them next to each other, never against another run.
@@ -55,10 +55,10 @@ struct Flags {
     /// Which scenario to run; the flags below override its figures.
     #[arg(long, value_enum, default_value = "all")]
     scenario: Choice,
-    /// Buyers, each wanting one unit (hot and hot-all: 5000, spread: 20000).
+    /// Buyers, each wanting one unit (hot and hot-all: 5000, spread and spread-all: 20000).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     buyers: Option<u64>,
-    /// Units in stock per SKU (hot and spread: 100, hot-all: as many as buyers).
+    /// Units in stock per SKU (hot and spread: 100, hot-all: as many as buyers, spread-all: 1000).
     #[arg(long, value_parser = clap::value_parser!(i64).range(0..=StockLevel::MAX))]
     units: Option<i64>,
     /// SKUs the buyers are spread over, uniformly at random (hot: 1, spread: 200).
@@ -95,6 +95,7 @@ enum Choice {
     Hot,
     HotAll,
     Spread,
+    SpreadAll,
     All,
 }
 
@@ -132,11 +133,20 @@ impl Scenario {
             buyers: 20_000,
             concurrency: 64,
         };
+        // The same with stock for everyone: the 200-row mix against its own ceiling.
+        let spread_all = Scenario {
+            name: "spread-all",
+            skus: 200,
+            units: 1_000,
+            buyers: 20_000,
+            concurrency: 64,
+        };
         let picked = match flags.scenario {
             Choice::Hot => vec![hot],
             Choice::HotAll => vec![hot_all],
             Choice::Spread => vec![spread],
-            Choice::All => vec![hot, hot_all, spread],
+            Choice::SpreadAll => vec![spread_all],
+            Choice::All => vec![hot, hot_all, spread, spread_all],
         };
         let size = |n: u64| usize::try_from(n).expect("a count that fits in memory");
         picked
@@ -228,10 +238,10 @@ async fn main() {
     }
     for scenario in Scenario::chosen(&flags) {
         let skus_of = scenario.draw(flags.seed);
-        let ceiling = if scenario.name == "hot-all" {
-            pgbench_ceiling(scenario.concurrency).await
-        } else {
-            None
+        let ceiling = match scenario.name {
+            "hot-all" => pgbench_ceiling("hot", scenario.concurrency).await,
+            "spread-all" => pgbench_ceiling("200-rows", scenario.concurrency).await,
+            _ => None,
         };
         let mut rows = vec![
             holdfast_over_http(&flags, &scenario, skus_of.clone(), Path::Plain).await,
@@ -819,12 +829,12 @@ fn print_table(scenario: &Scenario, rows: &[Row], ceiling: Option<f64>) {
 /// Runs `scripts/pgbench-ceiling.sh --only hot` with as many clients as the race has and reads
 /// its transactions per second; `None` (with the reason on stderr) when it cannot run, so a
 /// machine without pgbench still gets the other rows.
-async fn pgbench_ceiling(clients: usize) -> Option<f64> {
+async fn pgbench_ceiling(rows: &str, clients: usize) -> Option<f64> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pgbench-ceiling.sh");
-    eprintln!("pgbench ceiling: {clients} clients, 10 s");
+    eprintln!("pgbench ceiling ({rows}): {clients} clients, 10 s");
     let out = tokio::process::Command::new("bash")
         .arg(script)
-        .args(["--only", "hot", "--seconds", "10", "--clients"])
+        .args(["--only", rows, "--seconds", "10", "--clients"])
         .arg(clients.to_string())
         .output()
         .await;
@@ -842,11 +852,11 @@ async fn pgbench_ceiling(clients: usize) -> Option<f64> {
             return None;
         }
     };
-    // The line reads `hot  <clients> clients  <s> s  tps <tps>  failed <n> ...`.
+    // The line reads `<rows>  <clients> clients  <s> s  tps <tps>  failed <n> ...`.
     let stdout = String::from_utf8_lossy(&out.stdout);
     let tps = stdout
         .lines()
-        .filter(|line| line.starts_with("hot"))
+        .filter(|line| line.starts_with(rows))
         .find_map(|line| {
             let mut words = line.split_whitespace();
             words.find(|w| *w == "tps")?;
