@@ -5,6 +5,7 @@
 mod fake_stripe;
 mod helpers;
 
+mod audit;
 mod authz;
 mod binary;
 mod browser;
