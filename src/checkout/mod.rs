@@ -5,7 +5,6 @@
 //! no lost payments: every path ends paid, failed-and-released, or refunded).
 
 mod admission;
-pub mod faults;
 mod group;
 
 use std::sync::Arc;
@@ -14,6 +13,7 @@ use std::time::Duration as StdDuration;
 use chrono::Duration;
 
 use crate::domain::{CartId, Checkout, CheckoutId, CheckoutState, Clock, CustomerId, OrderId};
+use crate::faults::{self, FaultPoint};
 use crate::flash_sale::AdmissionGate;
 use crate::observe::{self, CheckoutOutcome, SagaStep};
 use crate::payments::{
@@ -22,7 +22,6 @@ use crate::payments::{
 };
 use crate::store::{ChargeTicket, Lease, NewCheckout, Store, StoreError};
 
-use faults::FaultPoint;
 pub use group::GroupSettings;
 use group::Grouper;
 
@@ -190,6 +189,7 @@ impl CheckoutService {
         let reserved = observe::timed(SagaStep::Reserve, self.reserve(new)).await;
         count_reservation(&reserved);
         let checkout = reserved?;
+        faults::hit(self.saga.fault, FaultPoint::AfterReserve).await;
         if let Some(sale) = &sale {
             // The admission now lives as long as the checkout may.
             if let Err(e) = self
@@ -386,15 +386,19 @@ impl CheckoutService {
         let now = self.clock.now();
         match outcome {
             ChargeOutcome::Succeeded(intent) => self.record_success(id, &intent).await,
-            ChargeOutcome::RequiresAction(intent) => Ok(self
-                .store
-                .record_requires_action(
-                    id,
-                    &intent.id,
-                    intent.client_secret.as_deref(),
-                    self.lease(self.saga.reconcile_after),
-                )
-                .await?),
+            ChargeOutcome::RequiresAction(intent) => {
+                let waiting = self
+                    .store
+                    .record_requires_action(
+                        id,
+                        &intent.id,
+                        intent.client_secret.as_deref(),
+                        self.lease(self.saga.reconcile_after),
+                    )
+                    .await?;
+                faults::hit(self.saga.fault, FaultPoint::AfterRecordRequiresAction).await;
+                Ok(waiting)
+            }
             ChargeOutcome::Declined {
                 payment_intent_id,
                 decline,
@@ -419,6 +423,7 @@ impl CheckoutService {
             .store
             .record_charge_declined(id, payment_intent_id, code, now)
             .await?;
+        faults::hit(self.saga.fault, FaultPoint::AfterRecordDecline).await;
         self.settle_admission(&checkout).await;
         Ok(checkout)
     }
@@ -430,6 +435,7 @@ impl CheckoutService {
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<Checkout, CheckoutError> {
         let checkout = self.store.record_charge_cancelled(id, now).await?;
+        faults::hit(self.saga.fault, FaultPoint::AfterRecordCancel).await;
         self.settle_admission(&checkout).await;
         Ok(checkout)
     }
@@ -464,13 +470,17 @@ impl CheckoutService {
             amount: None,
             idempotency_key: format!("checkout-{}-refund", checkout.id),
         };
-        match self.gateway.refund(&request).await {
+        faults::hit(self.saga.fault, FaultPoint::BeforeRefundCall).await;
+        let answer = self.gateway.refund(&request).await;
+        faults::hit(self.saga.fault, FaultPoint::AfterRefundCall).await;
+        match answer {
             Ok(refund) => {
-                tracing::info!(checkout_id = %checkout.id, "late payment refunded: the units were gone");
+                tracing::info!(checkout_id = %checkout.id, "payment refunded");
                 let refunded = self
                     .store
                     .record_refunded(checkout.id, Some(&refund.id), self.clock.now())
                     .await?;
+                faults::hit(self.saga.fault, FaultPoint::AfterRecordRefund).await;
                 self.settle_admission(&refunded).await;
                 Ok(refunded)
             }
@@ -703,7 +713,9 @@ impl CheckoutService {
             }
             _ if now >= checkout.max_expires_at => {
                 let key = format!("checkout-{}-cancel", checkout.id);
-                match self.gateway.cancel(intent_id, &key).await {
+                let answer = self.gateway.cancel(intent_id, &key).await;
+                faults::hit(self.saga.fault, FaultPoint::AfterCancelCall).await;
+                match answer {
                     Ok(after) if after.status == IntentStatus::Succeeded => {
                         self.record_success(checkout.id, &after).await?;
                     }
