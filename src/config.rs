@@ -211,7 +211,8 @@ pub struct Flags {
     )]
     pub recovery_interval_ms: u64,
 
-    /// How long an instance owns a checkout it is charging before recovery may take over.
+    /// How long an instance owns a checkout it is charging before recovery may take over; a
+    /// live instance renews it while the charge runs.
     #[arg(
         long,
         env = "HOLDFAST_LEASE_SECONDS",

@@ -7,10 +7,11 @@
 mod admission;
 mod group;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
-use chrono::Duration;
+use chrono::{DateTime, Duration, Utc};
 
 use crate::domain::{CartId, Checkout, CheckoutId, CheckoutState, Clock, CustomerId, OrderId};
 use crate::faults::{self, FaultPoint};
@@ -53,7 +54,8 @@ pub struct Windows {
 /// How the saga paces itself; tests shorten these.
 #[derive(Debug, Clone)]
 pub struct SagaSettings {
-    /// How long an instance owns a checkout it is charging.
+    /// How long an instance owns a checkout it is charging without renewing the lease; a
+    /// charge in flight renews it every third of this.
     pub lease: Duration,
     /// Waits between tries of a charge whose outcome is unknown, within one request.
     pub retry_delays: Vec<StdDuration>,
@@ -262,9 +264,10 @@ impl CheckoutService {
         if !valid_payment_method(payment_method) {
             return Err(CheckoutError::BadPaymentMethod);
         }
+        let lease = self.lease(self.saga.lease);
         let ticket = match self
             .store
-            .begin_charge(customer, id, payment_method, self.lease(self.saga.lease))
+            .begin_charge(customer, id, payment_method, lease)
             .await
         {
             Ok(ticket) => ticket,
@@ -275,7 +278,7 @@ impl CheckoutService {
             Err(e) => return Err(e.into()),
         };
         faults::hit(self.saga.fault, FaultPoint::AfterBeginCharge).await;
-        self.drive_charge(&ticket).await
+        self.drive_charge(&ticket, lease.until).await
     }
 
     /// The charge of a `charging` checkout, retried with the same key while the outcome is
@@ -287,7 +290,16 @@ impl CheckoutService {
     /// answer was lost, or this is a resumed charge), giving it back would make the next
     /// `complete` a new attempt with a new key, and a second charge (promise 3): the charge
     /// stays open instead, retried with the same key and reconciled through the gateway.
-    async fn drive_charge(&self, ticket: &ChargeTicket) -> Result<Checkout, CheckoutError> {
+    ///
+    /// `held` is the end of the lease the ticket was taken with. The lease is renewed while a
+    /// call or a wait between tries runs, so retries slower than the lease are not taken over
+    /// by another instance's recovery mid-call; if the lease was claimed again anyway, this
+    /// instance leaves the checkout to the claimant.
+    async fn drive_charge(
+        &self,
+        ticket: &ChargeTicket,
+        mut held: DateTime<Utc>,
+    ) -> Result<Checkout, CheckoutError> {
         let checkout = &ticket.checkout;
         let request = ChargeRequest {
             amount: checkout.total,
@@ -300,8 +312,10 @@ impl CheckoutService {
         let mut delays = self.saga.retry_delays.iter();
         let mut may_have_charged = !ticket.opens_attempt;
         loop {
-            let answer =
-                observe::timed(SagaStep::Charge, self.gateway.create_and_confirm(&request)).await;
+            let call = observe::timed(SagaStep::Charge, self.gateway.create_and_confirm(&request));
+            let Some(answer) = self.holding_lease(checkout.id, &mut held, call).await else {
+                return self.reload(checkout.id).await;
+            };
             count_gateway_call(&answer);
             faults::hit(self.saga.fault, FaultPoint::AfterGatewayCall).await;
             match answer {
@@ -317,7 +331,14 @@ impl CheckoutService {
                 Err(GatewayError::Unknown(_) | GatewayError::IdempotencyConflict) => {
                     may_have_charged = true;
                     if let Some(delay) = delays.next() {
-                        tokio::time::sleep(*delay).await;
+                        let wait = tokio::time::sleep(*delay);
+                        if self
+                            .holding_lease(checkout.id, &mut held, wait)
+                            .await
+                            .is_none()
+                        {
+                            return self.reload(checkout.id).await;
+                        }
                         continue;
                     }
                     tracing::warn!("charge outcome unknown; recovery will retry with the same key");
@@ -356,6 +377,40 @@ impl CheckoutService {
                     return Err(CheckoutError::Gateway(
                         "payment state is being reconciled".into(),
                     ));
+                }
+            }
+        }
+    }
+
+    /// Runs `work` while renewing the charge's lease every third of its length. `None` when the
+    /// lease is no longer this instance's (claimed again after all, or the checkout left
+    /// `charging`, say by a webhook): `work` is dropped and the caller stops driving the
+    /// checkout. Dropping a gateway call is safe: its key makes the claimant's call the same
+    /// request. A renewal that fails on the store is tried again at the next tick.
+    async fn holding_lease<T>(
+        &self,
+        id: CheckoutId,
+        held: &mut DateTime<Utc>,
+        work: impl Future<Output = T>,
+    ) -> Option<T> {
+        let every = (self.saga.lease / 3)
+            .to_std()
+            .unwrap_or(StdDuration::from_secs(1))
+            .max(StdDuration::from_millis(10));
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return Some(done),
+                () = tokio::time::sleep(every) => {
+                    let lease = self.lease(self.saga.lease);
+                    match self.store.renew_charge_lease(id, *held, lease).await {
+                        Ok(true) => *held = lease.until,
+                        Ok(false) => {
+                            tracing::warn!(checkout_id = %id, "charge lease lost; leaving the checkout to its new owner");
+                            return None;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "charge lease not renewed; will retry"),
+                    }
                 }
             }
         }
@@ -618,19 +673,21 @@ impl CheckoutService {
     /// One recovery batch: checkouts whose lease ran out (crashed instance, unknown outcome,
     /// authentication pending) and money due back. Returns how many were claimed.
     pub async fn recover_stalled(&self, limit: u32) -> Result<usize, CheckoutError> {
-        let tickets = self
-            .store
-            .claim_stalled(limit, self.lease(self.saga.lease))
-            .await?;
+        let lease = self.lease(self.saga.lease);
+        let tickets = self.store.claim_stalled(limit, lease).await?;
         for ticket in &tickets {
-            if let Err(e) = self.recover(ticket).await {
+            if let Err(e) = self.recover(ticket, lease.until).await {
                 tracing::warn!(checkout_id = %ticket.checkout.id, error = %e, "recovery step failed; will retry");
             }
         }
         Ok(tickets.len())
     }
 
-    async fn recover(&self, ticket: &ChargeTicket) -> Result<(), CheckoutError> {
+    async fn recover(
+        &self,
+        ticket: &ChargeTicket,
+        held: DateTime<Utc>,
+    ) -> Result<(), CheckoutError> {
         let checkout = &ticket.checkout;
         tracing::info!(checkout_id = %checkout.id, state = checkout.state.as_str(), "recovering checkout");
         if checkout.refund_due {
@@ -638,7 +695,7 @@ impl CheckoutService {
             return Ok(());
         }
         match checkout.state {
-            CheckoutState::Charging => self.recover_charge(ticket).await?,
+            CheckoutState::Charging => self.recover_charge(ticket, held).await?,
             CheckoutState::RequiresAction => self.reconcile_action(checkout).await?,
             _ => {}
         }
@@ -649,9 +706,13 @@ impl CheckoutService {
     /// refusal after an unknown outcome, a store error), a charge in flight for longer than the
     /// reconcile threshold is settled from what the gateway holds, so no answer of the create
     /// can keep a paid checkout in `charging` for ever (promise 4).
-    async fn recover_charge(&self, ticket: &ChargeTicket) -> Result<(), CheckoutError> {
+    async fn recover_charge(
+        &self,
+        ticket: &ChargeTicket,
+        held: DateTime<Utc>,
+    ) -> Result<(), CheckoutError> {
         let id = ticket.checkout.id;
-        let driven = self.drive_charge(ticket).await;
+        let driven = self.drive_charge(ticket, held).await;
         let still_charging = match &driven {
             Ok(after) => after.state == CheckoutState::Charging,
             Err(_) => self.reload(id).await?.state == CheckoutState::Charging,
