@@ -712,7 +712,13 @@ impl CheckoutService {
         held: DateTime<Utc>,
     ) -> Result<(), CheckoutError> {
         let id = ticket.checkout.id;
-        let driven = self.drive_charge(ticket, held).await;
+        // The batch was claimed together: a claim that lapsed while earlier checkouts of the
+        // batch were driven may have been taken by another instance since.
+        let lease = self.lease(self.saga.lease);
+        if !self.store.renew_charge_lease(id, held, lease).await? {
+            return Ok(());
+        }
+        let driven = self.drive_charge(ticket, lease.until).await;
         let still_charging = match &driven {
             Ok(after) => after.state == CheckoutState::Charging,
             Err(_) => self.reload(id).await?.state == CheckoutState::Charging,
