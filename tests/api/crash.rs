@@ -184,9 +184,9 @@ impl Scenario {
     }
 }
 
-/// How often the marker appears before the test looks at the checkouts: once per request for
-/// points a customer's request reaches; once for points a background worker reaches (the
-/// worker stops at the first) or that a request and recovery may race to (refunds).
+/// How many markers the test waits for before it looks at the checkouts: one per request for
+/// points a customer's request reaches; one for points a background worker reaches (the worker
+/// stops at the first) or that a request and recovery may race to (refunds).
 fn markers(point: FaultPoint) -> usize {
     match point {
         FaultPoint::AfterReserve
@@ -520,7 +520,8 @@ struct Buyer {
     cart: String,
     quantity: i64,
     checkout: Option<StartedCheckout>,
-    /// The signed `payment_intent.succeeded` event of a late payment, for redelivery.
+    /// The `payment_intent.succeeded` event of a late payment, delivered again (signed anew)
+    /// after the restart.
     late_success: Option<String>,
 }
 
