@@ -211,7 +211,8 @@ pub struct Flags {
     )]
     pub recovery_interval_ms: u64,
 
-    /// How long an instance owns a checkout it is charging before recovery may take over.
+    /// How long an instance owns a checkout it is charging before recovery may take over; a
+    /// live instance renews it while the charge runs.
     #[arg(
         long,
         env = "HOLDFAST_LEASE_SECONDS",
@@ -219,6 +220,27 @@ pub struct Flags {
         global = true
     )]
     pub lease_seconds: u64,
+
+    /// How long a checkout waits for customer authentication before the gateway is asked about
+    /// it (lost webhooks), and how long a charge must be in flight before recovery searches the
+    /// gateway for it.
+    #[arg(
+        long,
+        env = "HOLDFAST_RECONCILE_AFTER_SECONDS",
+        default_value_t = 60,
+        global = true
+    )]
+    pub reconcile_after_seconds: u64,
+
+    /// How long an outbox relay owns the events it claimed before another relay may publish
+    /// them again (a relay that died mid-batch).
+    #[arg(
+        long,
+        env = "HOLDFAST_RELAY_LEASE_SECONDS",
+        default_value_t = 30,
+        global = true
+    )]
+    pub relay_lease_seconds: u64,
 
     /// Test-only: stop at this saga fault point so a crash test can kill the process there.
     #[arg(long, env = "HOLDFAST_FAULT_POINT", global = true, hide = true)]
@@ -323,7 +345,9 @@ pub struct Settings {
     pub expiry_interval: Duration,
     pub recovery_interval: Duration,
     pub lease: Duration,
-    pub fault_point: Option<crate::checkout::faults::FaultPoint>,
+    pub reconcile_after: Duration,
+    pub relay_lease: Duration,
+    pub fault_point: Option<crate::faults::FaultPoint>,
     pub relay_interval: Duration,
     pub rate_limit_per_second: u32,
     pub request_timeout: Duration,
@@ -427,6 +451,13 @@ impl Settings {
             600_000,
         )?;
         let lease = in_range("lease-seconds", flags.lease_seconds, 1, 3600)?;
+        let reconcile_after = in_range(
+            "reconcile-after-seconds",
+            flags.reconcile_after_seconds,
+            1,
+            86_400,
+        )?;
+        let relay_lease = in_range("relay-lease-seconds", flags.relay_lease_seconds, 1, 3600)?;
         let max_lifetime = in_range(
             "reservation-max-lifetime-seconds",
             flags.reservation_max_lifetime_seconds,
@@ -479,6 +510,8 @@ impl Settings {
             expiry_interval: Duration::from_millis(expiry),
             recovery_interval: Duration::from_millis(recovery),
             lease: Duration::from_secs(lease),
+            reconcile_after: Duration::from_secs(reconcile_after),
+            relay_lease: Duration::from_secs(relay_lease),
             fault_point,
             relay_interval: Duration::from_millis(relay),
             rate_limit_per_second: flags.rate_limit_per_second,
@@ -639,6 +672,32 @@ mod tests {
             (s.request_timeout, s.rate_limit_per_second),
             (Duration::from_secs(1), 0)
         );
+    }
+
+    #[test]
+    fn reconciliation_and_relay_leases_default_to_a_minute_and_half_a_minute() {
+        let s = parse(&[]).unwrap();
+        assert_eq!(
+            (s.reconcile_after, s.relay_lease),
+            (Duration::from_secs(60), Duration::from_secs(30))
+        );
+        let s = parse(&[
+            "--reconcile-after-seconds",
+            "1",
+            "--relay-lease-seconds",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(
+            (s.reconcile_after, s.relay_lease),
+            (Duration::from_secs(1), Duration::from_secs(2))
+        );
+        for flag in ["--reconcile-after-seconds", "--relay-lease-seconds"] {
+            assert!(
+                matches!(parse(&[flag, "0"]), Err(ConfigError::Range { .. })),
+                "{flag} 0"
+            );
+        }
     }
 
     #[test]

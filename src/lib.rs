@@ -17,6 +17,7 @@
 //! - [`loadgen`]: `holdfast loadgen`, a flash sale or steady load against a running server.
 //! - [`observe`]: the Prometheus metrics every layer counts into.
 //! - [`demo`]: the catalogue `serve --demo` seeds.
+//! - [`faults`]: fault points for crash tests, inert unless a test-only setting arms one.
 //! - [`config`], [`startup`], [`telemetry`], [`shutdown`]: flags, wiring, logs, stopping.
 
 pub mod audit;
@@ -24,6 +25,7 @@ pub mod checkout;
 pub mod config;
 pub mod demo;
 pub mod domain;
+pub mod faults;
 pub mod flash_sale;
 pub mod http;
 pub mod idempotency;

@@ -289,11 +289,20 @@ impl Application {
         let saga = overrides.saga.unwrap_or_else(|| SagaSettings {
             lease: chrono::Duration::from_std(settings.lease)
                 .unwrap_or(chrono::Duration::seconds(30)),
+            reconcile_after: chrono::Duration::from_std(settings.reconcile_after)
+                .unwrap_or(chrono::Duration::seconds(60)),
             fault: settings.fault_point,
             ..SagaSettings::default()
         });
         let (sink, consumers) = events(&settings, store.clone(), clock.clone()).await?;
-        let relay = Arc::new(Relay::new(store.clone(), sink, clock.clone()));
+        let relay = Arc::new(
+            Relay::new(store.clone(), sink, clock.clone())
+                .with_lease(
+                    chrono::Duration::from_std(settings.relay_lease)
+                        .unwrap_or(chrono::Duration::seconds(30)),
+                )
+                .with_fault(settings.fault_point),
+        );
         let windows = Windows {
             ttl: chrono::Duration::from_std(settings.reservation_ttl)
                 .unwrap_or(chrono::Duration::seconds(180)),

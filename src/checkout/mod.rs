@@ -5,15 +5,16 @@
 //! no lost payments: every path ends paid, failed-and-released, or refunded).
 
 mod admission;
-pub mod faults;
 mod group;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
-use chrono::Duration;
+use chrono::{DateTime, Duration, Utc};
 
 use crate::domain::{CartId, Checkout, CheckoutId, CheckoutState, Clock, CustomerId, OrderId};
+use crate::faults::{self, FaultPoint};
 use crate::flash_sale::AdmissionGate;
 use crate::observe::{self, CheckoutOutcome, SagaStep};
 use crate::payments::{
@@ -22,7 +23,6 @@ use crate::payments::{
 };
 use crate::store::{ChargeTicket, Lease, NewCheckout, Store, StoreError};
 
-use faults::FaultPoint;
 pub use group::GroupSettings;
 use group::Grouper;
 
@@ -54,7 +54,8 @@ pub struct Windows {
 /// How the saga paces itself; tests shorten these.
 #[derive(Debug, Clone)]
 pub struct SagaSettings {
-    /// How long an instance owns a checkout it is charging.
+    /// How long an instance owns a checkout it is charging without renewing the lease; a
+    /// charge in flight renews it every third of this.
     pub lease: Duration,
     /// Waits between tries of a charge whose outcome is unknown, within one request.
     pub retry_delays: Vec<StdDuration>,
@@ -190,6 +191,7 @@ impl CheckoutService {
         let reserved = observe::timed(SagaStep::Reserve, self.reserve(new)).await;
         count_reservation(&reserved);
         let checkout = reserved?;
+        faults::hit(self.saga.fault, FaultPoint::AfterReserve).await;
         if let Some(sale) = &sale {
             // The admission now lives as long as the checkout may.
             if let Err(e) = self
@@ -262,9 +264,10 @@ impl CheckoutService {
         if !valid_payment_method(payment_method) {
             return Err(CheckoutError::BadPaymentMethod);
         }
+        let lease = self.lease(self.saga.lease);
         let ticket = match self
             .store
-            .begin_charge(customer, id, payment_method, self.lease(self.saga.lease))
+            .begin_charge(customer, id, payment_method, lease)
             .await
         {
             Ok(ticket) => ticket,
@@ -275,7 +278,7 @@ impl CheckoutService {
             Err(e) => return Err(e.into()),
         };
         faults::hit(self.saga.fault, FaultPoint::AfterBeginCharge).await;
-        self.drive_charge(&ticket).await
+        self.drive_charge(&ticket, lease.until).await
     }
 
     /// The charge of a `charging` checkout, retried with the same key while the outcome is
@@ -287,7 +290,16 @@ impl CheckoutService {
     /// answer was lost, or this is a resumed charge), giving it back would make the next
     /// `complete` a new attempt with a new key, and a second charge (promise 3): the charge
     /// stays open instead, retried with the same key and reconciled through the gateway.
-    async fn drive_charge(&self, ticket: &ChargeTicket) -> Result<Checkout, CheckoutError> {
+    ///
+    /// `held` is the end of the lease the ticket was taken with. The lease is renewed while a
+    /// call or a wait between tries runs, so retries slower than the lease are not taken over
+    /// by another instance's recovery mid-call; if the lease was claimed again anyway, this
+    /// instance leaves the checkout to the claimant.
+    async fn drive_charge(
+        &self,
+        ticket: &ChargeTicket,
+        mut held: DateTime<Utc>,
+    ) -> Result<Checkout, CheckoutError> {
         let checkout = &ticket.checkout;
         let request = ChargeRequest {
             amount: checkout.total,
@@ -300,8 +312,10 @@ impl CheckoutService {
         let mut delays = self.saga.retry_delays.iter();
         let mut may_have_charged = !ticket.opens_attempt;
         loop {
-            let answer =
-                observe::timed(SagaStep::Charge, self.gateway.create_and_confirm(&request)).await;
+            let call = observe::timed(SagaStep::Charge, self.gateway.create_and_confirm(&request));
+            let Some(answer) = self.holding_lease(checkout.id, &mut held, call).await else {
+                return self.reload(checkout.id).await;
+            };
             count_gateway_call(&answer);
             faults::hit(self.saga.fault, FaultPoint::AfterGatewayCall).await;
             match answer {
@@ -317,7 +331,14 @@ impl CheckoutService {
                 Err(GatewayError::Unknown(_) | GatewayError::IdempotencyConflict) => {
                     may_have_charged = true;
                     if let Some(delay) = delays.next() {
-                        tokio::time::sleep(*delay).await;
+                        let wait = tokio::time::sleep(*delay);
+                        if self
+                            .holding_lease(checkout.id, &mut held, wait)
+                            .await
+                            .is_none()
+                        {
+                            return self.reload(checkout.id).await;
+                        }
                         continue;
                     }
                     tracing::warn!("charge outcome unknown; recovery will retry with the same key");
@@ -361,6 +382,40 @@ impl CheckoutService {
         }
     }
 
+    /// Runs `work` while renewing the charge's lease every third of its length. `None` when the
+    /// lease is no longer this instance's (claimed again after all, or the checkout left
+    /// `charging`, say by a webhook): `work` is dropped and the caller stops driving the
+    /// checkout. Dropping a gateway call is safe: its key makes the claimant's call the same
+    /// request. A renewal that fails on the store is tried again at the next tick.
+    async fn holding_lease<T>(
+        &self,
+        id: CheckoutId,
+        held: &mut DateTime<Utc>,
+        work: impl Future<Output = T>,
+    ) -> Option<T> {
+        let every = (self.saga.lease / 3)
+            .to_std()
+            .unwrap_or(StdDuration::from_secs(1))
+            .max(StdDuration::from_millis(10));
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return Some(done),
+                () = tokio::time::sleep(every) => {
+                    let lease = self.lease(self.saga.lease);
+                    match self.store.renew_charge_lease(id, *held, lease).await {
+                        Ok(true) => *held = lease.until,
+                        Ok(false) => {
+                            tracing::warn!(checkout_id = %id, "charge lease lost; leaving the checkout to its new owner");
+                            return None;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "charge lease not renewed; will retry"),
+                    }
+                }
+            }
+        }
+    }
+
     /// Gives the lease up until recovery tries the same key again; the checkout stays
     /// `charging`.
     async fn retry_later(&self, id: CheckoutId) -> Result<Checkout, CheckoutError> {
@@ -386,15 +441,19 @@ impl CheckoutService {
         let now = self.clock.now();
         match outcome {
             ChargeOutcome::Succeeded(intent) => self.record_success(id, &intent).await,
-            ChargeOutcome::RequiresAction(intent) => Ok(self
-                .store
-                .record_requires_action(
-                    id,
-                    &intent.id,
-                    intent.client_secret.as_deref(),
-                    self.lease(self.saga.reconcile_after),
-                )
-                .await?),
+            ChargeOutcome::RequiresAction(intent) => {
+                let waiting = self
+                    .store
+                    .record_requires_action(
+                        id,
+                        &intent.id,
+                        intent.client_secret.as_deref(),
+                        self.lease(self.saga.reconcile_after),
+                    )
+                    .await?;
+                faults::hit(self.saga.fault, FaultPoint::AfterRecordRequiresAction).await;
+                Ok(waiting)
+            }
             ChargeOutcome::Declined {
                 payment_intent_id,
                 decline,
@@ -419,6 +478,7 @@ impl CheckoutService {
             .store
             .record_charge_declined(id, payment_intent_id, code, now)
             .await?;
+        faults::hit(self.saga.fault, FaultPoint::AfterRecordDecline).await;
         self.settle_admission(&checkout).await;
         Ok(checkout)
     }
@@ -430,6 +490,7 @@ impl CheckoutService {
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<Checkout, CheckoutError> {
         let checkout = self.store.record_charge_cancelled(id, now).await?;
+        faults::hit(self.saga.fault, FaultPoint::AfterRecordCancel).await;
         self.settle_admission(&checkout).await;
         Ok(checkout)
     }
@@ -464,13 +525,17 @@ impl CheckoutService {
             amount: None,
             idempotency_key: format!("checkout-{}-refund", checkout.id),
         };
-        match self.gateway.refund(&request).await {
+        faults::hit(self.saga.fault, FaultPoint::BeforeRefundCall).await;
+        let answer = self.gateway.refund(&request).await;
+        faults::hit(self.saga.fault, FaultPoint::AfterRefundCall).await;
+        match answer {
             Ok(refund) => {
-                tracing::info!(checkout_id = %checkout.id, "late payment refunded: the units were gone");
+                tracing::info!(checkout_id = %checkout.id, "payment refunded");
                 let refunded = self
                     .store
                     .record_refunded(checkout.id, Some(&refund.id), self.clock.now())
                     .await?;
+                faults::hit(self.saga.fault, FaultPoint::AfterRecordRefund).await;
                 self.settle_admission(&refunded).await;
                 Ok(refunded)
             }
@@ -608,19 +673,21 @@ impl CheckoutService {
     /// One recovery batch: checkouts whose lease ran out (crashed instance, unknown outcome,
     /// authentication pending) and money due back. Returns how many were claimed.
     pub async fn recover_stalled(&self, limit: u32) -> Result<usize, CheckoutError> {
-        let tickets = self
-            .store
-            .claim_stalled(limit, self.lease(self.saga.lease))
-            .await?;
+        let lease = self.lease(self.saga.lease);
+        let tickets = self.store.claim_stalled(limit, lease).await?;
         for ticket in &tickets {
-            if let Err(e) = self.recover(ticket).await {
+            if let Err(e) = self.recover(ticket, lease.until).await {
                 tracing::warn!(checkout_id = %ticket.checkout.id, error = %e, "recovery step failed; will retry");
             }
         }
         Ok(tickets.len())
     }
 
-    async fn recover(&self, ticket: &ChargeTicket) -> Result<(), CheckoutError> {
+    async fn recover(
+        &self,
+        ticket: &ChargeTicket,
+        held: DateTime<Utc>,
+    ) -> Result<(), CheckoutError> {
         let checkout = &ticket.checkout;
         tracing::info!(checkout_id = %checkout.id, state = checkout.state.as_str(), "recovering checkout");
         if checkout.refund_due {
@@ -628,7 +695,7 @@ impl CheckoutService {
             return Ok(());
         }
         match checkout.state {
-            CheckoutState::Charging => self.recover_charge(ticket).await?,
+            CheckoutState::Charging => self.recover_charge(ticket, held).await?,
             CheckoutState::RequiresAction => self.reconcile_action(checkout).await?,
             _ => {}
         }
@@ -639,9 +706,19 @@ impl CheckoutService {
     /// refusal after an unknown outcome, a store error), a charge in flight for longer than the
     /// reconcile threshold is settled from what the gateway holds, so no answer of the create
     /// can keep a paid checkout in `charging` for ever (promise 4).
-    async fn recover_charge(&self, ticket: &ChargeTicket) -> Result<(), CheckoutError> {
+    async fn recover_charge(
+        &self,
+        ticket: &ChargeTicket,
+        held: DateTime<Utc>,
+    ) -> Result<(), CheckoutError> {
         let id = ticket.checkout.id;
-        let driven = self.drive_charge(ticket).await;
+        // The batch was claimed together: a claim that lapsed while earlier checkouts of the
+        // batch were driven may have been taken by another instance since.
+        let lease = self.lease(self.saga.lease);
+        if !self.store.renew_charge_lease(id, held, lease).await? {
+            return Ok(());
+        }
+        let driven = self.drive_charge(ticket, lease.until).await;
         let still_charging = match &driven {
             Ok(after) => after.state == CheckoutState::Charging,
             Err(_) => self.reload(id).await?.state == CheckoutState::Charging,
@@ -703,7 +780,9 @@ impl CheckoutService {
             }
             _ if now >= checkout.max_expires_at => {
                 let key = format!("checkout-{}-cancel", checkout.id);
-                match self.gateway.cancel(intent_id, &key).await {
+                let answer = self.gateway.cancel(intent_id, &key).await;
+                faults::hit(self.saga.fault, FaultPoint::AfterCancelCall).await;
+                match answer {
                     Ok(after) if after.status == IntentStatus::Succeeded => {
                         self.record_success(checkout.id, &after).await?;
                     }

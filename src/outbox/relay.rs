@@ -16,6 +16,7 @@ use chrono::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::Clock;
+use crate::faults::{self, FaultPoint};
 use crate::store::{Store, StoreError};
 
 use super::{EventSink, SinkError};
@@ -47,6 +48,7 @@ pub struct Relay {
     batch: u32,
     lease: Duration,
     published_total: AtomicU64,
+    fault: Option<FaultPoint>,
 }
 
 impl Relay {
@@ -59,6 +61,7 @@ impl Relay {
             batch: 100,
             lease: Duration::seconds(30),
             published_total: AtomicU64::new(0),
+            fault: None,
         }
     }
 
@@ -71,6 +74,12 @@ impl Relay {
     /// before the row is tried again.
     pub fn with_lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
+        self
+    }
+
+    /// Test-only: the fault point armed for this process (crash tests).
+    pub fn with_fault(mut self, fault: Option<FaultPoint>) -> Self {
+        self.fault = fault;
         self
     }
 
@@ -112,6 +121,7 @@ impl Relay {
             }
         }
         if !published.is_empty() {
+            faults::hit(self.fault, FaultPoint::AfterPublish).await;
             self.store
                 .mark_published(&published, self.clock.now())
                 .await?;

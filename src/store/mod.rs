@@ -376,6 +376,16 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
     /// same key.
     async fn defer_charge(&self, id: CheckoutId, retry_at: DateTime<Utc>)
         -> Result<(), StoreError>;
+    /// A slow charge keeps its lease: pushes a `charging` checkout's lease to `lease.until`,
+    /// only while the lease is exactly the one this owner last wrote (`held_until`). A lease
+    /// claimed again meanwhile (by another instance, or by this one's recovery) is not renewed,
+    /// nor one of a checkout that left `charging`. True when renewed.
+    async fn renew_charge_lease(
+        &self,
+        id: CheckoutId,
+        held_until: DateTime<Utc>,
+        lease: Lease<'_>,
+    ) -> Result<bool, StoreError>;
     /// Checkouts nobody is moving on: `charging`/`requires_action` whose lease ran out, and
     /// money due back. Claimed with a new lease (`FOR UPDATE SKIP LOCKED` on PostgreSQL).
     async fn claim_stalled(

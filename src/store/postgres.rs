@@ -1523,6 +1523,26 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn renew_charge_lease(
+        &self,
+        id: CheckoutId,
+        held_until: DateTime<Utc>,
+        lease: Lease<'_>,
+    ) -> Result<bool, StoreError> {
+        // `lease_until` doubles as a fencing token: every claim writes a new one.
+        let renewed = sqlx::query(
+            "UPDATE checkouts SET lease_until = $4 \
+             WHERE id = $1 AND state = 'charging' AND lease_owner = $2 AND lease_until = $3",
+        )
+        .bind(id.uuid())
+        .bind(lease.owner)
+        .bind(to_millis(held_until))
+        .bind(to_millis(lease.until))
+        .execute(&self.pool)
+        .await?;
+        Ok(renewed.rows_affected() == 1)
+    }
+
     async fn claim_stalled(
         &self,
         limit: u32,

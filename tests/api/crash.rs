@@ -3,13 +3,17 @@
 //! Each test runs `holdfast serve` as a child process on a PostgreSQL database of its own,
 //! charging through the fake Stripe server in the test process and relaying events to a NATS
 //! stream of its own. It kills the process with SIGKILL, starts it again on the same database
-//! and proves that recovery finishes every checkout: one charge per paid checkout in the
-//! gateway's ledger, stock that adds up with nothing left reserved, one `order.paid` message
-//! per paid order on the stream, and a clean audit (in process and `holdfast audit`).
+//! and proves that recovery finishes every checkout: one charge per paid checkout and one
+//! refund per refunded one in the gateway's ledger, stock that adds up with nothing left
+//! reserved, one `order.paid` message per paid order on the stream, and a clean audit (in
+//! process and `holdfast audit`).
 //!
-//! The fault-point tests stop the process at one phase boundary of the saga
-//! (`HOLDFAST_FAULT_POINT`) and kill it once every checkout has reached it, so each checkout
-//! is cut exactly there. The last test kills a process at a random moment of a burst.
+//! The fault-point tests stop the process at one phase boundary (`HOLDFAST_FAULT_POINT`),
+//! reached by the scenario that leads there (a card that succeeds, declines or needs
+//! authentication, an abandoned authentication, an admin refund, a late payment for an expired
+//! checkout), and kill it once every checkout stands where that point leaves it. Every point of
+//! `FaultPoint::ALL` has at least one such test. The last test kills a process at a random
+//! moment of a burst.
 
 use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader};
@@ -21,9 +25,11 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use holdfast::audit::AuditOptions;
-use holdfast::checkout::faults::{self, FaultPoint};
-use holdfast::domain::CheckoutId;
-use holdfast::payments::{StripeGateway, Timeouts};
+use holdfast::domain::{CheckoutId, Currency, CustomerId, Money, OrderId};
+use holdfast::faults::{self, FaultPoint};
+use holdfast::payments::{
+    signature, ChargeOutcome, ChargeRequest, PaymentGateway as _, StripeGateway, Timeouts,
+};
 use holdfast::store::{OutboxStore as _, PgStore};
 use rand::Rng as _;
 use reqwest::Method;
@@ -37,7 +43,9 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::fake_stripe::{FakeStripe, SECRET_KEY};
-use crate::helpers::{fresh_postgres_database, nats_url, AssertClean as _, ADMIN_TOKEN};
+use crate::helpers::{
+    fresh_postgres_database, nats_url, AssertClean as _, ADMIN_TOKEN, WEBHOOK_SECRET,
+};
 
 const SKU: &str = "crash-01";
 const PRICE: i64 = 1250;
@@ -47,58 +55,310 @@ const BUYERS: usize = 5;
 /// the kill.
 const LEASE_SECONDS: u64 = 2;
 
+/// How long a checkout waits for authentication before the reconciler asks the gateway.
+const RECONCILE_AFTER_SECONDS: u64 = 1;
+
+/// Events claimed by the killed process's relay are published again once this runs out.
+const RELAY_LEASE_SECONDS: u64 = 2;
+
+/// Every checkout must stand where the fault point leaves it this long after the first marker.
+const REACH_WITHIN: Duration = Duration::from_secs(20);
+
 /// Every checkout must be settled this long after the restart.
 const SETTLE_WITHIN: Duration = Duration::from_secs(30);
 
-/// Events claimed by the killed process's relay come back when the relay's own lease (30 s)
-/// runs out, so publication gets longer than the saga.
-const PUBLISH_WITHIN: Duration = Duration::from_secs(60);
+/// Every event must be published this long after the checkouts settled.
+const PUBLISH_WITHIN: Duration = Duration::from_secs(30);
 
 const TIMEOUTS: Timeouts = Timeouts {
     connect: Duration::from_secs(2),
     request: Duration::from_secs(10),
 };
 
+/// One test per `(fault point, scenario)`, and the list of them, which
+/// `every_fault_point_has_a_crash_test` checks against `FaultPoint::ALL`.
 macro_rules! crash_at {
-    ($($name:ident => $point:expr),+ $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            a_process_killed_at_a_fault_point_is_finished_by_its_successor($point).await
-        }
-    )+};
+    ($($name:ident => $point:expr, $scenario:expr);+ $(;)?) => {
+        const CASES: &[(FaultPoint, Scenario)] = &[$(($point, $scenario)),+];
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                a_process_killed_at_a_fault_point_is_finished_by_its_successor($point, $scenario)
+                    .await
+            }
+        )+
+    };
 }
 
 crash_at!(
+    a_process_killed_after_reserving_and_before_answering_leaves_reservations_that_expire_and_carts_that_check_out_again
+        => FaultPoint::AfterReserve, Scenario::Reserve;
     a_process_killed_after_charging_is_recorded_and_before_the_gateway_call_charges_each_checkout_once_after_restart
-        => FaultPoint::AfterBeginCharge,
+        => FaultPoint::AfterBeginCharge, Scenario::Visa;
     a_process_killed_after_the_gateway_charged_and_before_the_outcome_is_recorded_completes_each_checkout_without_a_second_charge
-        => FaultPoint::AfterGatewayCall,
+        => FaultPoint::AfterGatewayCall, Scenario::Visa;
     a_process_killed_after_the_success_is_recorded_publishes_one_order_paid_event_per_order_after_restart
-        => FaultPoint::AfterRecordSuccess,
+        => FaultPoint::AfterRecordSuccess, Scenario::Visa;
+    a_process_killed_after_a_decline_is_recorded_leaves_every_unit_released_and_nothing_charged
+        => FaultPoint::AfterRecordDecline, Scenario::Decline;
+    a_process_killed_after_requires_action_is_recorded_completes_authenticated_payments_and_cancels_abandoned_ones
+        => FaultPoint::AfterRecordRequiresAction, Scenario::Authenticate;
+    a_process_killed_after_cancelling_an_abandoned_authentication_at_the_gateway_releases_its_units_after_restart
+        => FaultPoint::AfterCancelCall, Scenario::AbandonAuthentication;
+    a_process_killed_after_a_cancelled_authentication_is_recorded_cancels_the_other_abandoned_ones_after_restart
+        => FaultPoint::AfterRecordCancel, Scenario::AbandonAuthentication;
+    a_process_killed_before_an_admin_refund_reaches_the_gateway_refunds_each_order_once_after_restart
+        => FaultPoint::BeforeRefundCall, Scenario::AdminRefund;
+    a_process_killed_after_the_gateway_made_an_admin_refund_records_it_without_a_second_refund
+        => FaultPoint::AfterRefundCall, Scenario::AdminRefund;
+    a_process_killed_after_an_admin_refund_is_recorded_leaves_each_order_refunded_once
+        => FaultPoint::AfterRecordRefund, Scenario::AdminRefund;
+    a_process_killed_before_a_late_payment_is_refunded_refunds_it_once_after_restart
+        => FaultPoint::BeforeRefundCall, Scenario::LateSuccess;
+    a_process_killed_after_the_gateway_refunded_a_late_payment_records_it_without_a_second_refund
+        => FaultPoint::AfterRefundCall, Scenario::LateSuccess;
+    a_process_killed_after_a_late_payment_refund_is_recorded_leaves_it_refunded_once
+        => FaultPoint::AfterRecordRefund, Scenario::LateSuccess;
+    a_process_killed_between_publishing_events_and_marking_them_leaves_one_order_paid_message_per_order
+        => FaultPoint::AfterPublish, Scenario::Visa;
 );
 
-async fn a_process_killed_at_a_fault_point_is_finished_by_its_successor(point: FaultPoint) {
-    // Arrange: a process that stops at `point`, a product and five buyers with checkouts.
-    let deployment = Deployment::new(180).await;
-    let mut first = deployment.start(Some(point)).await;
-    let stock = 40;
-    deployment.new_product(stock).await;
-    let mut buyers = Vec::with_capacity(BUYERS);
-    for i in 0..BUYERS {
-        let quantity = i as i64 % 3 + 1;
-        let mut buyer = deployment.buyer(&format!("Buyer {i}"), quantity).await;
-        buyer.checkout = Some(deployment.start_checkout(&buyer).await);
-        buyers.push(buyer);
+#[test]
+fn every_fault_point_has_a_crash_test() {
+    for point in FaultPoint::ALL {
+        assert!(
+            CASES.iter().any(|(p, _)| *p == point),
+            "no crash test stops at {}",
+            point.as_str()
+        );
+    }
+}
+
+/// How a crash test leads every checkout to its fault point, and what the customers and the
+/// gateway do after the restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    /// Checkouts are started and their answers lost with the process; after the restart the
+    /// reservations expire and every buyer checks out again with `pm_card_visa`.
+    Reserve,
+    /// Every buyer completes with `pm_card_visa`.
+    Visa,
+    /// Every buyer completes with `pm_card_chargeDeclined`.
+    Decline,
+    /// Every buyer completes with `pm_card_authenticationRequired`; after the restart the first
+    /// ones authenticate, the others never do.
+    Authenticate,
+    /// Every buyer completes with `pm_card_authenticationRequired` and never authenticates: the
+    /// reconciler cancels each payment once its checkout's lifetime is over.
+    AbandonAuthentication,
+    /// Every buyer pays with `pm_card_visa`, then the admin refunds every order.
+    AdminRefund,
+    /// Every checkout expires and another buyer takes all the units; then a payment for each
+    /// expired checkout succeeds after all and its webhook arrives: the money goes back.
+    LateSuccess,
+}
+
+/// Buyers who authenticate after the restart in [`Scenario::Authenticate`].
+const AUTHENTICATING: usize = 3;
+
+impl Scenario {
+    /// `(reservation TTL, maximum lifetime)` in seconds: short where the scenario waits for
+    /// reservations to expire or for an authentication's lifetime to end.
+    fn windows(self) -> (u64, u64) {
+        match self {
+            Scenario::Reserve => (4, 1800),
+            Scenario::LateSuccess => (1, 1800),
+            Scenario::Authenticate | Scenario::AbandonAuthentication => (3, 5),
+            Scenario::Visa | Scenario::Decline | Scenario::AdminRefund => (180, 1800),
+        }
     }
 
-    // Act: every buyer completes at once; kill the process when every checkout has reached
-    // the fault point; start it again without one.
-    let in_flight: Vec<JoinHandle<()>> = buyers
-        .iter()
-        .map(|buyer| deployment.complete_in_background(buyer))
-        .collect();
+    fn payment_method(self) -> &'static str {
+        match self {
+            Scenario::Decline => "pm_card_chargeDeclined",
+            Scenario::Authenticate | Scenario::AbandonAuthentication => {
+                "pm_card_authenticationRequired"
+            }
+            _ => "pm_card_visa",
+        }
+    }
+}
+
+/// How many markers the test waits for before it looks at the checkouts: one per request for
+/// points a customer's request reaches; one for points a background worker reaches (the worker
+/// stops at the first) or that a request and recovery may race to (refunds).
+fn markers(point: FaultPoint) -> usize {
+    match point {
+        FaultPoint::AfterReserve
+        | FaultPoint::AfterBeginCharge
+        | FaultPoint::AfterGatewayCall
+        | FaultPoint::AfterRecordSuccess
+        | FaultPoint::AfterRecordDecline
+        | FaultPoint::AfterRecordRequiresAction => BUYERS,
+        FaultPoint::AfterCancelCall
+        | FaultPoint::AfterRecordCancel
+        | FaultPoint::BeforeRefundCall
+        | FaultPoint::AfterRefundCall
+        | FaultPoint::AfterRecordRefund
+        | FaultPoint::AfterPublish => 1,
+    }
+}
+
+/// One checkout as the database and the gateway's ledger see it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Seen {
+    state: String,
+    refund_due: bool,
+    /// Succeeded PaymentIntents: money that moved.
+    charges: usize,
+    refunds: usize,
+    /// Cancelled PaymentIntents.
+    cancellations: usize,
+}
+
+impl Seen {
+    fn new(state: &str, charges: usize, refunds: usize) -> Self {
+        Self {
+            state: state.to_owned(),
+            refund_due: false,
+            charges,
+            refunds,
+            cancellations: 0,
+        }
+    }
+
+    fn refund_due(self) -> Self {
+        Self {
+            refund_due: true,
+            ..self
+        }
+    }
+
+    fn cancelled(self) -> Self {
+        Self {
+            cancellations: 1,
+            ..self
+        }
+    }
+}
+
+/// `n` checkouts seen the same way.
+fn times(n: usize, seen: Seen) -> Vec<Seen> {
+    vec![seen; n]
+}
+
+/// Where `point` leaves every checkout of `scenario` when the process dies.
+fn at_kill(point: FaultPoint, scenario: Scenario) -> Vec<Seen> {
+    let expired = |charges, refunds| Seen::new("expired", charges, refunds);
+    let carol = Seen::new("completed", 1, 0);
+    let mut seen = match (point, scenario) {
+        (FaultPoint::AfterReserve, _) => times(BUYERS, Seen::new("reserved", 0, 0)),
+        (FaultPoint::AfterBeginCharge, _) => times(BUYERS, Seen::new("charging", 0, 0)),
+        (FaultPoint::AfterGatewayCall, _) => times(BUYERS, Seen::new("charging", 1, 0)),
+        (FaultPoint::AfterRecordSuccess | FaultPoint::AfterPublish, _) => {
+            times(BUYERS, Seen::new("completed", 1, 0))
+        }
+        (FaultPoint::AfterRecordDecline, _) => times(BUYERS, Seen::new("payment_failed", 0, 0)),
+        (FaultPoint::AfterRecordRequiresAction, _) => {
+            times(BUYERS, Seen::new("requires_action", 0, 0))
+        }
+        // The reconciler stops at the first checkout whose lifetime ended.
+        (FaultPoint::AfterCancelCall, _) => {
+            let mut seen = times(BUYERS - 1, Seen::new("requires_action", 0, 0));
+            seen.push(Seen::new("requires_action", 0, 0).cancelled());
+            seen
+        }
+        (FaultPoint::AfterRecordCancel, _) => {
+            let mut seen = times(BUYERS - 1, Seen::new("requires_action", 0, 0));
+            seen.push(Seen::new("cancelled", 0, 0).cancelled());
+            seen
+        }
+        (FaultPoint::BeforeRefundCall, Scenario::LateSuccess) => {
+            let mut seen = times(BUYERS, expired(1, 0).refund_due());
+            seen.push(carol);
+            seen
+        }
+        (FaultPoint::AfterRefundCall, Scenario::LateSuccess) => {
+            let mut seen = times(BUYERS, expired(1, 1).refund_due());
+            seen.push(carol);
+            seen
+        }
+        (FaultPoint::AfterRecordRefund, Scenario::LateSuccess) => {
+            let mut seen = times(BUYERS, Seen::new("refunded", 1, 1));
+            seen.push(carol);
+            seen
+        }
+        (FaultPoint::BeforeRefundCall, _) => {
+            times(BUYERS, Seen::new("completed", 1, 0).refund_due())
+        }
+        (FaultPoint::AfterRefundCall, _) => {
+            times(BUYERS, Seen::new("completed", 1, 1).refund_due())
+        }
+        (FaultPoint::AfterRecordRefund, _) => times(BUYERS, Seen::new("refunded", 1, 1)),
+    };
+    seen.sort();
+    seen
+}
+
+/// Where every checkout of `scenario` ends once the successor has recovered.
+fn at_end(scenario: Scenario) -> Vec<Seen> {
+    let mut seen = match scenario {
+        Scenario::Reserve => {
+            let mut seen = times(BUYERS, Seen::new("expired", 0, 0));
+            seen.extend(times(BUYERS, Seen::new("completed", 1, 0)));
+            seen
+        }
+        Scenario::Visa => times(BUYERS, Seen::new("completed", 1, 0)),
+        Scenario::Decline => times(BUYERS, Seen::new("payment_failed", 0, 0)),
+        Scenario::Authenticate => {
+            let mut seen = times(AUTHENTICATING, Seen::new("completed", 1, 0));
+            seen.extend(times(
+                BUYERS - AUTHENTICATING,
+                Seen::new("cancelled", 0, 0).cancelled(),
+            ));
+            seen
+        }
+        Scenario::AbandonAuthentication => times(BUYERS, Seen::new("cancelled", 0, 0).cancelled()),
+        Scenario::AdminRefund => times(BUYERS, Seen::new("refunded", 1, 1)),
+        Scenario::LateSuccess => {
+            let mut seen = times(BUYERS, Seen::new("refunded", 1, 1));
+            seen.push(Seen::new("completed", 1, 0));
+            seen
+        }
+    };
+    seen.sort();
+    seen
+}
+
+async fn a_process_killed_at_a_fault_point_is_finished_by_its_successor(
+    point: FaultPoint,
+    scenario: Scenario,
+) {
+    // Arrange: a process that stops at `point`, a product and five buyers with carts.
+    let deployment = Deployment::new(scenario.windows()).await;
+    let mut first = deployment.start(Some(point)).await;
+    let quantities: Vec<i64> = (0..BUYERS).map(|i| i as i64 % 3 + 1).collect();
+    // A late payment is refunded only when its units are gone: another buyer takes them all.
+    let stock = match scenario {
+        Scenario::LateSuccess => quantities.iter().sum(),
+        _ => 40,
+    };
+    deployment.new_product(stock).await;
+    let mut buyers = Vec::with_capacity(BUYERS);
+    for (i, quantity) in quantities.into_iter().enumerate() {
+        buyers.push(deployment.buyer(&format!("Buyer {i}"), quantity).await);
+    }
+
+    // Act: lead every checkout to the fault point; kill the process once every checkout stands
+    // where the point leaves it; start it again without one.
+    let in_flight = deployment.lead_to_fault(scenario, &mut buyers).await;
     first
-        .wait_for_line(&faults::marker(point), BUYERS, Duration::from_secs(20))
+        .wait_for_line(&faults::marker(point), markers(point), REACH_WITHIN)
+        .await;
+    let db = deployment.db().await;
+    let expected = at_kill(point, scenario);
+    deployment
+        .wait_until_seen(&db, &expected, REACH_WITHIN, &first)
         .await;
     let status = first.kill();
     assert_eq!(
@@ -110,50 +370,42 @@ async fn a_process_killed_at_a_fault_point_is_finished_by_its_successor(point: F
         // The requests fail with the connection; their answers are lost, as a client's are.
         let _ = request.await;
     }
-    let db = deployment.db().await;
-    let at_kill = db.checkouts().await;
-    let expected_state = match point {
-        FaultPoint::AfterBeginCharge | FaultPoint::AfterGatewayCall => "charging",
-        FaultPoint::AfterRecordSuccess => "completed",
-    };
-    let expected_charges = usize::from(point != FaultPoint::AfterBeginCharge);
-    for checkout in &at_kill {
-        assert_eq!(
-            (
-                checkout.state.as_str(),
-                deployment.fake.charges_for(checkout.id)
-            ),
-            (expected_state, expected_charges),
-            "at the kill, checkout {} is where {} leaves it",
-            checkout.id,
-            point.as_str()
-        );
+    assert_eq!(
+        deployment.seen(&db).await,
+        expected,
+        "at the kill, every checkout is where {} leaves it",
+        point.as_str()
+    );
+    if point == FaultPoint::AfterPublish {
+        deployment.assert_published_but_not_marked(&db).await;
     }
-    assert_eq!(at_kill.len(), BUYERS);
     let second = deployment.start(None).await;
+    deployment.after_restart(scenario, &mut buyers, &db).await;
 
     // Assert
-    let states = deployment.wait_until_settled(&buyers, &second).await;
-    assert!(
-        states.iter().all(|s| s == "completed"),
-        "every checkout paid with pm_card_visa ends completed: {states:?}"
+    let checkouts = deployment.wait_until_terminal(&db, &second).await;
+    assert_eq!(
+        deployment.seen(&db).await,
+        at_end(scenario),
+        "after recovery: terminal, one charge per paid checkout, one refund per refunded one"
     );
-    for buyer in &buyers {
-        let checkout = buyer.checkout();
-        assert_eq!(
-            deployment.fake.charges_for(checkout.id),
-            1,
-            "checkout {} was charged exactly once",
-            checkout.id
-        );
-    }
-    let sold: i64 = buyers.iter().map(|b| b.quantity).sum();
+    let sold: i64 = checkouts
+        .iter()
+        .filter(|c| c.state == "completed")
+        .map(|c| c.units)
+        .sum();
     assert_eq!(
         deployment.inventory().await,
         (stock - sold, 0),
-        "(stock, reserved): every unit sold is gone from stock, nothing stays reserved"
+        "(stock, reserved): units of completed checkouts are sold, every other unit is back"
     );
-    let paid: Vec<Uuid> = buyers.iter().map(|b| b.checkout().order_id).collect();
+    let paid: Vec<Uuid> = checkouts
+        .iter()
+        .filter(|c| {
+            c.state == "completed" || (scenario == Scenario::AdminRefund && c.state == "refunded")
+        })
+        .map(|c| c.order_id)
+        .collect();
     deployment.assert_one_event_per_paid_order(&db, &paid).await;
     deployment.assert_audit_clean(&db).await;
     drop(second);
@@ -165,7 +417,7 @@ async fn a_process_killed_at_a_random_moment_of_a_burst_leaves_every_checkout_pa
 ) {
     // Arrange: a plain process (no fault point), reservations that expire after 5 s, sixteen
     // buyers with carts of one to three units.
-    let deployment = Deployment::new(5).await;
+    let deployment = Deployment::new((5, 1800)).await;
     let first = deployment.start(None).await;
     let stock = 100;
     deployment.new_product(stock).await;
@@ -215,23 +467,7 @@ async fn a_process_killed_at_a_random_moment_of_a_burst_leaves_every_checkout_pa
 
     // Assert: every checkout that exists is terminal (recovered or expired), whatever the
     // clients heard.
-    let deadline = Instant::now() + SETTLE_WITHIN;
-    let checkouts = loop {
-        let checkouts = db.checkouts().await;
-        if checkouts.iter().all(|c| c.is_terminal()) {
-            break checkouts;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "checkouts still open after the restart: {:?}\n{}",
-            checkouts
-                .iter()
-                .filter(|c| !c.is_terminal())
-                .collect::<Vec<_>>(),
-            second.tail()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let checkouts = deployment.wait_until_terminal(&db, &second).await;
     assert!(!checkouts.is_empty(), "the burst created checkouts");
     let mut sold = 0;
     let mut paid = Vec::new();
@@ -284,6 +520,9 @@ struct Buyer {
     cart: String,
     quantity: i64,
     checkout: Option<StartedCheckout>,
+    /// The `payment_intent.succeeded` event of a late payment, delivered again (signed anew)
+    /// after the restart.
+    late_success: Option<String>,
 }
 
 impl Buyer {
@@ -308,12 +547,13 @@ struct Deployment {
     listen: String,
     base: String,
     data_dir: TempDir,
-    reservation_ttl_seconds: u64,
+    /// `(reservation TTL, maximum lifetime)` in seconds.
+    windows: (u64, u64),
     client: reqwest::Client,
 }
 
 impl Deployment {
-    async fn new(reservation_ttl_seconds: u64) -> Self {
+    async fn new(windows: (u64, u64)) -> Self {
         let port = free_port();
         Self {
             database_url: fresh_postgres_database().await,
@@ -322,7 +562,7 @@ impl Deployment {
             listen: format!("127.0.0.1:{port}"),
             base: format!("http://127.0.0.1:{port}"),
             data_dir: TempDir::new().expect("temp dir"),
-            reservation_ttl_seconds,
+            windows,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
                 .build()
@@ -347,12 +587,19 @@ impl Deployment {
             .args(["--nats-stream", &self.stream.name])
             .args(["--nats-subject-prefix", &self.stream.name])
             .args(["--lease-seconds", &LEASE_SECONDS.to_string()])
+            .args([
+                "--reconcile-after-seconds",
+                &RECONCILE_AFTER_SECONDS.to_string(),
+            ])
+            .args(["--relay-lease-seconds", &RELAY_LEASE_SECONDS.to_string()])
             .args(["--recovery-interval-ms", "200"])
             .args(["--expiry-interval-ms", "200"])
+            .args(["--reservation-ttl-seconds", &self.windows.0.to_string()])
             .args([
-                "--reservation-ttl-seconds",
-                &self.reservation_ttl_seconds.to_string(),
+                "--reservation-max-lifetime-seconds",
+                &self.windows.1.to_string(),
             ])
+            .args(["--stripe-webhook-secret", WEBHOOK_SECRET])
             .args(["--admin-token", ADMIN_TOKEN])
             .args(["--listen", &self.listen])
             .arg("--data-dir")
@@ -401,10 +648,15 @@ impl Deployment {
         if let Some(body) = body {
             request = request.json(&body);
         }
+        self.call_with(request, &format!("{method} {path}")).await
+    }
+
+    /// Sends `request` and answers its JSON body, which must come with a 2xx.
+    async fn call_with(&self, request: reqwest::RequestBuilder, what: &str) -> Value {
         let response = request.send().await.expect("the service answers");
         let status = response.status();
         let body: Value = response.json().await.expect("a JSON body");
-        assert!(status.is_success(), "{method} {path}: {status} {body}");
+        assert!(status.is_success(), "{what}: {status} {body}");
         body
     }
 
@@ -440,6 +692,7 @@ impl Deployment {
             cart,
             quantity,
             checkout: None,
+            late_success: None,
         }
     }
 
@@ -460,10 +713,16 @@ impl Deployment {
         }
     }
 
-    /// `complete` with `pm_card_visa`, sent and left to its fate: the answer is lost with the
-    /// process.
-    fn complete_in_background(&self, buyer: &Buyer) -> JoinHandle<()> {
-        let request = complete_request(&self.client, &self.base, &buyer.token, buyer.checkout().id);
+    /// `complete` with `payment_method`, sent and left to its fate: the answer is lost with
+    /// the process.
+    fn complete_in_background(&self, buyer: &Buyer, payment_method: &str) -> JoinHandle<()> {
+        let request = complete_request(
+            &self.client,
+            &self.base,
+            &buyer.token,
+            buyer.checkout().id,
+            payment_method,
+        );
         tokio::spawn(async move {
             let _ = request.send().await;
         })
@@ -490,42 +749,281 @@ impl Deployment {
             else {
                 return;
             };
-            let _ = complete_request(&client, &base, &token, id).send().await;
+            let _ = complete_request(&client, &base, &token, id, "pm_card_visa")
+                .send()
+                .await;
         })
     }
 
-    /// Polls every buyer's checkout until all are terminal; returns their states.
-    async fn wait_until_settled(&self, buyers: &[Buyer], server: &Server) -> Vec<String> {
-        let deadline = Instant::now() + SETTLE_WITHIN;
-        loop {
-            let mut states = Vec::with_capacity(buyers.len());
-            for buyer in buyers {
-                let checkout = self
-                    .call(
-                        Method::GET,
-                        &format!("/v1/checkouts/{}", buyer.checkout().id),
-                        &buyer.token,
-                        None,
-                    )
-                    .await;
-                states.push(checkout["state"].as_str().expect("a state").to_owned());
+    /// Starts a checkout and sends its `complete`, waiting for the answer.
+    async fn check_out_now(&self, buyer: &mut Buyer, payment_method: &str) -> Value {
+        buyer.checkout = Some(self.start_checkout(buyer).await);
+        let id = buyer.checkout().id;
+        self.call_with(
+            complete_request(&self.client, &self.base, &buyer.token, id, payment_method),
+            "complete",
+        )
+        .await
+    }
+
+    /// Sends what leads each checkout of `scenario` to the fault point; returns the requests
+    /// still in flight (they hang at the point until the process dies).
+    async fn lead_to_fault(&self, scenario: Scenario, buyers: &mut [Buyer]) -> Vec<JoinHandle<()>> {
+        match scenario {
+            Scenario::Reserve => buyers
+                .iter()
+                .map(|buyer| {
+                    let request = self
+                        .client
+                        .post(format!("{}/v1/checkouts", self.base))
+                        .bearer_auth(&buyer.token)
+                        .json(&json!({ "cart_id": buyer.cart }));
+                    tokio::spawn(async move {
+                        let _ = request.send().await;
+                    })
+                })
+                .collect(),
+            Scenario::Visa
+            | Scenario::Decline
+            | Scenario::Authenticate
+            | Scenario::AbandonAuthentication => {
+                for buyer in buyers.iter_mut() {
+                    buyer.checkout = Some(self.start_checkout(buyer).await);
+                }
+                buyers
+                    .iter()
+                    .map(|buyer| self.complete_in_background(buyer, scenario.payment_method()))
+                    .collect()
             }
-            let terminal = |s: &String| {
-                matches!(
-                    s.as_str(),
-                    "completed" | "payment_failed" | "expired" | "cancelled" | "refunded"
-                )
+            Scenario::AdminRefund => {
+                for buyer in buyers.iter_mut() {
+                    let paid = self.check_out_now(buyer, "pm_card_visa").await;
+                    assert_eq!(paid["state"], "completed", "{paid}");
+                }
+                buyers
+                    .iter()
+                    .map(|buyer| {
+                        let order = buyer.checkout().order_id;
+                        let request = self
+                            .client
+                            .post(format!("{}/v1/admin/orders/{order}/refund", self.base))
+                            .bearer_auth(ADMIN_TOKEN)
+                            .json(&json!({}));
+                        tokio::spawn(async move {
+                            let _ = request.send().await;
+                        })
+                    })
+                    .collect()
+            }
+            Scenario::LateSuccess => self.pay_late_for_expired_checkouts(buyers).await,
+        }
+    }
+
+    /// Every buyer's reservation expires and Carol buys every unit; then each buyer's payment
+    /// succeeds at the gateway after all and its webhook is delivered.
+    async fn pay_late_for_expired_checkouts(&self, buyers: &mut [Buyer]) -> Vec<JoinHandle<()>> {
+        for buyer in buyers.iter_mut() {
+            buyer.checkout = Some(self.start_checkout(buyer).await);
+        }
+        let db = self.db().await;
+        let expired = times(buyers.len(), Seen::new("expired", 0, 0));
+        let deadline = Instant::now() + SETTLE_WITHIN;
+        while self.seen(&db).await != expired {
+            assert!(Instant::now() < deadline, "the reservations never expired");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let units = buyers.iter().map(|b| b.quantity).sum();
+        let mut carol = self.buyer("Carol", units).await;
+        let paid = self.check_out_now(&mut carol, "pm_card_visa").await;
+        assert_eq!(paid["state"], "completed", "Carol takes every unit: {paid}");
+        let gateway = self.gateway();
+        for buyer in buyers.iter_mut() {
+            let checkout = buyer.checkout();
+            let late = gateway
+                .create_and_confirm(&ChargeRequest {
+                    amount: Money::new(
+                        PRICE * buyer.quantity,
+                        Currency::parse("EUR").expect("a currency"),
+                    )
+                    .expect("an amount"),
+                    payment_method: "pm_card_visa".into(),
+                    checkout_id: checkout.id,
+                    order_id: OrderId::from_uuid(checkout.order_id),
+                    customer_id: CustomerId::new(),
+                    idempotency_key: format!("late-{}", checkout.id),
+                })
+                .await
+                .expect("the fake charges");
+            let ChargeOutcome::Succeeded(intent) = late else {
+                panic!("a late success: {late:?}")
             };
-            if states.iter().all(terminal) {
-                return states;
+            buyer.late_success = Some(
+                json!({
+                    "id": format!("evt_late_{}", checkout.id), "object": "event",
+                    "type": "payment_intent.succeeded", "created": chrono::Utc::now().timestamp(),
+                    "data": {"object": {
+                        "id": intent.id, "object": "payment_intent",
+                        "amount": PRICE * buyer.quantity, "currency": "eur",
+                        "status": "succeeded", "client_secret": null, "created": 0,
+                        "metadata": {"checkout_id": checkout.id.to_string(),
+                                     "order_id": checkout.order_id.to_string()},
+                        "last_payment_error": null
+                    }}
+                })
+                .to_string(),
+            );
+        }
+        buyers
+            .iter()
+            .map(|buyer| {
+                let request = self.webhook(buyer.late_success.as_deref().expect("an event"));
+                tokio::spawn(async move {
+                    let _ = request.send().await;
+                })
+            })
+            .collect()
+    }
+
+    /// What the customers and the gateway do once the successor runs.
+    async fn after_restart(&self, scenario: Scenario, buyers: &mut [Buyer], db: &Db) {
+        match scenario {
+            Scenario::Reserve => {
+                // The lost reservations run out and hand the carts back; each buyer checks out
+                // again.
+                let expired = times(buyers.len(), Seen::new("expired", 0, 0));
+                let deadline = Instant::now() + SETTLE_WITHIN;
+                while self.seen(db).await != expired {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the lost reservations never expired"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                for buyer in buyers.iter_mut() {
+                    let paid = self.check_out_now(buyer, "pm_card_visa").await;
+                    assert_eq!(paid["state"], "completed", "{paid}");
+                }
+            }
+            Scenario::Authenticate => {
+                for buyer in &buyers[..AUTHENTICATING] {
+                    assert_eq!(self.fake.authenticate(buyer.checkout().id), 1);
+                }
+            }
+            Scenario::LateSuccess => {
+                // Stripe delivers again what was not answered 2xx; a repeat changes nothing.
+                for buyer in buyers.iter() {
+                    let event = buyer.late_success.as_deref().expect("an event");
+                    let response = self.webhook(event).send().await.expect("an answer");
+                    assert!(
+                        response.status().is_success(),
+                        "a redelivered webhook is accepted: {}",
+                        response.status()
+                    );
+                }
+            }
+            Scenario::Visa
+            | Scenario::Decline
+            | Scenario::AbandonAuthentication
+            | Scenario::AdminRefund => {}
+        }
+    }
+
+    /// A signed delivery of `payload` to the webhook endpoint.
+    fn webhook(&self, payload: &str) -> reqwest::RequestBuilder {
+        let now = chrono::Utc::now().timestamp();
+        self.client
+            .post(format!("{}/webhooks/stripe", self.base))
+            .header("Content-Type", "application/json")
+            .header(
+                "Stripe-Signature",
+                signature::sign(payload.as_bytes(), WEBHOOK_SECRET, now),
+            )
+            .body(payload.to_owned())
+    }
+
+    /// Every checkout as the database and the fake's ledger see it, sorted.
+    async fn seen(&self, db: &Db) -> Vec<Seen> {
+        let mut seen: Vec<Seen> = db
+            .checkouts()
+            .await
+            .iter()
+            .map(|c| Seen {
+                state: c.state.clone(),
+                refund_due: c.refund_due,
+                charges: self.fake.charges_for(c.id),
+                refunds: self.fake.refunds_for(c.id),
+                cancellations: self.fake.cancellations_for(c.id),
+            })
+            .collect();
+        seen.sort();
+        seen
+    }
+
+    /// Waits until the checkouts are seen as `expected`.
+    async fn wait_until_seen(&self, db: &Db, expected: &[Seen], within: Duration, server: &Server) {
+        let deadline = Instant::now() + within;
+        loop {
+            let seen = self.seen(db).await;
+            if seen == expected {
+                return;
             }
             assert!(
                 Instant::now() < deadline,
-                "checkouts not settled after the restart: {states:?}\n{}",
+                "checkouts seen as {seen:#?}\nwanted {expected:#?}\n{}",
+                server.tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every checkout is terminal; returns them.
+    async fn wait_until_terminal(&self, db: &Db, server: &Server) -> Vec<CheckoutRow> {
+        let deadline = Instant::now() + SETTLE_WITHIN;
+        loop {
+            let checkouts = db.checkouts().await;
+            if checkouts.iter().all(|c| c.is_terminal()) {
+                return checkouts;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "checkouts still open after the restart: {:?}\n{}",
+                checkouts
+                    .iter()
+                    .filter(|c| !c.is_terminal())
+                    .collect::<Vec<_>>(),
                 server.tail()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The killed relay published events but marked none: the broker holds messages whose
+    /// rows the successor will publish again.
+    async fn assert_published_but_not_marked(&self, db: &Db) {
+        let lag = db
+            .store
+            .outbox_lag(chrono::Utc::now())
+            .await
+            .expect("outbox lag");
+        assert_eq!(
+            lag.unpublished, BUYERS as i64,
+            "no event was marked published"
+        );
+        let on_stream: usize = self.stream.order_paid_messages().await.values().sum();
+        assert!(
+            on_stream >= 1,
+            "the relay published before it stopped: {on_stream} messages"
+        );
+    }
+
+    /// A client of the fake, as the service and `holdfast audit` use it.
+    fn gateway(&self) -> StripeGateway {
+        StripeGateway::new(
+            SecretString::from(SECRET_KEY),
+            &self.fake.base_url(),
+            TIMEOUTS,
+        )
+        .expect("a gateway for the fake")
     }
 
     /// `(stock, reserved)` of the product, from `GET /v1/admin/inventory`.
@@ -582,12 +1080,7 @@ impl Deployment {
     /// The in-process audit against the fake's ledger with no grace at all, and the
     /// `holdfast audit` command an operator runs.
     async fn assert_audit_clean(&self, db: &Db) {
-        let gateway = StripeGateway::new(
-            SecretString::from(SECRET_KEY),
-            &self.fake.base_url(),
-            TIMEOUTS,
-        )
-        .expect("a gateway for the fake");
+        let gateway = self.gateway();
         let report = holdfast::audit::run_with(
             &db.store,
             AuditOptions {
@@ -646,12 +1139,13 @@ fn complete_request(
     base: &str,
     token: &str,
     checkout: CheckoutId,
+    payment_method: &str,
 ) -> reqwest::RequestBuilder {
     client
         .post(format!("{base}/v1/checkouts/{checkout}/complete"))
         .bearer_auth(token)
         .header("Idempotency-Key", format!("complete-{checkout}"))
-        .json(&json!({ "payment_method": "pm_card_visa" }))
+        .json(&json!({ "payment_method": payment_method }))
 }
 
 /// The test's own view of the database.
@@ -665,15 +1159,18 @@ struct CheckoutRow {
     id: CheckoutId,
     order_id: Uuid,
     state: String,
+    refund_due: bool,
     units: i64,
 }
 
 impl CheckoutRow {
+    /// Money still due back is work left, whatever the state says.
     fn is_terminal(&self) -> bool {
-        !matches!(
-            self.state.as_str(),
-            "reserved" | "charging" | "requires_action"
-        )
+        !self.refund_due
+            && !matches!(
+                self.state.as_str(),
+                "reserved" | "charging" | "requires_action"
+            )
     }
 }
 
@@ -681,7 +1178,7 @@ impl Db {
     /// Every checkout with its state and the units of its order.
     async fn checkouts(&self) -> Vec<CheckoutRow> {
         sqlx::query(
-            "SELECT c.id, c.order_id, c.state, \
+            "SELECT c.id, c.order_id, c.state, c.refund_due, \
              (SELECT COALESCE(SUM(ol.quantity), 0) FROM order_lines ol \
               WHERE ol.order_id = c.order_id)::BIGINT AS units \
              FROM checkouts c ORDER BY c.created_at",
@@ -694,6 +1191,7 @@ impl Db {
             id: CheckoutId::from_uuid(row.get("id")),
             order_id: row.get("order_id"),
             state: row.get("state"),
+            refund_due: row.get("refund_due"),
             units: row.get("units"),
         })
         .collect()

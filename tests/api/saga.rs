@@ -2,18 +2,19 @@
 //! both stores, Idempotency-Key, webhooks, late successes, and the Stripe client over HTTP
 //! against the fake Stripe server with its faults. Every case ends with the audit.
 
-use holdfast::checkout::charge_key;
+use holdfast::checkout::{charge_key, SagaSettings};
 use holdfast::domain::{CheckoutId, Currency, CustomerId, Money, OrderId};
 use holdfast::payments::{
     signature, ChargeOutcome, ChargeRequest, PaymentGateway as _, StripeGateway, Timeouts,
 };
-use holdfast::store::StoreKind;
+use holdfast::store::{Lease, StoreKind};
 use serde_json::json;
 
 use crate::both_stores;
 use crate::fake_stripe::{FakeStripe, Fault, SECRET_KEY};
 use crate::helpers::{
-    eventually, spawn_app, spawn_app_with, AssertClean, Customer, Options, TestApp, WEBHOOK_SECRET,
+    eventually, quick_saga, spawn_app, spawn_app_with, AssertClean, Customer, Options, TestApp,
+    WEBHOOK_SECRET,
 };
 
 both_stores!(
@@ -37,6 +38,7 @@ both_stores!(
     starting_a_checkout_again_with_its_idempotency_key_replays_the_first_answer,
     an_idempotency_key_reused_for_another_cart_is_refused_and_changes_nothing,
     another_customers_identical_idempotency_key_starts_a_checkout_of_their_own,
+    a_charge_lease_claimed_again_is_no_longer_renewed_by_its_first_holder,
 );
 
 fn checkout_id(raw: &str) -> CheckoutId {
@@ -898,6 +900,117 @@ async fn over_http_an_outcome_unknown_for_long_is_finished_by_recovery_with_the_
     // The same Idempotency-Key now answers the final state.
     let retried = app.complete(&ada, &checkout, "pm_card_visa", "k").await;
     assert_eq!(retried.body["state"], "completed");
+    app.audit().await.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_a_charge_slower_than_the_lease_keeps_its_lease_and_is_sent_once() {
+    // A one-second lease, and a recovery worker looking for lapsed leases every 100 ms: the
+    // other instance that would take a stalled checkout over.
+    let (app, fake) = app_with_fake_stripe(
+        StoreKind::Postgres,
+        Options {
+            saga: SagaSettings {
+                lease: chrono::Duration::seconds(1),
+                ..quick_saga()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, order) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+
+    // Stripe takes three leases' time to answer.
+    fake.latency(std::time::Duration::from_secs(3));
+    let done = app.complete(&ada, &checkout, "pm_card_visa", "k").await;
+
+    assert_eq!(done.body["state"], "completed", "{:?}", done.body);
+    assert_eq!(
+        charge_keys(&fake, &checkout),
+        vec![charge_key(checkout_id(&checkout), 1)],
+        "the charge was sent once: nobody took the checkout over mid-call"
+    );
+    assert_eq!(fake.charges_for(checkout_id(&checkout)), 1);
+    assert_eq!(
+        app.get(&format!("/v1/orders/{order}"), Some(&ada.token))
+            .await
+            .body["status"],
+        "paid"
+    );
+    app.audit().await.assert_clean();
+}
+
+async fn a_charge_lease_claimed_again_is_no_longer_renewed_by_its_first_holder(kind: StoreKind) {
+    // Workers off: the test is the only one claiming.
+    let app = spawn_app_with(
+        kind,
+        Options {
+            workers: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    app.new_product("tea-01", 450, 5).await;
+    let (_, checkout, _) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    let id = checkout_id(&checkout);
+    let customer = app
+        .store
+        .find_checkout(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .customer_id;
+    let lease = |now: chrono::DateTime<chrono::Utc>, seconds| Lease {
+        owner: "instance-a",
+        now,
+        until: now + chrono::Duration::seconds(seconds),
+    };
+    let now = chrono::Utc::now();
+    let taken = lease(now, 1);
+    app.store
+        .begin_charge(customer, id, "pm_card_visa", taken)
+        .await
+        .unwrap();
+
+    // Its holder renews the lease while the charge runs.
+    let renewed = lease(now, 2);
+    assert!(app
+        .store
+        .renew_charge_lease(id, taken.until, renewed)
+        .await
+        .unwrap());
+
+    // The lease lapses anyway and recovery claims the checkout again, under the same owner
+    // name as an instance's own recovery worker does: the first holder's lease is gone.
+    let later = now + chrono::Duration::seconds(3);
+    let reclaimed = lease(later, 1);
+    assert_eq!(
+        app.store.claim_stalled(10, reclaimed).await.unwrap().len(),
+        1
+    );
+    assert!(
+        !app.store
+            .renew_charge_lease(id, renewed.until, lease(later, 2))
+            .await
+            .unwrap(),
+        "the superseded holder cannot renew"
+    );
+    assert!(
+        app.store
+            .renew_charge_lease(id, reclaimed.until, lease(later, 2))
+            .await
+            .unwrap(),
+        "the new claim can"
+    );
+
+    // A checkout that left `charging` has no charge lease to renew.
+    app.store.abort_charge(id, later).await.unwrap();
+    assert!(!app
+        .store
+        .renew_charge_lease(id, later + chrono::Duration::seconds(2), lease(later, 3))
+        .await
+        .unwrap());
     app.audit().await.assert_clean();
 }
 

@@ -191,6 +191,56 @@ impl FakeStripe {
             .count()
     }
 
+    /// How many refunds were made on PaymentIntents of this checkout.
+    pub fn refunds_for(&self, checkout_id: CheckoutId) -> usize {
+        let id = checkout_id.to_string();
+        let ledger = self.shared.ledger();
+        ledger
+            .refunds
+            .iter()
+            .filter(|r| {
+                ledger
+                    .intents
+                    .iter()
+                    .any(|i| i.id == r.payment_intent && i.metadata.get("checkout_id") == Some(&id))
+            })
+            .count()
+    }
+
+    /// How many PaymentIntents of this checkout were cancelled.
+    pub fn cancellations_for(&self, checkout_id: CheckoutId) -> usize {
+        let id = checkout_id.to_string();
+        self.shared
+            .ledger()
+            .intents
+            .iter()
+            .filter(|i| i.status == "canceled" && i.metadata.get("checkout_id") == Some(&id))
+            .count()
+    }
+
+    /// The customer completes 3-D Secure: this checkout's PaymentIntents waiting for
+    /// authentication succeed (the money moves). Returns how many did.
+    pub fn authenticate(&self, checkout_id: CheckoutId) -> usize {
+        let id = checkout_id.to_string();
+        let mut ledger = self.shared.ledger();
+        let waiting: Vec<usize> = ledger
+            .intents
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| {
+                i.status == "requires_action" && i.metadata.get("checkout_id") == Some(&id)
+            })
+            .map(|(at, _)| at)
+            .collect();
+        for &at in &waiting {
+            let charge = ledger.new_id("ch");
+            let intent = &mut ledger.intents[at];
+            intent.status = "succeeded";
+            intent.latest_charge = Some(charge);
+        }
+        waiting.len()
+    }
+
     /// All PaymentIntents ever created, whatever their status.
     pub fn intent_count(&self) -> usize {
         self.shared.ledger().intents.len()
