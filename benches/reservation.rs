@@ -766,7 +766,12 @@ fn print_table(scenario: &Scenario, rows: &[Row], ceiling: Option<f64>) {
         scenario.name, scenario.skus, scenario.units, scenario.buyers, scenario.concurrency
     );
     if let Some(tps) = ceiling {
-        println!("pgbench ceiling, same statements, one hot row: {tps:.0} tps");
+        let rows = if scenario.skus == 1 {
+            "one hot row".to_owned()
+        } else {
+            format!("{} rows", scenario.skus)
+        };
+        println!("pgbench ceiling, same statements, {rows}: {tps:.0} tps");
     }
     println!(
         "{:<8} {:<20} {:>5} {:>6} {:>7} {:>7} {:>18} {:>8} {:>6} {:>6} {:>6} {:>11} {:>14} {:>11} {:>6} {:>6} {:>10}",
