@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::helpers::Reaped;
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -30,14 +32,16 @@ fn holdfast() -> Command {
 }
 
 /// Starts `holdfast` with no flags in `dir`; only the port comes from the environment.
-fn start(dir: &Path, port: u16) -> Child {
-    holdfast()
-        .current_dir(dir)
-        .env("HOLDFAST_LISTEN", format!("127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn holdfast")
+fn start(dir: &Path, port: u16) -> Reaped {
+    Reaped(
+        holdfast()
+            .current_dir(dir)
+            .env("HOLDFAST_LISTEN", format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn holdfast"),
+    )
 }
 
 async fn wait_ready(client: &reqwest::Client, base: &str) {

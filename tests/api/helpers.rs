@@ -761,3 +761,29 @@ pub async fn buyers(app: &TestApp, n: usize, lines: &[(&str, u32)]) -> Vec<(Cust
         .collect()
         .await
 }
+
+/// A child process (the built binary) that is killed if the test ends without stopping it, so
+/// a failing test leaves no server behind holding its port and its database.
+pub struct Reaped(pub std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}

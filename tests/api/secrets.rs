@@ -16,7 +16,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::both_stores;
 use crate::fake_stripe::FakeStripe;
-use crate::helpers::{fetch_strings, fresh_postgres_database, spawn_app};
+use crate::helpers::{fetch_strings, fresh_postgres_database, spawn_app, Reaped};
 
 both_stores!(the_store_keeps_only_the_hash_of_a_customers_token);
 
@@ -118,11 +118,13 @@ async fn secrets_never_appear_in_logs_or_answers(shape: Shape) {
             _fake_stripe = Some(fake);
         }
     }
-    let mut child = command
-        .stdout(Stdio::from(File::create(&out_path).unwrap()))
-        .stderr(Stdio::from(File::create(&err_path).unwrap()))
-        .spawn()
-        .expect("spawn holdfast");
+    let mut child = Reaped(
+        command
+            .stdout(Stdio::from(File::create(&out_path).unwrap()))
+            .stderr(Stdio::from(File::create(&err_path).unwrap()))
+            .spawn()
+            .expect("spawn holdfast"),
+    );
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !client
@@ -264,11 +266,11 @@ async fn secrets_never_appear_in_logs_or_answers(shape: Shape) {
     answers.push(answer);
 
     let stopped = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .expect("send SIGTERM");
     assert!(stopped.success());
-    assert!(child.wait().expect("holdfast exits").success());
+    assert!(child.0.wait().expect("holdfast exits").success());
     let output =
         std::fs::read_to_string(&out_path).unwrap() + &std::fs::read_to_string(&err_path).unwrap();
     assert!(
