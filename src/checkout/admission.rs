@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 
 use crate::domain::{
-    Checkout, CheckoutState, CustomerId, FlashSale, FlashSaleId, NewFlashSale, Sku,
+    Checkout, CheckoutId, CheckoutState, CustomerId, FlashSale, FlashSaleId, NewFlashSale, Sku,
 };
 use crate::flash_sale::{Admission, GateError, GateFigures, SaleTerms};
 
@@ -125,7 +125,11 @@ impl CheckoutService {
             CheckoutState::PaymentFailed
             | CheckoutState::Cancelled
             | CheckoutState::Expired
-            | CheckoutState::Refunded => self.gate.release(sale, checkout.customer_id).await,
+            | CheckoutState::Refunded => {
+                self.gate
+                    .release(sale, checkout.customer_id, checkout.id)
+                    .await
+            }
             _ => Ok(()),
         };
         if let Err(e) = result {
@@ -134,9 +138,9 @@ impl CheckoutService {
     }
 
     /// Hands back the admissions of checkouts released by the expiry worker.
-    pub async fn release_admissions(&self, admissions: &[(FlashSaleId, CustomerId)]) {
-        for (sale, customer) in admissions {
-            if let Err(e) = self.gate.release(*sale, *customer).await {
+    pub async fn release_admissions(&self, admissions: &[(FlashSaleId, CustomerId, CheckoutId)]) {
+        for (sale, customer, checkout) in admissions {
+            if let Err(e) = self.gate.release(*sale, *customer, *checkout).await {
                 tracing::warn!(sale_id = %sale, error = %e, "flash-sale admission not handed back");
             }
         }

@@ -13,7 +13,7 @@ use chrono::{DateTime, Duration, Utc};
 use subtle::ConstantTimeEq;
 
 use super::{hold_until, new_token, Admission, AdmissionGate, GateError, GateFigures, SaleTerms};
-use crate::domain::{CustomerId, FlashSaleId};
+use crate::domain::{CheckoutId, CustomerId, FlashSaleId};
 
 /// A std `Mutex`, not tokio's: every critical section is a few map operations with no `.await`
 /// inside, so a blocking lock is cheaper and can never be held across a suspension point.
@@ -90,8 +90,13 @@ impl AdmissionGate for InProcessGate {
         Ok(())
     }
 
-    async fn release(&self, sale: FlashSaleId, customer: CustomerId) -> Result<(), GateError> {
-        self.with_existing(sale, (), |ledger| ledger.release(customer));
+    async fn release(
+        &self,
+        sale: FlashSaleId,
+        customer: CustomerId,
+        checkout: CheckoutId,
+    ) -> Result<(), GateError> {
+        self.with_existing(sale, (), |ledger| ledger.release(customer, checkout));
         Ok(())
     }
 
@@ -123,6 +128,8 @@ struct SaleLedger {
     holders: HashMap<CustomerId, Hold>,
     sold: u32,
     buyers: HashSet<CustomerId>,
+    /// Checkouts whose unit was handed back: each is released once (see `release`).
+    released: HashSet<CheckoutId>,
 }
 
 impl SaleLedger {
@@ -178,8 +185,10 @@ impl SaleLedger {
         }
     }
 
-    fn release(&mut self, customer: CustomerId) {
-        self.holders.remove(&customer);
+    fn release(&mut self, customer: CustomerId, checkout: CheckoutId) {
+        if self.released.insert(checkout) {
+            self.holders.remove(&customer);
+        }
     }
 
     fn consume(&mut self, customer: CustomerId) {

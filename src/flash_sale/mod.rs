@@ -27,7 +27,7 @@ use chrono::{DateTime, Duration, Utc};
 use rand::RngCore;
 use serde::Serialize;
 
-use crate::domain::{CustomerId, FlashSaleId};
+use crate::domain::{CheckoutId, CustomerId, FlashSaleId};
 
 pub use self::in_process::InProcessGate;
 pub use self::redis::RedisGate;
@@ -125,8 +125,17 @@ pub trait AdmissionGate: Send + Sync + 'static {
         until: DateTime<Utc>,
     ) -> Result<(), GateError>;
 
-    /// Hand the unit back (checkout failed / cancelled / expired). Idempotent.
-    async fn release(&self, sale: FlashSaleId, customer: CustomerId) -> Result<(), GateError>;
+    /// Hand back the unit this checkout held (it failed, was cancelled or expired), once per
+    /// checkout: a second release for the same checkout (a webhook repeating what the saga
+    /// already recorded, a repeated cancel) does nothing, so it can never take away an
+    /// admission the customer was granted after the first one (that would free a unit the
+    /// database still holds, and the next buyer would be refused while the gate said yes).
+    async fn release(
+        &self,
+        sale: FlashSaleId,
+        customer: CustomerId,
+        checkout: CheckoutId,
+    ) -> Result<(), GateError>;
 
     /// The customer paid: remove the holder and count the unit as sold, atomically. Counts even
     /// if the hold already lapsed, because the payment, not the token, says the unit is gone.

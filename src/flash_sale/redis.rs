@@ -21,7 +21,7 @@ use chrono::{DateTime, Duration, Utc};
 use subtle::ConstantTimeEq;
 
 use super::{hold_until, new_token, Admission, AdmissionGate, GateError, GateFigures, SaleTerms};
-use crate::domain::{CustomerId, FlashSaleId};
+use crate::domain::{CheckoutId, CustomerId, FlashSaleId};
 
 /// The longest any gate call may take, reconnecting included. A buyer waiting on the gate is a
 /// buyer not served; past this, refusing is kinder than waiting. Two seconds leave room for a
@@ -207,14 +207,21 @@ impl AdmissionGate for RedisGate {
         bounded(invocation.invoke_async::<()>(&mut connection)).await
     }
 
-    #[tracing::instrument(skip_all, fields(sale = %sale, customer = %customer))]
-    async fn release(&self, sale: FlashSaleId, customer: CustomerId) -> Result<(), GateError> {
+    #[tracing::instrument(skip_all, fields(sale = %sale, customer = %customer, checkout = %checkout))]
+    async fn release(
+        &self,
+        sale: FlashSaleId,
+        customer: CustomerId,
+        checkout: CheckoutId,
+    ) -> Result<(), GateError> {
         let keys = self.keys(sale);
         let mut invocation = self.scripts.release.prepare_invoke();
         invocation
             .key(&keys.holders)
             .key(&keys.tokens)
-            .arg(customer.to_string());
+            .key(&keys.released)
+            .arg(customer.to_string())
+            .arg(checkout.to_string());
         let mut connection = self.connection.clone();
         bounded(invocation.invoke_async::<()>(&mut connection)).await
     }
@@ -262,6 +269,7 @@ struct SaleKeys {
     tokens: String,
     sold: String,
     buyers: String,
+    released: String,
 }
 
 impl SaleKeys {
@@ -273,6 +281,7 @@ impl SaleKeys {
             tokens: format!("{base}:tokens"),
             sold: format!("{base}:sold"),
             buyers: format!("{base}:buyers"),
+            released: format!("{base}:released"),
         }
     }
 }

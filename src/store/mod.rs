@@ -197,7 +197,7 @@ pub struct Released {
     pub checkouts: Vec<CheckoutId>,
     pub units: i64,
     /// Flash-sale admissions of the released checkouts, to hand back to the gate.
-    pub admissions: Vec<(FlashSaleId, CustomerId)>,
+    pub admissions: Vec<(FlashSaleId, CustomerId, CheckoutId)>,
 }
 
 /// Promise 1, as read from the store.

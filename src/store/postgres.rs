@@ -1197,6 +1197,7 @@ impl Store for PgStore {
                 admissions.push((
                     FlashSaleId::from_uuid(sale),
                     CustomerId::from_uuid(row.try_get("customer_id")?),
+                    CheckoutId::from_uuid(row.try_get("id")?),
                 ));
             }
             checkouts.push(row.try_get::<Uuid, _>("id")?);

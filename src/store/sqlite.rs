@@ -980,6 +980,7 @@ impl Store for SqliteStore {
                 admissions.push((
                     FlashSaleId::from_uuid(sale),
                     CustomerId::from_uuid(row.try_get("customer_id")?),
+                    CheckoutId::from_uuid(row.try_get("id")?),
                 ));
             }
             checkouts.push(row.try_get::<Uuid, _>("id")?);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, Utc};
-use holdfast::domain::{CustomerId, FlashSaleId};
+use holdfast::domain::{CheckoutId, CustomerId, FlashSaleId};
 use holdfast::flash_sale::{
     AdmissionGate, GateError, GateFigures, InProcessGate, RedisGate, SaleTerms, TOKEN_PREFIX,
 };
@@ -55,6 +55,7 @@ conformance!(
     a_token_is_bound_to_its_customer_its_sale_and_its_hold,
     a_lapsed_hold_frees_its_unit_for_the_next_buyer,
     releasing_hands_the_unit_back_and_is_idempotent,
+    a_repeated_release_never_takes_away_a_later_admission,
     consuming_counts_the_unit_sold_once_and_releasing_does_not_return_it,
     a_payment_after_the_hold_lapsed_still_counts_as_sold,
     extending_keeps_a_holder_alive_past_its_first_expiry,
@@ -309,8 +310,11 @@ async fn releasing_hands_the_unit_back_and_is_idempotent(gate: Arc<dyn Admission
     );
 
     // Act
-    gate.release(terms.sale_id, first).await.expect("released");
-    gate.release(terms.sale_id, first)
+    let checkout = CheckoutId::new();
+    gate.release(terms.sale_id, first, checkout)
+        .await
+        .expect("released");
+    gate.release(terms.sale_id, first, checkout)
         .await
         .expect("releasing again is harmless");
 
@@ -329,9 +333,47 @@ async fn releasing_hands_the_unit_back_and_is_idempotent(gate: Arc<dyn Admission
             sold: 0
         }
     );
-    gate.release(FlashSaleId::new(), first)
+    gate.release(FlashSaleId::new(), first, CheckoutId::new())
         .await
         .expect("releasing in a sale nobody entered is harmless");
+}
+
+/// A declined payment hands its unit back, and the buyer takes a new admission at once; then
+/// the decline's webhook arrives and the saga settles the same checkout again. That second
+/// release must not drop the new admission (the database holds its unit), or the gate would let
+/// one buyer more through than there are units and refuse them at checkout.
+async fn a_repeated_release_never_takes_away_a_later_admission(gate: Arc<dyn AdmissionGate>) {
+    // Arrange: one unit, held by a buyer whose first checkout failed and who is back.
+    let now = an_instant();
+    let terms = sale(1, now);
+    let (buyer, next) = (CustomerId::new(), CustomerId::new());
+    let failed = CheckoutId::new();
+    gate.admit(&terms, buyer, now, hold()).await.expect("free");
+    gate.release(terms.sale_id, buyer, failed)
+        .await
+        .expect("released");
+    let again = gate
+        .admit(&terms, buyer, now, hold())
+        .await
+        .expect("the unit is free again");
+
+    // Act: the same checkout is settled a second time.
+    gate.release(terms.sale_id, buyer, failed)
+        .await
+        .expect("a repeated release is harmless");
+
+    // Assert
+    assert!(
+        gate.check(terms.sale_id, buyer, &again.token, now)
+            .await
+            .expect("the gate answers"),
+        "the new admission stands"
+    );
+    assert_eq!(
+        gate.admit(&terms, next, now, hold()).await,
+        Err(GateError::SoldOut),
+        "the one unit is still held"
+    );
 }
 
 async fn consuming_counts_the_unit_sold_once_and_releasing_does_not_return_it(
@@ -350,7 +392,7 @@ async fn consuming_counts_the_unit_sold_once_and_releasing_does_not_return_it(
     gate.consume(terms.sale_id, payer)
         .await
         .expect("consuming again is harmless");
-    gate.release(terms.sale_id, payer)
+    gate.release(terms.sale_id, payer, CheckoutId::new())
         .await
         .expect("releasing a paid unit is harmless");
 
@@ -378,7 +420,9 @@ async fn consuming_counts_the_unit_sold_once_and_releasing_does_not_return_it(
         Err(GateError::SoldOut),
         "a buyer who paid is not admitted again"
     );
-    gate.release(terms.sale_id, holder).await.expect("released");
+    gate.release(terms.sale_id, holder, CheckoutId::new())
+        .await
+        .expect("released");
     gate.admit(&terms, late, now, hold())
         .await
         .expect("the released unit is free, the sold one is not");
