@@ -111,8 +111,14 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
+        if pool::is_connection_failure(&e) {
+            // A lost connection is the database being unreachable for this request (503), not
+            // a fault of ours; and the pool's other connections are checked before they are used.
+            pool::note_connection_failure();
+            return StoreError::Unavailable(e.to_string());
+        }
         match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
                 StoreError::Unavailable(e.to_string())
             }
             other => StoreError::Database(other),

@@ -4,11 +4,14 @@
 //!
 //! sqlx pings every idle connection before handing it out by default: one extra round trip per
 //! store call, on the hot path of every checkout. A connection that was just returned is as
-//! good as the last statement it ran, so only connections idle for longer are pinged.
+//! good as the last statement it ran, so only connections idle for longer are pinged, and every
+//! connection is pinged again for a while after any of them was found broken (the database
+//! restarted or dropped its sessions): the others in the pool are likely dead too, and a ping
+//! swaps them for fresh ones instead of failing a request on each.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::pool::PoolOptions;
 use sqlx::{Connection as _, Database};
@@ -16,6 +19,46 @@ use sqlx::{Connection as _, Database};
 /// Idle longer than this and a connection is pinged before use (a server restart or a closed
 /// socket shows there, not as a failed statement).
 const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(5);
+
+/// After a broken connection, every connection is pinged before use for this long.
+const PING_ALL_AFTER_FAILURE: Duration = Duration::from_secs(30);
+
+/// When a connection was last found broken (ms since the epoch; 0 = never). Process-wide: a
+/// failure seen by one pool makes every pool careful for a while, which costs pings, not
+/// answers.
+static LAST_CONNECTION_FAILURE_MS: AtomicU64 = AtomicU64::new(0);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Whether `e` says the connection itself is gone (socket, protocol, or the server ending the
+/// session: SQLSTATE classes 08 and 57), rather than the statement failing.
+pub(super) fn is_connection_failure(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57")),
+        _ => false,
+    }
+}
+
+/// Remember that a connection was found broken: pool connections are pinged before use for a
+/// while.
+pub(super) fn note_connection_failure() {
+    LAST_CONNECTION_FAILURE_MS.store(now_ms(), Ordering::Relaxed);
+}
+
+fn failed_recently() -> bool {
+    let last = LAST_CONNECTION_FAILURE_MS.load(Ordering::Relaxed);
+    last != 0 && now_ms().saturating_sub(last) < PING_ALL_AFTER_FAILURE.as_millis() as u64
+}
 
 /// How many times the store took a connection from its pool.
 #[derive(Debug, Clone, Default)]
@@ -43,9 +86,13 @@ impl Acquisitions {
             .before_acquire(move |conn, meta| {
                 reused.count();
                 Box::pin(async move {
-                    if meta.idle_for > PING_WHEN_IDLE_FOR {
+                    if meta.idle_for > PING_WHEN_IDLE_FOR || failed_recently() {
                         // A dead connection is dropped and another one is taken.
-                        return Ok(conn.ping().await.is_ok());
+                        let alive = conn.ping().await.is_ok();
+                        if !alive {
+                            note_connection_failure();
+                        }
+                        return Ok(alive);
                     }
                     Ok(true)
                 })
