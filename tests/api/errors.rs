@@ -7,7 +7,9 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::both_stores;
-use crate::helpers::{eventually, spawn_app, AssertClean, Customer, TestApp, ADMIN_TOKEN};
+use crate::helpers::{
+    eventually, spawn_app, AssertClean, Customer, DatabaseOutage, TestApp, ADMIN_TOKEN,
+};
 
 both_stores!(
     missing_or_wrong_tokens_are_refused,
@@ -456,34 +458,11 @@ async fn every_json_route_refuses_malformed_mistyped_and_unknown_bodies_and_chan
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_answers_503_while_the_database_refuses_connections() {
-    use sqlx::Connection as _;
     let app = spawn_app(StoreKind::Postgres).await;
     app.get("/readyz", None).await.assert_status(200);
-    let url = app
-        .database_url
-        .clone()
-        .expect("a PostgreSQL app has a URL");
-    let name = url.rsplit('/').next().expect("a database name").to_owned();
-    let mut admin =
-        sqlx::PgConnection::connect(&format!("{}/test", crate::helpers::postgres_base_url()))
-            .await
-            .expect("connect to the server");
-    let allow = |on: bool| format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {on}");
 
-    // The database stops answering the app: its connections are killed and no new one is let
-    // in (cheaper than dropping it, which waits for a checkpoint).
-    sqlx::query(&allow(false))
-        .execute(&mut admin)
-        .await
-        .expect("refuse connections");
-    sqlx::query(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = $1 AND pid <> pg_backend_pid()",
-    )
-    .bind(&name)
-    .execute(&mut admin)
-    .await
-    .expect("terminate the app's connections");
+    // The database stops answering the app.
+    let outage = DatabaseOutage::begin(&app).await;
 
     eventually(15, "/readyz notices", || async {
         app.get("/readyz", None).await.status.as_u16() == 503
@@ -497,10 +476,7 @@ async fn readiness_answers_503_while_the_database_refuses_connections() {
         .starts_with("application/json"));
     app.get("/healthz", None).await.assert_status(200);
 
-    sqlx::query(&allow(true))
-        .execute(&mut admin)
-        .await
-        .expect("let connections in again");
+    outage.end().await;
     eventually(15, "/readyz recovers", || async {
         app.get("/readyz", None).await.status.as_u16() == 200
     })

@@ -61,6 +61,44 @@ async fn checkout_with_token(app: &TestApp, customer: &Customer, cart: &str, tok
     .await
 }
 
+/// Every buyer asks for a token of `sale` at once (released together by a barrier):
+/// `(status, body)` of each answer.
+async fn race_for_tokens(
+    app: &TestApp,
+    sale: &str,
+    buyers: &[(Customer, String)],
+) -> Vec<(u16, Value)> {
+    let barrier = Arc::new(Barrier::new(buyers.len()));
+    let tasks: Vec<_> = buyers
+        .iter()
+        .cloned()
+        .map(|(customer, _)| {
+            let (client, base, sale, barrier) = (
+                app.client.clone(),
+                app.base.clone(),
+                sale.to_owned(),
+                barrier.clone(),
+            );
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let resp = client
+                    .post(format!("{base}/v1/flash-sales/{sale}/tokens"))
+                    .bearer_auth(&customer.token)
+                    .send()
+                    .await
+                    .expect("request");
+                let status = resp.status().as_u16();
+                (status, resp.json::<Value>().await.expect("json"))
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("task"));
+    }
+    answers
+}
+
 /// Row counts of every table a buyer could write to.
 async fn table_counts(app: &TestApp) -> Vec<i64> {
     let mut counts = Vec::new();
@@ -102,34 +140,7 @@ async fn five_thousand_token_requests_for_a_hundred_units_admit_exactly_a_hundre
     let all = buyers(&app, 5000, &[("hot", 1)]).await;
     let before = table_counts(&app).await;
 
-    let barrier = Arc::new(Barrier::new(all.len()));
-    let tasks: Vec<_> = all
-        .iter()
-        .cloned()
-        .map(|(customer, _)| {
-            let (client, base, sale, barrier) = (
-                app.client.clone(),
-                app.base.clone(),
-                sale.clone(),
-                barrier.clone(),
-            );
-            tokio::spawn(async move {
-                barrier.wait().await;
-                let resp = client
-                    .post(format!("{base}/v1/flash-sales/{sale}/tokens"))
-                    .bearer_auth(&customer.token)
-                    .send()
-                    .await
-                    .expect("request");
-                let status = resp.status().as_u16();
-                (status, resp.json::<Value>().await.expect("json"))
-            })
-        })
-        .collect();
-    let mut answers = Vec::new();
-    for t in tasks {
-        answers.push(t.await.unwrap());
-    }
+    let answers = race_for_tokens(&app, &sale, &all).await;
 
     let granted = answers.iter().filter(|(s, _)| *s == 201).count();
     let sold_out = answers
@@ -470,34 +481,7 @@ async fn refused_buyers_are_answered_without_touching_the_database(kind: StoreKi
     let before = app.store.acquisitions();
 
     // Act: every other buyer asks at once.
-    let barrier = Arc::new(Barrier::new(refused.len()));
-    let tasks: Vec<_> = refused
-        .iter()
-        .cloned()
-        .map(|(customer, _)| {
-            let (client, base, sale, barrier) = (
-                app.client.clone(),
-                app.base.clone(),
-                sale.clone(),
-                barrier.clone(),
-            );
-            tokio::spawn(async move {
-                barrier.wait().await;
-                let resp = client
-                    .post(format!("{base}/v1/flash-sales/{sale}/tokens"))
-                    .bearer_auth(&customer.token)
-                    .send()
-                    .await
-                    .expect("request");
-                let status = resp.status().as_u16();
-                (status, resp.json::<Value>().await.expect("json"))
-            })
-        })
-        .collect();
-    let mut answers = Vec::new();
-    for t in tasks {
-        answers.push(t.await.expect("task"));
-    }
+    let answers = race_for_tokens(&app, &sale, refused).await;
     let after = app.store.acquisitions();
 
     // Assert

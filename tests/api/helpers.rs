@@ -519,12 +519,18 @@ impl TestApp {
         cart: &str,
         key: &str,
     ) -> Resp {
+        self.post_with_key("/v1/checkouts", customer, key, json!({ "cart_id": cart }))
+            .await
+    }
+
+    /// A customer's `POST` with a JSON body and an Idempotency-Key.
+    async fn post_with_key(&self, path: &str, customer: &Customer, key: &str, body: Value) -> Resp {
         let resp = self
             .client
-            .post(format!("{}/v1/checkouts", self.base))
+            .post(format!("{}{path}", self.base))
             .bearer_auth(&customer.token)
             .header("Idempotency-Key", key)
-            .json(&json!({ "cart_id": cart }))
+            .json(&body)
             .send()
             .await
             .expect("request reaches the app");
@@ -546,23 +552,13 @@ impl TestApp {
         payment_method: &str,
         key: &str,
     ) -> Resp {
-        let resp = self
-            .client
-            .post(format!("{}/v1/checkouts/{checkout}/complete", self.base))
-            .bearer_auth(&customer.token)
-            .header("Idempotency-Key", key)
-            .json(&json!({ "payment_method": payment_method }))
-            .send()
-            .await
-            .expect("request reaches the app");
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = resp.json().await.expect("a JSON body");
-        Resp {
-            status,
-            headers,
-            body,
-        }
+        self.post_with_key(
+            &format!("/v1/checkouts/{checkout}/complete"),
+            customer,
+            key,
+            json!({ "payment_method": payment_method }),
+        )
+        .await
     }
 
     /// A customer with a reserved checkout of these lines: `(customer, checkout id, order id)`.
@@ -785,5 +781,50 @@ impl Drop for Reaped {
             let _ = self.0.kill();
             let _ = self.0.wait();
         }
+    }
+}
+
+/// The app's PostgreSQL database refusing it: every session of the database is ended and no new
+/// one is let in until [`DatabaseOutage::end`] (cheaper than dropping the database, which waits
+/// for a checkpoint).
+pub struct DatabaseOutage {
+    admin: sqlx::PgConnection,
+    name: String,
+}
+
+impl DatabaseOutage {
+    pub async fn begin(app: &TestApp) -> DatabaseOutage {
+        use sqlx::Connection as _;
+        let url = app
+            .database_url
+            .clone()
+            .expect("a PostgreSQL app has a URL");
+        let name = url.rsplit('/').next().expect("a database name").to_owned();
+        let mut admin = sqlx::PgConnection::connect(&format!("{}/test", postgres_base_url()))
+            .await
+            .expect("connect to the server");
+        sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
+            .execute(&mut admin)
+            .await
+            .expect("refuse connections");
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&name)
+        .execute(&mut admin)
+        .await
+        .expect("terminate the app's connections");
+        DatabaseOutage { admin, name }
+    }
+
+    pub async fn end(mut self) {
+        sqlx::query(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+            self.name
+        ))
+        .execute(&mut self.admin)
+        .await
+        .expect("let connections in again");
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::Barrier;
 use crate::both_stores;
 use crate::helpers::{
     buyers, eventually, execute_sql, fetch_strings, spawn_app, spawn_app_with, AssertClean,
-    Customer, Options, TestApp, ADMIN_TOKEN,
+    Customer, DatabaseOutage, Options, TestApp, ADMIN_TOKEN,
 };
 
 both_stores!(
@@ -953,7 +953,6 @@ async fn units_freed_between_the_guard_and_its_read_back_never_turn_a_buyer_away
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_expiry_worker_keeps_releasing_after_the_database_dropped_its_connections() {
-    use sqlx::Connection as _;
     let app = spawn_app_with(
         StoreKind::Postgres,
         Options {
@@ -966,39 +965,15 @@ async fn the_expiry_worker_keeps_releasing_after_the_database_dropped_its_connec
     let (ada, adas_cart) = app.buyer_with("Ada", &[("tea-01", 1)]).await;
     let first = app.start_checkout(&ada, &adas_cart).await;
     first.assert_status(201);
-    let url = app
-        .database_url
-        .clone()
-        .expect("a PostgreSQL app has a URL");
-    let name = url.rsplit('/').next().expect("a database name").to_owned();
-    let mut admin =
-        sqlx::PgConnection::connect(&format!("{}/test", crate::helpers::postgres_base_url()))
-            .await
-            .expect("connect to the server");
-    let allow = |on: bool| format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {on}");
 
     // An outage: every connection of the app's database is killed, and no new one is let in
     // until the worker has failed at least once.
-    sqlx::query(&allow(false))
-        .execute(&mut admin)
-        .await
-        .expect("refuse connections");
-    sqlx::query(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = $1 AND pid <> pg_backend_pid()",
-    )
-    .bind(&name)
-    .execute(&mut admin)
-    .await
-    .expect("terminate the app's connections");
+    let outage = DatabaseOutage::begin(&app).await;
     eventually(20, "the expiry worker meets the outage", || async {
         app.expiry.failed_ticks() > 0
     })
     .await;
-    sqlx::query(&allow(true))
-        .execute(&mut admin)
-        .await
-        .expect("let connections in again");
+    outage.end().await;
 
     // The worker is still running: what expired during the outage and what expires after it
     // both come back.
