@@ -157,12 +157,14 @@ impl CheckoutService {
 
     /// (new) → reserved: every line reserved and the order created, in one transaction. A cart
     /// holding a flash-sale SKU needs the customer's admission token and gets the sale's window.
+    /// A start's `Idempotency-Key` is recorded with the checkout in the same transaction.
     #[tracing::instrument(skip_all, fields(%customer, %cart))]
     pub async fn start(
         &self,
         customer: CustomerId,
         cart: CartId,
         flash_sale_token: Option<&str>,
+        idempotency_key: Option<&str>,
     ) -> Result<Checkout, CheckoutError> {
         let skus: Vec<_> = self
             .store
@@ -187,6 +189,7 @@ impl CheckoutService {
                 .map_or(self.windows.ttl, |s| s.reservation_ttl),
             max_lifetime: self.windows.max_lifetime,
             flash_sale: sale.as_ref().map(|s| s.id),
+            idempotency_key: idempotency_key.map(str::to_owned),
         };
         let reserved = observe::timed(SagaStep::Reserve, self.reserve(new)).await;
         count_reservation(&reserved);

@@ -40,6 +40,16 @@ impl Plan {
             .filter(|o| matches!(o, Planned::Grant { .. }))
             .count()
     }
+
+    /// The requests of `batch` this plan grants, in arrival order.
+    pub fn granted_requests<'a>(&self, batch: &'a [NewCheckout]) -> Vec<&'a NewCheckout> {
+        batch
+            .iter()
+            .zip(&self.outcomes)
+            .filter(|(_, o)| matches!(o, Planned::Grant { .. }))
+            .map(|(new, _)| new)
+            .collect()
+    }
 }
 
 /// Walks the requests in arrival order against `available` (units free per product id when
@@ -155,6 +165,7 @@ mod tests {
             ttl: chrono::Duration::seconds(60),
             max_lifetime: chrono::Duration::seconds(600),
             flash_sale: None,
+            idempotency_key: None,
         }
     }
 

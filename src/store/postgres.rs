@@ -27,7 +27,8 @@ use super::{
     order_total, page_of, priced_in_lock_order, reserve_retrying, schema_is_current, to_millis,
     unclaimed_cart, Acquisitions, ChargeTicket, Guarded, IdempotencyStart, InventoryRow, Lease,
     NewCheckout, Page, PricedLine, ReadBack, Released, Retry, RowNow, Store, StoreError, StoreKind,
-    StoredKey, WantedLine, CHECKOUT_COLUMNS, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
+    StoredKey, WantedLine, CHECKOUT_COLUMNS, IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW,
+    INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
 };
 
 mod decode {
@@ -303,6 +304,7 @@ impl PgStore {
         }
         let total = order_total(&priced)?;
         let row = Self::insert_checkout(&mut tx, new, &priced, total).await?;
+        Self::record_idempotent_checkout(&mut tx, &[new]).await?;
         match Self::reserve_lines(&mut tx, &priced, read_back).await? {
             Guarded::Reserved => {}
             // Dropping the transaction rolls back everything written above.
@@ -311,6 +313,26 @@ impl PgStore {
         }
         tx.commit().await?;
         decode::checkout(&row).map(Ok)
+    }
+
+    /// The named step both stores' reservations (plain and grouped) run in their transaction:
+    /// each keyed start's checkout is recorded on its `Idempotency-Key` row
+    /// ([`IDEMPOTENCY_CREATED`]), so the key and the reservation commit together.
+    async fn record_idempotent_checkout(
+        tx: &mut Transaction<'_, Postgres>,
+        granted: &[&NewCheckout],
+    ) -> Result<(), StoreError> {
+        for new in granted {
+            if let Some(key) = &new.idempotency_key {
+                sqlx::query(IDEMPOTENCY_CREATED)
+                    .bind(new.customer_id.uuid())
+                    .bind(key)
+                    .bind(new.id.uuid())
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     /// The cart flips to checking_out first: a second checkout of it stops here.
@@ -537,6 +559,7 @@ impl PgStore {
         let plan = group::plan(batch, candidates, &available);
         let written = if plan.granted() > 0 {
             let written = Self::insert_group(&mut tx, batch, &plan).await?;
+            Self::record_idempotent_checkout(&mut tx, &plan.granted_requests(batch)).await?;
             let (ids, quantities): (Vec<i64>, Vec<i64>) = plan.reserve.iter().unzip();
             let updated = sqlx::query(RESERVE_LOCKED)
                 .bind(&ids)
@@ -1747,8 +1770,8 @@ impl Store for PgStore {
             return Ok(IdempotencyStart::Proceed);
         }
         let row = sqlx::query(
-            "SELECT fingerprint, status_code, response_body, locked_until, created_at \
-             FROM idempotency_keys WHERE customer_id = $1 AND idem_key = $2 FOR UPDATE",
+            "SELECT fingerprint, status_code, response_body, locked_until, created_at, \
+             checkout_id FROM idempotency_keys WHERE customer_id = $1 AND idem_key = $2 FOR UPDATE",
         )
         .bind(customer.uuid())
         .bind(key)
@@ -1760,12 +1783,13 @@ impl Store for PgStore {
             body: row.try_get("response_body")?,
             locked_until: row.try_get("locked_until")?,
             created_at: row.try_get("created_at")?,
+            checkout_id: row.try_get("checkout_id")?,
         };
         let start = stored.decide(fingerprint, now);
         if start == IdempotencyStart::Proceed {
             sqlx::query(
                 "UPDATE idempotency_keys SET fingerprint = $3, status_code = NULL, \
-                 response_body = NULL, locked_until = $4, created_at = $5 \
+                 response_body = NULL, locked_until = $4, created_at = $5, checkout_id = NULL \
                  WHERE customer_id = $1 AND idem_key = $2",
             )
             .bind(customer.uuid())
@@ -1804,6 +1828,21 @@ impl Store for PgStore {
         sqlx::query("DELETE FROM idempotency_keys WHERE customer_id = $1 AND idem_key = $2")
             .bind(customer.uuid())
             .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn idempotency_renew(
+        &self,
+        customer: CustomerId,
+        key: &str,
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(IDEMPOTENCY_RENEW)
+            .bind(customer.uuid())
+            .bind(key)
+            .bind(to_millis(until))
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -504,6 +504,140 @@ async fn a_process_killed_at_a_random_moment_of_a_burst_leaves_every_checkout_pa
     deployment.finish().await;
 }
 
+/// How long a retry keeps honouring `Retry-After` before the test gives up: a key whose owner
+/// died must be free again within a few seconds, not after a minute.
+const TAKEN_OVER_WITHIN: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_retried_with_its_key_after_a_kill_after_reserving_answers_the_checkout_it_created()
+{
+    // Arrange: a process that stops right after the reservation commits.
+    let deployment = Deployment::new((180, 1800)).await;
+    let mut first = deployment.start(Some(FaultPoint::AfterReserve)).await;
+    let stock = 10;
+    deployment.new_product(stock).await;
+    let mut buyer = deployment.buyer("Keyed starter", 2).await;
+    let start = |client: &reqwest::Client| {
+        client
+            .post(format!("{}/v1/checkouts", deployment.base))
+            .bearer_auth(&buyer.token)
+            .header("Idempotency-Key", "start-after-kill")
+            .json(&json!({ "cart_id": buyer.cart }))
+    };
+
+    // Act: the start reserves, the process dies before answering; the client retries its
+    // start with the same key against the successor.
+    let lost = {
+        let request = start(&deployment.client);
+        tokio::spawn(async move {
+            let _ = request.send().await;
+        })
+    };
+    first
+        .wait_for_line(&faults::marker(FaultPoint::AfterReserve), 1, REACH_WITHIN)
+        .await;
+    assert_eq!(first.kill().signal(), Some(SIGKILL));
+    let _ = lost.await;
+    let db = deployment.db().await;
+    let created = db.checkouts().await;
+    assert_eq!(created.len(), 1, "the first start reserved one checkout");
+    let second = deployment.start(None).await;
+    let (status, answer) = deployment
+        .retry_honouring_retry_after(|| start(&deployment.client), &second)
+        .await;
+
+    // Assert: the retry answers the checkout the first request created, not a second one and
+    // not `cart_not_open`; it can be paid, and nothing else was reserved.
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{answer}");
+    assert_eq!(answer["id"], created[0].id.to_string(), "{answer}");
+    assert_eq!(answer["state"], "reserved", "{answer}");
+    let (again, replayed) = deployment
+        .retry_honouring_retry_after(|| start(&deployment.client), &second)
+        .await;
+    assert_eq!(
+        (again, &replayed),
+        (status, &answer),
+        "a further retry replays it"
+    );
+    assert_eq!(db.checkouts().await.len(), 1, "no second checkout");
+    buyer.checkout = Some(StartedCheckout {
+        id: created[0].id,
+        order_id: created[0].order_id,
+    });
+    let paid = deployment
+        .call_with(
+            complete_request(
+                &deployment.client,
+                &deployment.base,
+                &buyer.token,
+                created[0].id,
+                "pm_card_visa",
+            ),
+            "complete",
+        )
+        .await;
+    assert_eq!(paid["state"], "completed", "{paid}");
+    assert_eq!(deployment.inventory().await, (stock - 2, 0));
+    deployment
+        .assert_one_event_per_paid_order(&db, &[created[0].order_id])
+        .await;
+    deployment.assert_audit_clean(&db).await;
+    drop(second);
+    deployment.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_retried_with_its_key_after_its_process_died_is_taken_over_within_seconds() {
+    // Arrange: a process that stops once `charging` is recorded, before the gateway call.
+    let deployment = Deployment::new((180, 1800)).await;
+    let mut first = deployment.start(Some(FaultPoint::AfterBeginCharge)).await;
+    let stock = 10;
+    deployment.new_product(stock).await;
+    let mut buyer = deployment.buyer("Keyed payer", 1).await;
+    buyer.checkout = Some(deployment.start_checkout(&buyer).await);
+    let id = buyer.checkout().id;
+
+    // Act: the keyed complete dies with its process; the client retries it with the same key.
+    let lost = deployment.complete_in_background(&buyer, "pm_card_visa");
+    first
+        .wait_for_line(
+            &faults::marker(FaultPoint::AfterBeginCharge),
+            1,
+            REACH_WITHIN,
+        )
+        .await;
+    assert_eq!(first.kill().signal(), Some(SIGKILL));
+    let _ = lost.await;
+    let second = deployment.start(None).await;
+    let (status, answer) = deployment
+        .retry_honouring_retry_after(
+            || {
+                complete_request(
+                    &deployment.client,
+                    &deployment.base,
+                    &buyer.token,
+                    id,
+                    "pm_card_visa",
+                )
+            },
+            &second,
+        )
+        .await;
+
+    // Assert: the retry took the dead request's key over and answers the paid checkout,
+    // charged once.
+    assert_eq!(status, reqwest::StatusCode::OK, "{answer}");
+    assert_eq!(answer["state"], "completed", "{answer}");
+    assert_eq!(deployment.fake.charges_for(id), 1, "charged once");
+    let db = deployment.db().await;
+    deployment
+        .assert_one_event_per_paid_order(&db, &[buyer.checkout().order_id])
+        .await;
+    deployment.assert_audit_clean(&db).await;
+    drop(second);
+    deployment.finish().await;
+}
+
 /// The signal number of SIGKILL.
 const SIGKILL: i32 = 9;
 
@@ -925,6 +1059,41 @@ impl Deployment {
             | Scenario::Decline
             | Scenario::AbandonAuthentication
             | Scenario::AdminRefund => {}
+        }
+    }
+
+    /// Sends `request()` until it is answered with anything but `409 idempotency_conflict`,
+    /// waiting as each conflict's `Retry-After` says (which it must carry); gives up after
+    /// [`TAKEN_OVER_WITHIN`].
+    async fn retry_honouring_retry_after(
+        &self,
+        request: impl Fn() -> reqwest::RequestBuilder,
+        server: &Server,
+    ) -> (reqwest::StatusCode, Value) {
+        let deadline = Instant::now() + TAKEN_OVER_WITHIN;
+        loop {
+            let response = request().send().await.expect("the service answers");
+            let status = response.status();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            let body: Value = response.json().await.expect("a JSON body");
+            if status != reqwest::StatusCode::CONFLICT
+                || body["error"]["code"] != "idempotency_conflict"
+            {
+                return (status, body);
+            }
+            let seconds = retry_after.unwrap_or_else(|| {
+                panic!("a 409 idempotency_conflict carries Retry-After: {body}")
+            });
+            assert!(
+                Instant::now() < deadline,
+                "the dead request's key was still locked after {TAKEN_OVER_WITHIN:?}: {body}\n{}",
+                server.tail()
+            );
+            tokio::time::sleep(Duration::from_secs(seconds)).await;
         }
     }
 
