@@ -138,7 +138,7 @@ struct Complete {
         (status = 400, body = ErrorBody, description = "`idempotency_key_required`, `invalid_idempotency_key`"),
         (status = 404, body = ErrorBody, description = "`checkout_not_found`"),
         (status = 409, body = ErrorBody, description = "`checkout_expired`, `invalid_state`, `payment_in_progress`, `idempotency_conflict` (with `Retry-After`)"),
-        (status = 422, body = ErrorBody, description = "`idempotency_key_reused`, `payment_method_refused`, invalid payment method"),
+        (status = 422, body = ErrorBody, description = "`idempotency_key_reused`, `payment_method_refused`, `amount_too_small` (the total is below the payment provider's minimum charge, e.g. EUR 0.50; `details` has `total` and `minimum`), invalid payment method"),
         (status = 502, body = ErrorBody, description = "`payment_gateway_error`"),
         (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
     )

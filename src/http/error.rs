@@ -227,6 +227,14 @@ impl From<CheckoutError> for ApiError {
                 message,
             )
             .details(serde_json::json!({ "gateway_code": code })),
+            CheckoutError::AmountTooSmall { total, minimum } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "amount_too_small",
+                format!(
+                    "the total {total} is below the payment provider's minimum charge of {minimum}"
+                ),
+            )
+            .details(serde_json::json!({ "total": total, "minimum": minimum })),
             CheckoutError::Gateway(message) => {
                 Self::new(StatusCode::BAD_GATEWAY, "payment_gateway_error", message)
             }

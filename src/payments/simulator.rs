@@ -251,10 +251,15 @@ impl State {
             code: "resource_missing".into(),
             message: format!("No such PaymentMethod: '{}'", req.payment_method),
         })?;
-        if req.amount.amount() < 1 {
+        let minimum = super::minimum_charge(req.amount.currency().as_str()).unwrap_or(1);
+        if req.amount.amount() < minimum {
+            // As Stripe answers it: 400 invalid_request_error, nothing created.
             return Err(GatewayError::InvalidRequest {
                 code: "amount_too_small".into(),
-                message: "Amount must be at least 1 minor unit.".into(),
+                message: format!(
+                    "Amount must be at least {minimum} {} minor units",
+                    req.amount.currency().to_lowercase()
+                ),
             });
         }
         let id = new_id("pi");

@@ -654,3 +654,34 @@ async fn a_receiver_with_another_secret_rejects_every_simulated_event() {
 
     assert_eq!(receiver.next().await, Err(SignatureError::NoMatch));
 }
+
+#[tokio::test]
+async fn below_the_minimum_charge_the_fake_and_the_simulator_answer_amount_too_small() {
+    let fake = FakeStripe::start().await;
+    let simulator = StripeSimulator::new();
+    let gateways: [(&str, &dyn PaymentGateway); 2] =
+        [("fake Stripe", &gateway(&fake)), ("simulator", &simulator)];
+    for (name, gateway) in gateways {
+        // EUR 0.49: Stripe's minimum charge is EUR 0.50.
+        match gateway
+            .create_and_confirm(&charge("pm_card_visa", 49))
+            .await
+        {
+            Err(GatewayError::InvalidRequest { code, .. }) => {
+                assert_eq!(code, "amount_too_small", "{name}")
+            }
+            other => panic!("{name}: expected amount_too_small, got {other:?}"),
+        }
+        // EUR 0.50 is charged.
+        succeeded(
+            gateway
+                .create_and_confirm(&charge("pm_card_visa", 50))
+                .await,
+        );
+    }
+    assert_eq!(
+        fake.intent_count(),
+        1,
+        "nothing was created for the refused amount"
+    );
+}

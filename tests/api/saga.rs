@@ -40,6 +40,7 @@ both_stores!(
     another_customers_identical_idempotency_key_starts_a_checkout_of_their_own,
     a_start_whose_answer_was_lost_after_reserving_answers_the_checkout_it_created,
     a_key_is_held_only_as_long_as_its_lease_is_renewed,
+    a_total_below_the_minimum_charge_is_refused_before_any_gateway_call,
     a_charge_lease_claimed_again_is_no_longer_renewed_by_its_first_holder,
 );
 
@@ -425,6 +426,44 @@ async fn a_key_is_held_only_as_long_as_its_lease_is_renewed(kind: StoreKind) {
         begin(at(8_002)).await.expect("begin"),
         IdempotencyStart::InFlight { until: at(13_001) }
     );
+    app.audit().await.assert_clean();
+}
+
+async fn a_total_below_the_minimum_charge_is_refused_before_any_gateway_call(kind: StoreKind) {
+    let fake = FakeStripe::start().await;
+    let app = spawn_app_with(
+        kind,
+        Options {
+            stripe: Some((fake.base_url(), SECRET_KEY.to_owned())),
+            ..Options::default()
+        },
+    )
+    .await;
+    app.new_product("mint-01", 25, 5).await;
+    let (ada, checkout, _) = app.reserved_checkout("Ada", &[("mint-01", 1)]).await;
+
+    let refused = app.complete(&ada, &checkout, "pm_card_visa", "pay-1").await;
+
+    refused.assert_error(422, "amount_too_small");
+    assert_eq!(
+        refused.body["error"]["details"],
+        json!({"total": {"amount": 25, "currency": "EUR"},
+               "minimum": {"amount": 50, "currency": "EUR"}}),
+        "{}",
+        refused.body
+    );
+    assert_eq!(fake.requests(), 0, "no request reached the gateway");
+    let after = app
+        .get(&format!("/v1/checkouts/{checkout}"), Some(&ada.token))
+        .await;
+    assert_eq!(after.body["state"], "reserved", "{}", after.body);
+    assert_eq!(app.stock_of("mint-01").await, (5, 1, 4));
+    // Two units reach the minimum and are charged.
+    let (bob, two, _) = app.reserved_checkout("Bob", &[("mint-01", 2)]).await;
+    let paid = app.complete(&bob, &two, "pm_card_visa", "pay-2").await;
+    paid.assert_status(200);
+    assert_eq!(paid.body["state"], "completed", "{}", paid.body);
+    assert_eq!(fake.charges_for(CheckoutId::parse(&two).expect("an id")), 1);
     app.audit().await.assert_clean();
 }
 
