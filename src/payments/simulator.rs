@@ -763,7 +763,7 @@ mod tests {
         let req = refund(&intent, None, "shared-key");
         let charge_with_key = ChargeRequest {
             idempotency_key: "shared-key".into(),
-            ..charge("pm_card_visa", 10)
+            ..charge("pm_card_visa", 1000)
         };
         sim.create_and_confirm(&charge_with_key).await.unwrap();
         assert!(matches!(
@@ -784,7 +784,7 @@ mod tests {
         };
         sim.create_and_confirm(&declined).await.unwrap();
         sim.create_and_confirm(&retried).await.unwrap();
-        sim.create_and_confirm(&charge("pm_card_visa", 5))
+        sim.create_and_confirm(&charge("pm_card_visa", 500))
             .await
             .unwrap();
 

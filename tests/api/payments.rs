@@ -334,7 +334,7 @@ async fn a_succeeded_intent_cannot_be_canceled_and_a_missing_one_cannot_be_found
     let gateway = gateway(&fake);
     let paid = succeeded(
         gateway
-            .create_and_confirm(&charge("pm_card_visa", 10))
+            .create_and_confirm(&charge("pm_card_visa", 1000))
             .await,
     );
 
@@ -419,7 +419,11 @@ async fn intents_for_a_checkout_are_every_attempt_of_that_checkout() {
     };
     gateway.create_and_confirm(&declined).await.unwrap();
     succeeded(gateway.create_and_confirm(&second_attempt).await);
-    succeeded(gateway.create_and_confirm(&charge("pm_card_visa", 5)).await);
+    succeeded(
+        gateway
+            .create_and_confirm(&charge("pm_card_visa", 500))
+            .await,
+    );
 
     let intents = gateway
         .intents_for_checkout(declined.checkout_id)
