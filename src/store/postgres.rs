@@ -57,7 +57,7 @@ impl PgStore {
         let pool = acquisitions
             .options(PgPoolOptions::new())
             .max_connections(max_connections)
-            .acquire_timeout(StdDuration::from_secs(10))
+            .acquire_timeout(super::pool::PG_ACQUIRE_DEADLINE)
             .connect_with(options.clone())
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
