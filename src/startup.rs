@@ -321,7 +321,14 @@ impl Application {
             CheckoutService::new(store.clone(), clock.clone(), gateway, gate, windows, saga)
                 .with_grouping(&settings.group),
         );
+        let catalogue = Arc::new(http::Catalogue::default());
+        if let Err(e) = catalogue.load(store.as_ref()).await {
+            // Served from the store until a reload succeeds.
+            tracing::warn!(error = %e, "catalogue snapshot not loaded yet");
+        }
+        catalogue.spawn_refresher(store.clone());
         let state = AppState {
+            catalogue,
             store: store.clone(),
             checkout: checkout.clone(),
             webhook_secrets: Arc::new(webhook_secrets),

@@ -267,6 +267,14 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         after: Option<&Sku>,
         limit: u32,
     ) -> Result<Page<Product>, StoreError>;
+    /// Every product, for the in-memory catalogue (PostgreSQL reads it on a connection of its
+    /// own, so a reload never queues behind the writes in the pool).
+    async fn all_products(&self) -> Result<Vec<Product>, StoreError>;
+    /// Signals that products changed in any process sharing the database (PostgreSQL
+    /// `LISTEN`); `None` where the store has no such channel.
+    async fn listen_product_changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        None
+    }
     /// Optimistic concurrency: applies only if the product is still at `expected_version`.
     /// Every stock change is recorded with its actor for the audit.
     async fn update_product(

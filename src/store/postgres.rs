@@ -10,7 +10,7 @@ use std::time::Duration as StdDuration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
@@ -40,8 +40,14 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Two connections of their own for the catalogue snapshot and its `LISTEN`: reads that
+    /// never wait behind checkout writes in `pool`.
+    reads: PgPool,
     acquisitions: Acquisitions,
 }
+
+/// What the `products` trigger notifies (migration 0021).
+const PRODUCTS_CHANNEL: &str = "holdfast_products";
 
 impl PgStore {
     /// Connects (and fails fast if the database cannot be reached).
@@ -52,11 +58,19 @@ impl PgStore {
         let pool = acquisitions
             .options(PgPoolOptions::new())
             .max_connections(max_connections)
-            .acquire_timeout(StdDuration::from_secs(10))
-            .connect_with(options)
+            .acquire_timeout(super::pool::PG_ACQUIRE_DEADLINE)
+            .connect_with(options.clone())
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(Self { pool, acquisitions })
+        let reads = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(StdDuration::from_secs(5))
+            .connect_lazy_with(options);
+        Ok(Self {
+            pool,
+            reads,
+            acquisitions,
+        })
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -949,6 +963,51 @@ impl Store for PgStore {
         .await?;
         let mut items: Vec<Product> = rows.iter().map(decode::product).collect::<Result<_, _>>()?;
         Ok(page_of(&mut items, limit, |p| p.sku.to_string()))
+    }
+
+    async fn all_products(&self) -> Result<Vec<Product>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {PRODUCT_COLUMNS} FROM products ORDER BY sku"
+        ))
+        .fetch_all(&self.reads)
+        .await?;
+        rows.iter().map(decode::product).collect()
+    }
+
+    async fn listen_product_changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let reads = self.reads.clone();
+        tokio::spawn(async move {
+            let mut listener = loop {
+                match PgListener::connect_with(&reads).await {
+                    Ok(mut l) => match l.listen(PRODUCTS_CHANNEL).await {
+                        Ok(()) => break l,
+                        Err(e) => tracing::warn!(error = %e, "cannot listen for product changes"),
+                    },
+                    Err(e) => tracing::warn!(error = %e, "cannot listen for product changes"),
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(StdDuration::from_secs(5)).await;
+            };
+            loop {
+                // `None`: the connection was lost and is re-established on the next call;
+                // what was notified meanwhile is unknown, so that counts as a change too.
+                let signal = match listener.try_recv().await {
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "product change listener failed; retrying");
+                        tokio::time::sleep(StdDuration::from_secs(1)).await;
+                        true
+                    }
+                };
+                if signal && tx.try_send(()).is_err() && tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Some(rx)
     }
 
     async fn update_product(

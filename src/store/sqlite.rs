@@ -43,6 +43,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// One read-only connection of its own for the catalogue snapshot (WAL: readers never wait
+    /// for the writer), so a reload never queues behind the writes in `pool`.
+    reads: SqlitePool,
     acquisitions: Acquisitions,
 }
 
@@ -76,10 +79,18 @@ impl SqliteStore {
             .options(SqlitePoolOptions::new())
             .max_connections(1)
             .acquire_timeout(StdDuration::from_secs(30))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(Self { pool, acquisitions })
+        let reads = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(StdDuration::from_secs(5))
+            .connect_lazy_with(options.read_only(true));
+        Ok(Self {
+            pool,
+            reads,
+            acquisitions,
+        })
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -732,6 +743,15 @@ impl Store for SqliteStore {
         .await?;
         let mut items: Vec<Product> = rows.iter().map(decode::product).collect::<Result<_, _>>()?;
         Ok(page_of(&mut items, limit, |p| p.sku.to_string()))
+    }
+
+    async fn all_products(&self) -> Result<Vec<Product>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {PRODUCT_COLUMNS} FROM products ORDER BY sku"
+        ))
+        .fetch_all(&self.reads)
+        .await?;
+        rows.iter().map(decode::product).collect()
     }
 
     async fn update_product(
