@@ -68,6 +68,8 @@ pub struct AppState {
     pub request_timeout: std::time::Duration,
     /// The built-in payment simulator when it is the gateway: the demo routes need it.
     pub simulator: Option<crate::payments::StripeSimulator>,
+    /// Redis and NATS as configured, up or down: `/readyz` and the ops page show them.
+    pub brokers: crate::brokers::Brokers,
 }
 
 pub fn router(state: AppState) -> Router {

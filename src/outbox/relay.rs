@@ -95,6 +95,9 @@ impl Relay {
     /// One batch: claim, publish in order until the first failure, mark what went out.
     #[tracing::instrument(skip_all)]
     pub async fn tick(&self) -> Result<RelayTick, RelayError> {
+        if !self.sink.ready() {
+            return Ok(RelayTick::default());
+        }
         let claimed_at = self.clock.now();
         let claim = self
             .store
