@@ -72,6 +72,8 @@ pub struct AppState {
     pub simulator: Option<crate::payments::StripeSimulator>,
     /// The public catalogue in memory (`GET /v1/products*`).
     pub catalogue: Arc<Catalogue>,
+    /// Redis and NATS as configured, up or down: `/readyz` and the ops page show them.
+    pub brokers: crate::brokers::Brokers,
 }
 
 pub fn router(state: AppState) -> Router {

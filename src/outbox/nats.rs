@@ -74,6 +74,20 @@ impl NatsSink {
         Self::with_client(client, stream, subject_prefix).await
     }
 
+    /// Whether `url` (one server or a comma-separated list) parses as NATS server addresses,
+    /// without connecting: a start-up with a bad URL fails, one with an unreachable NATS
+    /// starts degraded.
+    pub fn check_url(url: &str) -> Result<(), SinkError> {
+        for server in url.split(',') {
+            server
+                .trim()
+                .parse::<async_nats::ServerAddr>()
+                // The URL may carry credentials: the error names the failure, not the URL.
+                .map_err(|e| SinkError::Unavailable(format!("the NATS URL is not valid: {e}")))?;
+        }
+        Ok(())
+    }
+
     pub async fn with_client(
         client: async_nats::Client,
         stream: &str,

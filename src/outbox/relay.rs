@@ -97,6 +97,9 @@ impl Relay {
     /// hand back the claim on what did not.
     #[tracing::instrument(skip_all)]
     pub async fn tick(&self) -> Result<RelayTick, RelayError> {
+        if !self.sink.ready() {
+            return Ok(RelayTick::default());
+        }
         let claimed_at = self.clock.now();
         let claim = self
             .store

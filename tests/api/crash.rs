@@ -12,8 +12,8 @@
 //! reached by the scenario that leads there (a card that succeeds, declines or needs
 //! authentication, an abandoned authentication, an admin refund, a late payment for an expired
 //! checkout), and kill it once every checkout stands where that point leaves it. Every point of
-//! `FaultPoint::ALL` has at least one such test. The last test kills a process at a random
-//! moment of a burst.
+//! `FaultPoint::ALL` has at least one such test. The last tests kill a process at a random
+//! moment of a burst, and then round after round at random points and moments (the soak).
 
 use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader};
@@ -635,6 +635,153 @@ async fn a_complete_retried_with_its_key_after_its_process_died_is_taken_over_wi
         .await;
     deployment.assert_audit_clean(&db).await;
     drop(second);
+    deployment.finish().await;
+}
+
+/// Rounds of the soak in CI; `HOLDFAST_SOAK_ROUNDS` runs more, `HOLDFAST_SOAK_SEED` replays one.
+const SOAK_ROUNDS: u64 = 3;
+
+/// Where a card that succeeds passes: the fault points a soak round may stop a process at.
+const SOAK_POINTS: [FaultPoint; 5] = [
+    FaultPoint::AfterReserve,
+    FaultPoint::AfterBeginCharge,
+    FaultPoint::AfterGatewayCall,
+    FaultPoint::AfterRecordSuccess,
+    FaultPoint::AfterPublish,
+];
+
+/// How a soak round kills its process.
+#[derive(Debug, Clone, Copy)]
+enum Kill {
+    /// Once the first checkout reaches the point.
+    AtFaultPoint(FaultPoint),
+    /// Once the gateway has seen this many more requests, whatever else is in flight.
+    AfterGatewayRequests(usize),
+}
+
+fn env_number(name: &str) -> Option<u64> {
+    let raw = std::env::var(name).ok()?;
+    Some(
+        raw.parse()
+            .unwrap_or_else(|_| panic!("{name} must be a number, got {raw:?}")),
+    )
+}
+
+/// The randomized kill-and-audit soak: every round starts a process (armed with a random fault
+/// point, or not), sends a burst of buyers at it, SIGKILLs it at that point or at a random
+/// moment of the burst, starts a successor, and checks every promise over everything so far
+/// (one charge per completed checkout, none for an expired one, stock adding up, one
+/// `order.paid` per paid order, both audits). The seed is printed first: a failing run replays
+/// with `HOLDFAST_SOAK_SEED=<seed>`, and `HOLDFAST_SOAK_ROUNDS=<n>` makes it longer
+/// (docs/crash-search.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soak_of_random_kills_keeps_every_promise_after_each_restart() {
+    use rand::SeedableRng as _;
+    let seed = env_number("HOLDFAST_SOAK_SEED").unwrap_or_else(|| rand::thread_rng().gen());
+    let rounds = env_number("HOLDFAST_SOAK_ROUNDS").unwrap_or(SOAK_ROUNDS);
+    eprintln!("kill soak: seed {seed}, {rounds} rounds (replay: HOLDFAST_SOAK_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let deployment = Deployment::new((5, 1800)).await;
+    let stock = 10_000;
+    let mut survivor = Some(deployment.start(None).await);
+    deployment.new_product(stock).await;
+    let db = deployment.db().await;
+    for round in 0..rounds {
+        let kill = if rng.gen_bool(0.5) {
+            Kill::AtFaultPoint(SOAK_POINTS[rng.gen_range(0..SOAK_POINTS.len())])
+        } else {
+            Kill::AfterGatewayRequests(rng.gen_range(1..=6))
+        };
+        let quantities: Vec<i64> = (0..rng.gen_range(4..=8))
+            .map(|_| rng.gen_range(1..=3))
+            .collect();
+        eprintln!("round {round}: {} buyers, kill {kill:?}", quantities.len());
+        // The previous round's successor dies too, idle: no checkout may be lost with it.
+        if let Some(previous) = survivor.take() {
+            previous.kill();
+        }
+        let fault = match kill {
+            Kill::AtFaultPoint(point) => Some(point),
+            Kill::AfterGatewayRequests(_) => None,
+        };
+        let mut victim = deployment.start(fault).await;
+        let mut buyers = Vec::with_capacity(quantities.len());
+        for (i, quantity) in quantities.into_iter().enumerate() {
+            buyers.push(
+                deployment
+                    .buyer(&format!("Soak buyer {round}.{i}"), quantity)
+                    .await,
+            );
+        }
+        let requests_before = deployment.fake.requests();
+        let burst: Vec<JoinHandle<()>> = buyers
+            .iter()
+            .map(|buyer| deployment.check_out_in_background(buyer))
+            .collect();
+        match kill {
+            Kill::AtFaultPoint(point) => {
+                victim
+                    .wait_for_line(&faults::marker(point), 1, REACH_WITHIN)
+                    .await
+            }
+            Kill::AfterGatewayRequests(n) => {
+                let deadline = Instant::now() + REACH_WITHIN;
+                // A burst that settles first is killed idle, which must be safe as well.
+                while deployment.fake.requests() < requests_before + n
+                    && burst.iter().any(|b| !b.is_finished())
+                {
+                    assert!(Instant::now() < deadline, "seed {seed}: the burst stalled");
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+        assert_eq!(victim.kill().signal(), Some(SIGKILL), "seed {seed}");
+        for buyer in burst {
+            let _ = buyer.await;
+        }
+        let successor = deployment.start(None).await;
+
+        let checkouts = deployment.wait_until_terminal(&db, &successor).await;
+        let mut sold = 0;
+        let mut paid = Vec::new();
+        for checkout in &checkouts {
+            let charges = deployment.fake.charges_for(checkout.id);
+            match checkout.state.as_str() {
+                "completed" => {
+                    assert_eq!(
+                        charges, 1,
+                        "seed {seed}, round {round}: {} charged once",
+                        checkout.id
+                    );
+                    sold += checkout.units;
+                    paid.push(checkout.order_id);
+                }
+                "expired" => assert_eq!(
+                    charges, 0,
+                    "seed {seed}, round {round}: expired {} moved no money",
+                    checkout.id
+                ),
+                other => panic!(
+                    "seed {seed}, round {round}: checkout {} ended {other}",
+                    checkout.id
+                ),
+            }
+        }
+        assert_eq!(
+            deployment.inventory().await,
+            (stock - sold, 0),
+            "seed {seed}, round {round}: (stock, reserved)"
+        );
+        deployment.assert_one_event_per_paid_order(&db, &paid).await;
+        deployment.assert_audit_clean(&db).await;
+        eprintln!(
+            "round {round}: {} checkouts so far, {} completed, audit clean",
+            checkouts.len(),
+            paid.len()
+        );
+        survivor = Some(successor);
+    }
+    drop(survivor);
     deployment.finish().await;
 }
 

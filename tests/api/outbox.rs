@@ -662,36 +662,59 @@ async fn with_nats_the_running_workers_deliver_end_to_end() {
     finish(app, js).await;
 }
 
-#[tokio::test]
-async fn an_unreachable_nats_server_stops_start_up_with_one_clear_error() {
-    // Arrange: port 1 on loopback has no NATS server.
-    let dir = tempfile::tempdir().expect("temp dir");
-    let data_dir = dir.path().display().to_string();
+fn settings_with_nats_url(data_dir: &str, url: &str) -> holdfast::config::Settings {
     let cli = holdfast::config::Cli::try_parse_from([
         "holdfast",
         "--listen",
         "127.0.0.1:0",
         "--data-dir",
-        &data_dir,
+        data_dir,
         "--nats-url",
-        "nats://127.0.0.1:1",
+        url,
     ])
     .expect("flags parse");
-    let settings = holdfast::config::Settings::from_flags(&cli.flags).expect("valid settings");
+    holdfast::config::Settings::from_flags(&cli.flags).expect("valid settings")
+}
+
+#[tokio::test]
+async fn an_unreachable_nats_server_starts_degraded_and_a_bad_nats_url_stops_start_up() {
+    // Arrange: port 1 on loopback has no NATS server; port 99999 is no port at all.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().display().to_string();
 
     // Act
-    let started = holdfast::startup::Application::build(settings).await;
+    let unreachable = holdfast::startup::Application::build(settings_with_nats_url(
+        &data_dir,
+        "nats://127.0.0.1:1",
+    ))
+    .await;
+    let bad = holdfast::startup::Application::build(settings_with_nats_url(
+        &data_dir,
+        "nats://127.0.0.1:99999",
+    ))
+    .await;
 
-    // Assert: main prints this one line and exits with code 2.
-    let Err(error) = started else {
-        panic!("start-up must fail without NATS");
+    // Assert: the first serves without its consumers (they start once NATS answers) and its
+    // relay leaves the outbox alone; the second fails with the one line main prints before
+    // exiting with code 2.
+    let app = unreachable.expect("an unreachable NATS only degrades the start");
+    assert!(app.nats_consumers().is_none());
+    assert_eq!(
+        app.relay().tick().await.expect("a tick"),
+        holdfast::outbox::RelayTick::default()
+    );
+    let Err(error) = bad else {
+        panic!("start-up must fail with a NATS URL that cannot work");
     };
     assert!(
         matches!(error, holdfast::startup::StartupError::Events(_)),
         "{error}"
     );
     let line = error.to_string();
-    assert!(line.contains("NATS") && !line.contains('\n'), "{line}");
+    assert!(
+        line.contains("NATS URL is not valid") && !line.contains('\n'),
+        "{line}"
+    );
 }
 
 /// A NATS JetStream server of the test's own, which it stops and starts again on the same port
