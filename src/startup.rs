@@ -321,6 +321,7 @@ impl Application {
             CheckoutService::new(store.clone(), clock.clone(), gateway, gate, windows, saga)
                 .with_grouping(&settings.group),
         );
+        checkout.load_current_sales().await;
         let state = AppState {
             store: store.clone(),
             checkout: checkout.clone(),

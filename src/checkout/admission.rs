@@ -117,6 +117,24 @@ impl CheckoutService {
         Ok(())
     }
 
+    /// Loads every sale not yet ended into the gate, at start: the embedded gate begins empty
+    /// (a Redis gate that kept its keys changes nothing). A sale that cannot be loaded now is
+    /// loaded by the first call that needs it; until then it fails closed.
+    pub async fn load_current_sales(&self) {
+        let sales = match self.store.current_flash_sales(self.clock.now()).await {
+            Ok(sales) => sales,
+            Err(e) => {
+                tracing::warn!(error = %e, "flash sales not loaded at start; loaded on first use");
+                return;
+            }
+        };
+        for sale in sales {
+            if let Err(e) = self.load_sale(sale.id).await {
+                tracing::warn!(sale_id = %sale.id, error = %e, "flash sale not loaded at start; loaded on first use");
+            }
+        }
+    }
+
     /// One gate call; a sale the gate does not know is loaded from the database and the call
     /// made once more. Until the load succeeds the caller fails closed (`Unavailable`/
     /// `NotLoaded`, answered `503 admission_unavailable`).

@@ -1,6 +1,8 @@
 //! The public catalogue: what anyone may see of a product, including live availability.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
+
+use super::extract::Path;
 use axum::routing::get;
 use axum::{Json, Router};
 

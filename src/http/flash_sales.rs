@@ -3,7 +3,7 @@
 //! has seen before touches no store at all: the sale and the customer are cached, and the gate
 //! answers alone (a customer's very first request looks their token up once).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,7 +16,7 @@ use crate::domain::{FlashSale, FlashSaleId, NewFlashSale, Sku};
 use crate::flash_sale::GateFigures;
 
 use super::auth::Admin;
-use super::extract::{AppJson, OptionalJson};
+use super::extract::{AppJson, OptionalJson, Path};
 use super::limits::RateLimited;
 use super::openapi::{ErrorBody, GateFiguresSchema};
 use super::views::rfc3339;

@@ -73,7 +73,7 @@ fn fresh_prefix() -> String {
 
 /// Removes what a Redis case left behind. Best effort: a failed cleanup must not fail a test
 /// that passed, and a panicking case skips it (its keys carry a unique prefix either way).
-async fn delete_keys(prefix: &str) {
+pub(crate) async fn delete_keys(prefix: &str) {
     let Ok(client) = ::redis::Client::open(redis_url()) else {
         return;
     };
