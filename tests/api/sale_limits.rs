@@ -24,6 +24,7 @@ both_stores!(
     invalid_utf8_in_a_path_parameter_answers_the_json_error_body,
     an_order_cursor_above_the_largest_sequence_is_an_invalid_cursor,
     only_the_admission_index_makes_a_checkout_insert_admission_in_use,
+    the_audit_finds_a_sale_that_sold_more_than_its_units,
 );
 
 /// The service starts again on the same database: a new process for the gate. The embedded
@@ -571,4 +572,28 @@ async fn only_the_admission_index_makes_a_checkout_insert_admission_in_use(kind:
     );
     assert_eq!(app.stock_of("tea").await, (5, 1, 4));
     app.audit().await.assert_clean();
+}
+
+async fn the_audit_finds_a_sale_that_sold_more_than_its_units(kind: StoreKind) {
+    // Arrange: a 2-unit sale sold out, then its units cut to 1 under the store's feet.
+    let app = app_for(kind, Options::default()).await;
+    app.new_product("hot", 500, 5).await;
+    let sale = open_sale(&app, "hot", 2, None).await;
+    for (customer, cart) in crate::helpers::buyers(&app, 2, &[("hot", 1)]).await {
+        buy(&app, &customer, &cart, &sale).await;
+    }
+    app.audit().await.assert_clean();
+    crate::helpers::execute_sql(&app, &["UPDATE flash_sales SET units = 1".to_owned()]).await;
+
+    // Act
+    let report = app.audit().await;
+
+    // Assert
+    let violations: Vec<&String> = report.violations().collect();
+    assert!(
+        violations
+            .iter()
+            .any(|v| v.contains(&sale) && v.contains("2 units sold of 1")),
+        "{report}"
+    );
 }
