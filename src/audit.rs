@@ -86,10 +86,35 @@ pub async fn run_with(store: &dyn Store, options: AuditOptions<'_>) -> Result<Re
     Ok(Report {
         checks: vec![
             no_oversell(store).await?,
+            sales_within_units(store).await?,
             one_charge(&checkouts, options.gateway).await,
             no_ghosts(&checkouts, &options),
             one_event(&checkouts, &options),
         ],
+    })
+}
+
+/// How many sales the audit reads (the most recent first).
+const SALES_AUDITED: u32 = 10_000;
+
+/// Promise 1 for flash sales (DESIGN §5): a sale never sells more units than it offered.
+async fn sales_within_units(store: &dyn Store) -> Result<Check, StoreError> {
+    let violations = store
+        .flash_sale_stats(SALES_AUDITED)
+        .await?
+        .into_iter()
+        .filter(|sale| sale.sold > sale.units)
+        .map(|sale| {
+            format!(
+                "flash sale {} of {}: {} units sold of {}",
+                sale.id, sale.sku, sale.sold, sale.units
+            )
+        })
+        .collect();
+    Ok(Check {
+        promise: "flash sales sell at most their units",
+        violations,
+        skipped: None,
     })
 }
 

@@ -470,6 +470,7 @@ impl Application {
             tracing::warn!(error = %e, "catalogue snapshot not loaded yet");
         }
         catalogue.spawn_refresher(store.clone());
+        checkout.load_current_sales().await;
         let state = AppState {
             catalogue,
             store: store.clone(),

@@ -23,7 +23,7 @@ use crate::payments::{
     ChargeOutcome, ChargeRequest, EventObject, GatewayError, IntentStatus, PaymentGateway,
     PaymentIntent, RefundRequest, WebhookEvent,
 };
-use crate::store::{ChargeTicket, Lease, NewCheckout, Store, StoreError};
+use crate::store::{self, ChargeTicket, Lease, NewCheckout, OpenSale, Store, StoreError};
 
 pub use group::GroupSettings;
 use group::Grouper;
@@ -40,10 +40,6 @@ pub enum CheckoutError {
     Gateway(String),
     #[error(transparent)]
     Gate(crate::flash_sale::GateError),
-    #[error("this cart holds a flash-sale item: a valid admission token is required")]
-    AdmissionRequired,
-    #[error("a checkout may hold items of one flash sale only")]
-    OneSalePerCheckout,
     /// The total is below the payment provider's minimum charge: refused before any call.
     #[error("the total {total} is below the minimum charge of {minimum}")]
     AmountTooSmall { total: Money, minimum: Money },
@@ -179,45 +175,63 @@ impl CheckoutService {
         flash_sale_token: Option<&str>,
         idempotency_key: Option<&str>,
     ) -> Result<Checkout, CheckoutError> {
-        let skus: Vec<_> = self
+        let lines = self
             .store
             .cart(customer, cart)
             .await?
             .ok_or(CheckoutError::Store(StoreError::NotFound("cart")))?
-            .lines
+            .lines;
+        let now = self.clock.now();
+        let open_sales: Vec<OpenSale> = self
+            .store
+            .current_flash_sales(now)
+            .await?
             .into_iter()
-            .map(|line| line.sku)
+            .filter(|sale| sale.is_open(now))
+            .map(|sale| OpenSale {
+                id: sale.id,
+                sku: sale.sku,
+            })
             .collect();
-        let sale = self
-            .admitted_sale(customer, &skus, flash_sale_token)
-            .await?;
+        // The gate decides on this first look at the cart; the reservation checks the same
+        // rule on the lines it reserves, in its own transaction, and refuses if they differ.
+        let sale_line = store::sale_line(
+            lines.iter().map(|line| (&line.sku, line.quantity.get())),
+            &open_sales,
+        )?;
+        let admitted = match sale_line {
+            Some((sale, sku, units)) => {
+                self.admit_units(customer, sale, sku, units, flash_sale_token)
+                    .await?;
+                Some((sale, units))
+            }
+            None => None,
+        };
+        let ttl = match admitted {
+            Some((sale, _)) => self
+                .sale(sale)
+                .await?
+                .map_or(self.windows.ttl, |s| s.reservation_ttl),
+            None => self.windows.ttl,
+        };
         let new = NewCheckout {
             id: CheckoutId::new(),
             order_id: OrderId::new(),
             customer_id: customer,
             cart_id: cart,
             now: self.clock.now(),
-            ttl: sale
-                .as_ref()
-                .map_or(self.windows.ttl, |s| s.reservation_ttl),
+            ttl,
             max_lifetime: self.windows.max_lifetime,
-            flash_sale: sale.as_ref().map(|s| s.id),
+            flash_sale: admitted.map(|(sale, _)| sale),
+            flash_sale_units: admitted.map_or(0, |(_, units)| units),
+            open_sales,
             idempotency_key: idempotency_key.map(str::to_owned),
         };
         let reserved = observe::timed(SagaStep::Reserve, self.reserve(new)).await;
         count_reservation(&reserved);
         let checkout = reserved?;
         faults::hit(self.saga.fault, FaultPoint::AfterReserve).await;
-        if let Some(sale) = &sale {
-            // The admission now lives as long as the checkout may.
-            if let Err(e) = self
-                .gate
-                .extend(sale.id, customer, checkout.max_expires_at)
-                .await
-            {
-                tracing::warn!(error = %e, "admission not extended; it expires with its token");
-            }
-        }
+        self.extend_admission(&checkout).await;
         Ok(checkout)
     }
 

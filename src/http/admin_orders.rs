@@ -1,7 +1,9 @@
 //! Admin actions on orders: mark a paid order shipped (`fulfilled`), or refund it (money back
 //! through the gateway, units back in stock).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
+
+use super::extract::Path;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;

@@ -1,7 +1,7 @@
 //! Checkouts: start (reserve every line), heartbeat, cancel, read. The saga itself lives in
 //! `crate::checkout`; this file only translates HTTP.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,7 +13,7 @@ use crate::domain::{CheckoutId, CheckoutState};
 
 use super::auth::CustomerAuth;
 use super::carts::parse_cart_id;
-use super::extract::{JsonWithBytes, OptionalJson};
+use super::extract::{JsonWithBytes, OptionalJson, Path};
 use super::idempotent::{self, Outcome};
 use super::limits::RateLimited;
 use super::openapi::ErrorBody;

@@ -23,12 +23,13 @@ use crate::domain::{
 use super::group::{self, Candidate, Planned};
 use super::rows::{self, row_decoders};
 use super::{
-    all_matched, attach_lines, cart_must_be_open, check_patch, judge_misses, order_paid_event,
-    order_total, page_of, priced_in_lock_order, reserve_retrying, schema_is_current, to_millis,
-    unclaimed_cart, Acquisitions, ChargeTicket, Guarded, IdempotencyStart, InventoryRow, Lease,
-    NewCheckout, Page, PricedLine, ReadBack, Released, Retry, RowNow, Store, StoreError, StoreKind,
-    StoredKey, WantedLine, CHECKOUT_COLUMNS, IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW,
-    INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
+    admission_in_use, all_matched, attach_lines, cart_must_be_open, check_patch, governing_sale,
+    judge_misses, order_paid_event, order_total, page_of, priced_in_lock_order, reserve_retrying,
+    schema_is_current, to_millis, unclaimed_cart, Acquisitions, ChargeTicket, Governed, Guarded,
+    IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine, ReadBack, Released,
+    Retry, RowNow, SaleCheckout, Store, StoreError, StoreKind, StoredKey, WantedLine,
+    CHECKOUT_COLUMNS, IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW, INVENTORY_AUDIT_SQL, ORDER_COLUMNS,
+    PRODUCT_COLUMNS, SALE_CHECKOUTS_SQL,
 };
 
 mod decode {
@@ -317,7 +318,8 @@ impl PgStore {
             return Err(StoreError::CartEmpty);
         }
         let total = order_total(&priced)?;
-        let row = Self::insert_checkout(&mut tx, new, &priced, total).await?;
+        let governed = governing_sale(new, &priced)?;
+        let row = Self::insert_checkout(&mut tx, new, &priced, total, governed).await?;
         Self::record_idempotent_checkout(&mut tx, &[new]).await?;
         match Self::reserve_lines(&mut tx, &priced, read_back).await? {
             Guarded::Reserved => {}
@@ -401,6 +403,7 @@ impl PgStore {
         new: &NewCheckout,
         priced: &[PricedLine],
         total: Money,
+        governed: Governed,
     ) -> Result<PgRow, StoreError> {
         let now = to_millis(new.now);
         let mut product_ids = Vec::with_capacity(priced.len());
@@ -425,8 +428,9 @@ impl PgStore {
              r AS (INSERT INTO reservations (checkout_id, product_id, quantity, status) \
              SELECT $3, *, 'active' FROM UNNEST($7::BIGINT[], $9::BIGINT[])) \
              INSERT INTO checkouts (id, customer_id, cart_id, order_id, state, total_amount, \
-             currency, expires_at, max_expires_at, created_at, updated_at, flash_sale_id) \
-             VALUES ($3, $2, $12, $1, 'reserved', $4, $5, $13, $14, $6, $6, $15) RETURNING ",
+             currency, expires_at, max_expires_at, created_at, updated_at, flash_sale_id, \
+             flash_sale_units) \
+             VALUES ($3, $2, $12, $1, 'reserved', $4, $5, $13, $14, $6, $6, $15, $16) RETURNING ",
             checkout_columns!()
         ))
         .bind(new.order_id.uuid())
@@ -443,7 +447,8 @@ impl PgStore {
         .bind(new.cart_id.uuid())
         .bind(to_millis(new.now + new.ttl))
         .bind(to_millis(new.now + new.max_lifetime))
-        .bind(new.flash_sale.map(FlashSaleId::uuid))
+        .bind(governed.sale.map(FlashSaleId::uuid))
+        .bind(i64::from(governed.units))
         .fetch_one(&mut **tx)
         .await
         .map_err(admission_in_use)
@@ -637,8 +642,13 @@ impl PgStore {
     ) -> Result<HashMap<CheckoutId, Checkout>, StoreError> {
         let mut c = GroupColumns::default();
         for (new, outcome) in batch.iter().zip(&plan.outcomes) {
-            if let Planned::Grant { lines, total } = outcome {
-                c.push(new, lines, *total)?;
+            if let Planned::Grant {
+                lines,
+                total,
+                governed,
+            } = outcome
+            {
+                c.push(new, lines, *total, *governed)?;
             }
         }
         sqlx::query(concat!(
@@ -657,13 +667,15 @@ impl PgStore {
              c AS (UPDATE carts SET status = 'checking_out', updated_at = t.at \
              FROM UNNEST($14::UUID[], $6::BIGINT[]) AS t(id, at) WHERE carts.id = t.id) \
              INSERT INTO checkouts (id, customer_id, cart_id, order_id, state, total_amount, \
-             currency, expires_at, max_expires_at, created_at, updated_at, flash_sale_id) \
+             currency, expires_at, max_expires_at, created_at, updated_at, flash_sale_id, \
+             flash_sale_units) \
              SELECT t.checkout_id, t.customer_id, t.cart_id, t.order_id, 'reserved', t.total, \
-             t.currency, t.expires_at, t.max_expires_at, t.at, t.at, t.sale \
+             t.currency, t.expires_at, t.max_expires_at, t.at, t.at, t.sale, t.sale_units \
              FROM UNNEST($3::UUID[], $2::UUID[], $14::UUID[], $1::UUID[], $4::BIGINT[], \
-             $5::TEXT[], $15::BIGINT[], $16::BIGINT[], $6::BIGINT[], $17::UUID[]) \
+             $5::TEXT[], $15::BIGINT[], $16::BIGINT[], $6::BIGINT[], $17::UUID[], \
+             $18::BIGINT[]) \
              AS t(checkout_id, customer_id, cart_id, order_id, total, currency, expires_at, \
-             max_expires_at, at, sale) RETURNING ",
+             max_expires_at, at, sale, sale_units) RETURNING ",
             checkout_columns!()
         ))
         .bind(&c.order_ids)
@@ -683,6 +695,7 @@ impl PgStore {
         .bind(&c.expires)
         .bind(&c.max_expires)
         .bind(&c.sales)
+        .bind(&c.sale_units)
         .fetch_all(&mut **tx)
         .await?
         .iter()
@@ -714,19 +727,6 @@ impl PgStore {
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
-}
-
-/// A second live checkout of one flash-sale admission is refused by its unique index.
-fn admission_in_use(e: sqlx::Error) -> StoreError {
-    match &e {
-        sqlx::Error::Database(db)
-            if db.is_unique_violation()
-                && db.constraint() == Some("checkouts_one_live_per_admission") =>
-        {
-            StoreError::AdmissionInUse
-        }
-        _ => e.into(),
-    }
 }
 
 /// Reserves rows this transaction already holds locked: every row must match.
@@ -788,6 +788,7 @@ struct GroupColumns {
     expires: Vec<i64>,
     max_expires: Vec<i64>,
     sales: Vec<Option<Uuid>>,
+    sale_units: Vec<i64>,
     line_orders: Vec<Uuid>,
     line_checkouts: Vec<Uuid>,
     line_products: Vec<i64>,
@@ -803,6 +804,7 @@ impl GroupColumns {
         new: &NewCheckout,
         lines: &[PricedLine],
         total: Money,
+        governed: Governed,
     ) -> Result<(), StoreError> {
         self.order_ids.push(new.order_id.uuid());
         self.customer_ids.push(new.customer_id.uuid());
@@ -813,7 +815,8 @@ impl GroupColumns {
         self.ats.push(to_millis(new.now));
         self.expires.push(to_millis(new.now + new.ttl));
         self.max_expires.push(to_millis(new.now + new.max_lifetime));
-        self.sales.push(new.flash_sale.map(FlashSaleId::uuid));
+        self.sales.push(governed.sale.map(FlashSaleId::uuid));
+        self.sale_units.push(i64::from(governed.units));
         for line in lines {
             self.line_orders.push(new.order_id.uuid());
             self.line_checkouts.push(new.id.uuid());
@@ -1939,11 +1942,12 @@ impl Store for PgStore {
                 available,
             });
         }
-        let row = sqlx::query(
+        let row = sqlx::query(concat!(
             "INSERT INTO flash_sales (id, product_id, sku, units, starts_at, ends_at, \
-             reservation_ttl_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             RETURNING id, sku, units, starts_at, ends_at, reservation_ttl_ms",
-        )
+             reservation_ttl_ms, created_at, max_per_buyer) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING ",
+            flash_sale_columns!()
+        ))
         .bind(sale.id.uuid())
         .bind(product)
         .bind(sale.sku.as_str())
@@ -1952,6 +1956,7 @@ impl Store for PgStore {
         .bind(sale.ends_at.map(to_millis))
         .bind(sale.reservation_ttl.num_milliseconds())
         .bind(to_millis(now))
+        .bind(i64::from(sale.max_per_buyer))
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -1959,10 +1964,11 @@ impl Store for PgStore {
     }
 
     async fn flash_sale(&self, id: FlashSaleId) -> Result<Option<FlashSale>, StoreError> {
-        sqlx::query(
-            "SELECT id, sku, units, starts_at, ends_at, reservation_ttl_ms FROM flash_sales \
-             WHERE id = $1",
-        )
+        sqlx::query(concat!(
+            "SELECT ",
+            flash_sale_columns!(),
+            " FROM flash_sales WHERE id = $1"
+        ))
         .bind(id.uuid())
         .fetch_optional(&self.pool)
         .await?
@@ -1972,16 +1978,27 @@ impl Store for PgStore {
     }
 
     async fn current_flash_sales(&self, now: DateTime<Utc>) -> Result<Vec<FlashSale>, StoreError> {
-        sqlx::query(
-            "SELECT id, sku, units, starts_at, ends_at, reservation_ttl_ms FROM flash_sales \
-             WHERE ends_at IS NULL OR ends_at > $1 ORDER BY starts_at",
-        )
+        sqlx::query(concat!(
+            "SELECT ",
+            flash_sale_columns!(),
+            " FROM flash_sales WHERE ends_at IS NULL OR ends_at > $1 ORDER BY starts_at"
+        ))
         .bind(to_millis(now))
         .fetch_all(&self.pool)
         .await?
         .iter()
         .map(decode::flash_sale)
         .collect()
+    }
+
+    async fn sale_checkouts(&self, sale: FlashSaleId) -> Result<Vec<SaleCheckout>, StoreError> {
+        sqlx::query(SALE_CHECKOUTS_SQL)
+            .bind(sale.uuid())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(decode::sale_checkout)
+            .collect()
     }
 
     async fn order(&self, customer: CustomerId, id: OrderId) -> Result<Option<Order>, StoreError> {

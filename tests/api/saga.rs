@@ -551,7 +551,7 @@ fn event(id: &str, kind: &str, intent: &str, checkout: &str, status: &str) -> St
 
 /// A `charge.refunded` event as Stripe sends it (API 2024-06-20: the charge, its refunds not
 /// expanded). `refunded` is Stripe's "fully refunded".
-fn refund_event(id: &str, intent: &str, amount: i64, amount_refunded: i64) -> String {
+pub(crate) fn refund_event(id: &str, intent: &str, amount: i64, amount_refunded: i64) -> String {
     json!({
         "id": id, "object": "event", "type": "charge.refunded",
         "created": chrono::Utc::now().timestamp(),
@@ -565,7 +565,7 @@ fn refund_event(id: &str, intent: &str, amount: i64, amount_refunded: i64) -> St
 }
 
 /// Signs and delivers an event now; returns the status and whether it was a duplicate.
-async fn deliver_signed(app: &TestApp, payload: &str) -> (u16, Option<bool>) {
+pub(crate) async fn deliver_signed(app: &TestApp, payload: &str) -> (u16, Option<bool>) {
     let now = chrono::Utc::now().timestamp();
     let header = signature::sign(payload.as_bytes(), WEBHOOK_SECRET, now);
     let (status, body) = post_webhook(app, payload, Some(header)).await;
