@@ -427,6 +427,27 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError>;
 
+    /// The gateway took the refund but has not settled it (`pending`, or a `null` status): the
+    /// money is no longer due (the refund exists, recovery must not ask again), the order
+    /// stays paid with `refund_status = 'pending'` and nothing goes back to stock yet. Changes
+    /// nothing on a checkout already refunded.
+    async fn record_refund_pending(
+        &self,
+        id: CheckoutId,
+        refund_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError>;
+    /// The gateway did not give the money back (`failed`, `canceled`): the order stays paid,
+    /// flagged `refund_status = 'failed'` for an operator. Changes nothing on a checkout
+    /// already refunded.
+    async fn record_refund_failed(
+        &self,
+        id: CheckoutId,
+        refund_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError>;
+    /// The checkout whose refund this is, by the refund id recorded with it.
+    async fn checkout_for_refund(&self, refund_id: &str) -> Result<Option<CheckoutId>, StoreError>;
     /// An admin refund of a paid order: its checkout's money is due back (the refund itself
     /// runs through the gateway, then `record_refunded`, crash-safe via recovery).
     async fn request_refund(
@@ -776,7 +797,8 @@ pub(crate) const INVENTORY_AUDIT_SQL: &str = "SELECT p.sku, p.stock, p.reserved,
      FROM products p ORDER BY p.sku";
 
 pub(crate) const ORDER_COLUMNS: &str =
-    "id, customer_id, checkout_id, status, total_amount, currency, payment_intent_id, created_at, seq";
+    "id, customer_id, checkout_id, status, total_amount, currency, payment_intent_id, created_at, seq, \
+     refund_status";
 
 pub(crate) fn cart_must_be_open(status: &str) -> Result<(), StoreError> {
     match CartStatus::parse(status) {

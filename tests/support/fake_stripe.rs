@@ -85,6 +85,8 @@ struct Shared {
 struct Ledger {
     intents: Vec<Intent>,
     refunds: Vec<RefundRow>,
+    /// What new refunds answer as `status`: `None` is `null`; unset is `succeeded`.
+    refund_status: Option<Option<String>>,
     idempotency: HashMap<String, Slot>,
     faults: VecDeque<Fault>,
     latency: Duration,
@@ -119,6 +121,7 @@ struct RefundRow {
     id: String,
     payment_intent: String,
     amount: i64,
+    status: Option<String>,
 }
 
 impl FakeStripe {
@@ -259,6 +262,12 @@ impl FakeStripe {
 
     pub fn refund_count(&self) -> usize {
         self.shared.ledger().refunds.len()
+    }
+
+    /// New refunds answer with this `status` (`pending`, `failed`, `None` for `null`), as
+    /// Stripe may, instead of `succeeded`.
+    pub fn answer_refunds_with(&self, status: Option<&str>) {
+        self.shared.ledger().refund_status = Some(status.map(str::to_owned));
     }
 
     /// Every request received, including refused and faulted ones.
@@ -760,6 +769,7 @@ impl Ledger {
             .refunds
             .iter()
             .filter(|r| r.payment_intent == pi)
+            .filter(|r| !matches!(r.status.as_deref(), Some("failed" | "canceled")))
             .map(|r| r.amount)
             .sum();
         let remaining = amount_charged - already;
@@ -808,10 +818,15 @@ impl Ledger {
             );
         }
         let id = self.new_id("re");
+        let status = self
+            .refund_status
+            .clone()
+            .unwrap_or_else(|| Some("succeeded".to_owned()));
         self.refunds.push(RefundRow {
             id: id.clone(),
             payment_intent: pi.to_owned(),
             amount,
+            status,
         });
         let row = self.refunds.last().expect("just pushed");
         (
@@ -823,8 +838,12 @@ impl Ledger {
                     "amount": row.amount,
                     "currency": "eur",
                     "payment_intent": row.payment_intent,
-                    "status": "succeeded",
+                    "status": row.status,
                     "reason": null,
+                    "charge": null,
+                    "metadata": {},
+                    "created": 1_700_000_000,
+                    "destination_details": {"type": "card", "card": {"type": "refund"}},
                 }),
             },
             true,
