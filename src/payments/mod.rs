@@ -324,6 +324,9 @@ pub trait PaymentGateway: Send + Sync + 'static {
 
     async fn refund(&self, req: &RefundRequest) -> Result<Refund, GatewayError>;
 
+    /// A refund as the gateway holds it now (for the audit).
+    async fn retrieve_refund(&self, refund_id: &str) -> Result<Refund, GatewayError>;
+
     /// Every PaymentIntent whose metadata.checkout_id is this checkout (for the audit: at most
     /// one succeeded).
     async fn intents_for_checkout(

@@ -593,6 +593,15 @@ impl PaymentGateway for StripeSimulator {
         }
     }
 
+    async fn retrieve_refund(&self, refund_id: &str) -> Result<Refund, GatewayError> {
+        self.state()
+            .refunds
+            .iter()
+            .find(|r| r.id == refund_id)
+            .cloned()
+            .ok_or_else(|| invalid("resource_missing", format!("No such refund: '{refund_id}'")))
+    }
+
     async fn intents_for_checkout(
         &self,
         checkout_id: CheckoutId,
@@ -771,6 +780,39 @@ mod tests {
         let first = a.create_and_confirm(&req).await.unwrap();
         let second = b.create_and_confirm(&req).await.unwrap();
         assert_ne!(first.payment_intent_id(), second.payment_intent_id());
+    }
+
+    #[tokio::test]
+    async fn refunds_answer_pending_failed_or_null_as_stripe_may() {
+        let sim = StripeSimulator::new();
+        for (status, key) in [
+            (Some("pending"), "r-1"),
+            (Some("failed"), "r-2"),
+            (None, "r-3"),
+        ] {
+            sim.answer_refunds_with(status);
+            let intent = succeeded_charge(&sim, 900).await;
+            let events_before = sim.events().len();
+            let refund = sim.refund(&refund(&intent, None, key)).await.unwrap();
+            assert_eq!(refund.status.as_deref(), status);
+            assert_eq!(
+                sim.events().len(),
+                events_before,
+                "no charge.refunded for an unsettled refund"
+            );
+            let retrieved = sim.retrieve_refund(&refund.id).await.unwrap();
+            assert_eq!(retrieved, refund);
+        }
+        // A failed refund gave nothing back: the whole amount may be refunded again.
+        sim.answer_refunds_with(Some("failed"));
+        let intent = succeeded_charge(&sim, 700).await;
+        sim.refund(&refund(&intent, None, "f-1")).await.unwrap();
+        sim.answer_refunds_with(Some("succeeded"));
+        let again = sim.refund(&refund(&intent, None, "f-2")).await.unwrap();
+        assert_eq!(
+            (again.amount, again.status.as_deref()),
+            (700, Some("succeeded"))
+        );
     }
 
     #[tokio::test]

@@ -771,6 +771,9 @@ pub struct CheckoutAuditRow {
     pub refund_due: bool,
     pub expires_at: DateTime<Utc>,
     pub lease_until: Option<DateTime<Utc>>,
+    /// The gateway's refund recorded with the checkout, and the order's `refund_status`.
+    pub refund_id: Option<String>,
+    pub refund_status: Option<String>,
     /// `order.paid` outbox rows of its order, and how many of them are still unpublished.
     pub paid_events: i64,
     pub unpublished_events: i64,
@@ -778,7 +781,7 @@ pub struct CheckoutAuditRow {
 }
 
 pub(crate) const CHECKOUT_AUDIT_SQL: &str = "SELECT c.id, c.state, c.refund_due, c.expires_at, \
-     c.lease_until, o.status AS order_status, \
+     c.lease_until, o.status AS order_status, c.refund_id, o.refund_status, \
      (SELECT COUNT(*) FROM outbox x WHERE x.order_id = o.id AND x.topic = 'order.paid') AS paid_events, \
      (SELECT COUNT(*) FROM outbox x WHERE x.order_id = o.id AND x.topic = 'order.paid' \
         AND x.published_at IS NULL) AS unpublished_events, \

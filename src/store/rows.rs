@@ -131,6 +131,8 @@ macro_rules! row_decoders {
                     .try_get::<Option<i64>, _>("lease_until")?
                     .map(from_millis)
                     .transpose()?,
+                refund_id: row.try_get("refund_id")?,
+                refund_status: row.try_get("refund_status")?,
                 paid_events: row.try_get("paid_events")?,
                 unpublished_events: row.try_get("unpublished_events")?,
                 oldest_unpublished: row

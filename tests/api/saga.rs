@@ -44,6 +44,7 @@ both_stores!(
     a_pending_refund_refunds_the_order_only_when_stripe_reports_it_succeeded,
     a_failed_refund_leaves_the_order_paid_and_flagged,
     a_refund_answered_with_a_null_status_is_not_asked_for_again,
+    the_audit_sees_a_refund_holdfast_and_the_gateway_disagree_on,
     a_charge_lease_claimed_again_is_no_longer_renewed_by_its_first_holder,
 );
 
@@ -557,6 +558,7 @@ async fn a_pending_refund_refunds_the_order_only_when_stripe_reports_it_succeede
     );
     assert_eq!(deliver_signed(&app, &still).await, (200, None));
     assert_eq!(refund_status(&app, &ada, &order).await, "pending");
+    fake.settle_refunds("succeeded");
     let done = refund_object_event(
         "evt_r2",
         "refund.updated",
@@ -626,6 +628,7 @@ async fn a_failed_refund_leaves_the_order_paid_and_flagged(kind: StoreKind) {
         .get(&format!("/v1/orders/{second_order}"), Some(&bob.token))
         .await
         .str("payment_intent_id");
+    fake.settle_refunds("failed");
     let failed = refund_object_event(
         "evt_rf",
         "refund.failed",
@@ -658,6 +661,7 @@ async fn a_refund_answered_with_a_null_status_is_not_asked_for_again(kind: Store
     );
     // charge.refund.updated settles it.
     let refund = recorded_refund(&app).await;
+    fake.settle_refunds("succeeded");
     let done = refund_object_event(
         "evt_cr",
         "charge.refund.updated",
@@ -672,6 +676,45 @@ async fn a_refund_answered_with_a_null_status_is_not_asked_for_again(kind: Store
     );
     assert_eq!(fake.refund_count(), 1);
     app.audit().await.assert_clean();
+}
+
+async fn the_audit_sees_a_refund_holdfast_and_the_gateway_disagree_on(kind: StoreKind) {
+    let (app, fake) = app_with_fake_stripe(kind, Options::default()).await;
+    let (ada, checkout, order, intent) = paid_for_two(&app).await;
+    assert_eq!(
+        admin_refund_answered(&app, &fake, &order, Some("pending")).await,
+        202
+    );
+    app.audit().await.assert_clean();
+
+    // Stripe settles the refund and its event is lost: holdfast still says pending.
+    fake.settle_refunds("succeeded");
+    let report = app.audit().await;
+
+    let refund = recorded_refund(&app).await;
+    let found: Vec<&String> = report.violations().collect();
+    assert_eq!(found.len(), 1, "{report}");
+    assert!(
+        found[0].contains(&refund) && found[0].contains("succeeded at the gateway"),
+        "{report}"
+    );
+    // The event arrives after all: both sides agree again.
+    let done = refund_object_event(
+        "evt_late",
+        "refund.updated",
+        &refund,
+        &intent,
+        Some("succeeded"),
+    );
+    assert_eq!(deliver_signed(&app, &done).await, (200, None));
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("refunded".into(), "refunded".into())
+    );
+    app.audit().await.assert_clean();
+    // And the other way round: the gateway reverses it (a refund that failed later).
+    fake.settle_refunds("failed");
+    assert_eq!(app.audit().await.violations().count(), 1);
 }
 
 async fn an_unknown_payment_method_leaves_the_checkout_reserved(kind: StoreKind) {

@@ -124,6 +124,25 @@ struct RefundRow {
     status: Option<String>,
 }
 
+impl RefundRow {
+    /// As Stripe's refund object, with its nullable fields.
+    fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "object": "refund",
+            "amount": self.amount,
+            "currency": "eur",
+            "payment_intent": self.payment_intent,
+            "status": self.status,
+            "reason": null,
+            "charge": null,
+            "metadata": {},
+            "created": 1_700_000_000,
+            "destination_details": {"type": "card", "card": {"type": "refund"}},
+        })
+    }
+}
+
 impl FakeStripe {
     /// Starts the server on a free local port, in the calling test's runtime.
     pub async fn start() -> Self {
@@ -268,6 +287,13 @@ impl FakeStripe {
     /// Stripe may, instead of `succeeded`.
     pub fn answer_refunds_with(&self, status: Option<&str>) {
         self.shared.ledger().refund_status = Some(status.map(str::to_owned));
+    }
+
+    /// Stripe settles every refund made so far to `status` (no event is sent: a lost one).
+    pub fn settle_refunds(&self, status: &str) {
+        for row in &mut self.shared.ledger().refunds {
+            row.status = Some(status.to_owned());
+        }
     }
 
     /// Every request received, including refused and faulted ones.
@@ -563,6 +589,7 @@ fn route(
         (&Method::GET, ["v1", "payment_intents", id]) => (ledger.retrieve(id), true),
         (&Method::POST, ["v1", "payment_intents", id, "cancel"]) => ledger.cancel(id),
         (&Method::POST, ["v1", "refunds"]) => ledger.refund(params),
+        (&Method::GET, ["v1", "refunds", id]) => (ledger.retrieve_refund(id), true),
         _ => (
             invalid(
                 StatusCode::NOT_FOUND,
@@ -738,6 +765,20 @@ impl Ledger {
         )
     }
 
+    fn retrieve_refund(&self, id: &str) -> Reply {
+        match self.refunds.iter().find(|r| r.id == id) {
+            Some(row) => Reply {
+                status: StatusCode::OK,
+                body: row.to_json(),
+            },
+            None => invalid(
+                StatusCode::NOT_FOUND,
+                "resource_missing",
+                format!("No such refund: '{id}'"),
+            ),
+        }
+    }
+
     fn refund(&mut self, params: &[(String, String)]) -> (Reply, bool) {
         let Some(pi) = param(params, "payment_intent") else {
             return (
@@ -832,19 +873,7 @@ impl Ledger {
         (
             Reply {
                 status: StatusCode::OK,
-                body: json!({
-                    "id": row.id,
-                    "object": "refund",
-                    "amount": row.amount,
-                    "currency": "eur",
-                    "payment_intent": row.payment_intent,
-                    "status": row.status,
-                    "reason": null,
-                    "charge": null,
-                    "metadata": {},
-                    "created": 1_700_000_000,
-                    "destination_details": {"type": "card", "card": {"type": "refund"}},
-                }),
+                body: row.to_json(),
             },
             true,
         )
