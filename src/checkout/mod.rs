@@ -21,7 +21,7 @@ use crate::flash_sale::AdmissionGate;
 use crate::observe::{self, CheckoutOutcome, SagaStep};
 use crate::payments::{
     ChargeOutcome, ChargeRequest, EventObject, GatewayError, IntentStatus, PaymentGateway,
-    PaymentIntent, RefundRequest, WebhookEvent,
+    PaymentIntent, Refund, RefundOutcome, RefundRequest, WebhookEvent,
 };
 use crate::store::{self, ChargeTicket, Lease, NewCheckout, OpenSale, Store, StoreError};
 
@@ -570,20 +570,64 @@ impl CheckoutService {
         faults::hit(self.saga.fault, FaultPoint::AfterRefundCall).await;
         match answer {
             Ok(refund) => {
-                tracing::info!(checkout_id = %checkout.id, "payment refunded");
-                let refunded = self
-                    .store
-                    .record_refunded(checkout.id, Some(&refund.id), self.clock.now())
-                    .await?;
+                let recorded = self.record_refund(checkout.id, &refund).await?;
                 faults::hit(self.saga.fault, FaultPoint::AfterRecordRefund).await;
-                self.settle_admission(&refunded).await;
-                Ok(refunded)
+                Ok(recorded)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "refund failed; recovery will retry");
                 Ok(checkout)
             }
         }
+    }
+
+    /// A refund as the gateway reports it (its answer or a `refund.*` event): only a succeeded
+    /// one marks the order refunded and gives the units back; a pending one (or one whose
+    /// status is `null`) waits for Stripe's event; a failed or canceled one leaves the order
+    /// paid and flagged. Either way the refund exists, so recovery never asks for it again.
+    async fn record_refund(
+        &self,
+        id: CheckoutId,
+        refund: &Refund,
+    ) -> Result<Checkout, CheckoutError> {
+        let now = self.clock.now();
+        match refund.outcome() {
+            RefundOutcome::Succeeded => {
+                tracing::info!(checkout_id = %id, refund = %refund.id, "payment refunded");
+                let refunded = self
+                    .store
+                    .record_refunded(id, Some(&refund.id), now)
+                    .await?;
+                self.settle_admission(&refunded).await;
+                Ok(refunded)
+            }
+            RefundOutcome::Pending => {
+                tracing::info!(checkout_id = %id, refund = %refund.id, status = ?refund.status, "refund pending at the gateway");
+                Ok(self
+                    .store
+                    .record_refund_pending(id, &refund.id, now)
+                    .await?)
+            }
+            RefundOutcome::Failed => {
+                tracing::error!(checkout_id = %id, refund = %refund.id, status = ?refund.status, "the gateway did not refund; the order stays paid");
+                Ok(self.store.record_refund_failed(id, &refund.id, now).await?)
+            }
+        }
+    }
+
+    /// `refund.updated`, `refund.failed`, `charge.refund.updated`: a refund's status settled.
+    async fn refund_event(&self, refund: &Refund) -> Result<(), CheckoutError> {
+        let by_refund = self.store.checkout_for_refund(&refund.id).await?;
+        let checkout = match (by_refund, refund.payment_intent_id.as_deref()) {
+            (Some(id), _) => Some(id),
+            (None, Some(intent)) => self.checkout_of_payment(intent).await?.map(|c| c.id),
+            (None, None) => None,
+        };
+        let Some(id) = checkout else {
+            tracing::warn!(refund = %refund.id, "refund event of no known checkout");
+            return Ok(());
+        };
+        self.record_refund(id, refund).await.map(drop)
     }
 
     /// An admin refund of a paid order: money back through the gateway (its own idempotency
@@ -608,6 +652,14 @@ impl CheckoutService {
                 ..
             } if event.event_type == "charge.refunded" => {
                 self.refunded_at_gateway(intent_id, *refunded).await
+            }
+            EventObject::Refund(refund)
+                if matches!(
+                    event.event_type.as_str(),
+                    "refund.updated" | "refund.failed" | "charge.refund.updated"
+                ) =>
+            {
+                self.refund_event(refund).await
             }
             _ => Ok(()),
         }
@@ -668,6 +720,11 @@ impl CheckoutService {
                 tracing::warn!(checkout_id = %checkout.id, payment_intent = %intent_id, "refund of a payment the checkout did not keep");
                 Ok(())
             }
+            _ if self.refund_unsettled(&checkout).await? => {
+                // Our own refund is pending or failed: its `refund.*` event settles it.
+                tracing::info!(checkout_id = %checkout.id, "charge.refunded while our refund is unsettled; waiting for its refund event");
+                Ok(())
+            }
             _ => {
                 let refunded = self
                     .store
@@ -677,6 +734,14 @@ impl CheckoutService {
                 Ok(())
             }
         }
+    }
+
+    /// The checkout's order carries a refund of ours that is pending or failed.
+    async fn refund_unsettled(&self, checkout: &Checkout) -> Result<bool, CheckoutError> {
+        let order = self.store.admin_order(checkout.order_id).await?;
+        Ok(order
+            .and_then(|o| o.refund_status)
+            .is_some_and(|s| s == "pending" || s == "failed"))
     }
 
     /// By PaymentIntent id, or, while our record of the payment lags behind (its outcome

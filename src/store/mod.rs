@@ -485,6 +485,27 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError>;
 
+    /// The gateway took the refund but has not settled it (`pending`, or a `null` status): the
+    /// money is no longer due (the refund exists, recovery must not ask again), the order
+    /// stays paid with `refund_status = 'pending'` and nothing goes back to stock yet. Changes
+    /// nothing on a checkout already refunded.
+    async fn record_refund_pending(
+        &self,
+        id: CheckoutId,
+        refund_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError>;
+    /// The gateway did not give the money back (`failed`, `canceled`): the order stays paid,
+    /// flagged `refund_status = 'failed'` for an operator. Changes nothing on a checkout
+    /// already refunded.
+    async fn record_refund_failed(
+        &self,
+        id: CheckoutId,
+        refund_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError>;
+    /// The checkout whose refund this is, by the refund id recorded with it.
+    async fn checkout_for_refund(&self, refund_id: &str) -> Result<Option<CheckoutId>, StoreError>;
     /// An admin refund of a paid order: its checkout's money is due back (the refund itself
     /// runs through the gateway, then `record_refunded`, crash-safe via recovery).
     async fn request_refund(
@@ -898,6 +919,9 @@ pub struct CheckoutAuditRow {
     pub refund_due: bool,
     pub expires_at: DateTime<Utc>,
     pub lease_until: Option<DateTime<Utc>>,
+    /// The gateway's refund recorded with the checkout, and the order's `refund_status`.
+    pub refund_id: Option<String>,
+    pub refund_status: Option<String>,
     /// `order.paid` outbox rows of its order, and how many of them are still unpublished.
     pub paid_events: i64,
     pub unpublished_events: i64,
@@ -905,7 +929,7 @@ pub struct CheckoutAuditRow {
 }
 
 pub(crate) const CHECKOUT_AUDIT_SQL: &str = "SELECT c.id, c.state, c.refund_due, c.expires_at, \
-     c.lease_until, o.status AS order_status, \
+     c.lease_until, o.status AS order_status, c.refund_id, o.refund_status, \
      (SELECT COUNT(*) FROM outbox x WHERE x.order_id = o.id AND x.topic = 'order.paid') AS paid_events, \
      (SELECT COUNT(*) FROM outbox x WHERE x.order_id = o.id AND x.topic = 'order.paid' \
         AND x.published_at IS NULL) AS unpublished_events, \
@@ -924,7 +948,8 @@ pub(crate) const INVENTORY_AUDIT_SQL: &str = "SELECT p.sku, p.stock, p.reserved,
      FROM products p ORDER BY p.sku";
 
 pub(crate) const ORDER_COLUMNS: &str =
-    "id, customer_id, checkout_id, status, total_amount, currency, payment_intent_id, created_at, seq";
+    "id, customer_id, checkout_id, status, total_amount, currency, payment_intent_id, created_at, seq, \
+     refund_status";
 
 pub(crate) fn cart_must_be_open(status: &str) -> Result<(), StoreError> {
     match CartStatus::parse(status) {

@@ -196,6 +196,40 @@ impl PgStore {
         Ok(units)
     }
 
+    /// A refund the gateway took without giving the money back yet (`pending`) or at all
+    /// (`failed`): no longer due, the order stays paid and carries `status` as its
+    /// `refund_status`. A refunded checkout stays as it is.
+    async fn record_unsettled_refund(
+        &self,
+        id: CheckoutId,
+        refund_id: &str,
+        status: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = Self::lock_checkout(&mut tx, id).await?;
+        if current.state == CheckoutState::Refunded {
+            return Ok(current);
+        }
+        let row = sqlx::query(&format!(
+            "UPDATE checkouts SET refund_due = FALSE, refund_id = $2, lease_owner = NULL, \
+             lease_until = NULL, updated_at = $3 WHERE id = $1 RETURNING {CHECKOUT_COLUMNS}"
+        ))
+        .bind(id.uuid())
+        .bind(refund_id)
+        .bind(to_millis(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE orders SET refund_status = $2, updated_at = $3 WHERE id = $1")
+            .bind(current.order_id.uuid())
+            .bind(status)
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        decode::checkout(&row)
+    }
+
     async fn lock_checkout(
         tx: &mut Transaction<'_, Postgres>,
         id: CheckoutId,
@@ -1696,8 +1730,8 @@ impl Store for PgStore {
         .fetch_one(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE orders SET status = 'refunded', payment_intent_id = $2, updated_at = $3 \
-             WHERE id = $1",
+            "UPDATE orders SET status = 'refunded', payment_intent_id = $2, updated_at = $3, \
+             refund_status = 'succeeded' WHERE id = $1",
         )
         .bind(current.order_id.uuid())
         .bind(current.payment_intent_id.as_deref())
@@ -1706,6 +1740,34 @@ impl Store for PgStore {
         .await?;
         tx.commit().await?;
         decode::checkout(&row)
+    }
+
+    async fn record_refund_pending(
+        &self,
+        id: CheckoutId,
+        refund_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError> {
+        self.record_unsettled_refund(id, refund_id, "pending", now)
+            .await
+    }
+
+    async fn record_refund_failed(
+        &self,
+        id: CheckoutId,
+        refund_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError> {
+        self.record_unsettled_refund(id, refund_id, "failed", now)
+            .await
+    }
+
+    async fn checkout_for_refund(&self, refund_id: &str) -> Result<Option<CheckoutId>, StoreError> {
+        let id: Option<Uuid> = sqlx::query_scalar("SELECT id FROM checkouts WHERE refund_id = $1")
+            .bind(refund_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(id.map(CheckoutId::from_uuid))
     }
 
     async fn request_refund(

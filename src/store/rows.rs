@@ -148,6 +148,8 @@ macro_rules! row_decoders {
                     .try_get::<Option<i64>, _>("lease_until")?
                     .map(from_millis)
                     .transpose()?,
+                refund_id: row.try_get("refund_id")?,
+                refund_status: row.try_get("refund_status")?,
                 paid_events: row.try_get("paid_events")?,
                 unpublished_events: row.try_get("unpublished_events")?,
                 oldest_unpublished: row
@@ -183,6 +185,7 @@ macro_rules! row_decoders {
                 lines: Vec::new(),
                 payment_intent_id: row.try_get("payment_intent_id")?,
                 created_at: from_millis(row.try_get("created_at")?)?,
+                refund_status: row.try_get("refund_status")?,
             })
         }
 
