@@ -25,6 +25,8 @@ both_stores!(
     an_order_cursor_above_the_largest_sequence_is_an_invalid_cursor,
     only_the_admission_index_makes_a_checkout_insert_admission_in_use,
     the_audit_finds_a_sale_that_sold_more_than_its_units,
+    a_buyer_waiting_for_authentication_cancels_and_the_unit_goes_to_the_next_buyer,
+    an_abandoned_authentication_in_a_sale_ends_with_the_sales_window,
 );
 
 /// The service starts again on the same database: a new process for the gate. The embedded
@@ -596,4 +598,89 @@ async fn the_audit_finds_a_sale_that_sold_more_than_its_units(kind: StoreKind) {
             .any(|v| v.contains(&sale) && v.contains("2 units sold of 1")),
         "{report}"
     );
+}
+
+/// A sale buyer whose card asks for 3-D Secure: `(checkout id)` in `requires_action`.
+async fn waiting_for_authentication(
+    app: &TestApp,
+    customer: &Customer,
+    cart: &str,
+    sale: &str,
+) -> String {
+    let token = take_token(app, customer, sale).await;
+    token.assert_status(201);
+    let started = checkout_with_token(app, customer, cart, &token.str("token")).await;
+    started.assert_status(201);
+    let id = started.str("id");
+    let pending = app
+        .complete(customer, &id, "pm_card_authenticationRequired", "3ds")
+        .await;
+    assert_eq!(
+        pending.body["state"], "requires_action",
+        "{:?}",
+        pending.body
+    );
+    id
+}
+
+async fn a_buyer_waiting_for_authentication_cancels_and_the_unit_goes_to_the_next_buyer(
+    kind: StoreKind,
+) {
+    // Arrange
+    let app = app_for(kind, Options::default()).await;
+    app.new_product("hot", 500, 1).await;
+    let sale = open_sale(&app, "hot", 1, None).await;
+    let (ada, ada_cart) = app.buyer_with("Ada", &[("hot", 1)]).await;
+    let (bob, bob_cart) = app.buyer_with("Bob", &[("hot", 1)]).await;
+    let checkout = waiting_for_authentication(&app, &ada, &ada_cart, &sale).await;
+    take_token(&app, &bob, &sale)
+        .await
+        .assert_error(409, "sold_out");
+
+    // Act
+    let cancelled = app
+        .post(
+            &format!("/v1/checkouts/{checkout}/cancel"),
+            Some(&ada.token),
+            json!({}),
+        )
+        .await;
+
+    // Assert
+    cancelled.assert_status(200);
+    assert_eq!(cancelled.body["state"], "cancelled", "{:?}", cancelled.body);
+    assert_eq!(app.stock_of("hot").await, (1, 0, 1));
+    buy(&app, &bob, &bob_cart, &sale).await;
+    app.audit().await.assert_clean();
+}
+
+async fn an_abandoned_authentication_in_a_sale_ends_with_the_sales_window(kind: StoreKind) {
+    // Arrange: a sale with a 60 s window; Ada leaves her 3-D Secure step open.
+    let app = app_for(
+        kind,
+        Options {
+            manual_clock: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    app.new_product("hot", 500, 1).await;
+    let sale = open_sale(&app, "hot", 1, Some(60)).await;
+    let (ada, ada_cart) = app.buyer_with("Ada", &[("hot", 1)]).await;
+    let (bob, bob_cart) = app.buyer_with("Bob", &[("hot", 1)]).await;
+    let checkout = waiting_for_authentication(&app, &ada, &ada_cart, &sale).await;
+
+    // Act: the sale's window passes (not the 30-minute lifetime) and recovery looks.
+    app.advance(chrono::Duration::seconds(61));
+    app.recovery.tick().await.expect("recovery tick");
+
+    // Assert: her payment is cancelled and the unit is Bob's.
+    let state = app
+        .get(&format!("/v1/checkouts/{checkout}"), Some(&ada.token))
+        .await
+        .str("state");
+    assert_eq!(state, "cancelled");
+    assert_eq!(app.stock_of("hot").await, (1, 0, 1));
+    buy(&app, &bob, &bob_cart, &sale).await;
+    app.audit().await.assert_clean();
 }
