@@ -27,6 +27,7 @@ both_stores!(
     the_audit_finds_a_sale_that_sold_more_than_its_units,
     a_buyer_waiting_for_authentication_cancels_and_the_unit_goes_to_the_next_buyer,
     an_abandoned_authentication_in_a_sale_ends_with_the_sales_window,
+    a_sale_line_added_while_checkouts_start_is_never_reserved_without_admission,
 );
 
 /// The service starts again on the same database: a new process for the gate. The embedded
@@ -682,5 +683,58 @@ async fn an_abandoned_authentication_in_a_sale_ends_with_the_sales_window(kind: 
     assert_eq!(state, "cancelled");
     assert_eq!(app.stock_of("hot").await, (1, 0, 1));
     buy(&app, &bob, &bob_cart, &sale).await;
+    app.audit().await.assert_clean();
+}
+
+async fn a_sale_line_added_while_checkouts_start_is_never_reserved_without_admission(
+    kind: StoreKind,
+) {
+    // Arrange: 40 buyers with a cart of a plain SKU, no token; a sale on `hot`.
+    let app = app_for(kind, Options::default()).await;
+    app.new_product("tea", 450, 100).await;
+    app.new_product("hot", 500, 100).await;
+    open_sale(&app, "hot", 50, None).await;
+    let buyers = crate::helpers::buyers(&app, 40, &[("tea", 1)]).await;
+
+    // Act: each starts a checkout while the sale's SKU is put in the same cart, at once.
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2 * buyers.len()));
+    let races = buyers.iter().map(|(customer, cart)| {
+        let barrier = barrier.clone();
+        let app = &app;
+        async move {
+            let start = async {
+                barrier.wait().await;
+                app.start_checkout(customer, cart).await
+            };
+            let add = async {
+                barrier.wait().await;
+                app.set_line(customer, cart, "hot", 1).await
+            };
+            tokio::join!(start, add)
+        }
+    });
+    let answers = futures::future::join_all(races).await;
+
+    // Assert: every checkout either reserved the plain SKU alone or was told to bring a
+    // token; nothing of `hot` is held.
+    for (started, added) in &answers {
+        match started.status.as_u16() {
+            201 => {}
+            403 => assert_eq!(started.code(), "admission_required"),
+            other => panic!("checkout: {other} {:?}", started.body),
+        }
+        assert!(
+            [200, 409].contains(&added.status.as_u16()),
+            "line: {:?}",
+            added.body
+        );
+    }
+    assert_eq!(app.stock_of("hot").await, (100, 0, 100));
+    let reserved = answers
+        .iter()
+        .filter(|(started, _)| started.status.as_u16() == 201)
+        .count();
+    let tea = app.stock_of("tea").await;
+    assert_eq!(tea.1, i64::try_from(reserved).expect("a count"), "{tea:?}");
     app.audit().await.assert_clean();
 }
