@@ -255,12 +255,18 @@ impl CheckoutService {
             .await?)
     }
 
-    /// reserved → cancelled, units released at once.
+    /// reserved → cancelled, units released at once. A checkout waiting for the customer's
+    /// authentication (`requires_action`) is cancelled at the gateway first (its own key), then
+    /// released; if the payment went through meanwhile, it is recorded as paid instead.
     pub async fn cancel(
         &self,
         customer: CustomerId,
         id: CheckoutId,
     ) -> Result<Checkout, CheckoutError> {
+        let current = self.get(customer, id).await?;
+        if current.state == CheckoutState::RequiresAction {
+            return self.cancel_authentication(&current).await;
+        }
         let checkout = self
             .store
             .cancel_checkout(customer, id, self.clock.now())
@@ -858,8 +864,39 @@ impl CheckoutService {
         }
     }
 
+    /// requires_action → cancelled: the PaymentIntent is cancelled at the gateway (one key per
+    /// checkout, so a retry is the same request), then the units and admission handed back. A
+    /// payment that succeeded meanwhile is recorded as paid instead.
+    async fn cancel_authentication(&self, checkout: &Checkout) -> Result<Checkout, CheckoutError> {
+        let Some(intent_id) = checkout.payment_intent_id.as_deref() else {
+            return Err(StoreError::CheckoutState(checkout.state).into());
+        };
+        let key = format!("checkout-{}-cancel", checkout.id);
+        let after = self
+            .gateway
+            .cancel(intent_id, &key)
+            .await
+            .map_err(|e| CheckoutError::Gateway(e.to_string()))?;
+        faults::hit(self.saga.fault, FaultPoint::AfterCancelCall).await;
+        if after.status == IntentStatus::Succeeded {
+            return self.record_success(checkout.id, &after).await;
+        }
+        self.cancelled(checkout.id, self.clock.now()).await
+    }
+
+    /// How long a checkout may wait for the customer's authentication: its lifetime, or in a
+    /// flash sale its reservation window (heartbeats push it), so an abandoned 3-D Secure step
+    /// does not keep a sale unit from the next buyer for half an hour.
+    fn authentication_deadline(checkout: &Checkout) -> DateTime<Utc> {
+        match checkout.flash_sale_id {
+            Some(_) => checkout.expires_at.min(checkout.max_expires_at),
+            None => checkout.max_expires_at,
+        }
+    }
+
     /// Lost webhooks: a checkout waiting for authentication is checked with the gateway; when
-    /// its lifetime is over the PaymentIntent is cancelled and the units released.
+    /// its wait is over ([`Self::authentication_deadline`]) the PaymentIntent is cancelled and
+    /// the units released.
     async fn reconcile_action(&self, checkout: &Checkout) -> Result<(), CheckoutError> {
         let Some(intent_id) = checkout.payment_intent_id.as_deref() else {
             return Ok(());
@@ -883,7 +920,7 @@ impl CheckoutService {
                 self.declined(checkout.id, Some(&intent.id), "authentication_failed", now)
                     .await?;
             }
-            _ if now >= checkout.max_expires_at => {
+            _ if now >= Self::authentication_deadline(checkout) => {
                 let key = format!("checkout-{}-cancel", checkout.id);
                 let answer = self.gateway.cancel(intent_id, &key).await;
                 faults::hit(self.saga.fault, FaultPoint::AfterCancelCall).await;

@@ -105,6 +105,9 @@ pub struct FlashSaleArgs {
     /// Share of buyers whose first card is declined (they try once more with a good one).
     #[arg(long, env = "HOLDFAST_LOADGEN_DECLINE_RATE", default_value_t = 0.0, value_parser = parse_rate)]
     pub decline_rate: f64,
+    /// Units one buyer may buy in the sale (`max_per_buyer`); each buyer's cart holds one.
+    #[arg(long, env = "HOLDFAST_LOADGEN_MAX_PER_BUYER", default_value_t = 1, value_parser = parse_positive)]
+    pub max_per_buyer: usize,
     /// Open no flash sale: every buyer goes straight to checkout, so the run can be compared
     /// with the gated one.
     #[arg(long, env = "HOLDFAST_LOADGEN_NO_GATE")]
@@ -269,6 +272,7 @@ pub async fn run(args: LoadgenArgs, settings: &Settings) -> anyhow::Result<ExitC
                 abandon_rate: a.abandon_rate,
                 decline_rate: a.decline_rate,
                 gate: !a.no_gate,
+                max_per_buyer: a.max_per_buyer,
             };
             run_flash_sale(&options, &config).await?
         }
@@ -996,6 +1000,7 @@ where
 pub(crate) struct Finished {
     pub scenario: &'static str,
     pub admission_gate: Option<bool>,
+    pub max_per_buyer: Option<u32>,
     pub skus: String,
     /// Units each of the run's SKUs started with.
     pub initial: BTreeMap<String, i64>,
@@ -1060,6 +1065,7 @@ pub(crate) async fn finish(
         scenario: run.scenario,
         target: options.target.base(),
         admission_gate: run.admission_gate,
+        max_per_buyer: run.max_per_buyer,
         concurrency: options.concurrency,
         seed: options.seed,
         skus: run.skus,
@@ -1191,6 +1197,8 @@ mod tests {
             "16",
             "--decline-rate",
             "0.1",
+            "--max-per-buyer",
+            "2",
             "--json",
         ]);
         let cli = crate::config::Cli::from_arg_matches(&m).expect("a command");
@@ -1206,6 +1214,7 @@ mod tests {
                 units: 20,
                 abandon_rate: 0.0,
                 decline_rate: 0.1,
+                max_per_buyer: 2,
                 no_gate: false,
             })
         );

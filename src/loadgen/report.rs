@@ -82,6 +82,10 @@ pub struct Summary {
     /// server without the flash-sale routes, straight to checkout.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admission_gate: Option<bool>,
+    /// Flash sale through the gate only: units one buyer could buy (each buyer's cart holds
+    /// one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_per_buyer: Option<u32>,
     pub concurrency: usize,
     pub seed: u64,
     /// SKUs the run created (a flash sale has one; `steady` lists its prefix).
@@ -140,6 +144,9 @@ impl fmt::Display for Summary {
         if let Some(gate) = self.admission_gate {
             let through = if gate { "yes" } else { "no" };
             writeln!(f, "  admission gate      {through}")?;
+        }
+        if let Some(limit) = self.max_per_buyer {
+            writeln!(f, "  per-buyer limit     {limit} units")?;
         }
         for note in &self.notes {
             writeln!(f, "  note: {note}")?;

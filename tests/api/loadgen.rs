@@ -65,6 +65,7 @@ async fn a_flash_sale_sells_exactly_its_units_and_refuses_the_rest(kind: StoreKi
         abandon_rate: 0.0,
         decline_rate: 0.1,
         gate: true,
+        max_per_buyer: 2,
     };
 
     let summary = loadgen::run_flash_sale(&options(&app, 16), &config)
@@ -80,6 +81,11 @@ async fn a_flash_sale_sells_exactly_its_units_and_refuses_the_rest(kind: StoreKi
     // Through the admission gate, refused buyers hear "sold out" before reaching the
     // database, and no token holder is ever short of stock.
     assert_eq!(summary.admission_gate, Some(true), "{summary}");
+    assert_eq!(summary.max_per_buyer, Some(2), "{summary}");
+    assert!(
+        summary.to_string().contains("per-buyer limit     2 units"),
+        "{summary}"
+    );
     assert_eq!(summary.outcome("sold_out"), 280, "{summary}");
     assert_eq!(summary.outcome("insufficient_stock"), 0, "{summary}");
     assert!(summary.latency.contains_key("token_sold_out"));
@@ -103,6 +109,7 @@ async fn without_the_gate_a_flash_sale_still_sells_exactly_its_units(kind: Store
         abandon_rate: 0.0,
         decline_rate: 0.0,
         gate: false,
+        max_per_buyer: 1,
     };
 
     let summary = loadgen::run_flash_sale(&options(&app, 16), &config)
@@ -111,6 +118,7 @@ async fn without_the_gate_a_flash_sale_still_sells_exactly_its_units(kind: Store
 
     assert_kept_the_promises(&summary);
     assert_eq!(summary.admission_gate, Some(false), "{summary}");
+    assert_eq!(summary.max_per_buyer, None, "no sale, no limit: {summary}");
     assert_eq!(summary.sold, 20, "{summary}");
     // Every buyer reached the database: the refusals are the guarded reservation's.
     assert_eq!(summary.outcome("insufficient_stock"), 180, "{summary}");

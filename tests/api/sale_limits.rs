@@ -25,6 +25,9 @@ both_stores!(
     an_order_cursor_above_the_largest_sequence_is_an_invalid_cursor,
     only_the_admission_index_makes_a_checkout_insert_admission_in_use,
     the_audit_finds_a_sale_that_sold_more_than_its_units,
+    a_buyer_waiting_for_authentication_cancels_and_the_unit_goes_to_the_next_buyer,
+    an_abandoned_authentication_in_a_sale_ends_with_the_sales_window,
+    a_sale_line_added_while_checkouts_start_is_never_reserved_without_admission,
 );
 
 /// The service starts again on the same database: a new process for the gate. The embedded
@@ -598,4 +601,142 @@ async fn the_audit_finds_a_sale_that_sold_more_than_its_units(kind: StoreKind) {
             .any(|v| v.contains(&sale) && v.contains("2 units sold of 1")),
         "{report}"
     );
+}
+
+/// A sale buyer whose card asks for 3-D Secure: `(checkout id)` in `requires_action`.
+async fn waiting_for_authentication(
+    app: &TestApp,
+    customer: &Customer,
+    cart: &str,
+    sale: &str,
+) -> String {
+    let token = take_token(app, customer, sale).await;
+    token.assert_status(201);
+    let started = checkout_with_token(app, customer, cart, &token.str("token")).await;
+    started.assert_status(201);
+    let id = started.str("id");
+    let pending = app
+        .complete(customer, &id, "pm_card_authenticationRequired", "3ds")
+        .await;
+    assert_eq!(
+        pending.body["state"], "requires_action",
+        "{:?}",
+        pending.body
+    );
+    id
+}
+
+async fn a_buyer_waiting_for_authentication_cancels_and_the_unit_goes_to_the_next_buyer(
+    kind: StoreKind,
+) {
+    // Arrange
+    let app = app_for(kind, Options::default()).await;
+    app.new_product("hot", 500, 1).await;
+    let sale = open_sale(&app, "hot", 1, None).await;
+    let (ada, ada_cart) = app.buyer_with("Ada", &[("hot", 1)]).await;
+    let (bob, bob_cart) = app.buyer_with("Bob", &[("hot", 1)]).await;
+    let checkout = waiting_for_authentication(&app, &ada, &ada_cart, &sale).await;
+    take_token(&app, &bob, &sale)
+        .await
+        .assert_error(409, "sold_out");
+
+    // Act
+    let cancelled = app
+        .post(
+            &format!("/v1/checkouts/{checkout}/cancel"),
+            Some(&ada.token),
+            json!({}),
+        )
+        .await;
+
+    // Assert
+    cancelled.assert_status(200);
+    assert_eq!(cancelled.body["state"], "cancelled", "{:?}", cancelled.body);
+    assert_eq!(app.stock_of("hot").await, (1, 0, 1));
+    buy(&app, &bob, &bob_cart, &sale).await;
+    app.audit().await.assert_clean();
+}
+
+async fn an_abandoned_authentication_in_a_sale_ends_with_the_sales_window(kind: StoreKind) {
+    // Arrange: a sale with a 60 s window; Ada leaves her 3-D Secure step open.
+    let app = app_for(
+        kind,
+        Options {
+            manual_clock: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    app.new_product("hot", 500, 1).await;
+    let sale = open_sale(&app, "hot", 1, Some(60)).await;
+    let (ada, ada_cart) = app.buyer_with("Ada", &[("hot", 1)]).await;
+    let (bob, bob_cart) = app.buyer_with("Bob", &[("hot", 1)]).await;
+    let checkout = waiting_for_authentication(&app, &ada, &ada_cart, &sale).await;
+
+    // Act: the sale's window passes (not the 30-minute lifetime) and recovery looks.
+    app.advance(chrono::Duration::seconds(61));
+    app.recovery.tick().await.expect("recovery tick");
+
+    // Assert: her payment is cancelled and the unit is Bob's.
+    let state = app
+        .get(&format!("/v1/checkouts/{checkout}"), Some(&ada.token))
+        .await
+        .str("state");
+    assert_eq!(state, "cancelled");
+    assert_eq!(app.stock_of("hot").await, (1, 0, 1));
+    buy(&app, &bob, &bob_cart, &sale).await;
+    app.audit().await.assert_clean();
+}
+
+async fn a_sale_line_added_while_checkouts_start_is_never_reserved_without_admission(
+    kind: StoreKind,
+) {
+    // Arrange: 40 buyers with a cart of a plain SKU, no token; a sale on `hot`.
+    let app = app_for(kind, Options::default()).await;
+    app.new_product("tea", 450, 100).await;
+    app.new_product("hot", 500, 100).await;
+    open_sale(&app, "hot", 50, None).await;
+    let buyers = crate::helpers::buyers(&app, 40, &[("tea", 1)]).await;
+
+    // Act: each starts a checkout while the sale's SKU is put in the same cart, at once.
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2 * buyers.len()));
+    let races = buyers.iter().map(|(customer, cart)| {
+        let barrier = barrier.clone();
+        let app = &app;
+        async move {
+            let start = async {
+                barrier.wait().await;
+                app.start_checkout(customer, cart).await
+            };
+            let add = async {
+                barrier.wait().await;
+                app.set_line(customer, cart, "hot", 1).await
+            };
+            tokio::join!(start, add)
+        }
+    });
+    let answers = futures::future::join_all(races).await;
+
+    // Assert: every checkout either reserved the plain SKU alone or was told to bring a
+    // token; nothing of `hot` is held.
+    for (started, added) in &answers {
+        match started.status.as_u16() {
+            201 => {}
+            403 => assert_eq!(started.code(), "admission_required"),
+            other => panic!("checkout: {other} {:?}", started.body),
+        }
+        assert!(
+            [200, 409].contains(&added.status.as_u16()),
+            "line: {:?}",
+            added.body
+        );
+    }
+    assert_eq!(app.stock_of("hot").await, (100, 0, 100));
+    let reserved = answers
+        .iter()
+        .filter(|(started, _)| started.status.as_u16() == 201)
+        .count();
+    let tea = app.stock_of("tea").await;
+    assert_eq!(tea.1, i64::try_from(reserved).expect("a count"), "{tea:?}");
+    app.audit().await.assert_clean();
 }
