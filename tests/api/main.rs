@@ -29,4 +29,5 @@ mod prices;
 mod saga;
 mod schemathesis;
 mod secrets;
+mod simulation;
 mod webhooks;
