@@ -9,10 +9,11 @@
 //! took effect (an answer lost, or late, the webhook telling it), Stripe's idempotency keys
 //! replay an answer, and its ledger is what the promises are checked against.
 //!
-//! A crash is the process dying at an await point: the step's future is polled and dropped
-//! after its `n`-th suspension (the store's transaction rolls back, a gateway call has or has
-//! not happened), and a new instance (a new `CheckoutService`, workers and relay with a new
-//! lease owner) takes over the same store and gateway.
+//! A crash is the process dying at an await point: the step's future is dropped at the `n`-th
+//! await point of its gateway calls (before a call acts, or after it acted and before its
+//! answer; what the step committed before stays, an open transaction rolls back) or after the
+//! step (its answer lost), and a new instance (a new `CheckoutService`, workers and relay with
+//! a new lease owner) takes over the same store and gateway.
 //!
 //! After every step the audit runs on its safety checks (promises 1, 3, 5 and the order/checkout
 //! agreement of 4) and the gateway's ledger is checked (at most one charge per checkout, no
@@ -21,12 +22,11 @@
 //! must have ended paid (and kept) or refunded (and given back).
 //!
 //! How deterministic: the schedule, the gateway's behaviour and the crash points come from the
-//! seed alone, and each step runs alone, so a history replays step for step. Two things are not
-//! the seed's: ids are random UUIDs (nothing the simulation picks depends on them, but a store
-//! query ordered by id may visit rows in another order), and SQLite's driver runs on a thread of
-//! its own, so how often a store call suspends can differ between runs; a crash counted in
-//! suspensions then lands one await point earlier or later. The gateway suspends at fixed
-//! points before and after it acts, so crashes around gateway calls are exact.
+//! seed alone, and each step runs alone, so a history replays step for step (same steps, same
+//! outcomes, same crashes; `HOLDFAST_SIM_TRACE=1` prints them). Crash points are counted at the
+//! gateway's own await points, never in the store driver's suspensions, which vary with
+//! SQLite's worker thread. Not the seed's: ids are random UUIDs (nothing the scheduler picks
+//! depends on them, but a store query ordered by id may visit rows in another order).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -124,6 +124,14 @@ enum Fate {
 struct SimGateway {
     ledger: Arc<Mutex<Ledger>>,
     rng: Arc<Mutex<StdRng>>,
+    tripwire: Arc<Mutex<Tripwire>>,
+}
+
+/// Where the next crash happens: at the `countdown`-th await point of the gateway from now.
+#[derive(Debug, Default)]
+struct Tripwire {
+    countdown: Option<u32>,
+    tripped: bool,
 }
 
 impl SimGateway {
@@ -131,7 +139,36 @@ impl SimGateway {
         Self {
             ledger: Arc::default(),
             rng: Arc::new(Mutex::new(StdRng::seed_from_u64(seed ^ 0x5eed_6a7e))),
+            tripwire: Arc::default(),
         }
+    }
+
+    fn tripwire(&self) -> std::sync::MutexGuard<'_, Tripwire> {
+        self.tripwire.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An await point of every gateway call, before it acts and after: a suspension, or, when
+    /// the tripwire says so, the place the process dies (it never resumes from here).
+    async fn await_point(&self) {
+        let trip = {
+            let mut wire = self.tripwire();
+            match wire.countdown {
+                Some(0) => {
+                    wire.countdown = None;
+                    wire.tripped = true;
+                    true
+                }
+                Some(n) => {
+                    wire.countdown = Some(n - 1);
+                    false
+                }
+                None => false,
+            }
+        };
+        if trip {
+            std::future::pending::<()>().await;
+        }
+        tokio::task::yield_now().await;
     }
 
     fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
@@ -200,7 +237,7 @@ impl PaymentGateway for SimGateway {
     }
 
     async fn create_and_confirm(&self, req: &ChargeRequest) -> Result<ChargeOutcome, GatewayError> {
-        tokio::task::yield_now().await;
+        self.await_point().await;
         let fate = self.fate();
         if fate == Fate::LostBefore {
             return Err(unknown(fate));
@@ -247,7 +284,7 @@ impl PaymentGateway for SimGateway {
                 }
             }
         };
-        tokio::task::yield_now().await;
+        self.await_point().await;
         if fate == Fate::LostAfter {
             return Err(unknown(fate));
         }
@@ -255,7 +292,7 @@ impl PaymentGateway for SimGateway {
     }
 
     async fn retrieve(&self, payment_intent_id: &str) -> Result<PaymentIntent, GatewayError> {
-        tokio::task::yield_now().await;
+        self.await_point().await;
         let fate = self.fate();
         if fate != Fate::Answered {
             return Err(unknown(fate));
@@ -276,7 +313,7 @@ impl PaymentGateway for SimGateway {
         payment_intent_id: &str,
         _idempotency_key: &str,
     ) -> Result<PaymentIntent, GatewayError> {
-        tokio::task::yield_now().await;
+        self.await_point().await;
         let fate = self.fate();
         if fate == Fate::LostBefore {
             return Err(unknown(fate));
@@ -306,7 +343,7 @@ impl PaymentGateway for SimGateway {
                 }
             }
         };
-        tokio::task::yield_now().await;
+        self.await_point().await;
         if fate == Fate::LostAfter {
             return Err(unknown(fate));
         }
@@ -314,7 +351,7 @@ impl PaymentGateway for SimGateway {
     }
 
     async fn refund(&self, req: &RefundRequest) -> Result<Refund, GatewayError> {
-        tokio::task::yield_now().await;
+        self.await_point().await;
         let fate = self.fate();
         if fate == Fate::LostBefore {
             return Err(unknown(fate));
@@ -364,7 +401,7 @@ impl PaymentGateway for SimGateway {
                 }
             }
         };
-        tokio::task::yield_now().await;
+        self.await_point().await;
         if fate == Fate::LostAfter {
             return Err(unknown(fate));
         }
@@ -388,11 +425,12 @@ impl PaymentGateway for SimGateway {
 // ---------------------------------------------------------------------------------------------
 // Crashing at an await point.
 
-/// Polls `inner` until it is done or has suspended `suspensions` times; then drops it there, as
-/// a process dying at that await point would. `None` when it was dropped.
+/// Polls `inner` until it is done or the gateway's tripwire went off inside it; then drops it
+/// there, as a process dying at that await point would (with it, any open transaction rolls
+/// back). `None` when it was dropped.
 struct CrashAt<F: Future> {
     inner: Pin<Box<F>>,
-    suspensions: Option<u32>,
+    tripwire: Arc<Mutex<Tripwire>>,
 }
 
 impl<F: Future> Future for CrashAt<F> {
@@ -401,16 +439,30 @@ impl<F: Future> Future for CrashAt<F> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.inner.as_mut().poll(cx) {
             Poll::Ready(out) => Poll::Ready(Some(out)),
-            Poll::Pending => match &mut self.suspensions {
-                Some(0) => Poll::Ready(None),
-                Some(left) => {
-                    *left -= 1;
+            Poll::Pending => {
+                let tripped = self
+                    .tripwire
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .tripped;
+                if tripped {
+                    Poll::Ready(None)
+                } else {
                     Poll::Pending
                 }
-                None => Poll::Pending,
-            },
+            }
         }
     }
+}
+
+/// Where a step's process dies, if it does.
+#[derive(Debug, Clone, Copy)]
+enum CrashPlan {
+    /// At this await point of the gateway calls the step makes (0: before the first call acts,
+    /// 1: after it acted and before its answer, ...); no crash if the step makes fewer.
+    AtGatewayPoint(u32),
+    /// After the step finished: its answer is lost, what it committed stays.
+    AfterStep,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -419,9 +471,9 @@ impl<F: Future> Future for CrashAt<F> {
 /// What one instance of holdfast holds in memory; a crash loses it and a new one starts.
 struct Process {
     service: Arc<CheckoutService>,
-    recovery: RecoveryWorker,
-    expiry: ExpiryWorker,
-    relay: Relay,
+    recovery: Arc<RecoveryWorker>,
+    expiry: Arc<ExpiryWorker>,
+    relay: Arc<Relay>,
 }
 
 impl Process {
@@ -448,14 +500,15 @@ impl Process {
             saga,
         ));
         Self {
-            recovery: RecoveryWorker::new(service.clone()),
-            expiry: ExpiryWorker::new(store.clone(), clock.clone())
-                .with_admissions(service.clone()),
-            relay: Relay::new(
+            recovery: Arc::new(RecoveryWorker::new(service.clone())),
+            expiry: Arc::new(
+                ExpiryWorker::new(store.clone(), clock.clone()).with_admissions(service.clone()),
+            ),
+            relay: Arc::new(Relay::new(
                 store.clone(),
                 Arc::new(InProcessSink::new(store.clone(), clock.clone())),
                 clock,
-            ),
+            )),
             service,
         }
     }
@@ -491,6 +544,8 @@ struct History {
     /// Checkouts in the order they were started, with their customer and order.
     checkouts: Vec<(CustomerId, CheckoutId, OrderId)>,
     crashes: u32,
+    /// Crashes at an await point of a gateway call (the others: after a step, or between).
+    gateway_crashes: u32,
     log: Vec<String>,
     _dir: tempfile::TempDir,
 }
@@ -539,6 +594,7 @@ impl History {
             customers,
             checkouts: Vec::new(),
             crashes: 0,
+            gateway_crashes: 0,
             log: Vec::new(),
             _dir: dir,
         }
@@ -547,9 +603,11 @@ impl History {
     fn pick_step(&mut self) -> Step {
         let n = self.checkouts.len().max(1);
         let rng = &mut self.rng;
+        // Mostly one of the newest checkouts: the older ones have usually ended.
+        let recent = n - 1 - rng.gen_range(0..n.min(3));
         match rng.gen_range(0..100) {
             0..=17 => Step::Start,
-            18..=37 => Step::Complete(rng.gen_range(0..n), CARDS[rng.gen_range(0..CARDS.len())]),
+            18..=37 => Step::Complete(recent, CARDS[rng.gen_range(0..CARDS.len())]),
             38..=41 => Step::Cancel(rng.gen_range(0..n)),
             42..=45 => Step::Refund(rng.gen_range(0..n)),
             46..=51 => Step::Authenticate(rng.gen_range(0..8), rng.gen_bool(0.7)),
@@ -566,9 +624,18 @@ impl History {
         }
     }
 
-    /// A crash point for the next step: most steps run to the end.
-    fn crash_point(&mut self) -> Option<u32> {
-        self.rng.gen_bool(0.15).then(|| self.rng.gen_range(0..4))
+    /// A crash for the next step: most steps run to the end.
+    /// Steps that call the gateway crash more often: their await points are the interesting ones.
+    fn crash_point(&mut self, step: Step) -> Option<CrashPlan> {
+        let calls_gateway = matches!(step, Step::Complete(..) | Step::Refund(_) | Step::Recover);
+        if !self.rng.gen_bool(if calls_gateway { 0.4 } else { 0.1 }) {
+            return None;
+        }
+        Some(if self.rng.gen_bool(0.8) {
+            CrashPlan::AtGatewayPoint(self.rng.gen_range(0..3))
+        } else {
+            CrashPlan::AfterStep
+        })
     }
 
     fn crash(&mut self) {
@@ -576,23 +643,44 @@ impl History {
         self.process = Process::boot(&self.store, &self.clock, &self.gateway);
     }
 
-    /// Runs `work` (built on the current process), dropping it at `crash` suspensions.
-    async fn run<F: Future>(&mut self, crash: Option<u32>, work: F) -> Option<F::Output> {
+    /// Runs `work` (built on the current process) under `plan`; `None` when the process died
+    /// before it finished.
+    async fn run<F: Future>(&mut self, plan: Option<CrashPlan>, work: F) -> Option<F::Output> {
+        if let Some(CrashPlan::AtGatewayPoint(n)) = plan {
+            self.gateway.tripwire().countdown = Some(n);
+        }
         let out = CrashAt {
             inner: Box::pin(work),
-            suspensions: crash,
+            tripwire: self.gateway.tripwire.clone(),
         }
         .await;
-        if out.is_none() {
-            self.log.push("  crashed mid-step".to_owned());
+        let tripped = {
+            let mut wire = self.gateway.tripwire();
+            let tripped = wire.tripped;
+            *wire = Tripwire::default();
+            tripped
+        };
+        self.gateway_crashes += u32::from(tripped);
+        if tripped || matches!(plan, Some(CrashPlan::AfterStep)) {
+            self.log.push(format!("  crashed ({plan:?})"));
             self.crash();
         }
-        out
+        out.filter(|_| !tripped)
+    }
+
+    /// Logs how a step ended (the state, or that it was refused), for a replay to compare.
+    fn note<E>(&mut self, out: &Option<Result<holdfast::domain::Checkout, E>>) {
+        if let Some(out) = out {
+            self.log.push(match out {
+                Ok(checkout) => format!("  -> {}", checkout.state.as_str()),
+                Err(_) => "  -> refused".to_owned(),
+            });
+        }
     }
 
     async fn step(&mut self, step: Step) {
         self.log.push(format!("{step:?}"));
-        let crash = self.crash_point();
+        let crash = self.crash_point(step);
         let service = self.process.service.clone();
         match step {
             Step::Start => {
@@ -615,17 +703,20 @@ impl History {
             }
             Step::Complete(i, card) => {
                 if let Some(&(customer, id, _)) = self.checkouts.get(i) {
-                    self.run(crash, service.complete(customer, id, card)).await;
+                    let out = self.run(crash, service.complete(customer, id, card)).await;
+                    self.note(&out);
                 }
             }
             Step::Cancel(i) => {
                 if let Some(&(customer, id, _)) = self.checkouts.get(i) {
-                    self.run(crash, service.cancel(customer, id)).await;
+                    let out = self.run(crash, service.cancel(customer, id)).await;
+                    self.note(&out);
                 }
             }
             Step::Refund(i) => {
                 if let Some(&(_, _, order)) = self.checkouts.get(i) {
-                    self.run(crash, service.refund_order(order)).await;
+                    let out = self.run(crash, service.refund_order(order)).await;
+                    self.note(&out);
                 }
             }
             Step::Authenticate(pick, succeeds) => self.gateway.authenticate(pick, succeeds),
@@ -650,39 +741,16 @@ impl History {
                 }
             }
             Step::Recover => {
-                let recovery = &self.process.recovery;
-                let work = recovery.tick();
-                let out = CrashAt {
-                    inner: Box::pin(work),
-                    suspensions: crash,
-                }
-                .await;
-                if out.is_none() {
-                    self.log.push("  crashed mid-step".to_owned());
-                    self.crash();
-                }
+                let recovery = self.process.recovery.clone();
+                self.run(crash, async move { recovery.tick().await }).await;
             }
             Step::Expire => {
-                let out = CrashAt {
-                    inner: Box::pin(self.process.expiry.tick()),
-                    suspensions: crash,
-                }
-                .await;
-                if out.is_none() {
-                    self.log.push("  crashed mid-step".to_owned());
-                    self.crash();
-                }
+                let expiry = self.process.expiry.clone();
+                self.run(crash, async move { expiry.tick().await }).await;
             }
             Step::Relay => {
-                let out = CrashAt {
-                    inner: Box::pin(self.process.relay.tick()),
-                    suspensions: crash,
-                }
-                .await;
-                if out.is_none() {
-                    self.log.push("  crashed mid-step".to_owned());
-                    self.crash();
-                }
+                let relay = self.process.relay.clone();
+                self.run(crash, async move { relay.tick().await }).await;
             }
             Step::Advance(seconds) => self.clock.advance(Duration::seconds(seconds)),
             Step::Crash => self.crash(),
@@ -813,6 +881,7 @@ async fn deliver(
 struct Explored {
     histories: u64,
     crashes: u32,
+    gateway_crashes: u32,
     /// Checkouts by the state they ended in.
     ended: std::collections::BTreeMap<&'static str, u64>,
     charges: u64,
@@ -839,6 +908,7 @@ async fn run_history(seed: u64, steps: u64, explored: &mut Explored) -> Result<(
         .map_err(|e| failure(&history, &format!("after settling: {e}")))?;
     explored.histories += 1;
     explored.crashes += history.crashes;
+    explored.gateway_crashes += history.gateway_crashes;
     for &(customer, id, _) in &history.checkouts {
         if let Ok(Some(checkout)) = history.store.checkout(customer, id).await {
             *explored.ended.entry(checkout.state.as_str()).or_default() += 1;
@@ -898,9 +968,14 @@ async fn a_seeded_sweep_of_saga_histories_with_crashes_and_a_faulty_gateway_keep
         }
     }
     eprintln!(
-        "simulation: {} histories explored, {} crashes, {} successful charges, {} refunds, \
-         checkouts ended {:?}; 0 violations",
-        explored.histories, explored.crashes, explored.charges, explored.refunds, explored.ended
+        "simulation: {} histories explored, {} crashes ({} inside a gateway call), {} successful \
+         charges, {} refunds, checkouts ended {:?}; 0 violations",
+        explored.histories,
+        explored.crashes,
+        explored.gateway_crashes,
+        explored.charges,
+        explored.refunds,
+        explored.ended
     );
     assert_eq!(explored.histories, seeds.len() as u64);
 }
