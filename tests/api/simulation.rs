@@ -132,6 +132,8 @@ struct SimGateway {
 struct Tripwire {
     countdown: Option<u32>,
     tripped: bool,
+    /// Wakes the call that tripped, when its process was only stalled and comes back.
+    release: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl SimGateway {
@@ -148,25 +150,28 @@ impl SimGateway {
     }
 
     /// An await point of every gateway call, before it acts and after: a suspension, or, when
-    /// the tripwire says so, the place the process dies (it never resumes from here).
+    /// the tripwire says so, the place the process dies or stalls (it goes on from here only
+    /// if a stalled process is let go).
     async fn await_point(&self) {
-        let trip = {
+        let stalled = {
             let mut wire = self.tripwire();
             match wire.countdown {
                 Some(0) => {
+                    let (release, stalled) = tokio::sync::oneshot::channel();
                     wire.countdown = None;
                     wire.tripped = true;
-                    true
+                    wire.release = Some(release);
+                    Some(stalled)
                 }
                 Some(n) => {
                     wire.countdown = Some(n - 1);
-                    false
+                    None
                 }
-                None => false,
+                None => None,
             }
         };
-        if trip {
-            std::future::pending::<()>().await;
+        if let Some(stalled) = stalled {
+            let _ = stalled.await;
         }
         tokio::task::yield_now().await;
     }
@@ -425,30 +430,35 @@ impl PaymentGateway for SimGateway {
 // ---------------------------------------------------------------------------------------------
 // Crashing at an await point.
 
-/// Polls `inner` until it is done or the gateway's tripwire went off inside it; then drops it
-/// there, as a process dying at that await point would (with it, any open transaction rolls
-/// back). `None` when it was dropped.
+/// Polls `inner` until it is done or the gateway's tripwire went off inside it; then hands the
+/// unfinished future back, to be dropped there, as a process dying at that await point would
+/// (with it, any open transaction rolls back), or parked, as a stalled process.
 struct CrashAt<F: Future> {
-    inner: Pin<Box<F>>,
+    inner: Option<Pin<Box<F>>>,
     tripwire: Arc<Mutex<Tripwire>>,
 }
 
 impl<F: Future> Future for CrashAt<F> {
-    type Output = Option<F::Output>;
+    type Output = Result<F::Output, Pin<Box<F>>>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.inner.as_mut().poll(cx) {
-            Poll::Ready(out) => Poll::Ready(Some(out)),
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Pending;
+        };
+        match inner.as_mut().poll(cx) {
+            Poll::Ready(out) => Poll::Ready(Ok(out)),
             Poll::Pending => {
                 let tripped = self
                     .tripwire
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .tripped;
-                if tripped {
-                    Poll::Ready(None)
-                } else {
-                    Poll::Pending
+                match (tripped, self.inner.take()) {
+                    (true, Some(unfinished)) => Poll::Ready(Err(unfinished)),
+                    (_, inner) => {
+                        self.inner = inner;
+                        Poll::Pending
+                    }
                 }
             }
         }
@@ -463,6 +473,9 @@ enum CrashPlan {
     AtGatewayPoint(u32),
     /// After the step finished: its answer is lost, what it committed stays.
     AfterStep,
+    /// At this await point the process stalls (a long pause, a partition): another instance
+    /// takes over, and the stalled one may come back later and carry on where it stopped.
+    StallAtGatewayPoint(u32),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -531,7 +544,15 @@ enum Step {
     Relay,
     Advance(i64),
     Crash,
+    /// The stalled process, if any, comes back and finishes what it was doing.
+    Resume,
 }
+
+/// A stalled process's unfinished step, and what lets it go on.
+type Parked = (
+    Pin<Box<dyn Future<Output = ()>>>,
+    tokio::sync::oneshot::Sender<()>,
+);
 
 struct History {
     seed: u64,
@@ -546,6 +567,9 @@ struct History {
     crashes: u32,
     /// Crashes at an await point of a gateway call (the others: after a step, or between).
     gateway_crashes: u32,
+    stalls: u32,
+    /// A stalled process's unfinished step and what lets it go on.
+    parked: Option<Parked>,
     log: Vec<String>,
     _dir: tempfile::TempDir,
 }
@@ -595,6 +619,8 @@ impl History {
             checkouts: Vec::new(),
             crashes: 0,
             gateway_crashes: 0,
+            stalls: 0,
+            parked: None,
             log: Vec::new(),
             _dir: dir,
         }
@@ -619,7 +645,8 @@ impl History {
             66..=73 => Step::Recover,
             74..=78 => Step::Expire,
             79..=84 => Step::Relay,
-            85..=95 => Step::Advance(rng.gen_range(1..=90)),
+            85..=93 => Step::Advance(rng.gen_range(1..=90)),
+            94..=96 => Step::Resume,
             _ => Step::Crash,
         }
     }
@@ -631,10 +658,13 @@ impl History {
         if !self.rng.gen_bool(if calls_gateway { 0.4 } else { 0.1 }) {
             return None;
         }
-        Some(if self.rng.gen_bool(0.8) {
-            CrashPlan::AtGatewayPoint(self.rng.gen_range(0..3))
-        } else {
-            CrashPlan::AfterStep
+        Some(match self.rng.gen_range(0..10) {
+            0..=4 => CrashPlan::AtGatewayPoint(self.rng.gen_range(0..3)),
+            5..=7 if self.parked.is_none() => {
+                CrashPlan::StallAtGatewayPoint(self.rng.gen_range(0..3))
+            }
+            5..=7 => CrashPlan::AtGatewayPoint(self.rng.gen_range(0..3)),
+            _ => CrashPlan::AfterStep,
         })
     }
 
@@ -644,28 +674,58 @@ impl History {
     }
 
     /// Runs `work` (built on the current process) under `plan`; `None` when the process died
-    /// before it finished.
-    async fn run<F: Future>(&mut self, plan: Option<CrashPlan>, work: F) -> Option<F::Output> {
-        if let Some(CrashPlan::AtGatewayPoint(n)) = plan {
+    /// or stalled before it finished.
+    async fn run<F: Future + 'static>(
+        &mut self,
+        plan: Option<CrashPlan>,
+        work: F,
+    ) -> Option<F::Output> {
+        if let Some(CrashPlan::AtGatewayPoint(n) | CrashPlan::StallAtGatewayPoint(n)) = plan {
             self.gateway.tripwire().countdown = Some(n);
         }
         let out = CrashAt {
-            inner: Box::pin(work),
+            inner: Some(Box::pin(work)),
             tripwire: self.gateway.tripwire.clone(),
         }
         .await;
-        let tripped = {
-            let mut wire = self.gateway.tripwire();
-            let tripped = wire.tripped;
-            *wire = Tripwire::default();
-            tripped
-        };
-        self.gateway_crashes += u32::from(tripped);
-        if tripped || matches!(plan, Some(CrashPlan::AfterStep)) {
-            self.log.push(format!("  crashed ({plan:?})"));
-            self.crash();
+        let release = std::mem::take(&mut *self.gateway.tripwire()).release;
+        match (out, plan) {
+            (Ok(out), Some(CrashPlan::AfterStep)) => {
+                self.log.push("  crashed after the step".to_owned());
+                self.crash();
+                Some(out)
+            }
+            (Ok(out), _) => Some(out),
+            (Err(unfinished), Some(CrashPlan::StallAtGatewayPoint(_))) => {
+                self.log.push(format!("  stalled ({plan:?})"));
+                self.stalls += 1;
+                let release = release.expect("a tripped call leaves its release");
+                self.parked = Some((
+                    Box::pin(async move {
+                        let _ = unfinished.await;
+                    }),
+                    release,
+                ));
+                // Another instance serves meanwhile.
+                self.process = Process::boot(&self.store, &self.clock, &self.gateway);
+                None
+            }
+            (Err(_), _) => {
+                self.log.push(format!("  crashed ({plan:?})"));
+                self.gateway_crashes += 1;
+                self.crash();
+                None
+            }
         }
-        out.filter(|_| !tripped)
+    }
+
+    /// The stalled process comes back and finishes its step.
+    async fn resume(&mut self) {
+        if let Some((unfinished, release)) = self.parked.take() {
+            self.log.push("  the stalled process goes on".to_owned());
+            let _ = release.send(());
+            unfinished.await;
+        }
     }
 
     /// Logs how a step ended (the state, or that it was refused), for a replay to compare.
@@ -694,7 +754,9 @@ impl History {
                     .await
                     .expect("line");
                 let started = self
-                    .run(crash, service.start(customer, cart.id, None))
+                    .run(crash, async move {
+                        service.start(customer, cart.id, None).await
+                    })
                     .await;
                 if let Some(Ok(checkout)) = started {
                     self.checkouts
@@ -703,19 +765,28 @@ impl History {
             }
             Step::Complete(i, card) => {
                 if let Some(&(customer, id, _)) = self.checkouts.get(i) {
-                    let out = self.run(crash, service.complete(customer, id, card)).await;
+                    let out = self
+                        .run(
+                            crash,
+                            async move { service.complete(customer, id, card).await },
+                        )
+                        .await;
                     self.note(&out);
                 }
             }
             Step::Cancel(i) => {
                 if let Some(&(customer, id, _)) = self.checkouts.get(i) {
-                    let out = self.run(crash, service.cancel(customer, id)).await;
+                    let out = self
+                        .run(crash, async move { service.cancel(customer, id).await })
+                        .await;
                     self.note(&out);
                 }
             }
             Step::Refund(i) => {
                 if let Some(&(_, _, order)) = self.checkouts.get(i) {
-                    let out = self.run(crash, service.refund_order(order)).await;
+                    let out = self
+                        .run(crash, async move { service.refund_order(order).await })
+                        .await;
                     self.note(&out);
                 }
             }
@@ -754,6 +825,7 @@ impl History {
             }
             Step::Advance(seconds) => self.clock.advance(Duration::seconds(seconds)),
             Step::Crash => self.crash(),
+            Step::Resume => self.resume().await,
         }
     }
 
@@ -788,6 +860,7 @@ impl History {
 
     /// Lets time run and every worker and pending webhook finish, with no more crashes.
     async fn settle(&mut self) {
+        self.resume().await;
         for _ in 0..30 {
             self.clock.advance(Duration::seconds(120));
             let events = std::mem::take(&mut self.gateway.ledger().events);
@@ -882,6 +955,7 @@ struct Explored {
     histories: u64,
     crashes: u32,
     gateway_crashes: u32,
+    stalls: u32,
     /// Checkouts by the state they ended in.
     ended: std::collections::BTreeMap<&'static str, u64>,
     charges: u64,
@@ -909,6 +983,7 @@ async fn run_history(seed: u64, steps: u64, explored: &mut Explored) -> Result<(
     explored.histories += 1;
     explored.crashes += history.crashes;
     explored.gateway_crashes += history.gateway_crashes;
+    explored.stalls += history.stalls;
     for &(customer, id, _) in &history.checkouts {
         if let Ok(Some(checkout)) = history.store.checkout(customer, id).await {
             *explored.ended.entry(checkout.state.as_str()).or_default() += 1;
@@ -968,11 +1043,13 @@ async fn a_seeded_sweep_of_saga_histories_with_crashes_and_a_faulty_gateway_keep
         }
     }
     eprintln!(
-        "simulation: {} histories explored, {} crashes ({} inside a gateway call), {} successful \
-         charges, {} refunds, checkouts ended {:?}; 0 violations",
+        "simulation: {} histories explored, {} crashes ({} inside a gateway call), {} stalled \
+         instances (resumed later), {} successful charges, {} refunds, checkouts ended \
+         {:?}; 0 violations",
         explored.histories,
         explored.crashes,
         explored.gateway_crashes,
+        explored.stalls,
         explored.charges,
         explored.refunds,
         explored.ended
