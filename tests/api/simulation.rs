@@ -193,13 +193,53 @@ impl SimGateway {
         }
     }
 
-    /// The customer finishes (or fails) 3-D Secure on an intent waiting for it.
+    /// Every payment still `processing` settles: one in three fails, by its position.
+    fn settle_processing(&self) {
+        let mut ledger = self.ledger();
+        let processing: Vec<String> = ledger
+            .intents
+            .iter()
+            .filter(|i| i.status == IntentStatus::Processing)
+            .map(|i| i.id.clone())
+            .collect();
+        for (n, id) in processing.into_iter().enumerate() {
+            let Some(intent) = ledger.intent_mut(&id) else {
+                continue;
+            };
+            let event = if n % 3 == 2 {
+                intent.status = IntentStatus::RequiresPaymentMethod;
+                intent.last_payment_error = Some(decline("card_declined"));
+                "payment_intent.payment_failed"
+            } else {
+                intent.status = IntentStatus::Succeeded;
+                "payment_intent.succeeded"
+            };
+            let object = EventObject::PaymentIntent(intent.clone());
+            ledger.emit(event, object);
+        }
+    }
+
+    /// One charge in ten is answered `processing`.
+    fn processing(&self) -> bool {
+        self.rng
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .gen_bool(0.1)
+    }
+
+    /// The customer finishes (or fails) 3-D Secure on an intent waiting for it, or a
+    /// `processing` payment settles.
     fn authenticate(&self, pick: usize, succeeds: bool) {
         let mut ledger = self.ledger();
         let waiting: Vec<String> = ledger
             .intents
             .iter()
-            .filter(|i| i.status == IntentStatus::RequiresAction)
+            .filter(|i| {
+                matches!(
+                    i.status,
+                    IntentStatus::RequiresAction | IntentStatus::Processing
+                )
+            })
             .map(|i| i.id.clone())
             .collect();
         if waiting.is_empty() {
@@ -255,6 +295,11 @@ impl PaymentGateway for SimGateway {
                 None => {
                     let id = ledger.id("pi");
                     let (status, error, event) = match req.payment_method.as_str() {
+                        // Some payments take a while to settle (Stripe: `processing`); the
+                        // customer step settles them later, and a webhook says how.
+                        "pm_card_visa" if self.processing() => {
+                            (IntentStatus::Processing, None, None)
+                        }
                         "pm_card_visa" => (
                             IntentStatus::Succeeded,
                             None,
@@ -861,7 +906,11 @@ impl History {
     /// Lets time run and every worker and pending webhook finish, with no more crashes.
     async fn settle(&mut self) {
         self.resume().await;
-        for _ in 0..30 {
+        for round in 0..30 {
+            if round == 5 {
+                // Payments still `processing` settle at last (the first ones that fail).
+                self.gateway.settle_processing();
+            }
             self.clock.advance(Duration::seconds(120));
             let events = std::mem::take(&mut self.gateway.ledger().events);
             for event in events {
@@ -901,6 +950,12 @@ impl History {
                 .await
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| format!("checkout {id} vanished"))?;
+            if !checkout.state.is_terminal() {
+                return Err(format!(
+                    "checkout {id} still {} with the gateway settled and time run out",
+                    checkout.state.as_str()
+                ));
+            }
             for intent in intents
                 .iter()
                 .filter(|i| i.checkout_id() == Some(id) && i.status == IntentStatus::Succeeded)
