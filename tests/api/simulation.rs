@@ -616,15 +616,57 @@ struct History {
     /// A stalled process's unfinished step and what lets it go on.
     parked: Option<Parked>,
     log: Vec<String>,
-    _dir: tempfile::TempDir,
+    /// Where the store lives: dropped (or the database dropped) with the history.
+    place: Place,
+}
+
+/// A history's store: SQLite in a temp dir (CI), or a PostgreSQL database of its own
+/// (`HOLDFAST_SIM_STORE=postgres`), dropped at the end.
+enum Place {
+    Sqlite(#[allow(dead_code)] tempfile::TempDir),
+    Postgres(String),
+}
+
+/// The store of one history, on the store `HOLDFAST_SIM_STORE` names (`sqlite` by default).
+async fn open_store() -> (Arc<dyn Store>, Place) {
+    match std::env::var("HOLDFAST_SIM_STORE").as_deref() {
+        Ok("postgres") => {
+            let url = crate::helpers::fresh_postgres_database().await;
+            let store = holdfast::store::PgStore::connect(&url, 4)
+                .await
+                .expect("open postgres");
+            store.migrate().await.expect("migrate");
+            (Arc::new(store), Place::Postgres(url))
+        }
+        Ok("sqlite") | Err(_) => {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let store = SqliteStore::open(dir.path()).await.expect("open sqlite");
+            store.migrate().await.expect("migrate");
+            (Arc::new(store), Place::Sqlite(dir))
+        }
+        Ok(other) => panic!("HOLDFAST_SIM_STORE is sqlite or postgres, not {other:?}"),
+    }
+}
+
+/// Drops this history's own PostgreSQL database, once its pool is gone.
+async fn drop_database(url: &str) {
+    use sqlx::Connection as _;
+    let Some((base, name)) = url.rsplit_once('/') else {
+        return;
+    };
+    if !name.starts_with("hf_test_") {
+        return;
+    }
+    if let Ok(mut admin) = sqlx::PgConnection::connect(&format!("{base}/test")).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await;
+    }
 }
 
 impl History {
     async fn new(seed: u64) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let sqlite = SqliteStore::open(dir.path()).await.expect("open sqlite");
-        sqlite.migrate().await.expect("migrate");
-        let store: Arc<dyn Store> = Arc::new(sqlite);
+        let (store, place) = open_store().await;
         let clock = Arc::new(ManualClock::new(
             Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0)
                 .single()
@@ -667,7 +709,7 @@ impl History {
             stalls: 0,
             parked: None,
             log: Vec::new(),
-            _dir: dir,
+            place,
         }
     }
 
@@ -1044,13 +1086,20 @@ async fn run_history(seed: u64, steps: u64, explored: &mut Explored) -> Result<(
             *explored.ended.entry(checkout.state.as_str()).or_default() += 1;
         }
     }
-    let ledger = history.gateway.ledger();
-    explored.charges += ledger
-        .intents
-        .iter()
-        .filter(|i| i.status == IntentStatus::Succeeded)
-        .count() as u64;
-    explored.refunds += ledger.refund_keys.len() as u64;
+    {
+        let ledger = history.gateway.ledger();
+        explored.charges += ledger
+            .intents
+            .iter()
+            .filter(|i| i.status == IntentStatus::Succeeded)
+            .count() as u64;
+        explored.refunds += ledger.refund_keys.len() as u64;
+    }
+    // A history that broke a promise keeps its database for a look; a clean one goes.
+    let History { place, .. } = history;
+    if let Place::Postgres(url) = place {
+        drop_database(&url).await;
+    }
     Ok(())
 }
 
