@@ -6,20 +6,23 @@
 //! pending one, so out of order; sometimes kept for a second delivery, sometimes never sent),
 //! the recovery, expiry or relay worker ticks, or the simulated clock ([`ManualClock`]) moves
 //! on. The gateway is simulated too ([`SimGateway`]): its calls time out before or after they
-//! took effect (an answer lost, or late, the webhook telling it), Stripe's idempotency keys
-//! replay an answer, and its ledger is what the promises are checked against.
+//! took effect (an answer lost, or late, the webhook telling it), a payment may stay
+//! `processing` and settle later, Stripe's idempotency keys replay an answer, and its ledger is
+//! what the promises are checked against.
 //!
 //! A crash is the process dying at an await point: the step's future is dropped at the `n`-th
 //! await point of its gateway calls (before a call acts, or after it acted and before its
 //! answer; what the step committed before stays, an open transaction rolls back) or after the
 //! step (its answer lost), and a new instance (a new `CheckoutService`, workers and relay with
-//! a new lease owner) takes over the same store and gateway.
+//! a new lease owner) takes over the same store and gateway. Or the instance only stalls
+//! there: a new one serves meanwhile, and the stalled one comes back later and finishes its
+//! step with its old lease.
 //!
 //! After every step the audit runs on its safety checks (promises 1, 3, 5 and the order/checkout
 //! agreement of 4) and the gateway's ledger is checked (at most one charge per checkout, no
 //! refund beyond the charge). At the end of a history the clock runs on and the workers run
-//! until everything settles; then the full audit with no grace, and every succeeded payment
-//! must have ended paid (and kept) or refunded (and given back).
+//! until everything settles; then the full audit with no grace, no checkout left open, and
+//! every succeeded payment must have ended paid (and kept) or refunded (and given back).
 //!
 //! How deterministic: the schedule, the gateway's behaviour and the crash points come from the
 //! seed alone, and each step runs alone, so a history replays step for step (same steps, same
