@@ -540,7 +540,8 @@ impl Application {
         http::router(self.state.clone())
     }
 
-    /// The NATS consumers, when `--nats-url` is set.
+    /// The NATS consumers, when `--nats-url` is set and NATS answered at start (a NATS that
+    /// comes later gets its consumers from the reconnect loop, not here).
     pub fn nats_consumers(&self) -> Option<Arc<NatsConsumers>> {
         self.consumers.clone()
     }

@@ -30,4 +30,5 @@ mod saga;
 mod sale_limits;
 mod schemathesis;
 mod secrets;
+mod simulation;
 mod webhooks;
