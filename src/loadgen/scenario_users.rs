@@ -329,6 +329,7 @@ pub async fn run_users(options: &RunOptions, config: &UsersConfig) -> anyhow::Re
         Finished {
             scenario: "users",
             admission_gate: None,
+            max_per_buyer: None,
             skus: format!(
                 "users-{tag}-* ({} SKUs, {} units)",
                 initial.len(),
