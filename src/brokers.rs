@@ -353,6 +353,7 @@ mod tests {
         assert!(matches!(refused, Err(GateError::Unavailable(_))));
         gate.set(Arc::new(crate::flash_sale::InProcessGate::new()));
         assert!(broker.is_up());
+        assert_eq!(gate.load(sale, &SaleRecord::default()).await, Ok(true));
         assert_eq!(
             gate.figures(sale, Utc::now()).await,
             Ok(GateFigures::default())
