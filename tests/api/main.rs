@@ -26,6 +26,7 @@ mod ops;
 mod outbox;
 mod payments;
 mod prices;
+mod round_trips;
 mod saga;
 mod schemathesis;
 mod secrets;
