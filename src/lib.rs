@@ -18,9 +18,11 @@
 //! - [`observe`]: the Prometheus metrics every layer counts into.
 //! - [`demo`]: the catalogue `serve --demo` seeds.
 //! - [`faults`]: fault points for crash tests, inert unless a test-only setting arms one.
+//! - [`brokers`]: starting and serving degraded while Redis or NATS is unreachable.
 //! - [`config`], [`startup`], [`telemetry`], [`shutdown`]: flags, wiring, logs, stopping.
 
 pub mod audit;
+pub mod brokers;
 pub mod checkout;
 pub mod config;
 pub mod demo;

@@ -33,6 +33,7 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init(settings.log_format);
+    telemetry::raise_open_file_limit();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -13,6 +13,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::brokers::{connect_with_backoff, Broker, Brokers, LateGate, LateSink};
 use crate::checkout::{CheckoutService, SagaSettings, Windows};
 use crate::config::{Settings, StoreConfig};
 use crate::domain::{Clock, SystemClock};
@@ -155,24 +156,162 @@ fn write_private(path: &Path, contents: &str) -> io::Result<()> {
 }
 
 /// The relay's sink and, in the production shape, the NATS consumers: `--nats-url` unset
-/// means the embedded shape's in-process consumers (DESIGN §1).
+/// means the embedded shape's in-process consumers (DESIGN §1). A NATS that cannot be reached
+/// leaves the sink unplugged and a reconnect in `pending`; a URL that does not parse is an
+/// error.
 async fn events(
     settings: &Settings,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    brokers: &mut Brokers,
+    pending: &mut Vec<Reconnect>,
 ) -> Result<(Arc<dyn EventSink>, Option<Arc<NatsConsumers>>), StartupError> {
     let Some(url) = &settings.nats_url else {
         return Ok((Arc::new(InProcessSink::new(store, clock)), None));
     };
-    let (stream, prefix) = (&settings.nats_stream, &settings.nats_subject_prefix);
-    let sink = NatsSink::connect(url, stream, prefix)
-        .await
-        .map_err(StartupError::Events)?;
-    let consumers = NatsConsumers::new(sink.jetstream().clone(), stream, prefix, store, clock)
-        .await
-        .map_err(StartupError::Events)?;
-    tracing::info!("fulfilment events go to NATS stream {stream} as {prefix}.<topic>");
-    Ok((Arc::new(sink), Some(Arc::new(consumers))))
+    NatsSink::check_url(url).map_err(StartupError::Events)?;
+    let broker = Broker::new("nats");
+    brokers.push(broker.clone());
+    let sink = Arc::new(LateSink::new(broker.clone()));
+    let nats = NatsTarget {
+        url: url.clone(),
+        stream: settings.nats_stream.clone(),
+        prefix: settings.nats_subject_prefix.clone(),
+        store,
+        clock,
+    };
+    match nats.connect().await {
+        Ok((connected, consumers)) => {
+            sink.set(connected);
+            Ok((sink, Some(consumers)))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "NATS is unreachable: starting degraded, events wait in the outbox");
+            broker.mark_down(e.to_string());
+            pending.push(Reconnect::Nats {
+                nats,
+                sink: sink.clone(),
+                broker,
+            });
+            Ok((sink, None))
+        }
+    }
+}
+
+/// What the NATS side needs to connect, at start or later.
+struct NatsTarget {
+    url: String,
+    stream: String,
+    prefix: String,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+}
+
+impl NatsTarget {
+    async fn connect(&self) -> Result<(Arc<dyn EventSink>, Arc<NatsConsumers>), SinkError> {
+        let sink = NatsSink::connect(&self.url, &self.stream, &self.prefix).await?;
+        let consumers = NatsConsumers::new(
+            sink.jetstream().clone(),
+            &self.stream,
+            &self.prefix,
+            self.store.clone(),
+            self.clock.clone(),
+        )
+        .await?;
+        tracing::info!(
+            "fulfilment events go to NATS stream {} as {}.<topic>",
+            self.stream,
+            self.prefix
+        );
+        Ok((Arc::new(sink), Arc::new(consumers)))
+    }
+}
+
+/// The flash-sale gate: Redis when `--redis-url` is set, else in process. A Redis that cannot
+/// be reached leaves the gate refusing and a reconnect in `pending`; a URL that does not parse
+/// is an error.
+async fn gate(
+    settings: &Settings,
+    brokers: &mut Brokers,
+    pending: &mut Vec<Reconnect>,
+) -> Result<Arc<dyn AdmissionGate>, StartupError> {
+    let Some(url) = &settings.redis_url else {
+        return Ok(Arc::new(InProcessGate::new()));
+    };
+    RedisGate::check_url(url).map_err(StartupError::Gate)?;
+    let broker = Broker::new("redis");
+    brokers.push(broker.clone());
+    let gate = Arc::new(LateGate::new("redis", broker.clone()));
+    match RedisGate::connect(url, settings.redis_key_prefix.clone()).await {
+        Ok(connected) => gate.set(Arc::new(connected)),
+        Err(e) => {
+            tracing::warn!(error = %e, "Redis is unreachable: starting degraded, flash sales answer 503");
+            broker.mark_down(e.to_string());
+            pending.push(Reconnect::Redis {
+                url: url.clone(),
+                key_prefix: settings.redis_key_prefix.clone(),
+                gate: gate.clone(),
+                broker,
+            });
+        }
+    }
+    Ok(gate)
+}
+
+/// A broker the start could not reach, connected by `run_until_stopped` with bounded backoff.
+enum Reconnect {
+    Redis {
+        url: String,
+        key_prefix: String,
+        gate: Arc<LateGate>,
+        broker: Arc<Broker>,
+    },
+    Nats {
+        nats: NatsTarget,
+        sink: Arc<LateSink>,
+        broker: Arc<Broker>,
+    },
+}
+
+impl Reconnect {
+    /// Connects, plugs the broker in and, for NATS, runs the consumers until `stop` when
+    /// `consume` says so.
+    async fn run(self, stop: CancellationToken, consume: bool) {
+        match self {
+            Reconnect::Redis {
+                url,
+                key_prefix,
+                gate,
+                broker,
+            } => {
+                let connected = connect_with_backoff(&broker, &stop, || {
+                    let (url, key_prefix) = (url.clone(), key_prefix.clone());
+                    async move {
+                        RedisGate::connect(&url, key_prefix)
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                })
+                .await;
+                if let Some(connected) = connected {
+                    gate.set(Arc::new(connected));
+                }
+            }
+            Reconnect::Nats { nats, sink, broker } => {
+                let connected = connect_with_backoff(&broker, &stop, || async {
+                    nats.connect().await.map_err(|e| e.to_string())
+                })
+                .await;
+                let Some((connected, consumers)) = connected else {
+                    return;
+                };
+                sink.set(connected);
+                if consume {
+                    let _ = consumers.spawn(stop).await;
+                }
+            }
+        }
+    }
 }
 
 /// Knobs tests may turn; production uses the defaults.
@@ -225,6 +364,8 @@ pub struct Application {
     simulator: Option<StripeSimulator>,
     relay: Arc<Relay>,
     consumers: Option<Arc<NatsConsumers>>,
+    /// Brokers the start could not reach: connected in the background once serving.
+    pending: Vec<Reconnect>,
     settings: Settings,
     workers: bool,
 }
@@ -294,7 +435,17 @@ impl Application {
             fault: settings.fault_point,
             ..SagaSettings::default()
         });
-        let (sink, consumers) = events(&settings, store.clone(), clock.clone()).await?;
+        let mut brokers = Brokers::default();
+        let mut pending = Vec::new();
+        let gate = gate(&settings, &mut brokers, &mut pending).await?;
+        let (sink, consumers) = events(
+            &settings,
+            store.clone(),
+            clock.clone(),
+            &mut brokers,
+            &mut pending,
+        )
+        .await?;
         let relay = Arc::new(
             Relay::new(store.clone(), sink, clock.clone())
                 .with_lease(
@@ -309,19 +460,18 @@ impl Application {
             max_lifetime: chrono::Duration::from_std(settings.reservation_max_lifetime)
                 .unwrap_or(chrono::Duration::minutes(30)),
         };
-        let gate: Arc<dyn AdmissionGate> = match &settings.redis_url {
-            Some(url) => Arc::new(
-                RedisGate::connect(url, settings.redis_key_prefix.clone())
-                    .await
-                    .map_err(StartupError::Gate)?,
-            ),
-            None => Arc::new(InProcessGate::new()),
-        };
         let checkout = Arc::new(
             CheckoutService::new(store.clone(), clock.clone(), gateway, gate, windows, saga)
                 .with_grouping(&settings.group),
         );
+        let catalogue = Arc::new(http::Catalogue::default());
+        if let Err(e) = catalogue.load(store.as_ref()).await {
+            // Served from the store until a reload succeeds.
+            tracing::warn!(error = %e, "catalogue snapshot not loaded yet");
+        }
+        catalogue.spawn_refresher(store.clone());
         let state = AppState {
+            catalogue,
             store: store.clone(),
             checkout: checkout.clone(),
             webhook_secrets: Arc::new(webhook_secrets),
@@ -332,6 +482,7 @@ impl Application {
             rate_limit: Arc::new(http::RateLimit::per_second(settings.rate_limit_per_second)),
             request_timeout: settings.request_timeout,
             simulator: simulator.clone(),
+            brokers,
         };
         tracing::info!(
             "holdfast listening on http://{addr} (store: {}, admin token: {admin_source}); \
@@ -346,6 +497,7 @@ impl Application {
             simulator,
             relay,
             consumers,
+            pending,
             state,
             settings,
             workers: overrides.workers,
@@ -400,6 +552,9 @@ impl Application {
     ) -> io::Result<()> {
         let stop = CancellationToken::new();
         let mut workers = Vec::new();
+        for reconnect in self.pending {
+            workers.push(tokio::spawn(reconnect.run(stop.clone(), self.workers)));
+        }
         if self.workers {
             workers.push(tokio::spawn(
                 self.expiry

@@ -22,8 +22,32 @@
 -- raises SQLSTATE HF001 (the caller starts over); a guarded update of a locked row that still
 -- misses raises HF002 (a broken row, never a refusal). Either rolls back the whole call.
 --
--- Room for the steps other changes add inside the reservation's transaction (a flash-sale
--- line's admission check, the idempotency record): see the marked places below.
+-- A granted start sent with an Idempotency-Key (`p_keys[i]`, NULL without one) records its
+-- checkout on the key's row in the same transaction (migration 0004: a retry after a crash
+-- between the commit and the stored answer finds it). The flash-sale line check has its place
+-- marked below.
+-- Locks the open carts of their own customers, then the product rows of their lines, each in
+-- id order (FOR NO KEY UPDATE is the strength an UPDATE takes: concurrent inserts'
+-- foreign-key checks on these rows do not wait for it).
+-- Answers the carts it locked.
+CREATE FUNCTION hf_lock_carts_and_products(p_carts UUID[], p_customers UUID[])
+RETURNS UUID[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_locked UUID[];
+BEGIN
+    SELECT array_agg(s.id) INTO v_locked FROM (
+        SELECT c.id FROM carts c
+        WHERE (c.id, c.customer_id) IN (SELECT * FROM unnest(p_carts, p_customers))
+          AND c.status = 'open'
+        ORDER BY c.id FOR UPDATE
+    ) s;
+    PERFORM 1 FROM products p
+    WHERE p.id IN (SELECT l.product_id FROM cart_lines l WHERE l.cart_id = ANY(v_locked))
+    ORDER BY p.id FOR NO KEY UPDATE;
+    RETURN coalesce(v_locked, '{}');
+END
+$$;
+
 CREATE FUNCTION hf_reserve_checkouts(
     p_ids          UUID[],
     p_order_ids    UUID[],
@@ -32,7 +56,8 @@ CREATE FUNCTION hf_reserve_checkouts(
     p_sales        UUID[],
     p_now          BIGINT,
     p_expires      BIGINT[],
-    p_max_expires  BIGINT[]
+    p_max_expires  BIGINT[],
+    p_keys         TEXT[]
 ) RETURNS TABLE (
     idx                INT,
     outcome            TEXT,
@@ -58,6 +83,7 @@ CREATE FUNCTION hf_reserve_checkouts(
 #variable_conflict use_column
 DECLARE
     v_locked     UUID[];
+    v_first_pass INT := 1;
     v_status     TEXT;
     v_lines      JSONB;
     v_short      JSONB;
@@ -67,17 +93,15 @@ DECLARE
     v_updated    BIGINT;
     v_row        checkouts%ROWTYPE;
 BEGIN
-    SELECT array_agg(s.id) INTO v_locked FROM (
-        SELECT c.id FROM carts c
-        WHERE (c.id, c.customer_id) IN (SELECT * FROM unnest(p_carts, p_customers))
-          AND c.status = 'open'
-        ORDER BY c.id FOR UPDATE
-    ) s;
-    -- FOR NO KEY UPDATE is the strength an UPDATE takes: concurrent inserts' foreign-key
-    -- checks on these rows do not wait for it.
-    PERFORM 1 FROM products p
-    WHERE p.id IN (SELECT l.product_id FROM cart_lines l WHERE l.cart_id = ANY(v_locked))
-    ORDER BY p.id FOR NO KEY UPDATE;
+    -- A batch locks all its carts and product rows up front, in id order. A single request
+    -- first looks without locks: a refusal (sold out, cart not open, ...) read from a
+    -- committed snapshot is true at that moment and takes no lock, writes nothing and needs
+    -- no commit flush, so refused buyers do not queue on the hot row; only a request that
+    -- looks like it fits takes the locks and is judged again under them.
+    IF coalesce(cardinality(p_ids), 0) > 1 THEN
+        v_locked := hf_lock_carts_and_products(p_carts, p_customers);
+        v_first_pass := 2;
+    END IF;
 
     FOR i IN 1 .. coalesce(cardinality(p_ids), 0) LOOP
         idx := i - 1;
@@ -87,53 +111,57 @@ BEGIN
         payment_intent_id := NULL; client_secret := NULL; decline_code := NULL;
         payment_method := NULL; refund_due := NULL; flash_sale_id := NULL;
 
-        SELECT c.status INTO v_status FROM carts c
-        WHERE c.id = p_carts[i] AND c.customer_id = p_customers[i];
-        IF NOT FOUND THEN
-            outcome := 'cart_missing';
-            RETURN NEXT;
-            CONTINUE;
-        END IF;
-        -- A cart that opened after the locks were taken is not ours to check out in this call.
-        IF v_status <> 'open' OR NOT (p_carts[i] = ANY(v_locked)) THEN
-            outcome := 'cart_status';
-            details := to_jsonb(v_status)::TEXT;
-            RETURN NEXT;
-            CONTINUE;
-        END IF;
+        FOR v_pass IN v_first_pass .. 2 LOOP
+            IF v_pass = 2 AND v_first_pass = 1 THEN
+                v_locked := hf_lock_carts_and_products(p_carts[i:i], p_customers[i:i]);
+            END IF;
+            SELECT c.status INTO v_status FROM carts c
+            WHERE c.id = p_carts[i] AND c.customer_id = p_customers[i];
+            IF NOT FOUND THEN
+                outcome := 'cart_missing';
+                EXIT;
+            END IF;
+            -- Under the locks, a cart that opened after they were taken is not ours to check
+            -- out in this call (the plain path's answer: nothing to check out).
+            IF v_status <> 'open' OR (v_pass = 2 AND NOT (p_carts[i] = ANY(v_locked))) THEN
+                outcome := 'cart_status';
+                details := to_jsonb(v_status)::TEXT;
+                EXIT;
+            END IF;
 
-        SELECT jsonb_agg(jsonb_build_object(
-                   'product_id', p.id, 'sku', p.sku, 'quantity', l.quantity,
-                   'unit_price', p.price_amount, 'currency', p.currency) ORDER BY p.id),
-               jsonb_agg(jsonb_build_object(
-                   'sku', p.sku, 'requested', l.quantity, 'available', p.stock - p.reserved)
-                   ORDER BY p.id) FILTER (WHERE p.stock - p.reserved < l.quantity),
-               count(DISTINCT p.currency),
-               min(p.currency),
-               sum(p.price_amount::NUMERIC * l.quantity)
-        INTO v_lines, v_short, v_currencies, v_currency, v_total
-        FROM cart_lines l JOIN products p ON p.id = l.product_id
-        WHERE l.cart_id = p_carts[i];
-        IF v_lines IS NULL THEN
-            outcome := 'cart_empty';
+            SELECT jsonb_agg(jsonb_build_object(
+                       'product_id', p.id, 'sku', p.sku, 'quantity', l.quantity,
+                       'unit_price', p.price_amount, 'currency', p.currency) ORDER BY p.id),
+                   jsonb_agg(jsonb_build_object(
+                       'sku', p.sku, 'requested', l.quantity, 'available', p.stock - p.reserved)
+                       ORDER BY p.id) FILTER (WHERE p.stock - p.reserved < l.quantity),
+                   count(DISTINCT p.currency),
+                   min(p.currency),
+                   sum(p.price_amount::NUMERIC * l.quantity)
+            INTO v_lines, v_short, v_currencies, v_currency, v_total
+            FROM cart_lines l JOIN products p ON p.id = l.product_id
+            WHERE l.cart_id = p_carts[i];
+            IF v_lines IS NULL THEN
+                outcome := 'cart_empty';
+                EXIT;
+            END IF;
+            IF v_currencies > 1 OR v_total > 9223372036854775807 THEN
+                outcome := 'unpriceable';
+                details := v_lines::TEXT;
+                EXIT;
+            END IF;
+            -- Place for the flash-sale line check (a sale SKU's line only with its admission,
+            -- within the buyer's limit): it refuses here, before anything is written.
+            IF v_short IS NOT NULL THEN
+                outcome := 'insufficient_stock';
+                details := v_short::TEXT;
+                EXIT;
+            END IF;
+        END LOOP;
+        IF outcome IS NOT NULL THEN
             RETURN NEXT;
             CONTINUE;
         END IF;
-        IF v_currencies > 1 OR v_total > 9223372036854775807 THEN
-            outcome := 'unpriceable';
-            details := v_lines::TEXT;
-            RETURN NEXT;
-            CONTINUE;
-        END IF;
-        IF v_short IS NOT NULL THEN
-            outcome := 'insufficient_stock';
-            details := v_short::TEXT;
-            RETURN NEXT;
-            CONTINUE;
-        END IF;
-
-        -- Place for the flash-sale line check (a sale SKU's line only with its admission,
-        -- within the buyer's limit): it refuses here, before anything is written.
 
         UPDATE carts SET status = 'checking_out', updated_at = p_now WHERE id = p_carts[i];
         INSERT INTO orders (id, customer_id, checkout_id, status, total_amount, currency,
@@ -175,7 +203,11 @@ BEGIN
                 v_updated, jsonb_array_length(v_lines) USING ERRCODE = 'HF002';
         END IF;
 
-        -- Place for the idempotency record of the request, finished with its answer.
+        -- The start's Idempotency-Key row names its checkout (IDEMPOTENCY_CREATED).
+        IF p_keys[i] IS NOT NULL THEN
+            UPDATE idempotency_keys SET checkout_id = p_ids[i]
+            WHERE customer_id = p_customers[i] AND idem_key = p_keys[i] AND status_code IS NULL;
+        END IF;
 
         outcome := 'reserved';
         id := v_row.id; customer_id := v_row.customer_id; cart_id := v_row.cart_id;

@@ -13,7 +13,9 @@ use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, Utc};
 
-use crate::domain::{CartId, Checkout, CheckoutId, CheckoutState, Clock, CustomerId, OrderId};
+use crate::domain::{
+    CartId, Checkout, CheckoutId, CheckoutState, Clock, CustomerId, Money, OrderId,
+};
 use crate::faults::{self, FaultPoint};
 use crate::flash_sale::AdmissionGate;
 use crate::observe::{self, CheckoutOutcome, SagaStep};
@@ -42,6 +44,9 @@ pub enum CheckoutError {
     AdmissionRequired,
     #[error("a checkout may hold items of one flash sale only")]
     OneSalePerCheckout,
+    /// The total is below the payment provider's minimum charge: refused before any call.
+    #[error("the total {total} is below the minimum charge of {minimum}")]
+    AmountTooSmall { total: Money, minimum: Money },
 }
 
 /// Reservation windows (DESIGN §8: `--reservation-ttl-seconds`, maximum lifetime).
@@ -97,6 +102,14 @@ pub struct CheckoutService {
 /// The gateway key of one charge attempt: every retry of the attempt sends the same one.
 pub fn charge_key(id: CheckoutId, attempt: i32) -> String {
     format!("checkout-{id}-charge-{attempt}")
+}
+
+/// The payment provider's minimum charge for this total's currency, when the total is below it.
+fn below_minimum_charge(total: Money) -> Option<Money> {
+    let minimum = crate::payments::minimum_charge(total.currency().as_str())?;
+    (total.amount() < minimum)
+        .then(|| Money::new(minimum, total.currency()).ok())
+        .flatten()
 }
 
 fn valid_payment_method(pm: &str) -> bool {
@@ -157,12 +170,14 @@ impl CheckoutService {
 
     /// (new) → reserved: every line reserved and the order created, in one transaction. A cart
     /// holding a flash-sale SKU needs the customer's admission token and gets the sale's window.
+    /// A start's `Idempotency-Key` is recorded with the checkout in the same transaction.
     #[tracing::instrument(skip_all, fields(%customer, %cart))]
     pub async fn start(
         &self,
         customer: CustomerId,
         cart: CartId,
         flash_sale_token: Option<&str>,
+        idempotency_key: Option<&str>,
     ) -> Result<Checkout, CheckoutError> {
         let skus: Vec<_> = self
             .store
@@ -187,6 +202,7 @@ impl CheckoutService {
                 .map_or(self.windows.ttl, |s| s.reservation_ttl),
             max_lifetime: self.windows.max_lifetime,
             flash_sale: sale.as_ref().map(|s| s.id),
+            idempotency_key: idempotency_key.map(str::to_owned),
         };
         let reserved = observe::timed(SagaStep::Reserve, self.reserve(new)).await;
         count_reservation(&reserved);
@@ -277,6 +293,16 @@ impl CheckoutService {
             )) => return self.get(customer, id).await,
             Err(e) => return Err(e.into()),
         };
+        if ticket.opens_attempt {
+            if let Some(minimum) = below_minimum_charge(ticket.checkout.total) {
+                // No request went out under this attempt: hand the checkout back as it was.
+                self.store.abort_charge(id, self.clock.now()).await?;
+                return Err(CheckoutError::AmountTooSmall {
+                    total: ticket.checkout.total,
+                    minimum,
+                });
+            }
+        }
         faults::hit(self.saga.fault, FaultPoint::AfterBeginCharge).await;
         self.drive_charge(&ticket, lease.until).await
     }

@@ -90,10 +90,7 @@ impl RedisGate {
     /// Connects to `url` and loads the scripts. Every key this gate touches starts with
     /// `key_prefix` (production: `holdfast:`; each test its own).
     pub async fn connect(url: &str, key_prefix: String) -> Result<Self, GateError> {
-        let client = Client::open(url).map_err(|e| {
-            // The error text can quote the URL, password included; say only what is wrong.
-            GateError::Unavailable(format!("the Redis URL is not valid ({:?})", e.kind()))
-        })?;
+        let client = Self::client(url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(CONNECTION_TIMEOUT)
             .set_response_timeout(CALL_TIMEOUT)
@@ -114,6 +111,19 @@ impl RedisGate {
             connection,
             key_prefix,
             scripts,
+        })
+    }
+
+    /// Whether `url` is a Redis URL this gate can use, without connecting: a start-up with a
+    /// bad URL fails, one with an unreachable Redis starts degraded.
+    pub fn check_url(url: &str) -> Result<(), GateError> {
+        Self::client(url).map(|_| ())
+    }
+
+    fn client(url: &str) -> Result<Client, GateError> {
+        Client::open(url).map_err(|e| {
+            // The error text can quote the URL, password included; say only what is wrong.
+            GateError::Unavailable(format!("the Redis URL is not valid ({:?})", e.kind()))
         })
     }
 

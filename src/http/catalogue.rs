@@ -1,6 +1,10 @@
 //! The public catalogue: what anyone may see of a product, including live availability.
+//! Answered from the in-memory snapshot (`snapshot.rs`) with an `ETag`; a matching
+//! `If-None-Match` answers `304` with no body.
 
 use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
@@ -24,24 +28,46 @@ pub fn router() -> Router<AppState> {
     tag = "catalogue",
     params(ListParams),
     responses(
-        (status = 200, body = ListView<ProductView>),
+        (status = 200, body = ListView<ProductView>, description = "with an `ETag`"),
+        (status = 304, description = "`If-None-Match` names the current `ETag`"),
         (status = 400, body = ErrorBody, description = "`invalid_cursor`, `invalid_query`"),
         (status = 422, body = ErrorBody, description = "limit out of range"),
     )
 )]
 async fn list(
     State(state): State<AppState>,
+    headers: HeaderMap,
     AppQuery(params): AppQuery<ListParams>,
-) -> Result<Json<ListView<ProductView>>, ApiError> {
+) -> Result<Response, ApiError> {
     let after = params.cursor.as_deref().map(parse_cursor_sku).transpose()?;
-    let page = state
-        .store
-        .list_products(after.as_ref(), params.limit()?)
-        .await?;
-    Ok(Json(ListView {
-        data: page.items.iter().map(ProductView::from).collect(),
-        next_cursor: page.next,
-    }))
+    let limit = params.limit()?;
+    let Some(snapshot) = state.catalogue.snapshot() else {
+        let page = state.store.list_products(after.as_ref(), limit).await?;
+        return Ok(Json(ListView {
+            data: page.items.iter().map(ProductView::from).collect(),
+            next_cursor: page.next,
+        })
+        .into_response());
+    };
+    let etag = snapshot.list_etag(params.cursor.as_deref(), limit);
+    if not_modified(&headers, &etag) {
+        return Ok(unchanged(&etag));
+    }
+    let start = snapshot.page_start(after.as_ref().map(|s| s.as_str()));
+    let end = start
+        .saturating_add(limit as usize)
+        .min(snapshot.products.len());
+    let data = &snapshot.products[start..end];
+    let next_cursor = (end < snapshot.products.len())
+        .then(|| data.last().map(|p| p.sku.to_string()))
+        .flatten();
+    Ok(tagged(
+        &etag,
+        Json(ListView {
+            data: data.to_vec(),
+            next_cursor,
+        }),
+    ))
 }
 
 /// One product.
@@ -52,19 +78,59 @@ async fn list(
     tag = "catalogue",
     params(("sku" = String, Path)),
     responses(
-        (status = 200, body = ProductView),
+        (status = 200, body = ProductView, description = "with an `ETag`"),
+        (status = 304, description = "`If-None-Match` names the current `ETag`"),
         (status = 404, body = ErrorBody, description = "`product_not_found`"),
     )
 )]
 async fn one(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Path(sku): Path<String>,
-) -> Result<Json<ProductView>, ApiError> {
+) -> Result<Response, ApiError> {
     let sku = parse_sku(&sku)?;
-    let product = state
-        .store
-        .product(&sku)
-        .await?
+    let Some(snapshot) = state.catalogue.snapshot() else {
+        let product = state
+            .store
+            .product(&sku)
+            .await?
+            .ok_or_else(|| not_found_of("product"))?;
+        return Ok(Json(ProductView::from(&product)).into_response());
+    };
+    let at = snapshot
+        .find(sku.as_str())
         .ok_or_else(|| not_found_of("product"))?;
-    Ok(Json(ProductView::from(&product)))
+    let etag = &snapshot.etags[at];
+    if not_modified(&headers, etag) {
+        return Ok(unchanged(etag));
+    }
+    Ok(tagged(etag, Json(&snapshot.products[at])))
+}
+
+/// `If-None-Match` holds `etag` (or `*`), by the weak comparison RFC 9110 asks for.
+fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
+    let bare = etag.trim_start_matches("W/");
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag.trim_start_matches("W/") == bare)
+}
+
+fn unchanged(etag: &str) -> Response {
+    let mut resp = StatusCode::NOT_MODIFIED.into_response();
+    if let Ok(value) = HeaderValue::from_str(etag) {
+        resp.headers_mut().insert(header::ETAG, value);
+    }
+    resp
+}
+
+fn tagged(etag: &str, body: impl IntoResponse) -> Response {
+    let mut resp = body.into_response();
+    if let Ok(value) = HeaderValue::from_str(etag) {
+        resp.headers_mut().insert(header::ETAG, value);
+    }
+    resp
 }

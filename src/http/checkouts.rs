@@ -59,7 +59,7 @@ fn parse_checkout_id(raw: &str) -> Result<CheckoutId, ApiError> {
         (status = 201, body = CheckoutView, description = "every line reserved until `expires_at`"),
         (status = 404, body = ErrorBody, description = "`cart_not_found`"),
         (status = 403, body = ErrorBody, description = "`admission_required`: a flash-sale item without a valid token"),
-        (status = 409, body = ErrorBody, description = "`insufficient_stock` with per-SKU `details`, `cart_not_open`, `admission_in_use`, `price_changed`"),
+        (status = 409, body = ErrorBody, description = "`insufficient_stock` with per-SKU `details`, `cart_not_open`, `admission_in_use`, `price_changed`, `idempotency_conflict` (the first request with this key still runs; `Retry-After` says when to retry)"),
         (status = 422, body = ErrorBody, description = "`cart_empty`, `one_flash_sale_per_checkout`"),
         (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
     )
@@ -71,29 +71,41 @@ async fn start(
     JsonWithBytes(body, raw): JsonWithBytes<StartCheckout>,
 ) -> Result<Response, ApiError> {
     let cart = parse_cart_id(&body.cart_id)?;
-    let run = || async {
-        let checkout = state
-            .checkout
-            .start(customer.id, cart, body.flash_sale_token.as_deref())
-            .await?;
+    let key = idempotent::key_of(&headers)?;
+    let (state_ref, token, key_ref) = (
+        &state,
+        body.flash_sale_token.as_deref(),
+        key.as_ref().map(|k| k.as_str()),
+    );
+    // A keyed start whose first request reserved and was lost answers that checkout.
+    let run = move |created: Option<CheckoutId>| async move {
+        let checkout = match created {
+            Some(id) => state_ref.checkout.get(customer.id, id).await?,
+            None => {
+                state_ref
+                    .checkout
+                    .start(customer.id, cart, token, key_ref)
+                    .await?
+            }
+        };
         Ok(Outcome {
             status: StatusCode::CREATED,
             body: serde_json::to_value(CheckoutView::from(checkout)).unwrap_or_default(),
             definitive: true,
         })
     };
-    match idempotent::key_of(&headers)? {
+    match &key {
         Some(key) => {
             idempotent::run(
                 &state,
                 customer.id,
-                &key,
+                key,
                 ("POST", "/v1/checkouts", &raw),
                 run,
             )
             .await
         }
-        None => run()
+        None => run(None)
             .await
             .map(|o| (o.status, Json(o.body)).into_response()),
     }
@@ -125,8 +137,8 @@ struct Complete {
         (status = 200, body = CheckoutView, description = "`state` is `completed`, `requires_action` (with `client_secret`), `payment_failed` (with `decline_code`) or still `charging`"),
         (status = 400, body = ErrorBody, description = "`idempotency_key_required`, `invalid_idempotency_key`"),
         (status = 404, body = ErrorBody, description = "`checkout_not_found`"),
-        (status = 409, body = ErrorBody, description = "`checkout_expired`, `invalid_state`, `payment_in_progress`, `idempotency_conflict`"),
-        (status = 422, body = ErrorBody, description = "`idempotency_key_reused`, `payment_method_refused`, invalid payment method"),
+        (status = 409, body = ErrorBody, description = "`checkout_expired`, `invalid_state`, `payment_in_progress`, `idempotency_conflict` (with `Retry-After`)"),
+        (status = 422, body = ErrorBody, description = "`idempotency_key_reused`, `payment_method_refused`, `amount_too_small` (the total is below the payment provider's minimum charge, e.g. EUR 0.50; `details` has `total` and `minimum`), invalid payment method"),
         (status = 502, body = ErrorBody, description = "`payment_gateway_error`"),
         (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
     )
@@ -146,18 +158,24 @@ async fn complete(
     })?;
     let id = parse_checkout_id(&id)?;
     let path = format!("/v1/checkouts/{id}/complete");
-    idempotent::run(&state, customer.id, &key, ("POST", &path, &raw), || async {
-        let checkout = state
-            .checkout
-            .complete(customer.id, id, &body.payment_method)
-            .await?;
-        let definitive = checkout.state != CheckoutState::Charging;
-        Ok(Outcome {
-            status: StatusCode::OK,
-            body: serde_json::to_value(CheckoutView::from(checkout)).unwrap_or_default(),
-            definitive,
-        })
-    })
+    idempotent::run(
+        &state,
+        customer.id,
+        &key,
+        ("POST", &path, &raw),
+        |_| async {
+            let checkout = state
+                .checkout
+                .complete(customer.id, id, &body.payment_method)
+                .await?;
+            let definitive = checkout.state != CheckoutState::Charging;
+            Ok(Outcome {
+                status: StatusCode::OK,
+                body: serde_json::to_value(CheckoutView::from(checkout)).unwrap_or_default(),
+                definitive,
+            })
+        },
+    )
     .await
 }
 

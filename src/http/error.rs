@@ -10,6 +10,11 @@ use serde_json::Value;
 use crate::checkout::CheckoutError;
 use crate::store::StoreError;
 
+/// Requests answered 503 because the store could not be reached or its pool stayed full past
+/// the acquire deadline.
+static STORE_UNAVAILABLE: crate::telemetry::Summarised =
+    crate::telemetry::Summarised::new("store unavailable: requests answered 503");
+
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
@@ -206,8 +211,9 @@ impl From<StoreError> for ApiError {
                 e.to_string(),
             ),
             StoreError::Unavailable(cause) => {
-                tracing::error!(error = %cause, "store unavailable");
-                Self::unavailable("the store is unavailable; retry shortly")
+                // At saturation this is every request: one summary line per interval.
+                STORE_UNAVAILABLE.warn(&cause);
+                Self::unavailable("the store is unavailable; retry shortly").retry_after(1)
             }
             e @ (StoreError::Corrupt(_)
             | StoreError::SchemaBehind { .. }
@@ -227,6 +233,14 @@ impl From<CheckoutError> for ApiError {
                 message,
             )
             .details(serde_json::json!({ "gateway_code": code })),
+            CheckoutError::AmountTooSmall { total, minimum } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "amount_too_small",
+                format!(
+                    "the total {total} is below the payment provider's minimum charge of {minimum}"
+                ),
+            )
+            .details(serde_json::json!({ "total": total, "minimum": minimum })),
             CheckoutError::Gateway(message) => {
                 Self::new(StatusCode::BAD_GATEWAY, "payment_gateway_error", message)
             }
@@ -277,4 +291,16 @@ pub fn not_found_of(what: &str) -> ApiError {
         _ => "not_found",
     };
     ApiError::not_found(code, format!("{what} not found"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_saturated_pool_answers_503_with_retry_after() {
+        let resp = ApiError::from(StoreError::from(sqlx::Error::PoolTimedOut)).into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+    }
 }

@@ -1,4 +1,5 @@
-//! Liveness and readiness: `/healthz` says the process answers, `/readyz` that the store does.
+//! Liveness and readiness: `/healthz` says the process answers, `/readyz` that the store does,
+//! and which configured broker is down (`degraded`: still serving, see `crate::brokers`).
 
 use axum::extract::State;
 use axum::routing::get;
@@ -20,7 +21,7 @@ async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// The store answers too.
+/// The store answers too; a broker that is down makes it `degraded`, not unready.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -36,7 +37,21 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
         .ping()
         .await
         .map_err(|e| ApiError::unavailable(format!("store not ready: {e}")))?;
-    Ok(Json(
-        json!({"status": "ready", "store": state.store.kind().as_str()}),
-    ))
+    // Only up or down: the failure text stays on the admin ops view.
+    let dependencies: serde_json::Map<String, Value> = state
+        .brokers
+        .statuses()
+        .into_iter()
+        .map(|b| (b.name.to_owned(), json!({"status": b.status})))
+        .collect();
+    let status = if state.brokers.all_up() {
+        "ready"
+    } else {
+        "degraded"
+    };
+    Ok(Json(json!({
+        "status": status,
+        "store": state.store.kind().as_str(),
+        "dependencies": dependencies,
+    })))
 }

@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Duration;
 
-use crate::domain::CustomerId;
+use crate::domain::{CheckoutId, CustomerId};
 use crate::idempotency::{fingerprint, IdempotencyKey};
 use crate::store::IdempotencyStart;
 
@@ -15,8 +15,12 @@ use super::{ApiError, AppState};
 
 pub const HEADER: &str = "idempotency-key";
 
-/// How long a first request holds its key before a retry may take over (a crashed request).
-const LOCK_FOR_SECONDS: i64 = 60;
+/// How long a request holds its key without renewing it (DESIGN §4): a key whose request died
+/// with its process is free again at most this long after the last renewal.
+pub const LEASE_SECONDS: i64 = 5;
+
+/// How often a running request renews its lease, well inside it.
+const RENEW_EVERY: std::time::Duration = std::time::Duration::from_millis(1_500);
 
 /// The `Idempotency-Key` header, if any; a malformed one is a 400.
 pub fn key_of(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
@@ -42,6 +46,9 @@ pub struct Outcome {
     pub definitive: bool,
 }
 
+/// Runs `handler` under `key`. The handler gets the checkout a start with this key already
+/// reserved, if its first request was lost after the reservation committed (it then answers
+/// that checkout instead of starting again); every other route ignores it.
 pub async fn run<F, Fut>(
     state: &AppState,
     customer: CustomerId,
@@ -50,59 +57,91 @@ pub async fn run<F, Fut>(
     handler: F,
 ) -> Result<Response, ApiError>
 where
-    F: FnOnce() -> Fut,
+    F: FnOnce(Option<CheckoutId>) -> Fut,
     Fut: Future<Output = Result<Outcome, ApiError>>,
 {
     let (method, path, body) = request;
     let print = fingerprint(method, path, body);
+    let now = state.clock.now();
     let start = state
         .store
         .idempotency_begin(
             customer,
             key.as_str(),
             &print,
-            state.clock.now(),
-            Duration::seconds(LOCK_FOR_SECONDS),
+            now,
+            Duration::seconds(LEASE_SECONDS),
         )
         .await?;
-    match start {
-        IdempotencyStart::Replay { status, body } => Ok(replayed(status, body)),
-        IdempotencyStart::InFlight => Err(ApiError::conflict(
-            "idempotency_conflict",
-            "a request with this Idempotency-Key is still in progress",
-        )),
-        IdempotencyStart::Mismatch => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "idempotency_key_reused",
-            "this Idempotency-Key was used with different parameters",
-        )),
-        IdempotencyStart::Proceed => {
-            let result = handler().await;
-            let (status, body, definitive) = match &result {
-                Ok(outcome) => (outcome.status, outcome.body.clone(), outcome.definitive),
-                Err(error) => {
-                    let transient = error.status().is_server_error()
-                        || error.status() == StatusCode::CONFLICT
-                        || error.status() == StatusCode::TOO_MANY_REQUESTS;
-                    (error.status(), serde_json::Value::Null, !transient)
+    let created = match start {
+        IdempotencyStart::Replay { status, body } => return Ok(replayed(status, body)),
+        IdempotencyStart::InFlight { until } => {
+            let wait = u64::try_from((until - now).num_milliseconds()).unwrap_or(0);
+            return Err(ApiError::conflict(
+                "idempotency_conflict",
+                "a request with this Idempotency-Key is still in progress",
+            )
+            .retry_after(wait.div_ceil(1_000).max(1)));
+        }
+        IdempotencyStart::Mismatch => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with different parameters",
+            ))
+        }
+        IdempotencyStart::Proceed => None,
+        IdempotencyStart::Created(checkout) => Some(checkout),
+    };
+    let result = holding(state, customer, key, handler(created)).await;
+    let (status, body, definitive) = match &result {
+        Ok(outcome) => (outcome.status, outcome.body.clone(), outcome.definitive),
+        Err(error) => {
+            let transient = error.status().is_server_error()
+                || error.status() == StatusCode::CONFLICT
+                || error.status() == StatusCode::TOO_MANY_REQUESTS;
+            (error.status(), serde_json::Value::Null, !transient)
+        }
+    };
+    if definitive {
+        let stored = match &result {
+            Ok(_) => body.to_string(),
+            Err(error) => error.body_json().to_string(),
+        };
+        state
+            .store
+            .idempotency_finish(customer, key.as_str(), status.as_u16(), &stored)
+            .await?;
+    } else if created.is_none() {
+        // A key that reserved a checkout keeps it: a later retry must still find it.
+        state
+            .store
+            .idempotency_abandon(customer, key.as_str())
+            .await?;
+    }
+    result.map(|outcome| (outcome.status, axum::Json(outcome.body)).into_response())
+}
+
+/// Runs `work` while renewing the key's lease, so the lease outlives the request exactly as
+/// long as its process does.
+async fn holding<T>(
+    state: &AppState,
+    customer: CustomerId,
+    key: &IdempotencyKey,
+    work: impl Future<Output = T>,
+) -> T {
+    let mut work = std::pin::pin!(work);
+    let mut renew =
+        tokio::time::interval_at(tokio::time::Instant::now() + RENEW_EVERY, RENEW_EVERY);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = renew.tick() => {
+                let until = state.clock.now() + Duration::seconds(LEASE_SECONDS);
+                if let Err(e) = state.store.idempotency_renew(customer, key.as_str(), until).await {
+                    tracing::warn!(error = %e, "idempotency lease not renewed");
                 }
-            };
-            if definitive {
-                let stored = match &result {
-                    Ok(_) => body.to_string(),
-                    Err(error) => error.body_json().to_string(),
-                };
-                state
-                    .store
-                    .idempotency_finish(customer, key.as_str(), status.as_u16(), &stored)
-                    .await?;
-            } else {
-                state
-                    .store
-                    .idempotency_abandon(customer, key.as_str())
-                    .await?;
             }
-            result.map(|outcome| (outcome.status, axum::Json(outcome.body)).into_response())
         }
     }
 }

@@ -20,6 +20,7 @@ mod openapi;
 mod ops;
 mod orders;
 mod server;
+mod snapshot;
 mod ui;
 mod views;
 mod webhooks;
@@ -45,6 +46,7 @@ pub use error::ApiError;
 pub use limits::{RateLimit, HEADER_LIMIT};
 pub use openapi::ApiDoc;
 pub use server::serve;
+pub use snapshot::Catalogue;
 
 /// Request bodies above this answer 413.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -68,6 +70,10 @@ pub struct AppState {
     pub request_timeout: std::time::Duration,
     /// The built-in payment simulator when it is the gateway: the demo routes need it.
     pub simulator: Option<crate::payments::StripeSimulator>,
+    /// The public catalogue in memory (`GET /v1/products*`).
+    pub catalogue: Arc<Catalogue>,
+    /// Redis and NATS as configured, up or down: `/readyz` and the ops page show them.
+    pub brokers: crate::brokers::Brokers,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -91,6 +97,10 @@ pub fn router(state: AppState) -> Router {
         .merge(ui::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            reload_catalogue_after_writes,
+        ))
         .with_state(state)
         .layer(axum::middleware::from_fn(metrics::track))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -117,6 +127,28 @@ pub fn router(state: AppState) -> Router {
         )
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+/// A write that may move availability answers once the in-memory catalogue shows it, so a
+/// client reads its own writes. Cart edits, heartbeats, tokens and customers leave products
+/// alone and skip the wait.
+async fn reload_catalogue_after_writes(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: Request<axum::body::Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::http::Method;
+    let path = req.uri().path();
+    let moves_products = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        && !path.starts_with("/v1/carts")
+        && !path.ends_with("/heartbeat")
+        && !path.ends_with("/tokens")
+        && !path.ends_with("/customers");
+    let resp = next.run(req).await;
+    if moves_products && resp.status().is_success() {
+        state.catalogue.changed_and_reloaded().await;
+    }
+    resp
 }
 
 async fn not_found() -> Response {

@@ -256,10 +256,14 @@ pub struct Health {
 #[derive(ToSchema)]
 #[allow(dead_code)] // documentation only
 pub struct Readiness {
-    /// `ready`
+    /// `ready`, or `degraded` while a configured broker (Redis, NATS) is down: holdfast
+    /// still serves everything that does not need it.
     status: String,
     /// `postgres` or `sqlite`
     store: String,
+    /// Each configured broker by name (`redis`, `nats`): `{"status": "up" | "down"}`.
+    #[schema(value_type = Object)]
+    dependencies: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(ToSchema)]

@@ -38,6 +38,19 @@ pub(super) struct OpsView {
     recent_failures: Vec<FailureView>,
     /// Newest first.
     flash_sales: Vec<FlashSaleView>,
+    /// The configured brokers (`redis`, `nats`), up or down; empty in the embedded shape.
+    dependencies: Vec<DependencyView>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct DependencyView {
+    /// `redis` or `nats`.
+    name: &'static str,
+    /// `up` or `down`: down, holdfast serves degraded (flash sales answer 503, events wait in
+    /// the outbox) and reconnects by itself.
+    status: &'static str,
+    /// The last failure, while down.
+    error: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -160,5 +173,15 @@ async fn ops(_: Admin, State(state): State<AppState>) -> Result<Json<OpsView>, A
             .map(FailureView::from)
             .collect(),
         flash_sales,
+        dependencies: state
+            .brokers
+            .statuses()
+            .into_iter()
+            .map(|b| DependencyView {
+                name: b.name,
+                status: b.status,
+                error: b.error,
+            })
+            .collect(),
     }))
 }

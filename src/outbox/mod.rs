@@ -93,5 +93,12 @@ pub enum SinkError {
 /// the broker that will deliver it): only then is the outbox row marked published.
 #[async_trait]
 pub trait EventSink: Send + Sync {
+    /// Whether publishing can be tried at all. `false` (a broker not connected since the
+    /// start) keeps the relay from claiming rows it cannot hand on, so no claim's lease is left
+    /// to wait out once the broker is back.
+    fn ready(&self) -> bool {
+        true
+    }
+
     async fn publish(&self, event: &OutboxEvent) -> Result<(), SinkError>;
 }

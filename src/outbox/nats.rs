@@ -42,6 +42,18 @@ const ACK_WAIT: Duration = Duration::from_secs(30);
 /// Pause before a consumer retries a failed store write or reopens its message stream.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
+/// Longest pause between two attempts to reconnect (async-nats waits up to 4 s by default):
+/// the relay's backlog follows the broker's return within about this long.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_millis(500);
+
+/// At once, then 100 ms more per failed attempt, up to [`MAX_RECONNECT_DELAY`].
+fn reconnect_delay(attempts: usize) -> Duration {
+    let step = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+    Duration::from_millis(100)
+        .saturating_mul(step)
+        .min(MAX_RECONNECT_DELAY)
+}
+
 pub struct NatsSink {
     jetstream: jetstream::Context,
     subject_prefix: String,
@@ -54,11 +66,26 @@ impl NatsSink {
         let client = async_nats::ConnectOptions::new()
             .name("holdfast")
             .connection_timeout(Duration::from_secs(5))
+            .reconnect_delay_callback(reconnect_delay)
             .connect(url)
             .await
             // The URL may carry credentials: the error names the failure, not the URL.
             .map_err(|e| SinkError::Unavailable(format!("cannot connect to NATS: {e}")))?;
         Self::with_client(client, stream, subject_prefix).await
+    }
+
+    /// Whether `url` (one server or a comma-separated list) parses as NATS server addresses,
+    /// without connecting: a start-up with a bad URL fails, one with an unreachable NATS
+    /// starts degraded.
+    pub fn check_url(url: &str) -> Result<(), SinkError> {
+        for server in url.split(',') {
+            server
+                .trim()
+                .parse::<async_nats::ServerAddr>()
+                // The URL may carry credentials: the error names the failure, not the URL.
+                .map_err(|e| SinkError::Unavailable(format!("the NATS URL is not valid: {e}")))?;
+        }
+        Ok(())
     }
 
     pub async fn with_client(

@@ -1,8 +1,9 @@
 //! The outbox relay (promise 5: published at least once). Each tick claims a batch of
 //! unpublished rows with a lease, hands them to the sink in outbox order, and marks published
-//! only what the sink confirmed. It stops at the first failure: the rest stay claimed until
-//! the lease runs out and are then retried, which is also what happens to the claim of a relay
-//! that crashed. A row can therefore be published twice (a crash between publish and mark);
+//! only what the sink confirmed. It stops at the first failure and hands the claim on the rest
+//! back, so the next tick tries them again: a backlog built up during a broker outage goes out
+//! as soon as the broker is back, whatever the lease. Only the claim of a relay that crashed
+//! waits for its lease to run out. A row can therefore be published twice (a crash between publish and mark);
 //! the broker's `Nats-Msg-Id` window and the consumers' event-id records absorb that.
 //!
 //! Every instance runs a relay; the store's claim (`FOR UPDATE SKIP LOCKED` on PostgreSQL)
@@ -25,7 +26,7 @@ use super::{EventSink, SinkError};
 pub enum RelayError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The first `published` events of the claim went out; the rest wait for the lease.
+    /// The first `published` events of the claim went out; the rest were handed back.
     #[error("published {published} events, then the sink failed: {source}")]
     Sink {
         published: usize,
@@ -70,8 +71,8 @@ impl Relay {
         self
     }
 
-    /// How long a claim keeps other relays off a row; after a failure it is also the time
-    /// before the row is tried again.
+    /// How long a claim keeps other relays off a row (a relay that died mid-batch holds its
+    /// claim this long).
     pub fn with_lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
         self
@@ -92,9 +93,13 @@ impl Relay {
         self.published_total.load(Ordering::Relaxed)
     }
 
-    /// One batch: claim, publish in order until the first failure, mark what went out.
+    /// One batch: claim, publish in order until the first failure, mark what went out and
+    /// hand back the claim on what did not.
     #[tracing::instrument(skip_all)]
     pub async fn tick(&self) -> Result<RelayTick, RelayError> {
+        if !self.sink.ready() {
+            return Ok(RelayTick::default());
+        }
         let claimed_at = self.clock.now();
         let claim = self
             .store
@@ -128,6 +133,13 @@ impl Relay {
             self.published_total
                 .fetch_add(published.len() as u64, Ordering::Relaxed);
             tracing::debug!(published = published.len(), "published outbox events");
+        }
+        if failure.is_some() {
+            let rest: Vec<_> = claim[published.len()..]
+                .iter()
+                .map(|e| e.event_id)
+                .collect();
+            self.store.release_outbox(&rest, lease_ends).await?;
         }
         match failure {
             Some(source) => Err(RelayError::Sink {

@@ -195,6 +195,31 @@ impl ChargeOutcome {
     }
 }
 
+/// Stripe's minimum charge in minor units, for the currencies its documentation lists
+/// (<https://docs.stripe.com/currencies#minimum-and-maximum-charge-amounts>); `None` for any
+/// other currency, whose minimum is an exchange-rate-dependent equivalent of USD 0.50 that only
+/// Stripe can judge.
+pub fn minimum_charge(currency: &str) -> Option<i64> {
+    let minimum = match currency.to_ascii_lowercase().as_str() {
+        "usd" | "eur" | "aud" | "brl" | "cad" | "chf" | "inr" | "nzd" | "sgd" => 50,
+        "gbp" => 30,
+        "aed" | "myr" => 200,
+        "bgn" => 100,
+        "czk" => 1_500,
+        "dkk" => 250,
+        "hkd" => 400,
+        "huf" => 17_500,
+        "jpy" => 50,
+        "mxn" => 1_000,
+        "nok" | "sek" => 300,
+        "pln" => 200,
+        "ron" => 200,
+        "thb" => 1_000,
+        _ => return None,
+    };
+    Some(minimum)
+}
+
 /// Refund a PaymentIntent, fully (`amount: None`) or in part.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefundRequest {

@@ -251,10 +251,15 @@ impl State {
             code: "resource_missing".into(),
             message: format!("No such PaymentMethod: '{}'", req.payment_method),
         })?;
-        if req.amount.amount() < 1 {
+        let minimum = super::minimum_charge(req.amount.currency().as_str()).unwrap_or(1);
+        if req.amount.amount() < minimum {
+            // As Stripe answers it: 400 invalid_request_error, nothing created.
             return Err(GatewayError::InvalidRequest {
                 code: "amount_too_small".into(),
-                message: "Amount must be at least 1 minor unit.".into(),
+                message: format!(
+                    "Amount must be at least {minimum} {} minor units",
+                    req.amount.currency().to_lowercase()
+                ),
             });
         }
         let id = new_id("pi");
@@ -758,7 +763,7 @@ mod tests {
         let req = refund(&intent, None, "shared-key");
         let charge_with_key = ChargeRequest {
             idempotency_key: "shared-key".into(),
-            ..charge("pm_card_visa", 10)
+            ..charge("pm_card_visa", 1000)
         };
         sim.create_and_confirm(&charge_with_key).await.unwrap();
         assert!(matches!(
@@ -779,7 +784,7 @@ mod tests {
         };
         sim.create_and_confirm(&declined).await.unwrap();
         sim.create_and_confirm(&retried).await.unwrap();
-        sim.create_and_confirm(&charge("pm_card_visa", 5))
+        sim.create_and_confirm(&charge("pm_card_visa", 500))
             .await
             .unwrap();
 

@@ -146,6 +146,7 @@ mod tests {
             ttl: chrono::Duration::seconds(60),
             max_lifetime: chrono::Duration::seconds(600),
             flash_sale: None,
+            idempotency_key: None,
         }
     }
 

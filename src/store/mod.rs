@@ -147,6 +147,10 @@ pub struct NewCheckout {
     pub max_lifetime: Duration,
     /// The flash sale this checkout was admitted to.
     pub flash_sale: Option<FlashSaleId>,
+    /// The start's `Idempotency-Key`, if it has one: the reservation's transaction records the
+    /// checkout on the key's row (`idempotency_created`), so a retry after a crash between the
+    /// commit and the stored answer finds the checkout instead of a claimed cart.
+    pub idempotency_key: Option<String>,
 }
 
 /// Who is driving a checkout, and until when.
@@ -181,11 +185,23 @@ pub enum IdempotencyStart {
     Proceed,
     /// Done before: answer exactly this again.
     Replay { status: u16, body: String },
-    /// The first request with this key is still running.
-    InFlight,
+    /// The first request with this key is still running; its lease runs until `until`.
+    InFlight { until: DateTime<Utc> },
+    /// The first request (a checkout start) reserved this checkout and was not seen answering:
+    /// answer it, and store that answer.
+    Created(CheckoutId),
     /// The key was used with different parameters.
     Mismatch,
 }
+
+/// A keyed start's checkout on its key's row, in the reservation's transaction (both stores,
+/// plain and grouped reservation): `$1` customer, `$2` key, `$3` checkout.
+pub(crate) const IDEMPOTENCY_CREATED: &str = "UPDATE idempotency_keys SET checkout_id = $3 \
+     WHERE customer_id = $1 AND idem_key = $2 AND status_code IS NULL";
+
+/// The running request's lease on its key, pushed to `$3`.
+pub(crate) const IDEMPOTENCY_RENEW: &str = "UPDATE idempotency_keys SET locked_until = $3 \
+     WHERE customer_id = $1 AND idem_key = $2 AND status_code IS NULL";
 
 /// How long a stored idempotent response is replayed.
 pub const IDEMPOTENCY_RETENTION_HOURS: i64 = 24;
@@ -251,6 +267,14 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         after: Option<&Sku>,
         limit: u32,
     ) -> Result<Page<Product>, StoreError>;
+    /// Every product, for the in-memory catalogue (PostgreSQL reads it on a connection of its
+    /// own, so a reload never queues behind the writes in the pool).
+    async fn all_products(&self) -> Result<Vec<Product>, StoreError>;
+    /// Signals that products changed in any process sharing the database (PostgreSQL
+    /// `LISTEN`); `None` where the store has no such channel.
+    async fn listen_product_changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        None
+    }
     /// Optimistic concurrency: applies only if the product is still at `expected_version`.
     /// Every stock change is recorded with its actor for the audit.
     async fn update_product(
@@ -450,6 +474,13 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         body: &str,
     ) -> Result<(), StoreError>;
     async fn idempotency_abandon(&self, customer: CustomerId, key: &str) -> Result<(), StoreError>;
+    /// The running request still holds its key: its lease now runs until `until`.
+    async fn idempotency_renew(
+        &self,
+        customer: CustomerId,
+        key: &str,
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
 
     // Flash sales.
     /// Opens a sale; its units may not exceed the product's available stock at that moment.
@@ -846,11 +877,14 @@ pub(crate) struct StoredKey {
     pub body: Option<String>,
     pub locked_until: i64,
     pub created_at: i64,
+    /// The checkout a start with this key reserved (written in the reservation's transaction).
+    pub checkout_id: Option<uuid::Uuid>,
 }
 
 impl StoredKey {
     /// DESIGN §4: expired keys start afresh; a different request is a mismatch; a finished one
-    /// replays; a running one conflicts unless its holder died (lock ran out).
+    /// replays; one whose start reserved a checkout answers that checkout; a running one
+    /// conflicts unless its holder died (its lease ran out).
     pub fn decide(&self, fingerprint: &str, now: DateTime<Utc>) -> IdempotencyStart {
         let now_ms = to_millis(now);
         let retention = Duration::hours(IDEMPOTENCY_RETENTION_HOURS).num_milliseconds();
@@ -860,13 +894,16 @@ impl StoredKey {
         if self.fingerprint != fingerprint {
             return IdempotencyStart::Mismatch;
         }
-        match (self.status, &self.body) {
-            (Some(status), Some(body)) => IdempotencyStart::Replay {
+        match (self.status, &self.body, self.checkout_id) {
+            (Some(status), Some(body), _) => IdempotencyStart::Replay {
                 status: u16::try_from(status).unwrap_or(500),
                 body: body.clone(),
             },
+            (_, _, Some(checkout)) => IdempotencyStart::Created(CheckoutId::from_uuid(checkout)),
             _ if self.locked_until < now_ms => IdempotencyStart::Proceed,
-            _ => IdempotencyStart::InFlight,
+            _ => IdempotencyStart::InFlight {
+                until: from_millis(self.locked_until).unwrap_or(now),
+            },
         }
     }
 }
@@ -900,6 +937,7 @@ mod tests {
             body: finished.then(|| "{\"id\":\"c1\"}".to_owned()),
             locked_until,
             created_at,
+            checkout_id: None,
         }
     }
 
@@ -942,12 +980,43 @@ mod tests {
     #[test]
     fn a_stale_in_flight_lock_is_taken_over() {
         let key = stored(false, 0, 60_000);
-        assert_eq!(key.decide("first", at(30_000)), IdempotencyStart::InFlight);
-        assert_eq!(key.decide("first", at(60_000)), IdempotencyStart::InFlight);
+        let in_flight = IdempotencyStart::InFlight { until: at(60_000) };
+        assert_eq!(key.decide("first", at(30_000)), in_flight);
+        assert_eq!(key.decide("first", at(60_000)), in_flight);
         // The first request's holder died (its lock ran out): the retry goes ahead.
         assert_eq!(key.decide("first", at(60_001)), IdempotencyStart::Proceed);
         // A different request never takes another's key over, stale or not.
         assert_eq!(key.decide("other", at(60_001)), IdempotencyStart::Mismatch);
+    }
+
+    #[test]
+    fn an_unanswered_start_that_reserved_answers_its_checkout_whatever_its_lease() {
+        let checkout = CheckoutId::new();
+        let key = StoredKey {
+            checkout_id: Some(checkout.uuid()),
+            ..stored(false, 0, 60_000)
+        };
+        for now in [30_000, 60_001] {
+            assert_eq!(
+                key.decide("first", at(now)),
+                IdempotencyStart::Created(checkout)
+            );
+        }
+        assert_eq!(key.decide("other", at(30_000)), IdempotencyStart::Mismatch);
+        // A stored answer still wins, and the retention still ends the key.
+        let finished = StoredKey {
+            checkout_id: Some(checkout.uuid()),
+            ..stored(true, 0, 60_000)
+        };
+        assert!(matches!(
+            finished.decide("first", at(30_000)),
+            IdempotencyStart::Replay { .. }
+        ));
+        let retention = IDEMPOTENCY_RETENTION_HOURS * HOUR_MS;
+        assert_eq!(
+            key.decide("first", at(retention + 1)),
+            IdempotencyStart::Proceed
+        );
     }
 
     fn priced(lines: &[(i64, u32)]) -> Vec<PricedLine> {

@@ -53,6 +53,15 @@ pub trait OutboxStore: Send + Sync {
         now: DateTime<Utc>,
     ) -> Result<u64, StoreError>;
 
+    /// Hands back this relay's claim on events it did not publish (the sink failed), so the
+    /// next tick tries them again at once instead of after the lease. Only a claim still held
+    /// until `claimed_until` (this relay's) is released; returns how many rows changed.
+    async fn release_outbox(
+        &self,
+        event_ids: &[EventId],
+        claimed_until: DateTime<Utc>,
+    ) -> Result<u64, StoreError>;
+
     /// The warehouse consumer's allocation; `false` when this event was already recorded.
     async fn record_allocation(
         &self,

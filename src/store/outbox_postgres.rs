@@ -61,6 +61,23 @@ impl OutboxStore for PgStore {
         Ok(done.rows_affected())
     }
 
+    async fn release_outbox(
+        &self,
+        event_ids: &[EventId],
+        claimed_until: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let ids: Vec<Uuid> = event_ids.iter().map(|id| id.uuid()).collect();
+        let done = sqlx::query(
+            "UPDATE outbox SET claimed_until = NULL \
+             WHERE event_id = ANY($1) AND published_at IS NULL AND claimed_until = $2",
+        )
+        .bind(&ids)
+        .bind(to_millis(claimed_until))
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn record_allocation(
         &self,
         event_id: EventId,

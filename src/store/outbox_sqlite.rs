@@ -63,6 +63,28 @@ impl OutboxStore for SqliteStore {
         Ok(marked)
     }
 
+    async fn release_outbox(
+        &self,
+        event_ids: &[EventId],
+        claimed_until: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let mut released = 0;
+        for id in event_ids {
+            released += sqlx::query(
+                "UPDATE outbox SET claimed_until = NULL \
+                 WHERE event_id = $1 AND published_at IS NULL AND claimed_until = $2",
+            )
+            .bind(id.uuid())
+            .bind(to_millis(claimed_until))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(released)
+    }
+
     async fn record_allocation(
         &self,
         event_id: EventId,

@@ -20,6 +20,10 @@ use sqlx::{Connection as _, Database};
 /// socket shows there, not as a failed statement).
 const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(5);
 
+/// A request waits at most this long for a PostgreSQL pool connection, then answers `503`
+/// with `Retry-After` instead of queueing without bound.
+pub const PG_ACQUIRE_DEADLINE: Duration = Duration::from_secs(2);
+
 /// After a broken connection, every connection is pinged before use for this long.
 const PING_ALL_AFTER_FAILURE: Duration = Duration::from_secs(30);
 
@@ -78,6 +82,9 @@ impl Acquisitions {
     pub fn options<DB: Database>(&self, options: PoolOptions<DB>) -> PoolOptions<DB> {
         let (fresh, reused) = (self.clone(), self.clone());
         options
+            // sqlx warns once per slow acquisition: at saturation one line per request. The
+            // requests that waited too long are summarised by the HTTP layer instead.
+            .acquire_slow_level(log::LevelFilter::Off)
             .test_before_acquire(false)
             .after_connect(move |_, _| {
                 fresh.count();

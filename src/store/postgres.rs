@@ -1,15 +1,17 @@
-//! The production store: PostgreSQL. Reservation is a guarded `UPDATE` per product in
-//! product-id order (promises 1 and 2, no deadlock), run last in its transaction so a hot row
-//! is locked only for the update and the commit; group reservation reserves a whole batch of
-//! checkouts with one update per product and one commit. Background work is claimed with
-//! `FOR UPDATE SKIP LOCKED`, so any number of instances and workers can run at once.
+//! The production store: PostgreSQL. Starting a checkout is one call of the server-side
+//! function `hf_reserve_checkouts` (migration 0022): cart claim, catalogue prices, the guarded
+//! all-or-nothing reservation in product-id order (promises 1 and 2, no deadlock) and every row,
+//! in one round trip, so a hot row is locked only while the server runs a few statements and
+//! commits. Group reservation sends a whole batch to the same function: one round trip and one
+//! commit for all of it. Background work is claimed with `FOR UPDATE SKIP LOCKED`, so any
+//! number of instances and workers can run at once.
 
 use std::str::FromStr;
 use std::time::Duration as StdDuration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
@@ -26,7 +28,7 @@ use super::{
     priced_in_lock_order, reserve_retrying, schema_is_current, to_millis, unclaimed_cart,
     Acquisitions, ChargeTicket, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, Released,
     Retry, Shortfall, Store, StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS,
-    INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
+    IDEMPOTENCY_RENEW, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
 };
 
 mod decode {
@@ -38,8 +40,14 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Two connections of their own for the catalogue snapshot and its `LISTEN`: reads that
+    /// never wait behind checkout writes in `pool`.
+    reads: PgPool,
     acquisitions: Acquisitions,
 }
+
+/// What the `products` trigger notifies (migration 0021).
+const PRODUCTS_CHANNEL: &str = "holdfast_products";
 
 impl PgStore {
     /// Connects (and fails fast if the database cannot be reached).
@@ -50,11 +58,19 @@ impl PgStore {
         let pool = acquisitions
             .options(PgPoolOptions::new())
             .max_connections(max_connections)
-            .acquire_timeout(StdDuration::from_secs(10))
-            .connect_with(options)
+            .acquire_timeout(super::pool::PG_ACQUIRE_DEADLINE)
+            .connect_with(options.clone())
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(Self { pool, acquisitions })
+        let reads = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(StdDuration::from_secs(5))
+            .connect_lazy_with(options);
+        Ok(Self {
+            pool,
+            reads,
+            acquisitions,
+        })
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -293,7 +309,7 @@ impl PgStore {
     ) -> Result<Result<Vec<Result<Checkout, StoreError>>, Retry>, StoreError> {
         let rows = sqlx::query(
             "SELECT * FROM hf_reserve_checkouts($1::UUID[], $2::UUID[], $3::UUID[], $4::UUID[], \
-             $5::UUID[], $6, $7::BIGINT[], $8::BIGINT[])",
+             $5::UUID[], $6, $7::BIGINT[], $8::BIGINT[], $9::TEXT[])",
         )
         .bind(batch.iter().map(|n| n.id.uuid()).collect::<Vec<_>>())
         .bind(batch.iter().map(|n| n.order_id.uuid()).collect::<Vec<_>>())
@@ -321,6 +337,12 @@ impl PgStore {
             batch
                 .iter()
                 .map(|n| to_millis(n.now + n.max_lifetime))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            batch
+                .iter()
+                .map(|n| n.idempotency_key.clone())
                 .collect::<Vec<_>>(),
         )
         .fetch_all(&self.pool)
@@ -581,6 +603,51 @@ impl Store for PgStore {
         .await?;
         let mut items: Vec<Product> = rows.iter().map(decode::product).collect::<Result<_, _>>()?;
         Ok(page_of(&mut items, limit, |p| p.sku.to_string()))
+    }
+
+    async fn all_products(&self) -> Result<Vec<Product>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {PRODUCT_COLUMNS} FROM products ORDER BY sku"
+        ))
+        .fetch_all(&self.reads)
+        .await?;
+        rows.iter().map(decode::product).collect()
+    }
+
+    async fn listen_product_changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let reads = self.reads.clone();
+        tokio::spawn(async move {
+            let mut listener = loop {
+                match PgListener::connect_with(&reads).await {
+                    Ok(mut l) => match l.listen(PRODUCTS_CHANNEL).await {
+                        Ok(()) => break l,
+                        Err(e) => tracing::warn!(error = %e, "cannot listen for product changes"),
+                    },
+                    Err(e) => tracing::warn!(error = %e, "cannot listen for product changes"),
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(StdDuration::from_secs(5)).await;
+            };
+            loop {
+                // `None`: the connection was lost and is re-established on the next call;
+                // what was notified meanwhile is unknown, so that counts as a change too.
+                let signal = match listener.try_recv().await {
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "product change listener failed; retrying");
+                        tokio::time::sleep(StdDuration::from_secs(1)).await;
+                        true
+                    }
+                };
+                if signal && tx.try_send(()).is_err() && tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Some(rx)
     }
 
     async fn update_product(
@@ -1411,8 +1478,8 @@ impl Store for PgStore {
             return Ok(IdempotencyStart::Proceed);
         }
         let row = sqlx::query(
-            "SELECT fingerprint, status_code, response_body, locked_until, created_at \
-             FROM idempotency_keys WHERE customer_id = $1 AND idem_key = $2 FOR UPDATE",
+            "SELECT fingerprint, status_code, response_body, locked_until, created_at, \
+             checkout_id FROM idempotency_keys WHERE customer_id = $1 AND idem_key = $2 FOR UPDATE",
         )
         .bind(customer.uuid())
         .bind(key)
@@ -1424,12 +1491,13 @@ impl Store for PgStore {
             body: row.try_get("response_body")?,
             locked_until: row.try_get("locked_until")?,
             created_at: row.try_get("created_at")?,
+            checkout_id: row.try_get("checkout_id")?,
         };
         let start = stored.decide(fingerprint, now);
         if start == IdempotencyStart::Proceed {
             sqlx::query(
                 "UPDATE idempotency_keys SET fingerprint = $3, status_code = NULL, \
-                 response_body = NULL, locked_until = $4, created_at = $5 \
+                 response_body = NULL, locked_until = $4, created_at = $5, checkout_id = NULL \
                  WHERE customer_id = $1 AND idem_key = $2",
             )
             .bind(customer.uuid())
@@ -1468,6 +1536,21 @@ impl Store for PgStore {
         sqlx::query("DELETE FROM idempotency_keys WHERE customer_id = $1 AND idem_key = $2")
             .bind(customer.uuid())
             .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn idempotency_renew(
+        &self,
+        customer: CustomerId,
+        key: &str,
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(IDEMPOTENCY_RENEW)
+            .bind(customer.uuid())
+            .bind(key)
+            .bind(to_millis(until))
             .execute(&self.pool)
             .await?;
         Ok(())

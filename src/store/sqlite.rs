@@ -30,7 +30,8 @@ use super::{
     order_total, page_of, priced_in_lock_order, reserve_retrying, schema_is_current, to_millis,
     unclaimed_cart, Acquisitions, ChargeTicket, Guarded, IdempotencyStart, InventoryRow, Lease,
     NewCheckout, Page, PricedLine, Released, Retry, RowNow, Store, StoreError, StoreKind,
-    StoredKey, WantedLine, CHECKOUT_COLUMNS, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
+    StoredKey, WantedLine, CHECKOUT_COLUMNS, IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW,
+    INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
 };
 
 mod decode {
@@ -42,6 +43,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// One read-only connection of its own for the catalogue snapshot (WAL: readers never wait
+    /// for the writer), so a reload never queues behind the writes in `pool`.
+    reads: SqlitePool,
     acquisitions: Acquisitions,
 }
 
@@ -75,10 +79,18 @@ impl SqliteStore {
             .options(SqlitePoolOptions::new())
             .max_connections(1)
             .acquire_timeout(StdDuration::from_secs(30))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(Self { pool, acquisitions })
+        let reads = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(StdDuration::from_secs(5))
+            .connect_lazy_with(options.read_only(true));
+        Ok(Self {
+            pool,
+            reads,
+            acquisitions,
+        })
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -324,6 +336,7 @@ impl SqliteStore {
         }
         let total = order_total(&priced)?;
         let row = Self::insert_checkout(&mut tx, new, &priced, total).await?;
+        Self::record_idempotent_checkout(&mut tx, &[new]).await?;
         match Self::reserve_lines(&mut tx, &priced).await? {
             Guarded::Reserved => {}
             // Dropping the transaction rolls back everything written above.
@@ -332,6 +345,26 @@ impl SqliteStore {
         }
         tx.commit().await?;
         decode::checkout(&row).map(Ok)
+    }
+
+    /// The named step both stores' reservations (plain and grouped) run in their transaction:
+    /// each keyed start's checkout is recorded on its `Idempotency-Key` row
+    /// ([`IDEMPOTENCY_CREATED`]), so the key and the reservation commit together.
+    async fn record_idempotent_checkout(
+        tx: &mut Transaction<'_, Sqlite>,
+        granted: &[&NewCheckout],
+    ) -> Result<(), StoreError> {
+        for new in granted {
+            if let Some(key) = &new.idempotency_key {
+                sqlx::query(IDEMPOTENCY_CREATED)
+                    .bind(new.customer_id.uuid())
+                    .bind(key)
+                    .bind(new.id.uuid())
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     /// The cart flips to checking_out first: a second checkout of it stops here.
@@ -528,6 +561,7 @@ impl SqliteStore {
             if let Planned::Grant { lines, total } = outcome {
                 Self::claim_cart(&mut tx, new).await?;
                 let row = Self::insert_checkout(&mut tx, new, lines, *total).await?;
+                Self::record_idempotent_checkout(&mut tx, &[new]).await?;
                 let checkout = decode::checkout(&row)?;
                 written.insert(checkout.id, checkout);
             }
@@ -709,6 +743,15 @@ impl Store for SqliteStore {
         .await?;
         let mut items: Vec<Product> = rows.iter().map(decode::product).collect::<Result<_, _>>()?;
         Ok(page_of(&mut items, limit, |p| p.sku.to_string()))
+    }
+
+    async fn all_products(&self) -> Result<Vec<Product>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {PRODUCT_COLUMNS} FROM products ORDER BY sku"
+        ))
+        .fetch_all(&self.reads)
+        .await?;
+        rows.iter().map(decode::product).collect()
     }
 
     async fn update_product(
@@ -1528,8 +1571,8 @@ impl Store for SqliteStore {
             return Ok(IdempotencyStart::Proceed);
         }
         let row = sqlx::query(
-            "SELECT fingerprint, status_code, response_body, locked_until, created_at \
-             FROM idempotency_keys WHERE customer_id = $1 AND idem_key = $2",
+            "SELECT fingerprint, status_code, response_body, locked_until, created_at, \
+             checkout_id FROM idempotency_keys WHERE customer_id = $1 AND idem_key = $2",
         )
         .bind(customer.uuid())
         .bind(key)
@@ -1541,12 +1584,13 @@ impl Store for SqliteStore {
             body: row.try_get("response_body")?,
             locked_until: row.try_get("locked_until")?,
             created_at: row.try_get("created_at")?,
+            checkout_id: row.try_get("checkout_id")?,
         };
         let start = stored.decide(fingerprint, now);
         if start == IdempotencyStart::Proceed {
             sqlx::query(
                 "UPDATE idempotency_keys SET fingerprint = $3, status_code = NULL, \
-                 response_body = NULL, locked_until = $4, created_at = $5 \
+                 response_body = NULL, locked_until = $4, created_at = $5, checkout_id = NULL \
                  WHERE customer_id = $1 AND idem_key = $2",
             )
             .bind(customer.uuid())
@@ -1585,6 +1629,21 @@ impl Store for SqliteStore {
         sqlx::query("DELETE FROM idempotency_keys WHERE customer_id = $1 AND idem_key = $2")
             .bind(customer.uuid())
             .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn idempotency_renew(
+        &self,
+        customer: CustomerId,
+        key: &str,
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(IDEMPOTENCY_RENEW)
+            .bind(customer.uuid())
+            .bind(key)
+            .bind(to_millis(until))
             .execute(&self.pool)
             .await?;
         Ok(())

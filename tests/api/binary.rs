@@ -201,8 +201,17 @@ fn a_start_up_failure_is_one_line_and_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_addr = busy.local_addr().unwrap().to_string();
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["--database-url", "mysql://nope"], "postgres://"),
+        // A broker that is down only degrades the start; a URL that cannot work stops it.
+        (
+            &["--redis-url", "redis://127.0.0.1:99999"],
+            "Redis URL is not valid",
+        ),
+        (
+            &["--nats-url", "nats://127.0.0.1:99999"],
+            "NATS URL is not valid",
+        ),
         (
             &["--database-url", "postgres://root@127.0.0.1:1/none"],
             "cannot open the store",
@@ -456,4 +465,204 @@ async fn sigint_stops_the_service_with_exit_code_0_like_sigterm() {
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert!(stderr.contains("SIGINT received"), "{stderr}");
     assert!(stderr.contains("holdfast stopped"), "{stderr}");
+}
+
+/// A Redis or NATS server of the test's own on `port`, stopped when dropped: the shared
+/// servers on 6379 and 4222 are never touched.
+fn own_broker(program: &str, args: &[&str]) -> Reaped {
+    Reaped(
+        Command::new(program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {program}: {e}")),
+    )
+}
+
+async fn readiness(client: &reqwest::Client, base: &str) -> (u16, Value) {
+    let resp = client
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .expect("readyz answers");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("json"))
+}
+
+/// Polls `/readyz` until both brokers are up (the reconnect loop found them).
+async fn wait_until_brokers_up(client: &reqwest::Client, base: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = readiness(client, base).await;
+        if status == 200 && body["status"] == "ready" {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the brokers never came up: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How many messages the stream `name` holds on the NATS server at `url`, once it exists.
+async fn stream_messages(url: &str, name: &str) -> u64 {
+    let Ok(client) = async_nats::connect(url).await else {
+        return 0;
+    };
+    let js = async_nats::jetstream::new(client);
+    let Ok(mut stream) = js.get_stream(name).await else {
+        return 0;
+    };
+    stream.info().await.map(|i| i.state.messages).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_while_redis_and_nats_are_unreachable_serves_degraded_and_recovers_without_a_restart(
+) {
+    // Arrange: nothing listens on the Redis and NATS ports yet.
+    let dir = tempfile::tempdir().unwrap();
+    let (port, redis_port, nats_port) = (free_port(), free_port(), free_port());
+    let base = format!("http://127.0.0.1:{port}");
+    let nats_url = format!("nats://127.0.0.1:{nats_port}");
+    let stream = format!("hf_test_{}", uuid::Uuid::new_v4().simple());
+    let admin = crate::helpers::ADMIN_TOKEN;
+    let client = reqwest::Client::new();
+    let mut child = Reaped(
+        holdfast()
+            .current_dir(dir.path())
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--redis-url", &format!("redis://127.0.0.1:{redis_port}")])
+            .args(["--nats-url", &nats_url])
+            .args(["--nats-stream", &stream])
+            .args(["--nats-subject-prefix", &stream])
+            .args(["--relay-interval-ms", "100"])
+            .args(["--admin-token", admin])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn holdfast"),
+    );
+
+    // Act 1: it serves, and says which brokers are down.
+    wait_ready(&client, &base).await;
+    let (status, ready) = readiness(&client, &base).await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    assert_eq!(ready["dependencies"]["redis"]["status"], "down", "{ready}");
+    assert_eq!(ready["dependencies"]["nats"]["status"], "down", "{ready}");
+    let post = |path: &str, token: &str, body: Option<Value>| {
+        let (url, token) = (format!("{base}{path}"), token.to_owned());
+        let client = client.clone();
+        async move { call(&client, reqwest::Method::POST, url, &token, body).await }
+    };
+    let (status, customer) = post("/v1/admin/customers", admin, Some(json!({"name": "Ada"}))).await;
+    assert_eq!(status, 201, "{customer}");
+    let buyer = customer["token"].as_str().unwrap().to_owned();
+    for sku in ["tea-01", "sale-01"] {
+        let product = json!({"sku": sku, "name": "Tea", "price": {"amount": 450, "currency": "EUR"}, "stock": 10});
+        assert_eq!(
+            post("/v1/admin/products", admin, Some(product)).await.0,
+            201
+        );
+    }
+    let (status, cart) = post("/v1/carts", &buyer, None).await;
+    assert_eq!(status, 201);
+    let cart_id = cart["id"].as_str().unwrap().to_owned();
+    let (status, _) = call(
+        &client,
+        reqwest::Method::PUT,
+        format!("{base}/v1/carts/{cart_id}/lines/tea-01"),
+        &buyer,
+        Some(json!({"quantity": 2})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, checkout) = post("/v1/checkouts", &buyer, Some(json!({"cart_id": cart_id}))).await;
+    assert_eq!(status, 201, "{checkout}");
+    let checkout_id = checkout["id"].as_str().unwrap().to_owned();
+    let completed = client
+        .post(format!("{base}/v1/checkouts/{checkout_id}/complete"))
+        .bearer_auth(&buyer)
+        .header("Idempotency-Key", "degraded-complete")
+        .json(&json!({"payment_method": "pm_card_visa"}))
+        .send()
+        .await
+        .expect("complete answers");
+    assert_eq!(completed.status().as_u16(), 200);
+    let completed: Value = completed.json().await.expect("json");
+    assert_eq!(completed["state"], "completed", "{completed}");
+    let (status, sale) = post(
+        "/v1/admin/flash-sales",
+        admin,
+        Some(json!({"sku": "sale-01", "units": 3})),
+    )
+    .await;
+    assert_eq!(status, 201, "{sale}");
+    let tokens = format!("/v1/flash-sales/{}/tokens", sale["id"].as_str().unwrap());
+    let (status, refused) = post(&tokens, &buyer, None).await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (503, Some("admission_unavailable")),
+        "{refused}"
+    );
+    let (_, ops) = call(
+        &client,
+        reqwest::Method::GET,
+        format!("{base}/v1/admin/ops"),
+        admin,
+        None,
+    )
+    .await;
+    assert_eq!(ops["outbox"]["unpublished"], 1, "the event waits: {ops}");
+    let down: Vec<&str> = ops["dependencies"]
+        .as_array()
+        .expect("dependencies on the ops page")
+        .iter()
+        .filter(|d| d["status"] == "down")
+        .filter_map(|d| d["name"].as_str())
+        .collect();
+    assert_eq!(down, ["redis", "nats"], "{ops}");
+
+    // Act 2: the brokers come up on those ports.
+    let nats_dir = tempfile::tempdir().unwrap();
+    let _redis = own_broker(
+        "redis-server",
+        &[
+            "--port",
+            &redis_port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+    );
+    let _nats = own_broker(
+        "nats-server",
+        &[
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &nats_port.to_string(),
+            "-js",
+            "-sd",
+            &nats_dir.path().display().to_string(),
+        ],
+    );
+
+    // Assert: without a restart, the gate admits and the backlog reaches the stream.
+    wait_until_brokers_up(&client, &base).await;
+    let (status, token) = post(&tokens, &buyer, None).await;
+    assert_eq!(status, 201, "{token}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stream_messages(&nats_url, &stream).await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the order.paid event never reached the stream"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stream_messages(&nats_url, &stream).await, 1);
+    assert!(terminate(&mut child).success());
 }

@@ -5,7 +5,7 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::both_stores;
-use crate::helpers::{spawn_app, AssertClean, ADMIN_TOKEN};
+use crate::helpers::{eventually, spawn_app, spawn_app_with, AssertClean, Options, ADMIN_TOKEN};
 
 both_stores!(
     health_and_readiness_answer_without_a_token,
@@ -14,6 +14,8 @@ both_stores!(
     a_duplicate_sku_is_a_conflict_and_changes_nothing,
     a_patch_needs_the_current_version_and_answers_a_new_etag,
     lists_page_with_a_cursor,
+    the_catalogue_answers_304_until_a_checkout_moves_availability,
+    catalogue_reads_take_no_connection_from_the_store_pool,
 );
 
 async fn health_and_readiness_answer_without_a_token(kind: StoreKind) {
@@ -216,4 +218,129 @@ async fn lists_page_with_a_cursor(kind: StoreKind) {
     app.get("/v1/products?colour=red", None)
         .await
         .assert_error(400, "invalid_query");
+}
+
+async fn get_if_none_match(
+    app: &crate::helpers::TestApp,
+    path: &str,
+    etag: &str,
+) -> (u16, String, String) {
+    let resp = app
+        .client
+        .get(format!("{}{path}", app.base))
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .expect("request reaches the app");
+    let status = resp.status().as_u16();
+    let tag = resp
+        .headers()
+        .get("etag")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    (status, tag, resp.text().await.expect("body"))
+}
+
+async fn the_catalogue_answers_304_until_a_checkout_moves_availability(kind: StoreKind) {
+    // Arrange
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 5).await.assert_status(201);
+    app.new_product("tea-02", 300, 9).await.assert_status(201);
+    let one = app.get("/v1/products/tea-01", None).await;
+    let one_tag = one.headers["etag"].to_str().expect("etag").to_owned();
+    let list = app.get("/v1/products", None).await;
+    let list_tag = list.headers["etag"].to_str().expect("etag").to_owned();
+    assert_ne!(one_tag, list_tag);
+
+    // Act + assert: unchanged is 304 with no body, for one product and for the list.
+    let (status, tag, body) = get_if_none_match(&app, "/v1/products/tea-01", &one_tag).await;
+    assert_eq!(
+        (status, tag.as_str(), body.as_str()),
+        (304, one_tag.as_str(), "")
+    );
+    let (status, _, body) = get_if_none_match(&app, "/v1/products", &list_tag).await;
+    assert_eq!((status, body.as_str()), (304, ""));
+    let (status, _, _) = get_if_none_match(&app, "/v1/products/tea-01", "\"other\", W/\"x\"").await;
+    assert_eq!(status, 200, "another tag is not a match");
+
+    // A checkout reserves two units: the next read shows them gone, under a new tag.
+    app.reserved_checkout("Ada", &[("tea-01", 2)]).await;
+    let (status, tag, body) = get_if_none_match(&app, "/v1/products/tea-01", &one_tag).await;
+    assert_eq!(status, 200);
+    assert_ne!(tag, one_tag);
+    let body: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(body["available"], 3);
+    let (status, _, body) = get_if_none_match(&app, "/v1/products", &list_tag).await;
+    assert_eq!(status, 200);
+    let body: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(body["data"][0]["available"], 3);
+    assert_eq!(body["data"][1]["available"], 9);
+    // The other product's tag did not move.
+    let two = app.get("/v1/products/tea-02", None).await;
+    let (status, _, _) = get_if_none_match(
+        &app,
+        "/v1/products/tea-02",
+        two.headers["etag"].to_str().expect("etag"),
+    )
+    .await;
+    assert_eq!(status, 304);
+    app.audit().await.assert_clean();
+}
+
+async fn catalogue_reads_take_no_connection_from_the_store_pool(kind: StoreKind) {
+    // Arrange: no workers, so nothing else reaches for the pool meanwhile.
+    let app = spawn_app_with(
+        kind,
+        Options {
+            manual_clock: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    for i in 0..3 {
+        app.new_product(&format!("tea-{i:02}"), 450, 5)
+            .await
+            .assert_status(201);
+    }
+    app.get("/v1/products", None).await.assert_status(200);
+    let before = app.store.acquisitions();
+
+    // Act
+    for _ in 0..20 {
+        app.get("/v1/products?limit=2", None)
+            .await
+            .assert_status(200);
+        app.get("/v1/products/tea-01", None)
+            .await
+            .assert_status(200);
+    }
+
+    // Assert
+    assert_eq!(app.store.acquisitions(), before);
+    app.audit().await.assert_clean();
+}
+
+/// Two instances need a shared database: PostgreSQL only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_on_one_instance_reaches_the_other_instance_catalogue() {
+    // Arrange: two instances on one database; B has read the catalogue.
+    let a = spawn_app(StoreKind::Postgres).await;
+    a.new_product("tea-01", 450, 5).await.assert_status(201);
+    let b = a.spawn_sibling().await;
+    assert_eq!(
+        b.get("/v1/products/tea-01", None).await.body["available"],
+        5
+    );
+
+    // Act: A reserves.
+    a.reserved_checkout("Ada", &[("tea-01", 2)]).await;
+
+    // Assert: B's snapshot follows (notified, or at the latest at its next resync).
+    eventually(5, "the other instance shows the reservation", || async {
+        b.get("/v1/products/tea-01", None).await.body["available"] == 3
+    })
+    .await;
+    b.stop().await;
+    a.audit().await.assert_clean();
 }

@@ -12,8 +12,8 @@
 //! reached by the scenario that leads there (a card that succeeds, declines or needs
 //! authentication, an abandoned authentication, an admin refund, a late payment for an expired
 //! checkout), and kill it once every checkout stands where that point leaves it. Every point of
-//! `FaultPoint::ALL` has at least one such test. The last test kills a process at a random
-//! moment of a burst.
+//! `FaultPoint::ALL` has at least one such test. The last tests kill a process at a random
+//! moment of a burst, and then round after round at random points and moments (the soak).
 
 use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader};
@@ -504,6 +504,287 @@ async fn a_process_killed_at_a_random_moment_of_a_burst_leaves_every_checkout_pa
     deployment.finish().await;
 }
 
+/// How long a retry keeps honouring `Retry-After` before the test gives up: a key whose owner
+/// died must be free again within a few seconds, not after a minute.
+const TAKEN_OVER_WITHIN: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_retried_with_its_key_after_a_kill_after_reserving_answers_the_checkout_it_created()
+{
+    // Arrange: a process that stops right after the reservation commits.
+    let deployment = Deployment::new((180, 1800)).await;
+    let mut first = deployment.start(Some(FaultPoint::AfterReserve)).await;
+    let stock = 10;
+    deployment.new_product(stock).await;
+    let mut buyer = deployment.buyer("Keyed starter", 2).await;
+    let start = |client: &reqwest::Client| {
+        client
+            .post(format!("{}/v1/checkouts", deployment.base))
+            .bearer_auth(&buyer.token)
+            .header("Idempotency-Key", "start-after-kill")
+            .json(&json!({ "cart_id": buyer.cart }))
+    };
+
+    // Act: the start reserves, the process dies before answering; the client retries its
+    // start with the same key against the successor.
+    let lost = {
+        let request = start(&deployment.client);
+        tokio::spawn(async move {
+            let _ = request.send().await;
+        })
+    };
+    first
+        .wait_for_line(&faults::marker(FaultPoint::AfterReserve), 1, REACH_WITHIN)
+        .await;
+    assert_eq!(first.kill().signal(), Some(SIGKILL));
+    let _ = lost.await;
+    let db = deployment.db().await;
+    let created = db.checkouts().await;
+    assert_eq!(created.len(), 1, "the first start reserved one checkout");
+    let second = deployment.start(None).await;
+    let (status, answer) = deployment
+        .retry_honouring_retry_after(|| start(&deployment.client), &second)
+        .await;
+
+    // Assert: the retry answers the checkout the first request created, not a second one and
+    // not `cart_not_open`; it can be paid, and nothing else was reserved.
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{answer}");
+    assert_eq!(answer["id"], created[0].id.to_string(), "{answer}");
+    assert_eq!(answer["state"], "reserved", "{answer}");
+    let (again, replayed) = deployment
+        .retry_honouring_retry_after(|| start(&deployment.client), &second)
+        .await;
+    assert_eq!(
+        (again, &replayed),
+        (status, &answer),
+        "a further retry replays it"
+    );
+    assert_eq!(db.checkouts().await.len(), 1, "no second checkout");
+    buyer.checkout = Some(StartedCheckout {
+        id: created[0].id,
+        order_id: created[0].order_id,
+    });
+    let paid = deployment
+        .call_with(
+            complete_request(
+                &deployment.client,
+                &deployment.base,
+                &buyer.token,
+                created[0].id,
+                "pm_card_visa",
+            ),
+            "complete",
+        )
+        .await;
+    assert_eq!(paid["state"], "completed", "{paid}");
+    assert_eq!(deployment.inventory().await, (stock - 2, 0));
+    deployment
+        .assert_one_event_per_paid_order(&db, &[created[0].order_id])
+        .await;
+    deployment.assert_audit_clean(&db).await;
+    drop(second);
+    deployment.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_retried_with_its_key_after_its_process_died_is_taken_over_within_seconds() {
+    // Arrange: a process that stops once `charging` is recorded, before the gateway call.
+    let deployment = Deployment::new((180, 1800)).await;
+    let mut first = deployment.start(Some(FaultPoint::AfterBeginCharge)).await;
+    let stock = 10;
+    deployment.new_product(stock).await;
+    let mut buyer = deployment.buyer("Keyed payer", 1).await;
+    buyer.checkout = Some(deployment.start_checkout(&buyer).await);
+    let id = buyer.checkout().id;
+
+    // Act: the keyed complete dies with its process; the client retries it with the same key.
+    let lost = deployment.complete_in_background(&buyer, "pm_card_visa");
+    first
+        .wait_for_line(
+            &faults::marker(FaultPoint::AfterBeginCharge),
+            1,
+            REACH_WITHIN,
+        )
+        .await;
+    assert_eq!(first.kill().signal(), Some(SIGKILL));
+    let _ = lost.await;
+    let second = deployment.start(None).await;
+    let (status, answer) = deployment
+        .retry_honouring_retry_after(
+            || {
+                complete_request(
+                    &deployment.client,
+                    &deployment.base,
+                    &buyer.token,
+                    id,
+                    "pm_card_visa",
+                )
+            },
+            &second,
+        )
+        .await;
+
+    // Assert: the retry took the dead request's key over and answers the paid checkout,
+    // charged once.
+    assert_eq!(status, reqwest::StatusCode::OK, "{answer}");
+    assert_eq!(answer["state"], "completed", "{answer}");
+    assert_eq!(deployment.fake.charges_for(id), 1, "charged once");
+    let db = deployment.db().await;
+    deployment
+        .assert_one_event_per_paid_order(&db, &[buyer.checkout().order_id])
+        .await;
+    deployment.assert_audit_clean(&db).await;
+    drop(second);
+    deployment.finish().await;
+}
+
+/// Rounds of the soak in CI; `HOLDFAST_SOAK_ROUNDS` runs more, `HOLDFAST_SOAK_SEED` replays one.
+const SOAK_ROUNDS: u64 = 3;
+
+/// Where a card that succeeds passes: the fault points a soak round may stop a process at.
+const SOAK_POINTS: [FaultPoint; 5] = [
+    FaultPoint::AfterReserve,
+    FaultPoint::AfterBeginCharge,
+    FaultPoint::AfterGatewayCall,
+    FaultPoint::AfterRecordSuccess,
+    FaultPoint::AfterPublish,
+];
+
+/// How a soak round kills its process.
+#[derive(Debug, Clone, Copy)]
+enum Kill {
+    /// Once the first checkout reaches the point.
+    AtFaultPoint(FaultPoint),
+    /// Once the gateway has seen this many more requests, whatever else is in flight.
+    AfterGatewayRequests(usize),
+}
+
+fn env_number(name: &str) -> Option<u64> {
+    let raw = std::env::var(name).ok()?;
+    Some(
+        raw.parse()
+            .unwrap_or_else(|_| panic!("{name} must be a number, got {raw:?}")),
+    )
+}
+
+/// The randomized kill-and-audit soak: every round starts a process (armed with a random fault
+/// point, or not), sends a burst of buyers at it, SIGKILLs it at that point or at a random
+/// moment of the burst, starts a successor, and checks every promise over everything so far
+/// (one charge per completed checkout, none for an expired one, stock adding up, one
+/// `order.paid` per paid order, both audits). The seed is printed first: a failing run replays
+/// with `HOLDFAST_SOAK_SEED=<seed>`, and `HOLDFAST_SOAK_ROUNDS=<n>` makes it longer
+/// (docs/crash-search.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soak_of_random_kills_keeps_every_promise_after_each_restart() {
+    use rand::SeedableRng as _;
+    let seed = env_number("HOLDFAST_SOAK_SEED").unwrap_or_else(|| rand::thread_rng().gen());
+    let rounds = env_number("HOLDFAST_SOAK_ROUNDS").unwrap_or(SOAK_ROUNDS);
+    eprintln!("kill soak: seed {seed}, {rounds} rounds (replay: HOLDFAST_SOAK_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let deployment = Deployment::new((5, 1800)).await;
+    let stock = 10_000;
+    let mut survivor = Some(deployment.start(None).await);
+    deployment.new_product(stock).await;
+    let db = deployment.db().await;
+    for round in 0..rounds {
+        let kill = if rng.gen_bool(0.5) {
+            Kill::AtFaultPoint(SOAK_POINTS[rng.gen_range(0..SOAK_POINTS.len())])
+        } else {
+            Kill::AfterGatewayRequests(rng.gen_range(1..=6))
+        };
+        let quantities: Vec<i64> = (0..rng.gen_range(4..=8))
+            .map(|_| rng.gen_range(1..=3))
+            .collect();
+        eprintln!("round {round}: {} buyers, kill {kill:?}", quantities.len());
+        // The previous round's successor dies too, idle: no checkout may be lost with it.
+        if let Some(previous) = survivor.take() {
+            previous.kill();
+        }
+        let fault = match kill {
+            Kill::AtFaultPoint(point) => Some(point),
+            Kill::AfterGatewayRequests(_) => None,
+        };
+        let mut victim = deployment.start(fault).await;
+        let mut buyers = Vec::with_capacity(quantities.len());
+        for (i, quantity) in quantities.into_iter().enumerate() {
+            buyers.push(
+                deployment
+                    .buyer(&format!("Soak buyer {round}.{i}"), quantity)
+                    .await,
+            );
+        }
+        let requests_before = deployment.fake.requests();
+        let burst: Vec<JoinHandle<()>> = buyers
+            .iter()
+            .map(|buyer| deployment.check_out_in_background(buyer))
+            .collect();
+        match kill {
+            Kill::AtFaultPoint(point) => {
+                victim
+                    .wait_for_line(&faults::marker(point), 1, REACH_WITHIN)
+                    .await
+            }
+            Kill::AfterGatewayRequests(n) => {
+                let deadline = Instant::now() + REACH_WITHIN;
+                // A burst that settles first is killed idle, which must be safe as well.
+                while deployment.fake.requests() < requests_before + n
+                    && burst.iter().any(|b| !b.is_finished())
+                {
+                    assert!(Instant::now() < deadline, "seed {seed}: the burst stalled");
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+        assert_eq!(victim.kill().signal(), Some(SIGKILL), "seed {seed}");
+        for buyer in burst {
+            let _ = buyer.await;
+        }
+        let successor = deployment.start(None).await;
+
+        let checkouts = deployment.wait_until_terminal(&db, &successor).await;
+        let mut sold = 0;
+        let mut paid = Vec::new();
+        for checkout in &checkouts {
+            let charges = deployment.fake.charges_for(checkout.id);
+            match checkout.state.as_str() {
+                "completed" => {
+                    assert_eq!(
+                        charges, 1,
+                        "seed {seed}, round {round}: {} charged once",
+                        checkout.id
+                    );
+                    sold += checkout.units;
+                    paid.push(checkout.order_id);
+                }
+                "expired" => assert_eq!(
+                    charges, 0,
+                    "seed {seed}, round {round}: expired {} moved no money",
+                    checkout.id
+                ),
+                other => panic!(
+                    "seed {seed}, round {round}: checkout {} ended {other}",
+                    checkout.id
+                ),
+            }
+        }
+        assert_eq!(
+            deployment.inventory().await,
+            (stock - sold, 0),
+            "seed {seed}, round {round}: (stock, reserved)"
+        );
+        deployment.assert_one_event_per_paid_order(&db, &paid).await;
+        deployment.assert_audit_clean(&db).await;
+        eprintln!(
+            "round {round}: {} checkouts so far, {} completed, audit clean",
+            checkouts.len(),
+            paid.len()
+        );
+        survivor = Some(successor);
+    }
+    drop(survivor);
+    deployment.finish().await;
+}
+
 /// The signal number of SIGKILL.
 const SIGKILL: i32 = 9;
 
@@ -925,6 +1206,41 @@ impl Deployment {
             | Scenario::Decline
             | Scenario::AbandonAuthentication
             | Scenario::AdminRefund => {}
+        }
+    }
+
+    /// Sends `request()` until it is answered with anything but `409 idempotency_conflict`,
+    /// waiting as each conflict's `Retry-After` says (which it must carry); gives up after
+    /// [`TAKEN_OVER_WITHIN`].
+    async fn retry_honouring_retry_after(
+        &self,
+        request: impl Fn() -> reqwest::RequestBuilder,
+        server: &Server,
+    ) -> (reqwest::StatusCode, Value) {
+        let deadline = Instant::now() + TAKEN_OVER_WITHIN;
+        loop {
+            let response = request().send().await.expect("the service answers");
+            let status = response.status();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            let body: Value = response.json().await.expect("a JSON body");
+            if status != reqwest::StatusCode::CONFLICT
+                || body["error"]["code"] != "idempotency_conflict"
+            {
+                return (status, body);
+            }
+            let seconds = retry_after.unwrap_or_else(|| {
+                panic!("a 409 idempotency_conflict carries Retry-After: {body}")
+            });
+            assert!(
+                Instant::now() < deadline,
+                "the dead request's key was still locked after {TAKEN_OVER_WITHIN:?}: {body}\n{}",
+                server.tail()
+            );
+            tokio::time::sleep(Duration::from_secs(seconds)).await;
         }
     }
 

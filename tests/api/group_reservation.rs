@@ -77,6 +77,7 @@ fn request(customer: CustomerId, cart: CartId, sale: Option<FlashSaleId>) -> New
         ttl: Duration::seconds(180),
         max_lifetime: Duration::seconds(1800),
         flash_sale: sale,
+        idempotency_key: None,
     }
 }
 

@@ -26,7 +26,6 @@ mod ops;
 mod outbox;
 mod payments;
 mod prices;
-mod round_trips;
 mod saga;
 mod schemathesis;
 mod secrets;

@@ -175,6 +175,12 @@ async fn the_demo_catalogue_is_seeded_once_into_an_empty_store(kind: StoreKind) 
 
     assert!(first.products >= 24 && first.flash_sale, "{first:?}");
     assert_eq!(second.products, 0, "a filled catalogue is left alone");
+    // Seeded under the HTTP layer: the in-memory catalogue shows it within its staleness bound.
+    crate::helpers::eventually(5, "the catalogue shows the seeded products", || async {
+        let products = app.get("/v1/products?limit=500", None).await;
+        products.body["data"].as_array().map(Vec::len) == Some(first.products)
+    })
+    .await;
     let products = app.get("/v1/products?limit=500", None).await;
     let data = products.body["data"].as_array().expect("products");
     assert_eq!(data.len(), first.products);

@@ -29,10 +29,11 @@ use crate::helpers::{eventually, nats_url, spawn_app_with, Options, TestApp};
 both_stores!(
     a_relay_tick_delivers_each_paid_order_once_to_both_consumers,
     an_event_delivered_twice_is_recorded_once,
-    a_failing_sink_stops_the_batch_and_the_rest_is_retried_after_the_lease,
+    a_failing_sink_stops_the_batch_and_the_next_tick_retries_the_rest,
     two_relays_racing_over_two_hundred_events_publish_each_once,
     outbox_lag_counts_unpublished_events_and_the_age_of_the_oldest,
     the_running_workers_deliver_events_in_process,
+    a_backlog_paid_during_a_nats_outage_shorter_than_the_lease_goes_out_when_nats_returns,
 );
 
 /// Workers off and time still: the test drives every tick.
@@ -317,7 +318,7 @@ async fn an_event_delivered_twice_is_recorded_once(kind: StoreKind) {
     app.stop().await;
 }
 
-async fn a_failing_sink_stops_the_batch_and_the_rest_is_retried_after_the_lease(kind: StoreKind) {
+async fn a_failing_sink_stops_the_batch_and_the_next_tick_retries_the_rest(kind: StoreKind) {
     // Arrange
     let app = still_app(kind).await;
     let db = Db::of(&app).await;
@@ -325,11 +326,9 @@ async fn a_failing_sink_stops_the_batch_and_the_rest_is_retried_after_the_lease(
     let sink = Arc::new(RecordingSink::new(&app, Some(3)));
     let relay = Relay::new(app.store.clone(), sink.clone(), app.clock.clone());
 
-    // Act
+    // Act: the clock stands still, far inside the lease.
     let failed = relay.tick().await;
-    let within_lease = relay.tick().await.expect("a tick");
-    app.advance(relay.lease() + Duration::seconds(1));
-    let after_lease = relay.tick().await.expect("a tick");
+    let next = relay.tick().await.expect("a tick");
     let done = relay.tick().await.expect("a tick");
 
     // Assert
@@ -338,16 +337,12 @@ async fn a_failing_sink_stops_the_batch_and_the_rest_is_retried_after_the_lease(
         "events 1 and 2 went out, then the sink failed: {failed:?}"
     );
     assert_eq!(
-        within_lease,
-        RelayTick::default(),
-        "the rest stay claimed while the lease lives"
-    );
-    assert_eq!(
-        after_lease,
+        next,
         RelayTick {
             claimed: 3,
             published: 3
-        }
+        },
+        "the failed claim was handed back: the next tick publishes the rest, lease or not"
     );
     assert_eq!(done, RelayTick::default());
     assert_eq!(
@@ -667,34 +662,192 @@ async fn with_nats_the_running_workers_deliver_end_to_end() {
     finish(app, js).await;
 }
 
-#[tokio::test]
-async fn an_unreachable_nats_server_stops_start_up_with_one_clear_error() {
-    // Arrange: port 1 on loopback has no NATS server.
-    let dir = tempfile::tempdir().expect("temp dir");
-    let data_dir = dir.path().display().to_string();
+fn settings_with_nats_url(data_dir: &str, url: &str) -> holdfast::config::Settings {
     let cli = holdfast::config::Cli::try_parse_from([
         "holdfast",
         "--listen",
         "127.0.0.1:0",
         "--data-dir",
-        &data_dir,
+        data_dir,
         "--nats-url",
-        "nats://127.0.0.1:1",
+        url,
     ])
     .expect("flags parse");
-    let settings = holdfast::config::Settings::from_flags(&cli.flags).expect("valid settings");
+    holdfast::config::Settings::from_flags(&cli.flags).expect("valid settings")
+}
+
+#[tokio::test]
+async fn an_unreachable_nats_server_starts_degraded_and_a_bad_nats_url_stops_start_up() {
+    // Arrange: port 1 on loopback has no NATS server; port 99999 is no port at all.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data_dir = dir.path().display().to_string();
 
     // Act
-    let started = holdfast::startup::Application::build(settings).await;
+    let unreachable = holdfast::startup::Application::build(settings_with_nats_url(
+        &data_dir,
+        "nats://127.0.0.1:1",
+    ))
+    .await;
+    let bad = holdfast::startup::Application::build(settings_with_nats_url(
+        &data_dir,
+        "nats://127.0.0.1:99999",
+    ))
+    .await;
 
-    // Assert: main prints this one line and exits with code 2.
-    let Err(error) = started else {
-        panic!("start-up must fail without NATS");
+    // Assert: the first serves without its consumers (they start once NATS answers) and its
+    // relay leaves the outbox alone; the second fails with the one line main prints before
+    // exiting with code 2.
+    let app = unreachable.expect("an unreachable NATS only degrades the start");
+    assert!(app.nats_consumers().is_none());
+    assert_eq!(
+        app.relay().tick().await.expect("a tick"),
+        holdfast::outbox::RelayTick::default()
+    );
+    let Err(error) = bad else {
+        panic!("start-up must fail with a NATS URL that cannot work");
     };
     assert!(
         matches!(error, holdfast::startup::StartupError::Events(_)),
         "{error}"
     );
     let line = error.to_string();
-    assert!(line.contains("NATS") && !line.contains('\n'), "{line}");
+    assert!(
+        line.contains("NATS URL is not valid") && !line.contains('\n'),
+        "{line}"
+    );
+}
+
+/// A NATS JetStream server of the test's own, which it stops and starts again on the same port
+/// and storage (the shared server on 4222 is never stopped).
+struct OwnNats {
+    port: u16,
+    storage: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl OwnNats {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let mut nats = Self {
+            port,
+            storage: tempfile::TempDir::new().expect("a storage dir"),
+            child: None,
+        };
+        nats.resume().await;
+        nats
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    async fn resume(&mut self) {
+        let child = std::process::Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.storage.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server is installed (see .ci/run)");
+        self.child = Some(child);
+        let address = format!("127.0.0.1:{}", self.port);
+        eventually(10, "the test's NATS server accepts connections", || {
+            let address = address.clone();
+            async move { tokio::net::TcpStream::connect(address).await.is_ok() }
+        })
+        .await;
+    }
+
+    /// The outage: the server process is killed and gone.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("stop the test's NATS server");
+            child.wait().expect("reap the test's NATS server");
+        }
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Unpublished rows of the outbox.
+async fn unpublished(app: &TestApp) -> i64 {
+    app.store
+        .outbox_lag(app.clock.now())
+        .await
+        .expect("outbox lag")
+        .unpublished
+}
+
+async fn a_backlog_paid_during_a_nats_outage_shorter_than_the_lease_goes_out_when_nats_returns(
+    kind: StoreKind,
+) {
+    // Arrange: a relay with a 30 s lease on a NATS of the test's own; the app's clock stands
+    // still, so no lease ever runs out during the test.
+    let mut nats = OwnNats::start().await;
+    let app = still_app(kind).await;
+    let db = Db::of(&app).await;
+    let name = format!("hf_outage_{}", uuid::Uuid::new_v4().simple());
+    let sink = NatsSink::connect(&nats.url(), &name, &name)
+        .await
+        .expect("the test's NATS is up");
+    let relay = Arc::new(
+        Relay::new(app.store.clone(), Arc::new(sink), app.clock.clone())
+            .with_lease(Duration::seconds(30)),
+    );
+    let before = db.insert_paid(1, app.clock.now()).await;
+    assert_eq!(relay.tick().await.expect("a tick").published, 1);
+
+    // Act: NATS goes away; three orders are paid; the relay tries them and fails; NATS comes
+    // back and the relay runs on its own.
+    nats.stop();
+    let during = db.insert_paid(3, app.clock.now()).await;
+    let failed = relay.tick().await;
+    assert!(
+        matches!(failed, Err(RelayError::Sink { published: 0, .. })),
+        "NATS is down: {failed:?}"
+    );
+    nats.resume().await;
+    let back = tokio::time::Instant::now();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(
+        relay
+            .clone()
+            .run_until_stopped(std::time::Duration::from_millis(100), stop.clone()),
+    );
+
+    // Assert: the backlog is on the stream shortly after NATS's return, well inside the lease,
+    // each event once.
+    eventually(
+        10,
+        "the backlog is published after NATS returned",
+        || async { unpublished(&app).await == 0 },
+    )
+    .await;
+    eprintln!("backlog published {:?} after NATS returned", back.elapsed());
+    stop.cancel();
+    running.await.expect("the relay stops");
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = jetstream::new(client);
+    assert_eq!(
+        messages_in(&js, &name).await,
+        (before.len() + during.len()) as u64,
+        "each event once on the stream"
+    );
+    js.delete_stream(&name).await.expect("delete the stream");
+    app.stop().await;
 }

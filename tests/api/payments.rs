@@ -334,7 +334,7 @@ async fn a_succeeded_intent_cannot_be_canceled_and_a_missing_one_cannot_be_found
     let gateway = gateway(&fake);
     let paid = succeeded(
         gateway
-            .create_and_confirm(&charge("pm_card_visa", 10))
+            .create_and_confirm(&charge("pm_card_visa", 1000))
             .await,
     );
 
@@ -419,7 +419,11 @@ async fn intents_for_a_checkout_are_every_attempt_of_that_checkout() {
     };
     gateway.create_and_confirm(&declined).await.unwrap();
     succeeded(gateway.create_and_confirm(&second_attempt).await);
-    succeeded(gateway.create_and_confirm(&charge("pm_card_visa", 5)).await);
+    succeeded(
+        gateway
+            .create_and_confirm(&charge("pm_card_visa", 500))
+            .await,
+    );
 
     let intents = gateway
         .intents_for_checkout(declined.checkout_id)
@@ -653,4 +657,35 @@ async fn a_receiver_with_another_secret_rejects_every_simulated_event() {
         .unwrap();
 
     assert_eq!(receiver.next().await, Err(SignatureError::NoMatch));
+}
+
+#[tokio::test]
+async fn below_the_minimum_charge_the_fake_and_the_simulator_answer_amount_too_small() {
+    let fake = FakeStripe::start().await;
+    let simulator = StripeSimulator::new();
+    let gateways: [(&str, &dyn PaymentGateway); 2] =
+        [("fake Stripe", &gateway(&fake)), ("simulator", &simulator)];
+    for (name, gateway) in gateways {
+        // EUR 0.49: Stripe's minimum charge is EUR 0.50.
+        match gateway
+            .create_and_confirm(&charge("pm_card_visa", 49))
+            .await
+        {
+            Err(GatewayError::InvalidRequest { code, .. }) => {
+                assert_eq!(code, "amount_too_small", "{name}")
+            }
+            other => panic!("{name}: expected amount_too_small, got {other:?}"),
+        }
+        // EUR 0.50 is charged.
+        succeeded(
+            gateway
+                .create_and_confirm(&charge("pm_card_visa", 50))
+                .await,
+        );
+    }
+    assert_eq!(
+        fake.intent_count(),
+        1,
+        "nothing was created for the refused amount"
+    );
 }

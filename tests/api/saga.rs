@@ -7,14 +7,14 @@ use holdfast::domain::{CheckoutId, Currency, CustomerId, Money, OrderId};
 use holdfast::payments::{
     signature, ChargeOutcome, ChargeRequest, PaymentGateway as _, StripeGateway, Timeouts,
 };
-use holdfast::store::{Lease, StoreKind};
+use holdfast::store::{IdempotencyStart, Lease, StoreKind};
 use serde_json::json;
 
 use crate::both_stores;
 use crate::fake_stripe::{FakeStripe, Fault, SECRET_KEY};
 use crate::helpers::{
-    eventually, quick_saga, spawn_app, spawn_app_with, AssertClean, Customer, Options, TestApp,
-    WEBHOOK_SECRET,
+    eventually, execute_sql, quick_saga, spawn_app, spawn_app_with, AssertClean, Customer, Options,
+    TestApp, WEBHOOK_SECRET,
 };
 
 both_stores!(
@@ -38,6 +38,9 @@ both_stores!(
     starting_a_checkout_again_with_its_idempotency_key_replays_the_first_answer,
     an_idempotency_key_reused_for_another_cart_is_refused_and_changes_nothing,
     another_customers_identical_idempotency_key_starts_a_checkout_of_their_own,
+    a_start_whose_answer_was_lost_after_reserving_answers_the_checkout_it_created,
+    a_key_is_held_only_as_long_as_its_lease_is_renewed,
+    a_total_below_the_minimum_charge_is_refused_before_any_gateway_call,
     a_charge_lease_claimed_again_is_no_longer_renewed_by_its_first_holder,
 );
 
@@ -338,6 +341,129 @@ async fn another_customers_identical_idempotency_key_starts_a_checkout_of_their_
         .start_checkout_with_key(&ada, &adas_cart, "start-1")
         .await;
     assert_eq!(again.body, adas.body);
+    app.audit().await.assert_clean();
+}
+
+async fn a_start_whose_answer_was_lost_after_reserving_answers_the_checkout_it_created(
+    kind: StoreKind,
+) {
+    // The plain reservation and the grouped one record the key alike.
+    for group_linger_us in [None, Some(500)] {
+        let app = spawn_app_with(
+            kind,
+            Options {
+                group_linger_us,
+                ..Options::default()
+            },
+        )
+        .await;
+        a_lost_start_answers_its_checkout(&app).await;
+    }
+}
+
+async fn a_lost_start_answers_its_checkout(app: &TestApp) {
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, cart) = app.buyer_with("Ada", &[("tea-01", 2)]).await;
+    let first = app.start_checkout_with_key(&ada, &cart, "start-1").await;
+    first.assert_status(201);
+    // What a crash right after the reservation's commit leaves: the key's row without its
+    // answer (the process died before storing it), its lease still running.
+    execute_sql(
+        app,
+        &["UPDATE idempotency_keys SET status_code = NULL, response_body = NULL".to_owned()],
+    )
+    .await;
+
+    let retry = app.start_checkout_with_key(&ada, &cart, "start-1").await;
+
+    retry.assert_status(201);
+    assert_eq!(retry.body["id"], first.body["id"], "{}", retry.body);
+    assert_eq!(retry.body["state"], "reserved");
+    assert_eq!(app.stock_of("tea-01").await, (5, 2, 3), "reserved once");
+    assert_eq!(checkout_count(app).await, ["1"]);
+    // That answer is stored now: the next retry replays it.
+    let again = app.start_checkout_with_key(&ada, &cart, "start-1").await;
+    assert_eq!(again.body, retry.body);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    app.audit().await.assert_clean();
+}
+
+async fn a_key_is_held_only_as_long_as_its_lease_is_renewed(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    let customer = CustomerId::new();
+    // Whole milliseconds, as the stores keep them.
+    let t0 = chrono::DateTime::from_timestamp_millis(chrono::Utc::now().timestamp_millis())
+        .expect("now in range");
+    let at = |ms: i64| t0 + chrono::Duration::milliseconds(ms);
+    let lease = chrono::Duration::seconds(5);
+    let begin = |now| {
+        app.store
+            .idempotency_begin(customer, "k", "print", now, lease)
+    };
+    assert_eq!(
+        begin(at(0)).await.expect("begin"),
+        IdempotencyStart::Proceed
+    );
+    assert_eq!(
+        begin(at(1_000)).await.expect("begin"),
+        IdempotencyStart::InFlight { until: at(5_000) }
+    );
+    // The owner renews: the key stays its own past the first lease.
+    app.store
+        .idempotency_renew(customer, "k", at(8_000))
+        .await
+        .expect("renew");
+    assert_eq!(
+        begin(at(6_000)).await.expect("begin"),
+        IdempotencyStart::InFlight { until: at(8_000) }
+    );
+    // The owner stops renewing (it died): the next request takes the key over.
+    assert_eq!(
+        begin(at(8_001)).await.expect("begin"),
+        IdempotencyStart::Proceed
+    );
+    assert_eq!(
+        begin(at(8_002)).await.expect("begin"),
+        IdempotencyStart::InFlight { until: at(13_001) }
+    );
+    app.audit().await.assert_clean();
+}
+
+async fn a_total_below_the_minimum_charge_is_refused_before_any_gateway_call(kind: StoreKind) {
+    let fake = FakeStripe::start().await;
+    let app = spawn_app_with(
+        kind,
+        Options {
+            stripe: Some((fake.base_url(), SECRET_KEY.to_owned())),
+            ..Options::default()
+        },
+    )
+    .await;
+    app.new_product("mint-01", 25, 5).await;
+    let (ada, checkout, _) = app.reserved_checkout("Ada", &[("mint-01", 1)]).await;
+
+    let refused = app.complete(&ada, &checkout, "pm_card_visa", "pay-1").await;
+
+    refused.assert_error(422, "amount_too_small");
+    assert_eq!(
+        refused.body["error"]["details"],
+        json!({"total": {"amount": 25, "currency": "EUR"},
+               "minimum": {"amount": 50, "currency": "EUR"}}),
+        "{}",
+        refused.body
+    );
+    assert_eq!(fake.requests(), 0, "no request reached the gateway");
+    let after = app
+        .get(&format!("/v1/checkouts/{checkout}"), Some(&ada.token))
+        .await;
+    assert_eq!(after.body["state"], "reserved", "{}", after.body);
+    assert_eq!(app.stock_of("mint-01").await, (5, 1, 4));
+    // Two units reach the minimum and are charged.
+    let (bob, two, _) = app.reserved_checkout("Bob", &[("mint-01", 2)]).await;
+    let paid = app.complete(&bob, &two, "pm_card_visa", "pay-2").await;
+    paid.assert_status(200);
+    assert_eq!(paid.body["state"], "completed", "{}", paid.body);
+    assert_eq!(fake.charges_for(CheckoutId::parse(&two).expect("an id")), 1);
     app.audit().await.assert_clean();
 }
 

@@ -588,12 +588,17 @@ impl Ledger {
         let Some(amount) = param(params, "amount").and_then(|a| a.parse::<i64>().ok()) else {
             return refuse("parameter_invalid_integer", "Invalid integer: amount");
         };
-        if amount < 1 {
-            return refuse("amount_too_small", "Amount must be at least 1.");
-        }
         let currency = param(params, "currency").unwrap_or_default();
         if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_lowercase()) {
             return refuse("parameter_invalid", "Invalid currency");
+        }
+        // Stripe's minimum charge (EUR 0.50, ...): 400 amount_too_small, nothing created.
+        let minimum = holdfast::payments::minimum_charge(currency).unwrap_or(1);
+        if amount < minimum {
+            return refuse(
+                "amount_too_small",
+                &format!("Amount must be at least {minimum} {currency} minor units"),
+            );
         }
         if param(params, "confirm") != Some("true") {
             return refuse(

@@ -98,6 +98,11 @@
     counts("orders", o.orders_by_status);
     $("outbox-unpublished").textContent = o.outbox.unpublished;
     replace($("outbox-age"), age(o.outbox.oldest_unpublished_age_seconds));
+    replace($("dependencies"), o.dependencies.length
+      ? o.dependencies.map((d) =>
+        el("tr", { "data-dependency": d.name, class: d.status === "down" ? "out" : null },
+          el("td", {}, d.name), el("td", { title: d.error || "" }, d.status)))
+      : el("tr", {}, el("td", { class: "muted" }, "none configured (embedded shape)")));
 
     replace($("inventory"), stock.body.map((p) =>
       el("tr", { "data-sku": p.sku, class: p.available === 0 ? "out" : p.reserved > 0 ? "short" : null },

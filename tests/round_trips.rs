@@ -2,7 +2,7 @@
 //! trip). Every statement sqlx sends is one `sqlx::query` event, `BEGIN` and `COMMIT`
 //! included; the store runs on a current-thread runtime under a subscriber that counts them, so
 //! only this test's statements are counted. The figures are published in docs/performance.md;
-//! a step that grows fails here.
+//! a step that grows fails here. Its own test binary: no other test's subscriber in the process.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,7 +16,21 @@ use holdfast::store::{NewCheckout, PgStore, Store, StoreError};
 use tracing_subscriber::layer::{Context, SubscriberExt as _};
 use tracing_subscriber::Layer;
 
-use crate::helpers::fresh_postgres_database;
+/// An empty database of its own (as `tests/api/helpers.rs` makes them).
+async fn fresh_postgres_database() -> String {
+    use sqlx::Connection as _;
+    let base = std::env::var("HOLDFAST_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432".to_owned());
+    let mut admin = sqlx::PgConnection::connect(&format!("{base}/test"))
+        .await
+        .expect("PostgreSQL must be reachable for the test suite (see README)");
+    let name = format!("hf_test_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create a test database");
+    format!("{base}/{name}")
+}
 
 /// Counts the statements sqlx sends.
 #[derive(Clone, Default)]
@@ -90,6 +104,7 @@ async fn checkout_of(store: &PgStore, name: &str, lines: &[(&Sku, i64)]) -> NewC
         ttl: Duration::seconds(180),
         max_lifetime: Duration::seconds(1800),
         flash_sale: None,
+        idempotency_key: None,
     }
 }
 
