@@ -6,7 +6,7 @@ use std::fmt;
 use chrono::{DateTime, Duration, Utc};
 
 use crate::domain::{CheckoutState, OrderStatus};
-use crate::payments::{IntentStatus, PaymentGateway};
+use crate::payments::{IntentStatus, PaymentGateway, RefundOutcome};
 use crate::store::{CheckoutAuditRow, Store, StoreError};
 
 /// One promise and what breaks it.
@@ -86,10 +86,35 @@ pub async fn run_with(store: &dyn Store, options: AuditOptions<'_>) -> Result<Re
     Ok(Report {
         checks: vec![
             no_oversell(store).await?,
+            sales_within_units(store).await?,
             one_charge(&checkouts, options.gateway).await,
             no_ghosts(&checkouts, &options),
             one_event(&checkouts, &options),
         ],
+    })
+}
+
+/// How many sales the audit reads (the most recent first).
+const SALES_AUDITED: u32 = 10_000;
+
+/// Promise 1 for flash sales (DESIGN §5): a sale never sells more units than it offered.
+async fn sales_within_units(store: &dyn Store) -> Result<Check, StoreError> {
+    let violations = store
+        .flash_sale_stats(SALES_AUDITED)
+        .await?
+        .into_iter()
+        .filter(|sale| sale.sold > sale.units)
+        .map(|sale| {
+            format!(
+                "flash sale {} of {}: {} units sold of {}",
+                sale.id, sale.sku, sale.sold, sale.units
+            )
+        })
+        .collect();
+    Ok(Check {
+        promise: "flash sales sell at most their units",
+        violations,
+        skipped: None,
     })
 }
 
@@ -151,10 +176,12 @@ async fn one_charge(checkouts: &[CheckoutAuditRow], gateway: Option<&dyn Payment
                 if paid > 1 {
                     violations.push(format!("checkout {}: {paid} successful charges", row.id));
                 }
+                // A refund Stripe holds pending is on its way back; a failed one is not.
                 let settled = matches!(
                     row.state,
                     CheckoutState::Completed | CheckoutState::Refunded
-                ) || row.refund_due;
+                ) || row.refund_due
+                    || row.refund_status.as_deref() == Some("pending");
                 if paid == 1 && !settled && row.state.is_terminal() {
                     violations.push(format!(
                         "checkout {}: charged but {} without a refund",
@@ -165,12 +192,47 @@ async fn one_charge(checkouts: &[CheckoutAuditRow], gateway: Option<&dyn Payment
             }
             Err(e) => violations.push(format!("checkout {}: gateway not readable: {e}", row.id)),
         }
+        if let Some(refund) = &row.refund_id {
+            if let Some(disagreement) = refund_disagreement(gateway, row, refund).await {
+                violations.push(disagreement);
+            }
+        }
     }
     Check {
         promise,
         violations,
         skipped: None,
     }
+}
+
+/// A refund holdfast and the gateway tell apart: refunded here but not settled there (or the
+/// other way round), or failed on one side only.
+async fn refund_disagreement(
+    gateway: &dyn PaymentGateway,
+    row: &CheckoutAuditRow,
+    refund_id: &str,
+) -> Option<String> {
+    let there = match gateway.retrieve_refund(refund_id).await {
+        Ok(refund) => refund,
+        Err(e) => {
+            return Some(format!(
+                "checkout {}: refund {refund_id} not readable: {e}",
+                row.id
+            ))
+        }
+    };
+    let here = match (row.state, row.refund_status.as_deref()) {
+        (CheckoutState::Refunded, _) => RefundOutcome::Succeeded,
+        (_, Some("failed")) => RefundOutcome::Failed,
+        _ => RefundOutcome::Pending,
+    };
+    (here != there.outcome()).then(|| {
+        format!(
+            "checkout {}: refund {refund_id} is {here:?} here but {} at the gateway",
+            row.id,
+            there.status.as_deref().unwrap_or("null")
+        )
+    })
 }
 
 /// Promise 4: every checkout is terminal or owned by a live lease (or, when reserved, not long

@@ -18,7 +18,9 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{CheckoutId, CustomerId, FlashSaleId};
-use crate::flash_sale::{Admission, AdmissionGate, GateError, GateFigures, SaleTerms};
+use crate::flash_sale::{
+    Admission, AdmissionGate, Claim, GateError, GateFigures, SaleRecord, SaleTerms,
+};
 use crate::outbox::{EventSink, SinkError};
 use crate::store::OutboxEvent;
 
@@ -229,9 +231,41 @@ impl AdmissionGate for LateGate {
         self.observe(gate.release(sale, customer, checkout).await)
     }
 
-    async fn consume(&self, sale: FlashSaleId, customer: CustomerId) -> Result<(), GateError> {
+    async fn claim(
+        &self,
+        terms: &SaleTerms,
+        customer: CustomerId,
+        units: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Claim, GateError> {
         let gate = self.gate()?;
-        self.observe(gate.consume(sale, customer).await)
+        self.observe(gate.claim(terms, customer, units, now).await)
+    }
+
+    async fn consume(
+        &self,
+        sale: FlashSaleId,
+        customer: CustomerId,
+        checkout: CheckoutId,
+        units: u32,
+    ) -> Result<(), GateError> {
+        let gate = self.gate()?;
+        self.observe(gate.consume(sale, customer, checkout, units).await)
+    }
+
+    async fn refund(
+        &self,
+        sale: FlashSaleId,
+        customer: CustomerId,
+        checkout: CheckoutId,
+    ) -> Result<(), GateError> {
+        let gate = self.gate()?;
+        self.observe(gate.refund(sale, customer, checkout).await)
+    }
+
+    async fn load(&self, sale: FlashSaleId, record: &SaleRecord) -> Result<bool, GateError> {
+        let gate = self.gate()?;
+        self.observe(gate.load(sale, record).await)
     }
 
     async fn figures(

@@ -74,6 +74,7 @@ pub async fn seed(store: &dyn Store, now: DateTime<Utc>) -> Result<Seeded, Store
         id: FlashSaleId::new(),
         sku: Sku::parse(FLASH_SALE_SKU).expect("a demo SKU"),
         units: 5,
+        max_per_buyer: 1,
         starts_at: now,
         ends_at: None,
         reservation_ttl: Duration::minutes(5),

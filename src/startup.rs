@@ -464,12 +464,20 @@ impl Application {
             CheckoutService::new(store.clone(), clock.clone(), gateway, gate, windows, saga)
                 .with_grouping(&settings.group),
         );
+        let mut rate_limit = http::RateLimit::per_second(settings.rate_limit_per_second);
+        if let Some(url) = &settings.redis_url {
+            // Shared by every instance on this Redis and prefix.
+            rate_limit = rate_limit
+                .shared_through(url, &settings.redis_key_prefix)
+                .map_err(|e| StartupError::Gate(crate::flash_sale::GateError::Unavailable(e)))?;
+        }
         let catalogue = Arc::new(http::Catalogue::default());
         if let Err(e) = catalogue.load(store.as_ref()).await {
             // Served from the store until a reload succeeds.
             tracing::warn!(error = %e, "catalogue snapshot not loaded yet");
         }
         catalogue.spawn_refresher(store.clone());
+        checkout.load_current_sales().await;
         let state = AppState {
             catalogue,
             store: store.clone(),
@@ -479,7 +487,7 @@ impl Application {
             customers: Arc::default(),
             clock: clock.clone(),
             admin_token_digest: http::token_digest(admin_token.expose_secret()),
-            rate_limit: Arc::new(http::RateLimit::per_second(settings.rate_limit_per_second)),
+            rate_limit: Arc::new(rate_limit),
             request_timeout: settings.request_timeout,
             simulator: simulator.clone(),
             brokers,
@@ -539,7 +547,8 @@ impl Application {
         http::router(self.state.clone())
     }
 
-    /// The NATS consumers, when `--nats-url` is set.
+    /// The NATS consumers, when `--nats-url` is set and NATS answered at start (a NATS that
+    /// comes later gets its consumers from the reconnect loop, not here).
     pub fn nats_consumers(&self) -> Option<Arc<NatsConsumers>> {
         self.consumers.clone()
     }

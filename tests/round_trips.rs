@@ -105,6 +105,8 @@ async fn checkout_of(store: &PgStore, name: &str, lines: &[(&Sku, i64)]) -> NewC
         max_lifetime: Duration::seconds(1800),
         flash_sale: None,
         idempotency_key: None,
+        flash_sale_units: 0,
+        open_sales: Vec::new(),
     }
 }
 

@@ -16,6 +16,7 @@
 --   cart_status         the cart was not open; details: its status as a JSON string
 --   cart_empty
 --   insufficient_stock  details: [{sku, requested, available}] in product-id order
+--   one_sale_per_checkout, admission_required, flash_sale_limit (see below)
 --   unpriceable         lines of several currencies or a total past BIGINT; details: the lines
 --                       (the caller names the exact money error)
 -- A catalogue price moved by this very transaction between pricing and the guarded update
@@ -24,8 +25,14 @@
 --
 -- A granted start sent with an Idempotency-Key (`p_keys[i]`, NULL without one) records its
 -- checkout on the key's row in the same transaction (migration 0004: a retry after a crash
--- between the commit and the stored answer finds it). The flash-sale line check has its place
--- marked below.
+-- between the commit and the stored answer finds it).
+--
+-- A line of an open sale's SKU (the caller's open sales per request: `p_open_req` is the
+-- request's 1-based place, with `p_open_ids` / `p_open_skus`) needs that sale's admission
+-- (`p_sales[i]`) and at most its units (`p_sale_units[i]`), as `governing_sale` says; the
+-- outcomes one_sale_per_checkout, admission_required and flash_sale_limit (details: {sku,
+-- requested, limit}) refuse it before anything is written. A checkout without such a line
+-- reserves as a plain one (no sale recorded).
 -- Locks the open carts of their own customers, then the product rows of their lines, each in
 -- id order (FOR NO KEY UPDATE is the strength an UPDATE takes: concurrent inserts'
 -- foreign-key checks on these rows do not wait for it).
@@ -57,7 +64,11 @@ CREATE FUNCTION hf_reserve_checkouts(
     p_now          BIGINT,
     p_expires      BIGINT[],
     p_max_expires  BIGINT[],
-    p_keys         TEXT[]
+    p_keys         TEXT[],
+    p_sale_units   BIGINT[],
+    p_open_req     INT[],
+    p_open_ids     UUID[],
+    p_open_skus    TEXT[]
 ) RETURNS TABLE (
     idx                INT,
     outcome            TEXT,
@@ -78,12 +89,17 @@ CREATE FUNCTION hf_reserve_checkouts(
     decline_code       TEXT,
     payment_method     TEXT,
     refund_due         BOOLEAN,
-    flash_sale_id      UUID
+    flash_sale_id      UUID,
+    flash_sale_units   BIGINT
 ) LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_locked     UUID[];
     v_first_pass INT := 1;
+    v_sales      BIGINT;
+    v_sale       UUID;
+    v_sale_sku   TEXT;
+    v_sale_units BIGINT;
     v_status     TEXT;
     v_lines      JSONB;
     v_short      JSONB;
@@ -110,6 +126,7 @@ BEGIN
         expires_at := NULL; max_expires_at := NULL; created_at := NULL; attempt := NULL;
         payment_intent_id := NULL; client_secret := NULL; decline_code := NULL;
         payment_method := NULL; refund_due := NULL; flash_sale_id := NULL;
+        flash_sale_units := NULL;
 
         FOR v_pass IN v_first_pass .. 2 LOOP
             IF v_pass = 2 AND v_first_pass = 1 THEN
@@ -150,8 +167,31 @@ BEGIN
                 details := v_lines::TEXT;
                 EXIT;
             END IF;
-            -- Place for the flash-sale line check (a sale SKU's line only with its admission,
-            -- within the buyer's limit): it refuses here, before anything is written.
+            -- The flash-sale line check: a sale SKU's line only with its admission, within
+            -- the buyer's limit.
+            SELECT count(DISTINCT o.id), (array_agg(o.id))[1], min(x.sku), sum(x.quantity)
+            INTO v_sales, v_sale, v_sale_sku, v_sale_units
+            FROM jsonb_to_recordset(v_lines) AS x(sku TEXT, quantity BIGINT)
+            JOIN unnest(p_open_req, p_open_ids, p_open_skus) AS o(req, id, sku)
+              ON o.req = i AND o.sku = x.sku;
+            IF v_sales > 1 THEN
+                outcome := 'one_sale_per_checkout';
+                EXIT;
+            END IF;
+            IF v_sales = 1 AND p_sales[i] IS DISTINCT FROM v_sale THEN
+                outcome := 'admission_required';
+                EXIT;
+            END IF;
+            IF v_sales = 1 AND v_sale_units > p_sale_units[i] THEN
+                outcome := 'flash_sale_limit';
+                details := jsonb_build_object('sku', v_sale_sku, 'requested', v_sale_units,
+                                              'limit', p_sale_units[i])::TEXT;
+                EXIT;
+            END IF;
+            IF v_sales = 0 THEN
+                v_sale := NULL;
+                v_sale_units := 0;
+            END IF;
             IF v_short IS NOT NULL THEN
                 outcome := 'insufficient_stock';
                 details := v_short::TEXT;
@@ -175,9 +215,9 @@ BEGIN
              AS x(product_id BIGINT, sku TEXT, quantity BIGINT, unit_price BIGINT);
         INSERT INTO checkouts (id, customer_id, cart_id, order_id, state, total_amount,
                                currency, expires_at, max_expires_at, created_at, updated_at,
-                               flash_sale_id)
+                               flash_sale_id, flash_sale_units)
         VALUES (p_ids[i], p_customers[i], p_carts[i], p_order_ids[i], 'reserved', v_total,
-                v_currency, p_expires[i], p_max_expires[i], p_now, p_now, p_sales[i])
+                v_currency, p_expires[i], p_max_expires[i], p_now, p_now, v_sale, v_sale_units)
         RETURNING * INTO v_row;
         INSERT INTO reservations (checkout_id, product_id, quantity, status)
         SELECT p_ids[i], x.product_id, x.quantity, 'active'
@@ -217,7 +257,7 @@ BEGIN
         attempt := v_row.attempt; payment_intent_id := v_row.payment_intent_id;
         client_secret := v_row.client_secret; decline_code := v_row.decline_code;
         payment_method := v_row.payment_method; refund_due := v_row.refund_due;
-        flash_sale_id := v_row.flash_sale_id;
+        flash_sale_id := v_row.flash_sale_id; flash_sale_units := v_row.flash_sale_units;
         RETURN NEXT;
     END LOOP;
 END

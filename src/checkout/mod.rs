@@ -21,9 +21,9 @@ use crate::flash_sale::AdmissionGate;
 use crate::observe::{self, CheckoutOutcome, SagaStep};
 use crate::payments::{
     ChargeOutcome, ChargeRequest, EventObject, GatewayError, IntentStatus, PaymentGateway,
-    PaymentIntent, RefundRequest, WebhookEvent,
+    PaymentIntent, Refund, RefundOutcome, RefundRequest, WebhookEvent,
 };
-use crate::store::{ChargeTicket, Lease, NewCheckout, Store, StoreError};
+use crate::store::{self, ChargeTicket, Lease, NewCheckout, OpenSale, Store, StoreError};
 
 pub use group::GroupSettings;
 use group::Grouper;
@@ -40,10 +40,6 @@ pub enum CheckoutError {
     Gateway(String),
     #[error(transparent)]
     Gate(crate::flash_sale::GateError),
-    #[error("this cart holds a flash-sale item: a valid admission token is required")]
-    AdmissionRequired,
-    #[error("a checkout may hold items of one flash sale only")]
-    OneSalePerCheckout,
     /// The total is below the payment provider's minimum charge: refused before any call.
     #[error("the total {total} is below the minimum charge of {minimum}")]
     AmountTooSmall { total: Money, minimum: Money },
@@ -179,45 +175,63 @@ impl CheckoutService {
         flash_sale_token: Option<&str>,
         idempotency_key: Option<&str>,
     ) -> Result<Checkout, CheckoutError> {
-        let skus: Vec<_> = self
+        let lines = self
             .store
             .cart(customer, cart)
             .await?
             .ok_or(CheckoutError::Store(StoreError::NotFound("cart")))?
-            .lines
+            .lines;
+        let now = self.clock.now();
+        let open_sales: Vec<OpenSale> = self
+            .store
+            .current_flash_sales(now)
+            .await?
             .into_iter()
-            .map(|line| line.sku)
+            .filter(|sale| sale.is_open(now))
+            .map(|sale| OpenSale {
+                id: sale.id,
+                sku: sale.sku,
+            })
             .collect();
-        let sale = self
-            .admitted_sale(customer, &skus, flash_sale_token)
-            .await?;
+        // The gate decides on this first look at the cart; the reservation checks the same
+        // rule on the lines it reserves, in its own transaction, and refuses if they differ.
+        let sale_line = store::sale_line(
+            lines.iter().map(|line| (&line.sku, line.quantity.get())),
+            &open_sales,
+        )?;
+        let admitted = match sale_line {
+            Some((sale, sku, units)) => {
+                self.admit_units(customer, sale, sku, units, flash_sale_token)
+                    .await?;
+                Some((sale, units))
+            }
+            None => None,
+        };
+        let ttl = match admitted {
+            Some((sale, _)) => self
+                .sale(sale)
+                .await?
+                .map_or(self.windows.ttl, |s| s.reservation_ttl),
+            None => self.windows.ttl,
+        };
         let new = NewCheckout {
             id: CheckoutId::new(),
             order_id: OrderId::new(),
             customer_id: customer,
             cart_id: cart,
             now: self.clock.now(),
-            ttl: sale
-                .as_ref()
-                .map_or(self.windows.ttl, |s| s.reservation_ttl),
+            ttl,
             max_lifetime: self.windows.max_lifetime,
-            flash_sale: sale.as_ref().map(|s| s.id),
+            flash_sale: admitted.map(|(sale, _)| sale),
+            flash_sale_units: admitted.map_or(0, |(_, units)| units),
+            open_sales,
             idempotency_key: idempotency_key.map(str::to_owned),
         };
         let reserved = observe::timed(SagaStep::Reserve, self.reserve(new)).await;
         count_reservation(&reserved);
         let checkout = reserved?;
         faults::hit(self.saga.fault, FaultPoint::AfterReserve).await;
-        if let Some(sale) = &sale {
-            // The admission now lives as long as the checkout may.
-            if let Err(e) = self
-                .gate
-                .extend(sale.id, customer, checkout.max_expires_at)
-                .await
-            {
-                tracing::warn!(error = %e, "admission not extended; it expires with its token");
-            }
-        }
+        self.extend_admission(&checkout).await;
         Ok(checkout)
     }
 
@@ -241,12 +255,18 @@ impl CheckoutService {
             .await?)
     }
 
-    /// reserved → cancelled, units released at once.
+    /// reserved → cancelled, units released at once. A checkout waiting for the customer's
+    /// authentication (`requires_action`) is cancelled at the gateway first (its own key), then
+    /// released; if the payment went through meanwhile, it is recorded as paid instead.
     pub async fn cancel(
         &self,
         customer: CustomerId,
         id: CheckoutId,
     ) -> Result<Checkout, CheckoutError> {
+        let current = self.get(customer, id).await?;
+        if current.state == CheckoutState::RequiresAction {
+            return self.cancel_authentication(&current).await;
+        }
         let checkout = self
             .store
             .cancel_checkout(customer, id, self.clock.now())
@@ -556,20 +576,64 @@ impl CheckoutService {
         faults::hit(self.saga.fault, FaultPoint::AfterRefundCall).await;
         match answer {
             Ok(refund) => {
-                tracing::info!(checkout_id = %checkout.id, "payment refunded");
-                let refunded = self
-                    .store
-                    .record_refunded(checkout.id, Some(&refund.id), self.clock.now())
-                    .await?;
+                let recorded = self.record_refund(checkout.id, &refund).await?;
                 faults::hit(self.saga.fault, FaultPoint::AfterRecordRefund).await;
-                self.settle_admission(&refunded).await;
-                Ok(refunded)
+                Ok(recorded)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "refund failed; recovery will retry");
                 Ok(checkout)
             }
         }
+    }
+
+    /// A refund as the gateway reports it (its answer or a `refund.*` event): only a succeeded
+    /// one marks the order refunded and gives the units back; a pending one (or one whose
+    /// status is `null`) waits for Stripe's event; a failed or canceled one leaves the order
+    /// paid and flagged. Either way the refund exists, so recovery never asks for it again.
+    async fn record_refund(
+        &self,
+        id: CheckoutId,
+        refund: &Refund,
+    ) -> Result<Checkout, CheckoutError> {
+        let now = self.clock.now();
+        match refund.outcome() {
+            RefundOutcome::Succeeded => {
+                tracing::info!(checkout_id = %id, refund = %refund.id, "payment refunded");
+                let refunded = self
+                    .store
+                    .record_refunded(id, Some(&refund.id), now)
+                    .await?;
+                self.settle_admission(&refunded).await;
+                Ok(refunded)
+            }
+            RefundOutcome::Pending => {
+                tracing::info!(checkout_id = %id, refund = %refund.id, status = ?refund.status, "refund pending at the gateway");
+                Ok(self
+                    .store
+                    .record_refund_pending(id, &refund.id, now)
+                    .await?)
+            }
+            RefundOutcome::Failed => {
+                tracing::error!(checkout_id = %id, refund = %refund.id, status = ?refund.status, "the gateway did not refund; the order stays paid");
+                Ok(self.store.record_refund_failed(id, &refund.id, now).await?)
+            }
+        }
+    }
+
+    /// `refund.updated`, `refund.failed`, `charge.refund.updated`: a refund's status settled.
+    async fn refund_event(&self, refund: &Refund) -> Result<(), CheckoutError> {
+        let by_refund = self.store.checkout_for_refund(&refund.id).await?;
+        let checkout = match (by_refund, refund.payment_intent_id.as_deref()) {
+            (Some(id), _) => Some(id),
+            (None, Some(intent)) => self.checkout_of_payment(intent).await?.map(|c| c.id),
+            (None, None) => None,
+        };
+        let Some(id) = checkout else {
+            tracing::warn!(refund = %refund.id, "refund event of no known checkout");
+            return Ok(());
+        };
+        self.record_refund(id, refund).await.map(drop)
     }
 
     /// An admin refund of a paid order: money back through the gateway (its own idempotency
@@ -594,6 +658,14 @@ impl CheckoutService {
                 ..
             } if event.event_type == "charge.refunded" => {
                 self.refunded_at_gateway(intent_id, *refunded).await
+            }
+            EventObject::Refund(refund)
+                if matches!(
+                    event.event_type.as_str(),
+                    "refund.updated" | "refund.failed" | "charge.refund.updated"
+                ) =>
+            {
+                self.refund_event(refund).await
             }
             _ => Ok(()),
         }
@@ -654,6 +726,11 @@ impl CheckoutService {
                 tracing::warn!(checkout_id = %checkout.id, payment_intent = %intent_id, "refund of a payment the checkout did not keep");
                 Ok(())
             }
+            _ if self.refund_unsettled(&checkout).await? => {
+                // Our own refund is pending or failed: its `refund.*` event settles it.
+                tracing::info!(checkout_id = %checkout.id, "charge.refunded while our refund is unsettled; waiting for its refund event");
+                Ok(())
+            }
             _ => {
                 let refunded = self
                     .store
@@ -663,6 +740,14 @@ impl CheckoutService {
                 Ok(())
             }
         }
+    }
+
+    /// The checkout's order carries a refund of ours that is pending or failed.
+    async fn refund_unsettled(&self, checkout: &Checkout) -> Result<bool, CheckoutError> {
+        let order = self.store.admin_order(checkout.order_id).await?;
+        Ok(order
+            .and_then(|o| o.refund_status)
+            .is_some_and(|s| s == "pending" || s == "failed"))
     }
 
     /// By PaymentIntent id, or, while our record of the payment lags behind (its outcome
@@ -779,8 +864,39 @@ impl CheckoutService {
         }
     }
 
+    /// requires_action → cancelled: the PaymentIntent is cancelled at the gateway (one key per
+    /// checkout, so a retry is the same request), then the units and admission handed back. A
+    /// payment that succeeded meanwhile is recorded as paid instead.
+    async fn cancel_authentication(&self, checkout: &Checkout) -> Result<Checkout, CheckoutError> {
+        let Some(intent_id) = checkout.payment_intent_id.as_deref() else {
+            return Err(StoreError::CheckoutState(checkout.state).into());
+        };
+        let key = format!("checkout-{}-cancel", checkout.id);
+        let after = self
+            .gateway
+            .cancel(intent_id, &key)
+            .await
+            .map_err(|e| CheckoutError::Gateway(e.to_string()))?;
+        faults::hit(self.saga.fault, FaultPoint::AfterCancelCall).await;
+        if after.status == IntentStatus::Succeeded {
+            return self.record_success(checkout.id, &after).await;
+        }
+        self.cancelled(checkout.id, self.clock.now()).await
+    }
+
+    /// How long a checkout may wait for the customer's authentication: its lifetime, or in a
+    /// flash sale its reservation window (heartbeats push it), so an abandoned 3-D Secure step
+    /// does not keep a sale unit from the next buyer for half an hour.
+    fn authentication_deadline(checkout: &Checkout) -> DateTime<Utc> {
+        match checkout.flash_sale_id {
+            Some(_) => checkout.expires_at.min(checkout.max_expires_at),
+            None => checkout.max_expires_at,
+        }
+    }
+
     /// Lost webhooks: a checkout waiting for authentication is checked with the gateway; when
-    /// its lifetime is over the PaymentIntent is cancelled and the units released.
+    /// its wait is over ([`Self::authentication_deadline`]) the PaymentIntent is cancelled and
+    /// the units released.
     async fn reconcile_action(&self, checkout: &Checkout) -> Result<(), CheckoutError> {
         let Some(intent_id) = checkout.payment_intent_id.as_deref() else {
             return Ok(());
@@ -804,7 +920,7 @@ impl CheckoutService {
                 self.declined(checkout.id, Some(&intent.id), "authentication_failed", now)
                     .await?;
             }
-            _ if now >= checkout.max_expires_at => {
+            _ if now >= Self::authentication_deadline(checkout) => {
                 let key = format!("checkout-{}-cancel", checkout.id);
                 let answer = self.gateway.cancel(intent_id, &key).await;
                 faults::hit(self.saga.fault, FaultPoint::AfterCancelCall).await;

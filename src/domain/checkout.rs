@@ -127,6 +127,9 @@ pub struct Checkout {
     pub refund_due: bool,
     /// The flash sale whose admission this checkout holds, if any.
     pub flash_sale_id: Option<super::FlashSaleId>,
+    /// Units of the sale's SKU this checkout holds (0 outside a sale): what the gate counts as
+    /// held, sold when paid, and given back to the sale on a refund.
+    pub flash_sale_units: u32,
 }
 
 #[cfg(test)]

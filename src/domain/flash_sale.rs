@@ -10,6 +10,8 @@ pub struct FlashSale {
     pub id: FlashSaleId,
     pub sku: Sku,
     pub units: u32,
+    /// Units one buyer may buy over the whole sale (DESIGN §5; 1 unless the admin says more).
+    pub max_per_buyer: u32,
     pub starts_at: DateTime<Utc>,
     pub ends_at: Option<DateTime<Utc>>,
     pub reservation_ttl: Duration,
@@ -27,6 +29,8 @@ pub struct NewFlashSale {
     pub id: FlashSaleId,
     pub sku: Sku,
     pub units: u32,
+    /// Units one buyer may buy over the whole sale (DESIGN §5; 1 unless the admin says more).
+    pub max_per_buyer: u32,
     pub starts_at: DateTime<Utc>,
     pub ends_at: Option<DateTime<Utc>>,
     pub reservation_ttl: Duration,
@@ -43,6 +47,7 @@ mod tests {
             id: FlashSaleId::new(),
             sku: Sku::parse("hot").unwrap(),
             units: 1,
+            max_per_buyer: 1,
             starts_at: start,
             ends_at: Some(start + Duration::seconds(10)),
             reservation_ttl: Duration::seconds(300),

@@ -64,6 +64,9 @@ pub struct Order {
     pub lines: Vec<OrderLine>,
     pub payment_intent_id: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// `pending`, `failed` or `succeeded` once a refund was asked for (see
+    /// `Store::record_refund_pending`); `None` before.
+    pub refund_status: Option<String>,
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
--- The customer's token if its hold is live at ARGV[1] (ms), else nil. The caller compares
--- tokens itself, in constant time.
+-- {1, token} when the customer's hold is live at ARGV[1] (ms), {0, ""} when it is not,
+-- {-1, ""} when the sale is not loaded. The caller compares tokens itself, in constant time.
 --
--- KEYS[1] holders (sorted set, customer -> expiry ms), KEYS[2] tokens (hash, customer -> token)
--- ARGV[1] now (ms), ARGV[2] customer
+-- KEYS[1] loaded, KEYS[2] holders, KEYS[3] tokens. ARGV[1] now (ms), ARGV[2] customer
 
-local expiry = redis.call('ZSCORE', KEYS[1], ARGV[2])
-if not expiry or tonumber(expiry) <= tonumber(ARGV[1]) then
-    return false
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    return {-1, ''}
 end
-return redis.call('HGET', KEYS[2], ARGV[2])
+local expiry = redis.call('ZSCORE', KEYS[2], ARGV[2])
+if not expiry or tonumber(expiry) <= tonumber(ARGV[1]) then
+    return {0, ''}
+end
+return {1, redis.call('HGET', KEYS[3], ARGV[2]) or ''}

@@ -12,7 +12,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use subtle::ConstantTimeEq;
 
-use super::{hold_until, new_token, Admission, AdmissionGate, GateError, GateFigures, SaleTerms};
+use super::{
+    hold_until, new_token, Admission, AdmissionGate, Claim, GateError, GateFigures, SaleRecord,
+    SaleTerms,
+};
 use crate::domain::{CheckoutId, CustomerId, FlashSaleId};
 
 /// A std `Mutex`, not tokio's: every critical section is a few map operations with no `.await`
@@ -36,18 +39,16 @@ impl InProcessGate {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Runs `f` on the sale's ledger, or answers `default` if the sale has no ledger yet, without
-    /// creating one (reads and no-ops must not grow the map).
-    fn with_existing<T>(
+    /// Runs `f` on the sale's ledger; a sale this process has not loaded is `NotLoaded`.
+    fn with_ledger<T>(
         &self,
         sale: FlashSaleId,
-        default: T,
         f: impl FnOnce(&mut SaleLedger) -> T,
-    ) -> T {
-        match self.sales().get_mut(&sale) {
-            Some(ledger) => f(ledger),
-            None => default,
-        }
+    ) -> Result<T, GateError> {
+        self.sales()
+            .get_mut(&sale)
+            .map(f)
+            .ok_or(GateError::NotLoaded)
     }
 }
 
@@ -65,9 +66,9 @@ impl AdmissionGate for InProcessGate {
         hold: Duration,
     ) -> Result<Admission, GateError> {
         terms.open_at(now)?;
-        let mut sales = self.sales();
-        let ledger = sales.entry(terms.sale_id).or_default();
-        ledger.admit(terms.units, customer, now, hold_until(now, hold))
+        self.with_ledger(terms.sale_id, |ledger| {
+            ledger.admit(terms, customer, now, hold_until(now, hold))
+        })?
     }
 
     async fn check(
@@ -77,7 +78,19 @@ impl AdmissionGate for InProcessGate {
         token: &str,
         now: DateTime<Utc>,
     ) -> Result<bool, GateError> {
-        Ok(self.with_existing(sale, false, |ledger| ledger.check(customer, token, now)))
+        self.with_ledger(sale, |ledger| ledger.check(customer, token, now))
+    }
+
+    async fn claim(
+        &self,
+        terms: &SaleTerms,
+        customer: CustomerId,
+        units: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Claim, GateError> {
+        self.with_ledger(terms.sale_id, |ledger| {
+            ledger.claim(terms, customer, units, now)
+        })
     }
 
     async fn extend(
@@ -86,8 +99,7 @@ impl AdmissionGate for InProcessGate {
         customer: CustomerId,
         until: DateTime<Utc>,
     ) -> Result<(), GateError> {
-        self.with_existing(sale, (), |ledger| ledger.extend(customer, until));
-        Ok(())
+        self.with_ledger(sale, |ledger| ledger.extend(customer, until))
     }
 
     async fn release(
@@ -96,15 +108,26 @@ impl AdmissionGate for InProcessGate {
         customer: CustomerId,
         checkout: CheckoutId,
     ) -> Result<(), GateError> {
-        self.with_existing(sale, (), |ledger| ledger.release(customer, checkout));
-        Ok(())
+        self.with_ledger(sale, |ledger| ledger.release(customer, checkout))
     }
 
-    async fn consume(&self, sale: FlashSaleId, customer: CustomerId) -> Result<(), GateError> {
-        // A payment can land for a sale this process never admitted into (a restart lost the
-        // memory); it still counts, so the ledger is created here.
-        self.sales().entry(sale).or_default().consume(customer);
-        Ok(())
+    async fn consume(
+        &self,
+        sale: FlashSaleId,
+        customer: CustomerId,
+        checkout: CheckoutId,
+        units: u32,
+    ) -> Result<(), GateError> {
+        self.with_ledger(sale, |ledger| ledger.consume(customer, checkout, units))
+    }
+
+    async fn refund(
+        &self,
+        sale: FlashSaleId,
+        customer: CustomerId,
+        checkout: CheckoutId,
+    ) -> Result<(), GateError> {
+        self.with_ledger(sale, |ledger| ledger.refund(customer, checkout))
     }
 
     async fn figures(
@@ -112,7 +135,16 @@ impl AdmissionGate for InProcessGate {
         sale: FlashSaleId,
         now: DateTime<Utc>,
     ) -> Result<GateFigures, GateError> {
-        Ok(self.with_existing(sale, GateFigures::default(), |ledger| ledger.figures(now)))
+        self.with_ledger(sale, |ledger| ledger.figures(now))
+    }
+
+    async fn load(&self, sale: FlashSaleId, record: &SaleRecord) -> Result<bool, GateError> {
+        let mut sales = self.sales();
+        if sales.contains_key(&sale) {
+            return Ok(false);
+        }
+        sales.insert(sale, SaleLedger::from_record(record));
+        Ok(true)
     }
 }
 
@@ -120,22 +152,62 @@ impl AdmissionGate for InProcessGate {
 struct Hold {
     token: String,
     expires_at: DateTime<Utc>,
+    units: u32,
 }
 
-/// One sale's holders, sold count and buyers; every method is one atomic step of the gate.
+/// One sale's holders, sold units and buyers; every method is one atomic step of the gate.
 #[derive(Debug, Default)]
 struct SaleLedger {
     holders: HashMap<CustomerId, Hold>,
     sold: u32,
-    buyers: HashSet<CustomerId>,
-    /// Checkouts whose unit was handed back: each is released once (see `release`).
+    /// Units each buyer paid for (refunds deducted).
+    bought: HashMap<CustomerId, u32>,
+    /// Checkouts whose units were handed back: each is released once (see `release`).
     released: HashSet<CheckoutId>,
+    /// Paid checkouts and the units each was counted for (0 once refunded).
+    consumed: HashMap<CheckoutId, u32>,
 }
 
 impl SaleLedger {
+    fn from_record(record: &SaleRecord) -> Self {
+        let mut ledger = Self::default();
+        for hold in &record.holders {
+            ledger.holders.insert(
+                hold.customer,
+                Hold {
+                    token: new_token(),
+                    expires_at: hold.until,
+                    units: hold.units,
+                },
+            );
+        }
+        for &(customer, checkout, units) in &record.paid {
+            ledger.count_sold(customer, checkout, units);
+        }
+        ledger
+            .consumed
+            .extend(record.refunded.iter().map(|checkout| (*checkout, 0)));
+        ledger.released.extend(record.ended.iter().copied());
+        ledger.released.extend(record.refunded.iter().copied());
+        ledger
+    }
+
+    fn bought(&self, customer: CustomerId) -> u32 {
+        self.bought.get(&customer).copied().unwrap_or(0)
+    }
+
+    /// Units held by live holders other than `except`.
+    fn held(&self, now: DateTime<Utc>, except: Option<CustomerId>) -> u64 {
+        self.holders
+            .iter()
+            .filter(|(who, hold)| Some(**who) != except && hold.expires_at > now)
+            .map(|(_, hold)| u64::from(hold.units))
+            .sum()
+    }
+
     fn admit(
         &mut self,
-        units: u32,
+        terms: &SaleTerms,
         customer: CustomerId,
         now: DateTime<Utc>,
         expires_at: DateTime<Utc>,
@@ -148,10 +220,8 @@ impl SaleLedger {
                 newly_granted: false,
             });
         }
-        let taken = u64::try_from(self.holders.len())
-            .unwrap_or(u64::MAX)
-            .saturating_add(u64::from(self.sold));
-        if self.buyers.contains(&customer) || taken >= u64::from(units) {
+        let taken = self.held(now, None).saturating_add(u64::from(self.sold));
+        if self.bought(customer) >= terms.max_per_buyer || taken >= u64::from(terms.units) {
             return Err(GateError::SoldOut);
         }
         let token = new_token();
@@ -160,6 +230,7 @@ impl SaleLedger {
             Hold {
                 token: token.clone(),
                 expires_at,
+                units: 1,
             },
         );
         Ok(Admission {
@@ -179,6 +250,35 @@ impl SaleLedger {
         }
     }
 
+    fn claim(
+        &mut self,
+        terms: &SaleTerms,
+        customer: CustomerId,
+        units: u32,
+        now: DateTime<Utc>,
+    ) -> Claim {
+        if self
+            .holders
+            .get(&customer)
+            .is_none_or(|hold| hold.expires_at <= now)
+        {
+            return Claim::NotHolder;
+        }
+        let allowed = fitting(
+            terms,
+            self.bought(customer),
+            self.sold,
+            self.held(now, Some(customer)),
+        );
+        if units > allowed {
+            return Claim::Limit(allowed);
+        }
+        if let Some(hold) = self.holders.get_mut(&customer) {
+            hold.units = units;
+        }
+        Claim::Held
+    }
+
     fn extend(&mut self, customer: CustomerId, until: DateTime<Utc>) {
         if let Some(hold) = self.holders.get_mut(&customer) {
             hold.expires_at = hold.expires_at.max(until);
@@ -191,10 +291,35 @@ impl SaleLedger {
         }
     }
 
-    fn consume(&mut self, customer: CustomerId) {
-        self.holders.remove(&customer);
-        if self.buyers.insert(customer) {
-            self.sold = self.sold.saturating_add(1);
+    fn consume(&mut self, customer: CustomerId, checkout: CheckoutId, units: u32) {
+        if self.consumed.contains_key(&checkout) {
+            return;
+        }
+        // A checkout released before its (late) payment gave its hold up then; the customer's
+        // hold now, if any, is a newer admission.
+        if !self.released.contains(&checkout) {
+            self.holders.remove(&customer);
+        }
+        self.count_sold(customer, checkout, units);
+    }
+
+    fn count_sold(&mut self, customer: CustomerId, checkout: CheckoutId, units: u32) {
+        self.consumed.insert(checkout, units);
+        self.sold = self.sold.saturating_add(units);
+        let bought = self.bought.entry(customer).or_default();
+        *bought = bought.saturating_add(units);
+    }
+
+    fn refund(&mut self, customer: CustomerId, checkout: CheckoutId) {
+        match self.consumed.get_mut(&checkout) {
+            Some(units) => {
+                let back = std::mem::take(units);
+                self.sold = self.sold.saturating_sub(back);
+                if let Some(bought) = self.bought.get_mut(&customer) {
+                    *bought = bought.saturating_sub(back);
+                }
+            }
+            None => self.release(customer, checkout),
         }
     }
 
@@ -206,9 +331,20 @@ impl SaleLedger {
             .count();
         GateFigures {
             holders: u32::try_from(live).unwrap_or(u32::MAX),
+            held: u32::try_from(self.held(now, None)).unwrap_or(u32::MAX),
             sold: self.sold,
         }
     }
+}
+
+/// How many units a holder may claim: what is left of the buyer's limit, and of the sale
+/// after what is sold and what the other holders hold.
+fn fitting(terms: &SaleTerms, bought: u32, sold: u32, held_by_others: u64) -> u32 {
+    let buyer = terms.max_per_buyer.saturating_sub(bought);
+    let sale = u64::from(terms.units)
+        .saturating_sub(u64::from(sold))
+        .saturating_sub(held_by_others);
+    buyer.min(u32::try_from(sale).unwrap_or(u32::MAX))
 }
 
 #[cfg(test)]
@@ -219,13 +355,23 @@ mod tests {
         Duration::minutes(n)
     }
 
+    fn terms(units: u32) -> SaleTerms {
+        SaleTerms {
+            sale_id: FlashSaleId::new(),
+            units,
+            max_per_buyer: 1,
+            starts_at: Utc::now() - minutes(1),
+            ends_at: None,
+        }
+    }
+
     #[test]
     fn a_holder_is_live_until_the_instant_its_hold_ends() {
         let mut ledger = SaleLedger::default();
         let now = Utc::now();
         let buyer = CustomerId::new();
         let admission = ledger
-            .admit(1, buyer, now, now + minutes(5))
+            .admit(&terms(1), buyer, now, now + minutes(5))
             .expect("one unit is free");
 
         assert!(ledger.check(
@@ -241,7 +387,7 @@ mod tests {
         let mut ledger = SaleLedger::default();
         let now = Utc::now();
         ledger
-            .admit(2, CustomerId::new(), now, now + minutes(1))
+            .admit(&terms(2), CustomerId::new(), now, now + minutes(1))
             .expect("two units are free");
         let later = now + minutes(2);
         assert_eq!(
@@ -251,7 +397,7 @@ mod tests {
         );
 
         ledger
-            .admit(2, CustomerId::new(), later, later + minutes(1))
+            .admit(&terms(2), CustomerId::new(), later, later + minutes(1))
             .expect("the lapsed unit is free again");
 
         assert_eq!(ledger.holders.len(), 1);
@@ -263,7 +409,7 @@ mod tests {
         let now = Utc::now();
         let buyer = CustomerId::new();
         ledger
-            .admit(1, buyer, now, now + minutes(5))
+            .admit(&terms(1), buyer, now, now + minutes(5))
             .expect("one unit is free");
 
         ledger.extend(buyer, now + minutes(1));
@@ -277,12 +423,12 @@ mod tests {
         let now = Utc::now();
         let buyer = CustomerId::new();
         ledger
-            .admit(5, buyer, now, now + minutes(5))
+            .admit(&terms(5), buyer, now, now + minutes(5))
             .expect("units are free");
-        ledger.consume(buyer);
+        ledger.consume(buyer, CheckoutId::new(), 1);
 
         assert_eq!(
-            ledger.admit(5, buyer, now, now + minutes(5)),
+            ledger.admit(&terms(5), buyer, now, now + minutes(5)),
             Err(GateError::SoldOut)
         );
     }
@@ -293,7 +439,7 @@ mod tests {
         let now = Utc::now();
         let buyer = CustomerId::new();
         let admission = ledger
-            .admit(1, buyer, now, now + minutes(5))
+            .admit(&terms(1), buyer, now, now + minutes(5))
             .expect("one unit is free");
 
         assert!(!ledger.check(buyer, &admission.token[..admission.token.len() - 1], now));

@@ -9,15 +9,23 @@
 //! [`RedisGate`] for several instances (one Lua script per call) and [`InProcessGate`] for the
 //! embedded shape.
 //!
-//! Rules both gates share:
+//! Rules both gates share (all counts in units of the sale's SKU):
 //! - A holder is live while `now < expires_at`; expired holders are dropped by the next `admit`.
-//! - A sale admits while `live holders + sold < units`.
-//! - A customer counts once: a holder asking again gets its own token back, and a customer whose
-//!   unit was consumed is not admitted to the same sale again (the gate counts sold units per
-//!   customer, so a second purchase through it would go uncounted and let one buyer too many in).
+//! - An admission holds one unit; `claim` at checkout resizes it to the units of the sale
+//!   SKU's line, within the buyer's limit and what the sale has left. A sale admits while
+//!   `units held by live holders + units sold < units`, and never lets that sum exceed `units`.
+//! - A buyer's paid units count against `max_per_buyer` for the whole sale: a buyer who bought
+//!   the limit is not admitted again.
+//! - Each checkout counts once: `release`, `consume` and `refund` are idempotent per checkout,
+//!   so a repeat (a webhook after the saga, a retried call) never counts twice nor takes away
+//!   an admission granted since.
+//! - A refund of a paid checkout gives its units back to the sale.
+//! - A gate that does not know a sale (a restart of the embedded shape, Redis keys lost)
+//!   answers [`GateError::NotLoaded`] until it is loaded from the database
+//!   ([`AdmissionGate::load`]); callers rebuild, and fail closed meanwhile.
 //! - When a call fails with [`GateError::Unavailable`] it may still have happened. That is safe
-//!   by construction: retrying `admit` returns the same token, `release`/`consume` are idempotent,
-//!   and an unclaimed admission expires with its hold.
+//!   by construction: retrying `admit` returns the same token, the rest is idempotent, and an
+//!   unclaimed admission expires with its hold.
 
 mod in_process;
 mod redis;
@@ -40,6 +48,8 @@ pub const TOKEN_PREFIX: &str = "fst_";
 pub struct SaleTerms {
     pub sale_id: FlashSaleId,
     pub units: u32,
+    /// Units one buyer may buy over the whole sale.
+    pub max_per_buyer: u32,
     pub starts_at: DateTime<Utc>,
     pub ends_at: Option<DateTime<Utc>>,
 }
@@ -58,7 +68,7 @@ impl SaleTerms {
     }
 }
 
-/// A buyer's right to check out one unit of a sale until `expires_at`.
+/// A buyer's right to check out units of a sale until `expires_at`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admission {
     pub token: String,
@@ -67,11 +77,46 @@ pub struct Admission {
     pub newly_granted: bool,
 }
 
-/// How a sale stands: live holders and units paid for.
+/// How a sale stands: live holders, the units they hold, and units paid for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct GateFigures {
     pub holders: u32,
+    pub held: u32,
     pub sold: u32,
+}
+
+/// What `claim` decided for a checkout's units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The holder now holds exactly the units asked for.
+    Held,
+    /// The customer holds no live admission to the sale.
+    NotHolder,
+    /// More than the buyer may have: at most this many (what is left of the buyer's limit,
+    /// or of the sale).
+    Limit(u32),
+}
+
+/// A live checkout of a sale, as the database records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedHold {
+    pub customer: CustomerId,
+    pub checkout: CheckoutId,
+    pub units: u32,
+    pub until: DateTime<Utc>,
+}
+
+/// A sale as the database records it, to load the gate from: who holds units (live
+/// checkouts), who paid for how many, and which checkouts ended without a payment they kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SaleRecord {
+    pub holders: Vec<RecordedHold>,
+    /// `(customer, checkout, units)` of each paid checkout.
+    pub paid: Vec<(CustomerId, CheckoutId, u32)>,
+    /// Refunded checkouts: paid once, their units back in the sale.
+    pub refunded: Vec<CheckoutId>,
+    /// Checkouts that ended without a payment (failed, cancelled, expired).
+    pub ended: Vec<CheckoutId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,6 +127,10 @@ pub enum GateError {
     NotStarted,
     #[error("the sale has ended")]
     Ended,
+    /// The gate does not know this sale (never loaded here, a restart, Redis keys lost): it
+    /// must be loaded from the database first. Nobody is admitted meanwhile.
+    #[error("the admission gate has not loaded this sale")]
+    NotLoaded,
     /// The gate's backend cannot be reached or answered nonsense. Callers fail closed: nobody
     /// is admitted while the gate cannot count.
     #[error("the admission gate is unavailable: {0}")]
@@ -94,10 +143,11 @@ pub trait AdmissionGate: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     /// One atomic step: drop expired holders; if this customer already holds a live token,
-    /// return it (`newly_granted = false`); else admit if `holders + sold < units`, recording
-    /// the holder with expiry `now + hold` (`newly_granted = true`); else `SoldOut`.
-    /// `NotStarted` / `Ended` by the terms and `now`. `hold` is positive (configuration keeps
-    /// reservation windows at one second or more).
+    /// return it (`newly_granted = false`); else admit, holding one unit, if the buyer has
+    /// bought fewer than `max_per_buyer` units and `held + sold < units`, recording the holder
+    /// with expiry `now + hold` (`newly_granted = true`); else `SoldOut`. `NotStarted` /
+    /// `Ended` by the terms and `now`. `hold` is positive (configuration keeps reservation
+    /// windows at one second or more).
     async fn admit(
         &self,
         terms: &SaleTerms,
@@ -116,6 +166,18 @@ pub trait AdmissionGate: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<bool, GateError>;
 
+    /// A checkout is about to reserve `units` of the sale's SKU: one atomic step resizes the
+    /// customer's live hold to `units` if that stays within what the buyer may still buy and
+    /// within the sale (`held by others + sold + units <= units of the sale`); otherwise the
+    /// hold is unchanged and the answer says how many would fit.
+    async fn claim(
+        &self,
+        terms: &SaleTerms,
+        customer: CustomerId,
+        units: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Claim, GateError>;
+
     /// Push the holder's expiry (a checkout was created with the token, or heartbeated).
     /// Never pulls an expiry earlier. No-op if the customer is not a holder.
     async fn extend(
@@ -125,7 +187,7 @@ pub trait AdmissionGate: Send + Sync + 'static {
         until: DateTime<Utc>,
     ) -> Result<(), GateError>;
 
-    /// Hand back the unit this checkout held (it failed, was cancelled or expired), once per
+    /// Hand back the units this checkout held (it failed, was cancelled or expired), once per
     /// checkout: a second release for the same checkout (a webhook repeating what the saga
     /// already recorded, a repeated cancel) does nothing, so it can never take away an
     /// admission the customer was granted after the first one (that would free a unit the
@@ -137,17 +199,38 @@ pub trait AdmissionGate: Send + Sync + 'static {
         checkout: CheckoutId,
     ) -> Result<(), GateError>;
 
-    /// The customer paid: remove the holder and count the unit as sold, atomically. Counts even
-    /// if the hold already lapsed, because the payment, not the token, says the unit is gone.
-    /// Idempotent per customer (a second consume does not count twice).
-    async fn consume(&self, sale: FlashSaleId, customer: CustomerId) -> Result<(), GateError>;
+    /// The checkout was paid: its hold ends and its `units` count as sold, to the sale and to
+    /// the buyer, atomically. Counts even if the hold already lapsed, because the payment, not
+    /// the token, says the units are gone. Once per checkout.
+    async fn consume(
+        &self,
+        sale: FlashSaleId,
+        customer: CustomerId,
+        checkout: CheckoutId,
+        units: u32,
+    ) -> Result<(), GateError>;
 
-    /// Live holders at `now` and units sold.
+    /// The checkout's money went back: the units it was counted for return to the sale and to
+    /// the buyer's limit. Once per checkout; a checkout never consumed is released instead.
+    async fn refund(
+        &self,
+        sale: FlashSaleId,
+        customer: CustomerId,
+        checkout: CheckoutId,
+    ) -> Result<(), GateError>;
+
+    /// Live holders at `now`, the units they hold, and units sold.
     async fn figures(
         &self,
         sale: FlashSaleId,
         now: DateTime<Utc>,
     ) -> Result<GateFigures, GateError>;
+
+    /// Loads a sale from what the database records, in one atomic step, unless the gate knows
+    /// the sale already (then nothing changes: a concurrent load, or the sale was live all
+    /// along). Every live checkout becomes a holder (with a fresh token: a rebuilt holder
+    /// already has its checkout). True when this call loaded it.
+    async fn load(&self, sale: FlashSaleId, record: &SaleRecord) -> Result<bool, GateError>;
 }
 
 /// A fresh token: 128 random bits from the thread's CSPRNG, as hex after [`TOKEN_PREFIX`], so it
@@ -172,6 +255,7 @@ mod tests {
         SaleTerms {
             sale_id: FlashSaleId::new(),
             units: 1,
+            max_per_buyer: 1,
             starts_at,
             ends_at,
         }

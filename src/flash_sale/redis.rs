@@ -20,7 +20,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use subtle::ConstantTimeEq;
 
-use super::{hold_until, new_token, Admission, AdmissionGate, GateError, GateFigures, SaleTerms};
+use super::{
+    hold_until, new_token, Admission, AdmissionGate, Claim, GateError, GateFigures, SaleRecord,
+    SaleTerms,
+};
 use crate::domain::{CheckoutId, CustomerId, FlashSaleId};
 
 /// The longest any gate call may take, reconnecting included. A buyer waiting on the gate is a
@@ -33,10 +36,14 @@ pub const CALL_TIMEOUT: StdDuration = StdDuration::from_secs(2);
 /// second means it is not reachable.
 const CONNECTION_TIMEOUT: StdDuration = StdDuration::from_millis(500);
 
-/// Status codes of `admit.lua`.
+/// Status codes of the scripts.
+const NOT_LOADED: i64 = -1;
 const ADMIT_SOLD_OUT: i64 = 0;
 const ADMIT_GRANTED: i64 = 1;
 const ADMIT_ALREADY_HOLDER: i64 = 2;
+const CLAIM_HELD: i64 = 1;
+const CLAIM_NOT_HOLDER: i64 = 0;
+const CLAIM_LIMIT: i64 = 2;
 
 pub struct RedisGate {
     connection: ConnectionManager,
@@ -47,10 +54,13 @@ pub struct RedisGate {
 struct Scripts {
     admit: Script,
     check: Script,
+    claim: Script,
     extend: Script,
     release: Script,
     consume: Script,
+    refund: Script,
     figures: Script,
+    load: Script,
 }
 
 impl Scripts {
@@ -58,21 +68,27 @@ impl Scripts {
         Self {
             admit: Script::new(include_str!("admit.lua")),
             check: Script::new(include_str!("check.lua")),
+            claim: Script::new(include_str!("claim.lua")),
             extend: Script::new(include_str!("extend.lua")),
             release: Script::new(include_str!("release.lua")),
             consume: Script::new(include_str!("consume.lua")),
+            refund: Script::new(include_str!("refund.lua")),
             figures: Script::new(include_str!("figures.lua")),
+            load: Script::new(include_str!("load.lua")),
         }
     }
 
-    fn all(&self) -> [&Script; 6] {
+    fn all(&self) -> [&Script; 9] {
         [
             &self.admit,
             &self.check,
+            &self.claim,
             &self.extend,
             &self.release,
             &self.consume,
+            &self.refund,
             &self.figures,
+            &self.load,
         ]
     }
 }
@@ -127,8 +143,29 @@ impl RedisGate {
         })
     }
 
-    fn keys(&self, sale: FlashSaleId) -> SaleKeys {
-        SaleKeys::new(&self.key_prefix, sale)
+    /// An invocation of `script` with every key of the sale, in [`SaleKeys::all`] order (a
+    /// Redis Cluster needs every key a script touches named).
+    fn invocation<'a>(
+        &self,
+        script: &'a Script,
+        sale: FlashSaleId,
+    ) -> ::redis::ScriptInvocation<'a> {
+        let mut invocation = script.prepare_invoke();
+        for key in SaleKeys::new(&self.key_prefix, sale).all() {
+            invocation.key(key);
+        }
+        invocation
+    }
+
+    /// Runs a script that answers only "done" (0) or "not loaded" (-1).
+    async fn run(&self, invocation: ::redis::ScriptInvocation<'_>) -> Result<(), GateError> {
+        let mut connection = self.connection.clone();
+        let status: i64 = bounded(invocation.invoke_async(&mut connection)).await?;
+        match status {
+            NOT_LOADED => Err(GateError::NotLoaded),
+            0 => Ok(()),
+            other => Err(unexpected(format!("status {other}"))),
+        }
     }
 }
 
@@ -147,17 +184,13 @@ impl AdmissionGate for RedisGate {
         hold: Duration,
     ) -> Result<Admission, GateError> {
         terms.open_at(now)?;
-        let keys = self.keys(terms.sale_id);
         let expires_at = hold_until(now, hold);
-        let mut invocation = self.scripts.admit.prepare_invoke();
+        let mut invocation = self.invocation(&self.scripts.admit, terms.sale_id);
         invocation
-            .key(&keys.holders)
-            .key(&keys.tokens)
-            .key(&keys.sold)
-            .key(&keys.buyers)
             .arg(now.timestamp_millis())
             .arg(expires_at.timestamp_millis())
             .arg(terms.units)
+            .arg(terms.max_per_buyer)
             .arg(customer.to_string())
             .arg(new_token());
         let mut connection = self.connection.clone();
@@ -167,6 +200,7 @@ impl AdmissionGate for RedisGate {
             ADMIT_GRANTED => true,
             ADMIT_ALREADY_HOLDER => false,
             ADMIT_SOLD_OUT => return Err(GateError::SoldOut),
+            NOT_LOADED => return Err(GateError::NotLoaded),
             other => return Err(unexpected(format!("admit status {other}"))),
         };
         let expires_at = DateTime::from_timestamp_millis(expiry_ms)
@@ -186,18 +220,51 @@ impl AdmissionGate for RedisGate {
         token: &str,
         now: DateTime<Utc>,
     ) -> Result<bool, GateError> {
-        let keys = self.keys(sale);
-        let mut invocation = self.scripts.check.prepare_invoke();
+        let mut invocation = self.invocation(&self.scripts.check, sale);
         invocation
-            .key(&keys.holders)
-            .key(&keys.tokens)
             .arg(now.timestamp_millis())
             .arg(customer.to_string());
         let mut connection = self.connection.clone();
-        let live: Option<String> = bounded(invocation.invoke_async(&mut connection)).await?;
-        // Compared here, in constant time, rather than in Lua, so response timing says nothing
-        // about how much of a guessed token matched.
-        Ok(live.is_some_and(|live| bool::from(live.as_bytes().ct_eq(token.as_bytes()))))
+        let (status, live): (i64, String) =
+            bounded(invocation.invoke_async(&mut connection)).await?;
+        match status {
+            NOT_LOADED => Err(GateError::NotLoaded),
+            // Compared here, in constant time, rather than in Lua, so response timing says
+            // nothing about how much of a guessed token matched.
+            1 => Ok(!live.is_empty() && bool::from(live.as_bytes().ct_eq(token.as_bytes()))),
+            _ => Ok(false),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(sale = %terms.sale_id, customer = %customer))]
+    async fn claim(
+        &self,
+        terms: &SaleTerms,
+        customer: CustomerId,
+        units: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Claim, GateError> {
+        let mut invocation = self.invocation(&self.scripts.claim, terms.sale_id);
+        invocation
+            .arg(now.timestamp_millis())
+            .arg(terms.units)
+            .arg(terms.max_per_buyer)
+            .arg(customer.to_string())
+            .arg(units);
+        let mut connection = self.connection.clone();
+        let (status, allowed): (i64, i64) =
+            bounded(invocation.invoke_async(&mut connection)).await?;
+        match status {
+            CLAIM_HELD => Ok(Claim::Held),
+            CLAIM_NOT_HOLDER => Ok(Claim::NotHolder),
+            CLAIM_LIMIT => {
+                Ok(Claim::Limit(u32::try_from(allowed).map_err(|_| {
+                    unexpected(format!("claim allows {allowed}"))
+                })?))
+            }
+            NOT_LOADED => Err(GateError::NotLoaded),
+            other => Err(unexpected(format!("claim status {other}"))),
+        }
     }
 
     #[tracing::instrument(skip_all, fields(sale = %sale, customer = %customer))]
@@ -207,14 +274,11 @@ impl AdmissionGate for RedisGate {
         customer: CustomerId,
         until: DateTime<Utc>,
     ) -> Result<(), GateError> {
-        let keys = self.keys(sale);
-        let mut invocation = self.scripts.extend.prepare_invoke();
+        let mut invocation = self.invocation(&self.scripts.extend, sale);
         invocation
-            .key(&keys.holders)
             .arg(until.timestamp_millis())
             .arg(customer.to_string());
-        let mut connection = self.connection.clone();
-        bounded(invocation.invoke_async::<()>(&mut connection)).await
+        self.run(invocation).await
     }
 
     #[tracing::instrument(skip_all, fields(sale = %sale, customer = %customer, checkout = %checkout))]
@@ -224,30 +288,41 @@ impl AdmissionGate for RedisGate {
         customer: CustomerId,
         checkout: CheckoutId,
     ) -> Result<(), GateError> {
-        let keys = self.keys(sale);
-        let mut invocation = self.scripts.release.prepare_invoke();
+        let mut invocation = self.invocation(&self.scripts.release, sale);
         invocation
-            .key(&keys.holders)
-            .key(&keys.tokens)
-            .key(&keys.released)
             .arg(customer.to_string())
             .arg(checkout.to_string());
-        let mut connection = self.connection.clone();
-        bounded(invocation.invoke_async::<()>(&mut connection)).await
+        self.run(invocation).await
     }
 
-    #[tracing::instrument(skip_all, fields(sale = %sale, customer = %customer))]
-    async fn consume(&self, sale: FlashSaleId, customer: CustomerId) -> Result<(), GateError> {
-        let keys = self.keys(sale);
-        let mut invocation = self.scripts.consume.prepare_invoke();
+    #[tracing::instrument(skip_all, fields(sale = %sale, customer = %customer, checkout = %checkout))]
+    async fn consume(
+        &self,
+        sale: FlashSaleId,
+        customer: CustomerId,
+        checkout: CheckoutId,
+        units: u32,
+    ) -> Result<(), GateError> {
+        let mut invocation = self.invocation(&self.scripts.consume, sale);
         invocation
-            .key(&keys.holders)
-            .key(&keys.tokens)
-            .key(&keys.sold)
-            .key(&keys.buyers)
-            .arg(customer.to_string());
-        let mut connection = self.connection.clone();
-        bounded(invocation.invoke_async::<()>(&mut connection)).await
+            .arg(customer.to_string())
+            .arg(checkout.to_string())
+            .arg(units);
+        self.run(invocation).await
+    }
+
+    #[tracing::instrument(skip_all, fields(sale = %sale, customer = %customer, checkout = %checkout))]
+    async fn refund(
+        &self,
+        sale: FlashSaleId,
+        customer: CustomerId,
+        checkout: CheckoutId,
+    ) -> Result<(), GateError> {
+        let mut invocation = self.invocation(&self.scripts.refund, sale);
+        invocation
+            .arg(customer.to_string())
+            .arg(checkout.to_string());
+        self.run(invocation).await
     }
 
     #[tracing::instrument(skip_all, fields(sale = %sale))]
@@ -256,30 +331,67 @@ impl AdmissionGate for RedisGate {
         sale: FlashSaleId,
         now: DateTime<Utc>,
     ) -> Result<GateFigures, GateError> {
-        let keys = self.keys(sale);
-        let mut invocation = self.scripts.figures.prepare_invoke();
-        invocation
-            .key(&keys.holders)
-            .key(&keys.sold)
-            .arg(now.timestamp_millis());
+        let mut invocation = self.invocation(&self.scripts.figures, sale);
+        invocation.arg(now.timestamp_millis());
         let mut connection = self.connection.clone();
-        let (holders, sold): (i64, i64) = bounded(invocation.invoke_async(&mut connection)).await?;
+        let (holders, held, sold): (i64, i64, i64) =
+            bounded(invocation.invoke_async(&mut connection)).await?;
+        if holders == NOT_LOADED {
+            return Err(GateError::NotLoaded);
+        }
+        let count =
+            |n: i64, what: &str| u32::try_from(n).map_err(|_| unexpected(format!("{what} {n}")));
         Ok(GateFigures {
-            holders: u32::try_from(holders)
-                .map_err(|_| unexpected(format!("holder count {holders}")))?,
-            sold: u32::try_from(sold).map_err(|_| unexpected(format!("sold count {sold}")))?,
+            holders: count(holders, "holder count")?,
+            held: count(held, "held units")?,
+            sold: count(sold, "sold units")?,
         })
+    }
+
+    #[tracing::instrument(skip_all, fields(sale = %sale))]
+    async fn load(&self, sale: FlashSaleId, record: &SaleRecord) -> Result<bool, GateError> {
+        let mut invocation = self.invocation(&self.scripts.load, sale);
+        invocation.arg(record.holders.len());
+        for hold in &record.holders {
+            invocation
+                .arg(hold.customer.to_string())
+                .arg(hold.until.timestamp_millis())
+                .arg(hold.units)
+                .arg(new_token());
+        }
+        invocation.arg(record.paid.len());
+        for (customer, checkout, units) in &record.paid {
+            invocation
+                .arg(customer.to_string())
+                .arg(checkout.to_string())
+                .arg(*units);
+        }
+        invocation.arg(record.refunded.len());
+        for checkout in &record.refunded {
+            invocation.arg(checkout.to_string());
+        }
+        invocation.arg(record.ended.len());
+        for checkout in &record.ended {
+            invocation.arg(checkout.to_string());
+        }
+        let mut connection = self.connection.clone();
+        let loaded: i64 = bounded(invocation.invoke_async(&mut connection)).await?;
+        Ok(loaded == 1)
     }
 }
 
 /// The Redis keys of one sale.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct SaleKeys {
+    /// Set once the sale is loaded; gone after a `FLUSHALL` or a restart without persistence.
+    loaded: String,
     holders: String,
     tokens: String,
+    held: String,
     sold: String,
-    buyers: String,
+    bought: String,
     released: String,
+    consumed: String,
 }
 
 impl SaleKeys {
@@ -287,12 +399,29 @@ impl SaleKeys {
         // `{...}` is the cluster hash tag: only the sale id decides the slot.
         let base = format!("{prefix}sale:{{{sale}}}");
         Self {
+            loaded: format!("{base}:loaded"),
             holders: format!("{base}:holders"),
             tokens: format!("{base}:tokens"),
+            held: format!("{base}:held"),
             sold: format!("{base}:sold"),
-            buyers: format!("{base}:buyers"),
+            bought: format!("{base}:bought"),
             released: format!("{base}:released"),
+            consumed: format!("{base}:consumed"),
         }
+    }
+
+    /// In the order every script names them as `KEYS[1..8]`.
+    fn all(&self) -> [&str; 8] {
+        [
+            &self.loaded,
+            &self.holders,
+            &self.tokens,
+            &self.held,
+            &self.sold,
+            &self.bought,
+            &self.released,
+            &self.consumed,
+        ]
     }
 }
 
@@ -324,7 +453,7 @@ mod tests {
         let sale = FlashSaleId::new();
         let keys = SaleKeys::new("holdfast:", sale);
 
-        for key in [&keys.holders, &keys.tokens, &keys.sold, &keys.buyers] {
+        for key in keys.all() {
             assert!(
                 key.starts_with(&format!("holdfast:sale:{{{sale}}}:")),
                 "{key}"

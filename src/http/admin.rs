@@ -1,7 +1,7 @@
 //! Admin routes: customers and their tokens, the catalogue, stock edits with optimistic
 //! concurrency (`If-Match` on the product's version), the inventory view.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use crate::domain::{CustomerName, Money, NewProduct, ProductName, ProductPatch, Sku, StockLevel};
 
 use super::auth::Admin;
-use super::extract::{AppJson, AppQuery};
+use super::extract::{AppJson, AppQuery, Path};
 use super::openapi::{CustomerCreated, ErrorBody, MoneySchema};
 use super::views::{AdminProductView, ListParams, ListView};
 use super::{error::not_found_of, new_customer_token, token_hash, ApiError, AppState};

@@ -1,7 +1,9 @@
 //! Admin actions on orders: mark a paid order shipped (`fulfilled`), or refund it (money back
 //! through the gateway, units back in stock).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
+
+use super::extract::Path;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -40,7 +42,9 @@ async fn current(state: &AppState, id: OrderId) -> Result<Json<OrderView>, ApiEr
 }
 
 /// `200` with the refunded order, or `202` with the order still `paid` when the refund is
-/// recorded but the gateway has not confirmed it yet (recovery finishes it).
+/// recorded but the gateway has not confirmed it yet (recovery finishes it) or Stripe holds it
+/// `pending` (`refund_status: "pending"`; its `refund.updated` event finishes it). A refund
+/// Stripe failed leaves the order `paid` with `refund_status: "failed"` (`200`).
 #[utoipa::path(
     post,
     operation_id = "refund_order",
@@ -50,7 +54,7 @@ async fn current(state: &AppState, id: OrderId) -> Result<Json<OrderView>, ApiEr
     params(("id" = String, Path)),
     responses(
         (status = 200, body = OrderView, description = "refunded"),
-        (status = 202, body = OrderView, description = "refund recorded, not yet confirmed by the gateway"),
+        (status = 202, body = OrderView, description = "refund recorded, not yet confirmed by the gateway, or `refund_status: pending` at Stripe"),
         (status = 404, body = ErrorBody, description = "`order_not_found`"),
         (status = 409, body = ErrorBody, description = "the order cannot be refunded in its status"),
         (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
@@ -65,12 +69,13 @@ async fn refund(
 ) -> Result<Response, ApiError> {
     let id = parse_order_id(&id)?;
     let checkout = state.checkout.refund_order(id).await?;
-    let status = if checkout.refund_due {
+    let order = current(&state, id).await?;
+    let status = if checkout.refund_due || order.refund_status.as_deref() == Some("pending") {
         StatusCode::ACCEPTED
     } else {
         StatusCode::OK
     };
-    Ok((status, current(&state, id).await?).into_response())
+    Ok((status, order).into_response())
 }
 
 /// Marks a paid order shipped (`fulfilled`).

@@ -1,7 +1,7 @@
 //! Carts: a customer sees and changes only their own; another customer's cart id is simply not
 //! found (no existence leak).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -12,7 +12,7 @@ use crate::domain::{CartId, Quantity};
 
 use super::admin::parse_sku;
 use super::auth::CustomerAuth;
-use super::extract::{AppJson, OptionalJson};
+use super::extract::{AppJson, OptionalJson, Path};
 use super::openapi::ErrorBody;
 use super::views::CartView;
 use super::{error::not_found_of, ApiError, AppState};

@@ -2,9 +2,11 @@
 //! Answered from the in-memory snapshot (`snapshot.rs`) with an `ETag`; a matching
 //! `If-None-Match` answers `304` with no body.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+
+use super::extract::Path;
 use axum::routing::get;
 use axum::{Json, Router};
 

@@ -1,7 +1,7 @@
 //! Checkouts: start (reserve every line), heartbeat, cancel, read. The saga itself lives in
 //! `crate::checkout`; this file only translates HTTP.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,7 +13,7 @@ use crate::domain::{CheckoutId, CheckoutState};
 
 use super::auth::CustomerAuth;
 use super::carts::parse_cart_id;
-use super::extract::{JsonWithBytes, OptionalJson};
+use super::extract::{JsonWithBytes, OptionalJson, Path};
 use super::idempotent::{self, Outcome};
 use super::limits::RateLimited;
 use super::openapi::ErrorBody;
@@ -59,8 +59,9 @@ fn parse_checkout_id(raw: &str) -> Result<CheckoutId, ApiError> {
         (status = 201, body = CheckoutView, description = "every line reserved until `expires_at`"),
         (status = 404, body = ErrorBody, description = "`cart_not_found`"),
         (status = 403, body = ErrorBody, description = "`admission_required`: a flash-sale item without a valid token"),
-        (status = 409, body = ErrorBody, description = "`insufficient_stock` with per-SKU `details`, `cart_not_open`, `admission_in_use`, `price_changed`, `idempotency_conflict` (the first request with this key still runs; `Retry-After` says when to retry)"),
+        (status = 409, body = ErrorBody, description = "`insufficient_stock` with per-SKU `details`, `cart_not_open`, `admission_in_use`, `price_changed`, `flash_sale_limit` with `details:[{sku, requested, limit}]` (a flash-sale line above what the buyer may have), `sold_out`, `idempotency_conflict` (the first request with this key still runs; `Retry-After` says when to retry)"),
         (status = 422, body = ErrorBody, description = "`cart_empty`, `one_flash_sale_per_checkout`"),
+        (status = 503, body = ErrorBody, description = "`admission_unavailable`: the flash-sale gate fails closed"),
         (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
     )
 )]
@@ -233,7 +234,9 @@ async fn heartbeat(
     Ok(Json(checkout.into()))
 }
 
-/// Releases a reserved checkout's units at once.
+/// Releases a reserved checkout's units at once. A checkout waiting for 3-D Secure
+/// (`requires_action`) has its payment cancelled first; if it was paid meanwhile the answer
+/// is the completed checkout.
 #[utoipa::path(
     post,
     operation_id = "cancel_checkout",
@@ -245,6 +248,7 @@ async fn heartbeat(
         (status = 200, body = CheckoutView),
         (status = 404, body = ErrorBody, description = "`checkout_not_found`"),
         (status = 409, body = ErrorBody, description = "`invalid_state`"),
+        (status = 502, body = ErrorBody, description = "`payment_gateway_error`: the payment could not be cancelled yet"),
         (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
     )
 )]

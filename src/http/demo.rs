@@ -3,7 +3,7 @@
 //! 3-D Secure step. With a real Stripe key both answer 404 like any unknown route, so a
 //! production instance offers neither self-service customers nor simulated payments.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -15,7 +15,7 @@ use crate::domain::CustomerName;
 use crate::payments::StripeSimulator;
 
 use super::auth::CustomerAuth;
-use super::extract::{AppJson, OptionalJson};
+use super::extract::{AppJson, OptionalJson, Path};
 use super::openapi::ErrorBody;
 use super::{new_customer_token, token_hash, ApiError, AppState};
 

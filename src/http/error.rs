@@ -200,6 +200,24 @@ impl From<StoreError> for ApiError {
                 "admission_in_use",
                 "this flash-sale admission already holds a live checkout",
             ),
+            StoreError::AdmissionRequired => Self::new(
+                StatusCode::FORBIDDEN,
+                "admission_required",
+                "this cart holds a flash-sale item: take a token and send it as flash_sale_token",
+            ),
+            StoreError::OneSalePerCheckout => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "one_flash_sale_per_checkout",
+                "a checkout may hold items of one flash sale only",
+            ),
+            StoreError::FlashSaleLimit(limit) => Self::conflict(
+                "flash_sale_limit",
+                format!(
+                    "{} units of {} asked for; this buyer may have {} more in this sale",
+                    limit.requested, limit.sku, limit.limit
+                ),
+            )
+            .details([limit]),
             StoreError::UnitsExceedAvailable { units, available } => Self::conflict(
                 "units_exceed_available",
                 format!("a sale of {units} units exceeds the {available} available"),
@@ -245,16 +263,6 @@ impl From<CheckoutError> for ApiError {
                 Self::new(StatusCode::BAD_GATEWAY, "payment_gateway_error", message)
             }
             CheckoutError::Gate(gate) => gate.into(),
-            CheckoutError::AdmissionRequired => Self::new(
-                StatusCode::FORBIDDEN,
-                "admission_required",
-                "this cart holds a flash-sale item: take a token and send it as flash_sale_token",
-            ),
-            CheckoutError::OneSalePerCheckout => Self::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "one_flash_sale_per_checkout",
-                "a checkout may hold items of one flash sale only",
-            ),
         }
     }
 }
@@ -266,6 +274,16 @@ impl From<crate::flash_sale::GateError> for ApiError {
             GateError::SoldOut => Self::conflict("sold_out", "the sale is sold out"),
             GateError::NotStarted => Self::conflict("sale_not_started", "the sale has not started"),
             GateError::Ended => Self::conflict("sale_ended", "the sale has ended"),
+            GateError::NotLoaded => {
+                // Fail closed until the sale is loaded from the database.
+                tracing::warn!("flash sale not loaded into the gate yet");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "admission_unavailable",
+                    "admission is unavailable; retry shortly",
+                )
+                .retry_after(1)
+            }
             GateError::Unavailable(cause) => {
                 // Fail closed: nobody is admitted while the gate cannot be asked.
                 tracing::error!(error = %cause, "admission gate unavailable");

@@ -2,7 +2,7 @@
 //! over the limit, a bad query) answers with the contract's error body.
 
 use axum::body::Bytes;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -121,6 +121,25 @@ pub(super) fn unsupported_media_type() -> ApiError {
         "unsupported_media_type",
         "send the body as application/json",
     )
+}
+
+/// `Path<T>` whose rejections (invalid UTF-8 after percent-decoding, a segment of the wrong
+/// type) are [`ApiError`]s, not axum's plain text.
+pub struct Path<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for Path<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Send,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| Self(p.0))
+            .map_err(|e: PathRejection| ApiError::bad_request("invalid_path", e.body_text()))
+    }
 }
 
 /// `Query<T>` whose rejections are [`ApiError`]s.

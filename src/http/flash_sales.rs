@@ -3,7 +3,7 @@
 //! has seen before touches no store at all: the sale and the customer are cached, and the gate
 //! answers alone (a customer's very first request looks their token up once).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,7 +16,7 @@ use crate::domain::{FlashSale, FlashSaleId, NewFlashSale, Sku};
 use crate::flash_sale::GateFigures;
 
 use super::auth::Admin;
-use super::extract::{AppJson, OptionalJson};
+use super::extract::{AppJson, OptionalJson, Path};
 use super::limits::RateLimited;
 use super::openapi::{ErrorBody, GateFiguresSchema};
 use super::views::rfc3339;
@@ -41,6 +41,10 @@ struct OpenSale {
     sku: Sku,
     #[schema(minimum = 1, maximum = 1000000)]
     units: i64,
+    /// Units one buyer may buy over the whole sale; 1 when absent, never above `units`.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 1000000)]
+    max_per_buyer: Option<i64>,
     #[serde(default)]
     starts_at: Option<DateTime<Utc>>,
     #[serde(default)]
@@ -56,6 +60,7 @@ struct SaleView {
     #[schema(value_type = String)]
     sku: Sku,
     units: u32,
+    max_per_buyer: u32,
     #[serde(serialize_with = "rfc3339")]
     starts_at: DateTime<Utc>,
     #[serde(serialize_with = "rfc3339_opt")]
@@ -79,6 +84,7 @@ impl SaleView {
             id: sale.id,
             sku: sale.sku,
             units: sale.units,
+            max_per_buyer: sale.max_per_buyer,
             starts_at: sale.starts_at,
             ends_at: sale.ends_at,
             reservation_ttl_seconds: sale.reservation_ttl.num_seconds(),
@@ -113,6 +119,14 @@ async fn open(
         .ok()
         .filter(|u| (1..=MAX_UNITS).contains(u))
         .ok_or_else(|| ApiError::validation(format!("units must be between 1 and {MAX_UNITS}")))?;
+    let max_per_buyer = u32::try_from(body.max_per_buyer.unwrap_or(1))
+        .ok()
+        .filter(|m| (1..=units).contains(m))
+        .ok_or_else(|| {
+            ApiError::validation(format!(
+                "max_per_buyer must be between 1 and units ({units})"
+            ))
+        })?;
     let ttl = body
         .reservation_ttl_seconds
         .unwrap_or(DEFAULT_SALE_TTL_SECONDS);
@@ -130,6 +144,7 @@ async fn open(
         id: FlashSaleId::new(),
         sku: body.sku,
         units,
+        max_per_buyer,
         starts_at,
         ends_at: body.ends_at,
         reservation_ttl: Duration::seconds(ttl),

@@ -32,14 +32,29 @@ pub const HEADER_BUFFER_LIMIT: usize = 64 * 1024;
 /// Per-customer budget on `POST /v1/checkouts`, `.../complete` and flash-sale tokens: N per
 /// second with a burst of 2N (DESIGN §8), so a well-behaved client never meets it.
 ///
-/// The budget lives in this process: each instance behind a load balancer enforces its own,
-/// which bounds what one customer can do to any single instance. That is the purpose here
-/// (fairness and protection of the hot rows); an exact fleet-wide budget would cost a Redis
-/// round trip on the hottest path.
+/// With Redis configured the budget is shared by every instance (one script call per
+/// limited request, the same GCRA rule as in memory); otherwise each instance keeps its own in
+/// memory, which bounds what one customer can do to any single instance. When Redis cannot be
+/// asked the request passes (the limit is for fairness, not safety) and a summary line says so.
 pub struct RateLimit {
     limiter: Option<DefaultKeyedRateLimiter<CustomerId>>,
     checks: AtomicU64,
+    rate: u32,
+    shared: Option<SharedBudget>,
 }
+
+struct SharedBudget {
+    client: redis::Client,
+    connection: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+    key_prefix: String,
+    script: redis::Script,
+}
+
+/// Redis asked for a shared budget answers within this, or the request passes.
+const SHARED_BUDGET_TIMEOUT: Duration = Duration::from_millis(500);
+
+static SHARED_BUDGET_UNAVAILABLE: crate::telemetry::Summarised =
+    crate::telemetry::Summarised::new("rate limit: Redis unavailable, requests passed unlimited");
 
 impl RateLimit {
     /// How many checks pass between two sweeps of idle customers out of the limiter's map.
@@ -54,11 +69,45 @@ impl RateLimit {
         Self {
             limiter,
             checks: AtomicU64::new(0),
+            rate,
+            shared: None,
         }
     }
 
+    /// The budget is kept in Redis at `url`, under `key_prefix`, shared by every instance
+    /// that names the same ones. Connects on first use.
+    pub fn shared_through(mut self, url: &str, key_prefix: &str) -> Result<Self, String> {
+        if self.limiter.is_none() {
+            return Ok(self);
+        }
+        let client = redis::Client::open(url)
+            .map_err(|e| format!("the Redis URL is not valid ({:?})", e.kind()))?;
+        self.shared = Some(SharedBudget {
+            client,
+            connection: tokio::sync::OnceCell::new(),
+            key_prefix: key_prefix.to_owned(),
+            script: redis::Script::new(include_str!("rate_limit.lua")),
+        });
+        Ok(self)
+    }
+
     /// Takes one request from `customer`'s budget, or says how long to wait.
-    pub fn check(&self, customer: CustomerId) -> Result<(), ApiError> {
+    pub async fn check(&self, customer: CustomerId) -> Result<(), ApiError> {
+        if let Some(shared) = &self.shared {
+            return match self.check_shared(shared, customer).await {
+                Ok(0) => Ok(()),
+                Ok(wait_ms) => Err(rate_limited(Duration::from_millis(wait_ms))),
+                Err(cause) => {
+                    SHARED_BUDGET_UNAVAILABLE.warn(&cause);
+                    Ok(())
+                }
+            };
+        }
+        self.check_in_memory(customer)
+    }
+
+    /// The budget of this instance alone.
+    fn check_in_memory(&self, customer: CustomerId) -> Result<(), ApiError> {
         let Some(limiter) = &self.limiter else {
             return Ok(());
         };
@@ -71,17 +120,56 @@ impl RateLimit {
             // this the map would keep every customer ever seen.
             limiter.retain_recent();
         }
-        limiter.check_key(&customer).map_err(|not_until| {
-            let wait = not_until.wait_time_from(limiter.clock().now());
-            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "too many requests for this customer; retry after the Retry-After seconds",
-            )
-            .retry_after(seconds.max(1))
-        })
+        limiter
+            .check_key(&customer)
+            .map_err(|not_until| rate_limited(not_until.wait_time_from(limiter.clock().now())))
     }
+
+    async fn check_shared(
+        &self,
+        shared: &SharedBudget,
+        customer: CustomerId,
+    ) -> Result<u64, String> {
+        let call = async {
+            let connection = shared
+                .connection
+                .get_or_try_init(|| {
+                    redis::aio::ConnectionManager::new_with_config(
+                        shared.client.clone(),
+                        redis::aio::ConnectionManagerConfig::new()
+                            .set_connection_timeout(SHARED_BUDGET_TIMEOUT)
+                            .set_response_timeout(SHARED_BUDGET_TIMEOUT)
+                            .set_number_of_retries(0),
+                    )
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut connection = connection.clone();
+            let interval_ms = 1000 / u64::from(self.rate.max(1));
+            let burst = u64::from(self.rate).saturating_mul(2).max(1);
+            shared
+                .script
+                .key(format!("{}rate:{customer}", shared.key_prefix))
+                .arg(interval_ms.max(1))
+                .arg(burst)
+                .invoke_async::<u64>(&mut connection)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(SHARED_BUDGET_TIMEOUT * 2, call)
+            .await
+            .map_err(|_| "Redis did not answer in time".to_owned())?
+    }
+}
+
+fn rate_limited(wait: Duration) -> ApiError {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "too many requests for this customer; retry after the Retry-After seconds",
+    )
+    .retry_after(seconds.max(1))
 }
 
 /// A customer's request on a rate-limited route: authenticated first, so an unauthenticated
@@ -93,7 +181,7 @@ impl FromRequestParts<AppState> for RateLimited {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let CustomerAuth(customer) = CustomerAuth::from_request_parts(parts, state).await?;
-        state.rate_limit.check(customer.id)?;
+        state.rate_limit.check(customer.id).await?;
         Ok(Self(customer))
     }
 }
@@ -176,9 +264,11 @@ mod tests {
         let limit = RateLimit::per_second(1);
         let ada = CustomerId::new();
 
-        let passed = (0..2).filter(|_| limit.check(ada).is_ok()).count();
+        let passed = (0..2)
+            .filter(|_| limit.check_in_memory(ada).is_ok())
+            .count();
         let refused = limit
-            .check(ada)
+            .check_in_memory(ada)
             .expect_err("the third call is over the burst");
 
         assert_eq!(passed, 2);
@@ -199,9 +289,9 @@ mod tests {
     fn each_customer_has_a_budget_of_their_own() {
         let limit = RateLimit::per_second(1);
         let (ada, bob) = (CustomerId::new(), CustomerId::new());
-        while limit.check(ada).is_ok() {}
+        while limit.check_in_memory(ada).is_ok() {}
 
-        assert!(limit.check(bob).is_ok());
+        assert!(limit.check_in_memory(bob).is_ok());
     }
 
     #[test]
@@ -209,7 +299,7 @@ mod tests {
         let limit = RateLimit::per_second(0);
         let ada = CustomerId::new();
 
-        assert!((0..10_000).all(|_| limit.check(ada).is_ok()));
+        assert!((0..10_000).all(|_| limit.check_in_memory(ada).is_ok()));
     }
 
     #[test]

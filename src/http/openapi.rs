@@ -281,7 +281,9 @@ pub struct WebhookReceived {
 pub struct GateFiguresSchema {
     /// Customers holding a live admission token.
     holders: u32,
-    /// Units paid for.
+    /// Units those holders hold (their checkouts' units of the sale's SKU).
+    held: u32,
+    /// Units paid for (refunds given back).
     sold: u32,
 }
 

@@ -1,6 +1,8 @@
 //! A customer's orders: their own only.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
+
+use super::extract::Path;
 use axum::routing::get;
 use axum::{Json, Router};
 
@@ -38,7 +40,7 @@ async fn list(
     AppQuery(params): AppQuery<ListParams>,
 ) -> Result<Json<ListView<OrderView>>, ApiError> {
     if let Some(cursor) = params.cursor.as_deref() {
-        if cursor.parse::<u64>().is_err() {
+        if !cursor.parse::<i64>().is_ok_and(|seq| seq >= 0) {
             return Err(ApiError::bad_request(
                 "invalid_cursor",
                 "the cursor is not valid",

@@ -140,6 +140,9 @@ pub struct OrderView {
     pub payment_intent_id: Option<String>,
     #[serde(serialize_with = "rfc3339")]
     pub created_at: DateTime<Utc>,
+    /// Once a refund was asked for: `pending` (the order stays `paid` until Stripe settles
+    /// it), `failed` (Stripe kept the money: the order stays `paid`) or `succeeded`.
+    pub refund_status: Option<String>,
 }
 
 impl From<Order> for OrderView {
@@ -152,6 +155,7 @@ impl From<Order> for OrderView {
             lines: o.lines,
             payment_intent_id: o.payment_intent_id,
             created_at: o.created_at,
+            refund_status: o.refund_status,
         }
     }
 }

@@ -16,6 +16,7 @@
 mod report;
 mod scenario_flash;
 mod scenario_steady;
+mod scenario_users;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -38,9 +39,10 @@ use crate::config::Settings;
 use crate::payments::PaymentGateway;
 use crate::store::Store;
 
-pub use report::{AuditOutcome, LatencyStats, Summary};
+pub use report::{AuditOutcome, LatencyStats, Summary, UsersFigures};
 pub use scenario_flash::{run_flash_sale, FlashSaleConfig};
 pub use scenario_steady::{run_steady, SteadyConfig};
+pub use scenario_users::{run_users, UsersConfig};
 
 /// The simulator's test cards (DESIGN §8): one that pays, one that is declined.
 pub const CARD_OK: &str = "pm_card_visa";
@@ -89,6 +91,40 @@ pub enum ScenarioArgs {
     FlashSale(FlashSaleArgs),
     /// A catalogue of fresh SKUs; carts of 1-5 lines checked out for a while.
     Steady(SteadyArgs),
+    /// Many concurrent shoppers, each on a keep-alive connection of its own, browsing,
+    /// filling carts and checking out with think time between calls.
+    Users(UsersArgs),
+}
+
+#[derive(Debug, Clone, PartialEq, Args)]
+pub struct UsersArgs {
+    /// Concurrent shoppers, each a customer with a connection of its own. Needs an open-file
+    /// limit above this on both sides (`ulimit -n`, see docs/load.md).
+    #[arg(long, env = "HOLDFAST_LOADGEN_SHOPPERS", default_value_t = 8000, value_parser = parse_positive)]
+    pub shoppers: usize,
+    /// How long to shop once every shopper is connected, e.g. `60s`.
+    #[arg(long, env = "HOLDFAST_LOADGEN_DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// SKUs in the catalogue, each with a random stock of 1 to `--max-stock` units.
+    #[arg(long, env = "HOLDFAST_LOADGEN_SKUS", default_value_t = 200, value_parser = parse_positive)]
+    pub skus: usize,
+    #[arg(long, env = "HOLDFAST_LOADGEN_MAX_STOCK", default_value_t = 50, value_parser = parse_positive)]
+    pub max_stock: usize,
+    /// Share of checkouts left unpaid after reserving (they expire).
+    #[arg(long, env = "HOLDFAST_LOADGEN_ABANDON_RATE", default_value_t = 0.3, value_parser = parse_rate)]
+    pub abandon_rate: f64,
+    /// Think time before each call, drawn between these (e.g. `1s`, `4s`).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub think_min: Duration,
+    #[arg(long, default_value = "4s", value_parser = parse_duration)]
+    pub think_max: Duration,
+    /// Several servers, comma-separated, shoppers spread round-robin (and moving on to the
+    /// next when theirs stops answering); overrides `--target`.
+    #[arg(long, env = "HOLDFAST_LOADGEN_TARGETS", value_delimiter = ',')]
+    pub targets: Vec<String>,
+    /// Server processes whose peak resident memory the summary reports (Linux `/proc`).
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Args)]
@@ -105,6 +141,9 @@ pub struct FlashSaleArgs {
     /// Share of buyers whose first card is declined (they try once more with a good one).
     #[arg(long, env = "HOLDFAST_LOADGEN_DECLINE_RATE", default_value_t = 0.0, value_parser = parse_rate)]
     pub decline_rate: f64,
+    /// Units one buyer may buy in the sale (`max_per_buyer`); each buyer's cart holds one.
+    #[arg(long, env = "HOLDFAST_LOADGEN_MAX_PER_BUYER", default_value_t = 1, value_parser = parse_positive)]
+    pub max_per_buyer: usize,
     /// Open no flash sale: every buyer goes straight to checkout, so the run can be compared
     /// with the gated one.
     #[arg(long, env = "HOLDFAST_LOADGEN_NO_GATE")]
@@ -269,6 +308,7 @@ pub async fn run(args: LoadgenArgs, settings: &Settings) -> anyhow::Result<ExitC
                 abandon_rate: a.abandon_rate,
                 decline_rate: a.decline_rate,
                 gate: !a.no_gate,
+                max_per_buyer: a.max_per_buyer,
             };
             run_flash_sale(&options, &config).await?
         }
@@ -281,6 +321,27 @@ pub async fn run(args: LoadgenArgs, settings: &Settings) -> anyhow::Result<ExitC
                 abandon_rate: a.abandon_rate,
             };
             run_steady(&options, &config).await?
+        }
+        ScenarioArgs::Users(a) => {
+            let targets = if a.targets.is_empty() {
+                vec![options.target.clone()]
+            } else {
+                a.targets
+                    .iter()
+                    .map(|t| Target::parse(t))
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+            let config = UsersConfig {
+                shoppers: a.shoppers,
+                duration: a.duration,
+                skus: a.skus,
+                max_stock: a.max_stock,
+                abandon_rate: a.abandon_rate,
+                think: (a.think_min, a.think_max.max(a.think_min)),
+                targets,
+                server_pids: a.server_pid,
+            };
+            run_users(&options, &config).await?
         }
     };
     if args.json {
@@ -343,6 +404,33 @@ impl Answer {
         let mut body = self.body.to_string();
         body.truncate(300);
         format!("{} {body}", self.status)
+    }
+}
+
+/// Whatever sends a journey's calls: the pooled [`Api`], or one shopper's own connection.
+pub(crate) trait Http {
+    fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        idempotency_key: Option<&str>,
+    ) -> impl Future<Output = anyhow::Result<Answer>> + Send;
+}
+
+impl Http for Api {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        idempotency_key: Option<&str>,
+    ) -> anyhow::Result<Answer> {
+        Ok(self
+            .call(method, path, token, body, idempotency_key)
+            .await?)
     }
 }
 
@@ -582,7 +670,7 @@ pub(crate) enum Step<T> {
 
 /// One timed HTTP call; times are since the start of the timed phase.
 pub(crate) struct Call {
-    pub result: Result<Answer, reqwest::Error>,
+    pub result: Result<Answer, anyhow::Error>,
     pub sent: Duration,
     pub received: Duration,
 }
@@ -633,12 +721,12 @@ impl Recorder {
         }
     }
 
-    pub async fn call(
+    pub async fn call<E: Into<anyhow::Error>>(
         &mut self,
-        request: impl Future<Output = Result<Answer, reqwest::Error>>,
+        request: impl Future<Output = Result<Answer, E>>,
     ) -> Call {
         let sent = self.start.elapsed();
-        let result = request.await;
+        let result = request.await.map_err(Into::into);
         let received = self.start.elapsed();
         self.requests += 1;
         Call {
@@ -747,19 +835,34 @@ impl Recorder {
 
 /// `POST /v1/checkouts`: the checkout id, or the journey ends refused or failed.
 pub(crate) async fn start_checkout(
-    api: &Api,
+    api: &impl Http,
     rec: &mut Recorder,
     customer: &str,
     cart: &str,
     flash_sale_token: Option<&str>,
     lines: &[(String, i64)],
 ) -> Step<String> {
+    match start_checkout_for_order(api, rec, customer, cart, flash_sale_token, lines).await {
+        Step::Go((id, _)) => Step::Go(id),
+        Step::Stop(journey) => Step::Stop(journey),
+    }
+}
+
+/// [`start_checkout`], answering the order id too.
+pub(crate) async fn start_checkout_for_order(
+    api: &impl Http,
+    rec: &mut Recorder,
+    customer: &str,
+    cart: &str,
+    flash_sale_token: Option<&str>,
+    lines: &[(String, i64)],
+) -> Step<(String, String)> {
     let body = match flash_sale_token {
         Some(token) => json!({ "cart_id": cart, "flash_sale_token": token }),
         None => json!({ "cart_id": cart }),
     };
     let call = rec
-        .call(api.call(
+        .call(api.send(
             Method::POST,
             "/v1/checkouts",
             Some(customer),
@@ -770,8 +873,8 @@ pub(crate) async fn start_checkout(
     match call.answer() {
         Some(a) if a.status == 201 => {
             rec.latency("checkout", &call);
-            match a.str("id") {
-                Some(id) => Step::Go(id.to_owned()),
+            match a.str("id").zip(a.str("order_id")) {
+                Some((id, order)) => Step::Go((id.to_owned(), order.to_owned())),
                 None => Step::Stop(rec.failed("checkout", &call)),
             }
         }
@@ -809,7 +912,7 @@ pub(crate) enum Paid {
 
 /// `POST /v1/checkouts/{id}/complete` with a fresh Idempotency-Key.
 pub(crate) async fn complete(
-    api: &Api,
+    api: &impl Http,
     rec: &mut Recorder,
     customer: &str,
     checkout: &str,
@@ -821,7 +924,7 @@ pub(crate) async fn complete(
     let key = format!("loadgen-{checkout}");
     let body = json!({ "payment_method": payment_method });
     let call = rec
-        .call(api.call(Method::POST, &path, Some(customer), Some(body), Some(&key)))
+        .call(api.send(Method::POST, &path, Some(customer), Some(body), Some(&key)))
         .await;
     rec.latency("complete", &call);
     let state = call
@@ -855,7 +958,7 @@ pub(crate) async fn complete(
 
 /// `POST /v1/checkouts/{id}/cancel`: the buyer changes their mind and says so.
 pub(crate) async fn cancel(
-    api: &Api,
+    api: &impl Http,
     rec: &mut Recorder,
     customer: &str,
     checkout: &str,
@@ -863,7 +966,7 @@ pub(crate) async fn cancel(
 ) -> Journey {
     let path = format!("/v1/checkouts/{checkout}/cancel");
     let call = rec
-        .call(api.call(Method::POST, &path, Some(customer), None, None))
+        .call(api.send(Method::POST, &path, Some(customer), None, None))
         .await;
     rec.latency("cancel", &call);
     match call.answer() {
@@ -996,6 +1099,7 @@ where
 pub(crate) struct Finished {
     pub scenario: &'static str,
     pub admission_gate: Option<bool>,
+    pub max_per_buyer: Option<u32>,
     pub skus: String,
     /// Units each of the run's SKUs started with.
     pub initial: BTreeMap<String, i64>,
@@ -1060,6 +1164,7 @@ pub(crate) async fn finish(
         scenario: run.scenario,
         target: options.target.base(),
         admission_gate: run.admission_gate,
+        max_per_buyer: run.max_per_buyer,
         concurrency: options.concurrency,
         seed: options.seed,
         skus: run.skus,
@@ -1086,6 +1191,7 @@ pub(crate) async fn finish(
         error_samples: record.error_samples,
         notes,
         store_connections: run.store_connections,
+        users: None,
         audit,
     })
 }
@@ -1191,6 +1297,8 @@ mod tests {
             "16",
             "--decline-rate",
             "0.1",
+            "--max-per-buyer",
+            "2",
             "--json",
         ]);
         let cli = crate::config::Cli::from_arg_matches(&m).expect("a command");
@@ -1206,6 +1314,7 @@ mod tests {
                 units: 20,
                 abandon_rate: 0.0,
                 decline_rate: 0.1,
+                max_per_buyer: 2,
                 no_gate: false,
             })
         );

@@ -82,6 +82,10 @@ pub struct Summary {
     /// server without the flash-sale routes, straight to checkout.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admission_gate: Option<bool>,
+    /// Flash sale through the gate only: units one buyer could buy (each buyer's cart holds
+    /// one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_per_buyer: Option<u32>,
     pub concurrency: usize,
     pub seed: u64,
     /// SKUs the run created (a flash sale has one; `steady` lists its prefix).
@@ -119,7 +123,29 @@ pub struct Summary {
     /// its `/metrics` before and after; `None` when it does not say).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store_connections: Option<u64>,
+    /// The `users` scenario's own figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub users: Option<UsersFigures>,
     pub audit: AuditOutcome,
+}
+
+/// What only the `users` scenario measures: connections, answers by status, the server.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UsersFigures {
+    pub shoppers: usize,
+    /// Shopper connections open when the timed phase ended (each shopper holds one).
+    pub connections_open_at_end: u64,
+    /// Most shopper connections open at once.
+    pub connections_peak: u64,
+    /// Connections opened again after one closed (an instance stopped, a transport error).
+    pub reconnects: u64,
+    /// Every answer by HTTP status, plus `transport` for calls that got none.
+    pub statuses: BTreeMap<String, u64>,
+    /// Checkouts the service left to expire (the abandoned ones), from `/v1/admin/ops`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkouts_by_state: Option<BTreeMap<String, i64>>,
+    /// Peak resident memory (VmHWM) of each `--server-pid`, in MB.
+    pub server_peak_rss_mb: BTreeMap<u32, f64>,
 }
 
 impl Summary {
@@ -140,6 +166,9 @@ impl fmt::Display for Summary {
         if let Some(gate) = self.admission_gate {
             let through = if gate { "yes" } else { "no" };
             writeln!(f, "  admission gate      {through}")?;
+        }
+        if let Some(limit) = self.max_per_buyer {
+            writeln!(f, "  per-buyer limit     {limit} units")?;
         }
         for note in &self.notes {
             writeln!(f, "  note: {note}")?;
@@ -195,6 +224,29 @@ impl fmt::Display for Summary {
                 f,
                 "  store connections   {connections} during the run ({per_attempt:.2} per attempt)"
             )?;
+        }
+        if let Some(users) = &self.users {
+            writeln!(
+                f,
+                "  connections         {} shoppers: {} open at the end, {} at most, {} reconnects",
+                users.shoppers,
+                users.connections_open_at_end,
+                users.connections_peak,
+                users.reconnects
+            )?;
+            let statuses: Vec<String> = users
+                .statuses
+                .iter()
+                .map(|(status, n)| format!("{status} {n}"))
+                .collect();
+            writeln!(f, "  statuses            {}", statuses.join(", "))?;
+            if let Some(states) = &users.checkouts_by_state {
+                let states: Vec<String> = states.iter().map(|(s, n)| format!("{s} {n}")).collect();
+                writeln!(f, "  checkouts (server)  {}", states.join(", "))?;
+            }
+            for (pid, mb) in &users.server_peak_rss_mb {
+                writeln!(f, "  server peak RSS     pid {pid}: {mb:.1} MB")?;
+            }
         }
         for sample in &self.error_samples {
             writeln!(f, "  error sample        {sample}")?;

@@ -40,6 +40,8 @@ pub struct FlashSaleConfig {
     /// Open a flash sale and send buyers through its admission gate (`false`: straight to
     /// checkout, for comparison).
     pub gate: bool,
+    /// Units one buyer may buy (the sale's `max_per_buyer`).
+    pub max_per_buyer: usize,
 }
 
 /// What one buyer will do once they hold a unit.
@@ -102,7 +104,7 @@ pub async fn run_flash_sale(
     let buyers = set_up_buyers(&api, options, &tag, &sku, config.buyers).await?;
     // The sale opens once every buyer stands ready, as a sale opens at its announced time.
     let gate = if config.gate {
-        open_sale(&api, &sku, config.units).await?
+        open_sale(&api, &sku, config.units, config.max_per_buyer).await?
     } else {
         None
     };
@@ -147,6 +149,9 @@ pub async fn run_flash_sale(
         Finished {
             scenario: "flash-sale",
             admission_gate: Some(gate.is_some()),
+            max_per_buyer: gate
+                .is_some()
+                .then(|| u32::try_from(config.max_per_buyer).unwrap_or(u32::MAX)),
             skus: sku.clone(),
             initial: BTreeMap::from([(sku, units)]),
             record,
@@ -185,8 +190,13 @@ async fn set_up_buyers(
 
 /// Opens the sale behind the admission gate: its id, or `None` on a server without the
 /// flash-sale routes.
-async fn open_sale(api: &Api, sku: &str, units: usize) -> anyhow::Result<Option<String>> {
-    let body = json!({ "sku": sku, "units": units });
+async fn open_sale(
+    api: &Api,
+    sku: &str,
+    units: usize,
+    max_per_buyer: usize,
+) -> anyhow::Result<Option<String>> {
+    let body = json!({ "sku": sku, "units": units, "max_per_buyer": max_per_buyer });
     let answer = api
         .call(
             Method::POST,
@@ -303,6 +313,7 @@ mod tests {
             abandon_rate: 0.05,
             decline_rate: 0.1,
             gate: true,
+            max_per_buyer: 1,
         };
         let a = plans(&config, 7);
         let count = |p: Plan| a.iter().filter(|x| **x == p).count();

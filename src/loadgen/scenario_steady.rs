@@ -126,6 +126,7 @@ pub async fn run_steady(options: &RunOptions, config: &SteadyConfig) -> anyhow::
         Finished {
             scenario: "steady",
             admission_gate: None,
+            max_per_buyer: None,
             skus: label,
             initial: skus
                 .into_iter()

@@ -2,13 +2,14 @@
 //! into the few shapes the checkout acts on.
 //!
 //! Promise 4 (no lost payments): a `payment_intent.*` event moves a checkout on and a
-//! `charge.refunded` event confirms a refund. Stripe adds event types over time and an
+//! `charge.refunded` event confirms a refund; `refund.updated`, `refund.failed` and
+//! `charge.refund.updated` carry a refund whose status settled. Stripe adds event types over time and an
 //! endpoint may be subscribed to more than we handle, so an unknown type is `Other` (answered
 //! 2xx and ignored), while a body that is not an event at all is an error.
 
 use serde::Deserialize;
 
-use super::PaymentIntent;
+use super::{null_as_default, PaymentIntent, Refund};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
@@ -37,6 +38,7 @@ pub enum EventObject {
         amount_refunded: i64,
         refunded: bool,
     },
+    Refund(Refund),
     Other,
 }
 
@@ -65,6 +67,9 @@ impl WebhookEvent {
                     refunded: charge.refunded,
                 }
             }
+            Some("refund") => EventObject::Refund(
+                serde_json::from_value(raw.data.object).map_err(malformed("refund"))?,
+            ),
             _ => EventObject::Other,
         };
         Ok(Self {
@@ -80,6 +85,7 @@ impl WebhookEvent {
         match &self.object {
             EventObject::PaymentIntent(intent) => Some(&intent.id),
             EventObject::Charge { payment_intent, .. } => payment_intent.as_deref(),
+            EventObject::Refund(refund) => refund.payment_intent_id.as_deref(),
             EventObject::Other => None,
         }
     }
@@ -109,15 +115,48 @@ struct RawCharge {
     id: String,
     #[serde(default)]
     payment_intent: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     amount_refunded: i64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     refunded: bool,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::payments::RefundOutcome;
+
+    #[test]
+    fn refund_events_carry_the_refund_read_tolerantly() {
+        for (status, outcome) in [
+            (r#""succeeded""#, RefundOutcome::Succeeded),
+            (r#""failed""#, RefundOutcome::Failed),
+            (r#""canceled""#, RefundOutcome::Failed),
+            (r#""pending""#, RefundOutcome::Pending),
+            (r#""requires_action""#, RefundOutcome::Pending),
+            ("null", RefundOutcome::Pending),
+            (r#""a_status_stripe_adds_later""#, RefundOutcome::Pending),
+        ] {
+            let body = format!(
+                r#"{{"id": "evt_r", "object": "event", "created": 3, "type": "refund.updated",
+                "data": {{"object": {{"id": "re_1", "object": "refund", "amount": 1999,
+                "payment_intent": "pi_1", "status": {status}, "charge": null, "reason": null,
+                "metadata": null, "destination_details": {{"type": "card"}}}}}}}}"#
+            );
+            let event = WebhookEvent::parse(body.as_bytes()).expect("parses");
+            let EventObject::Refund(refund) = &event.object else {
+                panic!("a refund: {event:?}")
+            };
+            assert_eq!(refund.outcome(), outcome, "{status}");
+            assert_eq!(event.payment_intent_id(), Some("pi_1"));
+        }
+        // Stripe's spec has payment_intent nullable too.
+        let body = br#"{"id": "evt_r", "object": "event", "created": 3, "type": "refund.failed",
+            "data": {"object": {"id": "re_1", "object": "refund", "amount": 5,
+            "payment_intent": null, "status": "failed"}}}"#;
+        let event = WebhookEvent::parse(body).expect("parses");
+        assert_eq!(event.payment_intent_id(), None);
+    }
     use crate::payments::IntentStatus;
 
     #[test]

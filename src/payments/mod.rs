@@ -93,13 +93,22 @@ impl IntentStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decline {
     /// e.g. `card_declined`, `payment_intent_authentication_failure`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub code: String,
     /// e.g. `generic_decline`, `insufficient_funds`; only card declines carry one.
     #[serde(default)]
     pub decline_code: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub message: String,
+}
+
+/// Reads a field Stripe may send as `null` (or leave out) as its default value.
+pub(crate) fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// The fields of a Stripe PaymentIntent that the checkout needs. Stripe sends many more; they
@@ -112,7 +121,7 @@ pub struct PaymentIntent {
     pub currency: String,
     #[serde(default)]
     pub client_secret: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub metadata: BTreeMap<String, String>,
     #[serde(default)]
     pub last_payment_error: Option<Decline>,
@@ -228,14 +237,41 @@ pub struct RefundRequest {
     pub idempotency_key: String,
 }
 
+/// A Stripe refund (<https://docs.stripe.com/api/refunds/object>), read tolerantly: Stripe's
+/// spec has `status` and `payment_intent` nullable, and unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refund {
     pub id: String,
-    #[serde(rename = "payment_intent")]
-    pub payment_intent_id: String,
+    #[serde(rename = "payment_intent", default)]
+    pub payment_intent_id: Option<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
     pub amount: i64,
-    /// `pending`, `succeeded`, `failed`, ... as Stripe reports it.
-    pub status: String,
+    /// `pending`, `requires_action`, `succeeded`, `failed` or `canceled` as Stripe reports it;
+    /// `None` when Stripe sent `null`.
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
+/// Where a refund stands, as far as the order is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefundOutcome {
+    /// The money went back.
+    Succeeded,
+    /// The money did not go back (`failed`, `canceled`): the order stays paid.
+    Failed,
+    /// Not settled yet (`pending`, `requires_action`, `null` or a status we do not know):
+    /// Stripe reports the end with `refund.updated` / `refund.failed`.
+    Pending,
+}
+
+impl Refund {
+    pub fn outcome(&self) -> RefundOutcome {
+        match self.status.as_deref() {
+            Some("succeeded") => RefundOutcome::Succeeded,
+            Some("failed" | "canceled") => RefundOutcome::Failed,
+            _ => RefundOutcome::Pending,
+        }
+    }
 }
 
 /// What went wrong talking to the gateway, in terms of what the caller may do next.
@@ -287,6 +323,9 @@ pub trait PaymentGateway: Send + Sync + 'static {
     ) -> Result<PaymentIntent, GatewayError>;
 
     async fn refund(&self, req: &RefundRequest) -> Result<Refund, GatewayError>;
+
+    /// A refund as the gateway holds it now (for the audit).
+    async fn retrieve_refund(&self, refund_id: &str) -> Result<Refund, GatewayError>;
 
     /// Every PaymentIntent whose metadata.checkout_id is this checkout (for the audit: at most
     /// one succeeded).

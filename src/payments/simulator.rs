@@ -74,7 +74,8 @@ impl Ledger {
     pub fn refunded(&self, payment_intent_id: &str) -> i64 {
         self.refunds
             .iter()
-            .filter(|r| r.payment_intent_id == payment_intent_id)
+            .filter(|r| r.payment_intent_id.as_deref() == Some(payment_intent_id))
+            .filter(|r| r.outcome() != super::RefundOutcome::Failed)
             .map(|r| r.amount)
             .sum()
     }
@@ -96,6 +97,9 @@ struct State {
     /// The charge a succeeded intent made, named in `charge.refunded` events.
     charges: HashMap<String, String>,
     refunds: Vec<Refund>,
+    /// The status new refunds answer with: `None` means Stripe's `null`; by default
+    /// `succeeded`.
+    refund_status: Option<Option<String>>,
     idempotency: HashMap<String, Remembered>,
     events: Vec<SimulatedEvent>,
     webhook: Option<mpsc::UnboundedSender<SimulatedEvent>>,
@@ -142,6 +146,12 @@ fn test_card(payment_method: &str) -> Option<TestCard> {
 impl StripeSimulator {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// New refunds answer with this status (`pending`, `failed`, `None` for `null`) instead
+    /// of `succeeded`, as Stripe may; no `charge.refunded` event follows them.
+    pub fn answer_refunds_with(&self, status: Option<&str>) {
+        self.state().refund_status = Some(status.map(str::to_owned));
     }
 
     /// A snapshot of every PaymentIntent and refund so far.
@@ -320,7 +330,8 @@ impl State {
         let already: i64 = self
             .refunds
             .iter()
-            .filter(|r| r.payment_intent_id == intent.id)
+            .filter(|r| r.payment_intent_id.as_deref() == Some(intent.id.as_str()))
+            .filter(|r| r.outcome() != super::RefundOutcome::Failed)
             .map(|r| r.amount)
             .sum();
         let remaining = intent.amount - already;
@@ -345,11 +356,17 @@ impl State {
         }
         let refund = Refund {
             id: new_id("re"),
-            payment_intent_id: intent.id.clone(),
+            payment_intent_id: Some(intent.id.clone()),
             amount,
-            status: "succeeded".into(),
+            status: self
+                .refund_status
+                .clone()
+                .unwrap_or_else(|| Some("succeeded".into())),
         };
         self.refunds.push(refund.clone());
+        if refund.outcome() != super::RefundOutcome::Succeeded {
+            return Ok(Answer::Refund(refund));
+        }
         let charge_id = self.charges.get(&intent.id).cloned().unwrap_or_default();
         let refunded = already + amount;
         self.emit(
@@ -576,6 +593,15 @@ impl PaymentGateway for StripeSimulator {
         }
     }
 
+    async fn retrieve_refund(&self, refund_id: &str) -> Result<Refund, GatewayError> {
+        self.state()
+            .refunds
+            .iter()
+            .find(|r| r.id == refund_id)
+            .cloned()
+            .ok_or_else(|| invalid("resource_missing", format!("No such refund: '{refund_id}'")))
+    }
+
     async fn intents_for_checkout(
         &self,
         checkout_id: CheckoutId,
@@ -754,6 +780,39 @@ mod tests {
         let first = a.create_and_confirm(&req).await.unwrap();
         let second = b.create_and_confirm(&req).await.unwrap();
         assert_ne!(first.payment_intent_id(), second.payment_intent_id());
+    }
+
+    #[tokio::test]
+    async fn refunds_answer_pending_failed_or_null_as_stripe_may() {
+        let sim = StripeSimulator::new();
+        for (status, key) in [
+            (Some("pending"), "r-1"),
+            (Some("failed"), "r-2"),
+            (None, "r-3"),
+        ] {
+            sim.answer_refunds_with(status);
+            let intent = succeeded_charge(&sim, 900).await;
+            let events_before = sim.events().len();
+            let refund = sim.refund(&refund(&intent, None, key)).await.unwrap();
+            assert_eq!(refund.status.as_deref(), status);
+            assert_eq!(
+                sim.events().len(),
+                events_before,
+                "no charge.refunded for an unsettled refund"
+            );
+            let retrieved = sim.retrieve_refund(&refund.id).await.unwrap();
+            assert_eq!(retrieved, refund);
+        }
+        // A failed refund gave nothing back: the whole amount may be refunded again.
+        sim.answer_refunds_with(Some("failed"));
+        let intent = succeeded_charge(&sim, 700).await;
+        sim.refund(&refund(&intent, None, "f-1")).await.unwrap();
+        sim.answer_refunds_with(Some("succeeded"));
+        let again = sim.refund(&refund(&intent, None, "f-2")).await.unwrap();
+        assert_eq!(
+            (again.amount, again.status.as_deref()),
+            (700, Some("succeeded"))
+        );
     }
 
     #[tokio::test]

@@ -381,6 +381,12 @@ impl PaymentGateway for StripeGateway {
         Ok(self.get(&path, &[]).await?)
     }
 
+    #[tracing::instrument(skip_all, fields(gateway = "stripe", refund_id = %refund_id))]
+    async fn retrieve_refund(&self, refund_id: &str) -> Result<Refund, GatewayError> {
+        let path = format!("/v1/refunds/{}", path_id(refund_id)?);
+        Ok(self.get(&path, &[]).await?)
+    }
+
     #[tracing::instrument(skip_all, fields(
         gateway = "stripe",
         payment_intent_id = %payment_intent_id,

@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::domain::{CartId, CartStatus, Checkout, CheckoutId, Money};
 
-use super::{order_total, NewCheckout, PricedLine, Shortfall, Store, StoreError};
+use super::{
+    governing_sale, order_total, Governed, NewCheckout, PricedLine, Shortfall, Store, StoreError,
+};
 
 /// One request of a batch as the store found it under the locks.
 pub(crate) struct Candidate {
@@ -23,6 +25,8 @@ pub(crate) enum Planned {
     Grant {
         lines: Vec<PricedLine>,
         total: Money,
+        /// The sale the lines fall under ([`governing_sale`]).
+        governed: Governed,
     },
     Refuse(StoreError),
 }
@@ -109,6 +113,10 @@ fn decide(
         Ok(total) => total,
         Err(e) => return Planned::Refuse(e),
     };
+    let governed = match governing_sale(new, &candidate.lines) {
+        Ok(governed) => governed,
+        Err(e) => return Planned::Refuse(e),
+    };
     let short: Vec<Shortfall> = candidate
         .lines
         .iter()
@@ -125,6 +133,7 @@ fn decide(
         Planned::Grant {
             lines: candidate.lines,
             total,
+            governed,
         }
     } else {
         Planned::Refuse(StoreError::InsufficientStock(short))
@@ -147,6 +156,8 @@ mod tests {
             max_lifetime: chrono::Duration::seconds(600),
             flash_sale: None,
             idempotency_key: None,
+            flash_sale_units: 0,
+            open_sales: Vec::new(),
         }
     }
 

@@ -9,7 +9,14 @@ macro_rules! checkout_columns {
     () => {
         "id, customer_id, cart_id, order_id, state, total_amount, currency, expires_at, \
          max_expires_at, created_at, attempt, payment_intent_id, client_secret, decline_code, \
-         payment_method, refund_due, flash_sale_id"
+         payment_method, refund_due, flash_sale_id, flash_sale_units"
+    };
+}
+
+/// The flash-sale columns, as a literal for `concat!`.
+macro_rules! flash_sale_columns {
+    () => {
+        "id, sku, units, starts_at, ends_at, reservation_ttl_ms, max_per_buyer"
     };
 }
 
@@ -85,6 +92,15 @@ pub enum StoreError {
     OrderState(crate::domain::OrderStatus),
     #[error("this flash-sale admission already holds a live checkout")]
     AdmissionInUse,
+    /// A line of a sale's SKU without that sale's admission (the cart changed after the gate
+    /// decided, or no token was given): nothing was reserved.
+    #[error("this cart holds a flash-sale item: a valid admission token is required")]
+    AdmissionRequired,
+    #[error("a checkout may hold items of one flash sale only")]
+    OneSalePerCheckout,
+    /// The sale SKU's line asks for more units than the buyer may have.
+    #[error("more units of a flash-sale item than this buyer may have")]
+    FlashSaleLimit(SaleLimit),
     /// The catalogue price of a line changed again and again while the checkout was being
     /// reserved; nothing was reserved and the customer may simply try again.
     #[error("a price changed while checking out")]
@@ -134,6 +150,21 @@ pub struct Shortfall {
     pub available: i64,
 }
 
+/// A sale-SKU line above what its buyer may have, as shown to the customer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SaleLimit {
+    pub sku: Sku,
+    pub requested: u32,
+    pub limit: u32,
+}
+
+/// A sale open when a checkout starts: lines of its SKU need its admission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenSale {
+    pub id: FlashSaleId,
+    pub sku: Sku,
+}
+
 /// Everything `reserve_checkout` needs; ids are chosen by the caller so a retry can be
 /// recognised.
 #[derive(Debug, Clone)]
@@ -151,7 +182,26 @@ pub struct NewCheckout {
     /// checkout on the key's row (`idempotency_created`), so a retry after a crash between the
     /// commit and the stored answer finds the checkout instead of a claimed cart.
     pub idempotency_key: Option<String>,
+    /// Units of the sale's SKU the admission holds in the gate.
+    pub flash_sale_units: u32,
+    /// The sales open at `now`: the reservation checks its own lines against them
+    /// ([`governing_sale`]).
+    pub open_sales: Vec<OpenSale>,
 }
+
+/// A checkout of a flash sale as the gate is rebuilt from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaleCheckout {
+    pub id: CheckoutId,
+    pub customer_id: CustomerId,
+    pub state: CheckoutState,
+    /// Units of the sale's SKU it holds or bought.
+    pub units: u32,
+    pub max_expires_at: DateTime<Utc>,
+}
+
+pub(crate) const SALE_CHECKOUTS_SQL: &str = "SELECT id, customer_id, state, flash_sale_units, \
+     max_expires_at FROM checkouts WHERE flash_sale_id = $1";
 
 /// Who is driving a checkout, and until when.
 #[derive(Debug, Clone, Copy)]
@@ -435,6 +485,27 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError>;
 
+    /// The gateway took the refund but has not settled it (`pending`, or a `null` status): the
+    /// money is no longer due (the refund exists, recovery must not ask again), the order
+    /// stays paid with `refund_status = 'pending'` and nothing goes back to stock yet. Changes
+    /// nothing on a checkout already refunded.
+    async fn record_refund_pending(
+        &self,
+        id: CheckoutId,
+        refund_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError>;
+    /// The gateway did not give the money back (`failed`, `canceled`): the order stays paid,
+    /// flagged `refund_status = 'failed'` for an operator. Changes nothing on a checkout
+    /// already refunded.
+    async fn record_refund_failed(
+        &self,
+        id: CheckoutId,
+        refund_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError>;
+    /// The checkout whose refund this is, by the refund id recorded with it.
+    async fn checkout_for_refund(&self, refund_id: &str) -> Result<Option<CheckoutId>, StoreError>;
     /// An admin refund of a paid order: its checkout's money is due back (the refund itself
     /// runs through the gateway, then `record_refunded`, crash-safe via recovery).
     async fn request_refund(
@@ -492,6 +563,9 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
     async fn flash_sale(&self, id: FlashSaleId) -> Result<Option<FlashSale>, StoreError>;
     /// Every sale not yet ended at `now` (few at a time; cached by the caller).
     async fn current_flash_sales(&self, now: DateTime<Utc>) -> Result<Vec<FlashSale>, StoreError>;
+    /// Every checkout of a sale, read in one statement: what the admission gate is loaded
+    /// from after a restart or lost Redis keys (DESIGN §5).
+    async fn sale_checkouts(&self, sale: FlashSaleId) -> Result<Vec<SaleCheckout>, StoreError>;
 
     // Orders.
     async fn order(&self, customer: CustomerId, id: OrderId) -> Result<Option<Order>, StoreError>;
@@ -604,6 +678,93 @@ pub(crate) fn priced_in_lock_order(
             })
         })
         .collect()
+}
+
+/// The sale a checkout's lines fall under, with the units of its SKU: `None` when no line is
+/// of an open sale's SKU. Lines of two sales cannot share a checkout (each needs its own
+/// admission). One rule for the service's first look at the cart and for the reservation,
+/// which applies it to the lines it reads in its own transaction.
+pub fn sale_line<'a>(
+    lines: impl IntoIterator<Item = (&'a Sku, u32)>,
+    open_sales: &[OpenSale],
+) -> Result<Option<(FlashSaleId, Sku, u32)>, StoreError> {
+    let mut found: Option<(FlashSaleId, Sku, u32)> = None;
+    for (sku, quantity) in lines {
+        let Some(sale) = open_sales.iter().find(|sale| &sale.sku == sku) else {
+            continue;
+        };
+        match &mut found {
+            None => found = Some((sale.id, sku.clone(), quantity)),
+            Some((id, _, units)) if *id == sale.id => *units = units.saturating_add(quantity),
+            Some(_) => return Err(StoreError::OneSalePerCheckout),
+        }
+    }
+    Ok(found)
+}
+
+/// What a reservation records about its sale: the sale and the units of its SKU it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Governed {
+    pub sale: Option<FlashSaleId>,
+    pub units: u32,
+}
+
+/// Inside the reservation's transaction, on the lines it is about to reserve: a line of an
+/// open sale's SKU needs that sale's admission and at most the units the admission holds.
+/// Otherwise the reservation fails and rolls back, so nothing of a sale SKU is ever reserved
+/// without its admission (a line added while the checkout started included). An admission
+/// whose cart no longer holds the sale's SKU reserves as a plain checkout. Both stores call
+/// this on the lines they locked; a one-statement reservation can express the same rule as
+/// a join of the lines with the open sales.
+pub(crate) fn governing_sale(
+    new: &NewCheckout,
+    lines: &[PricedLine],
+) -> Result<Governed, StoreError> {
+    let line = sale_line(
+        lines.iter().map(|line| (&line.sku, line.quantity.get())),
+        &new.open_sales,
+    )?;
+    let Some((sale, sku, units)) = line else {
+        return Ok(Governed::default());
+    };
+    if new.flash_sale != Some(sale) {
+        return Err(StoreError::AdmissionRequired);
+    }
+    if units > new.flash_sale_units {
+        return Err(StoreError::FlashSaleLimit(SaleLimit {
+            sku,
+            requested: units,
+            limit: new.flash_sale_units,
+        }));
+    }
+    Ok(Governed {
+        sale: Some(sale),
+        units,
+    })
+}
+
+/// The one-live-checkout-per-admission index, by name.
+const ADMISSION_INDEX: &str = "checkouts_one_live_per_admission";
+
+/// A checkout insert that violates the admission index is a second live checkout of one
+/// admission (`AdmissionInUse`); any other failure, another unique violation included, stays
+/// what it is. One rule for both stores: PostgreSQL names the violated index, SQLite names
+/// its columns (`checkouts.flash_sale_id, checkouts.customer_id`).
+pub(crate) fn admission_in_use(e: sqlx::Error) -> StoreError {
+    let admission = match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            db.constraint() == Some(ADMISSION_INDEX)
+                || db
+                    .message()
+                    .ends_with("checkouts.flash_sale_id, checkouts.customer_id")
+        }
+        _ => false,
+    };
+    if admission {
+        StoreError::AdmissionInUse
+    } else {
+        e.into()
+    }
 }
 
 /// What a guarded reservation found when a line did not fit: the row as it is now.
@@ -758,6 +919,9 @@ pub struct CheckoutAuditRow {
     pub refund_due: bool,
     pub expires_at: DateTime<Utc>,
     pub lease_until: Option<DateTime<Utc>>,
+    /// The gateway's refund recorded with the checkout, and the order's `refund_status`.
+    pub refund_id: Option<String>,
+    pub refund_status: Option<String>,
     /// `order.paid` outbox rows of its order, and how many of them are still unpublished.
     pub paid_events: i64,
     pub unpublished_events: i64,
@@ -765,7 +929,7 @@ pub struct CheckoutAuditRow {
 }
 
 pub(crate) const CHECKOUT_AUDIT_SQL: &str = "SELECT c.id, c.state, c.refund_due, c.expires_at, \
-     c.lease_until, o.status AS order_status, \
+     c.lease_until, o.status AS order_status, c.refund_id, o.refund_status, \
      (SELECT COUNT(*) FROM outbox x WHERE x.order_id = o.id AND x.topic = 'order.paid') AS paid_events, \
      (SELECT COUNT(*) FROM outbox x WHERE x.order_id = o.id AND x.topic = 'order.paid' \
         AND x.published_at IS NULL) AS unpublished_events, \
@@ -784,7 +948,8 @@ pub(crate) const INVENTORY_AUDIT_SQL: &str = "SELECT p.sku, p.stock, p.reserved,
      FROM products p ORDER BY p.sku";
 
 pub(crate) const ORDER_COLUMNS: &str =
-    "id, customer_id, checkout_id, status, total_amount, currency, payment_intent_id, created_at, seq";
+    "id, customer_id, checkout_id, status, total_amount, currency, payment_intent_id, created_at, seq, \
+     refund_status";
 
 pub(crate) fn cart_must_be_open(status: &str) -> Result<(), StoreError> {
     match CartStatus::parse(status) {

@@ -24,11 +24,12 @@ use crate::domain::{
 use super::group;
 use super::rows::{self, row_decoders};
 use super::{
-    attach_lines, cart_must_be_open, check_patch, order_paid_event, order_total, page_of,
-    priced_in_lock_order, reserve_retrying, schema_is_current, to_millis, unclaimed_cart,
+    admission_in_use, attach_lines, cart_must_be_open, check_patch, order_paid_event, order_total,
+    page_of, priced_in_lock_order, reserve_retrying, schema_is_current, to_millis, unclaimed_cart,
     Acquisitions, ChargeTicket, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, Released,
-    Retry, Shortfall, Store, StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS,
-    IDEMPOTENCY_RENEW, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
+    Retry, SaleCheckout, SaleLimit, Shortfall, Store, StoreError, StoreKind, StoredKey, WantedLine,
+    CHECKOUT_COLUMNS, IDEMPOTENCY_RENEW, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
+    SALE_CHECKOUTS_SQL,
 };
 
 mod decode {
@@ -195,6 +196,40 @@ impl PgStore {
         Ok(units)
     }
 
+    /// A refund the gateway took without giving the money back yet (`pending`) or at all
+    /// (`failed`): no longer due, the order stays paid and carries `status` as its
+    /// `refund_status`. A refunded checkout stays as it is.
+    async fn record_unsettled_refund(
+        &self,
+        id: CheckoutId,
+        refund_id: &str,
+        status: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = Self::lock_checkout(&mut tx, id).await?;
+        if current.state == CheckoutState::Refunded {
+            return Ok(current);
+        }
+        let row = sqlx::query(&format!(
+            "UPDATE checkouts SET refund_due = FALSE, refund_id = $2, lease_owner = NULL, \
+             lease_until = NULL, updated_at = $3 WHERE id = $1 RETURNING {CHECKOUT_COLUMNS}"
+        ))
+        .bind(id.uuid())
+        .bind(refund_id)
+        .bind(to_millis(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE orders SET refund_status = $2, updated_at = $3 WHERE id = $1")
+            .bind(current.order_id.uuid())
+            .bind(status)
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        decode::checkout(&row)
+    }
+
     async fn lock_checkout(
         tx: &mut Transaction<'_, Postgres>,
         id: CheckoutId,
@@ -307,9 +342,19 @@ impl PgStore {
         &self,
         batch: &[NewCheckout],
     ) -> Result<Result<Vec<Result<Checkout, StoreError>>, Retry>, StoreError> {
+        // Each request's open sales, flattened: (its 1-based place, sale id, SKU).
+        let mut open: (Vec<i32>, Vec<Uuid>, Vec<String>) = Default::default();
+        for (place, new) in (1..).zip(batch) {
+            for sale in &new.open_sales {
+                open.0.push(place);
+                open.1.push(sale.id.uuid());
+                open.2.push(sale.sku.to_string());
+            }
+        }
         let rows = sqlx::query(
             "SELECT * FROM hf_reserve_checkouts($1::UUID[], $2::UUID[], $3::UUID[], $4::UUID[], \
-             $5::UUID[], $6, $7::BIGINT[], $8::BIGINT[], $9::TEXT[])",
+             $5::UUID[], $6, $7::BIGINT[], $8::BIGINT[], $9::TEXT[], $10::BIGINT[], $11::INT[], \
+             $12::UUID[], $13::TEXT[])",
         )
         .bind(batch.iter().map(|n| n.id.uuid()).collect::<Vec<_>>())
         .bind(batch.iter().map(|n| n.order_id.uuid()).collect::<Vec<_>>())
@@ -345,6 +390,15 @@ impl PgStore {
                 .map(|n| n.idempotency_key.clone())
                 .collect::<Vec<_>>(),
         )
+        .bind(
+            batch
+                .iter()
+                .map(|n| i64::from(n.flash_sale_units))
+                .collect::<Vec<_>>(),
+        )
+        .bind(&open.0)
+        .bind(&open.1)
+        .bind(&open.2)
         .fetch_all(&self.pool)
         .await;
         let rows = match rows {
@@ -366,6 +420,7 @@ impl PgStore {
         }
         Ok(Ok(rows.iter().map(decode_reserved).collect()))
     }
+
     async fn order_lines(
         &self,
         customer: CustomerId,
@@ -392,20 +447,7 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
-/// A second live checkout of one flash-sale admission is refused by its unique index.
-fn admission_in_use(e: sqlx::Error) -> StoreError {
-    match &e {
-        sqlx::Error::Database(db)
-            if db.is_unique_violation()
-                && db.constraint() == Some("checkouts_one_live_per_admission") =>
-        {
-            StoreError::AdmissionInUse
-        }
-        _ => e.into(),
-    }
-}
-
-/// SQLSTATEs raised by `hf_reserve_checkouts` (migration 0004).
+/// SQLSTATEs raised by `hf_reserve_checkouts` (migration 0022).
 const PRICE_MOVED: &str = "HF001";
 const GUARD_MISSED: &str = "HF002";
 
@@ -422,6 +464,9 @@ fn decode_reserved(row: &PgRow) -> Result<Checkout, StoreError> {
         "cart_missing" => Err(StoreError::NotFound("cart")),
         "cart_status" => Err(unclaimed_cart(details()?.as_str())),
         "cart_empty" => Err(StoreError::CartEmpty),
+        "one_sale_per_checkout" => Err(StoreError::OneSalePerCheckout),
+        "admission_required" => Err(StoreError::AdmissionRequired),
+        "flash_sale_limit" => Err(StoreError::FlashSaleLimit(decode_sale_limit(details()?)?)),
         "insufficient_stock" => Err(StoreError::InsufficientStock(
             decode_shortfalls(details()?)?,
         )),
@@ -436,6 +481,24 @@ fn decode_reserved(row: &PgRow) -> Result<Checkout, StoreError> {
             "reservation outcome {other:?}"
         ))),
     }
+}
+
+fn decode_sale_limit(details: serde_json::Value) -> Result<SaleLimit, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Limit {
+        sku: String,
+        requested: i64,
+        limit: i64,
+    }
+    let limit: Limit = serde_json::from_value(details)
+        .map_err(|e| StoreError::Corrupt(format!("sale limit: {e}")))?;
+    let units =
+        |n: i64| u32::try_from(n).map_err(|_| StoreError::Corrupt(format!("sale units {n}")));
+    Ok(SaleLimit {
+        sku: rows::sku(&limit.sku)?,
+        requested: units(limit.requested)?,
+        limit: units(limit.limit)?,
+    })
 }
 
 fn decode_shortfalls(details: serde_json::Value) -> Result<Vec<Shortfall>, StoreError> {
@@ -1342,8 +1405,8 @@ impl Store for PgStore {
         .fetch_one(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE orders SET status = 'refunded', payment_intent_id = $2, updated_at = $3 \
-             WHERE id = $1",
+            "UPDATE orders SET status = 'refunded', payment_intent_id = $2, updated_at = $3, \
+             refund_status = 'succeeded' WHERE id = $1",
         )
         .bind(current.order_id.uuid())
         .bind(current.payment_intent_id.as_deref())
@@ -1352,6 +1415,34 @@ impl Store for PgStore {
         .await?;
         tx.commit().await?;
         decode::checkout(&row)
+    }
+
+    async fn record_refund_pending(
+        &self,
+        id: CheckoutId,
+        refund_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError> {
+        self.record_unsettled_refund(id, refund_id, "pending", now)
+            .await
+    }
+
+    async fn record_refund_failed(
+        &self,
+        id: CheckoutId,
+        refund_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError> {
+        self.record_unsettled_refund(id, refund_id, "failed", now)
+            .await
+    }
+
+    async fn checkout_for_refund(&self, refund_id: &str) -> Result<Option<CheckoutId>, StoreError> {
+        let id: Option<Uuid> = sqlx::query_scalar("SELECT id FROM checkouts WHERE refund_id = $1")
+            .bind(refund_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(id.map(CheckoutId::from_uuid))
     }
 
     async fn request_refund(
@@ -1588,11 +1679,12 @@ impl Store for PgStore {
                 available,
             });
         }
-        let row = sqlx::query(
+        let row = sqlx::query(concat!(
             "INSERT INTO flash_sales (id, product_id, sku, units, starts_at, ends_at, \
-             reservation_ttl_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             RETURNING id, sku, units, starts_at, ends_at, reservation_ttl_ms",
-        )
+             reservation_ttl_ms, created_at, max_per_buyer) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING ",
+            flash_sale_columns!()
+        ))
         .bind(sale.id.uuid())
         .bind(product)
         .bind(sale.sku.as_str())
@@ -1601,6 +1693,7 @@ impl Store for PgStore {
         .bind(sale.ends_at.map(to_millis))
         .bind(sale.reservation_ttl.num_milliseconds())
         .bind(to_millis(now))
+        .bind(i64::from(sale.max_per_buyer))
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -1608,10 +1701,11 @@ impl Store for PgStore {
     }
 
     async fn flash_sale(&self, id: FlashSaleId) -> Result<Option<FlashSale>, StoreError> {
-        sqlx::query(
-            "SELECT id, sku, units, starts_at, ends_at, reservation_ttl_ms FROM flash_sales \
-             WHERE id = $1",
-        )
+        sqlx::query(concat!(
+            "SELECT ",
+            flash_sale_columns!(),
+            " FROM flash_sales WHERE id = $1"
+        ))
         .bind(id.uuid())
         .fetch_optional(&self.pool)
         .await?
@@ -1621,16 +1715,27 @@ impl Store for PgStore {
     }
 
     async fn current_flash_sales(&self, now: DateTime<Utc>) -> Result<Vec<FlashSale>, StoreError> {
-        sqlx::query(
-            "SELECT id, sku, units, starts_at, ends_at, reservation_ttl_ms FROM flash_sales \
-             WHERE ends_at IS NULL OR ends_at > $1 ORDER BY starts_at",
-        )
+        sqlx::query(concat!(
+            "SELECT ",
+            flash_sale_columns!(),
+            " FROM flash_sales WHERE ends_at IS NULL OR ends_at > $1 ORDER BY starts_at"
+        ))
         .bind(to_millis(now))
         .fetch_all(&self.pool)
         .await?
         .iter()
         .map(decode::flash_sale)
         .collect()
+    }
+
+    async fn sale_checkouts(&self, sale: FlashSaleId) -> Result<Vec<SaleCheckout>, StoreError> {
+        sqlx::query(SALE_CHECKOUTS_SQL)
+            .bind(sale.uuid())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(decode::sale_checkout)
+            .collect()
     }
 
     async fn order(&self, customer: CustomerId, id: OrderId) -> Result<Option<Order>, StoreError> {

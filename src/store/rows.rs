@@ -20,6 +20,11 @@ pub(super) fn quantity(raw: i64) -> Result<Quantity, StoreError> {
     Quantity::new(raw).map_err(|_| StoreError::Corrupt(format!("quantity {raw}")))
 }
 
+/// A stored count of units (`what` names it in the error).
+pub(super) fn units(raw: i64, what: &str) -> Result<u32, StoreError> {
+    u32::try_from(raw).map_err(|_| StoreError::Corrupt(format!("{what} {raw}")))
+}
+
 macro_rules! row_decoders {
     ($row:ty) => {
         use sqlx::Row as _;
@@ -28,7 +33,7 @@ macro_rules! row_decoders {
             CartId, CartLine, Checkout, CheckoutId, CheckoutState, Customer, CustomerId, Order,
             OrderId, OrderLine, OrderStatus, Product,
         };
-        use crate::store::rows::{money, quantity, sku};
+        use crate::store::rows::{money, quantity, sku, units};
         use crate::store::{from_millis, StoreError};
 
         pub(super) fn customer(row: &$row) -> Result<Customer, StoreError> {
@@ -78,6 +83,7 @@ macro_rules! row_decoders {
                 flash_sale_id: row
                     .try_get::<Option<uuid::Uuid>, _>("flash_sale_id")?
                     .map(crate::domain::FlashSaleId::from_uuid),
+                flash_sale_units: units(row.try_get("flash_sale_units")?, "sale units")?,
             })
         }
 
@@ -98,13 +104,24 @@ macro_rules! row_decoders {
             })
         }
 
+        pub(super) fn sale_checkout(row: &$row) -> Result<crate::store::SaleCheckout, StoreError> {
+            let state: String = row.try_get("state")?;
+            Ok(crate::store::SaleCheckout {
+                id: CheckoutId::from_uuid(row.try_get("id")?),
+                customer_id: CustomerId::from_uuid(row.try_get("customer_id")?),
+                state: CheckoutState::parse(&state)
+                    .ok_or_else(|| StoreError::Corrupt(format!("checkout state {state:?}")))?,
+                units: units(row.try_get("flash_sale_units")?, "sale units")?,
+                max_expires_at: from_millis(row.try_get("max_expires_at")?)?,
+            })
+        }
+
         pub(super) fn flash_sale(row: &$row) -> Result<crate::domain::FlashSale, StoreError> {
-            let units: i64 = row.try_get("units")?;
             Ok(crate::domain::FlashSale {
                 id: crate::domain::FlashSaleId::from_uuid(row.try_get("id")?),
                 sku: sku(row.try_get("sku")?)?,
-                units: u32::try_from(units)
-                    .map_err(|_| StoreError::Corrupt(format!("sale units {units}")))?,
+                units: units(row.try_get("units")?, "sale units")?,
+                max_per_buyer: units(row.try_get("max_per_buyer")?, "per-buyer limit")?,
                 starts_at: from_millis(row.try_get("starts_at")?)?,
                 ends_at: row
                     .try_get::<Option<i64>, _>("ends_at")?
@@ -131,6 +148,8 @@ macro_rules! row_decoders {
                     .try_get::<Option<i64>, _>("lease_until")?
                     .map(from_millis)
                     .transpose()?,
+                refund_id: row.try_get("refund_id")?,
+                refund_status: row.try_get("refund_status")?,
                 paid_events: row.try_get("paid_events")?,
                 unpublished_events: row.try_get("unpublished_events")?,
                 oldest_unpublished: row
@@ -166,6 +185,7 @@ macro_rules! row_decoders {
                 lines: Vec::new(),
                 payment_intent_id: row.try_get("payment_intent_id")?,
                 created_at: from_millis(row.try_get("created_at")?)?,
+                refund_status: row.try_get("refund_status")?,
             })
         }
 

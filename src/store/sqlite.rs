@@ -26,12 +26,13 @@ use crate::domain::{
 use super::group::{self, Candidate, Planned};
 use super::rows::{self, row_decoders};
 use super::{
-    all_matched, attach_lines, cart_must_be_open, check_patch, judge_misses, order_paid_event,
-    order_total, page_of, priced_in_lock_order, reserve_retrying, schema_is_current, to_millis,
-    unclaimed_cart, Acquisitions, ChargeTicket, Guarded, IdempotencyStart, InventoryRow, Lease,
-    NewCheckout, Page, PricedLine, Released, Retry, RowNow, Store, StoreError, StoreKind,
-    StoredKey, WantedLine, CHECKOUT_COLUMNS, IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW,
-    INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
+    admission_in_use, all_matched, attach_lines, cart_must_be_open, check_patch, governing_sale,
+    judge_misses, order_paid_event, order_total, page_of, priced_in_lock_order, reserve_retrying,
+    schema_is_current, to_millis, unclaimed_cart, Acquisitions, ChargeTicket, Governed, Guarded,
+    IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine, Released, Retry, RowNow,
+    SaleCheckout, Store, StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS,
+    IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
+    SALE_CHECKOUTS_SQL,
 };
 
 mod decode {
@@ -220,6 +221,40 @@ impl SqliteStore {
         Ok(units)
     }
 
+    /// A refund the gateway took without giving the money back yet (`pending`) or at all
+    /// (`failed`): no longer due, the order stays paid and carries `status` as its
+    /// `refund_status`. A refunded checkout stays as it is.
+    async fn record_unsettled_refund(
+        &self,
+        id: CheckoutId,
+        refund_id: &str,
+        status: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = Self::lock_checkout(&mut tx, id).await?;
+        if current.state == CheckoutState::Refunded {
+            return Ok(current);
+        }
+        let row = sqlx::query(&format!(
+            "UPDATE checkouts SET refund_due = FALSE, refund_id = $2, lease_owner = NULL, \
+             lease_until = NULL, updated_at = $3 WHERE id = $1 RETURNING {CHECKOUT_COLUMNS}"
+        ))
+        .bind(id.uuid())
+        .bind(refund_id)
+        .bind(to_millis(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE orders SET refund_status = $2, updated_at = $3 WHERE id = $1")
+            .bind(current.order_id.uuid())
+            .bind(status)
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        decode::checkout(&row)
+    }
+
     async fn lock_checkout(
         tx: &mut Transaction<'_, Sqlite>,
         id: CheckoutId,
@@ -335,7 +370,8 @@ impl SqliteStore {
             return Err(StoreError::CartEmpty);
         }
         let total = order_total(&priced)?;
-        let row = Self::insert_checkout(&mut tx, new, &priced, total).await?;
+        let governed = governing_sale(new, &priced)?;
+        let row = Self::insert_checkout(&mut tx, new, &priced, total, governed).await?;
         Self::record_idempotent_checkout(&mut tx, &[new]).await?;
         match Self::reserve_lines(&mut tx, &priced).await? {
             Guarded::Reserved => {}
@@ -418,6 +454,7 @@ impl SqliteStore {
         new: &NewCheckout,
         priced: &[PricedLine],
         total: Money,
+        governed: Governed,
     ) -> Result<SqliteRow, StoreError> {
         let now = to_millis(new.now);
         sqlx::query(
@@ -449,8 +486,9 @@ impl SqliteStore {
         }
         let row = sqlx::query(concat!(
             "INSERT INTO checkouts (id, customer_id, cart_id, order_id, state, total_amount, \
-             currency, expires_at, max_expires_at, created_at, updated_at, flash_sale_id) \
-             VALUES ($1, $2, $3, $4, 'reserved', $5, $6, $7, $8, $9, $9, $10) RETURNING ",
+             currency, expires_at, max_expires_at, created_at, updated_at, flash_sale_id, \
+             flash_sale_units) \
+             VALUES ($1, $2, $3, $4, 'reserved', $5, $6, $7, $8, $9, $9, $10, $11) RETURNING ",
             checkout_columns!()
         ))
         .bind(new.id.uuid())
@@ -462,16 +500,11 @@ impl SqliteStore {
         .bind(to_millis(new.now + new.ttl))
         .bind(to_millis(new.now + new.max_lifetime))
         .bind(now)
-        .bind(new.flash_sale.map(FlashSaleId::uuid))
+        .bind(governed.sale.map(FlashSaleId::uuid))
+        .bind(i64::from(governed.units))
         .fetch_one(&mut **tx)
         .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::AdmissionInUse
-            } else {
-                e.into()
-            }
-        })?;
+        .map_err(admission_in_use)?;
         for line in priced {
             sqlx::query(
                 "INSERT INTO reservations (checkout_id, product_id, quantity, status) \
@@ -558,9 +591,14 @@ impl SqliteStore {
         let plan = group::plan(batch, candidates, &available);
         let mut written = HashMap::new();
         for (new, outcome) in batch.iter().zip(&plan.outcomes) {
-            if let Planned::Grant { lines, total } = outcome {
+            if let Planned::Grant {
+                lines,
+                total,
+                governed,
+            } = outcome
+            {
                 Self::claim_cart(&mut tx, new).await?;
-                let row = Self::insert_checkout(&mut tx, new, lines, *total).await?;
+                let row = Self::insert_checkout(&mut tx, new, lines, *total, *governed).await?;
                 Self::record_idempotent_checkout(&mut tx, &[new]).await?;
                 let checkout = decode::checkout(&row)?;
                 written.insert(checkout.id, checkout);
@@ -1436,8 +1474,8 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE orders SET status = 'refunded', payment_intent_id = $2, updated_at = $3 \
-             WHERE id = $1",
+            "UPDATE orders SET status = 'refunded', payment_intent_id = $2, updated_at = $3, \
+             refund_status = 'succeeded' WHERE id = $1",
         )
         .bind(current.order_id.uuid())
         .bind(current.payment_intent_id.as_deref())
@@ -1446,6 +1484,34 @@ impl Store for SqliteStore {
         .await?;
         tx.commit().await?;
         decode::checkout(&row)
+    }
+
+    async fn record_refund_pending(
+        &self,
+        id: CheckoutId,
+        refund_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError> {
+        self.record_unsettled_refund(id, refund_id, "pending", now)
+            .await
+    }
+
+    async fn record_refund_failed(
+        &self,
+        id: CheckoutId,
+        refund_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError> {
+        self.record_unsettled_refund(id, refund_id, "failed", now)
+            .await
+    }
+
+    async fn checkout_for_refund(&self, refund_id: &str) -> Result<Option<CheckoutId>, StoreError> {
+        let id: Option<Uuid> = sqlx::query_scalar("SELECT id FROM checkouts WHERE refund_id = $1")
+            .bind(refund_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(id.map(CheckoutId::from_uuid))
     }
 
     async fn request_refund(
@@ -1680,11 +1746,12 @@ impl Store for SqliteStore {
                 available,
             });
         }
-        let row = sqlx::query(
+        let row = sqlx::query(concat!(
             "INSERT INTO flash_sales (id, product_id, sku, units, starts_at, ends_at, \
-             reservation_ttl_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             RETURNING id, sku, units, starts_at, ends_at, reservation_ttl_ms",
-        )
+             reservation_ttl_ms, created_at, max_per_buyer) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING ",
+            flash_sale_columns!()
+        ))
         .bind(sale.id.uuid())
         .bind(product)
         .bind(sale.sku.as_str())
@@ -1693,6 +1760,7 @@ impl Store for SqliteStore {
         .bind(sale.ends_at.map(to_millis))
         .bind(sale.reservation_ttl.num_milliseconds())
         .bind(to_millis(now))
+        .bind(i64::from(sale.max_per_buyer))
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -1700,10 +1768,11 @@ impl Store for SqliteStore {
     }
 
     async fn flash_sale(&self, id: FlashSaleId) -> Result<Option<FlashSale>, StoreError> {
-        sqlx::query(
-            "SELECT id, sku, units, starts_at, ends_at, reservation_ttl_ms FROM flash_sales \
-             WHERE id = $1",
-        )
+        sqlx::query(concat!(
+            "SELECT ",
+            flash_sale_columns!(),
+            " FROM flash_sales WHERE id = $1"
+        ))
         .bind(id.uuid())
         .fetch_optional(&self.pool)
         .await?
@@ -1713,16 +1782,27 @@ impl Store for SqliteStore {
     }
 
     async fn current_flash_sales(&self, now: DateTime<Utc>) -> Result<Vec<FlashSale>, StoreError> {
-        sqlx::query(
-            "SELECT id, sku, units, starts_at, ends_at, reservation_ttl_ms FROM flash_sales \
-             WHERE ends_at IS NULL OR ends_at > $1 ORDER BY starts_at",
-        )
+        sqlx::query(concat!(
+            "SELECT ",
+            flash_sale_columns!(),
+            " FROM flash_sales WHERE ends_at IS NULL OR ends_at > $1 ORDER BY starts_at"
+        ))
         .bind(to_millis(now))
         .fetch_all(&self.pool)
         .await?
         .iter()
         .map(decode::flash_sale)
         .collect()
+    }
+
+    async fn sale_checkouts(&self, sale: FlashSaleId) -> Result<Vec<SaleCheckout>, StoreError> {
+        sqlx::query(SALE_CHECKOUTS_SQL)
+            .bind(sale.uuid())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(decode::sale_checkout)
+            .collect()
     }
 
     async fn order(&self, customer: CustomerId, id: OrderId) -> Result<Option<Order>, StoreError> {

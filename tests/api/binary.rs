@@ -201,7 +201,7 @@ fn a_start_up_failure_is_one_line_and_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_addr = busy.local_addr().unwrap().to_string();
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 10] = [
         (&["--database-url", "mysql://nope"], "postgres://"),
         // A broker that is down only degrades the start; a URL that cannot work stops it.
         (
@@ -212,6 +212,8 @@ fn a_start_up_failure_is_one_line_and_exit_code_2() {
             &["--nats-url", "nats://127.0.0.1:99999"],
             "NATS URL is not valid",
         ),
+        (&["--redis-url", "http://127.0.0.1:6379"], "redis-url"),
+        (&["--nats-url", "http://127.0.0.1:4222"], "nats-url"),
         (
             &["--database-url", "postgres://root@127.0.0.1:1/none"],
             "cannot open the store",

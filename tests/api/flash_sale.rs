@@ -27,12 +27,17 @@ fn redis_url() -> String {
     std::env::var("HOLDFAST_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
-async fn app_for(kind: StoreKind, options: Options) -> TestApp {
+pub(crate) async fn app_for(kind: StoreKind, options: Options) -> TestApp {
     let redis = matches!(kind, StoreKind::Postgres).then(redis_url);
     spawn_app_with(kind, Options { redis, ..options }).await
 }
 
-async fn open_sale(app: &TestApp, sku: &str, units: i64, ttl_seconds: Option<i64>) -> String {
+pub(crate) async fn open_sale(
+    app: &TestApp,
+    sku: &str,
+    units: i64,
+    ttl_seconds: Option<i64>,
+) -> String {
     let mut body = json!({ "sku": sku, "units": units });
     if let Some(ttl) = ttl_seconds {
         body["reservation_ttl_seconds"] = json!(ttl);
@@ -42,7 +47,7 @@ async fn open_sale(app: &TestApp, sku: &str, units: i64, ttl_seconds: Option<i64
     resp.str("id")
 }
 
-async fn take_token(app: &TestApp, customer: &Customer, sale: &str) -> Resp {
+pub(crate) async fn take_token(app: &TestApp, customer: &Customer, sale: &str) -> Resp {
     app.request(
         reqwest::Method::POST,
         &format!("/v1/flash-sales/{sale}/tokens"),
@@ -52,7 +57,12 @@ async fn take_token(app: &TestApp, customer: &Customer, sale: &str) -> Resp {
     .await
 }
 
-async fn checkout_with_token(app: &TestApp, customer: &Customer, cart: &str, token: &str) -> Resp {
+pub(crate) async fn checkout_with_token(
+    app: &TestApp,
+    customer: &Customer,
+    cart: &str,
+    token: &str,
+) -> Resp {
     app.post(
         "/v1/checkouts",
         Some(&customer.token),
@@ -177,7 +187,10 @@ async fn five_thousand_token_requests_for_a_hundred_units_admit_exactly_a_hundre
             Some(crate::helpers::ADMIN_TOKEN),
         )
         .await;
-    assert_eq!(figures.body["figures"], json!({"holders": 100, "sold": 0}));
+    assert_eq!(
+        figures.body["figures"],
+        json!({"holders": 100, "held": 100, "sold": 0})
+    );
 }
 
 async fn five_thousand_buyers_for_a_hundred_units_make_exactly_a_hundred_paid_orders(
@@ -229,7 +242,10 @@ async fn five_thousand_buyers_for_a_hundred_units_make_exactly_a_hundred_paid_or
             Some(crate::helpers::ADMIN_TOKEN),
         )
         .await;
-    assert_eq!(figures.body["figures"], json!({"holders": 0, "sold": 100}));
+    assert_eq!(
+        figures.body["figures"],
+        json!({"holders": 0, "held": 0, "sold": 100})
+    );
     app.audit().await.assert_clean();
 }
 

@@ -11,7 +11,8 @@ use std::time::Duration as StdDuration;
 use chrono::{DateTime, Duration, Utc};
 use holdfast::domain::{CheckoutId, CustomerId, FlashSaleId};
 use holdfast::flash_sale::{
-    AdmissionGate, GateError, GateFigures, InProcessGate, RedisGate, SaleTerms, TOKEN_PREFIX,
+    AdmissionGate, GateError, GateFigures, InProcessGate, RedisGate, SaleRecord, SaleTerms,
+    TOKEN_PREFIX,
 };
 use tokio::sync::Barrier;
 use tokio::time::{sleep, timeout, Instant};
@@ -72,7 +73,7 @@ fn fresh_prefix() -> String {
 
 /// Removes what a Redis case left behind. Best effort: a failed cleanup must not fail a test
 /// that passed, and a panicking case skips it (its keys carry a unique prefix either way).
-async fn delete_keys(prefix: &str) {
+pub(crate) async fn delete_keys(prefix: &str) {
     let Ok(client) = ::redis::Client::open(redis_url()) else {
         return;
     };
@@ -106,9 +107,19 @@ fn sale(units: u32, starts_at: DateTime<Utc>) -> SaleTerms {
     SaleTerms {
         sale_id: FlashSaleId::new(),
         units,
+        max_per_buyer: 1,
         starts_at,
         ends_at: None,
     }
+}
+
+/// The sale, loaded into the gate with no checkouts yet (as opening it does).
+async fn opened(gate: &dyn AdmissionGate, terms: SaleTerms) -> SaleTerms {
+    assert!(gate
+        .load(terms.sale_id, &SaleRecord::default())
+        .await
+        .expect("the gate loads the sale"));
+    terms
 }
 
 fn hold() -> Duration {
@@ -130,7 +141,7 @@ async fn five_thousand_buyers_for_a_hundred_units_admit_exactly_a_hundred(
     // Arrange
     const BUYERS: usize = 5_000;
     let now = an_instant();
-    let terms = Arc::new(sale(100, now - Duration::seconds(1)));
+    let terms = Arc::new(opened(gate.as_ref(), sale(100, now - Duration::seconds(1))).await);
     let barrier = Arc::new(Barrier::new(BUYERS));
 
     // Act
@@ -172,6 +183,7 @@ async fn five_thousand_buyers_for_a_hundred_units_admit_exactly_a_hundred(
         figures(gate.as_ref(), &terms, now).await,
         GateFigures {
             holders: 100,
+            held: 100,
             sold: 0
         }
     );
@@ -182,7 +194,7 @@ async fn a_holder_asking_again_gets_the_same_token_and_no_second_unit(
 ) {
     // Arrange
     let now = an_instant();
-    let terms = sale(2, now);
+    let terms = opened(gate.as_ref(), sale(2, now)).await;
     let (buyer, other) = (CustomerId::new(), CustomerId::new());
     let first = gate
         .admit(&terms, buyer, now, hold())
@@ -217,7 +229,7 @@ async fn a_holder_asking_again_gets_the_same_token_and_no_second_unit(
 async fn a_token_is_bound_to_its_customer_its_sale_and_its_hold(gate: Arc<dyn AdmissionGate>) {
     // Arrange
     let now = an_instant();
-    let terms = sale(2, now);
+    let terms = opened(gate.as_ref(), sale(2, now)).await;
     let (alice, bob) = (CustomerId::new(), CustomerId::new());
     let alices = gate.admit(&terms, alice, now, hold()).await.expect("free");
     let bobs = gate.admit(&terms, bob, now, hold()).await.expect("free");
@@ -253,19 +265,18 @@ async fn a_token_is_bound_to_its_customer_its_sale_and_its_hold(gate: Arc<dyn Ad
         !check(alice, alices.token.clone(), alices.expires_at).await,
         "an expired hold"
     );
-    assert!(
-        !gate
-            .check(FlashSaleId::new(), alice, &alices.token, now)
-            .await
-            .expect("the gate answers"),
-        "another sale"
+    assert_eq!(
+        gate.check(FlashSaleId::new(), alice, &alices.token, now)
+            .await,
+        Err(GateError::NotLoaded),
+        "another sale, which this gate never loaded"
     );
 }
 
 async fn a_lapsed_hold_frees_its_unit_for_the_next_buyer(gate: Arc<dyn AdmissionGate>) {
     // Arrange
     let now = an_instant();
-    let terms = sale(1, now);
+    let terms = opened(gate.as_ref(), sale(1, now)).await;
     let (first, next) = (CustomerId::new(), CustomerId::new());
     gate.admit(&terms, first, now, hold()).await.expect("free");
     assert_eq!(
@@ -293,6 +304,7 @@ async fn a_lapsed_hold_frees_its_unit_for_the_next_buyer(gate: Arc<dyn Admission
         figures(gate.as_ref(), &terms, lapsed).await,
         GateFigures {
             holders: 1,
+            held: 1,
             sold: 0
         }
     );
@@ -301,7 +313,7 @@ async fn a_lapsed_hold_frees_its_unit_for_the_next_buyer(gate: Arc<dyn Admission
 async fn releasing_hands_the_unit_back_and_is_idempotent(gate: Arc<dyn AdmissionGate>) {
     // Arrange
     let now = an_instant();
-    let terms = sale(1, now);
+    let terms = opened(gate.as_ref(), sale(1, now)).await;
     let (first, next) = (CustomerId::new(), CustomerId::new());
     let admission = gate.admit(&terms, first, now, hold()).await.expect("free");
     assert_eq!(
@@ -330,12 +342,16 @@ async fn releasing_hands_the_unit_back_and_is_idempotent(gate: Arc<dyn Admission
         figures(gate.as_ref(), &terms, now).await,
         GateFigures {
             holders: 1,
+            held: 1,
             sold: 0
         }
     );
-    gate.release(FlashSaleId::new(), first, CheckoutId::new())
-        .await
-        .expect("releasing in a sale nobody entered is harmless");
+    assert_eq!(
+        gate.release(FlashSaleId::new(), first, CheckoutId::new())
+            .await,
+        Err(GateError::NotLoaded),
+        "a sale the gate never loaded is loaded first, never counted blind"
+    );
 }
 
 /// A declined payment hands its unit back, and the buyer takes a new admission at once; then
@@ -345,7 +361,7 @@ async fn releasing_hands_the_unit_back_and_is_idempotent(gate: Arc<dyn Admission
 async fn a_repeated_release_never_takes_away_a_later_admission(gate: Arc<dyn AdmissionGate>) {
     // Arrange: one unit, held by a buyer whose first checkout failed and who is back.
     let now = an_instant();
-    let terms = sale(1, now);
+    let terms = opened(gate.as_ref(), sale(1, now)).await;
     let (buyer, next) = (CustomerId::new(), CustomerId::new());
     let failed = CheckoutId::new();
     gate.admit(&terms, buyer, now, hold()).await.expect("free");
@@ -381,15 +397,18 @@ async fn consuming_counts_the_unit_sold_once_and_releasing_does_not_return_it(
 ) {
     // Arrange
     let now = an_instant();
-    let terms = sale(2, now);
+    let terms = opened(gate.as_ref(), sale(2, now)).await;
     let (payer, holder, late) = (CustomerId::new(), CustomerId::new(), CustomerId::new());
     let paid = gate.admit(&terms, payer, now, hold()).await.expect("free");
     gate.admit(&terms, holder, now, hold()).await.expect("free");
     let within_units = |f: GateFigures| f.holders + f.sold <= terms.units;
 
     // Act
-    gate.consume(terms.sale_id, payer).await.expect("consumed");
-    gate.consume(terms.sale_id, payer)
+    let bought = CheckoutId::new();
+    gate.consume(terms.sale_id, payer, bought, 1)
+        .await
+        .expect("consumed");
+    gate.consume(terms.sale_id, payer, bought, 1)
         .await
         .expect("consuming again is harmless");
     gate.release(terms.sale_id, payer, CheckoutId::new())
@@ -402,6 +421,7 @@ async fn consuming_counts_the_unit_sold_once_and_releasing_does_not_return_it(
         after,
         GateFigures {
             holders: 1,
+            held: 1,
             sold: 1
         }
     );
@@ -431,6 +451,7 @@ async fn consuming_counts_the_unit_sold_once_and_releasing_does_not_return_it(
         end,
         GateFigures {
             holders: 1,
+            held: 1,
             sold: 1
         }
     );
@@ -440,7 +461,7 @@ async fn consuming_counts_the_unit_sold_once_and_releasing_does_not_return_it(
 async fn a_payment_after_the_hold_lapsed_still_counts_as_sold(gate: Arc<dyn AdmissionGate>) {
     // Arrange
     let now = an_instant();
-    let terms = sale(2, now);
+    let terms = opened(gate.as_ref(), sale(2, now)).await;
     let payer = CustomerId::new();
     gate.admit(&terms, payer, now, hold()).await.expect("free");
     let lapsed = now + hold() + Duration::seconds(1);
@@ -449,13 +470,16 @@ async fn a_payment_after_the_hold_lapsed_still_counts_as_sold(gate: Arc<dyn Admi
         .expect("the lapsed unit is free again");
 
     // Act
-    gate.consume(terms.sale_id, payer).await.expect("consumed");
+    gate.consume(terms.sale_id, payer, CheckoutId::new(), 1)
+        .await
+        .expect("consumed");
 
     // Assert
     assert_eq!(
         figures(gate.as_ref(), &terms, lapsed).await,
         GateFigures {
             holders: 1,
+            held: 1,
             sold: 1
         }
     );
@@ -468,7 +492,7 @@ async fn a_payment_after_the_hold_lapsed_still_counts_as_sold(gate: Arc<dyn Admi
 async fn extending_keeps_a_holder_alive_past_its_first_expiry(gate: Arc<dyn AdmissionGate>) {
     // Arrange
     let now = an_instant();
-    let terms = sale(1, now);
+    let terms = opened(gate.as_ref(), sale(1, now)).await;
     let (holder, next) = (CustomerId::new(), CustomerId::new());
     let admission = gate.admit(&terms, holder, now, hold()).await.expect("free");
     let until = now + Duration::minutes(10);
@@ -502,7 +526,7 @@ async fn extending_keeps_a_holder_alive_past_its_first_expiry(gate: Arc<dyn Admi
 async fn extending_never_shortens_a_hold_and_never_makes_a_holder(gate: Arc<dyn AdmissionGate>) {
     // Arrange
     let now = an_instant();
-    let terms = sale(2, now);
+    let terms = opened(gate.as_ref(), sale(2, now)).await;
     let (holder, stranger) = (CustomerId::new(), CustomerId::new());
     let admission = gate.admit(&terms, holder, now, hold()).await.expect("free");
 
@@ -532,10 +556,14 @@ async fn a_sale_admits_nobody_before_it_starts_or_from_its_end_on(gate: Arc<dyn 
     // Arrange
     let starts_at = an_instant();
     let ends_at = starts_at + Duration::hours(1);
-    let terms = SaleTerms {
-        ends_at: Some(ends_at),
-        ..sale(10, starts_at)
-    };
+    let terms = opened(
+        gate.as_ref(),
+        SaleTerms {
+            ends_at: Some(ends_at),
+            ..sale(10, starts_at)
+        },
+    )
+    .await;
     let buyer = CustomerId::new();
 
     // Act + Assert
@@ -657,7 +685,7 @@ async fn the_redis_gate_fails_closed_while_redis_is_down_and_recovers_when_it_re
         .await
         .expect("the dedicated Redis answers");
     let now = an_instant();
-    let terms = sale(1, now);
+    let terms = opened(&gate, sale(1, now)).await;
     gate.admit(&terms, CustomerId::new(), now, hold())
         .await
         .expect("the gate works while Redis is up");
@@ -708,6 +736,13 @@ async fn the_redis_gate_fails_closed_while_redis_is_down_and_recovers_when_it_re
             Err(GateError::Unavailable(_)) if Instant::now() < deadline => {
                 sleep(StdDuration::from_millis(50)).await;
             }
+            // The restarted server is empty: the sale must be loaded again (the service loads
+            // it from the database) before anyone is admitted.
+            Err(GateError::NotLoaded) => {
+                gate.load(terms.sale_id, &SaleRecord::default())
+                    .await
+                    .expect("the restarted Redis loads the sale");
+            }
             Err(other) => panic!("the gate did not recover: {other:?}"),
         }
     };
@@ -723,7 +758,7 @@ async fn the_redis_gate_refuses_rather_than_waits_when_redis_stops_answering() {
         .await
         .expect("the dedicated Redis answers");
     let now = an_instant();
-    let terms = sale(10, now);
+    let terms = opened(&gate, sale(10, now)).await;
     gate.admit(&terms, CustomerId::new(), now, hold())
         .await
         .expect("the gate works while Redis answers");
@@ -753,6 +788,13 @@ async fn the_redis_gate_refuses_rather_than_waits_when_redis_stops_answering() {
             Err(GateError::Unavailable(_)) if Instant::now() < deadline => {
                 sleep(StdDuration::from_millis(50)).await;
             }
+            // The restarted server is empty: the sale must be loaded again (the service loads
+            // it from the database) before anyone is admitted.
+            Err(GateError::NotLoaded) => {
+                gate.load(terms.sale_id, &SaleRecord::default())
+                    .await
+                    .expect("the restarted Redis loads the sale");
+            }
             Err(other) => panic!("the gate did not recover: {other:?}"),
         }
     };
@@ -763,6 +805,7 @@ async fn the_redis_gate_refuses_rather_than_waits_when_redis_stops_answering() {
             .expect("the gate answers"),
         GateFigures {
             holders: 2,
+            held: 2,
             sold: 0
         }
     );

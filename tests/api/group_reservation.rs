@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use chrono::{Duration, Utc};
 use holdfast::domain::{
-    CartId, CartStatus, CheckoutId, CustomerId, CustomerName, FlashSaleId, NewFlashSale, OrderId,
-    Quantity, Sku,
+    CartId, CartStatus, CheckoutId, CustomerId, CustomerName, FlashSale, FlashSaleId, NewFlashSale,
+    OrderId, Quantity, Sku,
 };
-use holdfast::store::{NewCheckout, StoreError, StoreKind};
+use holdfast::store::{NewCheckout, OpenSale, StoreError, StoreKind};
 use serde_json::json;
 use tokio::sync::Barrier;
 
@@ -67,7 +67,8 @@ async fn store_buyer(app: &TestApp, name: &str, lines: &[(&str, i64)]) -> (Custo
     (customer.id, cart.id)
 }
 
-fn request(customer: CustomerId, cart: CartId, sale: Option<FlashSaleId>) -> NewCheckout {
+/// A reservation request; with a sale, admitted for one unit of it.
+fn request(customer: CustomerId, cart: CartId, sale: Option<&FlashSale>) -> NewCheckout {
     NewCheckout {
         id: CheckoutId::new(),
         order_id: OrderId::new(),
@@ -76,7 +77,15 @@ fn request(customer: CustomerId, cart: CartId, sale: Option<FlashSaleId>) -> New
         now: Utc::now(),
         ttl: Duration::seconds(180),
         max_lifetime: Duration::seconds(1800),
-        flash_sale: sale,
+        flash_sale: sale.map(|sale| sale.id),
+        flash_sale_units: u32::from(sale.is_some()),
+        open_sales: sale
+            .map(|sale| OpenSale {
+                id: sale.id,
+                sku: sale.sku.clone(),
+            })
+            .into_iter()
+            .collect(),
         idempotency_key: None,
     }
 }
@@ -201,6 +210,7 @@ async fn a_batch_that_cannot_commit_as_a_whole_answers_each_request_on_its_own(k
                 id: FlashSaleId::new(),
                 sku: Sku::parse("hot").unwrap(),
                 units: 5,
+                max_per_buyer: 1,
                 starts_at: now - Duration::minutes(1),
                 ends_at: None,
                 reservation_ttl: Duration::seconds(60),
@@ -224,8 +234,8 @@ async fn a_batch_that_cannot_commit_as_a_whole_answers_each_request_on_its_own(k
     let bob = store_buyer(&app, "bob", &[("hot", 1)]).await;
     // One admission may hold one live checkout: the second row breaks the batch's insert.
     let batch = vec![
-        request(ada, first_cart, Some(sale.id)),
-        request(ada, second_cart, Some(sale.id)),
+        request(ada, first_cart, Some(&sale)),
+        request(ada, second_cart, Some(&sale)),
         request(bob.0, bob.1, None),
     ];
 

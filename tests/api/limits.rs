@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use crate::both_stores;
-use crate::helpers::{spawn_app_with, Customer, Options, Resp, TestApp, ADMIN_TOKEN};
+use crate::helpers::{spawn_app_with, AssertClean, Customer, Options, Resp, TestApp, ADMIN_TOKEN};
 
 both_stores!(
     a_customer_over_the_rate_limit_gets_429_and_changes_nothing_while_others_go_on,
@@ -532,4 +532,66 @@ async fn a_client_that_withholds_its_headers_is_disconnected(kind: StoreKind) {
     assert_eq!(status, 200);
     assert!(closed, "the server closes an idle connection");
     app.get("/healthz", None).await.assert_status(200);
+}
+
+/// With Redis configured, one customer's budget is one budget across instances: two instances
+/// on one database and one Redis, a burst of requests spread over both, and only the burst of
+/// one budget passes (each instance on its own would pass a burst each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_the_rate_limit_is_shared_by_every_instance() {
+    // Arrange: 1 request per second, burst 2, on two instances.
+    let redis = std::env::var("HOLDFAST_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let a = spawn_app_with(
+        StoreKind::Postgres,
+        Options {
+            rate_limit_per_second: 1,
+            redis: Some(redis),
+            ..Options::default()
+        },
+    )
+    .await;
+    let b = a.spawn_sibling().await;
+    let ada = a.new_customer("Ada").await;
+    let nil = "00000000-0000-0000-0000-000000000000";
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(10));
+
+    // Act: ten checkouts at once, five on each instance.
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let (client, base) = if i % 2 == 0 {
+            (a.client.clone(), a.base.clone())
+        } else {
+            (b.client.clone(), b.base.clone())
+        };
+        let token = ada.token.clone();
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            client
+                .post(format!("{base}/v1/checkouts"))
+                .bearer_auth(token)
+                .json(&json!({ "cart_id": nil }))
+                .send()
+                .await
+                .expect("request reaches the app")
+                .status()
+                .as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for task in tasks {
+        statuses.push(task.await.expect("task"));
+    }
+
+    // Assert: the shared burst of 2 passed (one more if the race outlasted a second's refill),
+    // the rest were refused; separate budgets would have passed at least 4.
+    let passed = statuses.iter().filter(|s| **s != 429).count();
+    assert!((2..=3).contains(&passed), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 429 || *s == 404),
+        "{statuses:?}"
+    );
+    b.stop().await;
+    a.audit().await.assert_clean();
 }

@@ -27,6 +27,8 @@ mod outbox;
 mod payments;
 mod prices;
 mod saga;
+mod sale_limits;
 mod schemathesis;
 mod secrets;
+mod simulation;
 mod webhooks;

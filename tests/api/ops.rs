@@ -30,6 +30,7 @@ async fn the_ops_view_counts_checkouts_orders_failures_and_flash_sales(kind: Sto
         id: FlashSaleId::new(),
         sku: Sku::parse("hot-01").unwrap(),
         units: 3,
+        max_per_buyer: 1,
         starts_at: Utc::now(),
         ends_at: None,
         reservation_ttl: chrono::Duration::minutes(5),

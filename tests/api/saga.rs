@@ -8,7 +8,7 @@ use holdfast::payments::{
     signature, ChargeOutcome, ChargeRequest, PaymentGateway as _, StripeGateway, Timeouts,
 };
 use holdfast::store::{IdempotencyStart, Lease, StoreKind};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::both_stores;
 use crate::fake_stripe::{FakeStripe, Fault, SECRET_KEY};
@@ -41,6 +41,10 @@ both_stores!(
     a_start_whose_answer_was_lost_after_reserving_answers_the_checkout_it_created,
     a_key_is_held_only_as_long_as_its_lease_is_renewed,
     a_total_below_the_minimum_charge_is_refused_before_any_gateway_call,
+    a_pending_refund_refunds_the_order_only_when_stripe_reports_it_succeeded,
+    a_failed_refund_leaves_the_order_paid_and_flagged,
+    a_refund_answered_with_a_null_status_is_not_asked_for_again,
+    the_audit_sees_a_refund_holdfast_and_the_gateway_disagree_on,
     a_charge_lease_claimed_again_is_no_longer_renewed_by_its_first_holder,
 );
 
@@ -467,6 +471,252 @@ async fn a_total_below_the_minimum_charge_is_refused_before_any_gateway_call(kin
     app.audit().await.assert_clean();
 }
 
+/// A `refund.*` event about refund `refund` of `intent`, in `status` (`None` is `null`).
+fn refund_object_event(
+    id: &str,
+    event_type: &str,
+    refund: &str,
+    intent: &str,
+    status: Option<&str>,
+) -> String {
+    json!({
+        "id": id, "object": "event", "type": event_type,
+        "created": chrono::Utc::now().timestamp(),
+        "data": {"object": {
+            "id": refund, "object": "refund", "amount": 900, "currency": "eur",
+            "payment_intent": intent, "status": status, "charge": null, "reason": null,
+            "metadata": {}, "balance_transaction": null, "receipt_number": null
+        }}
+    })
+    .to_string()
+}
+
+/// The order's `refund_status` as its customer sees it.
+async fn refund_status(app: &TestApp, customer: &Customer, order: &str) -> Value {
+    app.get(&format!("/v1/orders/{order}"), Some(&customer.token))
+        .await
+        .body["refund_status"]
+        .clone()
+}
+
+/// The refund id recorded with the one checkout.
+async fn recorded_refund(app: &TestApp) -> String {
+    let ids = crate::helpers::fetch_strings(app, "SELECT refund_id FROM checkouts").await;
+    ids.into_iter()
+        .next()
+        .expect("one checkout with a refund id")
+}
+
+/// An admin refund of the paid order while the fake answers refunds with `status`; recovery
+/// runs twice after it. Returns the refund's answer status code.
+async fn admin_refund_answered(
+    app: &TestApp,
+    fake: &FakeStripe,
+    order: &str,
+    status: Option<&str>,
+) -> u16 {
+    fake.answer_refunds_with(status);
+    let answer = app
+        .admin_post(&format!("/v1/admin/orders/{order}/refund"), json!({}))
+        .await;
+    for _ in 0..2 {
+        app.recovery.tick().await.expect("recovery tick");
+    }
+    assert_eq!(fake.refund_count(), 1, "the refund was asked for once");
+    answer.status.as_u16()
+}
+
+async fn a_pending_refund_refunds_the_order_only_when_stripe_reports_it_succeeded(kind: StoreKind) {
+    let (app, fake) = app_with_fake_stripe(kind, Options::default()).await;
+    let (ada, checkout, order, intent) = paid_for_two(&app).await;
+
+    let answered = admin_refund_answered(&app, &fake, &order, Some("pending")).await;
+
+    // Pending: the order stays paid and nothing goes back to stock.
+    assert_eq!(answered, 202);
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("paid".into(), "completed".into())
+    );
+    assert_eq!(refund_status(&app, &ada, &order).await, "pending");
+    assert_eq!(app.stock_of("tea-01").await, (3, 0, 3));
+    // Stripe's charge.refunded for the pending refund does not settle it either.
+    let charge = refund_event("evt_charge_refunded", &intent, 900, 900);
+    assert_eq!(deliver_signed(&app, &charge).await, (200, None));
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("paid".into(), "completed".into())
+    );
+    // refund.updated: it succeeded.
+    let refund = recorded_refund(&app).await;
+    let still = refund_object_event(
+        "evt_r1",
+        "refund.updated",
+        &refund,
+        &intent,
+        Some("pending"),
+    );
+    assert_eq!(deliver_signed(&app, &still).await, (200, None));
+    assert_eq!(refund_status(&app, &ada, &order).await, "pending");
+    fake.settle_refunds("succeeded");
+    let done = refund_object_event(
+        "evt_r2",
+        "refund.updated",
+        &refund,
+        &intent,
+        Some("succeeded"),
+    );
+    assert_eq!(deliver_signed(&app, &done).await, (200, None));
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("refunded".into(), "refunded".into())
+    );
+    assert_eq!(refund_status(&app, &ada, &order).await, "succeeded");
+    assert_eq!(
+        app.stock_of("tea-01").await,
+        (5, 0, 5),
+        "the units are back once"
+    );
+    assert_eq!(fake.refund_count(), 1);
+    app.audit().await.assert_clean();
+}
+
+async fn a_failed_refund_leaves_the_order_paid_and_flagged(kind: StoreKind) {
+    let (app, fake) = app_with_fake_stripe(kind, Options::default()).await;
+    let (ada, checkout, order, intent) = paid_for_two(&app).await;
+
+    // Stripe answers the refund `failed` at once.
+    let answered = admin_refund_answered(&app, &fake, &order, Some("failed")).await;
+
+    assert_eq!(answered, 200);
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("paid".into(), "completed".into())
+    );
+    assert_eq!(refund_status(&app, &ada, &order).await, "failed");
+    assert_eq!(
+        app.stock_of("tea-01").await,
+        (3, 0, 3),
+        "the goods stay sold"
+    );
+    // A late charge.refunded (out of order) does not undo the flag.
+    let charge = refund_event("evt_charge_refunded", &intent, 900, 900);
+    assert_eq!(deliver_signed(&app, &charge).await, (200, None));
+    assert_eq!(refund_status(&app, &ada, &order).await, "failed");
+    app.audit().await.assert_clean();
+
+    // Another order: pending first, then Stripe's refund.failed.
+    let (bob, second, second_order) = app.reserved_checkout("Bob", &[("tea-01", 1)]).await;
+    let paid = app.complete(&bob, &second, "pm_card_visa", "k2").await;
+    assert_eq!(paid.body["state"], "completed", "{:?}", paid.body);
+    fake.answer_refunds_with(Some("pending"));
+    app.admin_post(
+        &format!("/v1/admin/orders/{second_order}/refund"),
+        json!({}),
+    )
+    .await
+    .assert_status(202);
+    let refund = crate::helpers::fetch_strings(
+        &app,
+        "SELECT refund_id FROM checkouts WHERE refund_id IS NOT NULL ORDER BY created_at DESC",
+    )
+    .await
+    .into_iter()
+    .next()
+    .expect("a refund id");
+    let second_intent = app
+        .get(&format!("/v1/orders/{second_order}"), Some(&bob.token))
+        .await
+        .str("payment_intent_id");
+    fake.settle_refunds("failed");
+    let failed = refund_object_event(
+        "evt_rf",
+        "refund.failed",
+        &refund,
+        &second_intent,
+        Some("failed"),
+    );
+    assert_eq!(deliver_signed(&app, &failed).await, (200, None));
+    assert_eq!(
+        statuses(&app, &bob, &second, &second_order).await,
+        ("paid".into(), "completed".into())
+    );
+    assert_eq!(refund_status(&app, &bob, &second_order).await, "failed");
+    assert_eq!(app.stock_of("tea-01").await, (2, 0, 2));
+    app.audit().await.assert_clean();
+}
+
+async fn a_refund_answered_with_a_null_status_is_not_asked_for_again(kind: StoreKind) {
+    let (app, fake) = app_with_fake_stripe(kind, Options::default()).await;
+    let (ada, checkout, order, intent) = paid_for_two(&app).await;
+
+    // `"status": null`, as Stripe's spec allows: read, recorded as pending, not repeated.
+    let answered = admin_refund_answered(&app, &fake, &order, None).await;
+
+    assert_eq!(answered, 202);
+    assert_eq!(refund_status(&app, &ada, &order).await, "pending");
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("paid".into(), "completed".into())
+    );
+    // charge.refund.updated settles it.
+    let refund = recorded_refund(&app).await;
+    fake.settle_refunds("succeeded");
+    let done = refund_object_event(
+        "evt_cr",
+        "charge.refund.updated",
+        &refund,
+        &intent,
+        Some("succeeded"),
+    );
+    assert_eq!(deliver_signed(&app, &done).await, (200, None));
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("refunded".into(), "refunded".into())
+    );
+    assert_eq!(fake.refund_count(), 1);
+    app.audit().await.assert_clean();
+}
+
+async fn the_audit_sees_a_refund_holdfast_and_the_gateway_disagree_on(kind: StoreKind) {
+    let (app, fake) = app_with_fake_stripe(kind, Options::default()).await;
+    let (ada, checkout, order, intent) = paid_for_two(&app).await;
+    assert_eq!(
+        admin_refund_answered(&app, &fake, &order, Some("pending")).await,
+        202
+    );
+    app.audit().await.assert_clean();
+
+    // Stripe settles the refund and its event is lost: holdfast still says pending.
+    fake.settle_refunds("succeeded");
+    let report = app.audit().await;
+
+    let refund = recorded_refund(&app).await;
+    let found: Vec<&String> = report.violations().collect();
+    assert_eq!(found.len(), 1, "{report}");
+    assert!(
+        found[0].contains(&refund) && found[0].contains("succeeded at the gateway"),
+        "{report}"
+    );
+    // The event arrives after all: both sides agree again.
+    let done = refund_object_event(
+        "evt_late",
+        "refund.updated",
+        &refund,
+        &intent,
+        Some("succeeded"),
+    );
+    assert_eq!(deliver_signed(&app, &done).await, (200, None));
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("refunded".into(), "refunded".into())
+    );
+    app.audit().await.assert_clean();
+    // And the other way round: the gateway reverses it (a refund that failed later).
+    fake.settle_refunds("failed");
+    assert_eq!(app.audit().await.violations().count(), 1);
+}
+
 async fn an_unknown_payment_method_leaves_the_checkout_reserved(kind: StoreKind) {
     let app = spawn_app(kind).await;
     app.new_product("tea-01", 450, 5).await;
@@ -551,7 +801,7 @@ fn event(id: &str, kind: &str, intent: &str, checkout: &str, status: &str) -> St
 
 /// A `charge.refunded` event as Stripe sends it (API 2024-06-20: the charge, its refunds not
 /// expanded). `refunded` is Stripe's "fully refunded".
-fn refund_event(id: &str, intent: &str, amount: i64, amount_refunded: i64) -> String {
+pub(crate) fn refund_event(id: &str, intent: &str, amount: i64, amount_refunded: i64) -> String {
     json!({
         "id": id, "object": "event", "type": "charge.refunded",
         "created": chrono::Utc::now().timestamp(),
@@ -565,7 +815,7 @@ fn refund_event(id: &str, intent: &str, amount: i64, amount_refunded: i64) -> St
 }
 
 /// Signs and delivers an event now; returns the status and whether it was a duplicate.
-async fn deliver_signed(app: &TestApp, payload: &str) -> (u16, Option<bool>) {
+pub(crate) async fn deliver_signed(app: &TestApp, payload: &str) -> (u16, Option<bool>) {
     let now = chrono::Utc::now().timestamp();
     let header = signature::sign(payload.as_bytes(), WEBHOOK_SECRET, now);
     let (status, body) = post_webhook(app, payload, Some(header)).await;

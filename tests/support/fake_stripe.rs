@@ -85,6 +85,8 @@ struct Shared {
 struct Ledger {
     intents: Vec<Intent>,
     refunds: Vec<RefundRow>,
+    /// What new refunds answer as `status`: `None` is `null`; unset is `succeeded`.
+    refund_status: Option<Option<String>>,
     idempotency: HashMap<String, Slot>,
     faults: VecDeque<Fault>,
     latency: Duration,
@@ -119,6 +121,26 @@ struct RefundRow {
     id: String,
     payment_intent: String,
     amount: i64,
+    status: Option<String>,
+}
+
+impl RefundRow {
+    /// As Stripe's refund object, with its nullable fields.
+    fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "object": "refund",
+            "amount": self.amount,
+            "currency": "eur",
+            "payment_intent": self.payment_intent,
+            "status": self.status,
+            "reason": null,
+            "charge": null,
+            "metadata": {},
+            "created": 1_700_000_000,
+            "destination_details": {"type": "card", "card": {"type": "refund"}},
+        })
+    }
 }
 
 impl FakeStripe {
@@ -259,6 +281,19 @@ impl FakeStripe {
 
     pub fn refund_count(&self) -> usize {
         self.shared.ledger().refunds.len()
+    }
+
+    /// New refunds answer with this `status` (`pending`, `failed`, `None` for `null`), as
+    /// Stripe may, instead of `succeeded`.
+    pub fn answer_refunds_with(&self, status: Option<&str>) {
+        self.shared.ledger().refund_status = Some(status.map(str::to_owned));
+    }
+
+    /// Stripe settles every refund made so far to `status` (no event is sent: a lost one).
+    pub fn settle_refunds(&self, status: &str) {
+        for row in &mut self.shared.ledger().refunds {
+            row.status = Some(status.to_owned());
+        }
     }
 
     /// Every request received, including refused and faulted ones.
@@ -554,6 +589,7 @@ fn route(
         (&Method::GET, ["v1", "payment_intents", id]) => (ledger.retrieve(id), true),
         (&Method::POST, ["v1", "payment_intents", id, "cancel"]) => ledger.cancel(id),
         (&Method::POST, ["v1", "refunds"]) => ledger.refund(params),
+        (&Method::GET, ["v1", "refunds", id]) => (ledger.retrieve_refund(id), true),
         _ => (
             invalid(
                 StatusCode::NOT_FOUND,
@@ -729,6 +765,20 @@ impl Ledger {
         )
     }
 
+    fn retrieve_refund(&self, id: &str) -> Reply {
+        match self.refunds.iter().find(|r| r.id == id) {
+            Some(row) => Reply {
+                status: StatusCode::OK,
+                body: row.to_json(),
+            },
+            None => invalid(
+                StatusCode::NOT_FOUND,
+                "resource_missing",
+                format!("No such refund: '{id}'"),
+            ),
+        }
+    }
+
     fn refund(&mut self, params: &[(String, String)]) -> (Reply, bool) {
         let Some(pi) = param(params, "payment_intent") else {
             return (
@@ -760,6 +810,7 @@ impl Ledger {
             .refunds
             .iter()
             .filter(|r| r.payment_intent == pi)
+            .filter(|r| !matches!(r.status.as_deref(), Some("failed" | "canceled")))
             .map(|r| r.amount)
             .sum();
         let remaining = amount_charged - already;
@@ -808,24 +859,21 @@ impl Ledger {
             );
         }
         let id = self.new_id("re");
+        let status = self
+            .refund_status
+            .clone()
+            .unwrap_or_else(|| Some("succeeded".to_owned()));
         self.refunds.push(RefundRow {
             id: id.clone(),
             payment_intent: pi.to_owned(),
             amount,
+            status,
         });
         let row = self.refunds.last().expect("just pushed");
         (
             Reply {
                 status: StatusCode::OK,
-                body: json!({
-                    "id": row.id,
-                    "object": "refund",
-                    "amount": row.amount,
-                    "currency": "eur",
-                    "payment_intent": row.payment_intent,
-                    "status": "succeeded",
-                    "reason": null,
-                }),
+                body: row.to_json(),
             },
             true,
         )
