@@ -435,9 +435,9 @@ impl PaymentGateway for SimGateway {
                 } else {
                     let refund = Refund {
                         id: ledger.id("re"),
-                        payment_intent_id: intent.id.clone(),
+                        payment_intent_id: Some(intent.id.clone()),
                         amount,
-                        status: "succeeded".to_owned(),
+                        status: Some("succeeded".to_owned()),
                     };
                     *ledger.refunded.entry(intent.id.clone()).or_default() += amount;
                     ledger
@@ -459,6 +459,18 @@ impl PaymentGateway for SimGateway {
             return Err(unknown(fate));
         }
         answer
+    }
+
+    async fn retrieve_refund(&self, refund_id: &str) -> Result<Refund, GatewayError> {
+        self.ledger()
+            .refund_keys
+            .values()
+            .find(|refund| refund.id == refund_id)
+            .cloned()
+            .ok_or_else(|| GatewayError::InvalidRequest {
+                code: "resource_missing".to_owned(),
+                message: refund_id.to_owned(),
+            })
     }
 
     async fn intents_for_checkout(
@@ -845,7 +857,7 @@ impl History {
                     .expect("line");
                 let started = self
                     .run(crash, async move {
-                        service.start(customer, cart.id, None).await
+                        service.start(customer, cart.id, None, None).await
                     })
                     .await;
                 if let Some(Ok(checkout)) = started {
