@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The database's own ceiling for a reservation (DESIGN §10), to read holdfast's figures
-# against: pgbench runs the SQL a reservation runs — the guarded UPDATE of the product row and
-# the INSERT of the reservation row, in one transaction — on one hot row and spread over 200
-# rows, and prints the transactions per second of each.
+# against: pgbench runs exactly the reference scripts of ../shared/reference/pgbench/ — the
+# guarded UPDATE of the product row and the INSERT of the reservation row as ONE statement in
+# autocommit — and prints the transactions per second of each:
+#   hot       hot_cte.sql      one unit of the one hot product
+#   200-rows  steady_cart.sql  a cart of 1-3 distinct products of 200, 1-3 units a line
 #
-# It works in a scratch database it creates and drops, on the same PostgreSQL as holdfast.
-# The stock is set far beyond what a run can take, so the guard never refuses and every
-# transaction is a reservation.
+# It works in a scratch database it creates and drops, on the same PostgreSQL as holdfast,
+# seeded as the reference README says (stock far beyond what a run can take).
 #
 # Usage: scripts/pgbench-ceiling.sh [--clients N] [--seconds S] [--only hot|200-rows]
-# Environment: PGHOST (127.0.0.1), PGPORT (5432), PGUSER (root), PGBENCH_THREADS (nproc).
+# Environment: PGHOST (127.0.0.1), PGPORT (5432), PGUSER (root), PGBENCH_THREADS (2),
+# HOLDFAST_REFERENCE_DIR (the reference's pgbench/ directory, ../shared/reference/pgbench).
 set -euo pipefail
 
 clients=64
@@ -20,7 +22,7 @@ while [ $# -gt 0 ]; do
         --clients) clients=$2; shift 2 ;;
         --seconds) seconds=$2; shift 2 ;;
         --only) only=$2; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "pgbench-ceiling: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -29,77 +31,40 @@ case "$only" in
     *) echo "pgbench-ceiling: --only takes hot or 200-rows, not $only" >&2; exit 2 ;;
 esac
 
+here=$(cd "$(dirname "$0")" && pwd)
+reference=${HOLDFAST_REFERENCE_DIR:-$here/../../shared/reference/pgbench}
+for f in schema.sql hot_cte.sql steady_cart.sql; do
+    [ -f "$reference/$f" ] || { echo "pgbench-ceiling: $reference/$f not found (set HOLDFAST_REFERENCE_DIR)" >&2; exit 2; }
+done
+
 export PGHOST=${PGHOST:-127.0.0.1} PGPORT=${PGPORT:-5432} PGUSER=${PGUSER:-root}
-threads=${PGBENCH_THREADS:-$(nproc)}
+threads=${PGBENCH_THREADS:-2}
 db="hf_pgbench_$(date +%s)_$$"
-work=$(mktemp -d)
 
-cleanup() {
-    dropdb --if-exists "$db" >/dev/null 2>&1 || true
-    rm -rf "$work"
-}
+cleanup() { dropdb --if-exists "$db" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
-
 createdb "$db"
-psql -q -v ON_ERROR_STOP=1 -d "$db" <<'SQL'
--- The columns of holdfast's products and reservations that a reservation touches, with the
--- same check constraint, key and index (migrations/postgres/0001_foundation.sql).
-CREATE TABLE products (
-    id        BIGINT PRIMARY KEY,
-    stock     BIGINT NOT NULL,
-    reserved  BIGINT NOT NULL DEFAULT 0,
-    CONSTRAINT products_reserved_within_stock CHECK (reserved >= 0 AND reserved <= stock)
-);
-CREATE TABLE reservations (
-    checkout_id  UUID NOT NULL,
-    product_id   BIGINT NOT NULL REFERENCES products(id),
-    quantity     BIGINT NOT NULL CHECK (quantity > 0),
-    status       TEXT NOT NULL,
-    PRIMARY KEY (checkout_id, product_id)
-);
-CREATE INDEX reservations_product_status ON reservations(product_id, status);
-SQL
 
-reset_stock() {
-    psql -q -v ON_ERROR_STOP=1 -d "$db" <<'SQL'
-TRUNCATE reservations;
-DELETE FROM products;
--- A billion units a row: no run comes near, so the guard always passes.
-INSERT INTO products (id, stock) SELECT g, 1000000000 FROM generate_series(1, 200) AS g;
-VACUUM ANALYZE products;
-VACUUM ANALYZE reservations;
-SQL
-}
-
-# $1: name, $2: the \set line choosing the product.
+# $1: name, $2: reference script, $3: seed statement (the reference README's).
 run() {
-    local name=$1 choose=$2 script="$work/$1.sql" out
-    cat >"$script" <<SQL
-$choose
-BEGIN;
-UPDATE products SET reserved = reserved + 1 WHERE id = :id AND stock - reserved >= 1;
-INSERT INTO reservations (checkout_id, product_id, quantity, status)
-    VALUES (gen_random_uuid(), :id, 1, 'active');
-END;
-SQL
-    reset_stock
-    out=$(pgbench -n -M prepared -c "$clients" -j "$threads" -T "$seconds" -f "$script" "$db" 2>&1) || {
+    local name=$1 script=$2 seed=$3 out tps failed load_before
+    PGOPTIONS="-c client_min_messages=warning" psql -q -v ON_ERROR_STOP=1 -d "$db" -f "$reference/schema.sql" >/dev/null
+    psql -q -v ON_ERROR_STOP=1 -d "$db" -c "$seed" -c "VACUUM ANALYZE" -c CHECKPOINT >/dev/null
+    load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+    out=$(pgbench -n -M prepared -c "$clients" -j "$threads" -T "$seconds" -f "$reference/$script" "$db" 2>&1) || {
         echo "$out" >&2
         return 1
     }
-    local tps failed
     tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\) .*/\1/p' | head -1)
     failed=$(echo "$out" | sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p')
-    printf '%-10s %8s clients %4s s  tps %10s  failed %s  (load average before: %s)\n' \
-        "$name" "$clients" "$seconds" "$tps" "${failed:-0}" "$load_before"
+    printf '%-10s %8s clients %4s s  tps %10s  failed %s  (%s; load average before: %s)\n' \
+        "$name" "$clients" "$seconds" "$tps" "${failed:-0}" "$script" "$load_before"
 }
 
-echo "# $(nproc) cores, $(psql -At -d "$db" -c 'SHOW server_version'), pgbench $(pgbench --version | awk '{print $3}'), $threads pgbench threads"
+echo "# $(nproc) cores, $(psql -At -d "$db" -c 'SHOW server_version'), pgbench $(pgbench --version | awk '{print $3}'), $threads pgbench threads, scripts from $reference"
 if [ "$only" != 200-rows ]; then
-    load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-    run hot '\set id 1'
+    run hot hot_cte.sql "INSERT INTO product VALUES (1, 2000000000, 0)"
 fi
 if [ "$only" != hot ]; then
-    load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-    run 200-rows '\set id random(1, 200)'
+    run 200-rows steady_cart.sql "INSERT INTO product SELECT g, 2000000000, 0 FROM generate_series(1, 200) g"
 fi

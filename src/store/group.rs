@@ -37,25 +37,6 @@ pub(crate) struct Plan {
     pub reserve: BTreeMap<i64, i64>,
 }
 
-impl Plan {
-    pub fn granted(&self) -> usize {
-        self.outcomes
-            .iter()
-            .filter(|o| matches!(o, Planned::Grant { .. }))
-            .count()
-    }
-
-    /// The requests of `batch` this plan grants, in arrival order.
-    pub fn granted_requests<'a>(&self, batch: &'a [NewCheckout]) -> Vec<&'a NewCheckout> {
-        batch
-            .iter()
-            .zip(&self.outcomes)
-            .filter(|(_, o)| matches!(o, Planned::Grant { .. }))
-            .map(|(new, _)| new)
-            .collect()
-    }
-}
-
 /// Walks the requests in arrival order against `available` (units free per product id when
 /// the rows were locked). A cart granted earlier in the batch is no longer open for a later
 /// request of the same cart, as it would not be on the plain path.
@@ -236,7 +217,6 @@ mod tests {
             vec!["grant", "short p1:2/1", "grant", "short p2:1/0"]
         );
         assert_eq!(plan.reserve, BTreeMap::from([(1, 3), (2, 1)]));
-        assert_eq!(plan.granted(), 2);
     }
 
     #[test]

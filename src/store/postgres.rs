@@ -1,10 +1,11 @@
-//! The production store: PostgreSQL. Reservation is a guarded `UPDATE` per product in
-//! product-id order (promises 1 and 2, no deadlock), run last in its transaction so a hot row
-//! is locked only for the update and the commit; group reservation reserves a whole batch of
-//! checkouts with one update per product and one commit. Background work is claimed with
-//! `FOR UPDATE SKIP LOCKED`, so any number of instances and workers can run at once.
+//! The production store: PostgreSQL. Starting a checkout is one call of the server-side
+//! function `hf_reserve_checkouts` (migration 0022): cart claim, catalogue prices, the guarded
+//! all-or-nothing reservation in product-id order (promises 1 and 2, no deadlock) and every row,
+//! in one round trip, so a hot row is locked only while the server runs a few statements and
+//! commits. Group reservation sends a whole batch to the same function: one round trip and one
+//! commit for all of it. Background work is claimed with `FOR UPDATE SKIP LOCKED`, so any
+//! number of instances and workers can run at once.
 
-use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration as StdDuration;
 
@@ -20,16 +21,15 @@ use crate::domain::{
     OrderStatus, Product, ProductPatch, Quantity, Sku,
 };
 
-use super::group::{self, Candidate, Planned};
+use super::group;
 use super::rows::{self, row_decoders};
 use super::{
-    admission_in_use, all_matched, attach_lines, cart_must_be_open, check_patch, governing_sale,
-    judge_misses, order_paid_event, order_total, page_of, priced_in_lock_order, reserve_retrying,
-    schema_is_current, to_millis, unclaimed_cart, Acquisitions, ChargeTicket, Governed, Guarded,
-    IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine, ReadBack, Released,
-    Retry, RowNow, SaleCheckout, Store, StoreError, StoreKind, StoredKey, WantedLine,
-    CHECKOUT_COLUMNS, IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW, INVENTORY_AUDIT_SQL, ORDER_COLUMNS,
-    PRODUCT_COLUMNS, SALE_CHECKOUTS_SQL,
+    admission_in_use, attach_lines, cart_must_be_open, check_patch, order_paid_event, order_total,
+    page_of, priced_in_lock_order, reserve_retrying, schema_is_current, to_millis, unclaimed_cart,
+    Acquisitions, ChargeTicket, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, Released,
+    Retry, SaleCheckout, SaleLimit, Shortfall, Store, StoreError, StoreKind, StoredKey, WantedLine,
+    CHECKOUT_COLUMNS, IDEMPOTENCY_RENEW, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
+    SALE_CHECKOUTS_SQL,
 };
 
 mod decode {
@@ -335,406 +335,90 @@ impl PgStore {
         Ok(true)
     }
 
-    /// One attempt of the plain reservation. Everything that does not need a product row lock
-    /// runs first (claim the cart, read lines and prices, write order, lines, checkout and
-    /// reservations); the guarded updates of the product rows come last, right before the
-    /// commit, so a hot row is locked for as short as possible. `Err(Retry)`: the transaction
-    /// was rolled back to start over (a price moved, or units were freed meanwhile).
-    async fn try_reserve_checkout(
-        &self,
-        new: &NewCheckout,
-        read_back: ReadBack,
-    ) -> Result<Result<Checkout, Retry>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        Self::claim_cart(&mut tx, new).await?;
-        let priced = Self::priced_lines(&mut tx, new.cart_id).await?;
-        if priced.is_empty() {
-            return Err(StoreError::CartEmpty);
-        }
-        let total = order_total(&priced)?;
-        let governed = governing_sale(new, &priced)?;
-        let row = Self::insert_checkout(&mut tx, new, &priced, total, governed).await?;
-        Self::record_idempotent_checkout(&mut tx, &[new]).await?;
-        match Self::reserve_lines(&mut tx, &priced, read_back).await? {
-            Guarded::Reserved => {}
-            // Dropping the transaction rolls back everything written above.
-            Guarded::Short(short) => return Err(StoreError::InsufficientStock(short)),
-            Guarded::Retry(why) => return Ok(Err(why)),
-        }
-        tx.commit().await?;
-        decode::checkout(&row).map(Ok)
-    }
-
-    /// The named step both stores' reservations (plain and grouped) run in their transaction:
-    /// each keyed start's checkout is recorded on its `Idempotency-Key` row
-    /// ([`IDEMPOTENCY_CREATED`]), so the key and the reservation commit together.
-    async fn record_idempotent_checkout(
-        tx: &mut Transaction<'_, Postgres>,
-        granted: &[&NewCheckout],
-    ) -> Result<(), StoreError> {
-        for new in granted {
-            if let Some(key) = &new.idempotency_key {
-                sqlx::query(IDEMPOTENCY_CREATED)
-                    .bind(new.customer_id.uuid())
-                    .bind(key)
-                    .bind(new.id.uuid())
-                    .execute(&mut **tx)
-                    .await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The cart flips to checking_out first: a second checkout of it stops here.
-    async fn claim_cart(
-        tx: &mut Transaction<'_, Postgres>,
-        new: &NewCheckout,
-    ) -> Result<(), StoreError> {
-        let claimed = sqlx::query(
-            "UPDATE carts SET status = 'checking_out', updated_at = $3 \
-             WHERE id = $1 AND customer_id = $2 AND status = 'open'",
-        )
-        .bind(new.cart_id.uuid())
-        .bind(new.customer_id.uuid())
-        .bind(to_millis(new.now))
-        .execute(&mut **tx)
-        .await?;
-        if claimed.rows_affected() == 1 {
-            return Ok(());
-        }
-        let status: Option<String> =
-            sqlx::query_scalar("SELECT status FROM carts WHERE id = $1 AND customer_id = $2")
-                .bind(new.cart_id.uuid())
-                .bind(new.customer_id.uuid())
-                .fetch_optional(&mut **tx)
-                .await?;
-        Err(unclaimed_cart(status.as_deref()))
-    }
-
-    /// The cart's lines with the current catalogue prices, in one statement, summed per product
-    /// and in lock order. Read without locking the product rows: the guard re-checks the price.
-    async fn priced_lines(
-        tx: &mut Transaction<'_, Postgres>,
-        cart: CartId,
-    ) -> Result<Vec<PricedLine>, StoreError> {
-        let lines = sqlx::query(
-            "SELECT l.product_id, p.sku, l.quantity, p.price_amount, p.currency \
-             FROM cart_lines l JOIN products p ON p.id = l.product_id WHERE l.cart_id = $1",
-        )
-        .bind(cart.uuid())
-        .fetch_all(&mut **tx)
-        .await?
-        .iter()
-        .map(decode_priced_line)
-        .collect::<Result<Vec<_>, StoreError>>()?;
-        priced_in_lock_order(lines)
-    }
-
-    /// Order, order lines, checkout and reservations in one statement (foreign keys are checked
-    /// at its end). Only the one-live-checkout-per-admission index can be violated here.
-    async fn insert_checkout(
-        tx: &mut Transaction<'_, Postgres>,
-        new: &NewCheckout,
-        priced: &[PricedLine],
-        total: Money,
-        governed: Governed,
-    ) -> Result<PgRow, StoreError> {
-        let now = to_millis(new.now);
-        let mut product_ids = Vec::with_capacity(priced.len());
-        let mut skus = Vec::with_capacity(priced.len());
-        let mut quantities = Vec::with_capacity(priced.len());
-        let mut unit_prices = Vec::with_capacity(priced.len());
-        let mut line_totals = Vec::with_capacity(priced.len());
-        for line in priced {
-            product_ids.push(line.product_id);
-            skus.push(line.sku.to_string());
-            quantities.push(i64::from(line.quantity.get()));
-            unit_prices.push(line.unit_price.amount());
-            line_totals.push(line.line_total()?.amount());
-        }
-        sqlx::query(concat!(
-            "WITH o AS (INSERT INTO orders (id, customer_id, checkout_id, status, total_amount, \
-             currency, created_at, updated_at) \
-             VALUES ($1, $2, $3, 'pending_payment', $4, $5, $6, $6)), \
-             ol AS (INSERT INTO order_lines (order_id, product_id, sku, quantity, unit_price, \
-             line_total) SELECT $1, * FROM UNNEST($7::BIGINT[], $8::TEXT[], $9::BIGINT[], \
-             $10::BIGINT[], $11::BIGINT[])), \
-             r AS (INSERT INTO reservations (checkout_id, product_id, quantity, status) \
-             SELECT $3, *, 'active' FROM UNNEST($7::BIGINT[], $9::BIGINT[])) \
-             INSERT INTO checkouts (id, customer_id, cart_id, order_id, state, total_amount, \
-             currency, expires_at, max_expires_at, created_at, updated_at, flash_sale_id, \
-             flash_sale_units) \
-             VALUES ($3, $2, $12, $1, 'reserved', $4, $5, $13, $14, $6, $6, $15, $16) RETURNING ",
-            checkout_columns!()
-        ))
-        .bind(new.order_id.uuid())
-        .bind(new.customer_id.uuid())
-        .bind(new.id.uuid())
-        .bind(total.amount())
-        .bind(total.currency().as_str())
-        .bind(now)
-        .bind(&product_ids)
-        .bind(&skus)
-        .bind(&quantities)
-        .bind(&unit_prices)
-        .bind(&line_totals)
-        .bind(new.cart_id.uuid())
-        .bind(to_millis(new.now + new.ttl))
-        .bind(to_millis(new.now + new.max_lifetime))
-        .bind(governed.sale.map(FlashSaleId::uuid))
-        .bind(i64::from(governed.units))
-        .fetch_one(&mut **tx)
-        .await
-        .map_err(admission_in_use)
-    }
-
-    /// The guarded updates, last in the transaction. One line is one statement, its miss read
-    /// back without a lock unless `read_back` asks for one; several lines (or a locked read-back)
-    /// are locked in product-id order (`FOR NO KEY UPDATE`, the strength an `UPDATE` takes, so
-    /// the foreign-key checks of concurrent inserts do not wait), judged under the lock and then
-    /// reserved in one statement.
-    async fn reserve_lines(
-        tx: &mut Transaction<'_, Postgres>,
-        priced: &[PricedLine],
-        read_back: ReadBack,
-    ) -> Result<Guarded, StoreError> {
-        if let ([line], ReadBack::Unlocked) = (priced, read_back) {
-            let updated = sqlx::query(
-                "UPDATE products SET reserved = reserved + $2 \
-                 WHERE id = $1 AND stock - reserved >= $2 AND price_amount = $3 AND currency = $4",
-            )
-            .bind(line.product_id)
-            .bind(i64::from(line.quantity.get()))
-            .bind(line.unit_price.amount())
-            .bind(line.unit_price.currency().as_str())
-            .execute(&mut **tx)
-            .await?;
-            if updated.rows_affected() == 1 {
-                return Ok(Guarded::Reserved);
-            }
-            let row = sqlx::query(
-                "SELECT id, stock - reserved AS available, price_amount, currency \
-                 FROM products WHERE id = $1",
-            )
-            .bind(line.product_id)
-            .fetch_one(&mut **tx)
-            .await?;
-            return Ok(judge_misses(&[(line, decode_row_now(&row)?)]));
-        }
-        let ids: Vec<i64> = priced.iter().map(|l| l.product_id).collect();
-        let quantities: Vec<i64> = priced.iter().map(|l| i64::from(l.quantity.get())).collect();
-        let locked = sqlx::query(
-            "SELECT id, stock - reserved AS available, price_amount, currency \
-             FROM products WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
-        )
-        .bind(&ids)
-        .fetch_all(&mut **tx)
-        .await?;
-        let mut now_by_id = HashMap::with_capacity(locked.len());
-        for row in &locked {
-            now_by_id.insert(row.try_get::<i64, _>("id")?, decode_row_now(row)?);
-        }
-        let mut misses = Vec::new();
-        for line in priced {
-            let now = now_by_id
-                .remove(&line.product_id)
-                .ok_or(StoreError::NotFound("product"))?;
-            if now.unit_price != line.unit_price || now.available < i64::from(line.quantity.get()) {
-                misses.push((line, now));
-            }
-        }
-        if !misses.is_empty() {
-            return Ok(judge_misses(&misses));
-        }
-        let updated = sqlx::query(RESERVE_LOCKED)
-            .bind(&ids)
-            .bind(&quantities)
-            .execute(&mut **tx)
-            .await?;
-        all_matched(updated.rows_affected(), ids.len())?;
-        Ok(Guarded::Reserved)
-    }
-
-    /// The whole batch in one transaction: lock the open carts (id order), read their lines,
-    /// lock the product rows (id order) and read what is free, decide in arrival order, write
-    /// every granted checkout in one statement and reserve in one guarded statement.
-    async fn try_reserve_group(
+    /// One call of `hf_reserve_checkouts` (migration 0004) for `batch`: one round trip and one
+    /// commit whatever the batch's size, each request's answer in batch order. `Err(Retry)`: a
+    /// price moved inside the call's own transaction, which was rolled back as a whole.
+    async fn try_reserve(
         &self,
         batch: &[NewCheckout],
-    ) -> Result<Vec<Result<Checkout, StoreError>>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let carts = Self::lock_open_carts(&mut tx, batch).await?;
-        let open_ids: Vec<Uuid> = carts.open.keys().copied().collect();
-        let mut wanted: HashMap<Uuid, Vec<WantedLine>> = HashMap::new();
-        let line_rows = sqlx::query(
-            "SELECT l.cart_id, l.product_id, p.sku, l.quantity FROM cart_lines l \
-             JOIN products p ON p.id = l.product_id WHERE l.cart_id = ANY($1)",
-        )
-        .bind(&open_ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        for row in &line_rows {
-            wanted
-                .entry(row.try_get("cart_id")?)
-                .or_default()
-                .push(WantedLine {
-                    product_id: row.try_get("product_id")?,
-                    sku: rows::sku(row.try_get("sku")?)?,
-                    quantity: row.try_get("quantity")?,
-                });
+    ) -> Result<Result<Vec<Result<Checkout, StoreError>>, Retry>, StoreError> {
+        // Each request's open sales, flattened: (its 1-based place, sale id, SKU).
+        let mut open: (Vec<i32>, Vec<Uuid>, Vec<String>) = Default::default();
+        for (place, new) in (1..).zip(batch) {
+            for sale in &new.open_sales {
+                open.0.push(place);
+                open.1.push(sale.id.uuid());
+                open.2.push(sale.sku.to_string());
+            }
         }
-        let mut product_ids: Vec<i64> = wanted.values().flatten().map(|l| l.product_id).collect();
-        product_ids.sort_unstable();
-        product_ids.dedup();
-        let mut rows_now = HashMap::with_capacity(product_ids.len());
-        for row in &sqlx::query(
-            "SELECT id, stock - reserved AS available, price_amount, currency \
-             FROM products WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+        let rows = sqlx::query(
+            "SELECT * FROM hf_reserve_checkouts($1::UUID[], $2::UUID[], $3::UUID[], $4::UUID[], \
+             $5::UUID[], $6, $7::BIGINT[], $8::BIGINT[], $9::TEXT[], $10::BIGINT[], $11::INT[], \
+             $12::UUID[], $13::TEXT[])",
         )
-        .bind(&product_ids)
-        .fetch_all(&mut *tx)
-        .await?
-        {
-            rows_now.insert(row.try_get::<i64, _>("id")?, decode_row_now(row)?);
-        }
-        let available = rows_now.iter().map(|(id, r)| (*id, r.available)).collect();
-        let candidates = batch
-            .iter()
-            .map(|new| {
-                let cart = carts.check(new);
-                let lines = match (&cart, wanted.get(&new.cart_id.uuid())) {
-                    (Ok(()), Some(lines)) => priced_under_lock(lines, &rows_now)?,
-                    _ => Vec::new(),
-                };
-                Ok(Candidate { cart, lines })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        let plan = group::plan(batch, candidates, &available);
-        let written = if plan.granted() > 0 {
-            let written = Self::insert_group(&mut tx, batch, &plan).await?;
-            Self::record_idempotent_checkout(&mut tx, &plan.granted_requests(batch)).await?;
-            let (ids, quantities): (Vec<i64>, Vec<i64>) = plan.reserve.iter().unzip();
-            let updated = sqlx::query(RESERVE_LOCKED)
-                .bind(&ids)
-                .bind(&quantities)
-                .execute(&mut *tx)
-                .await?;
-            all_matched(updated.rows_affected(), ids.len())?;
-            written
-        } else {
-            HashMap::new()
+        .bind(batch.iter().map(|n| n.id.uuid()).collect::<Vec<_>>())
+        .bind(batch.iter().map(|n| n.order_id.uuid()).collect::<Vec<_>>())
+        .bind(
+            batch
+                .iter()
+                .map(|n| n.customer_id.uuid())
+                .collect::<Vec<_>>(),
+        )
+        .bind(batch.iter().map(|n| n.cart_id.uuid()).collect::<Vec<_>>())
+        .bind(
+            batch
+                .iter()
+                .map(|n| n.flash_sale.map(FlashSaleId::uuid))
+                .collect::<Vec<_>>(),
+        )
+        .bind(batch.first().map_or(0, |n| to_millis(n.now)))
+        .bind(
+            batch
+                .iter()
+                .map(|n| to_millis(n.now + n.ttl))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            batch
+                .iter()
+                .map(|n| to_millis(n.now + n.max_lifetime))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            batch
+                .iter()
+                .map(|n| n.idempotency_key.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            batch
+                .iter()
+                .map(|n| i64::from(n.flash_sale_units))
+                .collect::<Vec<_>>(),
+        )
+        .bind(&open.0)
+        .bind(&open.1)
+        .bind(&open.2)
+        .fetch_all(&self.pool)
+        .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some(PRICE_MOVED) => {
+                return Ok(Err(Retry::PriceMoved));
+            }
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some(GUARD_MISSED) => {
+                return Err(StoreError::Corrupt(db.message().to_owned()));
+            }
+            Err(e) => return Err(admission_in_use(e)),
         };
-        tx.commit().await?;
-        Ok(group::answers(batch, plan, written))
-    }
-
-    /// Locks the batch's open carts in id order. A cart that is not open is not locked (the
-    /// plain path's guarded claim would not lock it either), only read for its answer.
-    async fn lock_open_carts(
-        tx: &mut Transaction<'_, Postgres>,
-        batch: &[NewCheckout],
-    ) -> Result<GroupCarts, StoreError> {
-        let cart_ids: Vec<Uuid> = batch.iter().map(|n| n.cart_id.uuid()).collect();
-        let mut carts = GroupCarts::default();
-        for row in &sqlx::query(
-            "SELECT id, customer_id FROM carts WHERE id = ANY($1) AND status = 'open' \
-             ORDER BY id FOR UPDATE",
-        )
-        .bind(&cart_ids)
-        .fetch_all(&mut **tx)
-        .await?
-        {
-            carts
-                .open
-                .insert(row.try_get("id")?, row.try_get("customer_id")?);
+        if rows.len() != batch.len() {
+            return Err(StoreError::Corrupt(format!(
+                "{} answers for {} checkouts",
+                rows.len(),
+                batch.len()
+            )));
         }
-        let missing: Vec<Uuid> = cart_ids
-            .into_iter()
-            .filter(|id| !carts.open.contains_key(id))
-            .collect();
-        if !missing.is_empty() {
-            for row in &sqlx::query("SELECT id, customer_id, status FROM carts WHERE id = ANY($1)")
-                .bind(&missing)
-                .fetch_all(&mut **tx)
-                .await?
-            {
-                carts.other.insert(
-                    row.try_get("id")?,
-                    (row.try_get("customer_id")?, row.try_get("status")?),
-                );
-            }
-        }
-        Ok(carts)
-    }
-
-    /// Every granted checkout's order, lines, checkout row and reservations, and its cart
-    /// claimed, in one statement.
-    async fn insert_group(
-        tx: &mut Transaction<'_, Postgres>,
-        batch: &[NewCheckout],
-        plan: &group::Plan,
-    ) -> Result<HashMap<CheckoutId, Checkout>, StoreError> {
-        let mut c = GroupColumns::default();
-        for (new, outcome) in batch.iter().zip(&plan.outcomes) {
-            if let Planned::Grant {
-                lines,
-                total,
-                governed,
-            } = outcome
-            {
-                c.push(new, lines, *total, *governed)?;
-            }
-        }
-        sqlx::query(concat!(
-            "WITH o AS (INSERT INTO orders (id, customer_id, checkout_id, status, total_amount, \
-             currency, created_at, updated_at) \
-             SELECT t.order_id, t.customer_id, t.checkout_id, 'pending_payment', t.total, \
-             t.currency, t.at, t.at \
-             FROM UNNEST($1::UUID[], $2::UUID[], $3::UUID[], $4::BIGINT[], $5::TEXT[], \
-             $6::BIGINT[]) WITH ORDINALITY \
-             AS t(order_id, customer_id, checkout_id, total, currency, at, n) ORDER BY t.n), \
-             ol AS (INSERT INTO order_lines (order_id, product_id, sku, quantity, unit_price, \
-             line_total) SELECT * FROM UNNEST($7::UUID[], $8::BIGINT[], $9::TEXT[], \
-             $10::BIGINT[], $11::BIGINT[], $12::BIGINT[])), \
-             r AS (INSERT INTO reservations (checkout_id, product_id, quantity, status) \
-             SELECT *, 'active' FROM UNNEST($13::UUID[], $8::BIGINT[], $10::BIGINT[])), \
-             c AS (UPDATE carts SET status = 'checking_out', updated_at = t.at \
-             FROM UNNEST($14::UUID[], $6::BIGINT[]) AS t(id, at) WHERE carts.id = t.id) \
-             INSERT INTO checkouts (id, customer_id, cart_id, order_id, state, total_amount, \
-             currency, expires_at, max_expires_at, created_at, updated_at, flash_sale_id, \
-             flash_sale_units) \
-             SELECT t.checkout_id, t.customer_id, t.cart_id, t.order_id, 'reserved', t.total, \
-             t.currency, t.expires_at, t.max_expires_at, t.at, t.at, t.sale, t.sale_units \
-             FROM UNNEST($3::UUID[], $2::UUID[], $14::UUID[], $1::UUID[], $4::BIGINT[], \
-             $5::TEXT[], $15::BIGINT[], $16::BIGINT[], $6::BIGINT[], $17::UUID[], \
-             $18::BIGINT[]) \
-             AS t(checkout_id, customer_id, cart_id, order_id, total, currency, expires_at, \
-             max_expires_at, at, sale, sale_units) RETURNING ",
-            checkout_columns!()
-        ))
-        .bind(&c.order_ids)
-        .bind(&c.customer_ids)
-        .bind(&c.checkout_ids)
-        .bind(&c.totals)
-        .bind(&c.currencies)
-        .bind(&c.ats)
-        .bind(&c.line_orders)
-        .bind(&c.line_products)
-        .bind(&c.line_skus)
-        .bind(&c.line_quantities)
-        .bind(&c.line_prices)
-        .bind(&c.line_totals)
-        .bind(&c.line_checkouts)
-        .bind(&c.cart_ids)
-        .bind(&c.expires)
-        .bind(&c.max_expires)
-        .bind(&c.sales)
-        .bind(&c.sale_units)
-        .fetch_all(&mut **tx)
-        .await?
-        .iter()
-        .map(|row| decode::checkout(row).map(|checkout| (checkout.id, checkout)))
-        .collect()
+        Ok(Ok(rows.iter().map(decode_reserved).collect()))
     }
 
     async fn order_lines(
@@ -763,123 +447,105 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
-/// Reserves rows this transaction already holds locked: every row must match.
-const RESERVE_LOCKED: &str = "UPDATE products p SET reserved = p.reserved + w.quantity \
-     FROM UNNEST($1::BIGINT[], $2::BIGINT[]) AS w(id, quantity) \
-     WHERE p.id = w.id AND p.stock - p.reserved >= w.quantity";
+/// SQLSTATEs raised by `hf_reserve_checkouts` (migration 0022).
+const PRICE_MOVED: &str = "HF001";
+const GUARD_MISSED: &str = "HF002";
 
-/// A batch's carts: the open ones locked (id → owner), the others read (id → owner, status).
-#[derive(Default)]
-struct GroupCarts {
-    open: HashMap<Uuid, Uuid>,
-    other: HashMap<Uuid, (Uuid, String)>,
-}
-
-impl GroupCarts {
-    /// The plain path's answer for this request's cart: someone else's cart is not found.
-    fn check(&self, new: &NewCheckout) -> Result<(), StoreError> {
-        let (cart, customer) = (new.cart_id.uuid(), new.customer_id.uuid());
-        match self.open.get(&cart) {
-            Some(owner) if *owner == customer => Ok(()),
-            Some(_) => Err(StoreError::NotFound("cart")),
-            None => Err(unclaimed_cart(
-                self.other
-                    .get(&cart)
-                    .filter(|(owner, _)| *owner == customer)
-                    .map(|(_, status)| status.as_str()),
-            )),
+/// One row of `hf_reserve_checkouts`: the checkout as written, or the plain path's refusal.
+fn decode_reserved(row: &PgRow) -> Result<Checkout, StoreError> {
+    let outcome: String = row.try_get("outcome")?;
+    let details: Option<String> = row.try_get("details")?;
+    let details = || -> Result<serde_json::Value, StoreError> {
+        serde_json::from_str(details.as_deref().unwrap_or("null"))
+            .map_err(|e| StoreError::Corrupt(format!("reservation details: {e}")))
+    };
+    match outcome.as_str() {
+        "reserved" => decode::checkout(row),
+        "cart_missing" => Err(StoreError::NotFound("cart")),
+        "cart_status" => Err(unclaimed_cart(details()?.as_str())),
+        "cart_empty" => Err(StoreError::CartEmpty),
+        "one_sale_per_checkout" => Err(StoreError::OneSalePerCheckout),
+        "admission_required" => Err(StoreError::AdmissionRequired),
+        "flash_sale_limit" => Err(StoreError::FlashSaleLimit(decode_sale_limit(details()?)?)),
+        "insufficient_stock" => Err(StoreError::InsufficientStock(
+            decode_shortfalls(details()?)?,
+        )),
+        "unpriceable" => {
+            let lines = decode_lines(details()?)?;
+            match order_total(&priced_in_lock_order(lines)?) {
+                Err(e) => Err(e),
+                Ok(_) => Err(StoreError::Corrupt("a priceable cart was refused".into())),
+            }
         }
+        other => Err(StoreError::Corrupt(format!(
+            "reservation outcome {other:?}"
+        ))),
     }
 }
 
-/// A cart's lines priced from the locked product rows, summed and in lock order.
-fn priced_under_lock(
-    lines: &[WantedLine],
-    rows_now: &HashMap<i64, RowNow>,
-) -> Result<Vec<PricedLine>, StoreError> {
-    let priced = lines
-        .iter()
-        .map(|line| {
-            let now = rows_now
-                .get(&line.product_id)
-                .ok_or_else(|| StoreError::Corrupt(format!("product {}", line.product_id)))?;
-            Ok((line.clone(), now.unit_price))
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    priced_in_lock_order(priced)
-}
-
-/// The columns of a batch's granted checkouts, one array per column, for `UNNEST`.
-#[derive(Default)]
-struct GroupColumns {
-    order_ids: Vec<Uuid>,
-    customer_ids: Vec<Uuid>,
-    checkout_ids: Vec<Uuid>,
-    cart_ids: Vec<Uuid>,
-    totals: Vec<i64>,
-    currencies: Vec<String>,
-    ats: Vec<i64>,
-    expires: Vec<i64>,
-    max_expires: Vec<i64>,
-    sales: Vec<Option<Uuid>>,
-    sale_units: Vec<i64>,
-    line_orders: Vec<Uuid>,
-    line_checkouts: Vec<Uuid>,
-    line_products: Vec<i64>,
-    line_skus: Vec<String>,
-    line_quantities: Vec<i64>,
-    line_prices: Vec<i64>,
-    line_totals: Vec<i64>,
-}
-
-impl GroupColumns {
-    fn push(
-        &mut self,
-        new: &NewCheckout,
-        lines: &[PricedLine],
-        total: Money,
-        governed: Governed,
-    ) -> Result<(), StoreError> {
-        self.order_ids.push(new.order_id.uuid());
-        self.customer_ids.push(new.customer_id.uuid());
-        self.checkout_ids.push(new.id.uuid());
-        self.cart_ids.push(new.cart_id.uuid());
-        self.totals.push(total.amount());
-        self.currencies.push(total.currency().as_str().to_owned());
-        self.ats.push(to_millis(new.now));
-        self.expires.push(to_millis(new.now + new.ttl));
-        self.max_expires.push(to_millis(new.now + new.max_lifetime));
-        self.sales.push(governed.sale.map(FlashSaleId::uuid));
-        self.sale_units.push(i64::from(governed.units));
-        for line in lines {
-            self.line_orders.push(new.order_id.uuid());
-            self.line_checkouts.push(new.id.uuid());
-            self.line_products.push(line.product_id);
-            self.line_skus.push(line.sku.to_string());
-            self.line_quantities.push(i64::from(line.quantity.get()));
-            self.line_prices.push(line.unit_price.amount());
-            self.line_totals.push(line.line_total()?.amount());
-        }
-        Ok(())
+fn decode_sale_limit(details: serde_json::Value) -> Result<SaleLimit, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Limit {
+        sku: String,
+        requested: i64,
+        limit: i64,
     }
-}
-
-fn decode_priced_line(row: &PgRow) -> Result<(WantedLine, Money), StoreError> {
-    Ok((
-        WantedLine {
-            product_id: row.try_get("product_id")?,
-            sku: rows::sku(row.try_get("sku")?)?,
-            quantity: row.try_get("quantity")?,
-        },
-        rows::money(row.try_get("price_amount")?, row.try_get("currency")?)?,
-    ))
-}
-
-fn decode_row_now(row: &PgRow) -> Result<RowNow, StoreError> {
-    Ok(RowNow {
-        available: row.try_get("available")?,
-        unit_price: rows::money(row.try_get("price_amount")?, row.try_get("currency")?)?,
+    let limit: Limit = serde_json::from_value(details)
+        .map_err(|e| StoreError::Corrupt(format!("sale limit: {e}")))?;
+    let units =
+        |n: i64| u32::try_from(n).map_err(|_| StoreError::Corrupt(format!("sale units {n}")));
+    Ok(SaleLimit {
+        sku: rows::sku(&limit.sku)?,
+        requested: units(limit.requested)?,
+        limit: units(limit.limit)?,
     })
+}
+
+fn decode_shortfalls(details: serde_json::Value) -> Result<Vec<Shortfall>, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Short {
+        sku: String,
+        requested: i64,
+        available: i64,
+    }
+    let short: Vec<Short> = serde_json::from_value(details)
+        .map_err(|e| StoreError::Corrupt(format!("shortfalls: {e}")))?;
+    short
+        .into_iter()
+        .map(|s| {
+            Ok(Shortfall {
+                sku: rows::sku(&s.sku)?,
+                requested: rows::quantity(s.requested)?.get(),
+                available: s.available,
+            })
+        })
+        .collect()
+}
+
+fn decode_lines(details: serde_json::Value) -> Result<Vec<(WantedLine, Money)>, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        product_id: i64,
+        sku: String,
+        quantity: i64,
+        unit_price: i64,
+        currency: String,
+    }
+    let lines: Vec<Line> = serde_json::from_value(details)
+        .map_err(|e| StoreError::Corrupt(format!("priced lines: {e}")))?;
+    lines
+        .into_iter()
+        .map(|l| {
+            Ok((
+                WantedLine {
+                    product_id: l.product_id,
+                    sku: rows::sku(&l.sku)?,
+                    quantity: l.quantity,
+                },
+                rows::money(l.unit_price, &l.currency)?,
+            ))
+        })
+        .collect()
 }
 
 fn checkout_state(row: &PgRow) -> Result<CheckoutState, StoreError> {
@@ -1179,7 +845,12 @@ impl Store for PgStore {
 
     #[tracing::instrument(skip_all, fields(checkout_id = %new.id, cart_id = %new.cart_id))]
     async fn reserve_checkout(&self, new: &NewCheckout) -> Result<Checkout, StoreError> {
-        reserve_retrying(|read_back| self.try_reserve_checkout(new, read_back)).await
+        // The verdict is read under the row lock, so only a moved price starts over.
+        let batch = std::slice::from_ref(new);
+        let mut answers = reserve_retrying(|_| self.try_reserve(batch)).await?;
+        answers
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Corrupt("no answer for the checkout".into())))
     }
 
     #[tracing::instrument(skip_all, fields(size = batch.len()))]
@@ -1187,8 +858,12 @@ impl Store for PgStore {
         if batch.len() < 2 {
             return group::one_by_one(self, batch).await;
         }
-        match self.try_reserve_group(batch).await {
-            Ok(answers) => answers,
+        match self.try_reserve(batch).await {
+            Ok(Ok(answers)) => answers,
+            Ok(Err(why)) => {
+                tracing::info!(?why, "group reservation fell back to one by one");
+                group::one_by_one(self, batch).await
+            }
             Err(e) => {
                 // Rolled back (e.g. two live checkouts of one admission): nothing was written.
                 tracing::info!(error = %e, "group reservation fell back to one by one");
