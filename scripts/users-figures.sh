@@ -112,7 +112,9 @@ for run in $runs; do
                 half=$(( ${duration%s} / 2 ))
                 victim=${servers[1]}
                 (
-                    until grep -q "\[ *${half}s/" "$work/progress-$run.log" 2>/dev/null; do sleep 0.2; done
+                    # A starved progress printer may skip a second: wait for any line at or past it.
+                    until awk -v h="$half" -F'[[s]' '/^\[/ { if ($2 + 0 >= h) f = 1 } END { exit !f }' \
+                        "$work/progress-$run.log" 2>/dev/null; do sleep 0.2; done
                     kill -9 "$victim"
                     echo "killed instance $b at ${half} s" >>"$work/progress-$run.log"
                 ) &

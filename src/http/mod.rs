@@ -76,6 +76,10 @@ pub struct AppState {
     pub brokers: crate::brokers::Brokers,
 }
 
+/// Responses that failed (5xx, or an error before any answer).
+static RESPONSES_FAILED: crate::telemetry::Summarised =
+    crate::telemetry::Summarised::new("responses failed (5xx)");
+
 pub fn router(state: AppState) -> Router {
     crate::observe::install();
     let request_id = HeaderName::from_static("x-request-id");
@@ -123,6 +127,11 @@ pub fn router(state: AppState) -> Router {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("-");
                 tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            })
+            // One line per 5xx would be one line per request at saturation: summarised. The
+            // cause of a 500 is logged where it happens (`ApiError::internal`).
+            .on_failure(|class: tower_http::classify::ServerErrorsFailureClass, _latency: std::time::Duration, _span: &tracing::Span| {
+                RESPONSES_FAILED.warn(&class);
             }),
         )
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
