@@ -1,4 +1,4 @@
--- Starting a checkout in one round trip (issue 20): the cart claim, the catalogue prices, the
+-- Starting a checkout in one round trip: the cart claim, the catalogue prices, the
 -- all-or-nothing guarded reservation and the checkout / order / lines / reservation rows, for
 -- one checkout or a whole group-reservation batch, in one call. On PostgreSQL every statement
 -- the client sends is a network round trip and the hot product row stays locked across all of

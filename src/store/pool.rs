@@ -22,7 +22,7 @@ const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(5);
 
 /// A request waits at most this long for a PostgreSQL pool connection, then answers `503`
 /// with `Retry-After` instead of queueing without bound.
-pub const PG_ACQUIRE_DEADLINE: Duration = Duration::from_secs(2);
+pub const PG_ACQUIRE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// After a broken connection, every connection is pinged before use for this long.
 const PING_ALL_AFTER_FAILURE: Duration = Duration::from_secs(30);

@@ -1,4 +1,4 @@
-//! Flash sales counted in units (issue 15): a per-buyer limit on every sale, refunds that give
+//! Flash sales counted in units: a per-buyer limit on every sale, refunds that give
 //! units back to the sale, a gate rebuilt from the database after a restart or lost Redis
 //! keys, and the governing sale decided on the lines the reservation really reserves.
 //! PostgreSQL runs with the Redis gate, SQLite with the in-process gate.
@@ -496,7 +496,7 @@ async fn refunds_during_an_open_sale_go_to_buyers_racing_for_them(kind: StoreKin
     app.audit().await.assert_clean();
 }
 
-// Hostile-input gaps found with the same issue.
+// Hostile-input gaps: path parameters, cursors, constraint mapping.
 
 async fn invalid_utf8_in_a_path_parameter_answers_the_json_error_body(kind: StoreKind) {
     let app = app_for(kind, Options::default()).await;
