@@ -145,7 +145,12 @@ impl CheckoutService {
     {
         match call().await {
             Err(GateError::NotLoaded) => {
-                self.load_sale(sale).await?;
+                if let Err(e) = self.load_sale(sale).await {
+                    // Fail closed: no admission on a guess while the database cannot say
+                    // who holds and who bought.
+                    tracing::warn!(sale_id = %sale, error = %e, "flash sale cannot be loaded into the gate; admission unavailable");
+                    return Err(GateError::NotLoaded.into());
+                }
                 Ok(call().await?)
             }
             other => Ok(other?),

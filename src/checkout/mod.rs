@@ -782,7 +782,8 @@ impl CheckoutService {
     }
 
     /// One recovery batch: checkouts whose lease ran out (crashed instance, unknown outcome,
-    /// authentication pending) and money due back. Returns how many were claimed.
+    /// authentication pending), money due back, and refunds pending for longer than the
+    /// reconcile threshold. Returns how many were claimed.
     pub async fn recover_stalled(&self, limit: u32) -> Result<usize, CheckoutError> {
         let lease = self.lease(self.saga.lease);
         let tickets = self.store.claim_stalled(limit, lease).await?;
@@ -791,7 +792,32 @@ impl CheckoutService {
                 tracing::warn!(checkout_id = %ticket.checkout.id, error = %e, "recovery step failed; will retry");
             }
         }
-        Ok(tickets.len())
+        Ok(tickets.len() + self.reconcile_pending_refunds(limit).await?)
+    }
+
+    /// Lost `refund.*` events: a refund pending at the gateway for longer than the reconcile
+    /// threshold is read again and recorded as its event would have been ([`Self::record_refund`]);
+    /// one still pending waits another threshold. Returns how many were read.
+    async fn reconcile_pending_refunds(&self, limit: u32) -> Result<usize, CheckoutError> {
+        let lease = self.lease(self.saga.lease);
+        let settled_before = lease.now - self.saga.reconcile_after;
+        let pending = self
+            .store
+            .claim_pending_refunds(settled_before, limit, lease)
+            .await?;
+        for (id, refund_id) in &pending {
+            let refund = match self.gateway.retrieve_refund(refund_id).await {
+                Ok(refund) => refund,
+                Err(e) => {
+                    tracing::warn!(checkout_id = %id, refund = %refund_id, error = %e, "cannot read the refund; will retry");
+                    continue;
+                }
+            };
+            if let Err(e) = self.record_refund(*id, &refund).await {
+                tracing::warn!(checkout_id = %id, refund = %refund_id, error = %e, "recording the refund failed; will retry");
+            }
+        }
+        Ok(pending.len())
     }
 
     async fn recover(

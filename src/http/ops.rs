@@ -64,7 +64,8 @@ struct OutboxView {
 struct FailureView {
     checkout_id: String,
     order_id: String,
-    /// `payment_failed`, `cancelled`, `expired` or `refunded`.
+    /// `payment_failed`, `cancelled`, `expired` or `refunded`; `completed` for a paid order
+    /// whose refund is pending or failed.
     state: &'static str,
     #[schema(value_type = MoneySchema)]
     total: Money,
@@ -72,6 +73,11 @@ struct FailureView {
     payment_intent_id: Option<String>,
     /// A late payment for units already gone: the money is going back.
     refund_due: bool,
+    /// The order's refund at the gateway: `pending`, `failed` (the money did not go back:
+    /// the order stays paid for an operator to settle) or `succeeded`; `null` before any.
+    refund_status: Option<String>,
+    /// The gateway's refund id.
+    refund_id: Option<String>,
     #[serde(serialize_with = "rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     at: DateTime<Utc>,
@@ -87,6 +93,8 @@ impl From<FailureRow> for FailureView {
             decline_code: f.decline_code,
             payment_intent_id: f.payment_intent_id,
             refund_due: f.refund_due,
+            refund_status: f.refund_status,
+            refund_id: f.refund_id,
             at: f.updated_at,
         }
     }

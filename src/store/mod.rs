@@ -211,6 +211,25 @@ pub struct Lease<'a> {
     pub until: DateTime<Utc>,
 }
 
+/// Claims pending refunds for a re-read (`claim_pending_refunds`), both stores: `$1` lease
+/// owner, `$2` lease until, `$3` now, `$4` orders unchanged since, `$5` limit; `{lock}` is
+/// PostgreSQL's row lock on the candidates (empty on SQLite, whose writers are serial).
+macro_rules! claim_pending_refunds_sql {
+    ($lock:literal) => {
+        concat!(
+            "UPDATE checkouts SET lease_owner = $1, lease_until = $2 WHERE id IN ( \
+               SELECT c.id FROM checkouts c JOIN orders o ON o.id = c.order_id \
+               WHERE o.refund_status = 'pending' AND c.refund_id IS NOT NULL \
+                 AND NOT c.refund_due AND c.state <> 'refunded' AND o.updated_at < $4 \
+                 AND (c.lease_until IS NULL OR c.lease_until < $3) \
+               ORDER BY o.updated_at LIMIT $5 ",
+            $lock,
+            ") RETURNING id, refund_id"
+        )
+    };
+}
+pub(crate) use claim_pending_refunds_sql;
+
 /// A checkout claimed for a charge (or for recovery), with what the charge must repeat.
 #[derive(Debug, Clone)]
 pub struct ChargeTicket {
@@ -504,6 +523,16 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         refund_id: &str,
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError>;
+    /// Refunds the gateway still holds pending (`refund_status = 'pending'`) on orders unchanged
+    /// since `settled_before`, whose `refund.*` event may be lost: claimed with a lease so one
+    /// instance re-reads each; returns each checkout with its refund id. Re-recording a refund
+    /// still pending moves its order's `updated_at`, so it waits another threshold.
+    async fn claim_pending_refunds(
+        &self,
+        settled_before: DateTime<Utc>,
+        limit: u32,
+        lease: Lease<'_>,
+    ) -> Result<Vec<(CheckoutId, String)>, StoreError>;
     /// The checkout whose refund this is, by the refund id recorded with it.
     async fn checkout_for_refund(&self, refund_id: &str) -> Result<Option<CheckoutId>, StoreError>;
     /// An admin refund of a paid order: its checkout's money is due back (the refund itself

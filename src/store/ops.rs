@@ -26,6 +26,11 @@ pub struct FailureRow {
     pub payment_intent_id: Option<String>,
     /// A late payment whose units were gone: the money is due back (a compensation).
     pub refund_due: bool,
+    /// The order's refund as the gateway last reported it: `pending`, `failed` (the money did
+    /// not go back: an operator's case) or `succeeded`; `None` before any refund.
+    pub refund_status: Option<String>,
+    /// The gateway's refund, to look it up there.
+    pub refund_id: Option<String>,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -48,8 +53,8 @@ pub trait OpsStore: Send + Sync {
     async fn checkouts_by_state(&self) -> Result<BTreeMap<String, i64>, StoreError>;
     /// Every order status that occurs, with its count.
     async fn orders_by_status(&self) -> Result<BTreeMap<String, i64>, StoreError>;
-    /// The last `limit` failed, cancelled, expired or refunded checkouts and those with money
-    /// due back, newest first.
+    /// The last `limit` failed, cancelled, expired or refunded checkouts, those with money
+    /// due back and those whose refund is pending or failed at the gateway, newest first.
     async fn recent_failures(&self, limit: u32) -> Result<Vec<FailureRow>, StoreError>;
     /// The last `limit` flash sales, newest first.
     async fn flash_sale_stats(&self, limit: u32) -> Result<Vec<FlashSaleRow>, StoreError>;
@@ -61,10 +66,13 @@ pub(crate) const CHECKOUTS_BY_STATE_SQL: &str =
 pub(crate) const ORDERS_BY_STATUS_SQL: &str =
     "SELECT status AS name, COUNT(*) AS n FROM orders GROUP BY status";
 
-pub(crate) const RECENT_FAILURES_SQL: &str = "SELECT id, order_id, state, total_amount, \
-     currency, decline_code, payment_intent_id, refund_due, updated_at FROM checkouts \
-     WHERE state IN ('payment_failed', 'cancelled', 'expired', 'refunded') OR refund_due \
-     ORDER BY updated_at DESC LIMIT $1";
+pub(crate) const RECENT_FAILURES_SQL: &str = "SELECT c.id, c.order_id, c.state, \
+     c.total_amount, c.currency, c.decline_code, c.payment_intent_id, c.refund_due, \
+     c.refund_id, o.refund_status, c.updated_at FROM checkouts c \
+     LEFT JOIN orders o ON o.id = c.order_id \
+     WHERE c.state IN ('payment_failed', 'cancelled', 'expired', 'refunded') OR c.refund_due \
+        OR o.refund_status IN ('pending', 'failed') \
+     ORDER BY c.updated_at DESC LIMIT $1";
 
 pub(crate) const FLASH_SALE_STATS_SQL: &str = "SELECT f.id, f.sku, f.units, f.starts_at, \
      f.ends_at, \
@@ -101,6 +109,8 @@ macro_rules! ops_decoders {
                 decline_code: row.try_get("decline_code")?,
                 payment_intent_id: row.try_get("payment_intent_id")?,
                 refund_due: row.try_get("refund_due")?,
+                refund_status: row.try_get("refund_status")?,
+                refund_id: row.try_get("refund_id")?,
                 updated_at: $crate::store::from_millis(row.try_get("updated_at")?)?,
             })
         }

@@ -1445,6 +1445,30 @@ impl Store for PgStore {
         Ok(id.map(CheckoutId::from_uuid))
     }
 
+    async fn claim_pending_refunds(
+        &self,
+        settled_before: DateTime<Utc>,
+        limit: u32,
+        lease: Lease<'_>,
+    ) -> Result<Vec<(CheckoutId, String)>, StoreError> {
+        let rows = sqlx::query(super::claim_pending_refunds_sql!(
+            "FOR UPDATE OF c SKIP LOCKED"
+        ))
+        .bind(lease.owner)
+        .bind(to_millis(lease.until))
+        .bind(to_millis(lease.now))
+        .bind(to_millis(settled_before))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let id: Uuid = row.try_get("id")?;
+                Ok((CheckoutId::from_uuid(id), row.try_get("refund_id")?))
+            })
+            .collect()
+    }
+
     async fn request_refund(
         &self,
         order: OrderId,

@@ -15,6 +15,7 @@ both_stores!(
     a_demo_customer_can_shop_and_pass_3d_secure_on_the_simulator,
     the_demo_catalogue_is_seeded_once_into_an_empty_store,
     the_ops_view_follows_a_live_sale_and_shows_a_refund_among_the_compensations,
+    the_ops_view_lists_a_refund_stripe_failed,
 );
 
 async fn the_ops_view_counts_checkouts_orders_failures_and_flash_sales(kind: StoreKind) {
@@ -296,5 +297,47 @@ async fn the_ops_view_follows_a_live_sale_and_shows_a_refund_among_the_compensat
         "{failures:?}"
     );
     assert_eq!(after.body["orders_by_status"]["refunded"], 1);
+    app.audit().await.assert_clean();
+}
+
+async fn the_ops_view_lists_a_refund_stripe_failed(kind: StoreKind) {
+    let fake = FakeStripe::start().await;
+    let app = spawn_app_with(
+        kind,
+        Options {
+            stripe: Some((fake.base_url(), SECRET_KEY.to_owned())),
+            ..Options::default()
+        },
+    )
+    .await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, refused, order) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    let paid = app.complete(&ada, &refused, "pm_card_visa", "k1").await;
+    assert_eq!(paid.body["state"], "completed", "{:?}", paid.body);
+    let (bob, kept, _) = app.reserved_checkout("Bob", &[("tea-01", 1)]).await;
+    let paid = app.complete(&bob, &kept, "pm_card_visa", "k2").await;
+    assert_eq!(paid.body["state"], "completed", "{:?}", paid.body);
+    fake.answer_refunds_with(Some("failed"));
+    app.admin_post(&format!("/v1/admin/orders/{order}/refund"), json!({}))
+        .await
+        .assert_status(200);
+
+    let ops = app.get("/v1/admin/ops", Some(ADMIN_TOKEN)).await;
+
+    ops.assert_status(200);
+    let failures = ops.body["recent_failures"].as_array().expect("failures");
+    assert_eq!(failures.len(), 1, "only the failed refund: {failures:?}");
+    assert_eq!(failures[0]["checkout_id"], refused.as_str());
+    assert_eq!(failures[0]["order_id"], order.as_str());
+    assert_eq!(failures[0]["state"], "completed");
+    assert_eq!(failures[0]["refund_status"], "failed");
+    assert_eq!(failures[0]["refund_due"], false);
+    assert!(
+        failures[0]["refund_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("re_")),
+        "{failures:?}"
+    );
+    assert_eq!(ops.body["orders_by_status"]["paid"], 2);
     app.audit().await.assert_clean();
 }

@@ -44,6 +44,7 @@ both_stores!(
     a_pending_refund_refunds_the_order_only_when_stripe_reports_it_succeeded,
     a_failed_refund_leaves_the_order_paid_and_flagged,
     a_refund_answered_with_a_null_status_is_not_asked_for_again,
+    a_pending_refund_whose_event_is_lost_is_settled_by_recovery,
     the_audit_sees_a_refund_holdfast_and_the_gateway_disagree_on,
     a_charge_lease_claimed_again_is_no_longer_renewed_by_its_first_holder,
 );
@@ -675,6 +676,75 @@ async fn a_refund_answered_with_a_null_status_is_not_asked_for_again(kind: Store
         ("refunded".into(), "refunded".into())
     );
     assert_eq!(fake.refund_count(), 1);
+    app.audit().await.assert_clean();
+}
+
+async fn a_pending_refund_whose_event_is_lost_is_settled_by_recovery(kind: StoreKind) {
+    let (app, fake) = manual_app_with_fake_stripe(kind).await;
+    let (ada, checkout, order, _) = paid_for_two(&app).await;
+    // Answered `null` (pending), then Stripe settles it and its event is lost.
+    assert_eq!(admin_refund_answered(&app, &fake, &order, None).await, 202);
+    fake.settle_refunds("succeeded");
+
+    // Within the reconcile threshold recovery leaves it to the event.
+    app.recovery.tick().await.expect("recovery tick");
+    assert_eq!(refund_status(&app, &ada, &order).await, "pending");
+    assert_eq!(app.stock_of("tea-01").await, (3, 0, 3));
+
+    // Past it, recovery reads the refund and records it as the event would have.
+    app.advance(chrono::Duration::seconds(1));
+    assert_eq!(app.recovery.tick().await.expect("recovery tick"), 1);
+    assert_eq!(
+        statuses(&app, &ada, &checkout, &order).await,
+        ("refunded".into(), "refunded".into())
+    );
+    assert_eq!(refund_status(&app, &ada, &order).await, "succeeded");
+    app.advance(chrono::Duration::seconds(1));
+    assert_eq!(app.recovery.tick().await.expect("recovery tick"), 0);
+    assert_eq!(
+        app.stock_of("tea-01").await,
+        (5, 0, 5),
+        "the units are back once"
+    );
+    assert_eq!(fake.refund_count(), 1, "the refund was asked for once");
+    app.audit().await.assert_clean();
+
+    // Another order whose refund stays pending at the next look, then fails.
+    let (bob, second, second_order) = app.reserved_checkout("Bob", &[("tea-01", 1)]).await;
+    let paid = app.complete(&bob, &second, "pm_card_visa", "k2").await;
+    assert_eq!(paid.body["state"], "completed", "{:?}", paid.body);
+    fake.answer_refunds_with(Some("pending"));
+    app.admin_post(
+        &format!("/v1/admin/orders/{second_order}/refund"),
+        json!({}),
+    )
+    .await
+    .assert_status(202);
+    app.advance(chrono::Duration::seconds(1));
+    assert_eq!(app.recovery.tick().await.expect("recovery tick"), 1);
+    assert_eq!(refund_status(&app, &bob, &second_order).await, "pending");
+    // Read again only after another threshold.
+    assert_eq!(app.recovery.tick().await.expect("recovery tick"), 0);
+    let refund = crate::helpers::fetch_strings(
+        &app,
+        "SELECT refund_id FROM checkouts WHERE refund_id IS NOT NULL ORDER BY created_at DESC",
+    )
+    .await
+    .into_iter()
+    .next()
+    .expect("a refund id");
+    fake.settle_refund(&refund, "failed");
+    app.advance(chrono::Duration::seconds(1));
+    assert_eq!(app.recovery.tick().await.expect("recovery tick"), 1);
+    assert_eq!(
+        statuses(&app, &bob, &second, &second_order).await,
+        ("paid".into(), "completed".into())
+    );
+    assert_eq!(refund_status(&app, &bob, &second_order).await, "failed");
+    assert_eq!(app.stock_of("tea-01").await, (4, 0, 4));
+    app.advance(chrono::Duration::seconds(1));
+    assert_eq!(app.recovery.tick().await.expect("recovery tick"), 0);
+    assert_eq!(fake.refund_count(), 2);
     app.audit().await.assert_clean();
 }
 

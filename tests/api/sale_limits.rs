@@ -740,3 +740,43 @@ async fn a_sale_line_added_while_checkouts_start_is_never_reserved_without_admis
     assert_eq!(tea.1, i64::try_from(reserved).expect("a count"), "{tea:?}");
     app.audit().await.assert_clean();
 }
+
+// PostgreSQL only (the database outage helper): the Redis gate loses the sale while the
+// database cannot be read.
+
+/// The gate does not know the sale and cannot be rebuilt while the database refuses
+/// connections: token requests fail closed (`503 admission_unavailable`), nobody is admitted;
+/// once the database answers again the gate is rebuilt and admission works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_fails_closed_while_it_cannot_be_rebuilt_from_the_database() {
+    let app = app_for(StoreKind::Postgres, Options::default()).await;
+    app.new_product("hot-01", 900, 10).await;
+    let sale = open_sale(&app, "hot-01", 2, None).await;
+    let (ada, bob) = (app.new_customer("Ada").await, app.new_customer("Bob").await);
+    // Both are known to the service (their tokens are cached), so only the gate's rebuild
+    // needs the database.
+    for customer in [&ada, &bob] {
+        app.get("/v1/orders", Some(&customer.token))
+            .await
+            .assert_status(200);
+    }
+    crate::gate::delete_keys(&app.settings.redis_key_prefix).await;
+    let outage = crate::helpers::DatabaseOutage::begin(&app).await;
+
+    for customer in [&ada, &bob] {
+        take_token(&app, customer, &sale)
+            .await
+            .assert_error(503, "admission_unavailable");
+    }
+
+    outage.end().await;
+    crate::helpers::eventually(15, "the database answers again", || async {
+        app.get("/readyz", None).await.status.as_u16() == 200
+    })
+    .await;
+    take_token(&app, &ada, &sale).await.assert_status(201);
+    let figures = sale_figures(&app, &sale).await;
+    assert_eq!(figures["figures"]["holders"], 1, "only Ada's: {figures:?}");
+    take_token(&app, &bob, &sale).await.assert_status(201);
+    app.audit().await.assert_clean();
+}

@@ -296,6 +296,15 @@ impl FakeStripe {
         }
     }
 
+    /// Stripe settles refund `id` to `status` (no event is sent: a lost one).
+    pub fn settle_refund(&self, id: &str, status: &str) {
+        for row in &mut self.shared.ledger().refunds {
+            if row.id == id {
+                row.status = Some(status.to_owned());
+            }
+        }
+    }
+
     /// Every request received, including refused and faulted ones.
     pub fn requests(&self) -> usize {
         self.shared.ledger().log.len()
