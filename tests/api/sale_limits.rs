@@ -780,3 +780,41 @@ async fn the_gate_fails_closed_while_it_cannot_be_rebuilt_from_the_database() {
     take_token(&app, &bob, &sale).await.assert_status(201);
     app.audit().await.assert_clean();
 }
+
+/// Redis loses the sale's keys while the service runs (a `FLUSHALL` of this test's own
+/// prefix): the next call finds the sale unknown and the gate is loaded from the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_keys_lost_mid_sale_are_rebuilt_from_the_database() {
+    // Arrange: a 3-unit sale on the Redis gate; Ada bought one, Bob holds a checkout.
+    let app = app_for(StoreKind::Postgres, Options::default()).await;
+    app.new_product("hot", 500, 10).await;
+    let sale = open_sale(&app, "hot", 3, None).await;
+    let (ada, ada_cart) = app.buyer_with("Ada", &[("hot", 1)]).await;
+    let (bob, bob_cart) = app.buyer_with("Bob", &[("hot", 1)]).await;
+    let (cy, cy_cart) = app.buyer_with("Cy", &[("hot", 1)]).await;
+    buy(&app, &ada, &ada_cart, &sale).await;
+    let token = take_token(&app, &bob, &sale).await.str("token");
+    checkout_with_token(&app, &bob, &bob_cart, &token)
+        .await
+        .assert_status(201);
+
+    // Act
+    crate::gate::delete_keys(&app.settings.redis_key_prefix).await;
+
+    // Assert: the same instance rebuilds the sale as the database records it.
+    let figures = sale_figures(&app, &sale).await;
+    assert_eq!(
+        figures["figures"],
+        json!({ "holders": 1, "held": 1, "sold": 1 }),
+        "{figures:?}"
+    );
+    take_token(&app, &ada, &sale)
+        .await
+        .assert_error(409, "sold_out");
+    buy(&app, &cy, &cy_cart, &sale).await;
+    let (dee, _) = app.buyer_with("Dee", &[("hot", 1)]).await;
+    take_token(&app, &dee, &sale)
+        .await
+        .assert_error(409, "sold_out");
+    app.audit().await.assert_clean();
+}
