@@ -621,16 +621,13 @@ impl CheckoutService {
         }
     }
 
-    /// `refund.updated`, `refund.failed`, `charge.refund.updated`: a refund's status settled.
+    /// `refund.updated`, `refund.failed`, `charge.refund.updated`: one of our refunds settled.
+    /// A refund we did not record (made on Stripe's dashboard, perhaps partial) is left to
+    /// `charge.refunded`, which knows whether the whole payment went back; one whose answer we
+    /// lost is recorded by recovery, which asks again under the same idempotency key.
     async fn refund_event(&self, refund: &Refund) -> Result<(), CheckoutError> {
-        let by_refund = self.store.checkout_for_refund(&refund.id).await?;
-        let checkout = match (by_refund, refund.payment_intent_id.as_deref()) {
-            (Some(id), _) => Some(id),
-            (None, Some(intent)) => self.checkout_of_payment(intent).await?.map(|c| c.id),
-            (None, None) => None,
-        };
-        let Some(id) = checkout else {
-            tracing::warn!(refund = %refund.id, "refund event of no known checkout");
+        let Some(id) = self.store.checkout_for_refund(&refund.id).await? else {
+            tracing::info!(refund = %refund.id, "event of a refund holdfast did not record");
             return Ok(());
         };
         self.record_refund(id, refund).await.map(drop)
