@@ -8,11 +8,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use chrono::{Duration, Utc};
+use holdfast::domain::CheckoutState;
 use holdfast::domain::{
     CheckoutId, Currency, CustomerName, Money, NewProduct, OrderId, ProductName, Quantity, Sku,
     StockLevel,
 };
-use holdfast::store::{NewCheckout, PgStore, Store, StoreError};
+use holdfast::outbox::OrderPaid;
+use holdfast::store::{Lease, NewCheckout, PgStore, Store, StoreError};
 use tracing_subscriber::layer::{Context, SubscriberExt as _};
 use tracing_subscriber::Layer;
 
@@ -110,8 +112,12 @@ async fn checkout_of(store: &PgStore, name: &str, lines: &[(&Sku, i64)]) -> NewC
     }
 }
 
-#[test]
-fn starting_a_checkout_is_one_statement_whatever_its_outcome_or_batch() {
+/// Runs `test` on a fresh, migrated store under a subscriber that counts statements.
+fn counted<F, Fut>(test: F)
+where
+    F: FnOnce(Statements, PgStore) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let statements = Statements::default();
     let subscriber = tracing_subscriber::registry().with(statements.clone());
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -123,30 +129,274 @@ fn starting_a_checkout_is_one_statement_whatever_its_outcome_or_batch() {
             let url = fresh_postgres_database().await;
             let store = PgStore::connect(&url, 4).await.expect("connect");
             store.migrate().await.expect("migrate");
-            let tea = product(&store, "tea-01", 3).await;
-            let cup = product(&store, "cup-01", 100).await;
-            let ada = checkout_of(&store, "Ada", &[(&cup, 2), (&tea, 1)]).await;
-            let bob = checkout_of(&store, "Bob", &[(&tea, 5)]).await;
-            let batch = vec![
-                checkout_of(&store, "Cy", &[(&tea, 1)]).await,
-                checkout_of(&store, "Di", &[(&tea, 2), (&cup, 3)]).await,
-                checkout_of(&store, "Ed", &[(&cup, 1)]).await,
-            ];
-
-            let reserved = statements.of(&store, store.reserve_checkout(&ada)).await;
-            let refused = statements.of(&store, store.reserve_checkout(&bob)).await;
-            let again = statements.of(&store, store.reserve_checkout(&ada)).await;
-            let grouped = statements.of(&store, store.reserve_checkouts(&batch)).await;
-
-            assert!(reserved.2.is_ok(), "{:?}", reserved.2);
-            assert!(matches!(refused.2, Err(StoreError::InsufficientStock(_))));
-            assert!(matches!(again.2, Err(StoreError::CartNotOpen(_))));
-            let answers: Vec<bool> = grouped.2.iter().map(Result::is_ok).collect();
-            assert_eq!(answers, vec![true, false, true], "{:?}", grouped.2);
-            let counted = [&reserved, &refused, &again]
-                .map(|(statements, acquisitions, _)| (*statements, *acquisitions));
-            assert_eq!(counted, [(1, 1); 3], "a single checkout start");
-            assert_eq!((grouped.0, grouped.1), (1, 1), "a batch of three");
+            test(statements, store).await;
         })
+    });
+}
+
+/// A reserved checkout of its own customer and cart.
+async fn reserved(store: &PgStore, name: &str, lines: &[(&Sku, i64)]) -> NewCheckout {
+    let new = checkout_of(store, name, lines).await;
+    store.reserve_checkout(&new).await.expect("reserved");
+    new
+}
+
+fn lease(now: chrono::DateTime<Utc>) -> Lease<'static> {
+    Lease {
+        owner: "instance-a",
+        now,
+        until: now + Duration::seconds(30),
+    }
+}
+
+/// (statements, pool acquisitions) of each step, as published in docs/performance.md.
+type Counted = (usize, u64);
+
+fn count<T>((statements, acquisitions, _): &(usize, u64, T)) -> Counted {
+    (*statements, *acquisitions)
+}
+
+#[test]
+fn every_other_step_a_buyer_waits_on_is_one_statement() {
+    counted(|statements, store| async move {
+        let tea = product(&store, "tea-01", 2).await;
+        let cup = product(&store, "cup-01", 100).await;
+        let ada = reserved(&store, "Ada", &[(&cup, 2), (&tea, 1)]).await;
+        let bob = reserved(&store, "Bob", &[(&cup, 1)]).await;
+        let cy = reserved(&store, "Cy", &[(&cup, 3)]).await;
+        let di = reserved(&store, "Di", &[(&tea, 1)]).await;
+        let now = Utc::now();
+        let ttl = Duration::seconds(120);
+
+        // What a start reads before it reserves: the cart and the open sales.
+        let extra = checkout_of(&store, "Fay", &[(&cup, 1), (&tea, 1)]).await;
+        let first_look = statements
+            .of(
+                &store,
+                store.cart_and_current_sales(extra.customer_id, extra.cart_id, now),
+            )
+            .await;
+        let (cart, sales) = first_look.2.as_ref().expect("the cart and the sales");
+        let skus: Vec<String> = cart
+            .as_ref()
+            .expect("Fay's cart")
+            .lines
+            .iter()
+            .map(|l| l.sku.to_string())
+            .collect();
+        assert_eq!(skus, vec!["cup-01", "tea-01"]);
+        assert!(sales.is_empty());
+
+        // Heartbeat: renewed, or refused from the state it found.
+        let beat = statements
+            .of(
+                &store,
+                store.heartbeat_checkout(ada.customer_id, ada.id, now, ttl),
+            )
+            .await;
+        let beat = (count(&beat), beat.2.map(|c| c.state));
+        let unknown = statements
+            .of(
+                &store,
+                store.heartbeat_checkout(ada.customer_id, CheckoutId::new(), now, ttl),
+            )
+            .await;
+        assert!(
+            matches!(unknown.2, Err(StoreError::NotFound("checkout"))),
+            "{:?}",
+            unknown.2
+        );
+
+        // Cancel, and cancel again; a heartbeat of a cancelled checkout names its state.
+        let cancel = statements
+            .of(&store, store.cancel_checkout(bob.customer_id, bob.id, now))
+            .await;
+        let again = statements
+            .of(&store, store.cancel_checkout(bob.customer_id, bob.id, now))
+            .await;
+        let late_beat = statements
+            .of(
+                &store,
+                store.heartbeat_checkout(bob.customer_id, bob.id, now, ttl),
+            )
+            .await;
+        assert!(
+            matches!(
+                late_beat.2,
+                Err(StoreError::CheckoutState(CheckoutState::Cancelled))
+            ),
+            "{:?}",
+            late_beat.2
+        );
+
+        // Starting the charge, and again while its lease holds.
+        let charge = statements
+            .of(
+                &store,
+                store.begin_charge(ada.customer_id, ada.id, "pm_card_visa", lease(now)),
+            )
+            .await;
+        let ticket = charge.2.as_ref().expect("the charge starts");
+        assert!(ticket.opens_attempt && ticket.checkout.state == CheckoutState::Charging);
+        let busy = statements
+            .of(
+                &store,
+                store.begin_charge(ada.customer_id, ada.id, "pm_card_visa", lease(now)),
+            )
+            .await;
+        assert!(
+            matches!(busy.2, Err(StoreError::ChargeInProgress)),
+            "{:?}",
+            busy.2
+        );
+
+        // The outcomes: requires_action, then success; a decline; a late success whose units
+        // were given back (taken again) and one whose units are gone (money due back).
+        let action = statements
+            .of(
+                &store,
+                store.record_requires_action(ada.id, "pi_ada", Some("secret"), lease(now)),
+            )
+            .await;
+        let paid = statements
+            .of(&store, store.record_charge_succeeded(ada.id, "pi_ada", now))
+            .await;
+        store
+            .begin_charge(cy.customer_id, cy.id, "pm_card_visa", lease(now))
+            .await
+            .expect("the charge starts");
+        let declined = statements
+            .of(
+                &store,
+                store.record_charge_declined(cy.id, Some("pi_cy"), "card_declined", now),
+            )
+            .await;
+        let taken_again = statements
+            .of(&store, store.record_charge_succeeded(bob.id, "pi_bob", now))
+            .await;
+        store
+            .cancel_checkout(di.customer_id, di.id, now)
+            .await
+            .expect("cancelled");
+        // The last tea unit goes to another buyer before Di's late success arrives.
+        reserved(&store, "Ed", &[(&tea, 1)]).await;
+        let due_back = statements
+            .of(&store, store.record_charge_succeeded(di.id, "pi_di", now))
+            .await;
+        let webhook = statements
+            .of(
+                &store,
+                store.record_webhook_event(
+                    "evt_1",
+                    "payment_intent.succeeded",
+                    Some("pi_ada"),
+                    now,
+                ),
+            )
+            .await;
+
+        let state = |r: &Result<holdfast::domain::Checkout, StoreError>| {
+            r.as_ref().map(|c| c.state).map_err(ToString::to_string)
+        };
+        assert_eq!(beat.1.as_ref().ok(), Some(&CheckoutState::Reserved));
+        assert_eq!(state(&cancel.2), Ok(CheckoutState::Cancelled));
+        assert_eq!(state(&again.2), Ok(CheckoutState::Cancelled));
+        assert_eq!(state(&action.2), Ok(CheckoutState::RequiresAction));
+        assert_eq!(state(&paid.2), Ok(CheckoutState::Completed));
+        assert_eq!(state(&declined.2), Ok(CheckoutState::PaymentFailed));
+        assert_eq!(state(&taken_again.2), Ok(CheckoutState::Completed));
+        let due = due_back.2.as_ref().expect("recorded");
+        assert!(
+            due.refund_due && due.state == CheckoutState::Cancelled,
+            "{due:?}"
+        );
+        assert!(webhook.2.is_ok(), "{:?}", webhook.2);
+
+        let steps: Vec<(&str, Counted)> = vec![
+            (
+                "a start's first look: cart and open sales",
+                count(&first_look),
+            ),
+            ("heartbeat", beat.0),
+            ("heartbeat of no such checkout", count(&unknown)),
+            ("heartbeat refused for its state", count(&late_beat)),
+            ("cancel", count(&cancel)),
+            ("cancel of a cancelled checkout", count(&again)),
+            ("begin_charge", count(&charge)),
+            ("begin_charge while its lease holds", count(&busy)),
+            ("record_requires_action", count(&action)),
+            ("record_charge_succeeded", count(&paid)),
+            ("record_charge_declined", count(&declined)),
+            (
+                "record_charge_succeeded, units taken again",
+                count(&taken_again),
+            ),
+            ("record_charge_succeeded, money due back", count(&due_back)),
+            ("record_webhook_event", count(&webhook)),
+        ];
+        for (step, counted) in &steps {
+            assert_eq!(*counted, (1, 1), "{step}");
+        }
+
+        // The order.paid row the success wrote is the event the relay publishes.
+        let payloads: Vec<String> =
+            sqlx::query_scalar("SELECT payload FROM outbox WHERE topic = 'order.paid' ORDER BY id")
+                .fetch_all(store.pool())
+                .await
+                .expect("the outbox");
+        assert_eq!(payloads.len(), 2, "Ada's and Bob's sales, not Di's");
+        let event = OrderPaid::from_payload(payloads[0].as_bytes()).expect("an OrderPaid");
+        let completed = paid.2.as_ref().expect("completed");
+        assert_eq!(
+            (
+                event.order_id,
+                event.checkout_id,
+                event.customer_id,
+                event.total
+            ),
+            (completed.order_id, ada.id, ada.customer_id, completed.total)
+        );
+        assert_eq!(event.payment_intent_id, "pi_ada");
+        let lines: Vec<(String, u32, i64)> = event
+            .lines
+            .iter()
+            .map(|l| (l.sku.to_string(), l.quantity.get(), l.line_total.amount()))
+            .collect();
+        assert_eq!(
+            lines,
+            vec![("cup-01".into(), 2, 900), ("tea-01".into(), 1, 450)]
+        );
+        assert_eq!(event.paid_at.timestamp_millis(), now.timestamp_millis());
+        let audit = holdfast::audit::run(&store).await.expect("the audit runs");
+        assert!(audit.is_clean(), "{audit:?}");
+    });
+}
+
+#[test]
+fn starting_a_checkout_is_one_statement_whatever_its_outcome_or_batch() {
+    counted(|statements, store| async move {
+        let tea = product(&store, "tea-01", 3).await;
+        let cup = product(&store, "cup-01", 100).await;
+        let ada = checkout_of(&store, "Ada", &[(&cup, 2), (&tea, 1)]).await;
+        let bob = checkout_of(&store, "Bob", &[(&tea, 5)]).await;
+        let batch = vec![
+            checkout_of(&store, "Cy", &[(&tea, 1)]).await,
+            checkout_of(&store, "Di", &[(&tea, 2), (&cup, 3)]).await,
+            checkout_of(&store, "Ed", &[(&cup, 1)]).await,
+        ];
+
+        let reserved = statements.of(&store, store.reserve_checkout(&ada)).await;
+        let refused = statements.of(&store, store.reserve_checkout(&bob)).await;
+        let again = statements.of(&store, store.reserve_checkout(&ada)).await;
+        let grouped = statements.of(&store, store.reserve_checkouts(&batch)).await;
+
+        assert!(reserved.2.is_ok(), "{:?}", reserved.2);
+        assert!(matches!(refused.2, Err(StoreError::InsufficientStock(_))));
+        assert!(matches!(again.2, Err(StoreError::CartNotOpen(_))));
+        let answers: Vec<bool> = grouped.2.iter().map(Result::is_ok).collect();
+        assert_eq!(answers, vec![true, false, true], "{:?}", grouped.2);
+        let single = [count(&reserved), count(&refused), count(&again)];
+        assert_eq!(single, [(1, 1); 3], "a single checkout start");
+        assert_eq!(count(&grouped), (1, 1), "a batch of three");
     });
 }

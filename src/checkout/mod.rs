@@ -175,17 +175,15 @@ impl CheckoutService {
         flash_sale_token: Option<&str>,
         idempotency_key: Option<&str>,
     ) -> Result<Checkout, CheckoutError> {
-        let lines = self
+        let now = self.clock.now();
+        let (found, sales) = self
             .store
-            .cart(customer, cart)
-            .await?
+            .cart_and_current_sales(customer, cart, now)
+            .await?;
+        let lines = found
             .ok_or(CheckoutError::Store(StoreError::NotFound("cart")))?
             .lines;
-        let now = self.clock.now();
-        let open_sales: Vec<OpenSale> = self
-            .store
-            .current_flash_sales(now)
-            .await?
+        let open_sales: Vec<OpenSale> = sales
             .into_iter()
             .filter(|sale| sale.is_open(now))
             .map(|sale| OpenSale {

@@ -363,6 +363,20 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
     ) -> Result<Cart, StoreError>;
     /// A cart of another customer is `None`, exactly as a cart that does not exist.
     async fn cart(&self, customer: CustomerId, cart: CartId) -> Result<Option<Cart>, StoreError>;
+    /// What starting a checkout reads first: the customer's cart (`None`: no such cart of
+    /// theirs) and the flash sales not yet ended at `now`, as [`Store::cart`] and
+    /// [`Store::current_flash_sales`] answer them. A store may read both in one round trip.
+    async fn cart_and_current_sales(
+        &self,
+        customer: CustomerId,
+        cart: CartId,
+        now: DateTime<Utc>,
+    ) -> Result<(Option<Cart>, Vec<FlashSale>), StoreError> {
+        Ok((
+            self.cart(customer, cart).await?,
+            self.current_flash_sales(now).await?,
+        ))
+    }
     async fn set_cart_line(
         &self,
         customer: CustomerId,
@@ -779,6 +793,16 @@ const ADMISSION_INDEX: &str = "checkouts_one_live_per_admission";
 /// admission (`AdmissionInUse`); any other failure, another unique violation included, stays
 /// what it is. One rule for both stores: PostgreSQL names the violated index, SQLite names
 /// its columns (`checkouts.flash_sale_id, checkouts.customer_id`).
+/// Why a heartbeat renewed nothing, from the checkout's state as it stood (`None`: no such
+/// checkout of this customer), both stores.
+pub(crate) fn heartbeat_refused(state: Option<CheckoutState>) -> StoreError {
+    match state {
+        None => StoreError::NotFound("checkout"),
+        Some(CheckoutState::Reserved | CheckoutState::Expired) => StoreError::CheckoutExpired,
+        Some(other) => StoreError::CheckoutState(other),
+    }
+}
+
 pub(crate) fn admission_in_use(e: sqlx::Error) -> StoreError {
     let admission = match &e {
         sqlx::Error::Database(db) if db.is_unique_violation() => {

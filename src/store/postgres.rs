@@ -16,7 +16,7 @@ use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::domain::{
-    Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
+    Cart, CartId, CartLine, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
     CustomerName, FlashSale, FlashSaleId, Money, NewFlashSale, NewProduct, Order, OrderId,
     OrderStatus, Product, ProductPatch, Quantity, Sku,
 };
@@ -24,7 +24,7 @@ use crate::domain::{
 use super::group;
 use super::rows::{self, row_decoders};
 use super::{
-    admission_in_use, attach_lines, cart_must_be_open, check_patch, order_paid_event, order_total,
+    admission_in_use, attach_lines, cart_must_be_open, check_patch, heartbeat_refused, order_total,
     page_of, priced_in_lock_order, reserve_retrying, schema_is_current, to_millis, unclaimed_cart,
     Acquisitions, ChargeTicket, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, Released,
     Retry, SaleCheckout, SaleLimit, Shortfall, Store, StoreError, StoreKind, StoredKey, WantedLine,
@@ -244,30 +244,6 @@ impl PgStore {
         decode::checkout(&row)
     }
 
-    /// Sold: every active reservation of the checkout leaves `reserved` and `stock` together.
-    async fn confirm_reservations(
-        tx: &mut Transaction<'_, Postgres>,
-        id: CheckoutId,
-    ) -> Result<(), StoreError> {
-        let rows = sqlx::query(
-            "UPDATE reservations SET status = 'confirmed' \
-             WHERE checkout_id = $1 AND status = 'active' RETURNING product_id, quantity",
-        )
-        .bind(id.uuid())
-        .fetch_all(&mut **tx)
-        .await?;
-        for (product_id, quantity) in decode::per_product(&rows)? {
-            sqlx::query(
-                "UPDATE products SET stock = stock - $1, reserved = reserved - $1 WHERE id = $2",
-            )
-            .bind(quantity)
-            .bind(product_id)
-            .execute(&mut **tx)
-            .await?;
-        }
-        Ok(())
-    }
-
     /// A refunded sale: its confirmed units go back on the shelf.
     async fn return_stock(
         tx: &mut Transaction<'_, Postgres>,
@@ -288,51 +264,6 @@ impl PgStore {
                 .await?;
         }
         Ok(())
-    }
-
-    /// A late success for units already given back: take them again if every line is still
-    /// available (locked in product-id order), else leave everything as it was.
-    async fn reserve_again_and_confirm(
-        tx: &mut Transaction<'_, Postgres>,
-        id: CheckoutId,
-    ) -> Result<bool, StoreError> {
-        let rows = sqlx::query(
-            "SELECT product_id, quantity FROM reservations \
-             WHERE checkout_id = $1 AND status = 'released'",
-        )
-        .bind(id.uuid())
-        .fetch_all(&mut **tx)
-        .await?;
-        let wanted = decode::per_product(&rows)?;
-        let ids: Vec<i64> = wanted.keys().copied().collect();
-        let available = sqlx::query(
-            "SELECT id, stock - reserved AS available FROM products WHERE id = ANY($1) \
-             ORDER BY id FOR UPDATE",
-        )
-        .bind(&ids)
-        .fetch_all(&mut **tx)
-        .await?;
-        for row in &available {
-            let product: i64 = row.try_get("id")?;
-            let free: i64 = row.try_get("available")?;
-            if wanted.get(&product).is_some_and(|q| *q > free) {
-                return Ok(false);
-            }
-        }
-        for (product_id, quantity) in &wanted {
-            sqlx::query("UPDATE products SET stock = stock - $1 WHERE id = $2")
-                .bind(quantity)
-                .bind(product_id)
-                .execute(&mut **tx)
-                .await?;
-        }
-        sqlx::query(
-            "UPDATE reservations SET status = 'confirmed' WHERE checkout_id = $1 AND status = 'released'",
-        )
-        .bind(id.uuid())
-        .execute(&mut **tx)
-        .await?;
-        Ok(true)
     }
 
     /// One call of `hf_reserve_checkouts` (migration 0004) for `batch`: one round trip and one
@@ -450,6 +381,24 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 /// SQLSTATEs raised by `hf_reserve_checkouts` (migration 0022).
 const PRICE_MOVED: &str = "HF001";
 const GUARD_MISSED: &str = "HF002";
+
+/// A saga step's function (migration 0023) that refused to run, as the step's error; it wrote
+/// nothing.
+fn step_refused(e: sqlx::Error) -> StoreError {
+    let sqlx::Error::Database(db) = &e else {
+        return e.into();
+    };
+    match db.code().as_deref() {
+        Some("HF010") => StoreError::NotFound("checkout"),
+        Some("HF011") => StoreError::CheckoutExpired,
+        Some("HF012") => match CheckoutState::parse(db.message()) {
+            Some(state) => StoreError::CheckoutState(state),
+            None => StoreError::Corrupt(format!("checkout state {:?}", db.message())),
+        },
+        Some("HF013") => StoreError::ChargeInProgress,
+        _ => e.into(),
+    }
+}
 
 /// One row of `hf_reserve_checkouts`: the checkout as written, or the plain path's refusal.
 fn decode_reserved(row: &PgRow) -> Result<Checkout, StoreError> {
@@ -796,6 +745,62 @@ impl Store for PgStore {
         Ok(found)
     }
 
+    async fn cart_and_current_sales(
+        &self,
+        customer: CustomerId,
+        cart: CartId,
+        now: DateTime<Utc>,
+    ) -> Result<(Option<Cart>, Vec<FlashSale>), StoreError> {
+        // One statement, one snapshot: the cart's rows (one with no line when it is empty)
+        // first, then the sales.
+        let rows = sqlx::query(concat!(
+            "SELECT 0 AS kind, c.status AS cart_status, p.sku AS line_sku, \
+               l.quantity AS line_quantity, NULL::UUID AS id, NULL::TEXT AS sku, \
+               NULL::BIGINT AS units, NULL::BIGINT AS starts_at, NULL::BIGINT AS ends_at, \
+               NULL::BIGINT AS reservation_ttl_ms, NULL::BIGINT AS max_per_buyer \
+             FROM carts c LEFT JOIN cart_lines l ON l.cart_id = c.id \
+               LEFT JOIN products p ON p.id = l.product_id \
+             WHERE c.id = $1 AND c.customer_id = $2 \
+             UNION ALL SELECT 1, NULL, NULL, NULL, ",
+            flash_sale_columns!(),
+            " FROM flash_sales WHERE ends_at IS NULL OR ends_at > $3 \
+             ORDER BY kind, line_sku, starts_at"
+        ))
+        .bind(cart.uuid())
+        .bind(customer.uuid())
+        .bind(to_millis(now))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut found: Option<(String, Vec<CartLine>)> = None;
+        let mut sales = Vec::new();
+        for row in &rows {
+            if row.try_get::<i32, _>("kind")? == 1 {
+                sales.push(decode::flash_sale(row)?);
+                continue;
+            }
+            let status: String = row.try_get("cart_status")?;
+            let (_, lines) = found.get_or_insert_with(|| (status, Vec::new()));
+            if let Some(sku) = row.try_get::<Option<String>, _>("line_sku")? {
+                lines.push(CartLine {
+                    sku: rows::sku(&sku)?,
+                    quantity: rows::quantity(row.try_get("line_quantity")?)?,
+                });
+            }
+        }
+        let cart = found
+            .map(|(status, lines)| {
+                Ok::<_, StoreError>(Cart {
+                    id: cart,
+                    customer_id: customer,
+                    status: CartStatus::parse(&status)
+                        .ok_or_else(|| StoreError::Corrupt(format!("cart status {status:?}")))?,
+                    lines,
+                })
+            })
+            .transpose()?;
+        Ok((cart, sales))
+    }
+
     async fn set_cart_line(
         &self,
         customer: CustomerId,
@@ -896,27 +901,29 @@ impl Store for PgStore {
         now: DateTime<Utc>,
         ttl: Duration,
     ) -> Result<Checkout, StoreError> {
-        let row = sqlx::query(&format!(
-            "UPDATE checkouts SET expires_at = LEAST($3::BIGINT + $4::BIGINT, max_expires_at), \
-             updated_at = $3 WHERE id = $1 AND customer_id = $2 AND state = 'reserved' \
-             AND expires_at > $3 RETURNING {CHECKOUT_COLUMNS}"
+        // One statement: the renewal, or the checkout as it stood when it could not be renewed.
+        let Some(row) = sqlx::query(&format!(
+            "WITH renewed AS (UPDATE checkouts \
+               SET expires_at = LEAST($3::BIGINT + $4::BIGINT, max_expires_at), updated_at = $3 \
+               WHERE id = $1 AND customer_id = $2 AND state = 'reserved' AND expires_at > $3 \
+               RETURNING {CHECKOUT_COLUMNS}) \
+             SELECT TRUE AS renewed, * FROM renewed \
+             UNION ALL SELECT FALSE, {CHECKOUT_COLUMNS} FROM checkouts \
+               WHERE id = $1 AND customer_id = $2 AND NOT EXISTS (SELECT 1 FROM renewed)"
         ))
         .bind(id.uuid())
         .bind(customer.uuid())
         .bind(to_millis(now))
         .bind(ttl.num_milliseconds())
         .fetch_optional(&self.pool)
-        .await?;
-        match row {
-            Some(row) => decode::checkout(&row),
-            None => Err(match self.checkout(customer, id).await? {
-                None => StoreError::NotFound("checkout"),
-                Some(c) if matches!(c.state, CheckoutState::Reserved | CheckoutState::Expired) => {
-                    StoreError::CheckoutExpired
-                }
-                Some(c) => StoreError::CheckoutState(c.state),
-            }),
+        .await?
+        else {
+            return Err(heartbeat_refused(None));
+        };
+        if row.try_get::<bool, _>("renewed")? {
+            return decode::checkout(&row);
         }
+        Err(heartbeat_refused(Some(checkout_state(&row)?)))
     }
 
     async fn cancel_checkout(
@@ -925,40 +932,14 @@ impl Store for PgStore {
         id: CheckoutId,
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(&format!(
-            "SELECT {CHECKOUT_COLUMNS} FROM checkouts WHERE id = $1 AND customer_id = $2 FOR UPDATE"
-        ))
-        .bind(id.uuid())
-        .bind(customer.uuid())
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(StoreError::NotFound("checkout"))?;
-        match checkout_state(&row)? {
-            CheckoutState::Reserved => {}
-            CheckoutState::Cancelled => return decode::checkout(&row),
-            other => return Err(StoreError::CheckoutState(other)),
-        }
-        let ids = [id.uuid()];
-        Self::release_reservations(&mut tx, &ids).await?;
-        let row = sqlx::query(&format!(
-            "UPDATE checkouts SET state = 'cancelled', updated_at = $2 WHERE id = $1 \
-             RETURNING {CHECKOUT_COLUMNS}"
-        ))
-        .bind(id.uuid())
-        .bind(to_millis(now))
-        .fetch_one(&mut *tx)
-        .await?;
-        let cancelled = decode::checkout(&row)?;
-        close_order_and_reopen_cart(
-            &mut tx,
-            &[cancelled.order_id.uuid()],
-            &[cancelled.cart_id.uuid()],
-            now,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(cancelled)
+        let row = sqlx::query("SELECT * FROM hf_cancel_checkout($1, $2, $3)")
+            .bind(id.uuid())
+            .bind(customer.uuid())
+            .bind(to_millis(now))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(step_refused)?;
+        decode::checkout(&row)
     }
 
     #[tracing::instrument(skip_all)]
@@ -1016,59 +997,20 @@ impl Store for PgStore {
         payment_method: &str,
         lease: Lease<'_>,
     ) -> Result<ChargeTicket, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(&format!(
-            "SELECT {CHECKOUT_COLUMNS}, lease_until FROM checkouts \
-             WHERE id = $1 AND customer_id = $2 FOR UPDATE"
-        ))
+        let row = sqlx::query(
+            "SELECT f.opens_attempt, (f.ck).* FROM hf_begin_charge($1, $2, $3, $4, $5, $6) f",
+        )
         .bind(id.uuid())
         .bind(customer.uuid())
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(StoreError::NotFound("checkout"))?;
-        let current = decode::checkout(&row)?;
-        let lease_until: Option<i64> = row.try_get("lease_until")?;
-        let (row, opens_attempt) = match current.state {
-            CheckoutState::Reserved if current.expires_at <= lease.now => {
-                return Err(StoreError::CheckoutExpired)
-            }
-            CheckoutState::Expired => return Err(StoreError::CheckoutExpired),
-            CheckoutState::Reserved => {
-                let row = sqlx::query(&format!(
-                    "UPDATE checkouts SET state = 'charging', attempt = attempt + 1, \
-                 payment_method = $2, charge_started_at = $3, lease_owner = $4, \
-                 lease_until = $5, updated_at = $3 WHERE id = $1 \
-                 RETURNING {CHECKOUT_COLUMNS}, charge_started_at"
-                ))
-                .bind(id.uuid())
-                .bind(payment_method)
-                .bind(to_millis(lease.now))
-                .bind(lease.owner)
-                .bind(to_millis(lease.until))
-                .fetch_one(&mut *tx)
-                .await?;
-                (row, true)
-            }
-            CheckoutState::Charging if lease_until.is_some_and(|t| t > to_millis(lease.now)) => {
-                return Err(StoreError::ChargeInProgress)
-            }
-            CheckoutState::Charging => {
-                let row = sqlx::query(&format!(
-                    "UPDATE checkouts SET lease_owner = $2, lease_until = $3 WHERE id = $1 \
-                 RETURNING {CHECKOUT_COLUMNS}, charge_started_at"
-                ))
-                .bind(id.uuid())
-                .bind(lease.owner)
-                .bind(to_millis(lease.until))
-                .fetch_one(&mut *tx)
-                .await?;
-                (row, false)
-            }
-            other => return Err(StoreError::CheckoutState(other)),
-        };
-        tx.commit().await?;
+        .bind(payment_method)
+        .bind(to_millis(lease.now))
+        .bind(lease.owner)
+        .bind(to_millis(lease.until))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(step_refused)?;
         Ok(ChargeTicket {
-            opens_attempt,
+            opens_attempt: row.try_get("opens_attempt")?,
             ..decode::ticket(&row)?
         })
     }
@@ -1107,79 +1049,17 @@ impl Store for PgStore {
         payment_intent_id: &str,
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let current = Self::lock_checkout(&mut tx, id).await?;
-        match current.state {
-            CheckoutState::Completed | CheckoutState::Refunded => return Ok(current),
-            CheckoutState::Reserved | CheckoutState::Charging | CheckoutState::RequiresAction => {
-                Self::confirm_reservations(&mut tx, id).await?;
-            }
-            CheckoutState::Expired | CheckoutState::PaymentFailed | CheckoutState::Cancelled => {
-                if current.refund_due {
-                    return Ok(current);
-                }
-                if !Self::reserve_again_and_confirm(&mut tx, id).await? {
-                    let row = sqlx::query(&format!(
-                        "UPDATE checkouts SET refund_due = TRUE, payment_intent_id = $2, \
-                         lease_owner = NULL, lease_until = $3, updated_at = $3 WHERE id = $1 \
-                         RETURNING {CHECKOUT_COLUMNS}"
-                    ))
-                    .bind(id.uuid())
-                    .bind(payment_intent_id)
-                    .bind(to_millis(now))
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    tx.commit().await?;
-                    return decode::checkout(&row);
-                }
-            }
-        }
-        sqlx::query(
-            "UPDATE orders SET status = 'paid', payment_intent_id = $2, updated_at = $3 WHERE id = $1",
-        )
-        .bind(current.order_id.uuid())
-        .bind(payment_intent_id)
-        .bind(to_millis(now))
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("UPDATE carts SET status = 'checked_out', updated_at = $2 WHERE id = $1")
-            .bind(current.cart_id.uuid())
+        // The `order.paid` payload is written by the function; its id and time come from here.
+        let row = sqlx::query("SELECT * FROM hf_record_charge_succeeded($1, $2, $3, $4, $5)")
+            .bind(id.uuid())
+            .bind(payment_intent_id)
             .bind(to_millis(now))
-            .execute(&mut *tx)
-            .await?;
-        let row = sqlx::query(&format!(
-            "UPDATE checkouts SET state = 'completed', payment_intent_id = $2, lease_owner = NULL, \
-             lease_until = NULL, updated_at = $3 WHERE id = $1 RETURNING {CHECKOUT_COLUMNS}"
-        ))
-        .bind(id.uuid())
-        .bind(payment_intent_id)
-        .bind(to_millis(now))
-        .fetch_one(&mut *tx)
-        .await?;
-        let completed = decode::checkout(&row)?;
-        let lines = sqlx::query(
-            "SELECT ol.order_id, ol.sku, ol.quantity, ol.unit_price, ol.line_total, o.currency \
-             FROM order_lines ol JOIN orders o ON o.id = ol.order_id WHERE o.id = $1 ORDER BY ol.sku",
-        )
-        .bind(current.order_id.uuid())
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(decode::order_line)
-        .collect::<Result<Vec<_>, _>>()?;
-        let event = order_paid_event(&completed, payment_intent_id, lines, now);
-        sqlx::query(
-            "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
-             VALUES ($1, 'order.paid', $2, $3, $4) ON CONFLICT (topic, order_id) DO NOTHING",
-        )
-        .bind(event.event_id)
-        .bind(completed.order_id.uuid())
-        .bind(&event.payload)
-        .bind(to_millis(now))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(completed)
+            .bind(Uuid::new_v4())
+            .bind(now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(step_refused)?;
+        decode::checkout(&row)
     }
 
     #[tracing::instrument(skip_all, fields(checkout_id = %id))]
@@ -1190,28 +1070,14 @@ impl Store for PgStore {
         decline_code: &str,
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let current = Self::lock_checkout(&mut tx, id).await?;
-        if !matches!(
-            current.state,
-            CheckoutState::Charging | CheckoutState::RequiresAction
-        ) {
-            return Ok(current);
-        }
-        Self::release_reservations(&mut tx, &[id.uuid()]).await?;
-        let row = sqlx::query(&format!(
-            "UPDATE checkouts SET state = 'payment_failed', decline_code = $2, \
-             payment_intent_id = COALESCE($3, payment_intent_id), lease_owner = NULL, \
-             lease_until = NULL, updated_at = $4 WHERE id = $1 RETURNING {CHECKOUT_COLUMNS}"
-        ))
-        .bind(id.uuid())
-        .bind(decline_code)
-        .bind(payment_intent_id)
-        .bind(to_millis(now))
-        .fetch_one(&mut *tx)
-        .await?;
-        finish_order_and_reopen_cart(&mut tx, &current, "payment_failed", now).await?;
-        tx.commit().await?;
+        let row = sqlx::query("SELECT * FROM hf_record_charge_declined($1, $2, $3, $4)")
+            .bind(id.uuid())
+            .bind(payment_intent_id)
+            .bind(decline_code)
+            .bind(to_millis(now))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(step_refused)?;
         decode::checkout(&row)
     }
 
@@ -1222,34 +1088,16 @@ impl Store for PgStore {
         client_secret: Option<&str>,
         lease: Lease<'_>,
     ) -> Result<Checkout, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let current = Self::lock_checkout(&mut tx, id).await?;
-        if current.state != CheckoutState::Charging {
-            return Ok(current);
-        }
-        let row = sqlx::query(&format!(
-            "UPDATE checkouts SET state = 'requires_action', payment_intent_id = $2, \
-             client_secret = $3, lease_owner = $4, lease_until = $5, updated_at = $6 \
-             WHERE id = $1 RETURNING {CHECKOUT_COLUMNS}"
-        ))
-        .bind(id.uuid())
-        .bind(payment_intent_id)
-        .bind(client_secret)
-        .bind(lease.owner)
-        .bind(to_millis(lease.until))
-        .bind(to_millis(lease.now))
-        .fetch_one(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE orders SET status = 'payment_processing', payment_intent_id = $2, \
-             updated_at = $3 WHERE id = $1 AND status = 'pending_payment'",
-        )
-        .bind(current.order_id.uuid())
-        .bind(payment_intent_id)
-        .bind(to_millis(lease.now))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        let row = sqlx::query("SELECT * FROM hf_record_requires_action($1, $2, $3, $4, $5, $6)")
+            .bind(id.uuid())
+            .bind(payment_intent_id)
+            .bind(client_secret)
+            .bind(lease.owner)
+            .bind(to_millis(lease.until))
+            .bind(to_millis(lease.now))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(step_refused)?;
         decode::checkout(&row)
     }
 

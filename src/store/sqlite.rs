@@ -27,12 +27,12 @@ use super::group::{self, Candidate, Planned};
 use super::rows::{self, row_decoders};
 use super::{
     admission_in_use, all_matched, attach_lines, cart_must_be_open, check_patch, governing_sale,
-    judge_misses, order_paid_event, order_total, page_of, priced_in_lock_order, reserve_retrying,
-    schema_is_current, to_millis, unclaimed_cart, Acquisitions, ChargeTicket, Governed, Guarded,
-    IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine, Released, Retry, RowNow,
-    SaleCheckout, Store, StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS,
-    IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
-    SALE_CHECKOUTS_SQL,
+    heartbeat_refused, judge_misses, order_paid_event, order_total, page_of, priced_in_lock_order,
+    reserve_retrying, schema_is_current, to_millis, unclaimed_cart, Acquisitions, ChargeTicket,
+    Governed, Guarded, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine,
+    Released, Retry, RowNow, SaleCheckout, Store, StoreError, StoreKind, StoredKey, WantedLine,
+    CHECKOUT_COLUMNS, IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW, INVENTORY_AUDIT_SQL, ORDER_COLUMNS,
+    PRODUCT_COLUMNS, SALE_CHECKOUTS_SQL,
 };
 
 mod decode {
@@ -979,13 +979,9 @@ impl Store for SqliteStore {
         .await?;
         match row {
             Some(row) => decode::checkout(&row),
-            None => Err(match self.checkout(customer, id).await? {
-                None => StoreError::NotFound("checkout"),
-                Some(c) if matches!(c.state, CheckoutState::Reserved | CheckoutState::Expired) => {
-                    StoreError::CheckoutExpired
-                }
-                Some(c) => StoreError::CheckoutState(c.state),
-            }),
+            None => Err(heartbeat_refused(
+                self.checkout(customer, id).await?.map(|c| c.state),
+            )),
         }
     }
 
