@@ -200,6 +200,22 @@ impl AdmissionGate for LateGate {
         self.observe(gate.admit(terms, customer, now, hold).await)
     }
 
+    fn keeps_budgets(&self) -> bool {
+        self.gate().is_ok_and(|gate| gate.keeps_budgets())
+    }
+
+    async fn admit_within(
+        &self,
+        terms: &SaleTerms,
+        customer: CustomerId,
+        now: DateTime<Utc>,
+        hold: chrono::Duration,
+        budget: &crate::flash_sale::RequestBudget,
+    ) -> Result<Admission, GateError> {
+        let gate = self.gate()?;
+        self.observe(gate.admit_within(terms, customer, now, hold, budget).await)
+    }
+
     async fn check(
         &self,
         sale: FlashSaleId,

@@ -10,7 +10,7 @@ use crate::domain::{
     Checkout, CheckoutId, CheckoutState, CustomerId, FlashSale, FlashSaleId, NewFlashSale, Sku,
 };
 use crate::flash_sale::{
-    Admission, Claim, GateError, GateFigures, RecordedHold, SaleRecord, SaleTerms,
+    Admission, Claim, GateError, GateFigures, RecordedHold, RequestBudget, SaleRecord, SaleTerms,
 };
 use crate::store::{SaleCheckout, SaleLimit, StoreError};
 
@@ -82,6 +82,11 @@ impl CheckoutService {
             tracing::warn!(sale_id = %sale.id, error = %e, "flash sale not loaded into the gate yet");
         }
         Ok(sale)
+    }
+
+    /// The sale, if this instance has read it before (no store access).
+    pub fn cached_sale(&self, id: FlashSaleId) -> Option<FlashSale> {
+        self.sales.get(id)
     }
 
     pub async fn sale(&self, id: FlashSaleId) -> Result<Option<FlashSale>, CheckoutError> {
@@ -157,18 +162,39 @@ impl CheckoutService {
         }
     }
 
-    /// One atomic step in the gate; a refused buyer costs no database write. A gate that did
-    /// not answer in time is asked once more: admitting is idempotent per customer (a repeat
-    /// returns the same token), so a slow answer under load does not turn into a refusal.
+    /// Whether the gate takes the customers' shared request budgets itself
+    /// ([`AdmissionGate::keeps_budgets`]): then a token request's budget goes with its
+    /// admission, one call for both.
+    pub fn gate_keeps_budgets(&self) -> bool {
+        self.gate.keeps_budgets()
+    }
+
+    /// One atomic step in the gate; a refused buyer costs no database write. With `budget`,
+    /// the same step first takes one request from the customer's shared budget (only for a
+    /// gate that [keeps budgets](Self::gate_keeps_budgets)). A gate that did not answer in
+    /// time is asked once more: admitting is idempotent per customer (a repeat returns the
+    /// same token), so a slow answer under load does not turn into a refusal.
     pub async fn take_token(
         &self,
         customer: CustomerId,
         sale: &FlashSale,
+        budget: Option<&RequestBudget>,
     ) -> Result<Admission, CheckoutError> {
         let terms = terms(sale);
-        let admit = || {
-            self.gate
-                .admit(&terms, customer, self.clock.now(), sale.reservation_ttl)
+        let admit = || async {
+            let now = self.clock.now();
+            match budget {
+                Some(budget) => {
+                    self.gate
+                        .admit_within(&terms, customer, now, sale.reservation_ttl, budget)
+                        .await
+                }
+                None => {
+                    self.gate
+                        .admit(&terms, customer, now, sale.reservation_ttl)
+                        .await
+                }
+            }
         };
         match self.gated(sale.id, admit).await {
             Err(CheckoutError::Gate(GateError::Unavailable(cause))) => {

@@ -4,16 +4,25 @@
 --
 -- KEYS: see keys.lua in redis.rs (loaded, holders, tokens, held, sold, bought, released,
 -- consumed). ARGV[1] now (ms), ARGV[2] expiry of a new hold (ms), ARGV[3] units,
--- ARGV[4] units per buyer, ARGV[5] customer, ARGV[6] token to grant if admitted now
+-- ARGV[4] units per buyer, ARGV[5] customer, ARGV[6] token to grant if admitted now;
+-- optionally KEYS[9] the customer's request budget, ARGV[7] ms per request, ARGV[8] burst:
+-- one request is taken from it first (`take_budget`, the shared rate limit's own script,
+-- prepended by redis.rs), and over budget the answer is {-2, '', ms to wait}, nothing changed.
 --
 -- Returns {1, token, expiry} granted now, {2, token, expiry} already a holder,
--- {0, "", 0} sold out, {-1, "", 0} the sale is not loaded. Times are passed and stored as
+-- {0, "", 0} sold out, {-1, "", 0} the sale is not loaded, {-2, "", ms} over budget. Times are passed and stored as
 -- the caller's decimal strings so no precision is lost to Lua's number formatting.
 
 local loaded, holders, tokens, held, sold_key, bought = KEYS[1], KEYS[2], KEYS[3], KEYS[4],
     KEYS[5], KEYS[6]
 if redis.call('EXISTS', loaded) == 0 then
     return {-1, '', 0}
+end
+if KEYS[9] then
+    local wait = take_budget({KEYS[9]}, {ARGV[7], ARGV[8]})
+    if wait > 0 then
+        return {-2, '', wait}
+    end
 end
 local now, expiry, units, limit = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local customer, candidate = ARGV[5], ARGV[6]

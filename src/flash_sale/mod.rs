@@ -119,6 +119,17 @@ pub struct SaleRecord {
     pub ended: Vec<CheckoutId>,
 }
 
+/// One request to take from a customer's request budget kept in the gate's store (the shared
+/// rate limit, `src/http/rate_limit.lua`): its key, the milliseconds one request costs and the
+/// burst. A gate that keeps budgets ([`AdmissionGate::keeps_budgets`]) takes it in the same
+/// atomic step as the admission, so a refused buyer costs one call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestBudget {
+    pub key: String,
+    pub interval_ms: u64,
+    pub burst: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GateError {
     #[error("the sale is sold out")]
@@ -135,6 +146,9 @@ pub enum GateError {
     /// is admitted while the gate cannot count.
     #[error("the admission gate is unavailable: {0}")]
     Unavailable(String),
+    /// The customer's request budget is spent; nothing else changed. Retry after this many ms.
+    #[error("over the request budget; retry in {0} ms")]
+    RateLimited(u64),
 }
 
 #[async_trait]
@@ -155,6 +169,30 @@ pub trait AdmissionGate: Send + Sync + 'static {
         now: DateTime<Utc>,
         hold: Duration,
     ) -> Result<Admission, GateError>;
+
+    /// Whether this gate keeps the customers' shared request budgets, so that
+    /// [`Self::admit_within`] can take one with the admission.
+    fn keeps_budgets(&self) -> bool {
+        false
+    }
+
+    /// [`Self::admit`], after taking one request from `budget` in the same atomic step: over
+    /// budget, `RateLimited` and nothing else changes. Asked only of a gate that
+    /// [`Self::keeps_budgets`].
+    async fn admit_within(
+        &self,
+        terms: &SaleTerms,
+        customer: CustomerId,
+        now: DateTime<Utc>,
+        hold: Duration,
+        budget: &RequestBudget,
+    ) -> Result<Admission, GateError> {
+        let _ = (terms, customer, now, hold, budget);
+        Err(GateError::Unavailable(format!(
+            "the {} gate keeps no request budgets",
+            self.name()
+        )))
+    }
 
     /// Whether `token` is this customer's live token for this sale (tokens are bound to their
     /// customer).

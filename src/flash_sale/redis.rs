@@ -21,8 +21,8 @@ use chrono::{DateTime, Duration, Utc};
 use subtle::ConstantTimeEq;
 
 use super::{
-    hold_until, new_token, Admission, AdmissionGate, Claim, GateError, GateFigures, SaleRecord,
-    SaleTerms,
+    hold_until, new_token, Admission, AdmissionGate, Claim, GateError, GateFigures, RequestBudget,
+    SaleRecord, SaleTerms,
 };
 use crate::domain::{CheckoutId, CustomerId, FlashSaleId};
 
@@ -38,6 +38,7 @@ const CONNECTION_TIMEOUT: StdDuration = StdDuration::from_millis(500);
 
 /// Status codes of the scripts.
 const NOT_LOADED: i64 = -1;
+const OVER_BUDGET: i64 = -2;
 const ADMIT_SOLD_OUT: i64 = 0;
 const ADMIT_GRANTED: i64 = 1;
 const ADMIT_ALREADY_HOLDER: i64 = 2;
@@ -66,7 +67,13 @@ struct Scripts {
 impl Scripts {
     fn load() -> Self {
         Self {
-            admit: Script::new(include_str!("admit.lua")),
+            // The shared rate limit's script as a function, so an admission can take the
+            // customer's request budget in the same call.
+            admit: Script::new(&format!(
+                "local function take_budget(KEYS, ARGV)\n{}\nend\n{}",
+                include_str!("../http/rate_limit.lua"),
+                include_str!("admit.lua")
+            )),
             check: Script::new(include_str!("check.lua")),
             claim: Script::new(include_str!("claim.lua")),
             extend: Script::new(include_str!("extend.lua")),
@@ -143,6 +150,56 @@ impl RedisGate {
         })
     }
 
+    /// One call of the admit script, taking one request from `budget` first when given.
+    #[tracing::instrument(skip_all, fields(sale = %terms.sale_id, customer = %customer))]
+    async fn admit_taking(
+        &self,
+        terms: &SaleTerms,
+        customer: CustomerId,
+        now: DateTime<Utc>,
+        hold: Duration,
+        budget: Option<&RequestBudget>,
+    ) -> Result<Admission, GateError> {
+        terms.open_at(now)?;
+        let expires_at = hold_until(now, hold);
+        let mut invocation = self.invocation(&self.scripts.admit, terms.sale_id);
+        invocation
+            .arg(now.timestamp_millis())
+            .arg(expires_at.timestamp_millis())
+            .arg(terms.units)
+            .arg(terms.max_per_buyer)
+            .arg(customer.to_string())
+            .arg(new_token());
+        if let Some(budget) = budget {
+            invocation
+                .key(&budget.key)
+                .arg(budget.interval_ms)
+                .arg(budget.burst);
+        }
+        let mut connection = self.connection.clone();
+        let (status, token, expiry_ms): (i64, String, i64) =
+            bounded(invocation.invoke_async(&mut connection)).await?;
+        let newly_granted = match status {
+            ADMIT_GRANTED => true,
+            ADMIT_ALREADY_HOLDER => false,
+            ADMIT_SOLD_OUT => return Err(GateError::SoldOut),
+            NOT_LOADED => return Err(GateError::NotLoaded),
+            OVER_BUDGET => {
+                return Err(GateError::RateLimited(
+                    u64::try_from(expiry_ms).unwrap_or(1),
+                ))
+            }
+            other => return Err(unexpected(format!("admit status {other}"))),
+        };
+        let expires_at = DateTime::from_timestamp_millis(expiry_ms)
+            .ok_or_else(|| unexpected(format!("hold expiry {expiry_ms} ms")))?;
+        Ok(Admission {
+            token,
+            expires_at,
+            newly_granted,
+        })
+    }
+
     /// An invocation of `script` with every key of the sale, in [`SaleKeys::all`] order (a
     /// Redis Cluster needs every key a script touches named).
     fn invocation<'a>(
@@ -175,7 +232,6 @@ impl AdmissionGate for RedisGate {
         "redis"
     }
 
-    #[tracing::instrument(skip_all, fields(sale = %terms.sale_id, customer = %customer))]
     async fn admit(
         &self,
         terms: &SaleTerms,
@@ -183,33 +239,23 @@ impl AdmissionGate for RedisGate {
         now: DateTime<Utc>,
         hold: Duration,
     ) -> Result<Admission, GateError> {
-        terms.open_at(now)?;
-        let expires_at = hold_until(now, hold);
-        let mut invocation = self.invocation(&self.scripts.admit, terms.sale_id);
-        invocation
-            .arg(now.timestamp_millis())
-            .arg(expires_at.timestamp_millis())
-            .arg(terms.units)
-            .arg(terms.max_per_buyer)
-            .arg(customer.to_string())
-            .arg(new_token());
-        let mut connection = self.connection.clone();
-        let (status, token, expiry_ms): (i64, String, i64) =
-            bounded(invocation.invoke_async(&mut connection)).await?;
-        let newly_granted = match status {
-            ADMIT_GRANTED => true,
-            ADMIT_ALREADY_HOLDER => false,
-            ADMIT_SOLD_OUT => return Err(GateError::SoldOut),
-            NOT_LOADED => return Err(GateError::NotLoaded),
-            other => return Err(unexpected(format!("admit status {other}"))),
-        };
-        let expires_at = DateTime::from_timestamp_millis(expiry_ms)
-            .ok_or_else(|| unexpected(format!("hold expiry {expiry_ms} ms")))?;
-        Ok(Admission {
-            token,
-            expires_at,
-            newly_granted,
-        })
+        self.admit_taking(terms, customer, now, hold, None).await
+    }
+
+    fn keeps_budgets(&self) -> bool {
+        true
+    }
+
+    async fn admit_within(
+        &self,
+        terms: &SaleTerms,
+        customer: CustomerId,
+        now: DateTime<Utc>,
+        hold: Duration,
+        budget: &RequestBudget,
+    ) -> Result<Admission, GateError> {
+        self.admit_taking(terms, customer, now, hold, Some(budget))
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(sale = %sale, customer = %customer))]

@@ -284,6 +284,9 @@ impl From<crate::flash_sale::GateError> for ApiError {
                 )
                 .retry_after(1)
             }
+            GateError::RateLimited(wait_ms) => {
+                super::limits::rate_limited(std::time::Duration::from_millis(wait_ms))
+            }
             GateError::Unavailable(cause) => {
                 // Fail closed: nobody is admitted while the gate cannot be asked.
                 tracing::error!(error = %cause, "admission gate unavailable");

@@ -15,9 +15,8 @@ use utoipa::ToSchema;
 use crate::domain::{FlashSale, FlashSaleId, NewFlashSale, Sku};
 use crate::flash_sale::GateFigures;
 
-use super::auth::Admin;
+use super::auth::{Admin, CustomerAuth};
 use super::extract::{AppJson, OptionalJson, Path};
-use super::limits::RateLimited;
 use super::openapi::{ErrorBody, GateFiguresSchema};
 use super::views::rfc3339;
 use super::{error::not_found_of, ApiError, AppState};
@@ -245,17 +244,34 @@ struct TokenView {
     )
 )]
 async fn take_token(
-    RateLimited(customer): RateLimited,
+    CustomerAuth(customer): CustomerAuth,
     State(state): State<AppState>,
     Path(id): Path<String>,
     OptionalJson(NoBody {}): OptionalJson<NoBody>,
 ) -> Result<Response, ApiError> {
-    let sale = state
+    let id = parse_sale_id(&id)?;
+    // The per-customer budget, as `RateLimited` takes it, before anything else. For a sale
+    // this instance knows, a gate that keeps the shared budgets takes it in the admission's
+    // own call: a refused buyer costs that one call and nothing else.
+    let cached = state.checkout.cached_sale(id);
+    let budget = if cached.is_some() && state.checkout.gate_keeps_budgets() {
+        state.rate_limit.budget_for_gate(customer.id)?
+    } else {
+        state.rate_limit.check(customer.id).await?;
+        None
+    };
+    let sale = match cached {
+        Some(sale) => sale,
+        None => state
+            .checkout
+            .sale(id)
+            .await?
+            .ok_or_else(|| not_found_of("flash sale"))?,
+    };
+    let admission = state
         .checkout
-        .sale(parse_sale_id(&id)?)
-        .await?
-        .ok_or_else(|| not_found_of("flash sale"))?;
-    let admission = state.checkout.take_token(customer.id, &sale).await?;
+        .take_token(customer.id, &sale, budget.as_ref())
+        .await?;
     let status = if admission.newly_granted {
         StatusCode::CREATED
     } else {

@@ -16,6 +16,7 @@ use governor::clock::Clock as _;
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use crate::domain::{Customer, CustomerId};
+use crate::flash_sale::RequestBudget;
 
 use super::auth::CustomerAuth;
 use super::{ApiError, AppState, BODY_LIMIT};
@@ -106,6 +107,24 @@ impl RateLimit {
         self.check_in_memory(customer)
     }
 
+    /// For a gate that keeps the budgets in the same Redis (one script call takes the request
+    /// and decides the admission): the customer's shared budget to take there. Without a
+    /// shared budget, this instance's own is checked here (no I/O) and `None` is the answer.
+    pub fn budget_for_gate(&self, customer: CustomerId) -> Result<Option<RequestBudget>, ApiError> {
+        match &self.shared {
+            Some(shared) => Ok(Some(self.budget_of(shared, customer))),
+            None => self.check_in_memory(customer).map(|()| None),
+        }
+    }
+
+    fn budget_of(&self, shared: &SharedBudget, customer: CustomerId) -> RequestBudget {
+        RequestBudget {
+            key: format!("{}rate:{customer}", shared.key_prefix),
+            interval_ms: (1000 / u64::from(self.rate.max(1))).max(1),
+            burst: u64::from(self.rate).saturating_mul(2).max(1),
+        }
+    }
+
     /// The budget of this instance alone.
     fn check_in_memory(&self, customer: CustomerId) -> Result<(), ApiError> {
         let Some(limiter) = &self.limiter else {
@@ -145,13 +164,12 @@ impl RateLimit {
                 .await
                 .map_err(|e| e.to_string())?;
             let mut connection = connection.clone();
-            let interval_ms = 1000 / u64::from(self.rate.max(1));
-            let burst = u64::from(self.rate).saturating_mul(2).max(1);
+            let budget = self.budget_of(shared, customer);
             shared
                 .script
-                .key(format!("{}rate:{customer}", shared.key_prefix))
-                .arg(interval_ms.max(1))
-                .arg(burst)
+                .key(budget.key)
+                .arg(budget.interval_ms)
+                .arg(budget.burst)
                 .invoke_async::<u64>(&mut connection)
                 .await
                 .map_err(|e| e.to_string())
@@ -162,7 +180,7 @@ impl RateLimit {
     }
 }
 
-fn rate_limited(wait: Duration) -> ApiError {
+pub(super) fn rate_limited(wait: Duration) -> ApiError {
     let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,

@@ -11,8 +11,8 @@ use std::time::Duration as StdDuration;
 use chrono::{DateTime, Duration, Utc};
 use holdfast::domain::{CheckoutId, CustomerId, FlashSaleId};
 use holdfast::flash_sale::{
-    AdmissionGate, GateError, GateFigures, InProcessGate, RedisGate, SaleRecord, SaleTerms,
-    TOKEN_PREFIX,
+    AdmissionGate, GateError, GateFigures, InProcessGate, RedisGate, RequestBudget, SaleRecord,
+    SaleTerms, TOKEN_PREFIX,
 };
 use tokio::sync::Barrier;
 use tokio::time::{sleep, timeout, Instant};
@@ -814,4 +814,67 @@ async fn the_redis_gate_refuses_rather_than_waits_when_redis_stops_answering() {
 #[tokio::test]
 async fn the_in_process_gate_names_itself() {
     assert_eq!(InProcessGate::new().name(), "in_process");
+}
+
+/// The Redis gate takes a customer's shared request budget in the admission's own script
+/// call: within the budget the call admits (or answers the holder), over it the answer is
+/// `RateLimited` and nothing else changed; the in-process gate keeps no budgets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_gate_takes_the_request_budget_in_the_admission_call() {
+    // Arrange: a budget of a burst of 2, one request a minute; a sale of 1 unit.
+    let prefix = fresh_prefix();
+    let gate = RedisGate::connect(&redis_url(), prefix.clone())
+        .await
+        .expect("the test Redis answers (is redis-server running on 6379?)");
+    assert!(gate.keeps_budgets());
+    assert!(!InProcessGate::new().keeps_budgets());
+    let now = an_instant();
+    let terms = opened(&gate, sale(1, now)).await;
+    let (ada, bob) = (CustomerId::new(), CustomerId::new());
+    let budget = |customer: CustomerId| RequestBudget {
+        key: format!("{prefix}rate:{customer}"),
+        interval_ms: 60_000,
+        burst: 2,
+    };
+
+    // Act: Ada three times, then Bob twice (the sale is Ada's by then).
+    let mut adas = Vec::new();
+    for _ in 0..3 {
+        adas.push(
+            gate.admit_within(&terms, ada, now, hold(), &budget(ada))
+                .await,
+        );
+    }
+    let bobs = [
+        gate.admit_within(&terms, bob, now, hold(), &budget(bob))
+            .await,
+        gate.admit_within(&terms, bob, now, hold(), &budget(bob))
+            .await,
+    ];
+
+    // Assert
+    let first = adas[0].as_ref().expect("the unit is free");
+    assert!(first.newly_granted);
+    let again = adas[1]
+        .as_ref()
+        .expect("within the burst: the holder's answer");
+    assert_eq!((again.newly_granted, &again.token), (false, &first.token));
+    assert!(
+        matches!(adas[2], Err(GateError::RateLimited(wait)) if wait > 0 && wait <= 60_000),
+        "{:?}",
+        adas[2]
+    );
+    assert_eq!(
+        bobs[0],
+        Err(GateError::SoldOut),
+        "Bob's own budget is untouched"
+    );
+    assert_eq!(bobs[1], Err(GateError::SoldOut));
+    let after = figures(&gate, &terms, now).await;
+    assert_eq!((after.holders, after.held), (1, 1), "{after:?}");
+    let over = gate
+        .admit_within(&terms, bob, now, hold(), &budget(bob))
+        .await;
+    assert!(matches!(over, Err(GateError::RateLimited(_))), "{over:?}");
+    delete_keys(&prefix).await;
 }

@@ -595,3 +595,71 @@ async fn with_redis_the_rate_limit_is_shared_by_every_instance() {
     b.stop().await;
     a.audit().await.assert_clean();
 }
+
+/// With Redis as gate and budget, a token request of a sale the instance knows takes its
+/// budget inside the admission's own script call, from the same shared budget as every other
+/// limited route: two instances, requests spread over both, only the burst passes, and the
+/// customer's next checkout start is refused for the same budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_token_requests_take_the_shared_budget_in_the_gate_call() {
+    // Arrange: 1 request per second, burst 2; both instances know the sale.
+    let redis = std::env::var("HOLDFAST_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let a = spawn_app_with(
+        StoreKind::Postgres,
+        Options {
+            rate_limit_per_second: 1,
+            redis: Some(redis),
+            ..Options::default()
+        },
+    )
+    .await;
+    let b = a.spawn_sibling().await;
+    a.new_product("hot-01", 900, 10).await;
+    let sale = open_sale(&a, "hot-01", 10).await;
+    for app in [&a, &b] {
+        app.get(&format!("/v1/admin/flash-sales/{sale}"), Some(ADMIN_TOKEN))
+            .await
+            .assert_status(200);
+    }
+    let ada = a.new_customer("Ada").await;
+
+    // Act: six token requests, alternating instances, then a checkout start.
+    let mut statuses = Vec::new();
+    let mut refusals = Vec::new();
+    for i in 0..6 {
+        let resp = take_token(if i % 2 == 0 { &a } else { &b }, &ada, &sale).await;
+        statuses.push(resp.status.as_u16());
+        if resp.status.as_u16() == 429 {
+            refusals.push(resp);
+        }
+    }
+    let start = a
+        .post(
+            "/v1/checkouts",
+            Some(&ada.token),
+            json!({ "cart_id": "00000000-0000-0000-0000-000000000000" }),
+        )
+        .await;
+
+    // Assert: a grant and the holder's answer within the burst (one more if a second's refill
+    // came in time), the rest refused with the contract's 429; the sale's figures untouched by
+    // the refusals; the start refused for the same budget.
+    assert_eq!(&statuses[..2], &[201, 200], "{statuses:?}");
+    assert!(refusals.len() >= 3, "{statuses:?}");
+    for refusal in &refusals {
+        assert_eq!(
+            refusal.body["error"]["code"], "rate_limited",
+            "{:?}",
+            refusal.body
+        );
+        assert!(refusal.headers.contains_key("retry-after"));
+    }
+    let figures = a
+        .get(&format!("/v1/admin/flash-sales/{sale}"), Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(figures.body["figures"]["holders"], 1, "{:?}", figures.body);
+    start.assert_status(429);
+    b.stop().await;
+    a.audit().await.assert_clean();
+}
