@@ -329,9 +329,8 @@ async fn holdfast_over_http(
         "--reservation-ttl-seconds".into(),
         "1800".into(),
     ];
-    if path == Path::Grouped {
-        args.push("--group-reservations".into());
-    }
+    // Said either way, whatever the default.
+    args.push(format!("--group-reservations={}", path == Path::Grouped));
     let cli = Cli::try_parse_from(args).expect("the benchmark's flags parse");
     let settings = Settings::from_flags(&cli.flags).expect("the benchmark's settings are valid");
     let app = Application::build_with(settings, Overrides::default())

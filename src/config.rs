@@ -255,11 +255,17 @@ pub struct Flags {
     )]
     pub demo: bool,
 
-    /// Reserve concurrent checkouts together, one transaction and one commit per batch.
+    /// Reserve concurrent checkouts together, one transaction and one commit per batch (on by
+    /// default; `--group-reservations=false` reserves each checkout on its own).
     #[arg(
         long,
         env = "HOLDFAST_GROUP_RESERVATIONS",
         global = true,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        require_equals = true,
+        default_value = "true",
+        default_missing_value = "true",
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub group_reservations: bool,
@@ -701,8 +707,17 @@ mod tests {
     }
 
     #[test]
-    fn group_reservation_is_off_by_default_and_its_limits_are_checked() {
+    fn group_reservation_is_on_by_default_and_its_limits_are_checked() {
         assert_eq!(parse(&[]).unwrap().group, GroupSettings::default());
+        assert!(GroupSettings::default().enabled);
+        assert!(parse(&["--group-reservations"]).unwrap().group.enabled);
+        assert!(
+            !parse(&["--group-reservations=false"])
+                .unwrap()
+                .group
+                .enabled
+        );
+        assert!(parse(&["--group-reservations=true"]).unwrap().group.enabled);
         let s = parse(&[
             "--group-reservations",
             "--group-max-batch",

@@ -191,12 +191,13 @@ pub async fn spawn_app_with(kind: StoreKind, options: Options) -> TestApp {
     if let Some(url) = &database_url {
         args.extend(["--database-url".to_owned(), url.clone()]);
     }
-    if let Some(linger) = options.group_linger_us {
-        args.extend([
+    match options.group_linger_us {
+        Some(linger) => args.extend([
             "--group-reservations".to_owned(),
             "--group-linger-us".to_owned(),
             linger.to_string(),
-        ]);
+        ]),
+        None => args.push("--group-reservations=false".to_owned()),
     }
     if let Some((base, key)) = &options.stripe {
         args.extend([
