@@ -5,9 +5,13 @@
 #   one      N shoppers against one instance
 #   two      N shoppers round-robin over two instances on one database
 #   kill     as `two`, one instance killed half-way through (its shoppers move to the other)
-# Every run ends with the audit. Only loopback addresses are used.
+# Every run ends with the audit, then what the run cost: the CPU seconds of each server and of
+# the PostgreSQL sessions serving the run's database (read from /proc before the servers stop),
+# and that database's own statistics (transactions, rows, function calls). Only loopback
+# addresses are used.
 #
 # Usage: scripts/users-figures.sh [--shoppers 8000] [--duration 60s] [--runs "idle one two kill"]
+#                                 [--port-base PORT]   (instances on PORT, PORT+1; default: free ports)
 # Needs: a release build, PostgreSQL on 127.0.0.1:5432 (createdb, dropdb), Redis on
 # 127.0.0.1:6379, and an open-file limit above the shoppers for this shell (the script raises
 # the soft limit to the hard one; see docs/load.md to raise the hard one).
@@ -17,12 +21,14 @@ cd "$(dirname "$0")/.."
 shoppers=8000
 duration=60s
 runs="idle one two kill"
+port_base=
 while [ $# -gt 0 ]; do
     case "$1" in
         --shoppers) shoppers=$2; shift 2 ;;
         --duration) duration=$2; shift 2 ;;
         --runs) runs=$2; shift 2 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        --port-base) port_base=$2; shift 2 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "users-figures: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -43,8 +49,40 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+free_port() {
+    if [ -n "$port_base" ]; then
+        echo $((port_base + ${#servers[@]}))
+    else
+        python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+    fi
+}
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+# CPU seconds (user + system) a process has used so far; empty once it is gone.
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.1f", ($14 + $15) / hz }' "/proc/$1/stat" 2>/dev/null || true; }
+
+# What the run cost, read while its servers still run: CPU of each server and of the
+# PostgreSQL sessions connected to the run's database, then the database's own counters.
+costs() {
+    local pid backends=0 b c
+    for pid in "${servers[@]}"; do
+        c=$(cpu_s "$pid")
+        echo "server $pid CPU: ${c:-gone} s"
+    done
+    for b in $(psql -d "$db" -Atc "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"); do
+        c=$(cpu_s "$b")
+        [ -n "$c" ] && backends=$(awk -v a="$backends" -v b="$c" 'BEGIN { print a + b }')
+    done
+    echo "PostgreSQL sessions of this database CPU: $backends s (sessions still open at the end)"
+    psql -d "$db" -Atc "SELECT 'database: ' || xact_commit || ' commits, ' || xact_rollback || ' rollbacks, ' \
+        || tup_returned || ' rows returned, ' || tup_fetched || ' fetched, ' || tup_inserted || ' inserted, ' \
+        || tup_updated || ' updated, ' || tup_deleted || ' deleted' FROM pg_stat_database WHERE datname = current_database()"
+    psql -d "$db" -Atc "SELECT 'function ' || funcname || ': ' || calls || ' calls, ' || round(self_time::numeric / greatest(calls, 1), 3) || ' ms each' \
+        FROM pg_stat_user_functions ORDER BY calls DESC LIMIT 6"
+    psql -d "$db" -Atc "SELECT 'table ' || relname || ': ' || coalesce(seq_scan, 0) || ' seq scans, ' || coalesce(idx_scan, 0) || ' index scans, ' \
+        || n_tup_ins || ' ins, ' || n_tup_upd || ' upd (' || n_tup_hot_upd || ' hot), ' || n_tup_del || ' del' \
+        FROM pg_stat_user_tables WHERE coalesce(seq_scan, 0) + coalesce(idx_scan, 0) + n_tup_ins + n_tup_upd > 0 \
+        ORDER BY coalesce(idx_scan, 0) + coalesce(seq_scan, 0) DESC LIMIT 8"
+}
 
 flags=()
 # Starts one instance on the run's database; sets `target` and appends its pid to `servers`.
@@ -71,6 +109,8 @@ fresh() {
     [ -n "$db" ] && dropdb --if-exists "$db" >/dev/null 2>&1 || true
     db="hf_users_$(date +%s)_$$"
     createdb "$db"
+    # Function calls are counted in this database only (pg_stat_user_functions).
+    psql -d "$db" -qc "ALTER DATABASE $db SET track_functions = 'pl'"
     flags=(--database-url "postgres://$PGUSER@$PGHOST:$PGPORT/$db"
         --redis-url "${REDIS_URL:-redis://127.0.0.1:6379}" --redis-key-prefix "$db:"
         --database-max-connections 16 --admin-token "hfa_users_figures_admin_token_0123456789")
@@ -126,6 +166,7 @@ for run in $runs; do
             tail -n 3 "$work/progress-$run.log"
             ;;
     esac
+    [ "$run" = idle ] || costs
     echo "### server log lines: $(cat "$work"/server-*.log | wc -l); warnings and errors:"
     grep -hE "WARN|ERROR" "$work"/server-*.log | cut -c1-220 | sort | uniq -c | sort -rn | head -5 || true
     rm -f "$work"/server-*.log
