@@ -42,6 +42,7 @@ servers=()
 db=
 
 cleanup() {
+    [ -n "${sampler:-}" ] && kill "$sampler" 2>/dev/null
     for pid in "${servers[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
     [ -n "$db" ] && dropdb --if-exists "$db" >/dev/null 2>&1 || true
@@ -59,6 +60,29 @@ free_port() {
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 # CPU seconds (user + system) a process has used so far; empty once it is gone.
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.1f", ($14 + $15) / hz }' "/proc/$1/stat" 2>/dev/null || true; }
+
+# What the database's sessions were doing, sampled every 0.5 s while the shoppers run: busy
+# (on CPU or reading), waiting for a lock (and which), idle in a transaction, idle.
+sampler=
+sample_activity() {
+    (
+        while :; do
+            psql -d "$db" -Atc "SELECT CASE WHEN state = 'active' THEN 'active, ' || coalesce(wait_event_type || ':' || wait_event, 'running') ELSE state END \
+                FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'" \
+                >>"$work/activity.log" 2>/dev/null || true
+            sleep 0.5
+        done
+    ) &
+    sampler=$!
+}
+activity() {
+    [ -n "$sampler" ] && kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
+    sampler=
+    [ -s "$work/activity.log" ] || return 0
+    echo "database sessions sampled every 0.5 s (session-samples by what they were doing):"
+    sort "$work/activity.log" | uniq -c | sort -rn | head -8 | sed 's/^/    /'
+    rm -f "$work/activity.log"
+}
 
 # What the run cost, read while its servers still run: CPU of each server and of the
 # PostgreSQL sessions connected to the run's database, then the database's own counters.
@@ -140,6 +164,7 @@ for run in $runs; do
             ;;
         one)
             start
+            sample_activity
             "$hf" loadgen users --shoppers "$shoppers" --duration "$duration" \
                 --target "$target" "${flags[@]}" --server-pid "${servers[0]}" 2>"$work/progress-one.log"
             tail -n 3 "$work/progress-one.log"
@@ -159,6 +184,7 @@ for run in $runs; do
                     echo "killed instance $b at ${half} s" >>"$work/progress-$run.log"
                 ) &
             fi
+            sample_activity
             "$hf" loadgen users --shoppers "$shoppers" --duration "$duration" \
                 --targets "$a,$b" --target "$a" "${flags[@]}" --server-pid "$pids" \
                 2>>"$work/progress-$run.log" || true
@@ -166,7 +192,7 @@ for run in $runs; do
             tail -n 3 "$work/progress-$run.log"
             ;;
     esac
-    [ "$run" = idle ] || costs
+    [ "$run" = idle ] || { activity; costs; }
     echo "### server log lines: $(cat "$work"/server-*.log | wc -l); warnings and errors:"
     grep -hE "WARN|ERROR" "$work"/server-*.log | cut -c1-220 | sort | uniq -c | sort -rn | head -5 || true
     rm -f "$work"/server-*.log
