@@ -97,7 +97,7 @@ costs() {
         [ -n "$c" ] && backends=$(awk -v a="$backends" -v b="$c" 'BEGIN { print a + b }')
     done
     echo "PostgreSQL sessions of this database CPU: $backends s (sessions still open at the end)"
-    psql -d "$db" -Atc "SELECT 'database: ' || xact_commit || ' commits, ' || xact_rollback || ' rollbacks, ' \
+    psql -d "$db" -Atc "SELECT 'database: ' || sessions || ' sessions opened, ' || xact_commit || ' commits, ' || xact_rollback || ' rollbacks, ' \
         || tup_returned || ' rows returned, ' || tup_fetched || ' fetched, ' || tup_inserted || ' inserted, ' \
         || tup_updated || ' updated, ' || tup_deleted || ' deleted' FROM pg_stat_database WHERE datname = current_database()"
     psql -d "$db" -Atc "SELECT 'function ' || funcname || ': ' || calls || ' calls, ' || round(self_time::numeric / greatest(calls, 1), 3) || ' ms each' \
@@ -167,7 +167,7 @@ for run in $runs; do
             sample_activity
             "$hf" loadgen users --shoppers "$shoppers" --duration "$duration" \
                 --target "$target" "${flags[@]}" --server-pid "${servers[0]}" 2>"$work/progress-one.log"
-            tail -n 3 "$work/progress-one.log"
+            awk '/^\[/ && ++n % 10 == 0' "$work/progress-one.log"
             ;;
         two|kill)
             start; a=$target
@@ -189,7 +189,7 @@ for run in $runs; do
                 --targets "$a,$b" --target "$a" "${flags[@]}" --server-pid "$pids" \
                 2>>"$work/progress-$run.log" || true
             grep -h killed "$work/progress-$run.log" || true
-            tail -n 3 "$work/progress-$run.log"
+            awk '/^\[/ && ++n % 10 == 0' "$work/progress-$run.log"
             ;;
     esac
     [ "$run" = idle ] || { activity; costs; }

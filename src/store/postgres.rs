@@ -4,8 +4,9 @@
 //! in one round trip, so a hot row is locked only while the server runs a few statements and
 //! commits. Group reservation sends a whole batch to the same function: one round trip and one
 //! commit for all of it. A shopper's other steps are one statement each too: a cart line change
-//! is one call of `hf_change_cart_line` (migration 0050), a cart or an order is read with its
-//! lines in one statement. Background work is claimed with `FOR UPDATE SKIP LOCKED`, so any
+//! is one call of `hf_change_cart_line` (migration 0050, which also says why cart writes commit
+//! without waiting for the WAL flush), a cart or an order is read with its lines in one
+//! statement. Background work is claimed with `FOR UPDATE SKIP LOCKED`, so any
 //! number of instances and workers can run at once.
 
 use std::str::FromStr;
@@ -747,15 +748,12 @@ impl Store for PgStore {
         now: DateTime<Utc>,
     ) -> Result<Cart, StoreError> {
         let id = CartId::new();
-        sqlx::query(
-            "INSERT INTO carts (id, customer_id, status, created_at, updated_at) \
-             VALUES ($1, $2, 'open', $3, $3)",
-        )
-        .bind(id.uuid())
-        .bind(customer.uuid())
-        .bind(to_millis(now))
-        .execute(&self.pool)
-        .await?;
+        sqlx::query("SELECT hf_create_cart($1, $2, $3)")
+            .bind(id.uuid())
+            .bind(customer.uuid())
+            .bind(to_millis(now))
+            .execute(&self.pool)
+            .await?;
         Ok(Cart {
             id,
             customer_id: customer,
