@@ -5,9 +5,13 @@
 #   one      N shoppers against one instance
 #   two      N shoppers round-robin over two instances on one database
 #   kill     as `two`, one instance killed half-way through (its shoppers move to the other)
-# Every run ends with the audit. Only loopback addresses are used.
+# Every run ends with the audit, then what the run cost: the CPU seconds of each server and of
+# the PostgreSQL sessions serving the run's database (read from /proc before the servers stop),
+# and that database's own statistics (transactions, rows, function calls). Only loopback
+# addresses are used.
 #
 # Usage: scripts/users-figures.sh [--shoppers 8000] [--duration 60s] [--runs "idle one two kill"]
+#                                 [--port-base PORT]   (instances on PORT, PORT+1; default: free ports)
 # Needs: a release build, PostgreSQL on 127.0.0.1:5432 (createdb, dropdb), Redis on
 # 127.0.0.1:6379, and an open-file limit above the shoppers for this shell (the script raises
 # the soft limit to the hard one; see docs/load.md to raise the hard one).
@@ -17,12 +21,14 @@ cd "$(dirname "$0")/.."
 shoppers=8000
 duration=60s
 runs="idle one two kill"
+port_base=
 while [ $# -gt 0 ]; do
     case "$1" in
         --shoppers) shoppers=$2; shift 2 ;;
         --duration) duration=$2; shift 2 ;;
         --runs) runs=$2; shift 2 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        --port-base) port_base=$2; shift 2 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "users-figures: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -36,6 +42,7 @@ servers=()
 db=
 
 cleanup() {
+    [ -n "${sampler:-}" ] && kill "$sampler" 2>/dev/null
     for pid in "${servers[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
     [ -n "$db" ] && dropdb --if-exists "$db" >/dev/null 2>&1 || true
@@ -43,8 +50,63 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+free_port() {
+    if [ -n "$port_base" ]; then
+        echo $((port_base + ${#servers[@]}))
+    else
+        python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+    fi
+}
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+# CPU seconds (user + system) a process has used so far; empty once it is gone.
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.1f", ($14 + $15) / hz }' "/proc/$1/stat" 2>/dev/null || true; }
+
+# What the database's sessions were doing, sampled every 0.5 s while the shoppers run: busy
+# (on CPU or reading), waiting for a lock (and which), idle in a transaction, idle.
+sampler=
+sample_activity() {
+    (
+        while :; do
+            psql -d "$db" -Atc "SELECT CASE WHEN state = 'active' THEN 'active, ' || coalesce(wait_event_type || ':' || wait_event, 'running') ELSE state END \
+                FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'" \
+                >>"$work/activity.log" 2>/dev/null || true
+            sleep 0.5
+        done
+    ) &
+    sampler=$!
+}
+activity() {
+    [ -n "$sampler" ] && kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
+    sampler=
+    [ -s "$work/activity.log" ] || return 0
+    echo "database sessions sampled every 0.5 s (session-samples by what they were doing):"
+    sort "$work/activity.log" | uniq -c | sort -rn | head -8 | sed 's/^/    /'
+    rm -f "$work/activity.log"
+}
+
+# What the run cost, read while its servers still run: CPU of each server and of the
+# PostgreSQL sessions connected to the run's database, then the database's own counters.
+costs() {
+    local pid backends=0 b c
+    for pid in "${servers[@]}"; do
+        c=$(cpu_s "$pid")
+        echo "server $pid CPU: ${c:-gone} s"
+    done
+    for b in $(psql -d "$db" -Atc "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"); do
+        c=$(cpu_s "$b")
+        [ -n "$c" ] && backends=$(awk -v a="$backends" -v b="$c" 'BEGIN { print a + b }')
+    done
+    echo "PostgreSQL sessions of this database CPU: $backends s (sessions still open at the end)"
+    psql -d "$db" -Atc "SELECT 'database: ' || sessions || ' sessions opened, ' || xact_commit || ' commits, ' || xact_rollback || ' rollbacks, ' \
+        || tup_returned || ' rows returned, ' || tup_fetched || ' fetched, ' || tup_inserted || ' inserted, ' \
+        || tup_updated || ' updated, ' || tup_deleted || ' deleted' FROM pg_stat_database WHERE datname = current_database()"
+    psql -d "$db" -Atc "SELECT 'function ' || funcname || ': ' || calls || ' calls, ' || round(self_time::numeric / greatest(calls, 1), 3) || ' ms each' \
+        FROM pg_stat_user_functions ORDER BY calls DESC LIMIT 6"
+    psql -d "$db" -Atc "SELECT 'table ' || relname || ': ' || coalesce(seq_scan, 0) || ' seq scans, ' || coalesce(idx_scan, 0) || ' index scans, ' \
+        || n_tup_ins || ' ins, ' || n_tup_upd || ' upd (' || n_tup_hot_upd || ' hot), ' || n_tup_del || ' del' \
+        FROM pg_stat_user_tables WHERE coalesce(seq_scan, 0) + coalesce(idx_scan, 0) + n_tup_ins + n_tup_upd > 0 \
+        ORDER BY coalesce(idx_scan, 0) + coalesce(seq_scan, 0) DESC LIMIT 8"
+}
 
 flags=()
 # Starts one instance on the run's database; sets `target` and appends its pid to `servers`.
@@ -71,6 +133,8 @@ fresh() {
     [ -n "$db" ] && dropdb --if-exists "$db" >/dev/null 2>&1 || true
     db="hf_users_$(date +%s)_$$"
     createdb "$db"
+    # Function calls are counted in this database only (pg_stat_user_functions).
+    psql -d "$db" -qc "ALTER DATABASE $db SET track_functions = 'pl'"
     flags=(--database-url "postgres://$PGUSER@$PGHOST:$PGPORT/$db"
         --redis-url "${REDIS_URL:-redis://127.0.0.1:6379}" --redis-key-prefix "$db:"
         --database-max-connections 16 --admin-token "hfa_users_figures_admin_token_0123456789")
@@ -100,9 +164,10 @@ for run in $runs; do
             ;;
         one)
             start
+            sample_activity
             "$hf" loadgen users --shoppers "$shoppers" --duration "$duration" \
                 --target "$target" "${flags[@]}" --server-pid "${servers[0]}" 2>"$work/progress-one.log"
-            tail -n 3 "$work/progress-one.log"
+            awk '/^\[/ && ++n % 10 == 0' "$work/progress-one.log"
             ;;
         two|kill)
             start; a=$target
@@ -119,13 +184,15 @@ for run in $runs; do
                     echo "killed instance $b at ${half} s" >>"$work/progress-$run.log"
                 ) &
             fi
+            sample_activity
             "$hf" loadgen users --shoppers "$shoppers" --duration "$duration" \
                 --targets "$a,$b" --target "$a" "${flags[@]}" --server-pid "$pids" \
                 2>>"$work/progress-$run.log" || true
             grep -h killed "$work/progress-$run.log" || true
-            tail -n 3 "$work/progress-$run.log"
+            awk '/^\[/ && ++n % 10 == 0' "$work/progress-$run.log"
             ;;
     esac
+    [ "$run" = idle ] || { activity; costs; }
     echo "### server log lines: $(cat "$work"/server-*.log | wc -l); warnings and errors:"
     grep -hE "WARN|ERROR" "$work"/server-*.log | cut -c1-220 | sort | uniq -c | sort -rn | head -5 || true
     rm -f "$work"/server-*.log

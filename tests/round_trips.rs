@@ -112,7 +112,8 @@ async fn checkout_of(store: &PgStore, name: &str, lines: &[(&Sku, i64)]) -> NewC
     }
 }
 
-/// Runs `test` on a fresh, migrated store under a subscriber that counts statements.
+/// Runs `test` with a fresh migrated store, on a current-thread runtime under a subscriber
+/// that counts the statements sent (so only this test's are counted).
 fn counted<F, Fut>(test: F)
 where
     F: FnOnce(Statements, PgStore) -> Fut,
@@ -398,5 +399,114 @@ fn starting_a_checkout_is_one_statement_whatever_its_outcome_or_batch() {
         let single = [count(&reserved), count(&refused), count(&again)];
         assert_eq!(single, [(1, 1); 3], "a single checkout start");
         assert_eq!(count(&grouped), (1, 1), "a batch of three");
+    });
+}
+
+#[test]
+fn a_shoppers_cart_writes_and_order_poll_are_one_statement_each_whatever_their_outcome() {
+    counted(|statements, store| async move {
+        let tea = product(&store, "tea-01", 3).await;
+        let cup = product(&store, "cup-01", 100).await;
+        let unknown = Sku::parse("no-such-01").expect("a sku");
+        let ada = store
+            .create_customer(&CustomerName::parse("Ada").expect("a name"), "ada")
+            .await
+            .expect("a customer");
+        let bob = checkout_of(&store, "Bob", &[(&cup, 1)]).await;
+        let now = Utc::now();
+        let two = Quantity::new(2).expect("a quantity");
+
+        let created = statements.of(&store, store.create_cart(ada.id, now)).await;
+        let cart = created.2.as_ref().expect("a cart").id;
+        let set = statements
+            .of(&store, store.set_cart_line(ada.id, cart, &tea, two, now))
+            .await;
+        let again = statements
+            .of(&store, store.set_cart_line(ada.id, cart, &cup, two, now))
+            .await;
+        let missing = statements
+            .of(
+                &store,
+                store.set_cart_line(ada.id, cart, &unknown, two, now),
+            )
+            .await;
+        let others = statements
+            .of(
+                &store,
+                store.set_cart_line(bob.customer_id, cart, &tea, two, now),
+            )
+            .await;
+        let removed = statements
+            .of(&store, store.remove_cart_line(ada.id, cart, &cup, now))
+            .await;
+        let read = statements.of(&store, store.cart(ada.id, cart)).await;
+        let reserved = store.reserve_checkout(&bob).await.expect("reserved");
+        let held = statements
+            .of(
+                &store,
+                store.set_cart_line(bob.customer_id, bob.cart_id, &tea, two, now),
+            )
+            .await;
+        let held_removal = statements
+            .of(
+                &store,
+                store.remove_cart_line(bob.customer_id, bob.cart_id, &cup, now),
+            )
+            .await;
+        let order = statements
+            .of(&store, store.order(bob.customer_id, reserved.order_id))
+            .await;
+        let not_theirs = statements
+            .of(&store, store.order(ada.id, reserved.order_id))
+            .await;
+
+        let lines = |cart: &holdfast::domain::Cart| -> Vec<(String, u32)> {
+            cart.lines
+                .iter()
+                .map(|l| (l.sku.to_string(), l.quantity.get()))
+                .collect()
+        };
+        assert_eq!(lines(set.2.as_ref().expect("set")), [("tea-01".into(), 2)]);
+        assert_eq!(
+            lines(again.2.as_ref().expect("set")),
+            [("cup-01".into(), 2), ("tea-01".into(), 2)]
+        );
+        assert!(matches!(missing.2, Err(StoreError::NotFound("product"))));
+        assert!(matches!(others.2, Err(StoreError::NotFound("cart"))));
+        assert_eq!(
+            lines(removed.2.as_ref().expect("removed")),
+            [("tea-01".into(), 2)]
+        );
+        let read_back = read.2.as_ref().expect("read").as_ref().expect("found");
+        assert_eq!(lines(read_back), [("tea-01".into(), 2)]);
+        assert!(matches!(held.2, Err(StoreError::CartNotOpen(_))));
+        assert!(matches!(held_removal.2, Err(StoreError::CartNotOpen(_))));
+        let order_lines: Vec<(String, u32)> = order
+            .2
+            .as_ref()
+            .expect("the order")
+            .as_ref()
+            .expect("found")
+            .lines
+            .iter()
+            .map(|l| (l.sku.to_string(), l.quantity.get()))
+            .collect();
+        assert_eq!(order_lines, [("cup-01".into(), 1)]);
+        assert!(matches!(not_theirs.2, Ok(None)));
+
+        let counted = [
+            (created.0, created.1),
+            (set.0, set.1),
+            (again.0, again.1),
+            (missing.0, missing.1),
+            (others.0, others.1),
+            (removed.0, removed.1),
+            (read.0, read.1),
+            (held.0, held.1),
+            (held_removal.0, held_removal.1),
+            (order.0, order.1),
+            (not_theirs.0, not_theirs.1),
+        ];
+        assert_eq!(counted, [(1, 1); 11], "cart create, line changes, reads");
     });
 }

@@ -59,16 +59,11 @@ async fn list(
     let end = start
         .saturating_add(limit as usize)
         .min(snapshot.products.len());
-    let data = &snapshot.products[start..end];
-    let next_cursor = (end < snapshot.products.len())
-        .then(|| data.last().map(|p| p.sku.to_string()))
-        .flatten();
+    let next_cursor = (end < snapshot.products.len() && end > start)
+        .then(|| snapshot.products[end - 1].sku.as_str());
     Ok(tagged(
         &etag,
-        Json(ListView {
-            data: data.to_vec(),
-            next_cursor,
-        }),
+        json(snapshot.page_body(start, end, next_cursor)),
     ))
 }
 
@@ -106,7 +101,12 @@ async fn one(
     if not_modified(&headers, etag) {
         return Ok(unchanged(etag));
     }
-    Ok(tagged(etag, Json(&snapshot.products[at])))
+    Ok(tagged(etag, json(snapshot.bodies[at].clone())))
+}
+
+/// A JSON body serialised beforehand (the snapshot's bytes).
+fn json(body: impl Into<axum::body::Body>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body.into()).into_response()
 }
 
 /// `If-None-Match` holds `etag` (or `*`), by the weak comparison RFC 9110 asks for.

@@ -11,12 +11,17 @@
 //!
 //! The reservation stays the only authority on stock: a stale "available" only shows a number,
 //! it never sells a unit.
+//!
+//! Each product's JSON is serialised once per snapshot (its ETag is a hash of those bytes), so a
+//! read copies bytes instead of building and serialising views: at the peak every shopper's
+//! catalogue page is answered from the same bytes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
+use axum::body::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify};
 
@@ -35,6 +40,8 @@ const WRITE_WAITS_AT_MOST: Duration = Duration::from_secs(1);
 /// One loaded catalogue, sorted by SKU.
 pub struct Snapshot {
     pub products: Vec<ProductView>,
+    /// Each product's view as JSON, same order as `products`.
+    pub bodies: Vec<Bytes>,
     /// Quoted strong ETag of each product's view, same order as `products`.
     pub etags: Vec<String>,
     index: HashMap<String, usize>,
@@ -47,12 +54,15 @@ impl Snapshot {
         let mut views: Vec<ProductView> = products.iter().map(ProductView::from).collect();
         views.sort_by(|a, b| a.sku.as_str().cmp(b.sku.as_str()));
         let mut all = Sha256::new();
-        let etags = views
+        let bodies: Vec<Bytes> = views
             .iter()
-            .map(|v| {
-                let body = serde_json::to_vec(v).unwrap_or_default();
-                all.update(&body);
-                format!("\"{}\"", short_hash(&body))
+            .map(|v| Bytes::from(serde_json::to_vec(v).unwrap_or_default()))
+            .collect();
+        let etags = bodies
+            .iter()
+            .map(|body| {
+                all.update(body);
+                format!("\"{}\"", short_hash(body))
             })
             .collect();
         let index = views
@@ -62,6 +72,7 @@ impl Snapshot {
             .collect();
         Self {
             products: views,
+            bodies,
             etags,
             index,
             digest: hex::encode(&all.finalize()[..8]),
@@ -77,6 +88,26 @@ impl Snapshot {
         after.map_or(0, |after| {
             self.products.partition_point(|p| p.sku.as_str() <= after)
         })
+    }
+
+    /// `{"data": [...], "next_cursor": ...}` of the products `start..end`, as `ListView`
+    /// serialises it, from the stored bytes.
+    pub fn page_body(&self, start: usize, end: usize, next_cursor: Option<&str>) -> Vec<u8> {
+        let bodies = &self.bodies[start..end];
+        let size = bodies.iter().map(|b| b.len() + 1).sum::<usize>() + 64;
+        let mut out = Vec::with_capacity(size);
+        out.extend_from_slice(b"{\"data\":[");
+        for (i, body) in bodies.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(body);
+        }
+        out.extend_from_slice(b"],\"next_cursor\":");
+        // Writing a string or `null` into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut out, &next_cursor);
+        out.push(b'}');
+        out
     }
 
     /// The ETag of one page of the list.
@@ -208,6 +239,48 @@ async fn reload(catalogue: &Catalogue, store: &dyn Store, failures: &mut u32) {
                 tracing::warn!(error = %e, failed = *failures + 1, "catalogue snapshot reload failed; serving the last one");
             }
             *failures += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Currency, Money, Sku};
+    use crate::http::views::ListView;
+
+    fn product(id: i64, sku: &str, name: &str) -> Product {
+        Product {
+            id,
+            sku: Sku::parse(sku).expect("a sku"),
+            name: name.to_owned(),
+            price: Money::new(450 + id, Currency::parse("EUR").expect("EUR")).expect("a price"),
+            stock: 10,
+            reserved: id,
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn a_page_from_the_stored_bytes_is_the_list_view_serialised() {
+        let snapshot = Snapshot::of(&[
+            product(3, "tea-03", "Tea \"quoted\" \u{e9}"),
+            product(1, "tea-01", "Tea"),
+            product(2, "cup-02", "Cup\n"),
+        ]);
+        let len = snapshot.products.len();
+        for (start, end) in [(0, len), (0, 1), (1, len), (2, 2), (len, len)] {
+            let next = (end < len && end > start).then(|| snapshot.products[end - 1].sku.as_str());
+            let expected = serde_json::to_vec(&ListView {
+                data: snapshot.products[start..end].to_vec(),
+                next_cursor: next.map(str::to_owned),
+            })
+            .expect("a view serialises");
+            assert_eq!(
+                String::from_utf8(snapshot.page_body(start, end, next)).expect("utf-8"),
+                String::from_utf8(expected).expect("utf-8"),
+                "{start}..{end}"
+            );
         }
     }
 }

@@ -145,6 +145,22 @@ impl Http for Conn {
         body: Option<Value>,
         idempotency_key: Option<&str>,
     ) -> anyhow::Result<Answer> {
+        self.send_decoded(method, path, token, body, idempotency_key, json_body)
+            .await
+    }
+}
+
+impl Conn {
+    /// As `send`, with the answer's body read by `decode`.
+    async fn send_decoded(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        idempotency_key: Option<&str>,
+        decode: fn(&[u8]) -> Value,
+    ) -> anyhow::Result<Answer> {
         self.live.requests.fetch_add(1, Ordering::Relaxed);
         let result = async {
             let mut slot = self.sender.lock().await;
@@ -182,8 +198,7 @@ impl Http for Conn {
             let body = if bytes.is_empty() {
                 Value::Null
             } else {
-                serde_json::from_slice(&bytes)
-                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+                decode(&bytes)
             };
             anyhow::Ok(Answer { status, body })
         }
@@ -205,8 +220,41 @@ impl Http for Conn {
     }
 }
 
+/// Any body: JSON, or else its text.
+fn json_body(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// A catalogue page read for what a shopper looks at: `{"in_stock": [sku, ...]}`, the SKUs
+/// with units available, without building the whole page as a JSON tree (that would cost the
+/// load generator more CPU than the server spends answering it). Anything else: `json_body`.
+fn in_stock_body(bytes: &[u8]) -> Value {
+    #[derive(serde::Deserialize)]
+    struct Listed {
+        sku: String,
+        available: i64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Page {
+        data: Vec<Listed>,
+    }
+    match serde_json::from_slice::<Page>(bytes) {
+        Ok(page) => json!({
+            "in_stock": page
+                .data
+                .into_iter()
+                .filter(|p| p.available > 0)
+                .map(|p| p.sku)
+                .collect::<Vec<_>>(),
+        }),
+        Err(_) => json_body(bytes),
+    }
+}
+
 struct Shop {
-    skus: Vec<String>,
+    /// The run's SKUs (a catalogue page may list others).
+    skus: std::collections::HashSet<String>,
     abandon_rate: f64,
     think: (Duration, Duration),
     seed: u64,
@@ -430,9 +478,10 @@ async fn timed_get(
     conn: &Conn,
     label: &'static str,
     path: &str,
+    decode: fn(&[u8]) -> Value,
 ) -> Option<Answer> {
     let call = rec
-        .call(conn.send(Method::GET, path, None, None, None))
+        .call(conn.send_decoded(Method::GET, path, None, None, None, decode))
         .await;
     rec.latency(label, &call);
     match call.answer() {
@@ -454,17 +503,17 @@ async fn shop_once(
     if !shop.think(rng).await {
         return Journey::Other;
     }
-    let Some(list) = timed_get(rec, conn, "list", "/v1/products?limit=500").await else {
+    let Some(list) = timed_get(rec, conn, "list", "/v1/products?limit=500", in_stock_body).await
+    else {
         return Journey::Error;
     };
-    let in_stock: Vec<String> = list.body["data"]
+    let in_stock: Vec<String> = list.body["in_stock"]
         .as_array()
-        .map(|products| {
-            products
-                .iter()
-                .filter(|p| p["available"].as_i64().unwrap_or(0) > 0)
-                .filter_map(|p| p["sku"].as_str().map(str::to_owned))
-                .filter(|sku| shop.skus.contains(sku))
+        .map(|skus| {
+            skus.iter()
+                .filter_map(Value::as_str)
+                .filter(|sku| shop.skus.contains(*sku))
+                .map(str::to_owned)
                 .collect()
         })
         .unwrap_or_default();
@@ -476,9 +525,15 @@ async fn shop_once(
     if !shop.think(rng).await {
         return Journey::Other;
     }
-    if timed_get(rec, conn, "product", &format!("/v1/products/{viewed}"))
-        .await
-        .is_none()
+    if timed_get(
+        rec,
+        conn,
+        "product",
+        &format!("/v1/products/{viewed}"),
+        json_body,
+    )
+    .await
+    .is_none()
     {
         return Journey::Error;
     }

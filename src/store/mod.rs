@@ -1004,6 +1004,22 @@ pub(crate) const ORDER_COLUMNS: &str =
     "id, customer_id, checkout_id, status, total_amount, currency, payment_intent_id, created_at, seq, \
      refund_status";
 
+/// A customer's order with its lines, by primary key, in one statement in both stores (an
+/// order poll is one round trip): `$1` order, `$2` customer. One row per line, SKU order.
+pub(crate) const ORDER_WITH_LINES_SQL: &str = "SELECT o.id, o.customer_id, o.checkout_id, \
+     o.status, o.total_amount, o.currency, o.payment_intent_id, o.created_at, o.seq, \
+     o.refund_status, ol.order_id, ol.sku, ol.quantity, ol.unit_price, ol.line_total \
+     FROM orders o LEFT JOIN order_lines ol ON ol.order_id = o.id \
+     WHERE o.id = $1 AND o.customer_id = $2 ORDER BY ol.sku";
+
+/// A customer's cart with its lines, in one statement in both stores: `$1` cart, `$2`
+/// customer. One row per line in SKU order; a cart without lines is one row with NULL line
+/// columns. The column names are those PostgreSQL's cart change answers with (migration 0050).
+pub(crate) const CART_SQL: &str = "SELECT c.status AS cart_status, p.sku AS line_sku, \
+     l.quantity AS line_quantity FROM carts c \
+     LEFT JOIN cart_lines l ON l.cart_id = c.id LEFT JOIN products p ON p.id = l.product_id \
+     WHERE c.id = $1 AND c.customer_id = $2 ORDER BY p.sku";
+
 pub(crate) fn cart_must_be_open(status: &str) -> Result<(), StoreError> {
     match CartStatus::parse(status) {
         Some(CartStatus::Open) => Ok(()),

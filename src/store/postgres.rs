@@ -3,7 +3,10 @@
 //! all-or-nothing reservation in product-id order (promises 1 and 2, no deadlock) and every row,
 //! in one round trip, so a hot row is locked only while the server runs a few statements and
 //! commits. Group reservation sends a whole batch to the same function: one round trip and one
-//! commit for all of it. Background work is claimed with `FOR UPDATE SKIP LOCKED`, so any
+//! commit for all of it. A shopper's other steps are one statement each too: a cart line change
+//! is one call of `hf_change_cart_line` (migration 0050, which also says why cart writes commit
+//! without waiting for the WAL flush), a cart or an order is read with its lines in one
+//! statement. Background work is claimed with `FOR UPDATE SKIP LOCKED`, so any
 //! number of instances and workers can run at once.
 
 use std::str::FromStr;
@@ -28,8 +31,8 @@ use super::{
     page_of, priced_in_lock_order, reserve_retrying, schema_is_current, to_millis, unclaimed_cart,
     Acquisitions, ChargeTicket, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, Released,
     Retry, SaleCheckout, SaleLimit, Shortfall, Store, StoreError, StoreKind, StoredKey, WantedLine,
-    CHECKOUT_COLUMNS, IDEMPOTENCY_RENEW, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
-    SALE_CHECKOUTS_SQL,
+    CART_SQL, CHECKOUT_COLUMNS, IDEMPOTENCY_RENEW, INVENTORY_AUDIT_SQL, ORDER_COLUMNS,
+    ORDER_WITH_LINES_SQL, PRODUCT_COLUMNS, SALE_CHECKOUTS_SQL,
 };
 
 mod decode {
@@ -103,72 +106,45 @@ impl PgStore {
         &self.pool
     }
 
-    async fn cart_in(
-        tx: &mut Transaction<'_, Postgres>,
+    /// Sets (`Some`) or removes (`None`) a line of an open cart in one call of
+    /// `hf_change_cart_line` (migration 0050) and answers the cart as it is now.
+    async fn change_cart_line(
+        &self,
         customer: CustomerId,
         cart: CartId,
-    ) -> Result<Option<Cart>, StoreError> {
-        let Some(row) = sqlx::query("SELECT status FROM carts WHERE id = $1 AND customer_id = $2")
-            .bind(cart.uuid())
-            .bind(customer.uuid())
-            .fetch_optional(&mut **tx)
-            .await?
-        else {
-            return Ok(None);
-        };
-        let status: String = row.try_get("status")?;
-        let lines = sqlx::query(
-            "SELECT p.sku, l.quantity FROM cart_lines l JOIN products p ON p.id = l.product_id \
-             WHERE l.cart_id = $1 ORDER BY p.sku",
-        )
-        .bind(cart.uuid())
-        .fetch_all(&mut **tx)
-        .await?
-        .iter()
-        .map(decode::cart_line)
-        .collect::<Result<_, _>>()?;
-        Ok(Some(Cart {
-            id: cart,
-            customer_id: customer,
-            status: CartStatus::parse(&status)
-                .ok_or_else(|| StoreError::Corrupt(format!("cart status {status:?}")))?,
-            lines,
-        }))
-    }
-
-    /// Stamps a changed cart, reads it back and commits the change.
-    async fn finish_cart_change(
-        mut tx: Transaction<'_, Postgres>,
-        customer: CustomerId,
-        cart: CartId,
+        sku: &Sku,
+        quantity: Option<Quantity>,
         now: DateTime<Utc>,
     ) -> Result<Cart, StoreError> {
-        sqlx::query("UPDATE carts SET updated_at = $2 WHERE id = $1")
-            .bind(cart.uuid())
-            .bind(to_millis(now))
-            .execute(&mut *tx)
-            .await?;
-        let updated = Self::cart_in(&mut tx, customer, cart)
-            .await?
-            .ok_or(StoreError::NotFound("cart"))?;
-        tx.commit().await?;
-        Ok(updated)
-    }
-
-    /// Locks an open cart of this customer for a change of its lines.
-    async fn lock_open_cart(
-        tx: &mut Transaction<'_, Postgres>,
-        customer: CustomerId,
-        cart: CartId,
-    ) -> Result<(), StoreError> {
-        let row =
-            sqlx::query("SELECT status FROM carts WHERE id = $1 AND customer_id = $2 FOR UPDATE")
-                .bind(cart.uuid())
-                .bind(customer.uuid())
-                .fetch_optional(&mut **tx)
-                .await?
-                .ok_or(StoreError::NotFound("cart"))?;
-        cart_must_be_open(&row.try_get::<String, _>("status")?)
+        let rows = sqlx::query(
+            "SELECT outcome, cart_status, line_sku, line_quantity \
+             FROM hf_change_cart_line($1, $2, $3, $4, $5)",
+        )
+        .bind(cart.uuid())
+        .bind(customer.uuid())
+        .bind(sku.as_str())
+        .bind(quantity.map(|q| i64::from(q.get())))
+        .bind(to_millis(now))
+        .fetch_all(&self.pool)
+        .await?;
+        let first = rows
+            .first()
+            .ok_or_else(|| StoreError::Corrupt("a cart change answered nothing".into()))?;
+        let outcome: String = first.try_get("outcome")?;
+        match outcome.as_str() {
+            "changed" => {
+                decode::cart_of(customer, cart, &rows)?.ok_or(StoreError::NotFound("cart"))
+            }
+            "cart_missing" => Err(StoreError::NotFound("cart")),
+            "cart_status" => {
+                cart_must_be_open(&first.try_get::<String, _>("cart_status")?)?;
+                Err(StoreError::Corrupt("an open cart was refused".into()))
+            }
+            "product_missing" => Err(StoreError::NotFound("product")),
+            other => Err(StoreError::Corrupt(format!(
+                "cart change outcome {other:?}"
+            ))),
+        }
     }
 
     /// Gives the units of these checkouts' active reservations back, products in id order.
@@ -721,15 +697,12 @@ impl Store for PgStore {
         now: DateTime<Utc>,
     ) -> Result<Cart, StoreError> {
         let id = CartId::new();
-        sqlx::query(
-            "INSERT INTO carts (id, customer_id, status, created_at, updated_at) \
-             VALUES ($1, $2, 'open', $3, $3)",
-        )
-        .bind(id.uuid())
-        .bind(customer.uuid())
-        .bind(to_millis(now))
-        .execute(&self.pool)
-        .await?;
+        sqlx::query("SELECT hf_create_cart($1, $2, $3)")
+            .bind(id.uuid())
+            .bind(customer.uuid())
+            .bind(to_millis(now))
+            .execute(&self.pool)
+            .await?;
         Ok(Cart {
             id,
             customer_id: customer,
@@ -739,10 +712,12 @@ impl Store for PgStore {
     }
 
     async fn cart(&self, customer: CustomerId, cart: CartId) -> Result<Option<Cart>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let found = Self::cart_in(&mut tx, customer, cart).await?;
-        tx.commit().await?;
-        Ok(found)
+        let rows = sqlx::query(CART_SQL)
+            .bind(cart.uuid())
+            .bind(customer.uuid())
+            .fetch_all(&self.pool)
+            .await?;
+        decode::cart_of(customer, cart, &rows)
     }
 
     async fn cart_and_current_sales(
@@ -809,23 +784,8 @@ impl Store for PgStore {
         quantity: Quantity,
         now: DateTime<Utc>,
     ) -> Result<Cart, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        Self::lock_open_cart(&mut tx, customer, cart).await?;
-        let product: i64 = sqlx::query_scalar("SELECT id FROM products WHERE sku = $1")
-            .bind(sku.as_str())
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(StoreError::NotFound("product"))?;
-        sqlx::query(
-            "INSERT INTO cart_lines (cart_id, product_id, quantity) VALUES ($1, $2, $3) \
-             ON CONFLICT (cart_id, product_id) DO UPDATE SET quantity = EXCLUDED.quantity",
-        )
-        .bind(cart.uuid())
-        .bind(product)
-        .bind(i64::from(quantity.get()))
-        .execute(&mut *tx)
-        .await?;
-        Self::finish_cart_change(tx, customer, cart, now).await
+        self.change_cart_line(customer, cart, sku, Some(quantity), now)
+            .await
     }
 
     async fn remove_cart_line(
@@ -835,17 +795,7 @@ impl Store for PgStore {
         sku: &Sku,
         now: DateTime<Utc>,
     ) -> Result<Cart, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        Self::lock_open_cart(&mut tx, customer, cart).await?;
-        sqlx::query(
-            "DELETE FROM cart_lines WHERE cart_id = $1 \
-             AND product_id = (SELECT id FROM products WHERE sku = $2)",
-        )
-        .bind(cart.uuid())
-        .bind(sku.as_str())
-        .execute(&mut *tx)
-        .await?;
-        Self::finish_cart_change(tx, customer, cart, now).await
+        self.change_cart_line(customer, cart, sku, None, now).await
     }
 
     #[tracing::instrument(skip_all, fields(checkout_id = %new.id, cart_id = %new.cart_id))]
@@ -1611,25 +1561,12 @@ impl Store for PgStore {
     }
 
     async fn order(&self, customer: CustomerId, id: OrderId) -> Result<Option<Order>, StoreError> {
-        let Some(row) = sqlx::query(&format!(
-            "SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 AND customer_id = $2"
-        ))
-        .bind(id.uuid())
-        .bind(customer.uuid())
-        .fetch_optional(&self.pool)
-        .await?
-        else {
-            return Ok(None);
-        };
-        let mut order = decode::order(&row)?;
-        let seq: i64 = row.try_get("seq")?;
-        order.lines = self
-            .order_lines(customer, seq, seq)
-            .await?
-            .into_iter()
-            .map(|(_, line)| line)
-            .collect();
-        Ok(Some(order))
+        let rows = sqlx::query(ORDER_WITH_LINES_SQL)
+            .bind(id.uuid())
+            .bind(customer.uuid())
+            .fetch_all(&self.pool)
+            .await?;
+        decode::order_of(&rows)
     }
 
     async fn list_orders(

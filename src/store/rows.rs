@@ -30,8 +30,8 @@ macro_rules! row_decoders {
         use sqlx::Row as _;
 
         use crate::domain::{
-            CartId, CartLine, Checkout, CheckoutId, CheckoutState, Customer, CustomerId, Order,
-            OrderId, OrderLine, OrderStatus, Product,
+            Cart, CartId, CartLine, CartStatus, Checkout, CheckoutId, CheckoutState, Customer,
+            CustomerId, Order, OrderId, OrderLine, OrderStatus, Product,
         };
         use crate::store::rows::{money, quantity, sku, units};
         use crate::store::{from_millis, StoreError};
@@ -52,13 +52,6 @@ macro_rules! row_decoders {
                 stock: row.try_get("stock")?,
                 reserved: row.try_get("reserved")?,
                 version: row.try_get("version")?,
-            })
-        }
-
-        pub(super) fn cart_line(row: &$row) -> Result<CartLine, StoreError> {
-            Ok(CartLine {
-                sku: sku(row.try_get("sku")?)?,
-                quantity: quantity(row.try_get("quantity")?)?,
             })
         }
 
@@ -187,6 +180,51 @@ macro_rules! row_decoders {
                 created_at: from_millis(row.try_get("created_at")?)?,
                 refund_status: row.try_get("refund_status")?,
             })
+        }
+
+        /// A cart as `CART_SQL` reads it (and PostgreSQL's cart change answers it): the
+        /// status on every row, one row per line, `line_sku` NULL on the one row of a cart
+        /// without lines. No rows: no such cart of this customer.
+        pub(super) fn cart_of(
+            customer: CustomerId,
+            cart: CartId,
+            rows: &[$row],
+        ) -> Result<Option<Cart>, StoreError> {
+            let Some(first) = rows.first() else {
+                return Ok(None);
+            };
+            let status: String = first.try_get("cart_status")?;
+            let mut lines = Vec::with_capacity(rows.len());
+            for row in rows {
+                if let Some(line_sku) = row.try_get::<Option<String>, _>("line_sku")? {
+                    lines.push(CartLine {
+                        sku: sku(&line_sku)?,
+                        quantity: quantity(row.try_get("line_quantity")?)?,
+                    });
+                }
+            }
+            Ok(Some(Cart {
+                id: cart,
+                customer_id: customer,
+                status: CartStatus::parse(&status)
+                    .ok_or_else(|| StoreError::Corrupt(format!("cart status {status:?}")))?,
+                lines,
+            }))
+        }
+
+        /// An order with its lines as `ORDER_WITH_LINES_SQL` reads it: one row per line (an
+        /// order row without lines has NULL line columns). No rows: no such order.
+        pub(super) fn order_of(rows: &[$row]) -> Result<Option<Order>, StoreError> {
+            let Some(first) = rows.first() else {
+                return Ok(None);
+            };
+            let mut found = order(first)?;
+            for row in rows {
+                if row.try_get::<Option<uuid::Uuid>, _>("order_id")?.is_some() {
+                    found.lines.push(order_line(row)?.1);
+                }
+            }
+            Ok(Some(found))
         }
 
         /// An order line with the id of the order it belongs to.

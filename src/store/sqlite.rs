@@ -31,8 +31,8 @@ use super::{
     reserve_retrying, schema_is_current, to_millis, unclaimed_cart, Acquisitions, ChargeTicket,
     Governed, Guarded, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine,
     Released, Retry, RowNow, SaleCheckout, Store, StoreError, StoreKind, StoredKey, WantedLine,
-    CHECKOUT_COLUMNS, IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW, INVENTORY_AUDIT_SQL, ORDER_COLUMNS,
-    PRODUCT_COLUMNS, SALE_CHECKOUTS_SQL,
+    CART_SQL, CHECKOUT_COLUMNS, IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW, INVENTORY_AUDIT_SQL,
+    ORDER_COLUMNS, ORDER_WITH_LINES_SQL, PRODUCT_COLUMNS, SALE_CHECKOUTS_SQL,
 };
 
 mod decode {
@@ -124,39 +124,6 @@ impl SqliteStore {
         &self.pool
     }
 
-    async fn cart_in(
-        tx: &mut Transaction<'_, Sqlite>,
-        customer: CustomerId,
-        cart: CartId,
-    ) -> Result<Option<Cart>, StoreError> {
-        let Some(row) = sqlx::query("SELECT status FROM carts WHERE id = $1 AND customer_id = $2")
-            .bind(cart.uuid())
-            .bind(customer.uuid())
-            .fetch_optional(&mut **tx)
-            .await?
-        else {
-            return Ok(None);
-        };
-        let status: String = row.try_get("status")?;
-        let lines = sqlx::query(
-            "SELECT p.sku, l.quantity FROM cart_lines l JOIN products p ON p.id = l.product_id \
-             WHERE l.cart_id = $1 ORDER BY p.sku",
-        )
-        .bind(cart.uuid())
-        .fetch_all(&mut **tx)
-        .await?
-        .iter()
-        .map(decode::cart_line)
-        .collect::<Result<_, _>>()?;
-        Ok(Some(Cart {
-            id: cart,
-            customer_id: customer,
-            status: CartStatus::parse(&status)
-                .ok_or_else(|| StoreError::Corrupt(format!("cart status {status:?}")))?,
-            lines,
-        }))
-    }
-
     /// Stamps a changed cart, reads it back and commits the change.
     async fn finish_cart_change(
         mut tx: Transaction<'_, Sqlite>,
@@ -169,9 +136,13 @@ impl SqliteStore {
             .bind(to_millis(now))
             .execute(&mut *tx)
             .await?;
-        let updated = Self::cart_in(&mut tx, customer, cart)
-            .await?
-            .ok_or(StoreError::NotFound("cart"))?;
+        let rows = sqlx::query(CART_SQL)
+            .bind(cart.uuid())
+            .bind(customer.uuid())
+            .fetch_all(&mut *tx)
+            .await?;
+        let updated =
+            decode::cart_of(customer, cart, &rows)?.ok_or(StoreError::NotFound("cart"))?;
         tx.commit().await?;
         Ok(updated)
     }
@@ -869,10 +840,12 @@ impl Store for SqliteStore {
     }
 
     async fn cart(&self, customer: CustomerId, cart: CartId) -> Result<Option<Cart>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let found = Self::cart_in(&mut tx, customer, cart).await?;
-        tx.commit().await?;
-        Ok(found)
+        let rows = sqlx::query(CART_SQL)
+            .bind(cart.uuid())
+            .bind(customer.uuid())
+            .fetch_all(&self.pool)
+            .await?;
+        decode::cart_of(customer, cart, &rows)
     }
 
     async fn set_cart_line(
@@ -885,20 +858,20 @@ impl Store for SqliteStore {
     ) -> Result<Cart, StoreError> {
         let mut tx = self.pool.begin().await?;
         Self::lock_open_cart(&mut tx, customer, cart).await?;
-        let product: i64 = sqlx::query_scalar("SELECT id FROM products WHERE sku = $1")
-            .bind(sku.as_str())
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(StoreError::NotFound("product"))?;
-        sqlx::query(
-            "INSERT INTO cart_lines (cart_id, product_id, quantity) VALUES ($1, $2, $3) \
-             ON CONFLICT (cart_id, product_id) DO UPDATE SET quantity = EXCLUDED.quantity",
+        // The product's id is looked up by the insert itself: nothing inserted, no such SKU.
+        let upserted = sqlx::query(
+            "INSERT INTO cart_lines (cart_id, product_id, quantity) \
+             SELECT $1, id, $3 FROM products WHERE sku = $2 \
+             ON CONFLICT (cart_id, product_id) DO UPDATE SET quantity = excluded.quantity",
         )
         .bind(cart.uuid())
-        .bind(product)
+        .bind(sku.as_str())
         .bind(i64::from(quantity.get()))
         .execute(&mut *tx)
         .await?;
+        if upserted.rows_affected() == 0 {
+            return Err(StoreError::NotFound("product"));
+        }
         Self::finish_cart_change(tx, customer, cart, now).await
     }
 
@@ -1824,25 +1797,12 @@ impl Store for SqliteStore {
     }
 
     async fn order(&self, customer: CustomerId, id: OrderId) -> Result<Option<Order>, StoreError> {
-        let Some(row) = sqlx::query(&format!(
-            "SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 AND customer_id = $2"
-        ))
-        .bind(id.uuid())
-        .bind(customer.uuid())
-        .fetch_optional(&self.pool)
-        .await?
-        else {
-            return Ok(None);
-        };
-        let mut order = decode::order(&row)?;
-        let seq: i64 = row.try_get("seq")?;
-        order.lines = self
-            .order_lines(customer, seq, seq)
-            .await?
-            .into_iter()
-            .map(|(_, line)| line)
-            .collect();
-        Ok(Some(order))
+        let rows = sqlx::query(ORDER_WITH_LINES_SQL)
+            .bind(id.uuid())
+            .bind(customer.uuid())
+            .fetch_all(&self.pool)
+            .await?;
+        decode::order_of(&rows)
     }
 
     async fn list_orders(

@@ -9,12 +9,15 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::both_stores;
-use crate::helpers::{fetch_strings, spawn_app, Customer, Resp, TestApp, ADMIN_TOKEN};
+use crate::helpers::{
+    fetch_strings, spawn_app, spawn_app_with, Customer, Options, Resp, TestApp, ADMIN_TOKEN,
+};
 
 both_stores!(
     another_customers_ids_answer_like_ids_that_do_not_exist_and_change_nothing,
     admin_routes_refuse_customers_and_anonymous_callers,
     customer_routes_refuse_missing_and_malformed_credentials,
+    a_known_customer_token_costs_no_store_call_and_an_unknown_one_is_asked_every_time,
 );
 
 /// Everything the victim can see of their own things, for "nothing changed" assertions.
@@ -449,5 +452,52 @@ async fn customer_routes_refuse_missing_and_malformed_credentials(kind: StoreKin
     assert_eq!(
         cart.body["lines"],
         json!([{"sku": "tea-01", "quantity": 2}])
+    );
+}
+
+/// Tokens are never changed or revoked, so a customer found once by their token's digest is
+/// remembered by each instance; a token nobody holds is not remembered (it is asked again, and
+/// refused again), so the memory only ever holds real customers.
+async fn a_known_customer_token_costs_no_store_call_and_an_unknown_one_is_asked_every_time(
+    kind: StoreKind,
+) {
+    // Arrange: a route that answers from the path alone once the caller is known.
+    let app = spawn_app_with(
+        kind,
+        Options {
+            manual_clock: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    let ada = app.new_customer("Ada").await;
+    let path = "/v1/carts/not-a-uuid";
+    let first = app.store.acquisitions();
+    app.get(path, Some(&ada.token))
+        .await
+        .assert_error(404, "cart_not_found");
+    let known = app.store.acquisitions();
+
+    // Act
+    for _ in 0..10 {
+        app.get(path, Some(&ada.token))
+            .await
+            .assert_error(404, "cart_not_found");
+    }
+    let after_known = app.store.acquisitions();
+    let stranger = format!("hfc_{}", "x".repeat(43));
+    for _ in 0..3 {
+        app.get(path, Some(&stranger))
+            .await
+            .assert_error(401, "unauthorized");
+    }
+
+    // Assert
+    assert_eq!(known - first, 1, "the first request looks the token up");
+    assert_eq!(after_known, known, "a known token takes no connection");
+    assert_eq!(
+        app.store.acquisitions() - after_known,
+        3,
+        "an unknown token is looked up each time"
     );
 }
