@@ -65,6 +65,8 @@ pub async fn seed(store: &dyn Store, now: DateTime<Utc>) -> Result<Seeded, Store
                     .expect("demo names are valid"),
                 price: Money::new(price + 100 * i as i64, eur)?,
                 stock: StockLevel::new(stock).expect("demo stock is positive"),
+                rules: Default::default(),
+                price_tiers: Default::default(),
             };
             store.create_product(&product, DEMO_ACTOR, now).await?;
             seeded.products += 1;

@@ -68,6 +68,8 @@ async fn product(store: &PgStore, sku: &str, stock: i64) -> Sku {
         name: ProductName::parse("Tea").expect("a name"),
         price: Money::new(450, Currency::parse("EUR").expect("EUR")).expect("a price"),
         stock: StockLevel::new(stock).expect("a stock level"),
+        rules: Default::default(),
+        price_tiers: Default::default(),
     };
     store
         .create_product(&product, "test", Utc::now())

@@ -149,6 +149,12 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound(what) => not_found_of(what),
+            StoreError::InvalidProduct(message) => Self::validation(message),
+            StoreError::RulesChanged(broken) => Self::conflict(
+                "rules_changed",
+                "a line no longer meets its product's ordering rules; nothing was reserved",
+            )
+            .details(broken),
             StoreError::SkuTaken => Self::conflict("sku_taken", "a product with this sku exists"),
             StoreError::VersionMismatch { current } => Self::new(
                 StatusCode::PRECONDITION_FAILED,
@@ -306,6 +312,8 @@ pub fn not_found_of(what: &str) -> ApiError {
         "order" => "order_not_found",
         "customer" => "customer_not_found",
         "flash sale" => "flash_sale_not_found",
+        "company" => "company_not_found",
+        "invoice" => "invoice_not_found",
         _ => "not_found",
     };
     ApiError::not_found(code, format!("{what} not found"))

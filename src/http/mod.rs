@@ -8,6 +8,7 @@ mod auth;
 mod carts;
 mod catalogue;
 mod checkouts;
+mod companies;
 mod demo;
 mod error;
 mod extract;
@@ -87,6 +88,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
         .merge(admin::router())
+        .merge(companies::router())
         .merge(admin_orders::router())
         .merge(catalogue::router())
         .merge(carts::router())

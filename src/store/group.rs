@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use crate::domain::{CartId, CartStatus, Checkout, CheckoutId, Money};
 
 use super::{
-    governing_sale, order_total, Governed, NewCheckout, PricedLine, Shortfall, Store, StoreError,
+    governing_sale, order_total, rules_hold, Governed, NewCheckout, PricedLine, Shortfall, Store,
+    StoreError,
 };
 
 /// One request of a batch as the store found it under the locks.
@@ -109,6 +110,9 @@ fn decide(
     if candidate.lines.is_empty() {
         return Planned::Refuse(StoreError::CartEmpty);
     }
+    if let Err(e) = rules_hold(&candidate.lines) {
+        return Planned::Refuse(e);
+    }
     let total = match order_total(&candidate.lines) {
         Ok(total) => total,
         Err(e) => return Planned::Refuse(e),
@@ -170,6 +174,8 @@ mod tests {
                 sku: Sku::parse(&format!("p{product_id}")).expect("a sku"),
                 quantity: Quantity::new(quantity).expect("a quantity"),
                 unit_price: Money::new(100, eur).expect("a price"),
+                list_price: Money::new(100, eur).expect("a price"),
+                rules: crate::domain::OrderingRules::default(),
             })
             .collect()
     }

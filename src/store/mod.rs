@@ -39,9 +39,10 @@ use serde::Serialize;
 use std::collections::HashMap;
 
 use crate::domain::{
-    Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
-    CustomerName, FlashSale, FlashSaleId, MoneyError, NewFlashSale, NewProduct, Order, OrderId,
-    OrderLine, Product, ProductPatch, Quantity, Sku,
+    Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Company, CompanyId,
+    CompanyPrice, Customer, CustomerId, CustomerName, FlashSale, FlashSaleId, MoneyError,
+    NewCompany, NewFlashSale, NewProduct, Order, OrderId, OrderLine, OrderingRules, PriceTiers,
+    Product, ProductPatch, Quantity, RuleBreach, Sku,
 };
 
 pub use ops::{FailureRow, FlashSaleRow, OpsStore};
@@ -72,6 +73,13 @@ pub enum StoreError {
     NotFound(&'static str),
     #[error("sku is already in the catalogue")]
     SkuTaken,
+    /// Ordering rules that no quantity could meet, or broken price tiers.
+    #[error("{0}")]
+    InvalidProduct(String),
+    /// A line breaks its product's ordering rules as they are at the reservation (they changed
+    /// since the line was set): nothing was reserved.
+    #[error("the ordering rules of a line changed")]
+    RulesChanged(Vec<RuleBreach>),
     #[error("the product changed: current version is {current}")]
     VersionMismatch { current: i64 },
     #[error("stock {stock} would be below the {reserved} units reserved")]
@@ -317,7 +325,38 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         &self,
         name: &CustomerName,
         token_hash: &str,
+    ) -> Result<Customer, StoreError> {
+        self.create_customer_of(name, token_hash, None).await
+    }
+    /// A customer, buying for `company` when given (which must exist: `NotFound("company")`).
+    async fn create_customer_of(
+        &self,
+        name: &CustomerName,
+        token_hash: &str,
+        company: Option<CompanyId>,
     ) -> Result<Customer, StoreError>;
+
+    // Companies.
+    async fn create_company(
+        &self,
+        company: &NewCompany,
+        now: DateTime<Utc>,
+    ) -> Result<Company, StoreError>;
+    async fn company(&self, id: CompanyId) -> Result<Option<Company>, StoreError>;
+    /// Sets (or replaces) the company's price of one SKU. Bumps nothing on the product: the
+    /// reservation reads the price list in its own transaction.
+    async fn set_company_price(
+        &self,
+        company: CompanyId,
+        sku: &Sku,
+        price: &CompanyPrice,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// The company's whole price list, by SKU (for the catalogue a buyer is shown).
+    async fn company_prices(
+        &self,
+        company: CompanyId,
+    ) -> Result<Vec<(Sku, CompanyPrice)>, StoreError>;
     async fn customer_by_token_hash(
         &self,
         token_hash: &str,
@@ -642,14 +681,53 @@ pub(crate) fn schema_is_current(
     }
 }
 
-/// A cart line as reserved: the product row's id (lock order), its SKU, the quantity and the
-/// catalogue price read under the row lock.
+/// A cart line as reserved: the product row's id (lock order), its SKU, the quantity, the
+/// price this buyer pays per unit ([`crate::domain::unit_price`]), and the list price and the
+/// ordering rules read under the row lock (the guard checks the list price again).
 #[derive(Debug, Clone)]
 pub(crate) struct PricedLine {
     pub product_id: i64,
     pub sku: Sku,
     pub quantity: Quantity,
     pub unit_price: crate::domain::Money,
+    pub list_price: crate::domain::Money,
+    pub rules: OrderingRules,
+}
+
+/// What the catalogue says about one cart line's product for this buyer, read with the line:
+/// list price, volume tiers, the buyer's company price, the ordering rules.
+#[derive(Debug, Clone)]
+pub(crate) struct LineTerms {
+    pub list_price: crate::domain::Money,
+    pub tiers: PriceTiers,
+    pub company: Option<CompanyPrice>,
+    pub rules: OrderingRules,
+}
+
+impl LineTerms {
+    /// A line priced at one figure whatever its quantity, with no rules.
+    pub fn list(list_price: crate::domain::Money) -> Self {
+        Self {
+            list_price,
+            tiers: PriceTiers::default(),
+            company: None,
+            rules: OrderingRules::default(),
+        }
+    }
+}
+
+/// Inside the reservation, on the lines it read: every line within its product's ordering
+/// rules as they are now, or `RulesChanged` naming each line and the rule it breaks.
+pub(crate) fn rules_hold(lines: &[PricedLine]) -> Result<(), StoreError> {
+    let broken: Vec<RuleBreach> = lines
+        .iter()
+        .filter_map(|line| line.rules.breach(&line.sku, line.quantity.get()))
+        .collect();
+    if broken.is_empty() {
+        Ok(())
+    } else {
+        Err(StoreError::RulesChanged(broken))
+    }
 }
 
 impl PricedLine {
@@ -684,26 +762,38 @@ pub(crate) const PRICE_RETRIES: usize = 3;
 /// attempt reads it under the row lock (see [`reserve_retrying`]).
 pub(crate) const UNLOCKED_READ_BACKS: usize = 8;
 
-/// A cart line with the catalogue price read together with it (before the row lock): lines of
-/// one product summed and sorted by product id, like [`lock_order`].
+/// Cart lines with the catalogue terms read together with them (before the row lock): lines
+/// of one product summed and sorted by product id, like [`lock_order`], each priced at its
+/// summed quantity.
 pub(crate) fn priced_in_lock_order(
-    lines: Vec<(WantedLine, crate::domain::Money)>,
+    lines: Vec<(WantedLine, LineTerms)>,
 ) -> Result<Vec<PricedLine>, StoreError> {
-    let prices: HashMap<i64, crate::domain::Money> = lines
-        .iter()
-        .map(|(line, price)| (line.product_id, *price))
-        .collect();
-    lock_order(lines.into_iter().map(|(line, _)| line).collect())
+    let mut terms: HashMap<i64, LineTerms> = HashMap::new();
+    let mut wanted = Vec::with_capacity(lines.len());
+    for (line, line_terms) in lines {
+        terms.insert(line.product_id, line_terms);
+        wanted.push(line);
+    }
+    lock_order(wanted)
         .into_iter()
         .map(|line| {
-            let unit_price = *prices
+            let terms = terms
                 .get(&line.product_id)
                 .expect("every summed line comes from a priced line");
+            let quantity = rows::quantity(line.quantity)?;
+            let unit_price = crate::domain::unit_price(
+                terms.list_price,
+                &terms.tiers,
+                terms.company.as_ref(),
+                quantity.get(),
+            )?;
             Ok(PricedLine {
                 product_id: line.product_id,
-                quantity: rows::quantity(line.quantity)?,
+                quantity,
                 sku: line.sku,
                 unit_price,
+                list_price: terms.list_price,
+                rules: terms.rules,
             })
         })
         .collect()
@@ -879,7 +969,7 @@ pub(crate) fn judge_misses(misses: &[(&PricedLine, RowNow)]) -> Guarded {
     }
     if misses
         .iter()
-        .any(|(line, now)| now.unit_price != line.unit_price)
+        .any(|(line, now)| now.unit_price != line.list_price)
     {
         return Guarded::Retry(Retry::PriceMoved);
     }
@@ -936,8 +1026,38 @@ pub(crate) fn lock_order(mut lines: Vec<WantedLine>) -> Vec<WantedLine> {
     lines
 }
 
-pub(crate) const PRODUCT_COLUMNS: &str =
-    "id, sku, name, price_amount, currency, stock, reserved, version";
+pub(crate) const PRODUCT_COLUMNS: &str = "id, sku, name, price_amount, currency, stock, \
+     reserved, version, min_quantity, increment, max_quantity, price_tiers";
+
+/// The product columns an admin edit writes (both stores): `$1` id, then name, price amount,
+/// currency, stock, updated_at, min_quantity, increment, max_quantity, price_tiers.
+pub(crate) const UPDATE_PRODUCT_SQL: &str = "UPDATE products SET name = $2, price_amount = $3, \
+     currency = $4, stock = $5, version = version + 1, updated_at = $6, min_quantity = $7, \
+     increment = $8, max_quantity = $9, price_tiers = $10 WHERE id = $1 RETURNING id, sku, \
+     name, price_amount, currency, stock, reserved, version, min_quantity, increment, \
+     max_quantity, price_tiers";
+
+/// A new product (both stores): sku, name, price amount, currency, stock, created_at,
+/// min_quantity, increment, max_quantity, price_tiers.
+pub(crate) const INSERT_PRODUCT_SQL: &str = "INSERT INTO products (sku, name, price_amount, \
+     currency, stock, created_at, updated_at, min_quantity, increment, max_quantity, \
+     price_tiers) VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $8, $9, $10) RETURNING id, sku, name, \
+     price_amount, currency, stock, reserved, version, min_quantity, increment, max_quantity, \
+     price_tiers";
+
+pub(crate) const COMPANY_COLUMNS: &str =
+    "id, name, currency, payment_terms, credit_limit, po_number_required, created_at";
+
+/// A company's price of a SKU, set or replaced (both stores): `$1` company, `$2` product id,
+/// amount, percent_off, tiers, updated_at.
+pub(crate) const UPSERT_COMPANY_PRICE_SQL: &str = "INSERT INTO company_prices (company_id, \
+     product_id, amount, percent_off, tiers, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
+     ON CONFLICT (company_id, product_id) DO UPDATE SET amount = EXCLUDED.amount, \
+     percent_off = EXCLUDED.percent_off, tiers = EXCLUDED.tiers, updated_at = EXCLUDED.updated_at";
+
+pub(crate) const COMPANY_PRICES_SQL: &str = "SELECT p.sku, cp.amount, cp.percent_off, cp.tiers \
+     FROM company_prices cp JOIN products p ON p.id = cp.product_id WHERE cp.company_id = $1 \
+     ORDER BY p.sku";
 pub(crate) const CHECKOUT_COLUMNS: &str = checkout_columns!();
 /// Promises 4 and 5 for one checkout: where it stands, who drives it, its order and events.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -988,16 +1108,21 @@ pub(crate) fn cart_must_be_open(status: &str) -> Result<(), StoreError> {
     }
 }
 
+/// The version must match, stock stay above what is reserved, and the rules the patch leaves
+/// must be ones some quantity can meet. Answers those rules.
 pub(crate) fn check_patch(
     current: &Product,
     expected_version: i64,
     patch: &ProductPatch,
-) -> Result<(), StoreError> {
+) -> Result<OrderingRules, StoreError> {
     if current.version != expected_version {
         return Err(StoreError::VersionMismatch {
             current: current.version,
         });
     }
+    let rules = patch
+        .rules_over(current.rules)
+        .map_err(|e| StoreError::InvalidProduct(e.to_string()))?;
     if let Some(stock) = patch.stock {
         if stock.get() < current.reserved {
             return Err(StoreError::StockBelowReserved {
@@ -1006,7 +1131,7 @@ pub(crate) fn check_patch(
             });
         }
     }
-    Ok(())
+    Ok(rules)
 }
 
 /// Cuts a `limit + 1` fetch down to `limit` and names the cursor of the next page.
@@ -1223,6 +1348,8 @@ mod tests {
                 sku: Sku::parse(&format!("p{i}")).expect("a sku"),
                 quantity: Quantity::new(quantity.into()).expect("a quantity in range"),
                 unit_price: crate::domain::Money::new(price, eur).expect("a price"),
+                list_price: crate::domain::Money::new(price, eur).expect("a price"),
+                rules: OrderingRules::default(),
             })
             .collect()
     }

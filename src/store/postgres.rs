@@ -16,9 +16,9 @@ use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::domain::{
-    Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
-    CustomerName, FlashSale, FlashSaleId, Money, NewFlashSale, NewProduct, Order, OrderId,
-    OrderStatus, Product, ProductPatch, Quantity, Sku,
+    Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Company, CompanyId,
+    CompanyPrice, Customer, CustomerId, CustomerName, FlashSale, FlashSaleId, NewCompany,
+    NewFlashSale, NewProduct, Order, OrderId, OrderStatus, Product, ProductPatch, Quantity, Sku,
 };
 
 use super::group;
@@ -28,8 +28,9 @@ use super::{
     page_of, priced_in_lock_order, reserve_retrying, schema_is_current, to_millis, unclaimed_cart,
     Acquisitions, ChargeTicket, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, Released,
     Retry, SaleCheckout, SaleLimit, Shortfall, Store, StoreError, StoreKind, StoredKey, WantedLine,
-    CHECKOUT_COLUMNS, IDEMPOTENCY_RENEW, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
-    SALE_CHECKOUTS_SQL,
+    CHECKOUT_COLUMNS, COMPANY_COLUMNS, COMPANY_PRICES_SQL, IDEMPOTENCY_RENEW, INSERT_PRODUCT_SQL,
+    INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS, SALE_CHECKOUTS_SQL, UPDATE_PRODUCT_SQL,
+    UPSERT_COMPANY_PRICE_SQL,
 };
 
 mod decode {
@@ -464,6 +465,7 @@ fn decode_reserved(row: &PgRow) -> Result<Checkout, StoreError> {
         "cart_missing" => Err(StoreError::NotFound("cart")),
         "cart_status" => Err(unclaimed_cart(details()?.as_str())),
         "cart_empty" => Err(StoreError::CartEmpty),
+        "rules_changed" => Err(StoreError::RulesChanged(decode_breaches(details()?)?)),
         "one_sale_per_checkout" => Err(StoreError::OneSalePerCheckout),
         "admission_required" => Err(StoreError::AdmissionRequired),
         "flash_sale_limit" => Err(StoreError::FlashSaleLimit(decode_sale_limit(details()?)?)),
@@ -501,6 +503,33 @@ fn decode_sale_limit(details: serde_json::Value) -> Result<SaleLimit, StoreError
     })
 }
 
+/// The lines the reservation found outside their rules, named by the one rule check
+/// ([`crate::domain::OrderingRules::breach`]).
+fn decode_breaches(
+    details: serde_json::Value,
+) -> Result<Vec<crate::domain::RuleBreach>, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Broken {
+        sku: String,
+        quantity: i64,
+        min_quantity: i64,
+        increment: i64,
+        max_quantity: Option<i64>,
+    }
+    let broken: Vec<Broken> = serde_json::from_value(details)
+        .map_err(|e| StoreError::Corrupt(format!("broken rules: {e}")))?;
+    broken
+        .into_iter()
+        .map(|b| {
+            let rules = rows::rules(b.min_quantity, b.increment, b.max_quantity)?;
+            let sku = rows::sku(&b.sku)?;
+            rules
+                .breach(&sku, rows::quantity(b.quantity)?.get())
+                .ok_or_else(|| StoreError::Corrupt(format!("{sku}: a line within its rules")))
+        })
+        .collect()
+}
+
 fn decode_shortfalls(details: serde_json::Value) -> Result<Vec<Shortfall>, StoreError> {
     #[derive(serde::Deserialize)]
     struct Short {
@@ -522,7 +551,9 @@ fn decode_shortfalls(details: serde_json::Value) -> Result<Vec<Shortfall>, Store
         .collect()
 }
 
-fn decode_lines(details: serde_json::Value) -> Result<Vec<(WantedLine, Money)>, StoreError> {
+fn decode_lines(
+    details: serde_json::Value,
+) -> Result<Vec<(WantedLine, super::LineTerms)>, StoreError> {
     #[derive(serde::Deserialize)]
     struct Line {
         product_id: i64,
@@ -542,7 +573,7 @@ fn decode_lines(details: serde_json::Value) -> Result<Vec<(WantedLine, Money)>, 
                     sku: rows::sku(&l.sku)?,
                     quantity: l.quantity,
                 },
-                rows::money(l.unit_price, &l.currency)?,
+                super::LineTerms::list(rows::money(l.unit_price, &l.currency)?),
             ))
         })
         .collect()
@@ -568,29 +599,117 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn create_customer(
+    async fn create_customer_of(
         &self,
         name: &CustomerName,
         token_hash: &str,
+        company: Option<CompanyId>,
     ) -> Result<Customer, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(company) = company {
+            sqlx::query_scalar::<_, Uuid>("SELECT id FROM companies WHERE id = $1")
+                .bind(company.uuid())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound("company"))?;
+        }
         let row = sqlx::query(
-            "INSERT INTO customers (id, name, token_hash, created_at) VALUES ($1, $2, $3, $4) \
-             RETURNING id, name",
+            "INSERT INTO customers (id, name, token_hash, created_at, company_id) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING id, name, company_id",
         )
         .bind(Uuid::new_v4())
         .bind(name.as_str())
         .bind(token_hash)
         .bind(to_millis(Utc::now()))
+        .bind(company.map(CompanyId::uuid))
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        decode::customer(&row)
+    }
+
+    async fn create_company(
+        &self,
+        company: &NewCompany,
+        now: DateTime<Utc>,
+    ) -> Result<Company, StoreError> {
+        let row = sqlx::query(&format!(
+            "INSERT INTO companies ({COMPANY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             RETURNING {COMPANY_COLUMNS}"
+        ))
+        .bind(CompanyId::new().uuid())
+        .bind(company.name.as_str())
+        .bind(company.currency.as_str())
+        .bind(company.payment_terms.as_str())
+        .bind(company.credit_limit)
+        .bind(company.po_number_required)
+        .bind(to_millis(now))
         .fetch_one(&self.pool)
         .await?;
-        decode::customer(&row)
+        decode::company(&row)
+    }
+
+    async fn company(&self, id: CompanyId) -> Result<Option<Company>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {COMPANY_COLUMNS} FROM companies WHERE id = $1"
+        ))
+        .bind(id.uuid())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(decode::company)
+        .transpose()
+    }
+
+    async fn set_company_price(
+        &self,
+        company: CompanyId,
+        sku: &Sku,
+        price: &CompanyPrice,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query_scalar::<_, Uuid>("SELECT id FROM companies WHERE id = $1")
+            .bind(company.uuid())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound("company"))?;
+        let product: i64 = sqlx::query_scalar("SELECT id FROM products WHERE sku = $1")
+            .bind(sku.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound("product"))?;
+        sqlx::query(UPSERT_COMPANY_PRICE_SQL)
+            .bind(company.uuid())
+            .bind(product)
+            .bind(price.amount)
+            .bind(price.percent_off.map(i64::from))
+            .bind(price.tiers.to_json())
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn company_prices(
+        &self,
+        company: CompanyId,
+    ) -> Result<Vec<(Sku, CompanyPrice)>, StoreError> {
+        sqlx::query(COMPANY_PRICES_SQL)
+            .bind(company.uuid())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(decode::company_price_row)
+            .collect()
     }
 
     async fn customer_by_token_hash(
         &self,
         token_hash: &str,
     ) -> Result<Option<Customer>, StoreError> {
-        sqlx::query("SELECT id, name FROM customers WHERE token_hash = $1")
+        sqlx::query("SELECT id, name, company_id FROM customers WHERE token_hash = $1")
             .bind(token_hash)
             .fetch_optional(&self.pool)
             .await?
@@ -606,25 +725,26 @@ impl Store for PgStore {
         now: DateTime<Utc>,
     ) -> Result<Product, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(&format!(
-            "INSERT INTO products (sku, name, price_amount, currency, stock, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $6) RETURNING {PRODUCT_COLUMNS}"
-        ))
-        .bind(product.sku.as_str())
-        .bind(product.name.as_str())
-        .bind(product.price.amount())
-        .bind(product.price.currency().as_str())
-        .bind(product.stock.get())
-        .bind(to_millis(now))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::SkuTaken
-            } else {
-                e.into()
-            }
-        })?;
+        let row = sqlx::query(INSERT_PRODUCT_SQL)
+            .bind(product.sku.as_str())
+            .bind(product.name.as_str())
+            .bind(product.price.amount())
+            .bind(product.price.currency().as_str())
+            .bind(product.stock.get())
+            .bind(to_millis(now))
+            .bind(i64::from(product.rules.min_quantity))
+            .bind(i64::from(product.rules.increment))
+            .bind(product.rules.max_quantity.map(i64::from))
+            .bind(product.price_tiers.to_json())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::SkuTaken
+                } else {
+                    e.into()
+                }
+            })?;
         let created = decode::product(&row)?;
         sqlx::query(
             "INSERT INTO stock_adjustments (product_id, actor, old_stock, new_stock, reason, at) \
@@ -730,25 +850,27 @@ impl Store for PgStore {
         .await?
         .ok_or(StoreError::NotFound("product"))?;
         let current = decode::product(&row)?;
-        check_patch(&current, expected_version, patch)?;
+        let rules = check_patch(&current, expected_version, patch)?;
+        let tiers = patch.price_tiers.as_ref().unwrap_or(&current.price_tiers);
         let price = patch.price.unwrap_or(current.price);
         let stock = patch.stock.map_or(current.stock, |s| s.get());
         let name = patch
             .name
             .as_ref()
             .map_or(current.name.as_str(), |n| n.as_str());
-        let row = sqlx::query(&format!(
-            "UPDATE products SET name = $2, price_amount = $3, currency = $4, stock = $5, \
-             version = version + 1, updated_at = $6 WHERE id = $1 RETURNING {PRODUCT_COLUMNS}"
-        ))
-        .bind(current.id)
-        .bind(name)
-        .bind(price.amount())
-        .bind(price.currency().as_str())
-        .bind(stock)
-        .bind(to_millis(now))
-        .fetch_one(&mut *tx)
-        .await?;
+        let row = sqlx::query(UPDATE_PRODUCT_SQL)
+            .bind(current.id)
+            .bind(name)
+            .bind(price.amount())
+            .bind(price.currency().as_str())
+            .bind(stock)
+            .bind(to_millis(now))
+            .bind(i64::from(rules.min_quantity))
+            .bind(i64::from(rules.increment))
+            .bind(rules.max_quantity.map(i64::from))
+            .bind(tiers.to_json())
+            .fetch_one(&mut *tx)
+            .await?;
         if stock != current.stock {
             sqlx::query(
                 "INSERT INTO stock_adjustments (product_id, actor, old_stock, new_stock, reason, at) \

@@ -18,9 +18,9 @@ use sqlx::{Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use crate::domain::{
-    Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
-    CustomerName, FlashSale, FlashSaleId, Money, NewFlashSale, NewProduct, Order, OrderId,
-    OrderStatus, Product, ProductPatch, Quantity, Sku,
+    Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Company, CompanyId,
+    CompanyPrice, Customer, CustomerId, CustomerName, FlashSale, FlashSaleId, Money, NewCompany,
+    NewFlashSale, NewProduct, Order, OrderId, OrderStatus, Product, ProductPatch, Quantity, Sku,
 };
 
 use super::group::{self, Candidate, Planned};
@@ -28,11 +28,12 @@ use super::rows::{self, row_decoders};
 use super::{
     admission_in_use, all_matched, attach_lines, cart_must_be_open, check_patch, governing_sale,
     judge_misses, order_paid_event, order_total, page_of, priced_in_lock_order, reserve_retrying,
-    schema_is_current, to_millis, unclaimed_cart, Acquisitions, ChargeTicket, Governed, Guarded,
-    IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine, Released, Retry, RowNow,
-    SaleCheckout, Store, StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS,
-    IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
-    SALE_CHECKOUTS_SQL,
+    rules_hold, schema_is_current, to_millis, unclaimed_cart, Acquisitions, ChargeTicket, Governed,
+    Guarded, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine, Released, Retry,
+    RowNow, SaleCheckout, Store, StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS,
+    COMPANY_COLUMNS, COMPANY_PRICES_SQL, IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW,
+    INSERT_PRODUCT_SQL, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS, SALE_CHECKOUTS_SQL,
+    UPDATE_PRODUCT_SQL, UPSERT_COMPANY_PRICE_SQL,
 };
 
 mod decode {
@@ -369,6 +370,7 @@ impl SqliteStore {
         if priced.is_empty() {
             return Err(StoreError::CartEmpty);
         }
+        rules_hold(&priced)?;
         let total = order_total(&priced)?;
         let governed = governing_sale(new, &priced)?;
         let row = Self::insert_checkout(&mut tx, new, &priced, total, governed).await?;
@@ -429,14 +431,20 @@ impl SqliteStore {
         Err(unclaimed_cart(status.as_deref()))
     }
 
-    /// The cart's lines with the current catalogue prices, summed per product, in lock order.
+    /// The cart's lines with the current catalogue terms for its buyer (list price, volume
+    /// tiers, the company's price, ordering rules), summed per product, in lock order.
     async fn priced_lines(
         tx: &mut Transaction<'_, Sqlite>,
         cart: CartId,
     ) -> Result<Vec<PricedLine>, StoreError> {
         let lines = sqlx::query(
-            "SELECT l.product_id, p.sku, l.quantity, p.price_amount, p.currency \
-             FROM cart_lines l JOIN products p ON p.id = l.product_id WHERE l.cart_id = $1",
+            "SELECT l.product_id, p.sku, l.quantity, p.price_amount, p.currency, \
+             p.min_quantity, p.increment, p.max_quantity, p.price_tiers, \
+             cp.amount AS company_amount, cp.percent_off, cp.tiers AS company_tiers \
+             FROM cart_lines l JOIN products p ON p.id = l.product_id \
+             JOIN carts c ON c.id = l.cart_id JOIN customers u ON u.id = c.customer_id \
+             LEFT JOIN company_prices cp ON cp.company_id = u.company_id AND cp.product_id = p.id \
+             WHERE l.cart_id = $1",
         )
         .bind(cart.uuid())
         .fetch_all(&mut **tx)
@@ -533,8 +541,8 @@ impl SqliteStore {
             )
             .bind(line.product_id)
             .bind(i64::from(line.quantity.get()))
-            .bind(line.unit_price.amount())
-            .bind(line.unit_price.currency().as_str())
+            .bind(line.list_price.amount())
+            .bind(line.list_price.currency().as_str())
             .execute(&mut **tx)
             .await?;
             if updated.rows_affected() == 0 {
@@ -645,14 +653,29 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
-fn decode_priced_line(row: &SqliteRow) -> Result<(WantedLine, Money), StoreError> {
+/// A cart line with its product's terms for the buyer (the columns of `priced_lines`).
+fn decode_priced_line(row: &SqliteRow) -> Result<(WantedLine, super::LineTerms), StoreError> {
+    let company_tiers: Option<String> = row.try_get("company_tiers")?;
     Ok((
         WantedLine {
             product_id: row.try_get("product_id")?,
             sku: rows::sku(row.try_get("sku")?)?,
             quantity: row.try_get("quantity")?,
         },
-        rows::money(row.try_get("price_amount")?, row.try_get("currency")?)?,
+        super::LineTerms {
+            list_price: rows::money(row.try_get("price_amount")?, row.try_get("currency")?)?,
+            tiers: rows::tiers(row.try_get("price_tiers")?)?,
+            company: rows::company_price(
+                row.try_get("company_amount")?,
+                row.try_get("percent_off")?,
+                company_tiers.as_deref(),
+            )?,
+            rules: rows::rules(
+                row.try_get("min_quantity")?,
+                row.try_get("increment")?,
+                row.try_get("max_quantity")?,
+            )?,
+        },
     ))
 }
 
@@ -683,29 +706,117 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn create_customer(
+    async fn create_customer_of(
         &self,
         name: &CustomerName,
         token_hash: &str,
+        company: Option<CompanyId>,
     ) -> Result<Customer, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(company) = company {
+            sqlx::query_scalar::<_, Uuid>("SELECT id FROM companies WHERE id = $1")
+                .bind(company.uuid())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound("company"))?;
+        }
         let row = sqlx::query(
-            "INSERT INTO customers (id, name, token_hash, created_at) VALUES ($1, $2, $3, $4) \
-             RETURNING id, name",
+            "INSERT INTO customers (id, name, token_hash, created_at, company_id) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING id, name, company_id",
         )
         .bind(Uuid::new_v4())
         .bind(name.as_str())
         .bind(token_hash)
         .bind(to_millis(Utc::now()))
+        .bind(company.map(CompanyId::uuid))
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        decode::customer(&row)
+    }
+
+    async fn create_company(
+        &self,
+        company: &NewCompany,
+        now: DateTime<Utc>,
+    ) -> Result<Company, StoreError> {
+        let row = sqlx::query(&format!(
+            "INSERT INTO companies ({COMPANY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             RETURNING {COMPANY_COLUMNS}"
+        ))
+        .bind(CompanyId::new().uuid())
+        .bind(company.name.as_str())
+        .bind(company.currency.as_str())
+        .bind(company.payment_terms.as_str())
+        .bind(company.credit_limit)
+        .bind(company.po_number_required)
+        .bind(to_millis(now))
         .fetch_one(&self.pool)
         .await?;
-        decode::customer(&row)
+        decode::company(&row)
+    }
+
+    async fn company(&self, id: CompanyId) -> Result<Option<Company>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {COMPANY_COLUMNS} FROM companies WHERE id = $1"
+        ))
+        .bind(id.uuid())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(decode::company)
+        .transpose()
+    }
+
+    async fn set_company_price(
+        &self,
+        company: CompanyId,
+        sku: &Sku,
+        price: &CompanyPrice,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query_scalar::<_, Uuid>("SELECT id FROM companies WHERE id = $1")
+            .bind(company.uuid())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound("company"))?;
+        let product: i64 = sqlx::query_scalar("SELECT id FROM products WHERE sku = $1")
+            .bind(sku.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound("product"))?;
+        sqlx::query(UPSERT_COMPANY_PRICE_SQL)
+            .bind(company.uuid())
+            .bind(product)
+            .bind(price.amount)
+            .bind(price.percent_off.map(i64::from))
+            .bind(price.tiers.to_json())
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn company_prices(
+        &self,
+        company: CompanyId,
+    ) -> Result<Vec<(Sku, CompanyPrice)>, StoreError> {
+        sqlx::query(COMPANY_PRICES_SQL)
+            .bind(company.uuid())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(decode::company_price_row)
+            .collect()
     }
 
     async fn customer_by_token_hash(
         &self,
         token_hash: &str,
     ) -> Result<Option<Customer>, StoreError> {
-        sqlx::query("SELECT id, name FROM customers WHERE token_hash = $1")
+        sqlx::query("SELECT id, name, company_id FROM customers WHERE token_hash = $1")
             .bind(token_hash)
             .fetch_optional(&self.pool)
             .await?
@@ -721,25 +832,26 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
     ) -> Result<Product, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(&format!(
-            "INSERT INTO products (sku, name, price_amount, currency, stock, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $6) RETURNING {PRODUCT_COLUMNS}"
-        ))
-        .bind(product.sku.as_str())
-        .bind(product.name.as_str())
-        .bind(product.price.amount())
-        .bind(product.price.currency().as_str())
-        .bind(product.stock.get())
-        .bind(to_millis(now))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::SkuTaken
-            } else {
-                e.into()
-            }
-        })?;
+        let row = sqlx::query(INSERT_PRODUCT_SQL)
+            .bind(product.sku.as_str())
+            .bind(product.name.as_str())
+            .bind(product.price.amount())
+            .bind(product.price.currency().as_str())
+            .bind(product.stock.get())
+            .bind(to_millis(now))
+            .bind(i64::from(product.rules.min_quantity))
+            .bind(i64::from(product.rules.increment))
+            .bind(product.rules.max_quantity.map(i64::from))
+            .bind(product.price_tiers.to_json())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::SkuTaken
+                } else {
+                    e.into()
+                }
+            })?;
         let created = decode::product(&row)?;
         sqlx::query(
             "INSERT INTO stock_adjustments (product_id, actor, old_stock, new_stock, reason, at) \
@@ -809,25 +921,27 @@ impl Store for SqliteStore {
         .await?
         .ok_or(StoreError::NotFound("product"))?;
         let current = decode::product(&row)?;
-        check_patch(&current, expected_version, patch)?;
+        let rules = check_patch(&current, expected_version, patch)?;
+        let tiers = patch.price_tiers.as_ref().unwrap_or(&current.price_tiers);
         let price = patch.price.unwrap_or(current.price);
         let stock = patch.stock.map_or(current.stock, |s| s.get());
         let name = patch
             .name
             .as_ref()
             .map_or(current.name.as_str(), |n| n.as_str());
-        let row = sqlx::query(&format!(
-            "UPDATE products SET name = $2, price_amount = $3, currency = $4, stock = $5, \
-             version = version + 1, updated_at = $6 WHERE id = $1 RETURNING {PRODUCT_COLUMNS}"
-        ))
-        .bind(current.id)
-        .bind(name)
-        .bind(price.amount())
-        .bind(price.currency().as_str())
-        .bind(stock)
-        .bind(to_millis(now))
-        .fetch_one(&mut *tx)
-        .await?;
+        let row = sqlx::query(UPDATE_PRODUCT_SQL)
+            .bind(current.id)
+            .bind(name)
+            .bind(price.amount())
+            .bind(price.currency().as_str())
+            .bind(stock)
+            .bind(to_millis(now))
+            .bind(i64::from(rules.min_quantity))
+            .bind(i64::from(rules.increment))
+            .bind(rules.max_quantity.map(i64::from))
+            .bind(tiers.to_json())
+            .fetch_one(&mut *tx)
+            .await?;
         if stock != current.stock {
             sqlx::query(
                 "INSERT INTO stock_adjustments (product_id, actor, old_stock, new_stock, reason, at) \
