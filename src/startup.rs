@@ -485,6 +485,7 @@ impl Application {
             webhook_secrets: Arc::new(webhook_secrets),
             max_lifetime: windows.max_lifetime,
             customers: Arc::default(),
+            company_prices: Arc::default(),
             clock: clock.clone(),
             admin_token_digest: http::token_digest(admin_token.expose_secret()),
             rate_limit: Arc::new(rate_limit),

@@ -108,6 +108,7 @@ async fn checkout_of(store: &PgStore, name: &str, lines: &[(&Sku, i64)]) -> NewC
         flash_sale: None,
         idempotency_key: None,
         flash_sale_units: 0,
+        po_number: None,
         open_sales: Vec::new(),
     }
 }

@@ -167,13 +167,27 @@ impl CheckoutService {
     /// (new) → reserved: every line reserved and the order created, in one transaction. A cart
     /// holding a flash-sale SKU needs the customer's admission token and gets the sale's window.
     /// A start's `Idempotency-Key` is recorded with the checkout in the same transaction.
-    #[tracing::instrument(skip_all, fields(%customer, %cart))]
     pub async fn start(
         &self,
         customer: CustomerId,
         cart: CartId,
         flash_sale_token: Option<&str>,
         idempotency_key: Option<&str>,
+    ) -> Result<Checkout, CheckoutError> {
+        self.start_with_po_number(customer, cart, flash_sale_token, idempotency_key, None)
+            .await
+    }
+
+    /// [`Self::start`] carrying the buyer's purchase-order number to the order (a company may
+    /// require one: the reservation refuses a checkout without it).
+    #[tracing::instrument(skip_all, fields(%customer, %cart))]
+    pub async fn start_with_po_number(
+        &self,
+        customer: CustomerId,
+        cart: CartId,
+        flash_sale_token: Option<&str>,
+        idempotency_key: Option<&str>,
+        po_number: Option<crate::domain::PoNumber>,
     ) -> Result<Checkout, CheckoutError> {
         let lines = self
             .store
@@ -226,6 +240,7 @@ impl CheckoutService {
             flash_sale_units: admitted.map_or(0, |(_, units)| units),
             open_sales,
             idempotency_key: idempotency_key.map(str::to_owned),
+            po_number,
         };
         let reserved = observe::timed(SagaStep::Reserve, self.reserve(new)).await;
         count_reservation(&reserved);

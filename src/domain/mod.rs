@@ -28,6 +28,6 @@ pub use product::{NewProduct, Product, ProductName, ProductNameError, ProductPat
 pub use quantity::{Quantity, QuantityError, StockLevel};
 pub use sku::{Sku, SkuError};
 pub use wholesale::{
-    unit_price, Company, CompanyPrice, NewCompany, OrderingRules, PaymentTerms, PriceTier,
-    PriceTiers, RuleBreach, WholesaleError,
+    price_schedule, unit_price, Company, CompanyPrice, NewCompany, OrderingRules, PaymentTerms,
+    PoNumber, PriceTier, PriceTiers, RuleBreach, WholesaleError,
 };

@@ -67,6 +67,8 @@ pub struct Order {
     /// `pending`, `failed` or `succeeded` once a refund was asked for (see
     /// `Store::record_refund_pending`); `None` before.
     pub refund_status: Option<String>,
+    /// The buyer's purchase-order number, as given on the checkout.
+    pub po_number: Option<String>,
 }
 
 #[cfg(test)]

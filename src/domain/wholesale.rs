@@ -235,6 +235,67 @@ pub fn unit_price(
     Money::new(amount, currency)
 }
 
+/// What a buyer pays at every quantity, as a base price and volume tiers of the same form
+/// as a product's: the unit price is constant between the breakpoints of the product's and
+/// the company's tiers, so it is [`unit_price`] at 1 and at each breakpoint (a tier that
+/// would repeat the price before it is left out).
+pub fn price_schedule(
+    list: Money,
+    tiers: &PriceTiers,
+    company: Option<&CompanyPrice>,
+) -> Result<(Money, PriceTiers), MoneyError> {
+    let base = unit_price(list, tiers, company, 1)?;
+    let mut breaks: Vec<u32> = tiers.tiers().iter().map(|t| t.min_quantity).collect();
+    if let Some(company) = company {
+        breaks.extend(company.tiers.tiers().iter().map(|t| t.min_quantity));
+    }
+    breaks.sort_unstable();
+    breaks.dedup();
+    let mut schedule = Vec::with_capacity(breaks.len());
+    let mut last = base.amount();
+    for min_quantity in breaks {
+        let amount = unit_price(list, tiers, company, min_quantity)?.amount();
+        if amount != last {
+            schedule.push(PriceTier {
+                min_quantity,
+                amount,
+            });
+            last = amount;
+        }
+    }
+    Ok((base, PriceTiers(schedule)))
+}
+
+/// A buyer's purchase-order number, carried from the checkout to the order and its events:
+/// 1 to 64 printable characters, trimmed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct PoNumber(String);
+
+impl PoNumber {
+    pub fn parse(raw: &str) -> Result<Self, WholesaleError> {
+        let trimmed = raw.trim();
+        let chars = trimmed.chars().count();
+        if chars == 0 || chars > 64 || trimmed.chars().any(char::is_control) {
+            return Err(WholesaleError::Price(
+                "po_number must be 1 to 64 characters without control characters".into(),
+            ));
+        }
+        Ok(Self(trimmed.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for PoNumber {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        PoNumber::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
 /// How a company pays: by card at checkout, or on account within 15, 30 or 60 days.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PaymentTerms {
@@ -360,6 +421,35 @@ mod tests {
         assert_eq!(PriceTiers::from_json(&t.to_json()), Ok(t));
     }
 
+    proptest::proptest! {
+        /// The schedule a buyer is shown prices every quantity exactly as the reservation does.
+        #[test]
+        fn a_buyers_schedule_agrees_with_the_unit_price_at_every_quantity(
+            list in 0i64..100_000,
+            product in proptest::collection::btree_map(2u32..200, 0i64..100_000, 0..4),
+            company_tiers in proptest::collection::btree_map(2u32..200, 0i64..100_000, 0..3),
+            fixed in proptest::option::of(0i64..100_000),
+            percent in 0u32..=100,
+        ) {
+            let product = tiers(&product.into_iter().collect::<Vec<_>>());
+            let company_tiers = tiers(&company_tiers.into_iter().collect::<Vec<_>>());
+            let company = match fixed {
+                Some(amount) => CompanyPrice::new(Some(amount), None, company_tiers),
+                None => CompanyPrice::new(None, Some(percent), company_tiers),
+            }
+            .expect("a price");
+            for company in [None, Some(&company)] {
+                let (base, schedule) =
+                    price_schedule(eur(list), &product, company).expect("a schedule");
+                for q in 1..=220 {
+                    let shown = schedule.amount_for(q).unwrap_or(base.amount());
+                    let paid = unit_price(eur(list), &product, company, q).expect("a price");
+                    proptest::prop_assert_eq!(shown, paid.amount(), "quantity {}", q);
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_company_price_wins_over_the_list_and_a_percentage_rounds_the_discount_down() {
         let product = tiers(&[(10, 400)]);
@@ -379,5 +469,16 @@ mod tests {
         assert_eq!(price(Some(&off), 10), 340);
         assert!(CompanyPrice::new(Some(1), Some(1), PriceTiers::default()).is_err());
         assert!(CompanyPrice::new(None, Some(101), PriceTiers::default()).is_err());
+    }
+
+    #[test]
+    fn a_po_number_is_trimmed_and_bounded() {
+        assert_eq!(
+            PoNumber::parse("  PO-2026-0042 ").map(|p| p.0),
+            Ok("PO-2026-0042".to_owned())
+        );
+        for bad in ["", "  ", "a\nb", &"x".repeat(65)] {
+            assert!(PoNumber::parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

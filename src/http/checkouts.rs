@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use crate::domain::{CheckoutId, CheckoutState};
+use crate::domain::{CheckoutId, CheckoutState, PoNumber};
 
 use super::auth::CustomerAuth;
 use super::carts::parse_cart_id;
@@ -35,6 +35,11 @@ struct StartCheckout {
     cart_id: String,
     #[serde(default)]
     flash_sale_token: Option<String>,
+    /// The buyer's purchase-order number (1 to 64 characters), kept on the order; required
+    /// when the buyer's company says so.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    po_number: Option<PoNumber>,
 }
 
 #[derive(Default, Deserialize)]
@@ -60,7 +65,7 @@ fn parse_checkout_id(raw: &str) -> Result<CheckoutId, ApiError> {
         (status = 404, body = ErrorBody, description = "`cart_not_found`"),
         (status = 403, body = ErrorBody, description = "`admission_required`: a flash-sale item without a valid token"),
         (status = 409, body = ErrorBody, description = "`insufficient_stock` with per-SKU `details`, `cart_not_open`, `admission_in_use`, `price_changed`, `flash_sale_limit` with `details:[{sku, requested, limit}]` (a flash-sale line above what the buyer may have), `sold_out`, `idempotency_conflict` (the first request with this key still runs; `Retry-After` says when to retry)"),
-        (status = 422, body = ErrorBody, description = "`cart_empty`, `one_flash_sale_per_checkout`"),
+        (status = 422, body = ErrorBody, description = "`cart_empty`, `one_flash_sale_per_checkout`, `po_number_required` (the buyer's company requires one)"),
         (status = 503, body = ErrorBody, description = "`admission_unavailable`: the flash-sale gate fails closed"),
         (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
     )
@@ -73,10 +78,11 @@ async fn start(
 ) -> Result<Response, ApiError> {
     let cart = parse_cart_id(&body.cart_id)?;
     let key = idempotent::key_of(&headers)?;
-    let (state_ref, token, key_ref) = (
+    let (state_ref, token, key_ref, po_number) = (
         &state,
         body.flash_sale_token.as_deref(),
         key.as_ref().map(|k| k.as_str()),
+        body.po_number.clone(),
     );
     // A keyed start whose first request reserved and was lost answers that checkout.
     let run = move |created: Option<CheckoutId>| async move {
@@ -85,7 +91,7 @@ async fn start(
             None => {
                 state_ref
                     .checkout
-                    .start(customer.id, cart, token, key_ref)
+                    .start_with_po_number(customer.id, cart, token, key_ref, po_number)
                     .await?
             }
         };

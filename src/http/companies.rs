@@ -220,6 +220,7 @@ async fn set_price(
         .store
         .set_company_price(company, &sku, &price, state.clock.now())
         .await?;
+    state.company_prices.forget(company);
     Ok(Json(CompanyPriceView::of(sku, price)))
 }
 

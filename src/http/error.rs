@@ -150,6 +150,11 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound(what) => not_found_of(what),
             StoreError::InvalidProduct(message) => Self::validation(message),
+            StoreError::PoNumberRequired => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "po_number_required",
+                "this buyer's company requires a po_number on every checkout",
+            ),
             StoreError::RulesChanged(broken) => Self::conflict(
                 "rules_changed",
                 "a line no longer meets its product's ordering rules; nothing was reserved",

@@ -201,6 +201,9 @@ pub struct OrderView {
     /// Once a refund was asked for: `pending` (the order stays `paid` until Stripe settles
     /// it), `failed` (Stripe kept the money: the order stays `paid`) or `succeeded`.
     pub refund_status: Option<String>,
+    /// The buyer's purchase-order number, if the checkout carried one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub po_number: Option<String>,
 }
 
 impl From<Order> for OrderView {
@@ -214,6 +217,7 @@ impl From<Order> for OrderView {
             payment_intent_id: o.payment_intent_id,
             created_at: o.created_at,
             refund_status: o.refund_status,
+            po_number: o.po_number,
         }
     }
 }

@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use crate::domain::{CartId, CartStatus, Checkout, CheckoutId, Money};
 
 use super::{
-    governing_sale, order_total, rules_hold, Governed, NewCheckout, PricedLine, Shortfall, Store,
-    StoreError,
+    governing_sale, order_total, po_number_given, rules_hold, Governed, NewCheckout, PricedLine,
+    Shortfall, Store, StoreError,
 };
 
 /// One request of a batch as the store found it under the locks.
@@ -19,6 +19,8 @@ pub(crate) struct Candidate {
     pub cart: Result<(), StoreError>,
     /// Its lines summed per product in lock order, priced from the locked product rows.
     pub lines: Vec<PricedLine>,
+    /// The buyer's company requires a purchase-order number.
+    pub po_number_required: bool,
 }
 
 /// What the walk decided for one request.
@@ -110,6 +112,9 @@ fn decide(
     if candidate.lines.is_empty() {
         return Planned::Refuse(StoreError::CartEmpty);
     }
+    if let Err(e) = po_number_given(new, candidate.po_number_required) {
+        return Planned::Refuse(e);
+    }
     if let Err(e) = rules_hold(&candidate.lines) {
         return Planned::Refuse(e);
     }
@@ -161,6 +166,7 @@ mod tests {
             flash_sale: None,
             idempotency_key: None,
             flash_sale_units: 0,
+            po_number: None,
             open_sales: Vec::new(),
         }
     }
@@ -184,6 +190,7 @@ mod tests {
         Candidate {
             cart: Ok(()),
             lines: lines(wanted),
+            po_number_required: false,
         }
     }
 
@@ -258,6 +265,7 @@ mod tests {
             Candidate {
                 cart: Err(StoreError::NotFound("cart")),
                 lines: Vec::new(),
+                po_number_required: false,
             },
             open(&[]),
             open(&[(1, 1)]),

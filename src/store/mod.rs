@@ -80,6 +80,9 @@ pub enum StoreError {
     /// since the line was set): nothing was reserved.
     #[error("the ordering rules of a line changed")]
     RulesChanged(Vec<RuleBreach>),
+    /// The buyer's company requires a purchase-order number on every checkout.
+    #[error("a po_number is required")]
+    PoNumberRequired,
     #[error("the product changed: current version is {current}")]
     VersionMismatch { current: i64 },
     #[error("stock {stock} would be below the {reserved} units reserved")]
@@ -192,6 +195,8 @@ pub struct NewCheckout {
     pub idempotency_key: Option<String>,
     /// Units of the sale's SKU the admission holds in the gate.
     pub flash_sale_units: u32,
+    /// The buyer's purchase-order number, kept on the order.
+    pub po_number: Option<crate::domain::PoNumber>,
     /// The sales open at `now`: the reservation checks its own lines against them
     /// ([`governing_sale`]).
     pub open_sales: Vec<OpenSale>,
@@ -716,6 +721,26 @@ impl LineTerms {
     }
 }
 
+/// Inside the reservation: a buyer whose company requires a purchase-order number gives one.
+pub(crate) fn po_number_given(new: &NewCheckout, required: bool) -> Result<(), StoreError> {
+    if required && new.po_number.is_none() {
+        Err(StoreError::PoNumberRequired)
+    } else {
+        Ok(())
+    }
+}
+
+/// The company's requirement of a purchase-order number for this customer's checkouts (both
+/// stores, in the reservation's transaction): `$1` customer.
+pub(crate) const PO_NUMBER_REQUIRED_SQL: &str = "SELECT COALESCE((SELECT co.po_number_required \
+     FROM customers u JOIN companies co ON co.id = u.company_id WHERE u.id = $1), FALSE)";
+
+/// The lines of a paid order with its purchase-order number, for its `order.paid` event (both
+/// stores): `$1` order.
+pub(crate) const PAID_ORDER_LINES_SQL: &str = "SELECT ol.order_id, ol.sku, ol.quantity, \
+     ol.unit_price, ol.line_total, o.currency, o.po_number FROM order_lines ol \
+     JOIN orders o ON o.id = ol.order_id WHERE o.id = $1 ORDER BY ol.sku";
+
 /// Inside the reservation, on the lines it read: every line within its product's ordering
 /// rules as they are now, or `RulesChanged` naming each line and the rule it breaks.
 pub(crate) fn rules_hold(lines: &[PricedLine]) -> Result<(), StoreError> {
@@ -1098,7 +1123,7 @@ pub(crate) const INVENTORY_AUDIT_SQL: &str = "SELECT p.sku, p.stock, p.reserved,
 
 pub(crate) const ORDER_COLUMNS: &str =
     "id, customer_id, checkout_id, status, total_amount, currency, payment_intent_id, created_at, seq, \
-     refund_status";
+     refund_status, po_number";
 
 pub(crate) fn cart_must_be_open(status: &str) -> Result<(), StoreError> {
     match CartStatus::parse(status) {
@@ -1169,6 +1194,7 @@ pub(crate) fn order_paid_event(
     checkout: &Checkout,
     payment_intent_id: &str,
     lines: Vec<(OrderId, OrderLine)>,
+    po_number: Option<String>,
     now: DateTime<Utc>,
 ) -> OutboxRow {
     let event_id = uuid::Uuid::new_v4();
@@ -1181,6 +1207,7 @@ pub(crate) fn order_paid_event(
         "total": checkout.total,
         "lines": lines,
         "payment_intent_id": payment_intent_id,
+        "po_number": po_number,
         "paid_at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     });
     OutboxRow {

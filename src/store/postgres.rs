@@ -29,8 +29,8 @@ use super::{
     Acquisitions, ChargeTicket, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, Released,
     Retry, SaleCheckout, SaleLimit, Shortfall, Store, StoreError, StoreKind, StoredKey, WantedLine,
     CHECKOUT_COLUMNS, COMPANY_COLUMNS, COMPANY_PRICES_SQL, IDEMPOTENCY_RENEW, INSERT_PRODUCT_SQL,
-    INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS, SALE_CHECKOUTS_SQL, UPDATE_PRODUCT_SQL,
-    UPSERT_COMPANY_PRICE_SQL,
+    INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PAID_ORDER_LINES_SQL, PRODUCT_COLUMNS, SALE_CHECKOUTS_SQL,
+    UPDATE_PRODUCT_SQL, UPSERT_COMPANY_PRICE_SQL,
 };
 
 mod decode {
@@ -355,7 +355,7 @@ impl PgStore {
         let rows = sqlx::query(
             "SELECT * FROM hf_reserve_checkouts($1::UUID[], $2::UUID[], $3::UUID[], $4::UUID[], \
              $5::UUID[], $6, $7::BIGINT[], $8::BIGINT[], $9::TEXT[], $10::BIGINT[], $11::INT[], \
-             $12::UUID[], $13::TEXT[])",
+             $12::UUID[], $13::TEXT[], $14::TEXT[])",
         )
         .bind(batch.iter().map(|n| n.id.uuid()).collect::<Vec<_>>())
         .bind(batch.iter().map(|n| n.order_id.uuid()).collect::<Vec<_>>())
@@ -400,6 +400,12 @@ impl PgStore {
         .bind(&open.0)
         .bind(&open.1)
         .bind(&open.2)
+        .bind(
+            batch
+                .iter()
+                .map(|n| n.po_number.as_ref().map(|p| p.as_str().to_owned()))
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(&self.pool)
         .await;
         let rows = match rows {
@@ -465,6 +471,7 @@ fn decode_reserved(row: &PgRow) -> Result<Checkout, StoreError> {
         "cart_missing" => Err(StoreError::NotFound("cart")),
         "cart_status" => Err(unclaimed_cart(details()?.as_str())),
         "cart_empty" => Err(StoreError::CartEmpty),
+        "po_number_required" => Err(StoreError::PoNumberRequired),
         "rules_changed" => Err(StoreError::RulesChanged(decode_breaches(details()?)?)),
         "one_sale_per_checkout" => Err(StoreError::OneSalePerCheckout),
         "admission_required" => Err(StoreError::AdmissionRequired),
@@ -1279,17 +1286,19 @@ impl Store for PgStore {
         .fetch_one(&mut *tx)
         .await?;
         let completed = decode::checkout(&row)?;
-        let lines = sqlx::query(
-            "SELECT ol.order_id, ol.sku, ol.quantity, ol.unit_price, ol.line_total, o.currency \
-             FROM order_lines ol JOIN orders o ON o.id = ol.order_id WHERE o.id = $1 ORDER BY ol.sku",
-        )
-        .bind(current.order_id.uuid())
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(decode::order_line)
-        .collect::<Result<Vec<_>, _>>()?;
-        let event = order_paid_event(&completed, payment_intent_id, lines, now);
+        let rows = sqlx::query(PAID_ORDER_LINES_SQL)
+            .bind(current.order_id.uuid())
+            .fetch_all(&mut *tx)
+            .await?;
+        let po_number: Option<String> = match rows.first() {
+            Some(row) => row.try_get("po_number")?,
+            None => None,
+        };
+        let lines = rows
+            .iter()
+            .map(decode::order_line)
+            .collect::<Result<Vec<_>, _>>()?;
+        let event = order_paid_event(&completed, payment_intent_id, lines, po_number, now);
         sqlx::query(
             "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
              VALUES ($1, 'order.paid', $2, $3, $4) ON CONFLICT (topic, order_id) DO NOTHING",

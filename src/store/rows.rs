@@ -259,6 +259,7 @@ macro_rules! row_decoders {
                 payment_intent_id: row.try_get("payment_intent_id")?,
                 created_at: from_millis(row.try_get("created_at")?)?,
                 refund_status: row.try_get("refund_status")?,
+                po_number: row.try_get("po_number")?,
             })
         }
 

@@ -27,12 +27,13 @@ use super::group::{self, Candidate, Planned};
 use super::rows::{self, row_decoders};
 use super::{
     admission_in_use, all_matched, attach_lines, cart_must_be_open, check_patch, governing_sale,
-    judge_misses, order_paid_event, order_total, page_of, priced_in_lock_order, reserve_retrying,
-    rules_hold, schema_is_current, to_millis, unclaimed_cart, Acquisitions, ChargeTicket, Governed,
-    Guarded, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine, Released, Retry,
-    RowNow, SaleCheckout, Store, StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS,
-    COMPANY_COLUMNS, COMPANY_PRICES_SQL, IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW,
-    INSERT_PRODUCT_SQL, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS, SALE_CHECKOUTS_SQL,
+    judge_misses, order_paid_event, order_total, page_of, po_number_given, priced_in_lock_order,
+    reserve_retrying, rules_hold, schema_is_current, to_millis, unclaimed_cart, Acquisitions,
+    ChargeTicket, Governed, Guarded, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page,
+    PricedLine, Released, Retry, RowNow, SaleCheckout, Store, StoreError, StoreKind, StoredKey,
+    WantedLine, CHECKOUT_COLUMNS, COMPANY_COLUMNS, COMPANY_PRICES_SQL, IDEMPOTENCY_CREATED,
+    IDEMPOTENCY_RENEW, INSERT_PRODUCT_SQL, INVENTORY_AUDIT_SQL, ORDER_COLUMNS,
+    PAID_ORDER_LINES_SQL, PO_NUMBER_REQUIRED_SQL, PRODUCT_COLUMNS, SALE_CHECKOUTS_SQL,
     UPDATE_PRODUCT_SQL, UPSERT_COMPANY_PRICE_SQL,
 };
 
@@ -370,6 +371,7 @@ impl SqliteStore {
         if priced.is_empty() {
             return Err(StoreError::CartEmpty);
         }
+        po_number_given(new, Self::po_number_required(&mut tx, new).await?)?;
         rules_hold(&priced)?;
         let total = order_total(&priced)?;
         let governed = governing_sale(new, &priced)?;
@@ -403,6 +405,17 @@ impl SqliteStore {
             }
         }
         Ok(())
+    }
+
+    /// Whether the buyer's company requires a purchase-order number.
+    async fn po_number_required(
+        tx: &mut Transaction<'_, Sqlite>,
+        new: &NewCheckout,
+    ) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(PO_NUMBER_REQUIRED_SQL)
+            .bind(new.customer_id.uuid())
+            .fetch_one(&mut **tx)
+            .await?)
     }
 
     /// The cart flips to checking_out first: a second checkout of it stops here.
@@ -467,8 +480,8 @@ impl SqliteStore {
         let now = to_millis(new.now);
         sqlx::query(
             "INSERT INTO orders (id, customer_id, checkout_id, status, total_amount, currency, \
-             created_at, updated_at, seq) VALUES ($1, $2, $3, 'pending_payment', $4, $5, $6, $6, \
-             (SELECT COALESCE(MAX(seq), 0) + 1 FROM orders))",
+             created_at, updated_at, seq, po_number) VALUES ($1, $2, $3, 'pending_payment', $4, \
+             $5, $6, $6, (SELECT COALESCE(MAX(seq), 0) + 1 FROM orders), $7)",
         )
         .bind(new.order_id.uuid())
         .bind(new.customer_id.uuid())
@@ -476,6 +489,7 @@ impl SqliteStore {
         .bind(total.amount())
         .bind(total.currency().as_str())
         .bind(now)
+        .bind(new.po_number.as_ref().map(|p| p.as_str()))
         .execute(&mut **tx)
         .await?;
         for line in priced {
@@ -580,9 +594,12 @@ impl SqliteStore {
                 None => Err(StoreError::NotFound("cart")),
                 Some(status) => cart_must_be_open(status),
             };
-            let lines = match cart {
-                Ok(()) => Self::priced_lines(&mut tx, new.cart_id).await?,
-                Err(_) => Vec::new(),
+            let (lines, po_number_required) = match cart {
+                Ok(()) => (
+                    Self::priced_lines(&mut tx, new.cart_id).await?,
+                    Self::po_number_required(&mut tx, new).await?,
+                ),
+                Err(_) => (Vec::new(), false),
             };
             for line in &lines {
                 if let Entry::Vacant(slot) = available.entry(line.product_id) {
@@ -594,7 +611,11 @@ impl SqliteStore {
                     slot.insert(free);
                 }
             }
-            candidates.push(Candidate { cart, lines });
+            candidates.push(Candidate {
+                cart,
+                lines,
+                po_number_required,
+            });
         }
         let plan = group::plan(batch, candidates, &available);
         let mut written = HashMap::new();
@@ -1341,17 +1362,19 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         let completed = decode::checkout(&row)?;
-        let lines = sqlx::query(
-            "SELECT ol.order_id, ol.sku, ol.quantity, ol.unit_price, ol.line_total, o.currency \
-             FROM order_lines ol JOIN orders o ON o.id = ol.order_id WHERE o.id = $1 ORDER BY ol.sku",
-        )
-        .bind(current.order_id.uuid())
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(decode::order_line)
-        .collect::<Result<Vec<_>, _>>()?;
-        let event = order_paid_event(&completed, payment_intent_id, lines, now);
+        let rows = sqlx::query(PAID_ORDER_LINES_SQL)
+            .bind(current.order_id.uuid())
+            .fetch_all(&mut *tx)
+            .await?;
+        let po_number: Option<String> = match rows.first() {
+            Some(row) => row.try_get("po_number")?,
+            None => None,
+        };
+        let lines = rows
+            .iter()
+            .map(decode::order_line)
+            .collect::<Result<Vec<_>, _>>()?;
+        let event = order_paid_event(&completed, payment_intent_id, lines, po_number, now);
         sqlx::query(
             "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
              VALUES ($1, 'order.paid', $2, $3, $4) ON CONFLICT (topic, order_id) DO NOTHING",

@@ -22,6 +22,9 @@ both_stores!(
     a_rule_changed_after_the_line_was_set_refuses_the_reservation_and_reserves_nothing,
     volume_tiers_and_company_prices_price_the_reservation_in_exact_minor_units,
     bad_company_prices_are_refused_and_change_nothing,
+    the_catalogue_answers_a_buyer_the_prices_that_buyer_pays,
+    a_po_number_reaches_the_order_and_its_fulfilment_event_and_a_company_may_require_one,
+    a_required_po_number_is_checked_inside_grouped_reservations_too,
     a_rule_tightened_while_checkouts_run_never_reserves_a_line_outside_it,
     a_rule_tightened_while_grouped_checkouts_run_never_reserves_a_line_outside_it,
     a_price_list_changed_while_checkouts_run_prices_each_order_at_one_of_its_figures,
@@ -312,8 +315,16 @@ async fn ordering_rules_and_tiers_are_validated_and_shown_on_product_views(kind:
     patched.assert_status(200);
     assert_eq!(patched.body["min_quantity"], 6);
     assert_eq!(patched.body["increment"], 6);
-    assert!(patched.body.get("max_quantity").is_none(), "{:?}", patched.body);
-    assert!(patched.body.get("price_tiers").is_none(), "{:?}", patched.body);
+    assert!(
+        patched.body.get("max_quantity").is_none(),
+        "{:?}",
+        patched.body
+    );
+    assert!(
+        patched.body.get("price_tiers").is_none(),
+        "{:?}",
+        patched.body
+    );
     let public = app.get("/v1/products/glass-06", None).await;
     assert_eq!(public.body["min_quantity"], 6);
 }
@@ -651,5 +662,205 @@ async fn a_price_list_changed_while_checkouts_run_prices_each_order_at_one_of_it
     let late = app.start_checkout(&late_buyer, &late_cart).await;
     late.assert_status(201);
     assert_eq!(late.body["total"]["amount"], 300 * 5);
+    app.audit().await.assert_clean();
+}
+
+async fn the_catalogue_answers_a_buyer_the_prices_that_buyer_pays(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    case_product(&app, "glass-06", 100).await;
+    app.new_product("tea-01", 999, 10).await;
+    let acme = acme(&app).await;
+    put_price(
+        &app,
+        &acme,
+        "glass-06",
+        json!({"percent_off": 10, "tiers": [{"min_quantity": 36, "amount": 300}]}),
+    )
+    .await
+    .assert_status(200);
+    let bea = buyer_of(&app, &acme, "Bea").await;
+    let ada = app.new_customer("Ada").await;
+
+    let seen = app.get("/v1/products/glass-06", Some(&bea.token)).await;
+    seen.assert_status(200);
+    // 450 - 45 = 405 below 24; 400 - 40 = 360 from 24; the company's 300 from 36; from 48
+    // the company's tier still wins.
+    assert_eq!(
+        seen.body["price"],
+        json!({"amount": 405, "currency": "EUR"})
+    );
+    assert_eq!(
+        seen.body["price_tiers"],
+        json!([{"min_quantity": 24, "amount": 360}, {"min_quantity": 36, "amount": 300}])
+    );
+    let listed = app.get("/v1/products", Some(&bea.token)).await;
+    listed.assert_status(200);
+    assert_eq!(listed.body["data"][0], seen.body);
+    assert_eq!(
+        listed.body["data"][1]["price"]["amount"], 999,
+        "no company price: list"
+    );
+    for who in [None, Some(ada.token.as_str()), Some(ADMIN_TOKEN)] {
+        let public = app.get("/v1/products/glass-06", who).await;
+        assert_eq!(public.body["price"]["amount"], 450, "{who:?}");
+        assert_eq!(public.body["price_tiers"][0]["amount"], 400, "{who:?}");
+    }
+    app.get("/v1/products", Some("hfc_nobody"))
+        .await
+        .assert_error(401, "unauthorized");
+
+    // What the buyer is shown is what the reservation charges, at every tier.
+    for (quantity, unit) in [(12, 405), (24, 360), (36, 300), (48, 300)] {
+        let cart = app.new_cart(&bea).await;
+        app.set_line(&bea, &cart, "glass-06", quantity)
+            .await
+            .assert_status(200);
+        let started = app.start_checkout(&bea, &cart).await;
+        started.assert_status(201);
+        assert_eq!(
+            started.body["total"]["amount"],
+            quantity * unit,
+            "{quantity}"
+        );
+        app.post(
+            &format!("/v1/checkouts/{}/cancel", started.str("id")),
+            Some(&bea.token),
+            json!({}),
+        )
+        .await
+        .assert_status(200);
+    }
+    // A change of the list made here shows at once.
+    put_price(&app, &acme, "glass-06", json!({"amount": 250}))
+        .await
+        .assert_status(200);
+    let changed = app.get("/v1/products/glass-06", Some(&bea.token)).await;
+    assert_eq!(changed.body["price"]["amount"], 250);
+    assert!(
+        changed.body.get("price_tiers").is_none(),
+        "{:?}",
+        changed.body
+    );
+}
+
+async fn start_with_po(app: &TestApp, customer: &Customer, cart: &str, po: Option<&str>) -> Resp {
+    let mut body = json!({ "cart_id": cart });
+    if let Some(po) = po {
+        body["po_number"] = json!(po);
+    }
+    app.post("/v1/checkouts", Some(&customer.token), body).await
+}
+
+async fn po_company(app: &TestApp) -> String {
+    company(
+        app,
+        json!({"name": "Strict Ltd", "currency": "EUR", "payment_terms": "net_30",
+               "credit_limit": 100_000, "po_number_required": true}),
+    )
+    .await
+}
+
+async fn a_po_number_reaches_the_order_and_its_fulfilment_event_and_a_company_may_require_one(
+    kind: StoreKind,
+) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 10).await;
+    let strict = po_company(&app).await;
+    let bea = buyer_of(&app, &strict, "Bea").await;
+    let cart = app.new_cart(&bea).await;
+    app.set_line(&bea, &cart, "tea-01", 2)
+        .await
+        .assert_status(200);
+    let before = app.inventory_snapshot().await;
+    start_with_po(&app, &bea, &cart, None)
+        .await
+        .assert_error(422, "po_number_required");
+    for bad in ["", "   ", &"x".repeat(65), "a\u{0}b"] {
+        let resp = start_with_po(&app, &bea, &cart, Some(bad)).await;
+        assert_eq!(resp.status.as_u16(), 422, "{bad:?}: {:?}", resp.body);
+        assert_eq!(resp.code(), "validation_failed", "{bad:?}");
+    }
+    assert_eq!(app.inventory_snapshot().await, before, "nothing reserved");
+    let open = app
+        .get(&format!("/v1/carts/{cart}"), Some(&bea.token))
+        .await;
+    assert_eq!(open.body["status"], "open");
+
+    let started = start_with_po(&app, &bea, &cart, Some(" PO-2026-0042 ")).await;
+    started.assert_status(201);
+    let order_id = started.str("order_id");
+    let order = order_of(&app, &bea, &order_id).await;
+    assert_eq!(order["po_number"], "PO-2026-0042");
+    let listed = app.get("/v1/orders", Some(&bea.token)).await;
+    assert_eq!(listed.body["data"][0]["po_number"], "PO-2026-0042");
+    let paid = app
+        .complete(&bea, &started.str("id"), "pm_card_visa", "po-pay-1")
+        .await;
+    paid.assert_status(200);
+    assert_eq!(paid.body["state"], "completed");
+    let payloads = crate::helpers::fetch_strings(
+        &app,
+        "SELECT payload FROM outbox WHERE topic = 'order.paid'",
+    )
+    .await;
+    assert_eq!(payloads.len(), 1);
+    let event: Value = serde_json::from_str(&payloads[0]).expect("a JSON payload");
+    assert_eq!(event["order_id"], order_id.as_str());
+    assert_eq!(event["po_number"], "PO-2026-0042");
+
+    // A retail customer may give one too; without one the order simply has none.
+    let (ada, ada_cart) = app.buyer_with("Ada", &[("tea-01", 1)]).await;
+    let plain = app.start_checkout(&ada, &ada_cart).await;
+    plain.assert_status(201);
+    let order = order_of(&app, &ada, &plain.str("order_id")).await;
+    assert!(order.get("po_number").is_none(), "{order:?}");
+    app.audit().await.assert_clean();
+}
+
+async fn a_required_po_number_is_checked_inside_grouped_reservations_too(kind: StoreKind) {
+    let app = Arc::new(
+        spawn_app_with(
+            kind,
+            Options {
+                group_linger_us: Some(20_000),
+                ..Options::default()
+            },
+        )
+        .await,
+    );
+    app.new_product("tea-01", 450, 100).await;
+    let strict = po_company(&app).await;
+    const BUYERS: usize = 8;
+    let mut carts = Vec::new();
+    for i in 0..BUYERS {
+        let buyer = buyer_of(&app, &strict, &format!("b{i}")).await;
+        let cart = app.new_cart(&buyer).await;
+        app.set_line(&buyer, &cart, "tea-01", 1)
+            .await
+            .assert_status(200);
+        carts.push((buyer, cart));
+    }
+    let barrier = Arc::new(Barrier::new(BUYERS));
+    let tasks: Vec<_> = carts
+        .into_iter()
+        .enumerate()
+        .map(|(i, (buyer, cart))| {
+            let (app, barrier) = (app.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let po = (i % 2 == 0).then(|| format!("PO-{i}"));
+                (i, start_with_po(&app, &buyer, &cart, po.as_deref()).await)
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (i, resp) = task.await.expect("a buyer task");
+        if i % 2 == 0 {
+            resp.assert_status(201);
+        } else {
+            resp.assert_error(422, "po_number_required");
+        }
+    }
+    assert_eq!(app.stock_of("tea-01").await, (100, BUYERS as i64 / 2, 96));
     app.audit().await.assert_clean();
 }
