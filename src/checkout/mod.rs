@@ -306,6 +306,20 @@ impl CheckoutService {
     /// `charging` when the gateway's answer is unknown (recovery finishes it; a retry of the
     /// request with the same Idempotency-Key does too).
     #[tracing::instrument(skip_all, fields(checkout_id = %id))]
+    /// reserved → completed on account (net terms): no gateway call; the store checks the
+    /// company's terms and credit and places the order with its invoice in one transaction.
+    #[tracing::instrument(skip_all, fields(checkout_id = %id))]
+    pub async fn complete_on_account(
+        &self,
+        customer: CustomerId,
+        id: CheckoutId,
+    ) -> Result<(Checkout, crate::domain::Invoice), CheckoutError> {
+        Ok(self
+            .store
+            .complete_on_account(customer, id, self.clock.now())
+            .await?)
+    }
+
     pub async fn complete(
         &self,
         customer: CustomerId,

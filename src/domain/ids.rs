@@ -74,6 +74,10 @@ id_type!(
     CompanyId
 );
 id_type!(
+    /// An invoice of an order placed on account.
+    InvoiceId
+);
+id_type!(
     /// One outbox event: consumers deduplicate deliveries by it (promise 5).
     EventId
 );

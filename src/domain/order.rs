@@ -16,10 +16,12 @@ pub enum OrderStatus {
     Cancelled,
     Fulfilled,
     Refunded,
+    /// Placed on account: the units are sold and an invoice is open.
+    AwaitingPaymentOnTerms,
 }
 
 impl OrderStatus {
-    pub const ALL: [OrderStatus; 7] = [
+    pub const ALL: [OrderStatus; 8] = [
         OrderStatus::PendingPayment,
         OrderStatus::PaymentProcessing,
         OrderStatus::Paid,
@@ -27,6 +29,7 @@ impl OrderStatus {
         OrderStatus::Cancelled,
         OrderStatus::Fulfilled,
         OrderStatus::Refunded,
+        OrderStatus::AwaitingPaymentOnTerms,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -38,6 +41,7 @@ impl OrderStatus {
             OrderStatus::Cancelled => "cancelled",
             OrderStatus::Fulfilled => "fulfilled",
             OrderStatus::Refunded => "refunded",
+            OrderStatus::AwaitingPaymentOnTerms => "awaiting_payment_on_terms",
         }
     }
 
@@ -69,6 +73,8 @@ pub struct Order {
     pub refund_status: Option<String>,
     /// The buyer's purchase-order number, as given on the checkout.
     pub po_number: Option<String>,
+    /// The invoice of an order placed on account.
+    pub invoice_id: Option<super::InvoiceId>,
 }
 
 #[cfg(test)]

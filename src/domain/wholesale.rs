@@ -319,6 +319,16 @@ impl PaymentTerms {
         }
     }
 
+    /// Days an invoice on these terms is due in; `None`: no orders on account.
+    pub fn days(self) -> Option<i64> {
+        match self {
+            Self::Prepaid => None,
+            Self::Net15 => Some(15),
+            Self::Net30 => Some(30),
+            Self::Net60 => Some(60),
+        }
+    }
+
     pub fn parse(raw: &str) -> Option<Self> {
         [Self::Prepaid, Self::Net15, Self::Net30, Self::Net60]
             .into_iter()
@@ -347,6 +357,33 @@ pub struct Company {
     pub credit_limit: i64,
     pub po_number_required: bool,
     pub created_at: DateTime<Utc>,
+}
+
+/// The invoice of an order placed on account: its open balance counts against the company's
+/// credit limit until it is paid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invoice {
+    pub id: super::InvoiceId,
+    /// Sequential, for people.
+    pub number: i64,
+    pub company_id: CompanyId,
+    pub order_id: super::OrderId,
+    pub amount: Money,
+    pub paid: Money,
+    /// `open` or `paid`.
+    pub status: String,
+    pub due_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Invoice {
+    pub fn balance(&self) -> i64 {
+        self.amount.amount() - self.paid.amount()
+    }
+
+    pub fn is_overdue(&self, now: DateTime<Utc>) -> bool {
+        self.status == "open" && self.due_at < now
+    }
 }
 
 #[cfg(test)]

@@ -123,7 +123,29 @@ async fn start(
 struct Complete {
     /// e.g. `pm_card_visa`; with the simulator also `pm_card_chargeDeclined`,
     /// `pm_card_authenticationRequired`, `pm_card_chargeDeclinedInsufficientFunds`.
-    payment_method: String,
+    payment_method: Option<String>,
+    /// `true` instead of a `payment_method`: a company's buyer places the order on the
+    /// company's net terms, within its credit limit; the order is `awaiting_payment_on_terms`
+    /// with an invoice.
+    on_account: Option<bool>,
+}
+
+/// Card or account: exactly one of the two.
+enum PayBy {
+    Card(String),
+    OnAccount,
+}
+
+impl Complete {
+    fn pay_by(&self) -> Result<PayBy, ApiError> {
+        match (&self.payment_method, self.on_account) {
+            (Some(method), None | Some(false)) => Ok(PayBy::Card(method.clone())),
+            (None, Some(true)) => Ok(PayBy::OnAccount),
+            _ => Err(ApiError::validation(
+                "give either a payment_method or \"on_account\": true",
+            )),
+        }
+    }
 }
 
 /// reserved → charging → outcome. `Idempotency-Key` is required; an outcome still unknown
@@ -144,8 +166,8 @@ struct Complete {
         (status = 200, body = CheckoutView, description = "`state` is `completed`, `requires_action` (with `client_secret`), `payment_failed` (with `decline_code`) or still `charging`"),
         (status = 400, body = ErrorBody, description = "`idempotency_key_required`, `invalid_idempotency_key`"),
         (status = 404, body = ErrorBody, description = "`checkout_not_found`"),
-        (status = 409, body = ErrorBody, description = "`checkout_expired`, `invalid_state`, `payment_in_progress`, `idempotency_conflict` (with `Retry-After`)"),
-        (status = 422, body = ErrorBody, description = "`idempotency_key_reused`, `payment_method_refused`, `amount_too_small` (the total is below the payment provider's minimum charge, e.g. EUR 0.50; `details` has `total` and `minimum`), invalid payment method"),
+        (status = 409, body = ErrorBody, description = "`checkout_expired`, `invalid_state`, `payment_in_progress`, `idempotency_conflict` (with `Retry-After`); on account: `credit_limit_exceeded` with `details:[{limit, outstanding, requested}]`, `invoices_overdue`"),
+        (status = 422, body = ErrorBody, description = "`on_account_not_available`, `idempotency_key_reused`, `payment_method_refused`, `amount_too_small` (the total is below the payment provider's minimum charge, e.g. EUR 0.50; `details` has `total` and `minimum`), invalid payment method"),
         (status = 502, body = ErrorBody, description = "`payment_gateway_error`"),
         (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
     )
@@ -164,6 +186,7 @@ async fn complete(
         )
     })?;
     let id = parse_checkout_id(&id)?;
+    let pay_by = body.pay_by()?;
     let path = format!("/v1/checkouts/{id}/complete");
     idempotent::run(
         &state,
@@ -171,14 +194,25 @@ async fn complete(
         &key,
         ("POST", &path, &raw),
         |_| async {
-            let checkout = state
-                .checkout
-                .complete(customer.id, id, &body.payment_method)
-                .await?;
+            let (checkout, invoice) = match pay_by {
+                PayBy::Card(method) => {
+                    let checkout = state.checkout.complete(customer.id, id, &method).await?;
+                    (checkout, None)
+                }
+                PayBy::OnAccount => {
+                    let (checkout, invoice) =
+                        state.checkout.complete_on_account(customer.id, id).await?;
+                    (checkout, Some(invoice))
+                }
+            };
             let definitive = checkout.state != CheckoutState::Charging;
+            let mut body = serde_json::to_value(CheckoutView::from(checkout)).unwrap_or_default();
+            if let Some(invoice) = invoice {
+                body["invoice_id"] = invoice.id.to_string().into();
+            }
             Ok(Outcome {
                 status: StatusCode::OK,
-                body: serde_json::to_value(CheckoutView::from(checkout)).unwrap_or_default(),
+                body,
                 definitive,
             })
         },

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::domain::{
-    Company, CompanyId, CompanyPrice, Currency, CustomerName, NewCompany, PaymentTerms, PriceTiers,
-    Sku,
+    Company, CompanyId, CompanyPrice, Currency, CustomerName, Invoice, InvoiceId, Money,
+    NewCompany, PaymentTerms, PriceTiers, Sku,
 };
 
 use super::admin::parse_sku;
@@ -27,6 +27,8 @@ pub fn router() -> Router<AppState> {
         .route("/v1/admin/companies/{id}", get(one))
         .route("/v1/admin/companies/{id}/prices", get(prices))
         .route("/v1/admin/companies/{id}/prices/{sku}", put(set_price))
+        .route("/v1/admin/invoices/{id}", get(invoice))
+        .route("/v1/admin/invoices/{id}/payments", post(pay_invoice))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -256,4 +258,120 @@ async fn prices(
         data: list,
         next_cursor: None,
     }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct InvoiceView {
+    id: String,
+    number: i64,
+    company_id: String,
+    order_id: String,
+    #[schema(value_type = super::openapi::MoneySchema)]
+    amount: Money,
+    #[schema(value_type = super::openapi::MoneySchema)]
+    paid: Money,
+    /// What is still owed, minor units.
+    balance: i64,
+    /// `open` or `paid`.
+    status: String,
+    /// Open past its due date: further orders on account are refused until it is paid.
+    overdue: bool,
+    #[serde(serialize_with = "rfc3339")]
+    due_at: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339")]
+    created_at: DateTime<Utc>,
+}
+
+impl InvoiceView {
+    fn of(invoice: Invoice, now: DateTime<Utc>) -> Self {
+        Self {
+            overdue: invoice.is_overdue(now),
+            balance: invoice.balance(),
+            id: invoice.id.to_string(),
+            number: invoice.number,
+            company_id: invoice.company_id.to_string(),
+            order_id: invoice.order_id.to_string(),
+            amount: invoice.amount,
+            paid: invoice.paid,
+            status: invoice.status,
+            due_at: invoice.due_at,
+            created_at: invoice.created_at,
+        }
+    }
+}
+
+fn parse_invoice_id(raw: &str) -> Result<InvoiceId, ApiError> {
+    InvoiceId::parse(raw).map_err(|_| not_found_of("invoice"))
+}
+
+/// The invoice of an order placed on account.
+#[utoipa::path(
+    get,
+    operation_id = "get_invoice",
+    path = "/v1/admin/invoices/{id}",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("id" = String, Path)),
+    responses(
+        (status = 200, body = InvoiceView),
+        (status = 404, body = ErrorBody, description = "`invoice_not_found`"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+        (status = 403, body = ErrorBody, description = "a customer's token"),
+    )
+)]
+async fn invoice(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<InvoiceView>, ApiError> {
+    let invoice = state
+        .store
+        .invoice(parse_invoice_id(&id)?)
+        .await?
+        .ok_or_else(|| not_found_of("invoice"))?;
+    Ok(Json(InvoiceView::of(invoice, state.clock.now())))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct Payment {
+    /// Minor units of the invoice's currency, 1 up to its balance.
+    #[schema(minimum = 1)]
+    amount: i64,
+}
+
+/// Records a payment (partial or whole) against an open invoice; the company's credit is given
+/// back by the amount, and an invoice paid in full marks its order `paid`.
+#[utoipa::path(
+    post,
+    operation_id = "pay_invoice",
+    path = "/v1/admin/invoices/{id}/payments",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("id" = String, Path)),
+    request_body = Payment,
+    responses(
+        (status = 200, body = InvoiceView),
+        (status = 404, body = ErrorBody, description = "`invoice_not_found`"),
+        (status = 422, body = ErrorBody, description = "`payment_exceeds_balance` (also any payment of a paid invoice), or an amount below 1"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+        (status = 403, body = ErrorBody, description = "a customer's token"),
+    )
+)]
+async fn pay_invoice(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    AppJson(body): AppJson<Payment>,
+) -> Result<Json<InvoiceView>, ApiError> {
+    let id = parse_invoice_id(&id)?;
+    if body.amount < 1 {
+        return Err(ApiError::validation("amount must be at least 1"));
+    }
+    let now = state.clock.now();
+    let invoice = state
+        .store
+        .record_invoice_payment(id, body.amount, now)
+        .await?;
+    Ok(Json(InvoiceView::of(invoice, now)))
 }

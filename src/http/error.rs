@@ -150,6 +150,26 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound(what) => not_found_of(what),
             StoreError::InvalidProduct(message) => Self::validation(message),
+            StoreError::OnAccountNotAvailable => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "on_account_not_available",
+                "only a buyer of a company with net terms in the order's currency buys on account",
+            ),
+            StoreError::InvoicesOverdue => Self::conflict(
+                "invoices_overdue",
+                "the company has overdue invoices: no further orders on account",
+            ),
+            StoreError::CreditLimitExceeded(short) => Self::conflict(
+                "credit_limit_exceeded",
+                "the order would take the company past its credit limit; nothing was placed",
+            )
+            .details([short]),
+            StoreError::PaymentExceedsBalance { amount, balance } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "payment_exceeds_balance",
+                format!("a payment of {amount} exceeds the invoice's open balance of {balance}"),
+            )
+            .details(serde_json::json!({ "amount": amount, "balance": balance })),
             StoreError::PoNumberRequired => Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "po_number_required",

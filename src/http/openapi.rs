@@ -45,6 +45,8 @@ pub fn router() -> Router<AppState> {
         companies::one,
         companies::set_price,
         companies::prices,
+        companies::invoice,
+        companies::pay_invoice,
         admin_orders::refund,
         admin_orders::ship,
         flash_sales::open,

@@ -187,7 +187,8 @@ impl From<Checkout> for CheckoutView {
 pub struct OrderView {
     pub id: String,
     /// `pending_payment`, `payment_processing`, `paid`, `payment_failed`, `cancelled`,
-    /// `fulfilled` or `refunded`.
+    /// `fulfilled`, `refunded` or `awaiting_payment_on_terms` (placed on account, its invoice
+    /// open).
     #[schema(value_type = String)]
     pub status: &'static str,
     pub checkout_id: String,
@@ -204,6 +205,9 @@ pub struct OrderView {
     /// The buyer's purchase-order number, if the checkout carried one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub po_number: Option<String>,
+    /// The invoice of an order placed on account (`GET /v1/admin/invoices/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub invoice_id: Option<String>,
 }
 
 impl From<Order> for OrderView {
@@ -218,6 +222,7 @@ impl From<Order> for OrderView {
             created_at: o.created_at,
             refund_status: o.refund_status,
             po_number: o.po_number,
+            invoice_id: o.invoice_id.map(|i| i.to_string()),
         }
     }
 }

@@ -83,6 +83,16 @@ pub enum StoreError {
     /// The buyer's company requires a purchase-order number on every checkout.
     #[error("a po_number is required")]
     PoNumberRequired,
+    /// The customer buys for no company with net terms (or in another currency).
+    #[error("this customer cannot buy on account")]
+    OnAccountNotAvailable,
+    /// The company has an invoice past its due date: no further orders on account.
+    #[error("the company has overdue invoices")]
+    InvoicesOverdue,
+    #[error("the order would take the company past its credit limit")]
+    CreditLimitExceeded(CreditShort),
+    #[error("a payment of {amount} exceeds the invoice's balance of {balance}")]
+    PaymentExceedsBalance { amount: i64, balance: i64 },
     #[error("the product changed: current version is {current}")]
     VersionMismatch { current: i64 },
     #[error("stock {stock} would be below the {reserved} units reserved")]
@@ -160,6 +170,146 @@ pub struct Shortfall {
     pub requested: u32,
     pub available: i64,
 }
+
+/// A company's credit when an order on account would pass its limit, as shown to the buyer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CreditShort {
+    pub limit: i64,
+    pub outstanding: i64,
+    pub requested: i64,
+}
+
+/// A company's credit as the on-account phase reads it under the company's row lock.
+#[derive(Debug, Clone)]
+pub(crate) struct CreditRow {
+    pub company: CompanyId,
+    pub terms: String,
+    pub currency: String,
+    pub limit: i64,
+    pub outstanding: i64,
+    pub overdue_invoices: i64,
+}
+
+/// Whether an order of `total` may be placed on account, and the days its invoice is due in:
+/// net terms in the order's currency, no overdue invoice, and the open balance plus the order
+/// within the limit (read under the company's lock, so the verdict holds until the commit).
+pub(crate) fn on_account_terms(
+    credit: Option<&CreditRow>,
+    total: crate::domain::Money,
+) -> Result<i64, StoreError> {
+    let credit = credit.ok_or(StoreError::OnAccountNotAvailable)?;
+    let days = crate::domain::PaymentTerms::parse(&credit.terms)
+        .ok_or_else(|| StoreError::Corrupt(format!("payment terms {:?}", credit.terms)))?
+        .days()
+        .ok_or(StoreError::OnAccountNotAvailable)?;
+    if credit.currency != total.currency().as_str() {
+        return Err(StoreError::OnAccountNotAvailable);
+    }
+    if credit.overdue_invoices > 0 {
+        return Err(StoreError::InvoicesOverdue);
+    }
+    let fits = credit
+        .outstanding
+        .checked_add(total.amount())
+        .is_some_and(|after| after <= credit.limit);
+    if !fits {
+        return Err(StoreError::CreditLimitExceeded(CreditShort {
+            limit: credit.limit,
+            outstanding: credit.outstanding,
+            requested: total.amount(),
+        }));
+    }
+    Ok(days)
+}
+
+/// The buyer's company credit (both stores; PostgreSQL appends its row lock): `$1` customer,
+/// `$2` now (invoices due before it are overdue).
+macro_rules! credit_row_sql {
+    ($lock:literal) => {
+        concat!(
+            "SELECT co.id, co.payment_terms, co.currency, co.credit_limit, co.credit_outstanding, \
+             (SELECT COUNT(*) FROM invoices i WHERE i.company_id = co.id AND i.status = 'open' \
+                AND i.due_at < $2) AS overdue_invoices \
+             FROM companies co WHERE co.id = (SELECT company_id FROM customers WHERE id = $1) ",
+            $lock
+        )
+    };
+}
+pub(crate) use credit_row_sql;
+
+pub(crate) const INVOICE_COLUMNS: &str = "id, number, company_id, order_id, amount, currency, \
+     paid_amount, status, due_at, created_at";
+
+/// Credit per company for the audit: limit, open balance, and what its open invoices still owe.
+pub(crate) const CREDIT_AUDIT_SQL: &str = "SELECT co.id, co.credit_limit, co.credit_outstanding, \
+     CAST(COALESCE((SELECT SUM(i.amount - i.paid_amount) FROM invoices i \
+        WHERE i.company_id = co.id), 0) AS BIGINT) AS invoiced \
+     FROM companies co ORDER BY co.id";
+
+/// A company's credit as the audit reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditAuditRow {
+    pub company: CompanyId,
+    pub limit: i64,
+    pub outstanding: i64,
+    /// What its invoices still owe.
+    pub invoiced: i64,
+}
+
+/// A checkout may be completed on account only while its reservation is live, and not one of
+/// a flash sale (whose admissions are settled by card payments).
+pub(crate) fn on_account_checkout(
+    current: &Checkout,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if current.flash_sale_id.is_some() {
+        return Err(StoreError::OnAccountNotAvailable);
+    }
+    if current.state != CheckoutState::Reserved {
+        return Err(StoreError::CheckoutState(current.state));
+    }
+    if current.expires_at <= now {
+        return Err(StoreError::CheckoutExpired);
+    }
+    Ok(())
+}
+
+/// A payment against an invoice: only an open one, at most its balance.
+pub(crate) fn invoice_payment(
+    invoice: &crate::domain::Invoice,
+    amount: i64,
+) -> Result<(), StoreError> {
+    if invoice.status != "open" || amount > invoice.balance() {
+        return Err(StoreError::PaymentExceedsBalance {
+            amount,
+            balance: invoice.balance(),
+        });
+    }
+    Ok(())
+}
+
+/// The on-account phase's writes, the same text in both stores.
+pub(crate) const ON_ACCOUNT_CREDIT_SQL: &str =
+    "UPDATE companies SET credit_outstanding = credit_outstanding + $2 WHERE id = $1";
+pub(crate) const ON_ACCOUNT_ORDER_SQL: &str = "UPDATE orders SET status = \
+     'awaiting_payment_on_terms', invoice_id = $2, updated_at = $3 WHERE id = $1";
+pub(crate) const ON_ACCOUNT_CHECKOUT_SQL: &str = concat!(
+    "UPDATE checkouts SET state = 'completed', payment_method = 'on_account', \
+     lease_owner = NULL, lease_until = NULL, updated_at = $2 WHERE id = $1 RETURNING ",
+    checkout_columns!()
+);
+pub(crate) const CART_CHECKED_OUT_SQL: &str =
+    "UPDATE carts SET status = 'checked_out', updated_at = $2 WHERE id = $1";
+pub(crate) const OUTBOX_ORDER_PAID_SQL: &str = "INSERT INTO outbox (event_id, topic, order_id, \
+     payload, created_at) VALUES ($1, 'order.paid', $2, $3, $4) \
+     ON CONFLICT (topic, order_id) DO NOTHING";
+/// A payment against an invoice (`$2` the amount): paid in full, it is `paid`.
+pub(crate) const INVOICE_PAYMENT_SQL: &str = "UPDATE invoices SET paid_amount = paid_amount + $2, \
+     status = CASE WHEN paid_amount + $2 = amount THEN 'paid' ELSE 'open' END, updated_at = $3 \
+     WHERE id = $1 RETURNING id, number, company_id, order_id, amount, currency, paid_amount, \
+     status, due_at, created_at";
+pub(crate) const INVOICE_PAID_ORDER_SQL: &str = "UPDATE orders SET status = 'paid', \
+     updated_at = $2 WHERE id = $1 AND status = 'awaiting_payment_on_terms'";
 
 /// A sale-SKU line above what its buyer may have, as shown to the customer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -357,6 +507,30 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         price: &CompanyPrice,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError>;
+    /// reserved → completed on account, in one transaction: the buyer's company has net terms,
+    /// no overdue invoice and room under its credit limit for the total; the units are sold,
+    /// the order is `awaiting_payment_on_terms` with a new invoice due after the terms, the
+    /// company's open balance grows by the total, and the order's fulfilment event is written.
+    async fn complete_on_account(
+        &self,
+        customer: CustomerId,
+        id: CheckoutId,
+        now: DateTime<Utc>,
+    ) -> Result<(Checkout, crate::domain::Invoice), StoreError>;
+    async fn invoice(
+        &self,
+        id: crate::domain::InvoiceId,
+    ) -> Result<Option<crate::domain::Invoice>, StoreError>;
+    /// A payment of `amount` (1 up to the balance) against an open invoice: the company's open
+    /// balance shrinks by it; paid in full, the invoice is `paid` and its order `paid`.
+    async fn record_invoice_payment(
+        &self,
+        id: crate::domain::InvoiceId,
+        amount: i64,
+        now: DateTime<Utc>,
+    ) -> Result<crate::domain::Invoice, StoreError>;
+    /// Every company's credit, for the audit.
+    async fn credit_audit(&self) -> Result<Vec<CreditAuditRow>, StoreError>;
     /// The company's whole price list, by SKU (for the catalogue a buyer is shown).
     async fn company_prices(
         &self,
@@ -1123,7 +1297,7 @@ pub(crate) const INVENTORY_AUDIT_SQL: &str = "SELECT p.sku, p.stock, p.reserved,
 
 pub(crate) const ORDER_COLUMNS: &str =
     "id, customer_id, checkout_id, status, total_amount, currency, payment_intent_id, created_at, seq, \
-     refund_status, po_number";
+     refund_status, po_number, invoice_id";
 
 pub(crate) fn cart_must_be_open(status: &str) -> Result<(), StoreError> {
     match CartStatus::parse(status) {
@@ -1190,26 +1364,45 @@ pub(crate) struct OutboxRow {
     pub payload: String,
 }
 
+/// How a placed order is paid, as its fulfilment event says.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Paid<'a> {
+    Card(&'a str),
+    /// Placed on account: the invoice that bills it.
+    OnAccount(crate::domain::InvoiceId),
+}
+
 pub(crate) fn order_paid_event(
     checkout: &Checkout,
-    payment_intent_id: &str,
+    paid: Paid<'_>,
     lines: Vec<(OrderId, OrderLine)>,
     po_number: Option<String>,
     now: DateTime<Utc>,
 ) -> OutboxRow {
     let event_id = uuid::Uuid::new_v4();
     let lines: Vec<OrderLine> = lines.into_iter().map(|(_, line)| line).collect();
-    let payload = serde_json::json!({
+    let at = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut payload = serde_json::json!({
         "event_id": event_id,
         "order_id": checkout.order_id,
         "customer_id": checkout.customer_id,
         "checkout_id": checkout.id,
         "total": checkout.total,
         "lines": lines,
-        "payment_intent_id": payment_intent_id,
-        "po_number": po_number,
-        "paid_at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "paid_at": at,
     });
+    if let Some(po_number) = po_number {
+        payload["po_number"] = po_number.into();
+    }
+    // An order on account has no PaymentIntent: the key stays (consumers expect it), empty.
+    match paid {
+        Paid::Card(payment_intent_id) => payload["payment_intent_id"] = payment_intent_id.into(),
+        Paid::OnAccount(invoice) => {
+            payload["payment_intent_id"] = "".into();
+            payload["on_account"] = true.into();
+            payload["invoice_id"] = invoice.to_string().into();
+        }
+    }
     OutboxRow {
         event_id,
         payload: payload.to_string(),

@@ -17,8 +17,9 @@ use uuid::Uuid;
 
 use crate::domain::{
     Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Company, CompanyId,
-    CompanyPrice, Customer, CustomerId, CustomerName, FlashSale, FlashSaleId, NewCompany,
-    NewFlashSale, NewProduct, Order, OrderId, OrderStatus, Product, ProductPatch, Quantity, Sku,
+    CompanyPrice, Customer, CustomerId, CustomerName, FlashSale, FlashSaleId, Invoice, InvoiceId,
+    NewCompany, NewFlashSale, NewProduct, Order, OrderId, OrderStatus, Product, ProductPatch,
+    Quantity, Sku,
 };
 
 use super::group;
@@ -31,6 +32,12 @@ use super::{
     CHECKOUT_COLUMNS, COMPANY_COLUMNS, COMPANY_PRICES_SQL, IDEMPOTENCY_RENEW, INSERT_PRODUCT_SQL,
     INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PAID_ORDER_LINES_SQL, PRODUCT_COLUMNS, SALE_CHECKOUTS_SQL,
     UPDATE_PRODUCT_SQL, UPSERT_COMPANY_PRICE_SQL,
+};
+use super::{
+    credit_row_sql, invoice_payment, on_account_checkout, on_account_terms, CreditAuditRow,
+    CART_CHECKED_OUT_SQL, CREDIT_AUDIT_SQL, INVOICE_COLUMNS, INVOICE_PAID_ORDER_SQL,
+    INVOICE_PAYMENT_SQL, ON_ACCOUNT_CHECKOUT_SQL, ON_ACCOUNT_CREDIT_SQL, ON_ACCOUNT_ORDER_SQL,
+    OUTBOX_ORDER_PAID_SQL,
 };
 
 mod decode {
@@ -586,6 +593,18 @@ fn decode_lines(
         .collect()
 }
 
+/// The company credit columns of [`credit_row_sql`].
+fn decode_credit(row: &PgRow) -> Result<super::CreditRow, StoreError> {
+    Ok(super::CreditRow {
+        company: CompanyId::from_uuid(row.try_get("id")?),
+        terms: row.try_get("payment_terms")?,
+        currency: row.try_get("currency")?,
+        limit: row.try_get("credit_limit")?,
+        outstanding: row.try_get("credit_outstanding")?,
+        overdue_invoices: row.try_get("overdue_invoices")?,
+    })
+}
+
 fn checkout_state(row: &PgRow) -> Result<CheckoutState, StoreError> {
     let state: String = row.try_get("state")?;
     CheckoutState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("state {state:?}")))
@@ -697,6 +716,170 @@ impl Store for PgStore {
             .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(checkout_id = %id))]
+    async fn complete_on_account(
+        &self,
+        customer: CustomerId,
+        id: CheckoutId,
+        now: DateTime<Utc>,
+    ) -> Result<(Checkout, Invoice), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = sqlx::query(&format!(
+            "SELECT {CHECKOUT_COLUMNS} FROM checkouts WHERE id = $1 AND customer_id = $2 FOR UPDATE"
+        ))
+        .bind(id.uuid())
+        .bind(customer.uuid())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound("checkout"))?;
+        let current = decode::checkout(&current)?;
+        on_account_checkout(&current, now)?;
+        let credit = sqlx::query(credit_row_sql!("FOR UPDATE OF co"))
+            .bind(customer.uuid())
+            .bind(to_millis(now))
+            .fetch_optional(&mut *tx)
+            .await?
+            .as_ref()
+            .map(decode_credit)
+            .transpose()?;
+        let days = on_account_terms(credit.as_ref(), current.total)?;
+        let company = credit
+            .map(|c| c.company)
+            .ok_or(StoreError::OnAccountNotAvailable)?;
+        Self::confirm_reservations(&mut tx, id).await?;
+        sqlx::query(ON_ACCOUNT_CREDIT_SQL)
+            .bind(company.uuid())
+            .bind(current.total.amount())
+            .execute(&mut *tx)
+            .await?;
+        let invoice = sqlx::query(&format!(
+            "INSERT INTO invoices (id, company_id, order_id, amount, currency, status, due_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'open', $6, $7, $7) RETURNING {INVOICE_COLUMNS}"
+        ))
+            .bind(InvoiceId::new().uuid())
+            .bind(company.uuid())
+            .bind(current.order_id.uuid())
+            .bind(current.total.amount())
+            .bind(current.total.currency().as_str())
+            .bind(to_millis(now + chrono::Duration::days(days)))
+            .bind(to_millis(now))
+            .fetch_one(&mut *tx)
+            .await?;
+        let invoice = decode::invoice(&invoice)?;
+        sqlx::query(ON_ACCOUNT_ORDER_SQL)
+            .bind(current.order_id.uuid())
+            .bind(invoice.id.uuid())
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(CART_CHECKED_OUT_SQL)
+            .bind(current.cart_id.uuid())
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        let completed = sqlx::query(ON_ACCOUNT_CHECKOUT_SQL)
+            .bind(id.uuid())
+            .bind(to_millis(now))
+            .fetch_one(&mut *tx)
+            .await?;
+        let completed = decode::checkout(&completed)?;
+        let rows = sqlx::query(PAID_ORDER_LINES_SQL)
+            .bind(current.order_id.uuid())
+            .fetch_all(&mut *tx)
+            .await?;
+        let po_number: Option<String> = match rows.first() {
+            Some(row) => row.try_get("po_number")?,
+            None => None,
+        };
+        let lines = rows
+            .iter()
+            .map(decode::order_line)
+            .collect::<Result<Vec<_>, _>>()?;
+        let event = order_paid_event(
+            &completed,
+            super::Paid::OnAccount(invoice.id),
+            lines,
+            po_number,
+            now,
+        );
+        sqlx::query(OUTBOX_ORDER_PAID_SQL)
+            .bind(event.event_id)
+            .bind(completed.order_id.uuid())
+            .bind(&event.payload)
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok((completed, invoice))
+    }
+
+    async fn invoice(&self, id: InvoiceId) -> Result<Option<Invoice>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE id = $1"
+        ))
+        .bind(id.uuid())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(decode::invoice)
+        .transpose()
+    }
+
+    #[tracing::instrument(skip_all, fields(invoice_id = %id))]
+    async fn record_invoice_payment(
+        &self,
+        id: InvoiceId,
+        amount: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Invoice, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = sqlx::query(&format!(
+            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id.uuid())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound("invoice"))?;
+        let current = decode::invoice(&current)?;
+        invoice_payment(&current, amount)?;
+        let paid = sqlx::query(INVOICE_PAYMENT_SQL)
+            .bind(id.uuid())
+            .bind(amount)
+            .bind(to_millis(now))
+            .fetch_one(&mut *tx)
+            .await?;
+        let paid = decode::invoice(&paid)?;
+        sqlx::query(ON_ACCOUNT_CREDIT_SQL)
+            .bind(current.company_id.uuid())
+            .bind(-amount)
+            .execute(&mut *tx)
+            .await?;
+        if paid.status == "paid" {
+            sqlx::query(INVOICE_PAID_ORDER_SQL)
+                .bind(paid.order_id.uuid())
+                .bind(to_millis(now))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(paid)
+    }
+
+    async fn credit_audit(&self) -> Result<Vec<CreditAuditRow>, StoreError> {
+        sqlx::query(CREDIT_AUDIT_SQL)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(CreditAuditRow {
+                    company: CompanyId::from_uuid(row.try_get("id")?),
+                    limit: row.try_get("credit_limit")?,
+                    outstanding: row.try_get("credit_outstanding")?,
+                    invoiced: row.try_get("invoiced")?,
+                })
+            })
+            .collect()
     }
 
     async fn company_prices(
@@ -1298,7 +1481,13 @@ impl Store for PgStore {
             .iter()
             .map(decode::order_line)
             .collect::<Result<Vec<_>, _>>()?;
-        let event = order_paid_event(&completed, payment_intent_id, lines, po_number, now);
+        let event = order_paid_event(
+            &completed,
+            super::Paid::Card(payment_intent_id),
+            lines,
+            po_number,
+            now,
+        );
         sqlx::query(
             "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
              VALUES ($1, 'order.paid', $2, $3, $4) ON CONFLICT (topic, order_id) DO NOTHING",

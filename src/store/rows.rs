@@ -260,6 +260,24 @@ macro_rules! row_decoders {
                 created_at: from_millis(row.try_get("created_at")?)?,
                 refund_status: row.try_get("refund_status")?,
                 po_number: row.try_get("po_number")?,
+                invoice_id: row
+                    .try_get::<Option<uuid::Uuid>, _>("invoice_id")?
+                    .map(crate::domain::InvoiceId::from_uuid),
+            })
+        }
+
+        pub(super) fn invoice(row: &$row) -> Result<crate::domain::Invoice, StoreError> {
+            let currency: String = row.try_get("currency")?;
+            Ok(crate::domain::Invoice {
+                id: crate::domain::InvoiceId::from_uuid(row.try_get("id")?),
+                number: row.try_get("number")?,
+                company_id: crate::domain::CompanyId::from_uuid(row.try_get("company_id")?),
+                order_id: OrderId::from_uuid(row.try_get("order_id")?),
+                amount: money(row.try_get("amount")?, &currency)?,
+                paid: money(row.try_get("paid_amount")?, &currency)?,
+                status: row.try_get("status")?,
+                due_at: from_millis(row.try_get("due_at")?)?,
+                created_at: from_millis(row.try_get("created_at")?)?,
             })
         }
 

@@ -25,6 +25,10 @@ both_stores!(
     the_catalogue_answers_a_buyer_the_prices_that_buyer_pays,
     a_po_number_reaches_the_order_and_its_fulfilment_event_and_a_company_may_require_one,
     a_required_po_number_is_checked_inside_grouped_reservations_too,
+    an_order_on_account_is_invoiced_within_the_credit_limit_and_payments_give_credit_back,
+    on_account_bad_input_gets_clear_errors_and_changes_nothing,
+    an_overdue_invoice_blocks_further_orders_on_account,
+    many_buyers_of_one_company_never_overdraw_its_credit_limit,
     a_rule_tightened_while_checkouts_run_never_reserves_a_line_outside_it,
     a_rule_tightened_while_grouped_checkouts_run_never_reserves_a_line_outside_it,
     a_price_list_changed_while_checkouts_run_prices_each_order_at_one_of_its_figures,
@@ -862,5 +866,331 @@ async fn a_required_po_number_is_checked_inside_grouped_reservations_too(kind: S
         }
     }
     assert_eq!(app.stock_of("tea-01").await, (100, BUYERS as i64 / 2, 96));
+    app.audit().await.assert_clean();
+}
+
+/// `POST /v1/checkouts/{id}/complete` with a body and a fresh Idempotency-Key.
+async fn complete_with(app: &TestApp, customer: &Customer, checkout: &str, body: Value) -> Resp {
+    let resp = app
+        .client
+        .post(format!("{}/v1/checkouts/{checkout}/complete", app.base))
+        .bearer_auth(&customer.token)
+        .header("Idempotency-Key", uuid::Uuid::new_v4().to_string())
+        .json(&body)
+        .send()
+        .await
+        .expect("the app answers");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.json().await.expect("a JSON body");
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn on_account(app: &TestApp, customer: &Customer, checkout: &str) -> Resp {
+    complete_with(app, customer, checkout, json!({"on_account": true})).await
+}
+
+/// A reserved checkout of these lines for `buyer`: `(checkout id, order id)`.
+async fn reserved_for(app: &TestApp, buyer: &Customer, lines: &[(&str, i64)]) -> (String, String) {
+    let cart = app.new_cart(buyer).await;
+    for (sku, quantity) in lines {
+        app.set_line(buyer, &cart, sku, *quantity)
+            .await
+            .assert_status(200);
+    }
+    let started = app.start_checkout(buyer, &cart).await;
+    started.assert_status(201);
+    (started.str("id"), started.str("order_id"))
+}
+
+async fn pay(app: &TestApp, invoice: &str, amount: i64) -> Resp {
+    app.admin_post(
+        &format!("/v1/admin/invoices/{invoice}/payments"),
+        json!({ "amount": amount }),
+    )
+    .await
+}
+
+/// What the test's companies owe together (each test opens one company on terms).
+async fn outstanding(app: &TestApp) -> i64 {
+    let rows = crate::helpers::fetch_strings(
+        app,
+        "SELECT CAST(SUM(credit_outstanding) AS TEXT) FROM companies",
+    )
+    .await;
+    rows[0].parse().expect("a number")
+}
+
+async fn an_order_on_account_is_invoiced_within_the_credit_limit_and_payments_give_credit_back(
+    kind: StoreKind,
+) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 100).await;
+    let acme = company(
+        &app,
+        json!({"name": "Acme", "currency": "EUR", "payment_terms": "net_30",
+               "credit_limit": 5000}),
+    )
+    .await;
+    let bea = buyer_of(&app, &acme, "Bea").await;
+    let cart = app.new_cart(&bea).await;
+    app.set_line(&bea, &cart, "tea-01", 10)
+        .await
+        .assert_status(200);
+    let started = start_with_po(&app, &bea, &cart, Some("PO-1")).await;
+    started.assert_status(201);
+
+    let placed = on_account(&app, &bea, &started.str("id")).await;
+
+    placed.assert_status(200);
+    assert_eq!(placed.body["state"], "completed");
+    let invoice_id = placed.str("invoice_id");
+    let order = order_of(&app, &bea, &started.str("order_id")).await;
+    assert_eq!(order["status"], "awaiting_payment_on_terms");
+    assert_eq!(order["invoice_id"], invoice_id.as_str());
+    assert_eq!(
+        app.stock_of("tea-01").await,
+        (90, 0, 90),
+        "the units are sold"
+    );
+    let invoice = app
+        .get(
+            &format!("/v1/admin/invoices/{invoice_id}"),
+            Some(ADMIN_TOKEN),
+        )
+        .await;
+    invoice.assert_status(200);
+    assert_eq!(
+        invoice.body["amount"],
+        json!({"amount": 4500, "currency": "EUR"})
+    );
+    assert_eq!(invoice.body["balance"], 4500);
+    assert_eq!(invoice.body["status"], "open");
+    assert_eq!(invoice.body["overdue"], false);
+    assert_eq!(invoice.body["order_id"], started.str("order_id").as_str());
+    let created = chrono::DateTime::parse_from_rfc3339(&invoice.str("created_at")).unwrap();
+    let due = chrono::DateTime::parse_from_rfc3339(&invoice.str("due_at")).unwrap();
+    assert_eq!(due - created, chrono::Duration::days(30));
+    let payloads = crate::helpers::fetch_strings(
+        &app,
+        "SELECT payload FROM outbox WHERE topic = 'order.paid'",
+    )
+    .await;
+    assert_eq!(payloads.len(), 1, "one fulfilment event");
+    let event: Value = serde_json::from_str(&payloads[0]).expect("a JSON payload");
+    assert_eq!(event["on_account"], true);
+    assert_eq!(event["invoice_id"], invoice_id.as_str());
+    assert_eq!(event["po_number"], "PO-1");
+    assert_eq!(outstanding(&app).await, 4500);
+
+    // 1000 more would pass the 5000 limit: refused, nothing placed, the reservation still live.
+    let (second, second_order) = reserved_for(&app, &bea, &[("tea-01", 3)]).await;
+    let refused = on_account(&app, &bea, &second).await;
+    refused.assert_error(409, "credit_limit_exceeded");
+    assert_eq!(
+        refused.body["error"]["details"],
+        json!([{"limit": 5000, "outstanding": 4500, "requested": 1350}])
+    );
+    assert_eq!(app.stock_of("tea-01").await, (90, 3, 87));
+    assert_eq!(outstanding(&app).await, 4500);
+    assert_eq!(
+        order_of(&app, &bea, &second_order).await["status"],
+        "pending_payment"
+    );
+
+    // A partial payment gives that much credit back; then the second order fits.
+    let part = pay(&app, &invoice_id, 2000).await;
+    part.assert_status(200);
+    assert_eq!(part.body["balance"], 2500);
+    assert_eq!(part.body["status"], "open");
+    assert_eq!(outstanding(&app).await, 2500);
+    on_account(&app, &bea, &second).await.assert_status(200);
+    assert_eq!(outstanding(&app).await, 3850);
+    pay(&app, &invoice_id, 2501)
+        .await
+        .assert_error(422, "payment_exceeds_balance");
+    let whole = pay(&app, &invoice_id, 2500).await;
+    whole.assert_status(200);
+    assert_eq!(whole.body["status"], "paid");
+    assert_eq!(
+        order_of(&app, &bea, &started.str("order_id")).await["status"],
+        "paid"
+    );
+    pay(&app, &invoice_id, 1)
+        .await
+        .assert_error(422, "payment_exceeds_balance");
+    assert_eq!(outstanding(&app).await, 1350);
+    app.audit().await.assert_clean();
+}
+
+async fn on_account_bad_input_gets_clear_errors_and_changes_nothing(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 100).await;
+    let acme = acme(&app).await;
+    let prepaid = company(
+        &app,
+        json!({"name": "Cash Co", "currency": "EUR", "payment_terms": "prepaid",
+               "credit_limit": 100_000}),
+    )
+    .await;
+    let bea = buyer_of(&app, &acme, "Bea").await;
+    let (checkout, _) = reserved_for(&app, &bea, &[("tea-01", 1)]).await;
+    let before = app.inventory_snapshot().await;
+    for (body, what) in [
+        (
+            json!({"on_account": true, "payment_method": "pm_card_visa"}),
+            "both",
+        ),
+        (json!({}), "neither"),
+        (
+            json!({"on_account": false}),
+            "on_account false without a card",
+        ),
+        (json!({"on_account": "yes"}), "not a boolean"),
+    ] {
+        let resp = complete_with(&app, &bea, &checkout, body).await;
+        assert_eq!(resp.status.as_u16(), 422, "{what}: {:?}", resp.body);
+        assert_eq!(resp.code(), "validation_failed", "{what}");
+    }
+    for (name, company_id) in [("Ada", None), ("Cy", Some(prepaid.as_str()))] {
+        let buyer = match company_id {
+            Some(id) => buyer_of(&app, id, name).await,
+            None => app.new_customer(name).await,
+        };
+        let (id, _) = reserved_for(&app, &buyer, &[("tea-01", 1)]).await;
+        on_account(&app, &buyer, &id)
+            .await
+            .assert_error(422, "on_account_not_available");
+    }
+    assert_eq!(
+        app.stock_of("tea-01").await,
+        (100, 3, 97),
+        "refused completions sold nothing"
+    );
+    assert_eq!(outstanding(&app).await, 0);
+    // Another buyer's checkout is not found.
+    let other = buyer_of(&app, &acme, "Dee").await;
+    on_account(&app, &other, &checkout)
+        .await
+        .assert_error(404, "checkout_not_found");
+    app.get(
+        &format!("/v1/admin/invoices/{}", uuid::Uuid::new_v4()),
+        Some(ADMIN_TOKEN),
+    )
+    .await
+    .assert_error(404, "invoice_not_found");
+    let placed = on_account(&app, &bea, &checkout).await;
+    placed.assert_status(200);
+    let invoice = placed.str("invoice_id");
+    for (body, what) in [
+        (json!({"amount": 0}), "zero"),
+        (json!({"amount": -5}), "negative"),
+        (json!({"amount": "10"}), "a string"),
+        (json!({"amount": 10, "currency": "EUR"}), "an unknown field"),
+    ] {
+        let resp = app
+            .admin_post(&format!("/v1/admin/invoices/{invoice}/payments"), body)
+            .await;
+        assert_eq!(resp.status.as_u16(), 422, "{what}: {:?}", resp.body);
+    }
+    let shown = app
+        .get(&format!("/v1/admin/invoices/{invoice}"), Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(
+        shown.body["balance"], 450,
+        "refused payments changed nothing"
+    );
+    assert_eq!(outstanding(&app).await, 450);
+    assert_ne!(
+        app.inventory_snapshot().await,
+        before,
+        "the placed order sold its unit"
+    );
+    app.audit().await.assert_clean();
+}
+
+async fn an_overdue_invoice_blocks_further_orders_on_account(kind: StoreKind) {
+    let app = spawn_app_with(
+        kind,
+        Options {
+            manual_clock: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    app.new_product("tea-01", 450, 100).await;
+    let beta = company(
+        &app,
+        json!({"name": "Beta", "currency": "EUR", "payment_terms": "net_15",
+               "credit_limit": 100_000}),
+    )
+    .await;
+    let bea = buyer_of(&app, &beta, "Bea").await;
+    let (first, _) = reserved_for(&app, &bea, &[("tea-01", 1)]).await;
+    let invoice = on_account(&app, &bea, &first).await.str("invoice_id");
+    app.advance(chrono::Duration::days(16));
+    let shown = app
+        .get(&format!("/v1/admin/invoices/{invoice}"), Some(ADMIN_TOKEN))
+        .await;
+    assert_eq!(shown.body["overdue"], true);
+    let (second, _) = reserved_for(&app, &bea, &[("tea-01", 1)]).await;
+    on_account(&app, &bea, &second)
+        .await
+        .assert_error(409, "invoices_overdue");
+    pay(&app, &invoice, 450).await.assert_status(200);
+    on_account(&app, &bea, &second).await.assert_status(200);
+    // Workers are off on a manual clock: publish the two orders' events before the audit.
+    app.relay.tick().await.expect("a relay tick");
+    app.audit().await.assert_clean();
+}
+
+/// Buyers of one company complete on account at once against a limit that holds exactly five
+/// of their orders: five are placed, every other is refused with `credit_limit_exceeded`, and
+/// the company owes exactly its limit.
+async fn many_buyers_of_one_company_never_overdraw_its_credit_limit(kind: StoreKind) {
+    const BUYERS: usize = 16;
+    let app = Arc::new(spawn_app(kind).await);
+    app.new_product("tea-01", 450, 1000).await;
+    let acme = company(
+        &app,
+        json!({"name": "Acme", "currency": "EUR", "payment_terms": "net_30",
+               "credit_limit": 5 * 4500}),
+    )
+    .await;
+    let mut checkouts = Vec::new();
+    for i in 0..BUYERS {
+        let buyer = buyer_of(&app, &acme, &format!("b{i}")).await;
+        let (id, _) = reserved_for(&app, &buyer, &[("tea-01", 10)]).await;
+        checkouts.push((buyer, id));
+    }
+    let barrier = Arc::new(Barrier::new(BUYERS));
+    let tasks: Vec<_> = checkouts
+        .into_iter()
+        .map(|(buyer, id)| {
+            let (app, barrier) = (app.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                on_account(&app, &buyer, &id).await
+            })
+        })
+        .collect();
+    let (mut placed, mut refused) = (0, 0);
+    for task in tasks {
+        let resp = task.await.expect("a buyer task");
+        match resp.status.as_u16() {
+            200 => placed += 1,
+            409 => {
+                assert_eq!(resp.code(), "credit_limit_exceeded", "{:?}", resp.body);
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {:?}", resp.body),
+        }
+    }
+    assert_eq!((placed, refused), (5, BUYERS - 5));
+    assert_eq!(outstanding(&app).await, 5 * 4500);
     app.audit().await.assert_clean();
 }
