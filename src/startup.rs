@@ -385,6 +385,7 @@ impl Application {
             tracing::info!(
                 products = seeded.products,
                 flash_sale = seeded.flash_sale,
+                company = ?seeded.company.map(|c| c.to_string()),
                 "demo catalogue"
             );
         }

@@ -240,6 +240,11 @@ pub(crate) use credit_row_sql;
 pub(crate) const INVOICE_COLUMNS: &str = "id, number, company_id, order_id, amount, currency, \
      paid_amount, status, due_at, created_at";
 
+/// Open invoices due before `$1`, oldest due first, at most `$2` (both stores).
+pub(crate) const OVERDUE_INVOICES_SQL: &str = "SELECT id, number, company_id, order_id, amount, \
+     currency, paid_amount, status, due_at, created_at FROM invoices \
+     WHERE status = 'open' AND due_at < $1 ORDER BY due_at LIMIT $2";
+
 /// Credit per company for the audit: limit, open balance, and what its open invoices still owe.
 pub(crate) const CREDIT_AUDIT_SQL: &str = "SELECT co.id, co.credit_limit, co.credit_outstanding, \
      CAST(COALESCE((SELECT SUM(i.amount - i.paid_amount) FROM invoices i \
@@ -531,6 +536,12 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
     ) -> Result<crate::domain::Invoice, StoreError>;
     /// Every company's credit, for the audit.
     async fn credit_audit(&self) -> Result<Vec<CreditAuditRow>, StoreError>;
+    /// Open invoices past their due date at `now`, the longest overdue first (the ops page).
+    async fn overdue_invoices(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<crate::domain::Invoice>, StoreError>;
     /// The company's whole price list, by SKU (for the catalogue a buyer is shown).
     async fn company_prices(
         &self,

@@ -987,6 +987,21 @@ impl Store for SqliteStore {
         Ok(paid)
     }
 
+    async fn overdue_invoices(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Invoice>, StoreError> {
+        sqlx::query(super::OVERDUE_INVOICES_SQL)
+            .bind(to_millis(now))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(decode::invoice)
+            .collect()
+    }
+
     async fn credit_audit(&self) -> Result<Vec<CreditAuditRow>, StoreError> {
         sqlx::query(CREDIT_AUDIT_SQL)
             .fetch_all(&self.pool)

@@ -1141,7 +1141,13 @@ async fn an_overdue_invoice_blocks_further_orders_on_account(kind: StoreKind) {
     on_account(&app, &bea, &second)
         .await
         .assert_error(409, "invoices_overdue");
+    let ops = app.get("/v1/admin/ops", Some(ADMIN_TOKEN)).await;
+    ops.assert_status(200);
+    assert_eq!(ops.body["overdue_invoices"][0]["id"], invoice.as_str());
+    assert_eq!(ops.body["overdue_invoices"][0]["balance"]["amount"], 450);
     pay(&app, &invoice, 450).await.assert_status(200);
+    let ops = app.get("/v1/admin/ops", Some(ADMIN_TOKEN)).await;
+    assert_eq!(ops.body["overdue_invoices"], json!([]));
     on_account(&app, &bea, &second).await.assert_status(200);
     // Workers are off on a manual clock: publish the two orders' events before the audit.
     app.relay.tick().await.expect("a relay tick");
