@@ -771,7 +771,8 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         order: OrderId,
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError>;
-    /// paid → fulfilled (shipped); fulfilling a fulfilled order changes nothing.
+    /// paid (or placed on account) → fulfilled (shipped); fulfilling a fulfilled order changes
+    /// nothing.
     async fn mark_fulfilled(&self, order: OrderId, now: DateTime<Utc>)
         -> Result<Order, StoreError>;
     /// Any order by id, for the admin.

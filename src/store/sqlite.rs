@@ -1911,7 +1911,8 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
     ) -> Result<Order, StoreError> {
         let changed = sqlx::query(
-            "UPDATE orders SET status = 'fulfilled', updated_at = $2 WHERE id = $1 AND status = 'paid'",
+            "UPDATE orders SET status = 'fulfilled', updated_at = $2 WHERE id = $1 \
+             AND status IN ('paid', 'awaiting_payment_on_terms')",
         )
         .bind(order.uuid())
         .bind(to_millis(now))

@@ -1010,6 +1010,15 @@ async fn an_order_on_account_is_invoiced_within_the_credit_limit_and_payments_gi
     assert_eq!(outstanding(&app).await, 2500);
     on_account(&app, &bea, &second).await.assert_status(200);
     assert_eq!(outstanding(&app).await, 3850);
+    // Goods on account ship before the invoice is paid.
+    let shipped = app
+        .admin_post(
+            &format!("/v1/admin/orders/{second_order}/shipments"),
+            json!({}),
+        )
+        .await;
+    shipped.assert_status(200);
+    assert_eq!(shipped.body["status"], "fulfilled");
     pay(&app, &invoice_id, 2501)
         .await
         .assert_error(422, "payment_exceeds_balance");
