@@ -91,6 +91,7 @@ pub async fn run_with(store: &dyn Store, options: AuditOptions<'_>) -> Result<Re
             no_ghosts(&checkouts, &options),
             one_event(&checkouts, &options),
             credit_within_limits(store).await?,
+            lines_within_rules(store).await?,
         ],
     })
 }
@@ -115,6 +116,28 @@ async fn credit_within_limits(store: &dyn Store) -> Result<Check, StoreError> {
     }
     Ok(Check {
         promise: "no company's outstanding credit above its limit; outstanding = open invoices",
+        violations,
+        skipped: None,
+    })
+}
+
+/// Ordering rules: no order line holds a quantity outside the rules its product had when the
+/// line was reserved (recorded with the line by the database).
+async fn lines_within_rules(store: &dyn Store) -> Result<Check, StoreError> {
+    let violations = store
+        .line_rules_audit()
+        .await?
+        .into_iter()
+        .filter_map(|row| {
+            let breach = row.rules.breach(&row.sku, row.quantity)?;
+            Some(format!(
+                "order {}: {} x {} breaks its {} of {}",
+                row.order_id, row.quantity, row.sku, breach.rule, breach.allowed
+            ))
+        })
+        .collect();
+    Ok(Check {
+        promise: "no line sold outside its ordering rules",
         violations,
         skipped: None,
     })

@@ -251,6 +251,22 @@ pub(crate) const CREDIT_AUDIT_SQL: &str = "SELECT co.id, co.credit_limit, co.cre
         WHERE i.company_id = co.id), 0) AS BIGINT) AS invoiced \
      FROM companies co ORDER BY co.id";
 
+/// An order line with the ordering rules its product had when it was reserved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineRulesRow {
+    pub order_id: OrderId,
+    pub sku: Sku,
+    pub quantity: u32,
+    pub rules: OrderingRules,
+}
+
+/// Lines outside their recorded rules (both stores; lines from before rules were recorded
+/// have none and are left out).
+pub(crate) const LINE_RULES_AUDIT_SQL: &str = "SELECT order_id, sku, quantity, min_quantity, \
+     increment, max_quantity FROM order_lines WHERE min_quantity IS NOT NULL \
+     AND (quantity < min_quantity OR quantity % increment <> 0 OR quantity > max_quantity) \
+     ORDER BY order_id, sku LIMIT 1000";
+
 /// A company's credit as the audit reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreditAuditRow {
@@ -536,6 +552,9 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
     ) -> Result<crate::domain::Invoice, StoreError>;
     /// Every company's credit, for the audit.
     async fn credit_audit(&self) -> Result<Vec<CreditAuditRow>, StoreError>;
+    /// Order lines whose quantity the SQL finds outside the rules recorded with them when they
+    /// were reserved (the audit names the rule each breaks).
+    async fn line_rules_audit(&self) -> Result<Vec<LineRulesRow>, StoreError>;
     /// Open invoices past their due date at `now`, the longest overdue first (the ops page).
     async fn overdue_invoices(
         &self,

@@ -1002,6 +1002,26 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn line_rules_audit(&self) -> Result<Vec<super::LineRulesRow>, StoreError> {
+        sqlx::query(super::LINE_RULES_AUDIT_SQL)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(super::LineRulesRow {
+                    order_id: OrderId::from_uuid(row.try_get("order_id")?),
+                    sku: rows::sku(row.try_get("sku")?)?,
+                    quantity: rows::quantity(row.try_get("quantity")?)?.get(),
+                    rules: rows::rules(
+                        row.try_get("min_quantity")?,
+                        row.try_get("increment")?,
+                        row.try_get("max_quantity")?,
+                    )?,
+                })
+            })
+            .collect()
+    }
+
     async fn credit_audit(&self) -> Result<Vec<CreditAuditRow>, StoreError> {
         sqlx::query(CREDIT_AUDIT_SQL)
             .fetch_all(&self.pool)

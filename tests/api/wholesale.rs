@@ -29,6 +29,8 @@ both_stores!(
     on_account_bad_input_gets_clear_errors_and_changes_nothing,
     an_overdue_invoice_blocks_further_orders_on_account,
     many_buyers_of_one_company_never_overdraw_its_credit_limit,
+    the_audit_catches_credit_taken_without_an_invoice,
+    the_audit_catches_a_line_sold_outside_its_rules,
     a_rule_tightened_while_checkouts_run_never_reserves_a_line_outside_it,
     a_rule_tightened_while_grouped_checkouts_run_never_reserves_a_line_outside_it,
     a_price_list_changed_while_checkouts_run_prices_each_order_at_one_of_its_figures,
@@ -1208,4 +1210,49 @@ async fn many_buyers_of_one_company_never_overdraw_its_credit_limit(kind: StoreK
     assert_eq!((placed, refused), (5, BUYERS - 5));
     assert_eq!(outstanding(&app).await, 5 * 4500);
     app.audit().await.assert_clean();
+}
+
+async fn the_audit_catches_credit_taken_without_an_invoice(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    let acme = acme(&app).await;
+    app.audit().await.assert_clean();
+
+    crate::helpers::execute_sql(
+        &app,
+        &["UPDATE companies SET credit_outstanding = 700".to_owned()],
+    )
+    .await;
+
+    let report = app.audit().await;
+    assert!(!report.is_clean(), "{report}");
+    let found: Vec<&String> = report.violations().collect();
+    assert!(
+        found
+            .iter()
+            .any(|v| v.contains(&acme) && v.contains("its invoices owe 0")),
+        "{found:?}"
+    );
+}
+
+async fn the_audit_catches_a_line_sold_outside_its_rules(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    case_product(&app, "glass-06", 100).await;
+    let (ada, cart) = app.buyer_with("Ada", &[("glass-06", 12)]).await;
+    app.start_checkout(&ada, &cart).await.assert_status(201);
+    // A later rule change does not make the line wrong: it was sold under the old rule.
+    patch_product(&app, "glass-06", json!({"min_quantity": 24}))
+        .await
+        .assert_status(200);
+    app.audit().await.assert_clean();
+
+    crate::helpers::execute_sql(&app, &["UPDATE order_lines SET quantity = 13".to_owned()]).await;
+
+    let report = app.audit().await;
+    let found: Vec<&String> = report.violations().collect();
+    assert!(
+        found
+            .iter()
+            .any(|v| v.contains("13 x glass-06 breaks its increment of 6")),
+        "{found:?}"
+    );
 }
