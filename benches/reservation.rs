@@ -390,6 +390,8 @@ async fn create_products(store: &dyn Store, scenario: &Scenario) -> Vec<Sku> {
             name: ProductName::parse(&format!("Product {i}")).expect("a valid name"),
             price,
             stock: StockLevel::new(scenario.units).expect("units within the stock range"),
+            rules: Default::default(),
+            price_tiers: Default::default(),
         };
         store
             .create_product(&product, "bench", chrono::Utc::now())

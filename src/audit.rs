@@ -90,7 +90,56 @@ pub async fn run_with(store: &dyn Store, options: AuditOptions<'_>) -> Result<Re
             one_charge(&checkouts, options.gateway).await,
             no_ghosts(&checkouts, &options),
             one_event(&checkouts, &options),
+            credit_within_limits(store).await?,
+            lines_within_rules(store).await?,
         ],
+    })
+}
+
+/// Net terms: no company owes more than its credit limit, and what it owes is exactly what
+/// its invoices still ask for (nothing consumed without an invoice, nothing paid twice).
+async fn credit_within_limits(store: &dyn Store) -> Result<Check, StoreError> {
+    let mut violations = Vec::new();
+    for row in store.credit_audit().await? {
+        if row.outstanding < 0 || row.outstanding > row.limit {
+            violations.push(format!(
+                "company {}: {} outstanding against a limit of {}",
+                row.company, row.outstanding, row.limit
+            ));
+        }
+        if row.outstanding != row.invoiced {
+            violations.push(format!(
+                "company {}: {} outstanding but its invoices owe {}",
+                row.company, row.outstanding, row.invoiced
+            ));
+        }
+    }
+    Ok(Check {
+        promise: "no company's outstanding credit above its limit; outstanding = open invoices",
+        violations,
+        skipped: None,
+    })
+}
+
+/// Ordering rules: no order line holds a quantity outside the rules its product had when the
+/// line was reserved (recorded with the line by the database).
+async fn lines_within_rules(store: &dyn Store) -> Result<Check, StoreError> {
+    let violations = store
+        .line_rules_audit()
+        .await?
+        .into_iter()
+        .filter_map(|row| {
+            let breach = row.rules.breach(&row.sku, row.quantity)?;
+            Some(format!(
+                "order {}: {} x {} breaks its {} of {}",
+                row.order_id, row.quantity, row.sku, breach.rule, breach.allowed
+            ))
+        })
+        .collect();
+    Ok(Check {
+        promise: "no line sold outside its ordering rules",
+        violations,
+        skipped: None,
     })
 }
 
@@ -268,6 +317,7 @@ fn no_ghosts(checkouts: &[CheckoutAuditRow], options: &AuditOptions<'_>) -> Chec
             CheckoutState::Reserved | CheckoutState::Charging => &[OrderStatus::PendingPayment],
             CheckoutState::RequiresAction => &[OrderStatus::PaymentProcessing],
             CheckoutState::Completed => &[
+                OrderStatus::AwaitingPaymentOnTerms,
                 OrderStatus::Paid,
                 OrderStatus::Fulfilled,
                 OrderStatus::Refunded,
@@ -299,7 +349,10 @@ fn one_event(checkouts: &[CheckoutAuditRow], options: &AuditOptions<'_>) -> Chec
     let stale = options.now - options.grace;
     let mut violations = Vec::new();
     for row in checkouts {
-        let paid = matches!(row.order_status, OrderStatus::Paid | OrderStatus::Fulfilled);
+        let paid = matches!(
+            row.order_status,
+            OrderStatus::Paid | OrderStatus::Fulfilled | OrderStatus::AwaitingPaymentOnTerms
+        );
         // A refunded order had its event if it was paid first; a refunded late success never was.
         let refunded = row.order_status == OrderStatus::Refunded;
         match (paid, refunded, row.paid_events) {

@@ -2,11 +2,16 @@
 //! catalogue is filled with a few dozen made-up products in EUR (one with a single unit, to
 //! show a sell-out) and a flash sale opens on one of them. A catalogue that already holds
 //! anything is left alone, so restarting a demo never duplicates or resets it.
+//!
+//! Wholesale: a case-pack product (by 6, at least 6, volume tiers) and a company on net-30
+//! terms with a price list, so `serve --demo` shows buyers' prices, ordering rules and orders
+//! on account (create a buyer with `POST /v1/admin/customers {name, company_id}`).
 
 use chrono::{DateTime, Duration, Utc};
 
 use crate::domain::{
-    Currency, FlashSaleId, Money, NewFlashSale, NewProduct, ProductName, Sku, StockLevel,
+    CompanyId, CompanyPrice, Currency, CustomerName, FlashSaleId, Money, NewCompany, NewFlashSale,
+    NewProduct, OrderingRules, PaymentTerms, PriceTier, PriceTiers, ProductName, Sku, StockLevel,
 };
 use crate::store::{Store, StoreError};
 
@@ -41,6 +46,61 @@ pub const FLASH_SALE_SKU: &str = "cobalt-lamp";
 pub struct Seeded {
     pub products: usize,
     pub flash_sale: bool,
+    /// The wholesale company, with its price list.
+    pub company: Option<CompanyId>,
+}
+
+/// The case-pack SKU and the wholesale company of the demo.
+pub const CASE_SKU: &str = "case-glasses";
+pub const COMPANY_NAME: &str = "Grand Hotels (demo)";
+
+/// A case-pack product and a company on net-30 terms whose price list takes 10 % off it and
+/// sells the tea at a fixed price.
+async fn seed_wholesale(
+    store: &dyn Store,
+    eur: Currency,
+    now: DateTime<Utc>,
+) -> Result<CompanyId, StoreError> {
+    let invalid = |e: crate::domain::WholesaleError| StoreError::InvalidProduct(e.to_string());
+    let tier = |min_quantity, amount| PriceTier {
+        min_quantity,
+        amount,
+    };
+    let case = NewProduct {
+        sku: Sku::parse(CASE_SKU).expect("a demo SKU"),
+        name: ProductName::parse("Wine Glasses, case of 6").expect("a demo name"),
+        price: Money::new(1200, eur)?,
+        stock: StockLevel::new(600).expect("demo stock is positive"),
+        rules: OrderingRules::new(6, 6, Some(120)).map_err(invalid)?,
+        price_tiers: PriceTiers::new(vec![tier(24, 1050), tier(60, 950)]).map_err(invalid)?,
+    };
+    store.create_product(&case, DEMO_ACTOR, now).await?;
+    let company = store
+        .create_company(
+            &NewCompany {
+                name: CustomerName::parse(COMPANY_NAME).expect("a demo name"),
+                currency: eur,
+                payment_terms: PaymentTerms::Net30,
+                credit_limit: 500_000,
+                po_number_required: false,
+            },
+            now,
+        )
+        .await?;
+    let ten_off = CompanyPrice::new(None, Some(10), PriceTiers::default()).map_err(invalid)?;
+    store
+        .set_company_price(company.id, &case.sku, &ten_off, now)
+        .await?;
+    let tea = CompanyPrice::new(Some(380), None, PriceTiers::default()).map_err(invalid)?;
+    store
+        .set_company_price(
+            company.id,
+            &Sku::parse("alder-tea").expect("a demo SKU"),
+            &tea,
+            now,
+        )
+        .await?;
+    Ok(company.id)
 }
 
 /// The demo catalogue, if the catalogue is empty. Prices vary a little by finish; stock runs
@@ -65,11 +125,15 @@ pub async fn seed(store: &dyn Store, now: DateTime<Utc>) -> Result<Seeded, Store
                     .expect("demo names are valid"),
                 price: Money::new(price + 100 * i as i64, eur)?,
                 stock: StockLevel::new(stock).expect("demo stock is positive"),
+                rules: Default::default(),
+                price_tiers: Default::default(),
             };
             store.create_product(&product, DEMO_ACTOR, now).await?;
             seeded.products += 1;
         }
     }
+    seeded.company = Some(seed_wholesale(store, eur, now).await?);
+    seeded.products += 1;
     let sale = NewFlashSale {
         id: FlashSaleId::new(),
         sku: Sku::parse(FLASH_SALE_SKU).expect("a demo SKU"),

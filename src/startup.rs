@@ -385,6 +385,7 @@ impl Application {
             tracing::info!(
                 products = seeded.products,
                 flash_sale = seeded.flash_sale,
+                company = ?seeded.company.map(|c| c.to_string()),
                 "demo catalogue"
             );
         }
@@ -485,6 +486,7 @@ impl Application {
             webhook_secrets: Arc::new(webhook_secrets),
             max_lifetime: windows.max_lifetime,
             customers: Arc::default(),
+            company_prices: Arc::default(),
             clock: clock.clone(),
             admin_token_digest: http::token_digest(admin_token.expose_secret()),
             rate_limit: Arc::new(rate_limit),

@@ -70,6 +70,8 @@ async fn product(store: &PgStore, sku: &str, stock: i64) -> Sku {
         name: ProductName::parse("Tea").expect("a name"),
         price: Money::new(450, Currency::parse("EUR").expect("EUR")).expect("a price"),
         stock: StockLevel::new(stock).expect("a stock level"),
+        rules: Default::default(),
+        price_tiers: Default::default(),
     };
     store
         .create_product(&product, "test", Utc::now())
@@ -108,6 +110,7 @@ async fn checkout_of(store: &PgStore, name: &str, lines: &[(&Sku, i64)]) -> NewC
         flash_sale: None,
         idempotency_key: None,
         flash_sale_units: 0,
+        po_number: None,
         open_sales: Vec::new(),
     }
 }

@@ -167,13 +167,27 @@ impl CheckoutService {
     /// (new) → reserved: every line reserved and the order created, in one transaction. A cart
     /// holding a flash-sale SKU needs the customer's admission token and gets the sale's window.
     /// A start's `Idempotency-Key` is recorded with the checkout in the same transaction.
-    #[tracing::instrument(skip_all, fields(%customer, %cart))]
     pub async fn start(
         &self,
         customer: CustomerId,
         cart: CartId,
         flash_sale_token: Option<&str>,
         idempotency_key: Option<&str>,
+    ) -> Result<Checkout, CheckoutError> {
+        self.start_with_po_number(customer, cart, flash_sale_token, idempotency_key, None)
+            .await
+    }
+
+    /// [`Self::start`] carrying the buyer's purchase-order number to the order (a company may
+    /// require one: the reservation refuses a checkout without it).
+    #[tracing::instrument(skip_all, fields(%customer, %cart))]
+    pub async fn start_with_po_number(
+        &self,
+        customer: CustomerId,
+        cart: CartId,
+        flash_sale_token: Option<&str>,
+        idempotency_key: Option<&str>,
+        po_number: Option<crate::domain::PoNumber>,
     ) -> Result<Checkout, CheckoutError> {
         let now = self.clock.now();
         let (found, sales) = self
@@ -224,6 +238,7 @@ impl CheckoutService {
             flash_sale_units: admitted.map_or(0, |(_, units)| units),
             open_sales,
             idempotency_key: idempotency_key.map(str::to_owned),
+            po_number,
         };
         let reserved = observe::timed(SagaStep::Reserve, self.reserve(new)).await;
         count_reservation(&reserved);
@@ -289,6 +304,20 @@ impl CheckoutService {
     /// `charging` when the gateway's answer is unknown (recovery finishes it; a retry of the
     /// request with the same Idempotency-Key does too).
     #[tracing::instrument(skip_all, fields(checkout_id = %id))]
+    /// reserved → completed on account (net terms): no gateway call; the store checks the
+    /// company's terms and credit and places the order with its invoice in one transaction.
+    #[tracing::instrument(skip_all, fields(checkout_id = %id))]
+    pub async fn complete_on_account(
+        &self,
+        customer: CustomerId,
+        id: CheckoutId,
+    ) -> Result<(Checkout, crate::domain::Invoice), CheckoutError> {
+        Ok(self
+            .store
+            .complete_on_account(customer, id, self.clock.now())
+            .await?)
+    }
+
     pub async fn complete(
         &self,
         customer: CustomerId,

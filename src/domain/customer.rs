@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::CustomerId;
+use super::{CompanyId, CustomerId};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("name must be 1 to 200 characters without control characters")]
@@ -38,6 +38,8 @@ impl<'de> Deserialize<'de> for CustomerName {
 pub struct Customer {
     pub id: CustomerId,
     pub name: String,
+    /// The company this buyer orders for; `None` buys as a retail customer.
+    pub company_id: Option<CompanyId>,
 }
 
 #[cfg(test)]

@@ -70,6 +70,14 @@ id_type!(
     FlashSaleId
 );
 id_type!(
+    /// A wholesale buyer's company: its buyers share its prices, terms and credit.
+    CompanyId
+);
+id_type!(
+    /// An invoice of an order placed on account.
+    InvoiceId
+);
+id_type!(
     /// One outbox event: consumers deduplicate deliveries by it (promise 5).
     EventId
 );

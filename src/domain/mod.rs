@@ -14,15 +14,22 @@ mod order;
 mod product;
 mod quantity;
 mod sku;
+mod wholesale;
 
 pub use cart::{Cart, CartLine, CartStatus};
 pub use checkout::{Checkout, CheckoutState, TransitionError};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use customer::{Customer, CustomerName, CustomerNameError};
 pub use flash_sale::{FlashSale, NewFlashSale};
-pub use ids::{CartId, CheckoutId, CustomerId, EventId, FlashSaleId, IdError, OrderId};
+pub use ids::{
+    CartId, CheckoutId, CompanyId, CustomerId, EventId, FlashSaleId, IdError, InvoiceId, OrderId,
+};
 pub use money::{Currency, Money, MoneyError};
 pub use order::{Order, OrderLine, OrderStatus};
 pub use product::{NewProduct, Product, ProductName, ProductNameError, ProductPatch};
 pub use quantity::{Quantity, QuantityError, StockLevel};
 pub use sku::{Sku, SkuError};
+pub use wholesale::{
+    price_schedule, unit_price, Company, CompanyPrice, Invoice, NewCompany, OrderingRules,
+    PaymentTerms, PoNumber, PriceTier, PriceTiers, RuleBreach, WholesaleError,
+};

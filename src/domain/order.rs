@@ -16,10 +16,12 @@ pub enum OrderStatus {
     Cancelled,
     Fulfilled,
     Refunded,
+    /// Placed on account: the units are sold and an invoice is open.
+    AwaitingPaymentOnTerms,
 }
 
 impl OrderStatus {
-    pub const ALL: [OrderStatus; 7] = [
+    pub const ALL: [OrderStatus; 8] = [
         OrderStatus::PendingPayment,
         OrderStatus::PaymentProcessing,
         OrderStatus::Paid,
@@ -27,6 +29,7 @@ impl OrderStatus {
         OrderStatus::Cancelled,
         OrderStatus::Fulfilled,
         OrderStatus::Refunded,
+        OrderStatus::AwaitingPaymentOnTerms,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -38,6 +41,7 @@ impl OrderStatus {
             OrderStatus::Cancelled => "cancelled",
             OrderStatus::Fulfilled => "fulfilled",
             OrderStatus::Refunded => "refunded",
+            OrderStatus::AwaitingPaymentOnTerms => "awaiting_payment_on_terms",
         }
     }
 
@@ -67,6 +71,10 @@ pub struct Order {
     /// `pending`, `failed` or `succeeded` once a refund was asked for (see
     /// `Store::record_refund_pending`); `None` before.
     pub refund_status: Option<String>,
+    /// The buyer's purchase-order number, as given on the checkout.
+    pub po_number: Option<String>,
+    /// The invoice of an order placed on account.
+    pub invoice_id: Option<super::InvoiceId>,
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::{Money, Sku, StockLevel};
+use super::{Money, OrderingRules, PriceTiers, Sku, StockLevel};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("name must be 1 to 200 characters without control characters")]
@@ -45,6 +45,10 @@ pub struct Product {
     pub stock: i64,
     pub reserved: i64,
     pub version: i64,
+    /// How much one cart line may hold.
+    pub rules: OrderingRules,
+    /// Volume prices; the base price applies below the first tier.
+    pub price_tiers: PriceTiers,
 }
 
 impl Product {
@@ -59,6 +63,8 @@ pub struct NewProduct {
     pub name: ProductName,
     pub price: Money,
     pub stock: StockLevel,
+    pub rules: OrderingRules,
+    pub price_tiers: PriceTiers,
 }
 
 /// An admin edit; `None` leaves a field as it is.
@@ -67,10 +73,33 @@ pub struct ProductPatch {
     pub name: Option<ProductName>,
     pub price: Option<Money>,
     pub stock: Option<StockLevel>,
+    pub min_quantity: Option<u32>,
+    pub increment: Option<u32>,
+    /// `Some(None)` removes the maximum.
+    pub max_quantity: Option<Option<u32>>,
+    pub price_tiers: Option<PriceTiers>,
 }
 
 impl ProductPatch {
     pub fn is_empty(&self) -> bool {
-        self.name.is_none() && self.price.is_none() && self.stock.is_none()
+        self.name.is_none()
+            && self.price.is_none()
+            && self.stock.is_none()
+            && self.min_quantity.is_none()
+            && self.increment.is_none()
+            && self.max_quantity.is_none()
+            && self.price_tiers.is_none()
+    }
+
+    /// The rules `current` has once this patch applies, checked as a whole.
+    pub fn rules_over(
+        &self,
+        current: OrderingRules,
+    ) -> Result<OrderingRules, super::WholesaleError> {
+        OrderingRules::new(
+            self.min_quantity.unwrap_or(current.min_quantity),
+            self.increment.unwrap_or(current.increment),
+            self.max_quantity.unwrap_or(current.max_quantity),
+        )
     }
 }

@@ -10,7 +10,10 @@ use serde::Deserialize;
 use serde_json::json;
 use utoipa::ToSchema;
 
-use crate::domain::{CustomerName, Money, NewProduct, ProductName, ProductPatch, Sku, StockLevel};
+use crate::domain::{
+    CompanyId, CustomerName, Money, NewProduct, OrderingRules, PriceTiers, ProductName,
+    ProductPatch, Sku, StockLevel,
+};
 
 use super::auth::Admin;
 use super::extract::{AppJson, AppQuery, Path};
@@ -38,6 +41,9 @@ struct CreateCustomer {
     /// 1 to 200 characters.
     #[schema(value_type = String)]
     name: CustomerName,
+    /// The company this customer buys for (a buyer sees its prices and orders on its terms).
+    #[schema(value_type = Option<String>)]
+    company_id: Option<CompanyId>,
 }
 
 /// A customer and their bearer token (shown once; only its digest is stored).
@@ -50,7 +56,8 @@ struct CreateCustomer {
     request_body = CreateCustomer,
     responses(
         (status = 201, body = CustomerCreated),
-        (status = 422, body = ErrorBody, description = "invalid name"),
+        (status = 404, body = ErrorBody, description = "`company_not_found`"),
+        (status = 422, body = ErrorBody, description = "invalid name or company id"),
         (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
         (status = 403, body = ErrorBody, description = "a customer's token"),
     )
@@ -63,11 +70,14 @@ async fn create_customer(
     let token = new_customer_token();
     let customer = state
         .store
-        .create_customer(&body.name, &token_hash(&token))
+        .create_customer_of(&body.name, &token_hash(&token), body.company_id)
         .await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"id": customer.id, "name": customer.name, "token": token})),
+        Json(
+            json!({"id": customer.id, "name": customer.name, "token": token,
+                    "company_id": customer.company_id}),
+        ),
     )
         .into_response())
 }
@@ -84,6 +94,18 @@ struct CreateProduct {
     price: Money,
     #[schema(value_type = i64, minimum = 0)]
     stock: StockLevel,
+    /// Fewest units a cart line may hold (default 1).
+    #[schema(minimum = 1, maximum = 10000)]
+    min_quantity: Option<u32>,
+    /// A cart line holds a multiple of this: the case pack (default 1).
+    #[schema(minimum = 1, maximum = 10000)]
+    increment: Option<u32>,
+    /// Most units a cart line may hold (default: no maximum).
+    #[schema(minimum = 1, maximum = 10000)]
+    max_quantity: Option<u32>,
+    /// Volume prices `[{min_quantity, amount}]`, ascending; at most 20.
+    #[schema(value_type = Option<Vec<super::views::PriceTierSchema>>)]
+    price_tiers: Option<PriceTiers>,
 }
 
 /// A product in the catalogue; the answer's `ETag` is its version.
@@ -97,7 +119,7 @@ struct CreateProduct {
     responses(
         (status = 201, body = AdminProductView, headers(("ETag" = String, description = "the version, quoted"))),
         (status = 409, body = ErrorBody, description = "`sku_taken`"),
-        (status = 422, body = ErrorBody, description = "invalid field"),
+        (status = 422, body = ErrorBody, description = "invalid field, ordering rules no quantity can meet, or tiers out of order"),
         (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
         (status = 403, body = ErrorBody, description = "a customer's token"),
     )
@@ -107,11 +129,20 @@ async fn create_product(
     State(state): State<AppState>,
     AppJson(body): AppJson<CreateProduct>,
 ) -> Result<Response, ApiError> {
+    let defaults = OrderingRules::default();
+    let rules = OrderingRules::new(
+        body.min_quantity.unwrap_or(defaults.min_quantity),
+        body.increment.unwrap_or(defaults.increment),
+        body.max_quantity,
+    )
+    .map_err(|e| ApiError::validation(e.to_string()))?;
     let new = NewProduct {
         sku: body.sku,
         name: body.name,
         price: body.price,
         stock: body.stock,
+        rules,
+        price_tiers: body.price_tiers.unwrap_or_default(),
     };
     let product = state
         .store
@@ -166,6 +197,26 @@ struct PatchProduct {
     /// Never below the units currently reserved.
     #[schema(value_type = Option<i64>, minimum = 0)]
     stock: Option<StockLevel>,
+    #[schema(minimum = 1, maximum = 10000)]
+    min_quantity: Option<u32>,
+    #[schema(minimum = 1, maximum = 10000)]
+    increment: Option<u32>,
+    /// `null` removes the maximum.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 10000)]
+    max_quantity: Option<Option<u32>>,
+    /// Replaces the tiers; `[]` removes them.
+    #[schema(value_type = Option<Vec<super::views::PriceTierSchema>>)]
+    price_tiers: Option<PriceTiers>,
+}
+
+/// A field that is present, even as `null` (`Some(None)`), apart from one left out (`None`).
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// Changes name, price or stock if the product is still at the version in `If-Match`.
@@ -204,10 +255,14 @@ async fn update_product(
         name: body.name,
         price: body.price,
         stock: body.stock,
+        min_quantity: body.min_quantity,
+        increment: body.increment,
+        max_quantity: body.max_quantity,
+        price_tiers: body.price_tiers,
     };
     if patch.is_empty() {
         return Err(ApiError::validation(
-            "nothing to change: give name, price or stock",
+            "nothing to change: give name, price, stock, ordering rules or price tiers",
         ));
     }
     let product = state

@@ -109,6 +109,27 @@ impl FromRequestParts<AppState> for CustomerAuth {
     }
 }
 
+/// A customer's token if one is given: the public routes answer a buyer with that buyer's
+/// prices. No token, or the admin's, is the public view; a token nobody has is `401`.
+pub struct MaybeCustomer(pub Option<Customer>);
+
+impl FromRequestParts<AppState> for MaybeCustomer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if parts.headers.get(AUTHORIZATION).is_none() {
+            return Ok(MaybeCustomer(None));
+        }
+        if let Some(token) = bearer(parts) {
+            if bool::from(token_digest(token).ct_eq(&state.admin_token_digest)) {
+                return Ok(MaybeCustomer(None));
+            }
+        }
+        let CustomerAuth(customer) = CustomerAuth::from_request_parts(parts, state).await?;
+        Ok(MaybeCustomer(Some(customer)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use crate::domain::{CartId, Quantity};
+use crate::domain::{CartId, Quantity, Sku};
 
 use super::admin::parse_sku;
 use super::auth::CustomerAuth;
@@ -103,7 +103,7 @@ struct SetLine {
         (status = 200, body = CartView),
         (status = 404, body = ErrorBody, description = "`cart_not_found`, `product_not_found`"),
         (status = 409, body = ErrorBody, description = "`cart_not_open`: a checkout holds it"),
-        (status = 422, body = ErrorBody, description = "quantity out of range"),
+        (status = 422, body = ErrorBody, description = "quantity out of range; `ordering_rules`: outside the product's min_quantity, increment or max_quantity, details `[{sku, rule, quantity, allowed}]`"),
         (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
     )
 )]
@@ -115,11 +115,44 @@ async fn set_line(
 ) -> Result<Json<CartView>, ApiError> {
     let cart = parse_cart_id(&id)?;
     let sku = parse_sku(&sku)?;
+    line_meets_rules(&state, &sku, body.quantity).await?;
     let cart = state
         .store
         .set_cart_line(customer.id, cart, &sku, body.quantity, state.clock.now())
         .await?;
     Ok(Json(cart.into()))
+}
+
+/// A line outside its product's ordering rules is refused before the cart changes. The rules
+/// come from the in-memory catalogue (this instance's own admin edits are in it before they
+/// are answered); the reservation checks them again under its locks, so a rule changed
+/// meanwhile never sells a line outside it. A SKU the snapshot does not know yet is looked up.
+async fn line_meets_rules(state: &AppState, sku: &Sku, quantity: Quantity) -> Result<(), ApiError> {
+    let from_snapshot = state.catalogue.snapshot().and_then(|snapshot| {
+        snapshot
+            .find(sku.as_str())
+            .map(|i| snapshot.products[i].rules())
+    });
+    let rules = match from_snapshot {
+        Some(rules) => rules,
+        // Unknown here: the store answers `product_not_found` if it is unknown there too.
+        None => match state.store.product(sku).await? {
+            Some(product) => product.rules,
+            None => return Ok(()),
+        },
+    };
+    match rules.breach(sku, quantity.get()) {
+        None => Ok(()),
+        Some(breach) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ordering_rules",
+            format!(
+                "{} must be ordered in quantities meeting its {}",
+                breach.sku, breach.rule
+            ),
+        )
+        .details([breach])),
+    }
 }
 
 /// Removes a SKU from an open cart.

@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use crate::domain::{CheckoutId, CheckoutState};
+use crate::domain::{CheckoutId, CheckoutState, PoNumber};
 
 use super::auth::CustomerAuth;
 use super::carts::parse_cart_id;
@@ -35,6 +35,11 @@ struct StartCheckout {
     cart_id: String,
     #[serde(default)]
     flash_sale_token: Option<String>,
+    /// The buyer's purchase-order number (1 to 64 characters), kept on the order; required
+    /// when the buyer's company says so.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    po_number: Option<PoNumber>,
 }
 
 #[derive(Default, Deserialize)]
@@ -60,7 +65,7 @@ fn parse_checkout_id(raw: &str) -> Result<CheckoutId, ApiError> {
         (status = 404, body = ErrorBody, description = "`cart_not_found`"),
         (status = 403, body = ErrorBody, description = "`admission_required`: a flash-sale item without a valid token"),
         (status = 409, body = ErrorBody, description = "`insufficient_stock` with per-SKU `details`, `cart_not_open`, `admission_in_use`, `price_changed`, `flash_sale_limit` with `details:[{sku, requested, limit}]` (a flash-sale line above what the buyer may have), `sold_out`, `idempotency_conflict` (the first request with this key still runs; `Retry-After` says when to retry)"),
-        (status = 422, body = ErrorBody, description = "`cart_empty`, `one_flash_sale_per_checkout`"),
+        (status = 422, body = ErrorBody, description = "`cart_empty`, `one_flash_sale_per_checkout`, `po_number_required` (the buyer's company requires one)"),
         (status = 503, body = ErrorBody, description = "`admission_unavailable`: the flash-sale gate fails closed"),
         (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
     )
@@ -73,10 +78,11 @@ async fn start(
 ) -> Result<Response, ApiError> {
     let cart = parse_cart_id(&body.cart_id)?;
     let key = idempotent::key_of(&headers)?;
-    let (state_ref, token, key_ref) = (
+    let (state_ref, token, key_ref, po_number) = (
         &state,
         body.flash_sale_token.as_deref(),
         key.as_ref().map(|k| k.as_str()),
+        body.po_number.clone(),
     );
     // A keyed start whose first request reserved and was lost answers that checkout.
     let run = move |created: Option<CheckoutId>| async move {
@@ -85,7 +91,7 @@ async fn start(
             None => {
                 state_ref
                     .checkout
-                    .start(customer.id, cart, token, key_ref)
+                    .start_with_po_number(customer.id, cart, token, key_ref, po_number)
                     .await?
             }
         };
@@ -117,7 +123,29 @@ async fn start(
 struct Complete {
     /// e.g. `pm_card_visa`; with the simulator also `pm_card_chargeDeclined`,
     /// `pm_card_authenticationRequired`, `pm_card_chargeDeclinedInsufficientFunds`.
-    payment_method: String,
+    payment_method: Option<String>,
+    /// `true` instead of a `payment_method`: a company's buyer places the order on the
+    /// company's net terms, within its credit limit; the order is `awaiting_payment_on_terms`
+    /// with an invoice.
+    on_account: Option<bool>,
+}
+
+/// Card or account: exactly one of the two.
+enum PayBy {
+    Card(String),
+    OnAccount,
+}
+
+impl Complete {
+    fn pay_by(&self) -> Result<PayBy, ApiError> {
+        match (&self.payment_method, self.on_account) {
+            (Some(method), None | Some(false)) => Ok(PayBy::Card(method.clone())),
+            (None, Some(true)) => Ok(PayBy::OnAccount),
+            _ => Err(ApiError::validation(
+                "give either a payment_method or \"on_account\": true",
+            )),
+        }
+    }
 }
 
 /// reserved → charging → outcome. `Idempotency-Key` is required; an outcome still unknown
@@ -138,8 +166,8 @@ struct Complete {
         (status = 200, body = CheckoutView, description = "`state` is `completed`, `requires_action` (with `client_secret`), `payment_failed` (with `decline_code`) or still `charging`"),
         (status = 400, body = ErrorBody, description = "`idempotency_key_required`, `invalid_idempotency_key`"),
         (status = 404, body = ErrorBody, description = "`checkout_not_found`"),
-        (status = 409, body = ErrorBody, description = "`checkout_expired`, `invalid_state`, `payment_in_progress`, `idempotency_conflict` (with `Retry-After`)"),
-        (status = 422, body = ErrorBody, description = "`idempotency_key_reused`, `payment_method_refused`, `amount_too_small` (the total is below the payment provider's minimum charge, e.g. EUR 0.50; `details` has `total` and `minimum`), invalid payment method"),
+        (status = 409, body = ErrorBody, description = "`checkout_expired`, `invalid_state`, `payment_in_progress`, `idempotency_conflict` (with `Retry-After`); on account: `credit_limit_exceeded` with `details:[{limit, outstanding, requested}]`, `invoices_overdue`"),
+        (status = 422, body = ErrorBody, description = "`on_account_not_available`, `idempotency_key_reused`, `payment_method_refused`, `amount_too_small` (the total is below the payment provider's minimum charge, e.g. EUR 0.50; `details` has `total` and `minimum`), invalid payment method"),
         (status = 502, body = ErrorBody, description = "`payment_gateway_error`"),
         (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
     )
@@ -158,6 +186,7 @@ async fn complete(
         )
     })?;
     let id = parse_checkout_id(&id)?;
+    let pay_by = body.pay_by()?;
     let path = format!("/v1/checkouts/{id}/complete");
     idempotent::run(
         &state,
@@ -165,14 +194,25 @@ async fn complete(
         &key,
         ("POST", &path, &raw),
         |_| async {
-            let checkout = state
-                .checkout
-                .complete(customer.id, id, &body.payment_method)
-                .await?;
+            let (checkout, invoice) = match pay_by {
+                PayBy::Card(method) => {
+                    let checkout = state.checkout.complete(customer.id, id, &method).await?;
+                    (checkout, None)
+                }
+                PayBy::OnAccount => {
+                    let (checkout, invoice) =
+                        state.checkout.complete_on_account(customer.id, id).await?;
+                    (checkout, Some(invoice))
+                }
+            };
             let definitive = checkout.state != CheckoutState::Charging;
+            let mut body = serde_json::to_value(CheckoutView::from(checkout)).unwrap_or_default();
+            if let Some(invoice) = invoice {
+                body["invoice_id"] = invoice.id.to_string().into();
+            }
             Ok(Outcome {
                 status: StatusCode::OK,
-                body: serde_json::to_value(CheckoutView::from(checkout)).unwrap_or_default(),
+                body,
                 definitive,
             })
         },

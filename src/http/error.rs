@@ -149,6 +149,37 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound(what) => not_found_of(what),
+            StoreError::InvalidProduct(message) => Self::validation(message),
+            StoreError::OnAccountNotAvailable => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "on_account_not_available",
+                "only a buyer of a company with net terms in the order's currency buys on account",
+            ),
+            StoreError::InvoicesOverdue => Self::conflict(
+                "invoices_overdue",
+                "the company has overdue invoices: no further orders on account",
+            ),
+            StoreError::CreditLimitExceeded(short) => Self::conflict(
+                "credit_limit_exceeded",
+                "the order would take the company past its credit limit; nothing was placed",
+            )
+            .details([short]),
+            StoreError::PaymentExceedsBalance { amount, balance } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "payment_exceeds_balance",
+                format!("a payment of {amount} exceeds the invoice's open balance of {balance}"),
+            )
+            .details(serde_json::json!({ "amount": amount, "balance": balance })),
+            StoreError::PoNumberRequired => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "po_number_required",
+                "this buyer's company requires a po_number on every checkout",
+            ),
+            StoreError::RulesChanged(broken) => Self::conflict(
+                "rules_changed",
+                "a line no longer meets its product's ordering rules; nothing was reserved",
+            )
+            .details(broken),
             StoreError::SkuTaken => Self::conflict("sku_taken", "a product with this sku exists"),
             StoreError::VersionMismatch { current } => Self::new(
                 StatusCode::PRECONDITION_FAILED,
@@ -309,6 +340,8 @@ pub fn not_found_of(what: &str) -> ApiError {
         "order" => "order_not_found",
         "customer" => "customer_not_found",
         "flash sale" => "flash_sale_not_found",
+        "company" => "company_not_found",
+        "invoice" => "invoice_not_found",
         _ => "not_found",
     };
     ApiError::not_found(code, format!("{what} not found"))

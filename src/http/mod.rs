@@ -5,9 +5,11 @@
 mod admin;
 mod admin_orders;
 mod auth;
+mod buyer_prices;
 mod carts;
 mod catalogue;
 mod checkouts;
+mod companies;
 mod demo;
 mod error;
 mod extract;
@@ -72,6 +74,8 @@ pub struct AppState {
     pub simulator: Option<crate::payments::StripeSimulator>,
     /// The public catalogue in memory (`GET /v1/products*`).
     pub catalogue: Arc<Catalogue>,
+    /// Company price lists for the catalogue a buyer sees, held for a moment.
+    pub company_prices: Arc<buyer_prices::CompanyPrices>,
     /// Redis and NATS as configured, up or down: `/readyz` and the ops page show them.
     pub brokers: crate::brokers::Brokers,
 }
@@ -87,6 +91,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
         .merge(admin::router())
+        .merge(companies::router())
         .merge(admin_orders::router())
         .merge(catalogue::router())
         .merge(carts::router())

@@ -16,8 +16,8 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use super::{
-    admin, admin_orders, carts, catalogue, checkouts, demo, flash_sales, health, metrics, ops,
-    orders, ui, webhooks, AppState,
+    admin, admin_orders, carts, catalogue, checkouts, companies, demo, flash_sales, health,
+    metrics, ops, orders, ui, webhooks, AppState,
 };
 
 pub fn router() -> Router<AppState> {
@@ -41,6 +41,12 @@ pub fn router() -> Router<AppState> {
         admin::get_product,
         admin::update_product,
         admin::inventory,
+        companies::create,
+        companies::one,
+        companies::set_price,
+        companies::prices,
+        companies::invoice,
+        companies::pay_invoice,
         admin_orders::refund,
         admin_orders::ship,
         flash_sales::open,
@@ -244,6 +250,8 @@ pub struct CustomerCreated {
     name: String,
     /// The customer's bearer token.
     token: String,
+    /// The company the customer buys for, if any.
+    company_id: Option<String>,
 }
 
 #[derive(ToSchema)]

@@ -40,7 +40,27 @@ pub(super) struct OpsView {
     flash_sales: Vec<FlashSaleView>,
     /// The configured brokers (`redis`, `nats`), up or down; empty in the embedded shape.
     dependencies: Vec<DependencyView>,
+    /// Open invoices past their due date, the longest overdue first: their companies buy on
+    /// account again once they are paid.
+    overdue_invoices: Vec<OverdueInvoiceView>,
 }
+
+#[derive(Serialize, ToSchema)]
+struct OverdueInvoiceView {
+    id: String,
+    number: i64,
+    company_id: String,
+    order_id: String,
+    /// What is still owed.
+    #[schema(value_type = MoneySchema)]
+    balance: Money,
+    #[serde(serialize_with = "rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    due_at: DateTime<Utc>,
+}
+
+/// How many overdue invoices the page lists.
+const OVERDUE_INVOICES: u32 = 50;
 
 #[derive(Serialize, ToSchema)]
 struct DependencyView {
@@ -165,7 +185,23 @@ async fn ops(_: Admin, State(state): State<AppState>) -> Result<Json<OpsView>, A
         };
         flash_sales.push(view);
     }
+    let mut overdue_invoices = Vec::new();
+    for invoice in store
+        .overdue_invoices(state.clock.now(), OVERDUE_INVOICES)
+        .await?
+    {
+        overdue_invoices.push(OverdueInvoiceView {
+            balance: Money::new(invoice.balance(), invoice.amount.currency())
+                .map_err(crate::store::StoreError::from)?,
+            id: invoice.id.to_string(),
+            number: invoice.number,
+            company_id: invoice.company_id.to_string(),
+            order_id: invoice.order_id.to_string(),
+            due_at: invoice.due_at,
+        });
+    }
     Ok(Json(OpsView {
+        overdue_invoices,
         checkouts_by_state: store.checkouts_by_state().await?,
         orders_by_status: store.orders_by_status().await?,
         outbox: OutboxView {

@@ -258,6 +258,8 @@ mod tests {
             stock: 10,
             reserved: id,
             version: 1,
+            rules: Default::default(),
+            price_tiers: Default::default(),
         }
     }
 

@@ -5,7 +5,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize, Serializer};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::domain::{Cart, Checkout, Money, Order, OrderLine, Product, Sku};
+use crate::domain::{
+    Cart, Checkout, Money, Order, OrderLine, OrderingRules, PriceTiers, Product, Sku,
+};
 
 use super::openapi::{CartLineSchema, MoneySchema, OrderLineSchema};
 use super::ApiError;
@@ -24,6 +26,31 @@ pub struct ProductView {
     pub price: Money,
     /// Stock minus what live checkouts hold.
     pub available: i64,
+    /// A cart line holds at least this many units (left out: 1).
+    #[serde(skip_serializing_if = "is_one")]
+    #[schema(minimum = 1)]
+    pub min_quantity: u32,
+    /// A cart line holds a multiple of this, the case pack (left out: 1).
+    #[serde(skip_serializing_if = "is_one")]
+    #[schema(minimum = 1)]
+    pub increment: u32,
+    /// A cart line holds at most this many units (left out: no maximum).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_quantity: Option<u32>,
+    /// Volume prices per unit from `min_quantity` units on, ascending (left out: none).
+    #[serde(skip_serializing_if = "PriceTiers::is_empty")]
+    #[schema(value_type = Vec<PriceTierSchema>)]
+    pub price_tiers: PriceTiers,
+}
+
+impl ProductView {
+    pub fn rules(&self) -> OrderingRules {
+        OrderingRules {
+            min_quantity: self.min_quantity,
+            increment: self.increment,
+            max_quantity: self.max_quantity,
+        }
+    }
 }
 
 impl From<&Product> for ProductView {
@@ -33,8 +60,25 @@ impl From<&Product> for ProductView {
             name: p.name.clone(),
             price: p.price,
             available: p.available(),
+            min_quantity: p.rules.min_quantity,
+            increment: p.rules.increment,
+            max_quantity: p.rules.max_quantity,
+            price_tiers: p.price_tiers.clone(),
         }
     }
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+/// `{min_quantity, amount}`: from `min_quantity` units on, each costs `amount` minor units of
+/// the product's currency.
+#[derive(ToSchema)]
+#[allow(dead_code)] // documentation only
+pub struct PriceTierSchema {
+    min_quantity: u32,
+    amount: i64,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -48,6 +92,16 @@ pub struct AdminProductView {
     pub reserved: i64,
     pub available: i64,
     pub version: i64,
+    /// Ordering rules and volume tiers, left out at their retail defaults (see `ProductView`).
+    #[serde(skip_serializing_if = "is_one")]
+    pub min_quantity: u32,
+    #[serde(skip_serializing_if = "is_one")]
+    pub increment: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_quantity: Option<u32>,
+    #[serde(skip_serializing_if = "PriceTiers::is_empty")]
+    #[schema(value_type = Vec<PriceTierSchema>)]
+    pub price_tiers: PriceTiers,
 }
 
 impl From<&Product> for AdminProductView {
@@ -60,6 +114,10 @@ impl From<&Product> for AdminProductView {
             reserved: p.reserved,
             available: p.available(),
             version: p.version,
+            min_quantity: p.rules.min_quantity,
+            increment: p.rules.increment,
+            max_quantity: p.rules.max_quantity,
+            price_tiers: p.price_tiers.clone(),
         }
     }
 }
@@ -129,7 +187,8 @@ impl From<Checkout> for CheckoutView {
 pub struct OrderView {
     pub id: String,
     /// `pending_payment`, `payment_processing`, `paid`, `payment_failed`, `cancelled`,
-    /// `fulfilled` or `refunded`.
+    /// `fulfilled`, `refunded` or `awaiting_payment_on_terms` (placed on account, its invoice
+    /// open).
     #[schema(value_type = String)]
     pub status: &'static str,
     pub checkout_id: String,
@@ -143,6 +202,12 @@ pub struct OrderView {
     /// Once a refund was asked for: `pending` (the order stays `paid` until Stripe settles
     /// it), `failed` (Stripe kept the money: the order stays `paid`) or `succeeded`.
     pub refund_status: Option<String>,
+    /// The buyer's purchase-order number, if the checkout carried one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub po_number: Option<String>,
+    /// The invoice of an order placed on account (`GET /v1/admin/invoices/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub invoice_id: Option<String>,
 }
 
 impl From<Order> for OrderView {
@@ -156,6 +221,8 @@ impl From<Order> for OrderView {
             payment_intent_id: o.payment_intent_id,
             created_at: o.created_at,
             refund_status: o.refund_status,
+            po_number: o.po_number,
+            invoice_id: o.invoice_id.map(|i| i.to_string()),
         }
     }
 }

@@ -170,6 +170,9 @@ mod tests {
             total: eur(900),
             lines: vec![line("tea-01", 1, 450), line("mug-02", 1, 450)],
             payment_intent_id: "pi_1".into(),
+            po_number: None,
+            on_account: false,
+            invoice_id: None,
             paid_at: chrono::Utc::now(),
         };
         assert_eq!(
@@ -196,6 +199,9 @@ mod tests {
                 line_total: money(450, "EUR"),
             }],
             payment_intent_id: "pi_1".into(),
+            po_number: None,
+            on_account: false,
+            invoice_id: None,
             paid_at: chrono::DateTime::parse_from_rfc3339("2030-01-01T12:00:00Z")
                 .unwrap()
                 .with_timezone(&chrono::Utc),

@@ -37,9 +37,18 @@ pub struct OrderPaid {
     pub checkout_id: CheckoutId,
     pub total: Money,
     pub lines: Vec<OrderLine>,
+    /// Empty for an order placed on account.
     pub payment_intent_id: String,
-    /// RFC 3339 (chrono's serde format).
+    /// RFC 3339 (chrono's serde format); for an order on account, when it was placed.
     pub paid_at: DateTime<Utc>,
+    /// The buyer's purchase-order number, if the checkout carried one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub po_number: Option<String>,
+    /// Placed on a company's net terms: billed by `invoice_id`, not charged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_account: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invoice_id: Option<String>,
 }
 
 impl OrderPaid {

@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use crate::domain::{CartId, CartStatus, Checkout, CheckoutId, Money};
 
 use super::{
-    governing_sale, order_total, Governed, NewCheckout, PricedLine, Shortfall, Store, StoreError,
+    governing_sale, order_total, po_number_given, rules_hold, Governed, NewCheckout, PricedLine,
+    Shortfall, Store, StoreError,
 };
 
 /// One request of a batch as the store found it under the locks.
@@ -18,6 +19,8 @@ pub(crate) struct Candidate {
     pub cart: Result<(), StoreError>,
     /// Its lines summed per product in lock order, priced from the locked product rows.
     pub lines: Vec<PricedLine>,
+    /// The buyer's company requires a purchase-order number.
+    pub po_number_required: bool,
 }
 
 /// What the walk decided for one request.
@@ -109,6 +112,12 @@ fn decide(
     if candidate.lines.is_empty() {
         return Planned::Refuse(StoreError::CartEmpty);
     }
+    if let Err(e) = po_number_given(new, candidate.po_number_required) {
+        return Planned::Refuse(e);
+    }
+    if let Err(e) = rules_hold(&candidate.lines) {
+        return Planned::Refuse(e);
+    }
     let total = match order_total(&candidate.lines) {
         Ok(total) => total,
         Err(e) => return Planned::Refuse(e),
@@ -157,6 +166,7 @@ mod tests {
             flash_sale: None,
             idempotency_key: None,
             flash_sale_units: 0,
+            po_number: None,
             open_sales: Vec::new(),
         }
     }
@@ -170,6 +180,8 @@ mod tests {
                 sku: Sku::parse(&format!("p{product_id}")).expect("a sku"),
                 quantity: Quantity::new(quantity).expect("a quantity"),
                 unit_price: Money::new(100, eur).expect("a price"),
+                list_price: Money::new(100, eur).expect("a price"),
+                rules: crate::domain::OrderingRules::default(),
             })
             .collect()
     }
@@ -178,6 +190,7 @@ mod tests {
         Candidate {
             cart: Ok(()),
             lines: lines(wanted),
+            po_number_required: false,
         }
     }
 
@@ -252,6 +265,7 @@ mod tests {
             Candidate {
                 cart: Err(StoreError::NotFound("cart")),
                 lines: Vec::new(),
+                po_number_required: false,
             },
             open(&[]),
             open(&[(1, 1)]),

@@ -39,9 +39,10 @@ use serde::Serialize;
 use std::collections::HashMap;
 
 use crate::domain::{
-    Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
-    CustomerName, FlashSale, FlashSaleId, MoneyError, NewFlashSale, NewProduct, Order, OrderId,
-    OrderLine, Product, ProductPatch, Quantity, Sku,
+    Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Company, CompanyId,
+    CompanyPrice, Customer, CustomerId, CustomerName, FlashSale, FlashSaleId, MoneyError,
+    NewCompany, NewFlashSale, NewProduct, Order, OrderId, OrderLine, OrderingRules, PriceTiers,
+    Product, ProductPatch, Quantity, RuleBreach, Sku,
 };
 
 pub use ops::{FailureRow, FlashSaleRow, OpsStore};
@@ -72,6 +73,26 @@ pub enum StoreError {
     NotFound(&'static str),
     #[error("sku is already in the catalogue")]
     SkuTaken,
+    /// Ordering rules that no quantity could meet, or broken price tiers.
+    #[error("{0}")]
+    InvalidProduct(String),
+    /// A line breaks its product's ordering rules as they are at the reservation (they changed
+    /// since the line was set): nothing was reserved.
+    #[error("the ordering rules of a line changed")]
+    RulesChanged(Vec<RuleBreach>),
+    /// The buyer's company requires a purchase-order number on every checkout.
+    #[error("a po_number is required")]
+    PoNumberRequired,
+    /// The customer buys for no company with net terms (or in another currency).
+    #[error("this customer cannot buy on account")]
+    OnAccountNotAvailable,
+    /// The company has an invoice past its due date: no further orders on account.
+    #[error("the company has overdue invoices")]
+    InvoicesOverdue,
+    #[error("the order would take the company past its credit limit")]
+    CreditLimitExceeded(CreditShort),
+    #[error("a payment of {amount} exceeds the invoice's balance of {balance}")]
+    PaymentExceedsBalance { amount: i64, balance: i64 },
     #[error("the product changed: current version is {current}")]
     VersionMismatch { current: i64 },
     #[error("stock {stock} would be below the {reserved} units reserved")]
@@ -150,6 +171,167 @@ pub struct Shortfall {
     pub available: i64,
 }
 
+/// A company's credit when an order on account would pass its limit, as shown to the buyer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CreditShort {
+    pub limit: i64,
+    pub outstanding: i64,
+    pub requested: i64,
+}
+
+/// A company's credit as the on-account phase reads it under the company's row lock.
+#[derive(Debug, Clone)]
+pub(crate) struct CreditRow {
+    pub company: CompanyId,
+    pub terms: String,
+    pub currency: String,
+    pub limit: i64,
+    pub outstanding: i64,
+    pub overdue_invoices: i64,
+}
+
+/// Whether an order of `total` may be placed on account, and the days its invoice is due in:
+/// net terms in the order's currency, no overdue invoice, and the open balance plus the order
+/// within the limit (read under the company's lock, so the verdict holds until the commit).
+pub(crate) fn on_account_terms(
+    credit: Option<&CreditRow>,
+    total: crate::domain::Money,
+) -> Result<i64, StoreError> {
+    let credit = credit.ok_or(StoreError::OnAccountNotAvailable)?;
+    let days = crate::domain::PaymentTerms::parse(&credit.terms)
+        .ok_or_else(|| StoreError::Corrupt(format!("payment terms {:?}", credit.terms)))?
+        .days()
+        .ok_or(StoreError::OnAccountNotAvailable)?;
+    if credit.currency != total.currency().as_str() {
+        return Err(StoreError::OnAccountNotAvailable);
+    }
+    if credit.overdue_invoices > 0 {
+        return Err(StoreError::InvoicesOverdue);
+    }
+    let fits = credit
+        .outstanding
+        .checked_add(total.amount())
+        .is_some_and(|after| after <= credit.limit);
+    if !fits {
+        return Err(StoreError::CreditLimitExceeded(CreditShort {
+            limit: credit.limit,
+            outstanding: credit.outstanding,
+            requested: total.amount(),
+        }));
+    }
+    Ok(days)
+}
+
+/// The buyer's company credit (both stores; PostgreSQL appends its row lock): `$1` customer,
+/// `$2` now (invoices due before it are overdue).
+macro_rules! credit_row_sql {
+    ($lock:literal) => {
+        concat!(
+            "SELECT co.id, co.payment_terms, co.currency, co.credit_limit, co.credit_outstanding, \
+             (SELECT COUNT(*) FROM invoices i WHERE i.company_id = co.id AND i.status = 'open' \
+                AND i.due_at < $2) AS overdue_invoices \
+             FROM companies co WHERE co.id = (SELECT company_id FROM customers WHERE id = $1) ",
+            $lock
+        )
+    };
+}
+pub(crate) use credit_row_sql;
+
+pub(crate) const INVOICE_COLUMNS: &str = "id, number, company_id, order_id, amount, currency, \
+     paid_amount, status, due_at, created_at";
+
+/// Open invoices due before `$1`, oldest due first, at most `$2` (both stores).
+pub(crate) const OVERDUE_INVOICES_SQL: &str = "SELECT id, number, company_id, order_id, amount, \
+     currency, paid_amount, status, due_at, created_at FROM invoices \
+     WHERE status = 'open' AND due_at < $1 ORDER BY due_at LIMIT $2";
+
+/// Credit per company for the audit: limit, open balance, and what its open invoices still owe.
+pub(crate) const CREDIT_AUDIT_SQL: &str = "SELECT co.id, co.credit_limit, co.credit_outstanding, \
+     CAST(COALESCE((SELECT SUM(i.amount - i.paid_amount) FROM invoices i \
+        WHERE i.company_id = co.id), 0) AS BIGINT) AS invoiced \
+     FROM companies co ORDER BY co.id";
+
+/// An order line with the ordering rules its product had when it was reserved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineRulesRow {
+    pub order_id: OrderId,
+    pub sku: Sku,
+    pub quantity: u32,
+    pub rules: OrderingRules,
+}
+
+/// Lines outside their recorded rules (both stores; lines from before rules were recorded
+/// have none and are left out).
+pub(crate) const LINE_RULES_AUDIT_SQL: &str = "SELECT order_id, sku, quantity, min_quantity, \
+     increment, max_quantity FROM order_lines WHERE min_quantity IS NOT NULL \
+     AND (quantity < min_quantity OR quantity % increment <> 0 OR quantity > max_quantity) \
+     ORDER BY order_id, sku LIMIT 1000";
+
+/// A company's credit as the audit reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditAuditRow {
+    pub company: CompanyId,
+    pub limit: i64,
+    pub outstanding: i64,
+    /// What its invoices still owe.
+    pub invoiced: i64,
+}
+
+/// A checkout may be completed on account only while its reservation is live, and not one of
+/// a flash sale (whose admissions are settled by card payments).
+pub(crate) fn on_account_checkout(
+    current: &Checkout,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if current.flash_sale_id.is_some() {
+        return Err(StoreError::OnAccountNotAvailable);
+    }
+    if current.state != CheckoutState::Reserved {
+        return Err(StoreError::CheckoutState(current.state));
+    }
+    if current.expires_at <= now {
+        return Err(StoreError::CheckoutExpired);
+    }
+    Ok(())
+}
+
+/// A payment against an invoice: only an open one, at most its balance.
+pub(crate) fn invoice_payment(
+    invoice: &crate::domain::Invoice,
+    amount: i64,
+) -> Result<(), StoreError> {
+    if invoice.status != "open" || amount > invoice.balance() {
+        return Err(StoreError::PaymentExceedsBalance {
+            amount,
+            balance: invoice.balance(),
+        });
+    }
+    Ok(())
+}
+
+/// The on-account phase's writes, the same text in both stores.
+pub(crate) const ON_ACCOUNT_CREDIT_SQL: &str =
+    "UPDATE companies SET credit_outstanding = credit_outstanding + $2 WHERE id = $1";
+pub(crate) const ON_ACCOUNT_ORDER_SQL: &str = "UPDATE orders SET status = \
+     'awaiting_payment_on_terms', invoice_id = $2, updated_at = $3 WHERE id = $1";
+pub(crate) const ON_ACCOUNT_CHECKOUT_SQL: &str = concat!(
+    "UPDATE checkouts SET state = 'completed', payment_method = 'on_account', \
+     lease_owner = NULL, lease_until = NULL, updated_at = $2 WHERE id = $1 RETURNING ",
+    checkout_columns!()
+);
+pub(crate) const CART_CHECKED_OUT_SQL: &str =
+    "UPDATE carts SET status = 'checked_out', updated_at = $2 WHERE id = $1";
+pub(crate) const OUTBOX_ORDER_PAID_SQL: &str = "INSERT INTO outbox (event_id, topic, order_id, \
+     payload, created_at) VALUES ($1, 'order.paid', $2, $3, $4) \
+     ON CONFLICT (topic, order_id) DO NOTHING";
+/// A payment against an invoice (`$2` the amount): paid in full, it is `paid`.
+pub(crate) const INVOICE_PAYMENT_SQL: &str = "UPDATE invoices SET paid_amount = paid_amount + $2, \
+     status = CASE WHEN paid_amount + $2 = amount THEN 'paid' ELSE 'open' END, updated_at = $3 \
+     WHERE id = $1 RETURNING id, number, company_id, order_id, amount, currency, paid_amount, \
+     status, due_at, created_at";
+pub(crate) const INVOICE_PAID_ORDER_SQL: &str = "UPDATE orders SET status = 'paid', \
+     updated_at = $2 WHERE id = $1 AND status = 'awaiting_payment_on_terms'";
+
 /// A sale-SKU line above what its buyer may have, as shown to the customer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SaleLimit {
@@ -184,6 +366,8 @@ pub struct NewCheckout {
     pub idempotency_key: Option<String>,
     /// Units of the sale's SKU the admission holds in the gate.
     pub flash_sale_units: u32,
+    /// The buyer's purchase-order number, kept on the order.
+    pub po_number: Option<crate::domain::PoNumber>,
     /// The sales open at `now`: the reservation checks its own lines against them
     /// ([`governing_sale`]).
     pub open_sales: Vec<OpenSale>,
@@ -317,7 +501,71 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         &self,
         name: &CustomerName,
         token_hash: &str,
+    ) -> Result<Customer, StoreError> {
+        self.create_customer_of(name, token_hash, None).await
+    }
+    /// A customer, buying for `company` when given (which must exist: `NotFound("company")`).
+    async fn create_customer_of(
+        &self,
+        name: &CustomerName,
+        token_hash: &str,
+        company: Option<CompanyId>,
     ) -> Result<Customer, StoreError>;
+
+    // Companies.
+    async fn create_company(
+        &self,
+        company: &NewCompany,
+        now: DateTime<Utc>,
+    ) -> Result<Company, StoreError>;
+    async fn company(&self, id: CompanyId) -> Result<Option<Company>, StoreError>;
+    /// Sets (or replaces) the company's price of one SKU. Bumps nothing on the product: the
+    /// reservation reads the price list in its own transaction.
+    async fn set_company_price(
+        &self,
+        company: CompanyId,
+        sku: &Sku,
+        price: &CompanyPrice,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// reserved → completed on account, in one transaction: the buyer's company has net terms,
+    /// no overdue invoice and room under its credit limit for the total; the units are sold,
+    /// the order is `awaiting_payment_on_terms` with a new invoice due after the terms, the
+    /// company's open balance grows by the total, and the order's fulfilment event is written.
+    async fn complete_on_account(
+        &self,
+        customer: CustomerId,
+        id: CheckoutId,
+        now: DateTime<Utc>,
+    ) -> Result<(Checkout, crate::domain::Invoice), StoreError>;
+    async fn invoice(
+        &self,
+        id: crate::domain::InvoiceId,
+    ) -> Result<Option<crate::domain::Invoice>, StoreError>;
+    /// A payment of `amount` (1 up to the balance) against an open invoice: the company's open
+    /// balance shrinks by it; paid in full, the invoice is `paid` and its order `paid`.
+    async fn record_invoice_payment(
+        &self,
+        id: crate::domain::InvoiceId,
+        amount: i64,
+        now: DateTime<Utc>,
+    ) -> Result<crate::domain::Invoice, StoreError>;
+    /// Every company's credit, for the audit.
+    async fn credit_audit(&self) -> Result<Vec<CreditAuditRow>, StoreError>;
+    /// Order lines whose quantity the SQL finds outside the rules recorded with them when they
+    /// were reserved (the audit names the rule each breaks).
+    async fn line_rules_audit(&self) -> Result<Vec<LineRulesRow>, StoreError>;
+    /// Open invoices past their due date at `now`, the longest overdue first (the ops page).
+    async fn overdue_invoices(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<crate::domain::Invoice>, StoreError>;
+    /// The company's whole price list, by SKU (for the catalogue a buyer is shown).
+    async fn company_prices(
+        &self,
+        company: CompanyId,
+    ) -> Result<Vec<(Sku, CompanyPrice)>, StoreError>;
     async fn customer_by_token_hash(
         &self,
         token_hash: &str,
@@ -556,7 +804,8 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         order: OrderId,
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError>;
-    /// paid → fulfilled (shipped); fulfilling a fulfilled order changes nothing.
+    /// paid (or placed on account) → fulfilled (shipped); fulfilling a fulfilled order changes
+    /// nothing.
     async fn mark_fulfilled(&self, order: OrderId, now: DateTime<Utc>)
         -> Result<Order, StoreError>;
     /// Any order by id, for the admin.
@@ -656,14 +905,73 @@ pub(crate) fn schema_is_current(
     }
 }
 
-/// A cart line as reserved: the product row's id (lock order), its SKU, the quantity and the
-/// catalogue price read under the row lock.
+/// A cart line as reserved: the product row's id (lock order), its SKU, the quantity, the
+/// price this buyer pays per unit ([`crate::domain::unit_price`]), and the list price and the
+/// ordering rules read under the row lock (the guard checks the list price again).
 #[derive(Debug, Clone)]
 pub(crate) struct PricedLine {
     pub product_id: i64,
     pub sku: Sku,
     pub quantity: Quantity,
     pub unit_price: crate::domain::Money,
+    pub list_price: crate::domain::Money,
+    pub rules: OrderingRules,
+}
+
+/// What the catalogue says about one cart line's product for this buyer, read with the line:
+/// list price, volume tiers, the buyer's company price, the ordering rules.
+#[derive(Debug, Clone)]
+pub(crate) struct LineTerms {
+    pub list_price: crate::domain::Money,
+    pub tiers: PriceTiers,
+    pub company: Option<CompanyPrice>,
+    pub rules: OrderingRules,
+}
+
+impl LineTerms {
+    /// A line priced at one figure whatever its quantity, with no rules.
+    pub fn list(list_price: crate::domain::Money) -> Self {
+        Self {
+            list_price,
+            tiers: PriceTiers::default(),
+            company: None,
+            rules: OrderingRules::default(),
+        }
+    }
+}
+
+/// Inside the reservation: a buyer whose company requires a purchase-order number gives one.
+pub(crate) fn po_number_given(new: &NewCheckout, required: bool) -> Result<(), StoreError> {
+    if required && new.po_number.is_none() {
+        Err(StoreError::PoNumberRequired)
+    } else {
+        Ok(())
+    }
+}
+
+/// The company's requirement of a purchase-order number for this customer's checkouts (both
+/// stores, in the reservation's transaction): `$1` customer.
+pub(crate) const PO_NUMBER_REQUIRED_SQL: &str = "SELECT COALESCE((SELECT co.po_number_required \
+     FROM customers u JOIN companies co ON co.id = u.company_id WHERE u.id = $1), FALSE)";
+
+/// The lines of a paid order with its purchase-order number, for its `order.paid` event (both
+/// stores): `$1` order.
+pub(crate) const PAID_ORDER_LINES_SQL: &str = "SELECT ol.order_id, ol.sku, ol.quantity, \
+     ol.unit_price, ol.line_total, o.currency, o.po_number FROM order_lines ol \
+     JOIN orders o ON o.id = ol.order_id WHERE o.id = $1 ORDER BY ol.sku";
+
+/// Inside the reservation, on the lines it read: every line within its product's ordering
+/// rules as they are now, or `RulesChanged` naming each line and the rule it breaks.
+pub(crate) fn rules_hold(lines: &[PricedLine]) -> Result<(), StoreError> {
+    let broken: Vec<RuleBreach> = lines
+        .iter()
+        .filter_map(|line| line.rules.breach(&line.sku, line.quantity.get()))
+        .collect();
+    if broken.is_empty() {
+        Ok(())
+    } else {
+        Err(StoreError::RulesChanged(broken))
+    }
 }
 
 impl PricedLine {
@@ -698,26 +1006,38 @@ pub(crate) const PRICE_RETRIES: usize = 3;
 /// attempt reads it under the row lock (see [`reserve_retrying`]).
 pub(crate) const UNLOCKED_READ_BACKS: usize = 8;
 
-/// A cart line with the catalogue price read together with it (before the row lock): lines of
-/// one product summed and sorted by product id, like [`lock_order`].
+/// Cart lines with the catalogue terms read together with them (before the row lock): lines
+/// of one product summed and sorted by product id, like [`lock_order`], each priced at its
+/// summed quantity.
 pub(crate) fn priced_in_lock_order(
-    lines: Vec<(WantedLine, crate::domain::Money)>,
+    lines: Vec<(WantedLine, LineTerms)>,
 ) -> Result<Vec<PricedLine>, StoreError> {
-    let prices: HashMap<i64, crate::domain::Money> = lines
-        .iter()
-        .map(|(line, price)| (line.product_id, *price))
-        .collect();
-    lock_order(lines.into_iter().map(|(line, _)| line).collect())
+    let mut terms: HashMap<i64, LineTerms> = HashMap::new();
+    let mut wanted = Vec::with_capacity(lines.len());
+    for (line, line_terms) in lines {
+        terms.insert(line.product_id, line_terms);
+        wanted.push(line);
+    }
+    lock_order(wanted)
         .into_iter()
         .map(|line| {
-            let unit_price = *prices
+            let terms = terms
                 .get(&line.product_id)
                 .expect("every summed line comes from a priced line");
+            let quantity = rows::quantity(line.quantity)?;
+            let unit_price = crate::domain::unit_price(
+                terms.list_price,
+                &terms.tiers,
+                terms.company.as_ref(),
+                quantity.get(),
+            )?;
             Ok(PricedLine {
                 product_id: line.product_id,
-                quantity: rows::quantity(line.quantity)?,
+                quantity,
                 sku: line.sku,
                 unit_price,
+                list_price: terms.list_price,
+                rules: terms.rules,
             })
         })
         .collect()
@@ -903,7 +1223,7 @@ pub(crate) fn judge_misses(misses: &[(&PricedLine, RowNow)]) -> Guarded {
     }
     if misses
         .iter()
-        .any(|(line, now)| now.unit_price != line.unit_price)
+        .any(|(line, now)| now.unit_price != line.list_price)
     {
         return Guarded::Retry(Retry::PriceMoved);
     }
@@ -960,8 +1280,38 @@ pub(crate) fn lock_order(mut lines: Vec<WantedLine>) -> Vec<WantedLine> {
     lines
 }
 
-pub(crate) const PRODUCT_COLUMNS: &str =
-    "id, sku, name, price_amount, currency, stock, reserved, version";
+pub(crate) const PRODUCT_COLUMNS: &str = "id, sku, name, price_amount, currency, stock, \
+     reserved, version, min_quantity, increment, max_quantity, price_tiers";
+
+/// The product columns an admin edit writes (both stores): `$1` id, then name, price amount,
+/// currency, stock, updated_at, min_quantity, increment, max_quantity, price_tiers.
+pub(crate) const UPDATE_PRODUCT_SQL: &str = "UPDATE products SET name = $2, price_amount = $3, \
+     currency = $4, stock = $5, version = version + 1, updated_at = $6, min_quantity = $7, \
+     increment = $8, max_quantity = $9, price_tiers = $10 WHERE id = $1 RETURNING id, sku, \
+     name, price_amount, currency, stock, reserved, version, min_quantity, increment, \
+     max_quantity, price_tiers";
+
+/// A new product (both stores): sku, name, price amount, currency, stock, created_at,
+/// min_quantity, increment, max_quantity, price_tiers.
+pub(crate) const INSERT_PRODUCT_SQL: &str = "INSERT INTO products (sku, name, price_amount, \
+     currency, stock, created_at, updated_at, min_quantity, increment, max_quantity, \
+     price_tiers) VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $8, $9, $10) RETURNING id, sku, name, \
+     price_amount, currency, stock, reserved, version, min_quantity, increment, max_quantity, \
+     price_tiers";
+
+pub(crate) const COMPANY_COLUMNS: &str =
+    "id, name, currency, payment_terms, credit_limit, po_number_required, created_at";
+
+/// A company's price of a SKU, set or replaced (both stores): `$1` company, `$2` product id,
+/// amount, percent_off, tiers, updated_at.
+pub(crate) const UPSERT_COMPANY_PRICE_SQL: &str = "INSERT INTO company_prices (company_id, \
+     product_id, amount, percent_off, tiers, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
+     ON CONFLICT (company_id, product_id) DO UPDATE SET amount = EXCLUDED.amount, \
+     percent_off = EXCLUDED.percent_off, tiers = EXCLUDED.tiers, updated_at = EXCLUDED.updated_at";
+
+pub(crate) const COMPANY_PRICES_SQL: &str = "SELECT p.sku, cp.amount, cp.percent_off, cp.tiers \
+     FROM company_prices cp JOIN products p ON p.id = cp.product_id WHERE cp.company_id = $1 \
+     ORDER BY p.sku";
 pub(crate) const CHECKOUT_COLUMNS: &str = checkout_columns!();
 /// Promises 4 and 5 for one checkout: where it stands, who drives it, its order and events.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1002,13 +1352,13 @@ pub(crate) const INVENTORY_AUDIT_SQL: &str = "SELECT p.sku, p.stock, p.reserved,
 
 pub(crate) const ORDER_COLUMNS: &str =
     "id, customer_id, checkout_id, status, total_amount, currency, payment_intent_id, created_at, seq, \
-     refund_status";
+     refund_status, po_number, invoice_id";
 
 /// A customer's order with its lines, by primary key, in one statement in both stores (an
 /// order poll is one round trip): `$1` order, `$2` customer. One row per line, SKU order.
 pub(crate) const ORDER_WITH_LINES_SQL: &str = "SELECT o.id, o.customer_id, o.checkout_id, \
      o.status, o.total_amount, o.currency, o.payment_intent_id, o.created_at, o.seq, \
-     o.refund_status, ol.order_id, ol.sku, ol.quantity, ol.unit_price, ol.line_total \
+     o.refund_status, o.po_number, o.invoice_id, ol.order_id, ol.sku, ol.quantity, ol.unit_price, ol.line_total \
      FROM orders o LEFT JOIN order_lines ol ON ol.order_id = o.id \
      WHERE o.id = $1 AND o.customer_id = $2 ORDER BY ol.sku";
 
@@ -1028,16 +1378,21 @@ pub(crate) fn cart_must_be_open(status: &str) -> Result<(), StoreError> {
     }
 }
 
+/// The version must match, stock stay above what is reserved, and the rules the patch leaves
+/// must be ones some quantity can meet. Answers those rules.
 pub(crate) fn check_patch(
     current: &Product,
     expected_version: i64,
     patch: &ProductPatch,
-) -> Result<(), StoreError> {
+) -> Result<OrderingRules, StoreError> {
     if current.version != expected_version {
         return Err(StoreError::VersionMismatch {
             current: current.version,
         });
     }
+    let rules = patch
+        .rules_over(current.rules)
+        .map_err(|e| StoreError::InvalidProduct(e.to_string()))?;
     if let Some(stock) = patch.stock {
         if stock.get() < current.reserved {
             return Err(StoreError::StockBelowReserved {
@@ -1046,7 +1401,7 @@ pub(crate) fn check_patch(
             });
         }
     }
-    Ok(())
+    Ok(rules)
 }
 
 /// Cuts a `limit + 1` fetch down to `limit` and names the cursor of the next page.
@@ -1080,24 +1435,45 @@ pub(crate) struct OutboxRow {
     pub payload: String,
 }
 
+/// How a placed order is paid, as its fulfilment event says.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Paid<'a> {
+    Card(&'a str),
+    /// Placed on account: the invoice that bills it.
+    OnAccount(crate::domain::InvoiceId),
+}
+
 pub(crate) fn order_paid_event(
     checkout: &Checkout,
-    payment_intent_id: &str,
+    paid: Paid<'_>,
     lines: Vec<(OrderId, OrderLine)>,
+    po_number: Option<String>,
     now: DateTime<Utc>,
 ) -> OutboxRow {
     let event_id = uuid::Uuid::new_v4();
     let lines: Vec<OrderLine> = lines.into_iter().map(|(_, line)| line).collect();
-    let payload = serde_json::json!({
+    let at = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut payload = serde_json::json!({
         "event_id": event_id,
         "order_id": checkout.order_id,
         "customer_id": checkout.customer_id,
         "checkout_id": checkout.id,
         "total": checkout.total,
         "lines": lines,
-        "payment_intent_id": payment_intent_id,
-        "paid_at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "paid_at": at,
     });
+    if let Some(po_number) = po_number {
+        payload["po_number"] = po_number.into();
+    }
+    // An order on account has no PaymentIntent: the key stays (consumers expect it), empty.
+    match paid {
+        Paid::Card(payment_intent_id) => payload["payment_intent_id"] = payment_intent_id.into(),
+        Paid::OnAccount(invoice) => {
+            payload["payment_intent_id"] = "".into();
+            payload["on_account"] = true.into();
+            payload["invoice_id"] = invoice.to_string().into();
+        }
+    }
     OutboxRow {
         event_id,
         payload: payload.to_string(),
@@ -1263,6 +1639,8 @@ mod tests {
                 sku: Sku::parse(&format!("p{i}")).expect("a sku"),
                 quantity: Quantity::new(quantity.into()).expect("a quantity in range"),
                 unit_price: crate::domain::Money::new(price, eur).expect("a price"),
+                list_price: crate::domain::Money::new(price, eur).expect("a price"),
+                rules: OrderingRules::default(),
             })
             .collect()
     }

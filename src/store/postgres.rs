@@ -19,9 +19,10 @@ use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::domain::{
-    Cart, CartId, CartLine, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
-    CustomerName, FlashSale, FlashSaleId, Money, NewFlashSale, NewProduct, Order, OrderId,
-    OrderStatus, Product, ProductPatch, Quantity, Sku,
+    Cart, CartId, CartLine, CartStatus, Checkout, CheckoutId, CheckoutState, Company, CompanyId,
+    CompanyPrice, Customer, CustomerId, CustomerName, FlashSale, FlashSaleId, Invoice, InvoiceId,
+    NewCompany, NewFlashSale, NewProduct, Order, OrderId, OrderStatus, Product, ProductPatch,
+    Quantity, Sku,
 };
 
 use super::group;
@@ -31,8 +32,16 @@ use super::{
     page_of, priced_in_lock_order, reserve_retrying, schema_is_current, to_millis, unclaimed_cart,
     Acquisitions, ChargeTicket, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, Released,
     Retry, SaleCheckout, SaleLimit, Shortfall, Store, StoreError, StoreKind, StoredKey, WantedLine,
-    CART_SQL, CHECKOUT_COLUMNS, IDEMPOTENCY_RENEW, INVENTORY_AUDIT_SQL, ORDER_COLUMNS,
-    ORDER_WITH_LINES_SQL, PRODUCT_COLUMNS, SALE_CHECKOUTS_SQL,
+    CART_SQL, CHECKOUT_COLUMNS, COMPANY_COLUMNS, COMPANY_PRICES_SQL, IDEMPOTENCY_RENEW,
+    INSERT_PRODUCT_SQL, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, ORDER_WITH_LINES_SQL,
+    PAID_ORDER_LINES_SQL, PRODUCT_COLUMNS, SALE_CHECKOUTS_SQL, UPDATE_PRODUCT_SQL,
+    UPSERT_COMPANY_PRICE_SQL,
+};
+use super::{
+    credit_row_sql, invoice_payment, on_account_checkout, on_account_terms, order_paid_event,
+    CreditAuditRow, CART_CHECKED_OUT_SQL, CREDIT_AUDIT_SQL, INVOICE_COLUMNS,
+    INVOICE_PAID_ORDER_SQL, INVOICE_PAYMENT_SQL, ON_ACCOUNT_CHECKOUT_SQL, ON_ACCOUNT_CREDIT_SQL,
+    ON_ACCOUNT_ORDER_SQL, OUTBOX_ORDER_PAID_SQL,
 };
 
 mod decode {
@@ -261,7 +270,7 @@ impl PgStore {
         let rows = sqlx::query(
             "SELECT * FROM hf_reserve_checkouts($1::UUID[], $2::UUID[], $3::UUID[], $4::UUID[], \
              $5::UUID[], $6, $7::BIGINT[], $8::BIGINT[], $9::TEXT[], $10::BIGINT[], $11::INT[], \
-             $12::UUID[], $13::TEXT[])",
+             $12::UUID[], $13::TEXT[], $14::TEXT[])",
         )
         .bind(batch.iter().map(|n| n.id.uuid()).collect::<Vec<_>>())
         .bind(batch.iter().map(|n| n.order_id.uuid()).collect::<Vec<_>>())
@@ -306,6 +315,12 @@ impl PgStore {
         .bind(&open.0)
         .bind(&open.1)
         .bind(&open.2)
+        .bind(
+            batch
+                .iter()
+                .map(|n| n.po_number.as_ref().map(|p| p.as_str().to_owned()))
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(&self.pool)
         .await;
         let rows = match rows {
@@ -389,6 +404,8 @@ fn decode_reserved(row: &PgRow) -> Result<Checkout, StoreError> {
         "cart_missing" => Err(StoreError::NotFound("cart")),
         "cart_status" => Err(unclaimed_cart(details()?.as_str())),
         "cart_empty" => Err(StoreError::CartEmpty),
+        "po_number_required" => Err(StoreError::PoNumberRequired),
+        "rules_changed" => Err(StoreError::RulesChanged(decode_breaches(details()?)?)),
         "one_sale_per_checkout" => Err(StoreError::OneSalePerCheckout),
         "admission_required" => Err(StoreError::AdmissionRequired),
         "flash_sale_limit" => Err(StoreError::FlashSaleLimit(decode_sale_limit(details()?)?)),
@@ -426,6 +443,33 @@ fn decode_sale_limit(details: serde_json::Value) -> Result<SaleLimit, StoreError
     })
 }
 
+/// The lines the reservation found outside their rules, named by the one rule check
+/// ([`crate::domain::OrderingRules::breach`]).
+fn decode_breaches(
+    details: serde_json::Value,
+) -> Result<Vec<crate::domain::RuleBreach>, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Broken {
+        sku: String,
+        quantity: i64,
+        min_quantity: i64,
+        increment: i64,
+        max_quantity: Option<i64>,
+    }
+    let broken: Vec<Broken> = serde_json::from_value(details)
+        .map_err(|e| StoreError::Corrupt(format!("broken rules: {e}")))?;
+    broken
+        .into_iter()
+        .map(|b| {
+            let rules = rows::rules(b.min_quantity, b.increment, b.max_quantity)?;
+            let sku = rows::sku(&b.sku)?;
+            rules
+                .breach(&sku, rows::quantity(b.quantity)?.get())
+                .ok_or_else(|| StoreError::Corrupt(format!("{sku}: a line within its rules")))
+        })
+        .collect()
+}
+
 fn decode_shortfalls(details: serde_json::Value) -> Result<Vec<Shortfall>, StoreError> {
     #[derive(serde::Deserialize)]
     struct Short {
@@ -447,7 +491,9 @@ fn decode_shortfalls(details: serde_json::Value) -> Result<Vec<Shortfall>, Store
         .collect()
 }
 
-fn decode_lines(details: serde_json::Value) -> Result<Vec<(WantedLine, Money)>, StoreError> {
+fn decode_lines(
+    details: serde_json::Value,
+) -> Result<Vec<(WantedLine, super::LineTerms)>, StoreError> {
     #[derive(serde::Deserialize)]
     struct Line {
         product_id: i64,
@@ -467,10 +513,22 @@ fn decode_lines(details: serde_json::Value) -> Result<Vec<(WantedLine, Money)>, 
                     sku: rows::sku(&l.sku)?,
                     quantity: l.quantity,
                 },
-                rows::money(l.unit_price, &l.currency)?,
+                super::LineTerms::list(rows::money(l.unit_price, &l.currency)?),
             ))
         })
         .collect()
+}
+
+/// The company credit columns of [`credit_row_sql`].
+fn decode_credit(row: &PgRow) -> Result<super::CreditRow, StoreError> {
+    Ok(super::CreditRow {
+        company: CompanyId::from_uuid(row.try_get("id")?),
+        terms: row.try_get("payment_terms")?,
+        currency: row.try_get("currency")?,
+        limit: row.try_get("credit_limit")?,
+        outstanding: row.try_get("credit_outstanding")?,
+        overdue_invoices: row.try_get("overdue_invoices")?,
+    })
 }
 
 fn checkout_state(row: &PgRow) -> Result<CheckoutState, StoreError> {
@@ -493,29 +551,319 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn create_customer(
+    async fn create_customer_of(
         &self,
         name: &CustomerName,
         token_hash: &str,
+        company: Option<CompanyId>,
     ) -> Result<Customer, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(company) = company {
+            sqlx::query_scalar::<_, Uuid>("SELECT id FROM companies WHERE id = $1")
+                .bind(company.uuid())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound("company"))?;
+        }
         let row = sqlx::query(
-            "INSERT INTO customers (id, name, token_hash, created_at) VALUES ($1, $2, $3, $4) \
-             RETURNING id, name",
+            "INSERT INTO customers (id, name, token_hash, created_at, company_id) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING id, name, company_id",
         )
         .bind(Uuid::new_v4())
         .bind(name.as_str())
         .bind(token_hash)
         .bind(to_millis(Utc::now()))
+        .bind(company.map(CompanyId::uuid))
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        decode::customer(&row)
+    }
+
+    async fn create_company(
+        &self,
+        company: &NewCompany,
+        now: DateTime<Utc>,
+    ) -> Result<Company, StoreError> {
+        let row = sqlx::query(&format!(
+            "INSERT INTO companies ({COMPANY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             RETURNING {COMPANY_COLUMNS}"
+        ))
+        .bind(CompanyId::new().uuid())
+        .bind(company.name.as_str())
+        .bind(company.currency.as_str())
+        .bind(company.payment_terms.as_str())
+        .bind(company.credit_limit)
+        .bind(company.po_number_required)
+        .bind(to_millis(now))
         .fetch_one(&self.pool)
         .await?;
-        decode::customer(&row)
+        decode::company(&row)
+    }
+
+    async fn company(&self, id: CompanyId) -> Result<Option<Company>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {COMPANY_COLUMNS} FROM companies WHERE id = $1"
+        ))
+        .bind(id.uuid())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(decode::company)
+        .transpose()
+    }
+
+    async fn set_company_price(
+        &self,
+        company: CompanyId,
+        sku: &Sku,
+        price: &CompanyPrice,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query_scalar::<_, Uuid>("SELECT id FROM companies WHERE id = $1")
+            .bind(company.uuid())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound("company"))?;
+        let product: i64 = sqlx::query_scalar("SELECT id FROM products WHERE sku = $1")
+            .bind(sku.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound("product"))?;
+        sqlx::query(UPSERT_COMPANY_PRICE_SQL)
+            .bind(company.uuid())
+            .bind(product)
+            .bind(price.amount)
+            .bind(price.percent_off.map(i64::from))
+            .bind(price.tiers.to_json())
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(checkout_id = %id))]
+    async fn complete_on_account(
+        &self,
+        customer: CustomerId,
+        id: CheckoutId,
+        now: DateTime<Utc>,
+    ) -> Result<(Checkout, Invoice), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = sqlx::query(&format!(
+            "SELECT {CHECKOUT_COLUMNS} FROM checkouts WHERE id = $1 AND customer_id = $2 FOR UPDATE"
+        ))
+        .bind(id.uuid())
+        .bind(customer.uuid())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound("checkout"))?;
+        let current = decode::checkout(&current)?;
+        on_account_checkout(&current, now)?;
+        let credit = sqlx::query(credit_row_sql!("FOR UPDATE OF co"))
+            .bind(customer.uuid())
+            .bind(to_millis(now))
+            .fetch_optional(&mut *tx)
+            .await?
+            .as_ref()
+            .map(decode_credit)
+            .transpose()?;
+        let days = on_account_terms(credit.as_ref(), current.total)?;
+        let company = credit
+            .map(|c| c.company)
+            .ok_or(StoreError::OnAccountNotAvailable)?;
+        sqlx::query("SELECT hf_end_reservations(ARRAY[$1], 'confirmed')")
+            .bind(id.uuid())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(ON_ACCOUNT_CREDIT_SQL)
+            .bind(company.uuid())
+            .bind(current.total.amount())
+            .execute(&mut *tx)
+            .await?;
+        let invoice = sqlx::query(&format!(
+            "INSERT INTO invoices (id, company_id, order_id, amount, currency, status, due_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'open', $6, $7, $7) RETURNING {INVOICE_COLUMNS}"
+        ))
+            .bind(InvoiceId::new().uuid())
+            .bind(company.uuid())
+            .bind(current.order_id.uuid())
+            .bind(current.total.amount())
+            .bind(current.total.currency().as_str())
+            .bind(to_millis(now + chrono::Duration::days(days)))
+            .bind(to_millis(now))
+            .fetch_one(&mut *tx)
+            .await?;
+        let invoice = decode::invoice(&invoice)?;
+        sqlx::query(ON_ACCOUNT_ORDER_SQL)
+            .bind(current.order_id.uuid())
+            .bind(invoice.id.uuid())
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(CART_CHECKED_OUT_SQL)
+            .bind(current.cart_id.uuid())
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        let completed = sqlx::query(ON_ACCOUNT_CHECKOUT_SQL)
+            .bind(id.uuid())
+            .bind(to_millis(now))
+            .fetch_one(&mut *tx)
+            .await?;
+        let completed = decode::checkout(&completed)?;
+        let rows = sqlx::query(PAID_ORDER_LINES_SQL)
+            .bind(current.order_id.uuid())
+            .fetch_all(&mut *tx)
+            .await?;
+        let po_number: Option<String> = match rows.first() {
+            Some(row) => row.try_get("po_number")?,
+            None => None,
+        };
+        let lines = rows
+            .iter()
+            .map(decode::order_line)
+            .collect::<Result<Vec<_>, _>>()?;
+        let event = order_paid_event(
+            &completed,
+            super::Paid::OnAccount(invoice.id),
+            lines,
+            po_number,
+            now,
+        );
+        sqlx::query(OUTBOX_ORDER_PAID_SQL)
+            .bind(event.event_id)
+            .bind(completed.order_id.uuid())
+            .bind(&event.payload)
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok((completed, invoice))
+    }
+
+    async fn invoice(&self, id: InvoiceId) -> Result<Option<Invoice>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE id = $1"
+        ))
+        .bind(id.uuid())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(decode::invoice)
+        .transpose()
+    }
+
+    #[tracing::instrument(skip_all, fields(invoice_id = %id))]
+    async fn record_invoice_payment(
+        &self,
+        id: InvoiceId,
+        amount: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Invoice, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = sqlx::query(&format!(
+            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id.uuid())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound("invoice"))?;
+        let current = decode::invoice(&current)?;
+        invoice_payment(&current, amount)?;
+        let paid = sqlx::query(INVOICE_PAYMENT_SQL)
+            .bind(id.uuid())
+            .bind(amount)
+            .bind(to_millis(now))
+            .fetch_one(&mut *tx)
+            .await?;
+        let paid = decode::invoice(&paid)?;
+        sqlx::query(ON_ACCOUNT_CREDIT_SQL)
+            .bind(current.company_id.uuid())
+            .bind(-amount)
+            .execute(&mut *tx)
+            .await?;
+        if paid.status == "paid" {
+            sqlx::query(INVOICE_PAID_ORDER_SQL)
+                .bind(paid.order_id.uuid())
+                .bind(to_millis(now))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(paid)
+    }
+
+    async fn overdue_invoices(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Invoice>, StoreError> {
+        sqlx::query(super::OVERDUE_INVOICES_SQL)
+            .bind(to_millis(now))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(decode::invoice)
+            .collect()
+    }
+
+    async fn line_rules_audit(&self) -> Result<Vec<super::LineRulesRow>, StoreError> {
+        sqlx::query(super::LINE_RULES_AUDIT_SQL)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(super::LineRulesRow {
+                    order_id: OrderId::from_uuid(row.try_get("order_id")?),
+                    sku: rows::sku(row.try_get("sku")?)?,
+                    quantity: rows::quantity(row.try_get("quantity")?)?.get(),
+                    rules: rows::rules(
+                        row.try_get("min_quantity")?,
+                        row.try_get("increment")?,
+                        row.try_get("max_quantity")?,
+                    )?,
+                })
+            })
+            .collect()
+    }
+
+    async fn credit_audit(&self) -> Result<Vec<CreditAuditRow>, StoreError> {
+        sqlx::query(CREDIT_AUDIT_SQL)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(CreditAuditRow {
+                    company: CompanyId::from_uuid(row.try_get("id")?),
+                    limit: row.try_get("credit_limit")?,
+                    outstanding: row.try_get("credit_outstanding")?,
+                    invoiced: row.try_get("invoiced")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn company_prices(
+        &self,
+        company: CompanyId,
+    ) -> Result<Vec<(Sku, CompanyPrice)>, StoreError> {
+        sqlx::query(COMPANY_PRICES_SQL)
+            .bind(company.uuid())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(decode::company_price_row)
+            .collect()
     }
 
     async fn customer_by_token_hash(
         &self,
         token_hash: &str,
     ) -> Result<Option<Customer>, StoreError> {
-        sqlx::query("SELECT id, name FROM customers WHERE token_hash = $1")
+        sqlx::query("SELECT id, name, company_id FROM customers WHERE token_hash = $1")
             .bind(token_hash)
             .fetch_optional(&self.pool)
             .await?
@@ -531,25 +879,26 @@ impl Store for PgStore {
         now: DateTime<Utc>,
     ) -> Result<Product, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(&format!(
-            "INSERT INTO products (sku, name, price_amount, currency, stock, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $6) RETURNING {PRODUCT_COLUMNS}"
-        ))
-        .bind(product.sku.as_str())
-        .bind(product.name.as_str())
-        .bind(product.price.amount())
-        .bind(product.price.currency().as_str())
-        .bind(product.stock.get())
-        .bind(to_millis(now))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::SkuTaken
-            } else {
-                e.into()
-            }
-        })?;
+        let row = sqlx::query(INSERT_PRODUCT_SQL)
+            .bind(product.sku.as_str())
+            .bind(product.name.as_str())
+            .bind(product.price.amount())
+            .bind(product.price.currency().as_str())
+            .bind(product.stock.get())
+            .bind(to_millis(now))
+            .bind(i64::from(product.rules.min_quantity))
+            .bind(i64::from(product.rules.increment))
+            .bind(product.rules.max_quantity.map(i64::from))
+            .bind(product.price_tiers.to_json())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::SkuTaken
+                } else {
+                    e.into()
+                }
+            })?;
         let created = decode::product(&row)?;
         sqlx::query(
             "INSERT INTO stock_adjustments (product_id, actor, old_stock, new_stock, reason, at) \
@@ -655,25 +1004,27 @@ impl Store for PgStore {
         .await?
         .ok_or(StoreError::NotFound("product"))?;
         let current = decode::product(&row)?;
-        check_patch(&current, expected_version, patch)?;
+        let rules = check_patch(&current, expected_version, patch)?;
+        let tiers = patch.price_tiers.as_ref().unwrap_or(&current.price_tiers);
         let price = patch.price.unwrap_or(current.price);
         let stock = patch.stock.map_or(current.stock, |s| s.get());
         let name = patch
             .name
             .as_ref()
             .map_or(current.name.as_str(), |n| n.as_str());
-        let row = sqlx::query(&format!(
-            "UPDATE products SET name = $2, price_amount = $3, currency = $4, stock = $5, \
-             version = version + 1, updated_at = $6 WHERE id = $1 RETURNING {PRODUCT_COLUMNS}"
-        ))
-        .bind(current.id)
-        .bind(name)
-        .bind(price.amount())
-        .bind(price.currency().as_str())
-        .bind(stock)
-        .bind(to_millis(now))
-        .fetch_one(&mut *tx)
-        .await?;
+        let row = sqlx::query(UPDATE_PRODUCT_SQL)
+            .bind(current.id)
+            .bind(name)
+            .bind(price.amount())
+            .bind(price.currency().as_str())
+            .bind(stock)
+            .bind(to_millis(now))
+            .bind(i64::from(rules.min_quantity))
+            .bind(i64::from(rules.increment))
+            .bind(rules.max_quantity.map(i64::from))
+            .bind(tiers.to_json())
+            .fetch_one(&mut *tx)
+            .await?;
         if stock != current.stock {
             sqlx::query(
                 "INSERT INTO stock_adjustments (product_id, actor, old_stock, new_stock, reason, at) \
@@ -1302,7 +1653,8 @@ impl Store for PgStore {
         now: DateTime<Utc>,
     ) -> Result<Order, StoreError> {
         let changed = sqlx::query(
-            "UPDATE orders SET status = 'fulfilled', updated_at = $2 WHERE id = $1 AND status = 'paid'",
+            "UPDATE orders SET status = 'fulfilled', updated_at = $2 WHERE id = $1 \
+             AND status IN ('paid', 'awaiting_payment_on_terms')",
         )
         .bind(order.uuid())
         .bind(to_millis(now))

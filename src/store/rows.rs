@@ -2,7 +2,7 @@
 //! writes the decoders for each row type; stored text that no longer parses is reported as
 //! `StoreError::Corrupt` rather than trusted.
 
-use crate::domain::{Currency, Money, Quantity, Sku};
+use crate::domain::{CompanyPrice, Currency, Money, OrderingRules, PriceTiers, Quantity, Sku};
 
 use super::StoreError;
 
@@ -20,6 +20,40 @@ pub(super) fn quantity(raw: i64) -> Result<Quantity, StoreError> {
     Quantity::new(raw).map_err(|_| StoreError::Corrupt(format!("quantity {raw}")))
 }
 
+/// Stored ordering rules.
+pub(super) fn rules(
+    min: i64,
+    increment: i64,
+    max: Option<i64>,
+) -> Result<OrderingRules, StoreError> {
+    let corrupt = || StoreError::Corrupt(format!("ordering rules {min}/{increment}/{max:?}"));
+    let n = |v: i64| u32::try_from(v).map_err(|_| corrupt());
+    OrderingRules::new(n(min)?, n(increment)?, max.map(n).transpose()?).map_err(|_| corrupt())
+}
+
+/// Stored price tiers (a JSON array).
+pub(super) fn tiers(raw: &str) -> Result<PriceTiers, StoreError> {
+    PriceTiers::from_json(raw).map_err(|e| StoreError::Corrupt(format!("price tiers: {e}")))
+}
+
+/// A stored company price: `None` when the row is absent (a LEFT JOIN found nothing).
+pub(super) fn company_price(
+    amount: Option<i64>,
+    percent_off: Option<i64>,
+    raw_tiers: Option<&str>,
+) -> Result<Option<CompanyPrice>, StoreError> {
+    if amount.is_none() && percent_off.is_none() {
+        return Ok(None);
+    }
+    let percent_off = percent_off
+        .map(|p| u32::try_from(p).map_err(|_| StoreError::Corrupt(format!("percent_off {p}"))))
+        .transpose()?;
+    let tiers = tiers(raw_tiers.unwrap_or("[]"))?;
+    CompanyPrice::new(amount, percent_off, tiers)
+        .map(Some)
+        .map_err(|e| StoreError::Corrupt(format!("company price: {e}")))
+}
+
 /// A stored count of units (`what` names it in the error).
 pub(super) fn units(raw: i64, what: &str) -> Result<u32, StoreError> {
     u32::try_from(raw).map_err(|_| StoreError::Corrupt(format!("{what} {raw}")))
@@ -33,14 +67,47 @@ macro_rules! row_decoders {
             Cart, CartId, CartLine, CartStatus, Checkout, CheckoutId, CheckoutState, Customer,
             CustomerId, Order, OrderId, OrderLine, OrderStatus, Product,
         };
-        use crate::store::rows::{money, quantity, sku, units};
+        use crate::store::rows::{company_price, money, quantity, rules, sku, tiers, units};
         use crate::store::{from_millis, StoreError};
 
         pub(super) fn customer(row: &$row) -> Result<Customer, StoreError> {
             Ok(Customer {
                 id: CustomerId::from_uuid(row.try_get("id")?),
                 name: row.try_get("name")?,
+                company_id: row
+                    .try_get::<Option<uuid::Uuid>, _>("company_id")?
+                    .map(crate::domain::CompanyId::from_uuid),
             })
+        }
+
+        pub(super) fn company(row: &$row) -> Result<crate::domain::Company, StoreError> {
+            let terms: String = row.try_get("payment_terms")?;
+            let currency: String = row.try_get("currency")?;
+            Ok(crate::domain::Company {
+                id: crate::domain::CompanyId::from_uuid(row.try_get("id")?),
+                name: row.try_get("name")?,
+                currency: crate::domain::Currency::parse(&currency)
+                    .map_err(|_| StoreError::Corrupt(format!("currency {currency:?}")))?,
+                payment_terms: crate::domain::PaymentTerms::parse(&terms)
+                    .ok_or_else(|| StoreError::Corrupt(format!("payment terms {terms:?}")))?,
+                credit_limit: row.try_get("credit_limit")?,
+                po_number_required: row.try_get("po_number_required")?,
+                created_at: from_millis(row.try_get("created_at")?)?,
+            })
+        }
+
+        /// `(sku, price)` of a company's price list.
+        pub(super) fn company_price_row(
+            row: &$row,
+        ) -> Result<(crate::domain::Sku, crate::domain::CompanyPrice), StoreError> {
+            let tiers: String = row.try_get("tiers")?;
+            let price = company_price(
+                row.try_get("amount")?,
+                row.try_get("percent_off")?,
+                Some(&tiers),
+            )?
+            .ok_or_else(|| StoreError::Corrupt("a company price without a price".into()))?;
+            Ok((sku(row.try_get("sku")?)?, price))
         }
 
         pub(super) fn product(row: &$row) -> Result<Product, StoreError> {
@@ -52,6 +119,12 @@ macro_rules! row_decoders {
                 stock: row.try_get("stock")?,
                 reserved: row.try_get("reserved")?,
                 version: row.try_get("version")?,
+                rules: rules(
+                    row.try_get("min_quantity")?,
+                    row.try_get("increment")?,
+                    row.try_get("max_quantity")?,
+                )?,
+                price_tiers: tiers(row.try_get("price_tiers")?)?,
             })
         }
 
@@ -179,6 +252,25 @@ macro_rules! row_decoders {
                 payment_intent_id: row.try_get("payment_intent_id")?,
                 created_at: from_millis(row.try_get("created_at")?)?,
                 refund_status: row.try_get("refund_status")?,
+                po_number: row.try_get("po_number")?,
+                invoice_id: row
+                    .try_get::<Option<uuid::Uuid>, _>("invoice_id")?
+                    .map(crate::domain::InvoiceId::from_uuid),
+            })
+        }
+
+        pub(super) fn invoice(row: &$row) -> Result<crate::domain::Invoice, StoreError> {
+            let currency: String = row.try_get("currency")?;
+            Ok(crate::domain::Invoice {
+                id: crate::domain::InvoiceId::from_uuid(row.try_get("id")?),
+                number: row.try_get("number")?,
+                company_id: crate::domain::CompanyId::from_uuid(row.try_get("company_id")?),
+                order_id: OrderId::from_uuid(row.try_get("order_id")?),
+                amount: money(row.try_get("amount")?, &currency)?,
+                paid: money(row.try_get("paid_amount")?, &currency)?,
+                status: row.try_get("status")?,
+                due_at: from_millis(row.try_get("due_at")?)?,
+                created_at: from_millis(row.try_get("created_at")?)?,
             })
         }
 

@@ -18,21 +18,28 @@ use sqlx::{Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use crate::domain::{
-    Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
-    CustomerName, FlashSale, FlashSaleId, Money, NewFlashSale, NewProduct, Order, OrderId,
-    OrderStatus, Product, ProductPatch, Quantity, Sku,
+    Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Company, CompanyId,
+    CompanyPrice, Customer, CustomerId, CustomerName, FlashSale, FlashSaleId, Invoice, InvoiceId,
+    Money, NewCompany, NewFlashSale, NewProduct, Order, OrderId, OrderStatus, Product,
+    ProductPatch, Quantity, Sku,
 };
 
 use super::group::{self, Candidate, Planned};
 use super::rows::{self, row_decoders};
 use super::{
-    admission_in_use, all_matched, attach_lines, cart_must_be_open, check_patch, governing_sale,
-    heartbeat_refused, judge_misses, order_paid_event, order_total, page_of, priced_in_lock_order,
-    reserve_retrying, schema_is_current, to_millis, unclaimed_cart, Acquisitions, ChargeTicket,
-    Governed, Guarded, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine,
-    Released, Retry, RowNow, SaleCheckout, Store, StoreError, StoreKind, StoredKey, WantedLine,
-    CART_SQL, CHECKOUT_COLUMNS, IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW, INVENTORY_AUDIT_SQL,
-    ORDER_COLUMNS, ORDER_WITH_LINES_SQL, PRODUCT_COLUMNS, SALE_CHECKOUTS_SQL,
+    admission_in_use, all_matched, attach_lines, cart_must_be_open, check_patch, credit_row_sql,
+    governing_sale, heartbeat_refused, invoice_payment, judge_misses, on_account_checkout,
+    on_account_terms, order_paid_event, order_total, page_of, po_number_given,
+    priced_in_lock_order, reserve_retrying, rules_hold, schema_is_current, to_millis,
+    unclaimed_cart, Acquisitions, ChargeTicket, CreditAuditRow, Governed, Guarded,
+    IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine, Released, Retry, RowNow,
+    SaleCheckout, Store, StoreError, StoreKind, StoredKey, WantedLine, CART_CHECKED_OUT_SQL,
+    CART_SQL, CHECKOUT_COLUMNS, COMPANY_COLUMNS, COMPANY_PRICES_SQL, CREDIT_AUDIT_SQL,
+    IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW, INSERT_PRODUCT_SQL, INVENTORY_AUDIT_SQL,
+    INVOICE_COLUMNS, INVOICE_PAID_ORDER_SQL, INVOICE_PAYMENT_SQL, ON_ACCOUNT_CHECKOUT_SQL,
+    ON_ACCOUNT_CREDIT_SQL, ON_ACCOUNT_ORDER_SQL, ORDER_COLUMNS, ORDER_WITH_LINES_SQL,
+    OUTBOX_ORDER_PAID_SQL, PAID_ORDER_LINES_SQL, PO_NUMBER_REQUIRED_SQL, PRODUCT_COLUMNS,
+    SALE_CHECKOUTS_SQL, UPDATE_PRODUCT_SQL, UPSERT_COMPANY_PRICE_SQL,
 };
 
 mod decode {
@@ -340,6 +347,8 @@ impl SqliteStore {
         if priced.is_empty() {
             return Err(StoreError::CartEmpty);
         }
+        po_number_given(new, Self::po_number_required(&mut tx, new).await?)?;
+        rules_hold(&priced)?;
         let total = order_total(&priced)?;
         let governed = governing_sale(new, &priced)?;
         let row = Self::insert_checkout(&mut tx, new, &priced, total, governed).await?;
@@ -374,6 +383,17 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Whether the buyer's company requires a purchase-order number.
+    async fn po_number_required(
+        tx: &mut Transaction<'_, Sqlite>,
+        new: &NewCheckout,
+    ) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar(PO_NUMBER_REQUIRED_SQL)
+            .bind(new.customer_id.uuid())
+            .fetch_one(&mut **tx)
+            .await?)
+    }
+
     /// The cart flips to checking_out first: a second checkout of it stops here.
     async fn claim_cart(
         tx: &mut Transaction<'_, Sqlite>,
@@ -400,14 +420,20 @@ impl SqliteStore {
         Err(unclaimed_cart(status.as_deref()))
     }
 
-    /// The cart's lines with the current catalogue prices, summed per product, in lock order.
+    /// The cart's lines with the current catalogue terms for its buyer (list price, volume
+    /// tiers, the company's price, ordering rules), summed per product, in lock order.
     async fn priced_lines(
         tx: &mut Transaction<'_, Sqlite>,
         cart: CartId,
     ) -> Result<Vec<PricedLine>, StoreError> {
         let lines = sqlx::query(
-            "SELECT l.product_id, p.sku, l.quantity, p.price_amount, p.currency \
-             FROM cart_lines l JOIN products p ON p.id = l.product_id WHERE l.cart_id = $1",
+            "SELECT l.product_id, p.sku, l.quantity, p.price_amount, p.currency, \
+             p.min_quantity, p.increment, p.max_quantity, p.price_tiers, \
+             cp.amount AS company_amount, cp.percent_off, cp.tiers AS company_tiers \
+             FROM cart_lines l JOIN products p ON p.id = l.product_id \
+             JOIN carts c ON c.id = l.cart_id JOIN customers u ON u.id = c.customer_id \
+             LEFT JOIN company_prices cp ON cp.company_id = u.company_id AND cp.product_id = p.id \
+             WHERE l.cart_id = $1",
         )
         .bind(cart.uuid())
         .fetch_all(&mut **tx)
@@ -430,8 +456,8 @@ impl SqliteStore {
         let now = to_millis(new.now);
         sqlx::query(
             "INSERT INTO orders (id, customer_id, checkout_id, status, total_amount, currency, \
-             created_at, updated_at, seq) VALUES ($1, $2, $3, 'pending_payment', $4, $5, $6, $6, \
-             (SELECT COALESCE(MAX(seq), 0) + 1 FROM orders))",
+             created_at, updated_at, seq, po_number) VALUES ($1, $2, $3, 'pending_payment', $4, \
+             $5, $6, $6, (SELECT COALESCE(MAX(seq), 0) + 1 FROM orders), $7)",
         )
         .bind(new.order_id.uuid())
         .bind(new.customer_id.uuid())
@@ -439,6 +465,7 @@ impl SqliteStore {
         .bind(total.amount())
         .bind(total.currency().as_str())
         .bind(now)
+        .bind(new.po_number.as_ref().map(|p| p.as_str()))
         .execute(&mut **tx)
         .await?;
         for line in priced {
@@ -504,8 +531,8 @@ impl SqliteStore {
             )
             .bind(line.product_id)
             .bind(i64::from(line.quantity.get()))
-            .bind(line.unit_price.amount())
-            .bind(line.unit_price.currency().as_str())
+            .bind(line.list_price.amount())
+            .bind(line.list_price.currency().as_str())
             .execute(&mut **tx)
             .await?;
             if updated.rows_affected() == 0 {
@@ -543,9 +570,12 @@ impl SqliteStore {
                 None => Err(StoreError::NotFound("cart")),
                 Some(status) => cart_must_be_open(status),
             };
-            let lines = match cart {
-                Ok(()) => Self::priced_lines(&mut tx, new.cart_id).await?,
-                Err(_) => Vec::new(),
+            let (lines, po_number_required) = match cart {
+                Ok(()) => (
+                    Self::priced_lines(&mut tx, new.cart_id).await?,
+                    Self::po_number_required(&mut tx, new).await?,
+                ),
+                Err(_) => (Vec::new(), false),
             };
             for line in &lines {
                 if let Entry::Vacant(slot) = available.entry(line.product_id) {
@@ -557,7 +587,11 @@ impl SqliteStore {
                     slot.insert(free);
                 }
             }
-            candidates.push(Candidate { cart, lines });
+            candidates.push(Candidate {
+                cart,
+                lines,
+                po_number_required,
+            });
         }
         let plan = group::plan(batch, candidates, &available);
         let mut written = HashMap::new();
@@ -616,14 +650,29 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
-fn decode_priced_line(row: &SqliteRow) -> Result<(WantedLine, Money), StoreError> {
+/// A cart line with its product's terms for the buyer (the columns of `priced_lines`).
+fn decode_priced_line(row: &SqliteRow) -> Result<(WantedLine, super::LineTerms), StoreError> {
+    let company_tiers: Option<String> = row.try_get("company_tiers")?;
     Ok((
         WantedLine {
             product_id: row.try_get("product_id")?,
             sku: rows::sku(row.try_get("sku")?)?,
             quantity: row.try_get("quantity")?,
         },
-        rows::money(row.try_get("price_amount")?, row.try_get("currency")?)?,
+        super::LineTerms {
+            list_price: rows::money(row.try_get("price_amount")?, row.try_get("currency")?)?,
+            tiers: rows::tiers(row.try_get("price_tiers")?)?,
+            company: rows::company_price(
+                row.try_get("company_amount")?,
+                row.try_get("percent_off")?,
+                company_tiers.as_deref(),
+            )?,
+            rules: rows::rules(
+                row.try_get("min_quantity")?,
+                row.try_get("increment")?,
+                row.try_get("max_quantity")?,
+            )?,
+        },
     ))
 }
 
@@ -631,6 +680,18 @@ fn decode_row_now(row: &SqliteRow) -> Result<RowNow, StoreError> {
     Ok(RowNow {
         available: row.try_get("available")?,
         unit_price: rows::money(row.try_get("price_amount")?, row.try_get("currency")?)?,
+    })
+}
+
+/// The company credit columns of [`credit_row_sql`].
+fn decode_credit(row: &SqliteRow) -> Result<super::CreditRow, StoreError> {
+    Ok(super::CreditRow {
+        company: CompanyId::from_uuid(row.try_get("id")?),
+        terms: row.try_get("payment_terms")?,
+        currency: row.try_get("currency")?,
+        limit: row.try_get("credit_limit")?,
+        outstanding: row.try_get("credit_outstanding")?,
+        overdue_invoices: row.try_get("overdue_invoices")?,
     })
 }
 
@@ -654,29 +715,316 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn create_customer(
+    async fn create_customer_of(
         &self,
         name: &CustomerName,
         token_hash: &str,
+        company: Option<CompanyId>,
     ) -> Result<Customer, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(company) = company {
+            sqlx::query_scalar::<_, Uuid>("SELECT id FROM companies WHERE id = $1")
+                .bind(company.uuid())
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound("company"))?;
+        }
         let row = sqlx::query(
-            "INSERT INTO customers (id, name, token_hash, created_at) VALUES ($1, $2, $3, $4) \
-             RETURNING id, name",
+            "INSERT INTO customers (id, name, token_hash, created_at, company_id) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING id, name, company_id",
         )
         .bind(Uuid::new_v4())
         .bind(name.as_str())
         .bind(token_hash)
         .bind(to_millis(Utc::now()))
+        .bind(company.map(CompanyId::uuid))
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        decode::customer(&row)
+    }
+
+    async fn create_company(
+        &self,
+        company: &NewCompany,
+        now: DateTime<Utc>,
+    ) -> Result<Company, StoreError> {
+        let row = sqlx::query(&format!(
+            "INSERT INTO companies ({COMPANY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             RETURNING {COMPANY_COLUMNS}"
+        ))
+        .bind(CompanyId::new().uuid())
+        .bind(company.name.as_str())
+        .bind(company.currency.as_str())
+        .bind(company.payment_terms.as_str())
+        .bind(company.credit_limit)
+        .bind(company.po_number_required)
+        .bind(to_millis(now))
         .fetch_one(&self.pool)
         .await?;
-        decode::customer(&row)
+        decode::company(&row)
+    }
+
+    async fn company(&self, id: CompanyId) -> Result<Option<Company>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {COMPANY_COLUMNS} FROM companies WHERE id = $1"
+        ))
+        .bind(id.uuid())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(decode::company)
+        .transpose()
+    }
+
+    async fn set_company_price(
+        &self,
+        company: CompanyId,
+        sku: &Sku,
+        price: &CompanyPrice,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query_scalar::<_, Uuid>("SELECT id FROM companies WHERE id = $1")
+            .bind(company.uuid())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound("company"))?;
+        let product: i64 = sqlx::query_scalar("SELECT id FROM products WHERE sku = $1")
+            .bind(sku.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound("product"))?;
+        sqlx::query(UPSERT_COMPANY_PRICE_SQL)
+            .bind(company.uuid())
+            .bind(product)
+            .bind(price.amount)
+            .bind(price.percent_off.map(i64::from))
+            .bind(price.tiers.to_json())
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(checkout_id = %id))]
+    async fn complete_on_account(
+        &self,
+        customer: CustomerId,
+        id: CheckoutId,
+        now: DateTime<Utc>,
+    ) -> Result<(Checkout, Invoice), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = sqlx::query(&format!(
+            "SELECT {CHECKOUT_COLUMNS} FROM checkouts WHERE id = $1 AND customer_id = $2"
+        ))
+        .bind(id.uuid())
+        .bind(customer.uuid())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound("checkout"))?;
+        let current = decode::checkout(&current)?;
+        on_account_checkout(&current, now)?;
+        let credit = sqlx::query(credit_row_sql!(""))
+            .bind(customer.uuid())
+            .bind(to_millis(now))
+            .fetch_optional(&mut *tx)
+            .await?
+            .as_ref()
+            .map(decode_credit)
+            .transpose()?;
+        let days = on_account_terms(credit.as_ref(), current.total)?;
+        let company = credit
+            .map(|c| c.company)
+            .ok_or(StoreError::OnAccountNotAvailable)?;
+        Self::confirm_reservations(&mut tx, id).await?;
+        sqlx::query(ON_ACCOUNT_CREDIT_SQL)
+            .bind(company.uuid())
+            .bind(current.total.amount())
+            .execute(&mut *tx)
+            .await?;
+        let invoice = sqlx::query(&format!(
+            "INSERT INTO invoices (id, number, company_id, order_id, amount, currency, status, due_at, created_at, updated_at) VALUES ($1, (SELECT COALESCE(MAX(number), 0) + 1 FROM invoices), $2, $3, $4, $5, 'open', $6, $7, $7) RETURNING {INVOICE_COLUMNS}"
+        ))
+            .bind(InvoiceId::new().uuid())
+            .bind(company.uuid())
+            .bind(current.order_id.uuid())
+            .bind(current.total.amount())
+            .bind(current.total.currency().as_str())
+            .bind(to_millis(now + chrono::Duration::days(days)))
+            .bind(to_millis(now))
+            .fetch_one(&mut *tx)
+            .await?;
+        let invoice = decode::invoice(&invoice)?;
+        sqlx::query(ON_ACCOUNT_ORDER_SQL)
+            .bind(current.order_id.uuid())
+            .bind(invoice.id.uuid())
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(CART_CHECKED_OUT_SQL)
+            .bind(current.cart_id.uuid())
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        let completed = sqlx::query(ON_ACCOUNT_CHECKOUT_SQL)
+            .bind(id.uuid())
+            .bind(to_millis(now))
+            .fetch_one(&mut *tx)
+            .await?;
+        let completed = decode::checkout(&completed)?;
+        let rows = sqlx::query(PAID_ORDER_LINES_SQL)
+            .bind(current.order_id.uuid())
+            .fetch_all(&mut *tx)
+            .await?;
+        let po_number: Option<String> = match rows.first() {
+            Some(row) => row.try_get("po_number")?,
+            None => None,
+        };
+        let lines = rows
+            .iter()
+            .map(decode::order_line)
+            .collect::<Result<Vec<_>, _>>()?;
+        let event = order_paid_event(
+            &completed,
+            super::Paid::OnAccount(invoice.id),
+            lines,
+            po_number,
+            now,
+        );
+        sqlx::query(OUTBOX_ORDER_PAID_SQL)
+            .bind(event.event_id)
+            .bind(completed.order_id.uuid())
+            .bind(&event.payload)
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok((completed, invoice))
+    }
+
+    async fn invoice(&self, id: InvoiceId) -> Result<Option<Invoice>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE id = $1"
+        ))
+        .bind(id.uuid())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(decode::invoice)
+        .transpose()
+    }
+
+    #[tracing::instrument(skip_all, fields(invoice_id = %id))]
+    async fn record_invoice_payment(
+        &self,
+        id: InvoiceId,
+        amount: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Invoice, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = sqlx::query(&format!(
+            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE id = $1"
+        ))
+        .bind(id.uuid())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound("invoice"))?;
+        let current = decode::invoice(&current)?;
+        invoice_payment(&current, amount)?;
+        let paid = sqlx::query(INVOICE_PAYMENT_SQL)
+            .bind(id.uuid())
+            .bind(amount)
+            .bind(to_millis(now))
+            .fetch_one(&mut *tx)
+            .await?;
+        let paid = decode::invoice(&paid)?;
+        sqlx::query(ON_ACCOUNT_CREDIT_SQL)
+            .bind(current.company_id.uuid())
+            .bind(-amount)
+            .execute(&mut *tx)
+            .await?;
+        if paid.status == "paid" {
+            sqlx::query(INVOICE_PAID_ORDER_SQL)
+                .bind(paid.order_id.uuid())
+                .bind(to_millis(now))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(paid)
+    }
+
+    async fn overdue_invoices(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Invoice>, StoreError> {
+        sqlx::query(super::OVERDUE_INVOICES_SQL)
+            .bind(to_millis(now))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(decode::invoice)
+            .collect()
+    }
+
+    async fn line_rules_audit(&self) -> Result<Vec<super::LineRulesRow>, StoreError> {
+        sqlx::query(super::LINE_RULES_AUDIT_SQL)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(super::LineRulesRow {
+                    order_id: OrderId::from_uuid(row.try_get("order_id")?),
+                    sku: rows::sku(row.try_get("sku")?)?,
+                    quantity: rows::quantity(row.try_get("quantity")?)?.get(),
+                    rules: rows::rules(
+                        row.try_get("min_quantity")?,
+                        row.try_get("increment")?,
+                        row.try_get("max_quantity")?,
+                    )?,
+                })
+            })
+            .collect()
+    }
+
+    async fn credit_audit(&self) -> Result<Vec<CreditAuditRow>, StoreError> {
+        sqlx::query(CREDIT_AUDIT_SQL)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(CreditAuditRow {
+                    company: CompanyId::from_uuid(row.try_get("id")?),
+                    limit: row.try_get("credit_limit")?,
+                    outstanding: row.try_get("credit_outstanding")?,
+                    invoiced: row.try_get("invoiced")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn company_prices(
+        &self,
+        company: CompanyId,
+    ) -> Result<Vec<(Sku, CompanyPrice)>, StoreError> {
+        sqlx::query(COMPANY_PRICES_SQL)
+            .bind(company.uuid())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(decode::company_price_row)
+            .collect()
     }
 
     async fn customer_by_token_hash(
         &self,
         token_hash: &str,
     ) -> Result<Option<Customer>, StoreError> {
-        sqlx::query("SELECT id, name FROM customers WHERE token_hash = $1")
+        sqlx::query("SELECT id, name, company_id FROM customers WHERE token_hash = $1")
             .bind(token_hash)
             .fetch_optional(&self.pool)
             .await?
@@ -692,25 +1040,26 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
     ) -> Result<Product, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(&format!(
-            "INSERT INTO products (sku, name, price_amount, currency, stock, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $6) RETURNING {PRODUCT_COLUMNS}"
-        ))
-        .bind(product.sku.as_str())
-        .bind(product.name.as_str())
-        .bind(product.price.amount())
-        .bind(product.price.currency().as_str())
-        .bind(product.stock.get())
-        .bind(to_millis(now))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::SkuTaken
-            } else {
-                e.into()
-            }
-        })?;
+        let row = sqlx::query(INSERT_PRODUCT_SQL)
+            .bind(product.sku.as_str())
+            .bind(product.name.as_str())
+            .bind(product.price.amount())
+            .bind(product.price.currency().as_str())
+            .bind(product.stock.get())
+            .bind(to_millis(now))
+            .bind(i64::from(product.rules.min_quantity))
+            .bind(i64::from(product.rules.increment))
+            .bind(product.rules.max_quantity.map(i64::from))
+            .bind(product.price_tiers.to_json())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::SkuTaken
+                } else {
+                    e.into()
+                }
+            })?;
         let created = decode::product(&row)?;
         sqlx::query(
             "INSERT INTO stock_adjustments (product_id, actor, old_stock, new_stock, reason, at) \
@@ -780,25 +1129,27 @@ impl Store for SqliteStore {
         .await?
         .ok_or(StoreError::NotFound("product"))?;
         let current = decode::product(&row)?;
-        check_patch(&current, expected_version, patch)?;
+        let rules = check_patch(&current, expected_version, patch)?;
+        let tiers = patch.price_tiers.as_ref().unwrap_or(&current.price_tiers);
         let price = patch.price.unwrap_or(current.price);
         let stock = patch.stock.map_or(current.stock, |s| s.get());
         let name = patch
             .name
             .as_ref()
             .map_or(current.name.as_str(), |n| n.as_str());
-        let row = sqlx::query(&format!(
-            "UPDATE products SET name = $2, price_amount = $3, currency = $4, stock = $5, \
-             version = version + 1, updated_at = $6 WHERE id = $1 RETURNING {PRODUCT_COLUMNS}"
-        ))
-        .bind(current.id)
-        .bind(name)
-        .bind(price.amount())
-        .bind(price.currency().as_str())
-        .bind(stock)
-        .bind(to_millis(now))
-        .fetch_one(&mut *tx)
-        .await?;
+        let row = sqlx::query(UPDATE_PRODUCT_SQL)
+            .bind(current.id)
+            .bind(name)
+            .bind(price.amount())
+            .bind(price.currency().as_str())
+            .bind(stock)
+            .bind(to_millis(now))
+            .bind(i64::from(rules.min_quantity))
+            .bind(i64::from(rules.increment))
+            .bind(rules.max_quantity.map(i64::from))
+            .bind(tiers.to_json())
+            .fetch_one(&mut *tx)
+            .await?;
         if stock != current.stock {
             sqlx::query(
                 "INSERT INTO stock_adjustments (product_id, actor, old_stock, new_stock, reason, at) \
@@ -1196,17 +1547,25 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         let completed = decode::checkout(&row)?;
-        let lines = sqlx::query(
-            "SELECT ol.order_id, ol.sku, ol.quantity, ol.unit_price, ol.line_total, o.currency \
-             FROM order_lines ol JOIN orders o ON o.id = ol.order_id WHERE o.id = $1 ORDER BY ol.sku",
-        )
-        .bind(current.order_id.uuid())
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(decode::order_line)
-        .collect::<Result<Vec<_>, _>>()?;
-        let event = order_paid_event(&completed, payment_intent_id, lines, now);
+        let rows = sqlx::query(PAID_ORDER_LINES_SQL)
+            .bind(current.order_id.uuid())
+            .fetch_all(&mut *tx)
+            .await?;
+        let po_number: Option<String> = match rows.first() {
+            Some(row) => row.try_get("po_number")?,
+            None => None,
+        };
+        let lines = rows
+            .iter()
+            .map(decode::order_line)
+            .collect::<Result<Vec<_>, _>>()?;
+        let event = order_paid_event(
+            &completed,
+            super::Paid::Card(payment_intent_id),
+            lines,
+            po_number,
+            now,
+        );
         sqlx::query(
             "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
              VALUES ($1, 'order.paid', $2, $3, $4) ON CONFLICT (topic, order_id) DO NOTHING",
@@ -1539,7 +1898,8 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
     ) -> Result<Order, StoreError> {
         let changed = sqlx::query(
-            "UPDATE orders SET status = 'fulfilled', updated_at = $2 WHERE id = $1 AND status = 'paid'",
+            "UPDATE orders SET status = 'fulfilled', updated_at = $2 WHERE id = $1 \
+             AND status IN ('paid', 'awaiting_payment_on_terms')",
         )
         .bind(order.uuid())
         .bind(to_millis(now))

@@ -1437,7 +1437,7 @@ impl Deployment {
             String::from_utf8_lossy(&output.stderr)
         );
         let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 5, "one line per promise:\n{stdout}");
+        assert_eq!(lines.len(), 7, "one line per promise:\n{stdout}");
         assert!(
             lines.iter().all(|l| l.starts_with("ok ")),
             "every promise checked and kept:\n{stdout}"

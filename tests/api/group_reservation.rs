@@ -79,6 +79,7 @@ fn request(customer: CustomerId, cart: CartId, sale: Option<&FlashSale>) -> NewC
         max_lifetime: Duration::seconds(1800),
         flash_sale: sale.map(|sale| sale.id),
         flash_sale_units: u32::from(sale.is_some()),
+        po_number: None,
         open_sales: sale
             .map(|sale| OpenSale {
                 id: sale.id,

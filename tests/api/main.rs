@@ -32,3 +32,4 @@ mod schemathesis;
 mod secrets;
 mod simulation;
 mod webhooks;
+mod wholesale;

@@ -176,6 +176,10 @@ async fn the_demo_catalogue_is_seeded_once_into_an_empty_store(kind: StoreKind) 
         .expect("seeding again works");
 
     assert!(first.products >= 24 && first.flash_sale, "{first:?}");
+    assert!(
+        first.company.is_some() && second.company.is_none(),
+        "{first:?}"
+    );
     assert_eq!(second.products, 0, "a filled catalogue is left alone");
     // Seeded under the HTTP layer: the in-memory catalogue shows it within its staleness bound.
     crate::helpers::eventually(5, "the catalogue shows the seeded products", || async {

@@ -69,6 +69,9 @@ fn paid_order(paid_at: DateTime<Utc>) -> OrderPaid {
         lines: vec![line("tea-01", 1, 450), line("mug-02", 2, 225)],
         payment_intent_id: format!("pi_{}", uuid::Uuid::new_v4().simple()),
         paid_at,
+        po_number: None,
+        on_account: false,
+        invoice_id: None,
     }
 }
 

@@ -253,6 +253,7 @@ async fn a_sale_item_added_after_the_gate_decided_is_not_reserved_without_admiss
         max_lifetime: chrono::Duration::minutes(30),
         flash_sale: None,
         flash_sale_units: 0,
+        po_number: None,
         idempotency_key: None,
         open_sales: app
             .store
@@ -557,6 +558,7 @@ async fn only_the_admission_index_makes_a_checkout_insert_admission_in_use(kind:
             max_lifetime: chrono::Duration::minutes(30),
             flash_sale: None,
             flash_sale_units: 0,
+            po_number: None,
             idempotency_key: None,
             open_sales: Vec::new(),
         });

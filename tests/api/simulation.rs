@@ -693,6 +693,8 @@ impl History {
             name: ProductName::parse("Simulated kettle").expect("a name"),
             price: Money::new(PRICE, Currency::parse("EUR").expect("EUR")).expect("a price"),
             stock: StockLevel::new(STOCK).expect("a stock level"),
+            rules: Default::default(),
+            price_tiers: Default::default(),
         };
         store
             .create_product(&product, "simulation", clock.now())

@@ -128,6 +128,14 @@
           el("td", { class: "num" }, money(f.total)), el("td", {}, f.payment_intent_id || "")))
       : el("tr", {}, el("td", { class: "muted", colspan: 6 }, "nothing has failed")));
 
+    const overdue = o.overdue_invoices || [];
+    replace($("overdue"), overdue.length
+      ? overdue.map((i) => el("tr", { "data-invoice": i.id },
+          el("td", {}, "#" + i.number), el("td", {}, i.company_id.slice(0, 8)),
+          el("td", {}, i.order_id.slice(0, 8)), el("td", { class: "num" }, money(i.balance)),
+          el("td", {}, when(i.due_at))))
+      : el("tr", {}, el("td", { class: "muted", colspan: 5 }, "no invoice is overdue")));
+
     replace($("updated"), "updated " + new Date().toLocaleTimeString());
   }
 
