@@ -90,6 +90,7 @@ pub async fn run_with(store: &dyn Store, options: AuditOptions<'_>) -> Result<Re
             one_charge(&checkouts, options.gateway).await,
             no_ghosts(&checkouts, &options),
             one_event(&checkouts, &options),
+            captured_within_authorized(&checkouts),
         ],
     })
 }
@@ -267,6 +268,14 @@ fn no_ghosts(checkouts: &[CheckoutAuditRow], options: &AuditOptions<'_>) -> Chec
         let expected: &[OrderStatus] = match row.state {
             CheckoutState::Reserved | CheckoutState::Charging => &[OrderStatus::PendingPayment],
             CheckoutState::RequiresAction => &[OrderStatus::PaymentProcessing],
+            CheckoutState::Completed if row.authorized_amount.is_some() => &[
+                OrderStatus::Authorized,
+                OrderStatus::PartiallyFulfilled,
+                OrderStatus::Fulfilled,
+                // Manual capture: the last shipment shipped nothing at all.
+                OrderStatus::Cancelled,
+                OrderStatus::Refunded,
+            ],
             CheckoutState::Completed => &[
                 OrderStatus::Paid,
                 OrderStatus::Fulfilled,
@@ -293,15 +302,60 @@ fn no_ghosts(checkouts: &[CheckoutAuditRow], options: &AuditOptions<'_>) -> Chec
     }
 }
 
+/// Manual capture: captured ≤ authorized, refunded ≤ captured, and nothing captured that no
+/// captured shipment accounts for (no capture without a shipment).
+fn captured_within_authorized(checkouts: &[CheckoutAuditRow]) -> Check {
+    let mut violations = Vec::new();
+    for row in checkouts {
+        let Some(authorized) = row.authorized_amount else {
+            continue;
+        };
+        if row.captured_amount > authorized {
+            violations.push(format!(
+                "checkout {}: captured {} of {authorized} authorized",
+                row.id, row.captured_amount
+            ));
+        }
+        if row.refunded_amount > row.captured_amount {
+            violations.push(format!(
+                "checkout {}: refunded {} of {} captured",
+                row.id, row.refunded_amount, row.captured_amount
+            ));
+        }
+        if row.captured_amount != row.shipments_captured {
+            violations.push(format!(
+                "checkout {}: captured {} but its captured shipments add up to {}",
+                row.id, row.captured_amount, row.shipments_captured
+            ));
+        }
+    }
+    Check {
+        promise:
+            "captures: captured <= authorized, refunded <= captured, every capture a shipment's",
+        violations,
+        skipped: None,
+    }
+}
+
 /// Promise 5: every paid order has exactly one `order.paid` event, published in time; no
 /// unpaid order has one.
 fn one_event(checkouts: &[CheckoutAuditRow], options: &AuditOptions<'_>) -> Check {
     let stale = options.now - options.grace;
     let mut violations = Vec::new();
     for row in checkouts {
-        let paid = matches!(row.order_status, OrderStatus::Paid | OrderStatus::Fulfilled);
+        let paid = matches!(
+            row.order_status,
+            OrderStatus::Paid
+                | OrderStatus::Fulfilled
+                | OrderStatus::Authorized
+                | OrderStatus::PartiallyFulfilled
+        );
         // A refunded order had its event if it was paid first; a refunded late success never was.
-        let refunded = row.order_status == OrderStatus::Refunded;
+        // So had an authorized order whose shipments shipped nothing (cancelled).
+        let refunded = row.order_status == OrderStatus::Refunded
+            || (row.order_status == OrderStatus::Cancelled
+                && row.state == CheckoutState::Completed
+                && row.authorized_amount.is_some());
         match (paid, refunded, row.paid_events) {
             (true, _, 1) | (false, false, 0) | (false, true, 0 | 1) => {}
             (_, _, n) => violations.push(format!(

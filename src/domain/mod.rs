@@ -22,7 +22,7 @@ pub use customer::{Customer, CustomerName, CustomerNameError};
 pub use flash_sale::{FlashSale, NewFlashSale};
 pub use ids::{CartId, CheckoutId, CustomerId, EventId, FlashSaleId, IdError, OrderId};
 pub use money::{Currency, Money, MoneyError};
-pub use order::{Order, OrderLine, OrderStatus};
+pub use order::{CaptureMethod, Order, OrderLine, OrderStatus, PaymentAmounts};
 pub use product::{NewProduct, Product, ProductName, ProductNameError, ProductPatch};
 pub use quantity::{Quantity, QuantityError, StockLevel};
 pub use sku::{Sku, SkuError};

@@ -16,10 +16,15 @@ pub enum OrderStatus {
     Cancelled,
     Fulfilled,
     Refunded,
+    /// Manual capture: the card is authorized for the total, stock is committed, nothing is
+    /// captured yet; shipments capture what they ship.
+    Authorized,
+    /// Manual capture: some lines shipped (and their amount captured), others still to ship.
+    PartiallyFulfilled,
 }
 
 impl OrderStatus {
-    pub const ALL: [OrderStatus; 7] = [
+    pub const ALL: [OrderStatus; 9] = [
         OrderStatus::PendingPayment,
         OrderStatus::PaymentProcessing,
         OrderStatus::Paid,
@@ -27,6 +32,8 @@ impl OrderStatus {
         OrderStatus::Cancelled,
         OrderStatus::Fulfilled,
         OrderStatus::Refunded,
+        OrderStatus::Authorized,
+        OrderStatus::PartiallyFulfilled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -38,11 +45,39 @@ impl OrderStatus {
             OrderStatus::Cancelled => "cancelled",
             OrderStatus::Fulfilled => "fulfilled",
             OrderStatus::Refunded => "refunded",
+            OrderStatus::Authorized => "authorized",
+            OrderStatus::PartiallyFulfilled => "partially_fulfilled",
         }
     }
 
     pub fn parse(raw: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|s| s.as_str() == raw)
+    }
+}
+
+/// When the card is charged: `automatic` (at checkout, the default) or `manual` (authorized at
+/// checkout, captured by the shipments). Decided once per checkout when it starts and stored
+/// with it, so a charge resumed after a crash or a shop-wide change never switches mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptureMethod {
+    #[default]
+    Automatic,
+    Manual,
+}
+
+impl CaptureMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureMethod::Automatic => "automatic",
+            CaptureMethod::Manual => "manual",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        [CaptureMethod::Automatic, CaptureMethod::Manual]
+            .into_iter()
+            .find(|m| m.as_str() == raw)
     }
 }
 
@@ -67,6 +102,49 @@ pub struct Order {
     /// `pending`, `failed` or `succeeded` once a refund was asked for (see
     /// `Store::record_refund_pending`); `None` before.
     pub refund_status: Option<String>,
+    /// Manual capture: the amount the card is authorized for (`None`: captured at checkout).
+    pub authorized_amount: Option<i64>,
+    /// Manual capture: what the shipments captured so far.
+    pub captured_amount: i64,
+    /// What went back by partial refunds, in minor units.
+    pub refunded_amount: i64,
+}
+
+/// An order's money as the admin sees it, in minor units of its currency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PaymentAmounts {
+    pub authorized: i64,
+    pub captured: i64,
+    pub refunded: i64,
+}
+
+impl Order {
+    /// Authorized, captured and refunded amounts. An order charged at checkout was authorized
+    /// and captured in full once paid; its refunds are whole.
+    pub fn amounts(&self) -> PaymentAmounts {
+        if let Some(authorized) = self.authorized_amount {
+            return PaymentAmounts {
+                authorized,
+                captured: self.captured_amount,
+                refunded: self.refunded_amount,
+            };
+        }
+        let paid = matches!(
+            self.status,
+            OrderStatus::Paid | OrderStatus::Fulfilled | OrderStatus::Refunded
+        );
+        let total = if paid { self.total.amount() } else { 0 };
+        let refunded = if self.status == OrderStatus::Refunded {
+            total
+        } else {
+            self.refunded_amount
+        };
+        PaymentAmounts {
+            authorized: total,
+            captured: total,
+            refunded,
+        }
+    }
 }
 
 #[cfg(test)]

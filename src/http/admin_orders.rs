@@ -1,5 +1,6 @@
-//! Admin actions on orders: mark a paid order shipped (`fulfilled`), or refund it (money back
-//! through the gateway, units back in stock).
+//! Admin actions on orders: mark a paid order shipped (`fulfilled`), ship lines of an
+//! authorized order (manual capture: each shipment captures what it ships), or refund it
+//! (money back through the gateway, units back in stock).
 
 use axum::extract::State;
 
@@ -9,8 +10,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::Deserialize;
+use utoipa::ToSchema;
 
-use crate::domain::OrderId;
+use crate::domain::{OrderId, Quantity, Sku};
 
 use super::auth::Admin;
 use super::extract::OptionalJson;
@@ -78,7 +80,31 @@ async fn refund(
     Ok((status, order).into_response())
 }
 
-/// Marks a paid order shipped (`fulfilled`).
+/// Units of one SKU in a shipment.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ShipmentLine {
+    #[schema(value_type = String)]
+    sku: Sku,
+    #[schema(value_type = u32, minimum = 1, maximum = 10000)]
+    quantity: Quantity,
+}
+
+/// A shipment: no body (or `{}`) marks a paid order shipped; `lines` ship part of an
+/// authorized order (manual capture); `last: true` closes the order, every unit not shipped
+/// by then being short (back in stock, never captured).
+#[derive(Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ShipmentBody {
+    #[serde(default)]
+    lines: Option<Vec<ShipmentLine>>,
+    #[serde(default)]
+    last: bool,
+}
+
+/// Marks a paid order shipped (`fulfilled`), or, under manual capture, ships lines of an
+/// authorized order and captures their amount: the order is `partially_fulfilled`, then
+/// `fulfilled` after its last shipment.
 #[utoipa::path(
     post,
     operation_id = "ship_order",
@@ -86,10 +112,13 @@ async fn refund(
     tag = "admin",
     security(("admin_token" = [])),
     params(("id" = String, Path)),
+    request_body(content = Option<ShipmentBody>, description = "optional: lines shipped now"),
     responses(
-        (status = 200, body = OrderView),
+        (status = 200, body = OrderView, description = "shipped (and captured)"),
+        (status = 202, body = OrderView, description = "shipment recorded, its capture not confirmed by the gateway yet (recovery finishes it)"),
         (status = 404, body = ErrorBody, description = "`order_not_found`"),
-        (status = 409, body = ErrorBody, description = "the order is not paid"),
+        (status = 409, body = ErrorBody, description = "`invalid_order_state`: not paid (no lines) or not authorized (lines); `shipment_in_progress`"),
+        (status = 422, body = ErrorBody, description = "`invalid_shipment`: a SKU not of the order, more units than are left, or nothing to ship"),
         (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
         (status = 403, body = ErrorBody, description = "a customer's token"),
     )
@@ -98,9 +127,24 @@ async fn ship(
     _: Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    OptionalJson(NoBody {}): OptionalJson<NoBody>,
-) -> Result<Json<OrderView>, ApiError> {
+    OptionalJson(body): OptionalJson<ShipmentBody>,
+) -> Result<Response, ApiError> {
     let id = parse_order_id(&id)?;
-    let order = state.store.mark_fulfilled(id, state.clock.now()).await?;
-    Ok(Json(order.into()))
+    if body.lines.is_none() && !body.last {
+        let order = state.store.mark_fulfilled(id, state.clock.now()).await?;
+        return Ok(Json(OrderView::from(order)).into_response());
+    }
+    let lines = body
+        .lines
+        .unwrap_or_default()
+        .into_iter()
+        .map(|line| (line.sku, line.quantity.get()))
+        .collect();
+    let (order, settled) = state.checkout.ship(id, lines, body.last).await?;
+    let status = if settled {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(OrderView::from(order))).into_response())
 }

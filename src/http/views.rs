@@ -129,7 +129,8 @@ impl From<Checkout> for CheckoutView {
 pub struct OrderView {
     pub id: String,
     /// `pending_payment`, `payment_processing`, `paid`, `payment_failed`, `cancelled`,
-    /// `fulfilled` or `refunded`.
+    /// `fulfilled` or `refunded`; under manual capture also `authorized` (card held, nothing
+    /// captured) and `partially_fulfilled` (some lines shipped and captured).
     #[schema(value_type = String)]
     pub status: &'static str,
     pub checkout_id: String,
@@ -143,11 +144,27 @@ pub struct OrderView {
     /// Once a refund was asked for: `pending` (the order stays `paid` until Stripe settles
     /// it), `failed` (Stripe kept the money: the order stays `paid`) or `succeeded`.
     pub refund_status: Option<String>,
+    /// What the card is authorized for (the total once paid at checkout).
+    #[schema(value_type = MoneySchema)]
+    pub authorized: Money,
+    /// What was captured: the total once paid at checkout, the shipments' amounts under
+    /// manual capture.
+    #[schema(value_type = MoneySchema)]
+    pub captured: Money,
+    /// What went back to the card.
+    #[schema(value_type = MoneySchema)]
+    pub refunded: Money,
 }
 
 impl From<Order> for OrderView {
     fn from(o: Order) -> Self {
+        let amounts = o.amounts();
+        let currency = o.total.currency();
+        let money = |amount: i64| Money::new(amount, currency).unwrap_or(Money::zero(currency));
         Self {
+            authorized: money(amounts.authorized),
+            captured: money(amounts.captured),
+            refunded: money(amounts.refunded),
             id: o.id.to_string(),
             status: o.status.as_str(),
             checkout_id: o.checkout_id.to_string(),

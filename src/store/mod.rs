@@ -39,9 +39,9 @@ use serde::Serialize;
 use std::collections::HashMap;
 
 use crate::domain::{
-    Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
-    CustomerName, FlashSale, FlashSaleId, MoneyError, NewFlashSale, NewProduct, Order, OrderId,
-    OrderLine, Product, ProductPatch, Quantity, Sku,
+    CaptureMethod, Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer,
+    CustomerId, CustomerName, FlashSale, FlashSaleId, MoneyError, NewFlashSale, NewProduct, Order,
+    OrderId, OrderLine, Product, ProductPatch, Quantity, Sku,
 };
 
 pub use ops::{FailureRow, FlashSaleRow, OpsStore};
@@ -90,6 +90,13 @@ pub enum StoreError {
     ChargeInProgress,
     #[error("the order is {0:?}")]
     OrderState(crate::domain::OrderStatus),
+    /// A shipment of the order is still capturing; recovery finishes it.
+    #[error("a shipment of this order is being captured")]
+    ShipmentInProgress,
+    /// The shipment does not fit the order: an unknown SKU, more units than are left to ship,
+    /// or nothing to ship.
+    #[error("{0}")]
+    BadShipment(String),
     #[error("this flash-sale admission already holds a live checkout")]
     AdmissionInUse,
     /// A line of a sale's SKU without that sale's admission (the cart changed after the gate
@@ -187,6 +194,8 @@ pub struct NewCheckout {
     /// The sales open at `now`: the reservation checks its own lines against them
     /// ([`governing_sale`]).
     pub open_sales: Vec<OpenSale>,
+    /// How this checkout's payment is captured, stored with it by the reservation.
+    pub capture_method: CaptureMethod,
 }
 
 /// A checkout of a flash sale as the gate is rebuilt from it.
@@ -229,6 +238,21 @@ macro_rules! claim_pending_refunds_sql {
     };
 }
 pub(crate) use claim_pending_refunds_sql;
+
+/// Claims capturing shipments whose lease ran out (`claim_stalled_shipments`), both stores:
+/// `$1` lease until, `$2` now, `$3` limit; `{lock}` as in [`claim_pending_refunds_sql`].
+macro_rules! claim_stalled_shipments_sql {
+    ($lock:literal) => {
+        concat!(
+            "UPDATE shipments SET lease_until = $1 WHERE id IN ( \
+               SELECT id FROM shipments WHERE status = 'capturing' AND lease_until < $2 \
+               ORDER BY lease_until LIMIT $3",
+            $lock,
+            ") RETURNING id"
+        )
+    };
+}
+pub(crate) use claim_stalled_shipments_sql;
 
 /// A checkout claimed for a charge (or for recovery), with what the charge must repeat.
 #[derive(Debug, Clone)]
@@ -441,6 +465,19 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         payment_intent_id: &str,
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError>;
+    /// Manual capture: the card is authorized (`requires_capture`) for `amount`. Exactly as
+    /// [`Store::record_charge_succeeded`] (stock confirmed, checkout completed, a late
+    /// authorization re-reserves or is due back), but the order is `authorized` with nothing
+    /// captured, and its fulfilment event is `order.authorized`.
+    async fn record_charge_authorized(
+        &self,
+        id: CheckoutId,
+        payment_intent_id: &str,
+        amount: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError>;
+    /// How the checkout's payment is captured, as decided when it started.
+    async fn capture_method(&self, id: CheckoutId) -> Result<CaptureMethod, StoreError>;
     /// Declined: release the units, order and checkout `payment_failed`, cart open again.
     async fn record_charge_declined(
         &self,
@@ -542,6 +579,42 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         order: OrderId,
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError>;
+    /// Manual capture: records a shipment of an `authorized` or `partially_fulfilled` order
+    /// before its capture call, with the capture's key and a lease ([`plan_shipment`] decides
+    /// amounts). Its lines count as shipped; on the order's last shipment the units left are
+    /// short: released back to stock at once, never captured.
+    async fn begin_shipment(&self, new: &NewShipment) -> Result<ShipmentTicket, StoreError>;
+    /// The gateway captured the shipment: its amount adds to the order's captured amount, the
+    /// order is `partially_fulfilled`, or `fulfilled` after its last shipment (`cancelled` when
+    /// nothing at all was captured), and one `order.shipment_captured` event is written.
+    /// Recording a settled shipment again changes nothing.
+    async fn record_shipment_captured(
+        &self,
+        shipment: ShipmentId,
+        now: DateTime<Utc>,
+    ) -> Result<Order, StoreError>;
+    /// The gateway refused the capture (say, the authorization lapsed): the shipment is
+    /// `failed` with the reason, for an operator; the order keeps what it captured.
+    async fn record_shipment_failed(
+        &self,
+        shipment: ShipmentId,
+        failure: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Order, StoreError>;
+    /// Shipments still capturing whose lease ran out (a crashed instance, an unknown answer),
+    /// claimed with a new lease for recovery to capture again with the same key.
+    async fn claim_stalled_shipments(
+        &self,
+        limit: u32,
+        lease: Lease<'_>,
+    ) -> Result<Vec<ShipmentTicket>, StoreError>;
+    /// Orders still holding an authorization given before `before` (oldest first): the
+    /// authorization worker settles them, the ops page lists those near their end.
+    async fn authorizations_before(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<OrderId>, StoreError>;
     /// paid → fulfilled (shipped); fulfilling a fulfilled order changes nothing.
     async fn mark_fulfilled(&self, order: OrderId, now: DateTime<Utc>)
         -> Result<Order, StoreError>;
@@ -951,19 +1024,29 @@ pub struct CheckoutAuditRow {
     /// The gateway's refund recorded with the checkout, and the order's `refund_status`.
     pub refund_id: Option<String>,
     pub refund_status: Option<String>,
-    /// `order.paid` outbox rows of its order, and how many of them are still unpublished.
+    /// Fulfilment events (`order.paid`, or `order.authorized` under manual capture) of its
+    /// order, and how many of them are still unpublished.
     pub paid_events: i64,
     pub unpublished_events: i64,
     pub oldest_unpublished: Option<DateTime<Utc>>,
+    /// Manual capture: the order's authorized (`None`: charged at checkout), captured and
+    /// refunded amounts, and the sum of its captured shipments.
+    pub authorized_amount: Option<i64>,
+    pub captured_amount: i64,
+    pub refunded_amount: i64,
+    pub shipments_captured: i64,
 }
 
 pub(crate) const CHECKOUT_AUDIT_SQL: &str = "SELECT c.id, c.state, c.refund_due, c.expires_at, \
      c.lease_until, o.status AS order_status, c.refund_id, o.refund_status, \
-     (SELECT COUNT(*) FROM outbox x WHERE x.order_id = o.id AND x.topic = 'order.paid') AS paid_events, \
-     (SELECT COUNT(*) FROM outbox x WHERE x.order_id = o.id AND x.topic = 'order.paid' \
+     (SELECT COUNT(*) FROM outbox x WHERE x.order_id = o.id AND x.topic IN ('order.paid', 'order.authorized')) AS paid_events, \
+     (SELECT COUNT(*) FROM outbox x WHERE x.order_id = o.id AND x.topic IN ('order.paid', 'order.authorized') \
         AND x.published_at IS NULL) AS unpublished_events, \
-     (SELECT MIN(x.created_at) FROM outbox x WHERE x.order_id = o.id AND x.topic = 'order.paid' \
-        AND x.published_at IS NULL) AS oldest_unpublished \
+     (SELECT MIN(x.created_at) FROM outbox x WHERE x.order_id = o.id AND x.topic IN ('order.paid', 'order.authorized') \
+        AND x.published_at IS NULL) AS oldest_unpublished, \
+     o.authorized_amount, o.captured_amount, o.refunded_amount, \
+     (SELECT CAST(COALESCE(SUM(s.amount), 0) AS BIGINT) FROM shipments s \
+        WHERE s.order_id = o.id AND s.status = 'captured') AS shipments_captured \
      FROM checkouts c JOIN orders o ON o.id = c.order_id ORDER BY c.created_at";
 
 /// Promise 1 per product, read in one statement (one snapshot) in both stores.
@@ -978,7 +1061,7 @@ pub(crate) const INVENTORY_AUDIT_SQL: &str = "SELECT p.sku, p.stock, p.reserved,
 
 pub(crate) const ORDER_COLUMNS: &str =
     "id, customer_id, checkout_id, status, total_amount, currency, payment_intent_id, created_at, seq, \
-     refund_status";
+     refund_status, authorized_amount, captured_amount, refunded_amount";
 
 pub(crate) fn cart_must_be_open(status: &str) -> Result<(), StoreError> {
     match CartStatus::parse(status) {
@@ -1038,6 +1121,253 @@ pub(crate) fn attach_lines(orders: &mut [Order], lines: Vec<(OrderId, OrderLine)
 pub(crate) struct OutboxRow {
     pub event_id: uuid::Uuid,
     pub payload: String,
+}
+
+/// A shipment's id; its capture's idempotency key is derived from it.
+pub type ShipmentId = uuid::Uuid;
+
+/// An admin's shipment of an order under manual capture.
+#[derive(Debug, Clone)]
+pub struct NewShipment {
+    pub id: ShipmentId,
+    pub order: OrderId,
+    /// Units shipped now, per SKU (a SKU named twice counts twice).
+    pub lines: Vec<(Sku, u32)>,
+    /// The order's last shipment: every unit not shipped by now is short.
+    pub last: bool,
+    pub lease_until: DateTime<Utc>,
+    pub now: DateTime<Utc>,
+}
+
+/// A shipment whose capture is to be made, or made again with the same key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShipmentTicket {
+    pub id: ShipmentId,
+    pub order_id: OrderId,
+    pub payment_intent_id: String,
+    /// What this shipment captures (0: nothing shipped, the authorization is released).
+    pub amount: i64,
+    /// The order's last shipment: the rest of the authorization is released.
+    pub final_capture: bool,
+    /// What the order's earlier shipments captured.
+    pub captured_before: i64,
+    pub capture_key: String,
+}
+
+/// The capture key of a shipment: every retry of its capture sends the same one.
+pub fn capture_key(shipment: ShipmentId) -> String {
+    format!("shipment-{shipment}-capture")
+}
+
+/// An order line as a shipment sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct ShippableLine {
+    pub product_id: i64,
+    pub sku: Sku,
+    pub quantity: i64,
+    pub unit_price: i64,
+    pub shipped: i64,
+    pub short: i64,
+}
+
+/// One line of a planned shipment: units shipped now and units declared short.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct PlannedLine {
+    #[serde(skip)]
+    pub product_id: i64,
+    pub sku: Sku,
+    pub quantity: i64,
+    pub short: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ShipmentPlan {
+    pub amount: i64,
+    pub final_capture: bool,
+    pub lines: Vec<PlannedLine>,
+}
+
+/// The one rule for a shipment, both stores: every SKU must be of the order, never more
+/// units than are left to ship, something must ship unless it is the last shipment; the
+/// amount is the shipped units at their order prices (promise 6). The shipment is the last
+/// when asked, or when no unit is left to ship after it; then every unit left is short.
+pub(crate) fn plan_shipment(
+    lines: &[ShippableLine],
+    wanted: &[(Sku, u32)],
+    last: bool,
+) -> Result<ShipmentPlan, StoreError> {
+    let mut asked: HashMap<&Sku, i64> = HashMap::new();
+    for (sku, quantity) in wanted {
+        if !lines.iter().any(|l| &l.sku == sku) {
+            return Err(StoreError::BadShipment(format!(
+                "{sku} is not a line of this order"
+            )));
+        }
+        *asked.entry(sku).or_default() += i64::from(*quantity);
+    }
+    let mut planned = Vec::with_capacity(lines.len());
+    let mut amount: i64 = 0;
+    let mut left_after = 0;
+    for line in lines {
+        let ship = asked.get(&line.sku).copied().unwrap_or(0);
+        let left = line.quantity - line.shipped - line.short;
+        if ship > left {
+            return Err(StoreError::BadShipment(format!(
+                "{} has {left} units left to ship, not {ship}",
+                line.sku
+            )));
+        }
+        amount = line
+            .unit_price
+            .checked_mul(ship)
+            .and_then(|a| a.checked_add(amount))
+            .ok_or(StoreError::Money(MoneyError::Overflow))?;
+        left_after += left - ship;
+        planned.push(PlannedLine {
+            product_id: line.product_id,
+            sku: line.sku.clone(),
+            quantity: ship,
+            short: left - ship,
+        });
+    }
+    let final_capture = last || left_after == 0;
+    for line in &mut planned {
+        if !final_capture {
+            line.short = 0;
+        }
+    }
+    if amount == 0 && !final_capture {
+        return Err(StoreError::BadShipment("nothing to ship".into()));
+    }
+    planned.retain(|l| l.quantity > 0 || l.short > 0);
+    Ok(ShipmentPlan {
+        amount,
+        final_capture,
+        lines: planned,
+    })
+}
+
+/// Shipment statements shared by both stores.
+pub(crate) const SHIPPABLE_ORDER_SQL: &str = "SELECT status, checkout_id, payment_intent_id, \
+     captured_amount FROM orders WHERE id = $1";
+pub(crate) const SHIPMENT_CAPTURING_SQL: &str =
+    "SELECT COUNT(*) FROM shipments WHERE order_id = $1 AND status = 'capturing'";
+pub(crate) const SHIPPABLE_LINES_SQL: &str = "SELECT product_id, sku, quantity, unit_price, \
+     shipped, short FROM order_lines WHERE order_id = $1 ORDER BY product_id";
+/// `$1` id, `$2` order, `$3` amount, `$4` final, `$5` key, `$6` lines JSON, `$7` lease, `$8` now.
+pub(crate) const INSERT_SHIPMENT_SQL: &str = "INSERT INTO shipments (id, order_id, seq, amount, \
+     final_capture, status, capture_key, lines, lease_until, created_at, updated_at) \
+     VALUES ($1, $2, (SELECT COALESCE(MAX(seq), 0) + 1 FROM shipments WHERE order_id = $2), \
+     $3, $4, 'capturing', $5, $6, $7, $8, $8)";
+/// `$1` order, `$2` product, `$3` shipped now, `$4` short now.
+pub(crate) const SHIP_LINE_SQL: &str = "UPDATE order_lines SET shipped = shipped + $3, \
+     short = short + $4 WHERE order_id = $1 AND product_id = $2";
+/// Short units leave the sale (`$1` checkout, `$2` product, `$3` units): the confirmed
+/// reservation shrinks, or is released when all of it is short, and the units are back in
+/// stock, so stock + sold still adds up (promise 1).
+pub(crate) const SHORT_PART_SQL: &str = "UPDATE reservations SET quantity = quantity - $3 \
+     WHERE checkout_id = $1 AND product_id = $2 AND status = 'confirmed' AND quantity > $3";
+pub(crate) const SHORT_WHOLE_SQL: &str = "UPDATE reservations SET status = 'released' \
+     WHERE checkout_id = $1 AND product_id = $2 AND status = 'confirmed' AND quantity = $3";
+pub(crate) const RESTOCK_SQL: &str = "UPDATE products SET stock = stock + $2 WHERE id = $1";
+/// `$1` lease until, `$2` now, `$3` limit; `{}`: PostgreSQL's row lock clause.
+pub(crate) const SHIPMENT_COLUMNS: &str = "s.id, s.order_id, o.payment_intent_id, s.amount, \
+     s.final_capture, s.capture_key, o.captured_amount";
+/// Settles a capturing shipment (`$1`, `$2` now): answers its order, amount and finality.
+pub(crate) const SHIPMENT_CAPTURED_SQL: &str = "UPDATE shipments SET status = 'captured', \
+     lease_until = NULL, updated_at = $2 WHERE id = $1 AND status = 'capturing' \
+     RETURNING order_id, amount, final_capture";
+/// `$1` order, `$2` amount captured now, `$3` final, `$4` now.
+pub(crate) const ORDER_CAPTURED_SQL: &str = "UPDATE orders SET \
+     captured_amount = captured_amount + $2, \
+     status = CASE WHEN NOT $3 THEN 'partially_fulfilled' \
+                   WHEN captured_amount + $2 = 0 THEN 'cancelled' ELSE 'fulfilled' END, \
+     updated_at = $4 WHERE id = $1";
+pub(crate) const SHIPMENT_FAILED_SQL: &str = "UPDATE shipments SET status = 'failed', \
+     failure = $2, lease_until = NULL, updated_at = $3 WHERE id = $1 AND status = 'capturing' \
+     RETURNING order_id";
+
+/// The order's status where shipments may be made.
+pub(crate) fn shippable(status: &str) -> Result<(), StoreError> {
+    match crate::domain::OrderStatus::parse(status) {
+        Some(
+            crate::domain::OrderStatus::Authorized | crate::domain::OrderStatus::PartiallyFulfilled,
+        ) => Ok(()),
+        Some(other) => Err(StoreError::OrderState(other)),
+        None => Err(StoreError::Corrupt(format!("order status {status:?}"))),
+    }
+}
+
+/// The `order.shipment_captured` outbox row: keyed by the shipment (the outbox holds one row
+/// per topic and key), the payload names the order.
+pub(crate) fn shipment_captured_event(
+    shipment: ShipmentId,
+    order: OrderId,
+    amount: i64,
+    final_capture: bool,
+    currency: &str,
+    now: DateTime<Utc>,
+) -> OutboxRow {
+    let event_id = uuid::Uuid::new_v4();
+    let payload = serde_json::json!({
+        "event_id": event_id,
+        "order_id": order,
+        "shipment_id": shipment,
+        "captured": {"amount": amount, "currency": currency},
+        "final": final_capture,
+        "captured_at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    OutboxRow {
+        event_id,
+        payload: payload.to_string(),
+    }
+}
+
+/// The capture method of one checkout (`$1`), both stores.
+pub(crate) const CAPTURE_METHOD_SQL: &str = "SELECT capture_method FROM checkouts WHERE id = $1";
+
+pub(crate) fn capture_method_of(raw: Option<String>) -> Result<CaptureMethod, StoreError> {
+    let raw = raw.ok_or(StoreError::NotFound("checkout"))?;
+    CaptureMethod::parse(&raw).ok_or_else(|| StoreError::Corrupt(format!("capture method {raw:?}")))
+}
+
+/// The order's move to `authorized` (`$1` order, `$2` PaymentIntent, `$3` authorized amount,
+/// `$4` now), both stores.
+pub(crate) const ORDER_AUTHORIZED_SQL: &str = "UPDATE orders SET status = 'authorized', \
+     payment_intent_id = $2, authorized_amount = $3, captured_amount = 0, authorized_at = $4, \
+     updated_at = $4 WHERE id = $1";
+
+/// Orders still holding an authorization given before `$1`, oldest first, at most `$2`.
+pub(crate) const AUTHORIZATIONS_BEFORE_SQL: &str = "SELECT id FROM orders \
+     WHERE status IN ('authorized', 'partially_fulfilled') AND authorized_at < $1 \
+     ORDER BY authorized_at LIMIT $2";
+
+/// The `order.authorized` outbox row of an authorized checkout: the fulfilment event under
+/// manual capture, carrying what `order.paid` carries, plus the authorized amount.
+pub(crate) fn order_authorized_event(
+    checkout: &Checkout,
+    payment_intent_id: &str,
+    amount: i64,
+    lines: Vec<(OrderId, OrderLine)>,
+    now: DateTime<Utc>,
+) -> OutboxRow {
+    let event_id = uuid::Uuid::new_v4();
+    let lines: Vec<OrderLine> = lines.into_iter().map(|(_, line)| line).collect();
+    let payload = serde_json::json!({
+        "event_id": event_id,
+        "order_id": checkout.order_id,
+        "customer_id": checkout.customer_id,
+        "checkout_id": checkout.id,
+        "total": checkout.total,
+        "authorized": {"amount": amount, "currency": checkout.total.currency()},
+        "lines": lines,
+        "payment_intent_id": payment_intent_id,
+        "authorized_at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    OutboxRow {
+        event_id,
+        payload: payload.to_string(),
+    }
 }
 
 pub(crate) fn order_paid_event(

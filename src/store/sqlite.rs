@@ -18,21 +18,26 @@ use sqlx::{Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use crate::domain::{
-    Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer, CustomerId,
-    CustomerName, FlashSale, FlashSaleId, Money, NewFlashSale, NewProduct, Order, OrderId,
-    OrderStatus, Product, ProductPatch, Quantity, Sku,
+    CaptureMethod, Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Customer,
+    CustomerId, CustomerName, FlashSale, FlashSaleId, Money, NewFlashSale, NewProduct, Order,
+    OrderId, OrderStatus, Product, ProductPatch, Quantity, Sku,
 };
 
 use super::group::{self, Candidate, Planned};
 use super::rows::{self, row_decoders};
 use super::{
-    admission_in_use, all_matched, attach_lines, cart_must_be_open, check_patch, governing_sale,
-    judge_misses, order_paid_event, order_total, page_of, priced_in_lock_order, reserve_retrying,
-    schema_is_current, to_millis, unclaimed_cart, Acquisitions, ChargeTicket, Governed, Guarded,
-    IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, PricedLine, Released, Retry, RowNow,
-    SaleCheckout, Store, StoreError, StoreKind, StoredKey, WantedLine, CHECKOUT_COLUMNS,
-    IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
-    SALE_CHECKOUTS_SQL,
+    admission_in_use, all_matched, attach_lines, capture_key, capture_method_of, cart_must_be_open,
+    check_patch, governing_sale, judge_misses, order_authorized_event, order_paid_event,
+    order_total, page_of, plan_shipment, priced_in_lock_order, reserve_retrying, schema_is_current,
+    shipment_captured_event, shippable, to_millis, unclaimed_cart, Acquisitions, ChargeTicket,
+    Governed, Guarded, IdempotencyStart, InventoryRow, Lease, NewCheckout, NewShipment, Page,
+    PricedLine, Released, Retry, RowNow, SaleCheckout, ShipmentId, ShipmentTicket, Store,
+    StoreError, StoreKind, StoredKey, WantedLine, AUTHORIZATIONS_BEFORE_SQL, CAPTURE_METHOD_SQL,
+    CHECKOUT_COLUMNS, IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW, INSERT_SHIPMENT_SQL,
+    INVENTORY_AUDIT_SQL, ORDER_AUTHORIZED_SQL, ORDER_CAPTURED_SQL, ORDER_COLUMNS, PRODUCT_COLUMNS,
+    RESTOCK_SQL, SALE_CHECKOUTS_SQL, SHIPMENT_CAPTURED_SQL, SHIPMENT_CAPTURING_SQL,
+    SHIPMENT_COLUMNS, SHIPMENT_FAILED_SQL, SHIPPABLE_LINES_SQL, SHIPPABLE_ORDER_SQL, SHIP_LINE_SQL,
+    SHORT_PART_SQL, SHORT_WHOLE_SQL,
 };
 
 mod decode {
@@ -269,6 +274,18 @@ impl SqliteStore {
         decode::checkout(&row)
     }
 
+    /// The order a shipment belongs to, with its lines.
+    async fn order_of_shipment(&self, shipment: ShipmentId) -> Result<Order, StoreError> {
+        let order: Uuid = sqlx::query_scalar("SELECT order_id FROM shipments WHERE id = $1")
+            .bind(shipment)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound("shipment"))?;
+        self.admin_order(OrderId::from_uuid(order))
+            .await?
+            .ok_or(StoreError::NotFound("order"))
+    }
+
     /// Sold: every active reservation of the checkout leaves `reserved` and `stock` together.
     async fn confirm_reservations(
         tx: &mut Transaction<'_, Sqlite>,
@@ -487,8 +504,8 @@ impl SqliteStore {
         let row = sqlx::query(concat!(
             "INSERT INTO checkouts (id, customer_id, cart_id, order_id, state, total_amount, \
              currency, expires_at, max_expires_at, created_at, updated_at, flash_sale_id, \
-             flash_sale_units) \
-             VALUES ($1, $2, $3, $4, 'reserved', $5, $6, $7, $8, $9, $9, $10, $11) RETURNING ",
+             flash_sale_units, capture_method) \
+             VALUES ($1, $2, $3, $4, 'reserved', $5, $6, $7, $8, $9, $9, $10, $11, $12) RETURNING ",
             checkout_columns!()
         ))
         .bind(new.id.uuid())
@@ -502,6 +519,7 @@ impl SqliteStore {
         .bind(now)
         .bind(governed.sale.map(FlashSaleId::uuid))
         .bind(i64::from(governed.units))
+        .bind(new.capture_method.as_str())
         .fetch_one(&mut **tx)
         .await
         .map_err(admission_in_use)?;
@@ -1253,6 +1271,97 @@ impl Store for SqliteStore {
     }
 
     #[tracing::instrument(skip_all, fields(checkout_id = %id))]
+    async fn record_charge_authorized(
+        &self,
+        id: CheckoutId,
+        payment_intent_id: &str,
+        amount: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = Self::lock_checkout(&mut tx, id).await?;
+        match current.state {
+            CheckoutState::Completed | CheckoutState::Refunded => return Ok(current),
+            CheckoutState::Reserved | CheckoutState::Charging | CheckoutState::RequiresAction => {
+                Self::confirm_reservations(&mut tx, id).await?;
+            }
+            CheckoutState::Expired | CheckoutState::PaymentFailed | CheckoutState::Cancelled => {
+                if current.refund_due {
+                    return Ok(current);
+                }
+                if !Self::reserve_again_and_confirm(&mut tx, id).await? {
+                    // Units gone: the authorization is due back (cancelled at the gateway).
+                    let row = sqlx::query(&format!(
+                        "UPDATE checkouts SET refund_due = TRUE, payment_intent_id = $2, \
+                         lease_owner = NULL, lease_until = $3, updated_at = $3 WHERE id = $1 \
+                         RETURNING {CHECKOUT_COLUMNS}"
+                    ))
+                    .bind(id.uuid())
+                    .bind(payment_intent_id)
+                    .bind(to_millis(now))
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    return decode::checkout(&row);
+                }
+            }
+        }
+        sqlx::query(ORDER_AUTHORIZED_SQL)
+            .bind(current.order_id.uuid())
+            .bind(payment_intent_id)
+            .bind(amount)
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE carts SET status = 'checked_out', updated_at = $2 WHERE id = $1")
+            .bind(current.cart_id.uuid())
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query(&format!(
+            "UPDATE checkouts SET state = 'completed', payment_intent_id = $2, lease_owner = NULL, \
+             lease_until = NULL, updated_at = $3 WHERE id = $1 RETURNING {CHECKOUT_COLUMNS}"
+        ))
+        .bind(id.uuid())
+        .bind(payment_intent_id)
+        .bind(to_millis(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        let authorized = decode::checkout(&row)?;
+        let lines = sqlx::query(
+            "SELECT ol.order_id, ol.sku, ol.quantity, ol.unit_price, ol.line_total, o.currency \
+             FROM order_lines ol JOIN orders o ON o.id = ol.order_id WHERE o.id = $1 ORDER BY ol.sku",
+        )
+        .bind(current.order_id.uuid())
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(decode::order_line)
+        .collect::<Result<Vec<_>, _>>()?;
+        let event = order_authorized_event(&authorized, payment_intent_id, amount, lines, now);
+        sqlx::query(
+            "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
+             VALUES ($1, 'order.authorized', $2, $3, $4) ON CONFLICT (topic, order_id) DO NOTHING",
+        )
+        .bind(event.event_id)
+        .bind(authorized.order_id.uuid())
+        .bind(&event.payload)
+        .bind(to_millis(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(authorized)
+    }
+
+    async fn capture_method(&self, id: CheckoutId) -> Result<CaptureMethod, StoreError> {
+        let raw: Option<String> = sqlx::query_scalar(CAPTURE_METHOD_SQL)
+            .bind(id.uuid())
+            .fetch_optional(&self.pool)
+            .await?;
+        capture_method_of(raw)
+    }
+
+    #[tracing::instrument(skip_all, fields(checkout_id = %id))]
     async fn record_charge_declined(
         &self,
         id: CheckoutId,
@@ -1562,6 +1671,197 @@ impl Store for SqliteStore {
         .await?;
         tx.commit().await?;
         decode::checkout(&row)
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %new.order))]
+    async fn begin_shipment(&self, new: &NewShipment) -> Result<ShipmentTicket, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let order = sqlx::query(SHIPPABLE_ORDER_SQL)
+            .bind(new.order.uuid())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound("order"))?;
+        let status: String = order.try_get("status")?;
+        shippable(&status)?;
+        let checkout: Uuid = order.try_get("checkout_id")?;
+        let payment_intent_id: Option<String> = order.try_get("payment_intent_id")?;
+        let payment_intent_id = payment_intent_id
+            .ok_or_else(|| StoreError::Corrupt("an authorized order without a payment".into()))?;
+        let captured_before: i64 = order.try_get("captured_amount")?;
+        let capturing: i64 = sqlx::query_scalar(SHIPMENT_CAPTURING_SQL)
+            .bind(new.order.uuid())
+            .fetch_one(&mut *tx)
+            .await?;
+        if capturing > 0 {
+            return Err(StoreError::ShipmentInProgress);
+        }
+        let lines = sqlx::query(SHIPPABLE_LINES_SQL)
+            .bind(new.order.uuid())
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(decode::shippable_line)
+            .collect::<Result<Vec<_>, _>>()?;
+        let plan = plan_shipment(&lines, &new.lines, new.last)?;
+        let key = capture_key(new.id);
+        let lines_json = serde_json::to_string(&plan.lines)
+            .map_err(|e| StoreError::Corrupt(format!("shipment lines: {e}")))?;
+        sqlx::query(INSERT_SHIPMENT_SQL)
+            .bind(new.id)
+            .bind(new.order.uuid())
+            .bind(plan.amount)
+            .bind(plan.final_capture)
+            .bind(&key)
+            .bind(&lines_json)
+            .bind(to_millis(new.lease_until))
+            .bind(to_millis(new.now))
+            .execute(&mut *tx)
+            .await?;
+        for line in &plan.lines {
+            sqlx::query(SHIP_LINE_SQL)
+                .bind(new.order.uuid())
+                .bind(line.product_id)
+                .bind(line.quantity)
+                .bind(line.short)
+                .execute(&mut *tx)
+                .await?;
+            if line.short > 0 {
+                let part = sqlx::query(SHORT_PART_SQL)
+                    .bind(checkout)
+                    .bind(line.product_id)
+                    .bind(line.short)
+                    .execute(&mut *tx)
+                    .await?;
+                if part.rows_affected() == 0 {
+                    sqlx::query(SHORT_WHOLE_SQL)
+                        .bind(checkout)
+                        .bind(line.product_id)
+                        .bind(line.short)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query(RESTOCK_SQL)
+                    .bind(line.product_id)
+                    .bind(line.short)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(ShipmentTicket {
+            id: new.id,
+            order_id: new.order,
+            payment_intent_id,
+            amount: plan.amount,
+            final_capture: plan.final_capture,
+            captured_before,
+            capture_key: key,
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(%shipment))]
+    async fn record_shipment_captured(
+        &self,
+        shipment: ShipmentId,
+        now: DateTime<Utc>,
+    ) -> Result<Order, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let settled = sqlx::query(SHIPMENT_CAPTURED_SQL)
+            .bind(shipment)
+            .bind(to_millis(now))
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(row) = settled {
+            let order: Uuid = row.try_get("order_id")?;
+            let amount: i64 = row.try_get("amount")?;
+            let final_capture: bool = row.try_get("final_capture")?;
+            sqlx::query(ORDER_CAPTURED_SQL)
+                .bind(order)
+                .bind(amount)
+                .bind(final_capture)
+                .bind(to_millis(now))
+                .execute(&mut *tx)
+                .await?;
+            let currency: String = sqlx::query_scalar("SELECT currency FROM orders WHERE id = $1")
+                .bind(order)
+                .fetch_one(&mut *tx)
+                .await?;
+            let event = shipment_captured_event(
+                shipment,
+                OrderId::from_uuid(order),
+                amount,
+                final_capture,
+                &currency,
+                now,
+            );
+            // Keyed by the shipment: one event per shipment, whoever records it first.
+            sqlx::query(
+                "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
+                 VALUES ($1, 'order.shipment_captured', $2, $3, $4) \
+                 ON CONFLICT (topic, order_id) DO NOTHING",
+            )
+            .bind(event.event_id)
+            .bind(shipment)
+            .bind(&event.payload)
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.order_of_shipment(shipment).await
+    }
+
+    async fn record_shipment_failed(
+        &self,
+        shipment: ShipmentId,
+        failure: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Order, StoreError> {
+        sqlx::query(SHIPMENT_FAILED_SQL)
+            .bind(shipment)
+            .bind(failure)
+            .bind(to_millis(now))
+            .fetch_optional(&self.pool)
+            .await?;
+        self.order_of_shipment(shipment).await
+    }
+
+    async fn claim_stalled_shipments(
+        &self,
+        limit: u32,
+        lease: Lease<'_>,
+    ) -> Result<Vec<ShipmentTicket>, StoreError> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(super::claim_stalled_shipments_sql!(""))
+            .bind(to_millis(lease.until))
+            .bind(to_millis(lease.now))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut tickets = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = sqlx::query(&format!(
+                "SELECT {SHIPMENT_COLUMNS} FROM shipments s JOIN orders o ON o.id = s.order_id \
+                 WHERE s.id = $1"
+            ))
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+            tickets.push(decode::shipment_ticket(&row)?);
+        }
+        Ok(tickets)
+    }
+
+    async fn authorizations_before(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<OrderId>, StoreError> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(AUTHORIZATIONS_BEFORE_SQL)
+            .bind(to_millis(before))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(ids.into_iter().map(OrderId::from_uuid).collect())
     }
 
     async fn mark_fulfilled(

@@ -1,0 +1,465 @@
+//! Authorize at checkout, capture at shipment (`--capture-method manual`), on both stores,
+//! through the simulator and through the Stripe client against the fake Stripe server: the
+//! card is authorized at checkout (stock committed, order `authorized`), each shipment
+//! captures what it ships, short lines go back to stock uncaptured, an order cancelled before
+//! shipping releases its authorization, and an authorization that lapses at Stripe closes the
+//! order. Every scenario ends with the audit (captured ≤ authorized, every capture a
+//! shipment's).
+
+use holdfast::payments::{signature, IntentStatus};
+use holdfast::store::StoreKind;
+use serde_json::{json, Value};
+
+use crate::both_stores;
+use crate::fake_stripe::{FakeStripe, SECRET_KEY};
+use crate::helpers::{
+    eventually, fetch_strings, spawn_app_with, AssertClean, Customer, Options, TestApp,
+    WEBHOOK_SECRET,
+};
+
+both_stores!(
+    an_authorized_order_is_captured_shipment_by_shipment,
+    a_short_shipment_releases_the_units_it_never_ships_and_never_captures_them,
+    an_order_cancelled_before_shipping_releases_its_authorization_and_its_units,
+    a_shipment_that_does_not_fit_the_order_is_refused_and_changes_nothing,
+    an_authorization_that_lapsed_at_stripe_closes_the_order,
+    the_authorization_worker_closes_an_order_before_its_authorization_lapses,
+    manual_capture_through_the_stripe_client_captures_each_shipment_once,
+    a_lapse_reported_by_stripe_through_the_stripe_client_closes_the_order,
+    an_order_paid_at_checkout_shows_its_total_authorized_and_captured,
+);
+
+fn manual() -> Options {
+    Options {
+        manual_capture: true,
+        ..Options::default()
+    }
+}
+
+/// Two products (`A` 10.00 × 10 in stock, `B` 5.00 × 5) and a buyer who checked out 3 A and
+/// 2 B with `pm_card_visa`: `(customer, checkout, order)`.
+async fn authorized_order(app: &TestApp) -> (Customer, String, String) {
+    app.new_product("cap-a", 1000, 10).await;
+    app.new_product("cap-b", 500, 5).await;
+    let (customer, checkout, order) = app
+        .reserved_checkout("buyer", &[("cap-a", 3), ("cap-b", 2)])
+        .await;
+    let paid = app
+        .complete(&customer, &checkout, "pm_card_visa", "pay-1")
+        .await;
+    paid.assert_status(200);
+    assert_eq!(paid.str("state"), "completed", "{:?}", paid.body);
+    (customer, checkout, order)
+}
+
+/// The order as the store holds it, in the shape of the admin's order view.
+async fn admin_order(app: &TestApp, order: &str) -> Value {
+    let stored = app
+        .store
+        .admin_order(holdfast::domain::OrderId::parse(order).expect("an order id"))
+        .await
+        .expect("the store answers")
+        .expect("the order exists");
+    let amounts = stored.amounts();
+    json!({
+        "status": stored.status.as_str(),
+        "payment_intent_id": stored.payment_intent_id,
+        "authorized": {"amount": amounts.authorized},
+        "captured": {"amount": amounts.captured},
+        "refunded": {"amount": amounts.refunded},
+    })
+}
+
+/// The PaymentIntent as the app's gateway holds it.
+async fn intent(app: &TestApp, id: &str) -> holdfast::payments::PaymentIntent {
+    app.gateway
+        .retrieve(id)
+        .await
+        .expect("the gateway knows it")
+}
+
+fn amount(order: &Value, field: &str) -> i64 {
+    order[field]["amount"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{field} missing in {order}"))
+}
+
+async fn ship(app: &TestApp, order: &str, body: Value) -> crate::helpers::Resp {
+    app.admin_post(&format!("/v1/admin/orders/{order}/shipments"), body)
+        .await
+}
+
+async fn topics(app: &TestApp, order: &str) -> Vec<String> {
+    let mut topics = fetch_strings(
+        app,
+        &format!(
+            "SELECT o.topic FROM outbox o WHERE o.payload LIKE '%\"order_id\":\"{order}\"%' \
+             ORDER BY o.topic"
+        ),
+    )
+    .await;
+    topics.sort();
+    topics
+}
+
+async fn an_authorized_order_is_captured_shipment_by_shipment(kind: StoreKind) {
+    let app = spawn_app_with(kind, manual()).await;
+    let (_, _, order) = authorized_order(&app).await;
+
+    let authorized = admin_order(&app, &order).await;
+    assert_eq!(authorized["status"], "authorized");
+    assert_eq!(amount(&authorized, "authorized"), 4000);
+    assert_eq!(amount(&authorized, "captured"), 0);
+    // The reservation became a deduction: stock committed, nothing reserved.
+    assert_eq!(app.stock_of("cap-a").await, (7, 0, 7));
+    let intent_id = authorized["payment_intent_id"]
+        .as_str()
+        .expect("an intent")
+        .to_owned();
+    let held = intent(&app, &intent_id).await;
+    assert_eq!(held.status, IntentStatus::RequiresCapture);
+    assert_eq!((held.amount_capturable, held.amount_received), (4000, 0));
+
+    let first = ship(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 2}]}),
+    )
+    .await;
+    first.assert_status(200);
+    assert_eq!(first.str("status"), "partially_fulfilled");
+    assert_eq!(amount(&first.body, "captured"), 2000);
+    let part = intent(&app, &intent_id).await;
+    assert_eq!(part.status, IntentStatus::RequiresCapture);
+    assert_eq!((part.amount_capturable, part.amount_received), (2000, 2000));
+
+    let rest = ship(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 1}, {"sku": "cap-b", "quantity": 2}]}),
+    )
+    .await;
+    rest.assert_status(200);
+    assert_eq!(rest.str("status"), "fulfilled");
+    assert_eq!(amount(&rest.body, "captured"), 4000);
+    let done = intent(&app, &intent_id).await;
+    assert_eq!(done.status, IntentStatus::Succeeded);
+    assert_eq!((done.amount_capturable, done.amount_received), (0, 4000));
+
+    // A fulfilled order takes no more shipments.
+    ship(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 1}]}),
+    )
+    .await
+    .assert_error(409, "invalid_order_state");
+    assert_eq!(
+        topics(&app, &order).await,
+        [
+            "order.authorized",
+            "order.shipment_captured",
+            "order.shipment_captured"
+        ]
+    );
+    assert_eq!(app.stock_of("cap-a").await, (7, 0, 7));
+    assert_eq!(app.stock_of("cap-b").await, (3, 0, 3));
+    app.audit().await.assert_clean();
+}
+
+async fn a_short_shipment_releases_the_units_it_never_ships_and_never_captures_them(
+    kind: StoreKind,
+) {
+    let app = spawn_app_with(kind, manual()).await;
+    let (_, _, order) = authorized_order(&app).await;
+
+    let shipped = ship(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 2}], "last": true}),
+    )
+    .await;
+
+    shipped.assert_status(200);
+    assert_eq!(shipped.str("status"), "fulfilled");
+    assert_eq!(amount(&shipped.body, "captured"), 2000);
+    assert_eq!(amount(&shipped.body, "authorized"), 4000);
+    // One A and both B were short: back on the shelf.
+    assert_eq!(app.stock_of("cap-a").await, (8, 0, 8));
+    assert_eq!(app.stock_of("cap-b").await, (5, 0, 5));
+    let intent = intent(&app, &shipped.str("payment_intent_id")).await;
+    assert_eq!(intent.status, IntentStatus::Succeeded);
+    assert_eq!(
+        (intent.amount_capturable, intent.amount_received),
+        (0, 2000)
+    );
+    app.audit().await.assert_clean();
+}
+
+async fn an_order_cancelled_before_shipping_releases_its_authorization_and_its_units(
+    kind: StoreKind,
+) {
+    let app = spawn_app_with(kind, manual()).await;
+    let (_, _, order) = authorized_order(&app).await;
+
+    let cancelled = app
+        .admin_post(&format!("/v1/admin/orders/{order}/refund"), json!({}))
+        .await;
+
+    cancelled.assert_status(200);
+    assert_eq!(cancelled.str("status"), "cancelled");
+    assert_eq!(amount(&cancelled.body, "captured"), 0);
+    assert_eq!(app.stock_of("cap-a").await, (10, 0, 10));
+    assert_eq!(app.stock_of("cap-b").await, (5, 0, 5));
+    let sim = app.simulator.clone().expect("the simulator");
+    let intent = intent(&app, &cancelled.str("payment_intent_id")).await;
+    assert_eq!(intent.status, IntentStatus::Canceled);
+    assert_eq!(intent.amount_received, 0);
+    assert!(sim.ledger().refunds.is_empty(), "nothing to refund");
+    app.audit().await.assert_clean();
+}
+
+async fn a_shipment_that_does_not_fit_the_order_is_refused_and_changes_nothing(kind: StoreKind) {
+    let app = spawn_app_with(kind, manual()).await;
+    let (_, _, order) = authorized_order(&app).await;
+    let before = (
+        app.inventory_snapshot().await,
+        admin_order(&app, &order).await,
+    );
+    let cases = [
+        (
+            json!({"lines": [{"sku": "cap-x", "quantity": 1}]}),
+            422,
+            "invalid_shipment",
+            "a SKU not of the order",
+        ),
+        (
+            json!({"lines": [{"sku": "cap-a", "quantity": 4}]}),
+            422,
+            "invalid_shipment",
+            "more units than ordered",
+        ),
+        (
+            json!({"lines": [{"sku": "cap-a", "quantity": 2}, {"sku": "cap-a", "quantity": 2}]}),
+            422,
+            "invalid_shipment",
+            "one SKU twice, more than ordered together",
+        ),
+        (
+            json!({"lines": []}),
+            422,
+            "invalid_shipment",
+            "nothing to ship",
+        ),
+        (
+            json!({"lines": [{"sku": "cap-a", "quantity": 0}]}),
+            422,
+            "validation_failed",
+            "a quantity of zero",
+        ),
+        (
+            json!({"lines": [{"sku": "cap-a", "quantity": 1}], "extra": 1}),
+            422,
+            "validation_failed",
+            "an unknown field",
+        ),
+    ];
+    for (body, status, code, what) in cases {
+        let resp = ship(&app, &order, body).await;
+        assert_eq!(
+            (resp.status.as_u16(), resp.code()),
+            (status, code),
+            "{what}: {:?}",
+            resp.body
+        );
+    }
+    assert_eq!(
+        (
+            app.inventory_snapshot().await,
+            admin_order(&app, &order).await
+        ),
+        before
+    );
+    let intent = intent(
+        &app,
+        before.1["payment_intent_id"].as_str().expect("an intent"),
+    )
+    .await;
+    assert_eq!(intent.amount_received, 0, "nothing captured");
+    app.audit().await.assert_clean();
+}
+
+async fn an_authorization_that_lapsed_at_stripe_closes_the_order(kind: StoreKind) {
+    let app = spawn_app_with(kind, manual()).await;
+    let (_, _, order) = authorized_order(&app).await;
+    let first = ship(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-b", "quantity": 1}]}),
+    )
+    .await;
+    first.assert_status(200);
+    let sim = app.simulator.clone().expect("the simulator");
+
+    // Seven days on, Stripe cancels the authorization; its webhook arrives.
+    sim.lapse(&first.str("payment_intent_id"))
+        .expect("an authorization to lapse");
+
+    eventually(10, "the lapsed order is closed", || async {
+        admin_order(&app, &order).await["status"] == "fulfilled"
+    })
+    .await;
+    let closed = admin_order(&app, &order).await;
+    assert_eq!(amount(&closed, "captured"), 500);
+    // What never shipped is back on the shelf.
+    assert_eq!(app.stock_of("cap-a").await, (10, 0, 10));
+    assert_eq!(app.stock_of("cap-b").await, (4, 0, 4));
+    app.audit().await.assert_clean();
+}
+
+async fn the_authorization_worker_closes_an_order_before_its_authorization_lapses(kind: StoreKind) {
+    let app = spawn_app_with(
+        kind,
+        Options {
+            manual_clock: true,
+            ..manual()
+        },
+    )
+    .await;
+    let (_, _, order) = authorized_order(&app).await;
+    app.recovery.tick().await.expect("a recovery tick");
+    assert_eq!(admin_order(&app, &order).await["status"], "authorized");
+
+    app.advance(chrono::Duration::days(6) + chrono::Duration::minutes(1));
+    app.recovery.tick().await.expect("a recovery tick");
+
+    let closed = admin_order(&app, &order).await;
+    assert_eq!(closed["status"], "cancelled");
+    assert_eq!(app.stock_of("cap-a").await, (10, 0, 10));
+    let intent = intent(
+        &app,
+        closed["payment_intent_id"].as_str().expect("an intent"),
+    )
+    .await;
+    assert_eq!(intent.status, IntentStatus::Canceled);
+    // Workers are off on a manual clock: the relay publishes when told.
+    app.relay.tick().await.expect("a relay tick");
+    app.audit().await.assert_clean();
+}
+
+async fn manual_capture_through_the_stripe_client_captures_each_shipment_once(kind: StoreKind) {
+    let fake = FakeStripe::start().await;
+    let app = spawn_app_with(
+        kind,
+        Options {
+            stripe: Some((fake.base_url(), SECRET_KEY.to_owned())),
+            ..manual()
+        },
+    )
+    .await;
+    let (_, checkout, order) = authorized_order(&app).await;
+    let checkout = holdfast::domain::CheckoutId::parse(&checkout).expect("a checkout id");
+    assert_eq!(admin_order(&app, &order).await["status"], "authorized");
+    assert_eq!(fake.captured_for(checkout), 0);
+
+    ship(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 3}]}),
+    )
+    .await
+    .assert_status(200);
+    assert_eq!(fake.captured_for(checkout), 3000);
+    let rest = ship(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-b", "quantity": 2}]}),
+    )
+    .await;
+
+    rest.assert_status(200);
+    assert_eq!(rest.str("status"), "fulfilled");
+    assert_eq!(fake.captured_for(checkout), 4000);
+    assert_eq!(fake.captures_for(checkout), 2);
+    assert_eq!(fake.charges_for(checkout), 1);
+    app.audit().await.assert_clean();
+}
+
+async fn an_order_paid_at_checkout_shows_its_total_authorized_and_captured(kind: StoreKind) {
+    let app = spawn_app_with(kind, Options::default()).await;
+    let (_, _, order) = authorized_order(&app).await;
+
+    let paid = admin_order(&app, &order).await;
+
+    assert_eq!(paid["status"], "paid");
+    assert_eq!(amount(&paid, "authorized"), 4000);
+    assert_eq!(amount(&paid, "captured"), 4000);
+    assert_eq!(amount(&paid, "refunded"), 0);
+    // Lines on a paid order are not a manual-capture shipment.
+    ship(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 1}]}),
+    )
+    .await
+    .assert_error(409, "invalid_order_state");
+    app.audit().await.assert_clean();
+}
+
+async fn a_lapse_reported_by_stripe_through_the_stripe_client_closes_the_order(kind: StoreKind) {
+    let fake = FakeStripe::start().await;
+    let app = spawn_app_with(
+        kind,
+        Options {
+            stripe: Some((fake.base_url(), SECRET_KEY.to_owned())),
+            ..manual()
+        },
+    )
+    .await;
+    let (_, checkout, order) = authorized_order(&app).await;
+    let intent_id = admin_order(&app, &order).await["payment_intent_id"]
+        .as_str()
+        .expect("an intent")
+        .to_owned();
+    assert_eq!(
+        fake.lapse(holdfast::domain::CheckoutId::parse(&checkout).expect("a checkout id")),
+        1
+    );
+
+    // Stripe tells the shop: `payment_intent.canceled`, signed; a repeat changes nothing.
+    let payload = json!({
+        "id": format!("evt_lapse_{checkout}"), "object": "event",
+        "type": "payment_intent.canceled", "created": chrono::Utc::now().timestamp(),
+        "data": {"object": {
+            "id": intent_id, "object": "payment_intent", "amount": 4000, "currency": "eur",
+            "status": "canceled", "cancellation_reason": "automatic", "client_secret": null,
+            "created": 0, "metadata": {"checkout_id": checkout, "order_id": order},
+            "last_payment_error": null
+        }}
+    })
+    .to_string();
+    for _ in 0..2 {
+        let header = signature::sign(
+            payload.as_bytes(),
+            WEBHOOK_SECRET,
+            chrono::Utc::now().timestamp(),
+        );
+        let resp = app
+            .client
+            .post(format!("{}/webhooks/stripe", app.base))
+            .header("content-type", "application/json")
+            .header("Stripe-Signature", header)
+            .body(payload.clone())
+            .send()
+            .await
+            .expect("the webhook is answered");
+        assert!(resp.status().is_success(), "{}", resp.status());
+    }
+
+    let closed = admin_order(&app, &order).await;
+    assert_eq!(closed["status"], "cancelled");
+    assert_eq!(amount(&closed, "captured"), 0);
+    assert_eq!(app.stock_of("cap-a").await, (10, 0, 10));
+    assert_eq!(app.stock_of("cap-b").await, (5, 0, 5));
+    app.audit().await.assert_clean();
+}
