@@ -1589,6 +1589,12 @@ impl Store for PgStore {
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // The checkout first, then its order: the order `record_refunded` (a `charge.refunded`
+        // event) takes them in, so the two never deadlock.
+        sqlx::query("SELECT id FROM checkouts WHERE order_id = $1 FOR UPDATE")
+            .bind(order.uuid())
+            .fetch_optional(&mut *tx)
+            .await?;
         let status: String =
             sqlx::query_scalar("SELECT status FROM orders WHERE id = $1 FOR UPDATE")
                 .bind(order.uuid())

@@ -26,6 +26,7 @@ both_stores!(
     the_authorization_worker_closes_an_order_before_its_authorization_lapses,
     manual_capture_through_the_stripe_client_captures_each_shipment_once,
     a_lapse_reported_by_stripe_through_the_stripe_client_closes_the_order,
+    whole_refunds_racing_charge_refunded_never_refund_twice,
     an_order_paid_at_checkout_shows_its_total_authorized_and_captured,
 );
 
@@ -462,4 +463,161 @@ async fn a_lapse_reported_by_stripe_through_the_stripe_client_closes_the_order(k
     assert_eq!(app.stock_of("cap-a").await, (10, 0, 10));
     assert_eq!(app.stock_of("cap-b").await, (5, 0, 5));
     app.audit().await.assert_clean();
+}
+
+/// The admin's whole refund and Stripe's `charge.refunded` for the same payments, released
+/// together order by order: the admin call locks the order then the checkout, the event the
+/// checkout then the order, unless both take them in one order.
+async fn whole_refunds_racing_charge_refunded_never_refund_twice(kind: StoreKind) {
+    const ORDERS: usize = 48;
+    let app = spawn_app_with(kind, Options::default()).await;
+    app.new_product("race-a", 900, 100).await;
+    let mut paid = Vec::with_capacity(ORDERS);
+    for i in 0..ORDERS {
+        let (customer, checkout, order) = app
+            .reserved_checkout(&format!("racer {i}"), &[("race-a", 1)])
+            .await;
+        let done = app
+            .complete(&customer, &checkout, "pm_card_visa", &format!("pay-{i}"))
+            .await;
+        done.assert_status(200);
+        let stored = admin_order(&app, &order).await;
+        let intent = stored["payment_intent_id"]
+            .as_str()
+            .expect("an intent")
+            .to_owned();
+        paid.push((order, intent));
+    }
+    assert_eq!(
+        app.stock_of("race-a").await,
+        (100 - ORDERS as i64, 0, 100 - ORDERS as i64)
+    );
+
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2 * ORDERS));
+    let mut tasks = Vec::new();
+    for (i, (order, intent)) in paid.iter().cloned().enumerate() {
+        let (app_base, client) = (app.base.clone(), app.client.clone());
+        let gate = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            gate.wait().await;
+            let resp = client
+                .post(format!("{app_base}/v1/admin/orders/{order}/refund"))
+                .bearer_auth(crate::helpers::ADMIN_TOKEN)
+                .json(&json!({}))
+                .send()
+                .await
+                .expect("an answer");
+            ("admin", resp.status().as_u16())
+        }));
+        let event = crate::saga::refund_event(&format!("evt_race_{i}"), &intent, 900, 900);
+        let gate = barrier.clone();
+        let header_app = (app.base.clone(), app.client.clone());
+        tasks.push(tokio::spawn(async move {
+            gate.wait().await;
+            let header = signature::sign(
+                event.as_bytes(),
+                WEBHOOK_SECRET,
+                chrono::Utc::now().timestamp(),
+            );
+            let resp = header_app
+                .1
+                .post(format!("{}/webhooks/stripe", header_app.0))
+                .header("content-type", "application/json")
+                .header("Stripe-Signature", header)
+                .body(event)
+                .send()
+                .await
+                .expect("an answer");
+            ("webhook", resp.status().as_u16())
+        }));
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.expect("the task ends"));
+    }
+
+    // Every call answered without a server error: the admin's refund (200/202) or, once the
+    // event recorded the refund first, 409; the event 2xx.
+    for (who, status) in &answers {
+        match *who {
+            "admin" => assert!(
+                matches!(status, 200 | 202 | 409),
+                "admin {status}: {answers:?}"
+            ),
+            _ => assert!((200..300).contains(status), "webhook {status}: {answers:?}"),
+        }
+    }
+    for (order, _) in &paid {
+        assert_eq!(admin_order(&app, order).await["status"], "refunded");
+    }
+    // Each sold unit back on the shelf exactly once.
+    assert_eq!(app.stock_of("race-a").await, (100, 0, 100));
+    let sim = app.simulator.clone().expect("the simulator");
+    for (_, intent) in &paid {
+        assert!(
+            sim.ledger().refunded(intent) <= 900,
+            "refunded at most once"
+        );
+    }
+    app.audit().await.assert_clean();
+}
+
+/// PostgreSQL, where rows are locked: `charge.refunded` (`record_refunded`) locks the checkout,
+/// then its order. An admin refund arriving meanwhile must take them in the same order;
+/// taking the order first deadlocks the two (one of them aborted by the server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_refund_locks_the_checkout_before_the_order_as_charge_refunded_does() {
+    let app = spawn_app_with(StoreKind::Postgres, Options::default()).await;
+    app.new_product("lock-a", 900, 10).await;
+    let (customer, checkout, order) = app.reserved_checkout("locker", &[("lock-a", 1)]).await;
+    app.complete(&customer, &checkout, "pm_card_visa", "pay-lock")
+        .await
+        .assert_status(200);
+    let order_id = holdfast::domain::OrderId::parse(&order).expect("an order id");
+    let pool = sqlx::PgPool::connect(app.database_url.as_deref().expect("a database"))
+        .await
+        .expect("connect");
+
+    // The event's transaction holds the checkout, as `record_refunded` does first.
+    let mut event = pool.begin().await.expect("a transaction");
+    sqlx::query("SELECT id FROM checkouts WHERE order_id = $1 FOR UPDATE")
+        .bind(order_id.uuid())
+        .fetch_one(&mut *event)
+        .await
+        .expect("the checkout row");
+    let store = app.store.clone();
+    let now = app.clock.now();
+    let admin = tokio::spawn(async move { store.request_refund(order_id, now).await });
+    let mut waiting = false;
+    for _ in 0..200 {
+        let blocked: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("pg_stat_activity");
+        if blocked > 0 {
+            waiting = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(waiting, "the admin refund waits for the checkout's lock");
+
+    // Then the event takes the order, as `record_refunded` does next.
+    let order_lock = sqlx::query("SELECT status FROM orders WHERE id = $1 FOR UPDATE")
+        .bind(order_id.uuid())
+        .fetch_one(&mut *event)
+        .await;
+    assert!(
+        order_lock.is_ok(),
+        "the event gets the order: {order_lock:?}"
+    );
+    event.commit().await.expect("the event commits");
+    let refunded = admin.await.expect("the admin task ends");
+    assert!(
+        refunded.is_ok(),
+        "the admin refund goes through: {refunded:?}"
+    );
 }
