@@ -307,7 +307,20 @@ fn no_ghosts(checkouts: &[CheckoutAuditRow], options: &AuditOptions<'_>) -> Chec
 fn captured_within_authorized(checkouts: &[CheckoutAuditRow]) -> Check {
     let mut violations = Vec::new();
     for row in checkouts {
+        if row.overdrawn_lines > 0 {
+            violations.push(format!(
+                "checkout {}: {} lines restocked more than refunded, refunded more than \
+                 ordered, or shipped more than ordered",
+                row.id, row.overdrawn_lines
+            ));
+        }
         let Some(authorized) = row.authorized_amount else {
+            if row.refunded_amount > row.total_amount {
+                violations.push(format!(
+                    "checkout {}: refunded {} of {} paid",
+                    row.id, row.refunded_amount, row.total_amount
+                ));
+            }
             continue;
         };
         if row.captured_amount > authorized {

@@ -25,8 +25,8 @@ use crate::payments::{
     PaymentGateway, PaymentIntent, Refund, RefundOutcome, RefundRequest, WebhookEvent,
 };
 use crate::store::{
-    self, ChargeTicket, Lease, NewCheckout, NewShipment, OpenSale, ShipmentTicket, Store,
-    StoreError,
+    self, ChargeTicket, Lease, LineRefundStatus, LineRefundTicket, NewCheckout, NewLineRefund,
+    NewShipment, OpenSale, ShipmentTicket, Store, StoreError,
 };
 
 pub use group::GroupSettings;
@@ -734,6 +734,17 @@ impl CheckoutService {
     /// lost is recorded by recovery, which asks again under the same idempotency key.
     async fn refund_event(&self, refund: &Refund) -> Result<(), CheckoutError> {
         let Some(id) = self.store.checkout_for_refund(&refund.id).await? else {
+            if let Some(line_refund) = self.store.line_refund_by_gateway_id(&refund.id).await? {
+                self.store
+                    .record_line_refund(
+                        line_refund,
+                        line_refund_status(refund),
+                        Some(&refund.id),
+                        self.clock.now(),
+                    )
+                    .await?;
+                return Ok(());
+            }
             tracing::info!(refund = %refund.id, "event of a refund holdfast did not record");
             return Ok(());
         };
@@ -881,6 +892,113 @@ impl CheckoutService {
         Ok(())
     }
 
+    /// A partial refund by line: exactly those units' amount back through the gateway (its own
+    /// key), never more than was captured; `restock` puts the units back in stock once it
+    /// succeeded. Recorded before the call, its answer after; Stripe's `charge.refunded`
+    /// (`amount_refunded`) and `refund.*` events settle the same record, whichever comes
+    /// first. Answers the order and whether the refund is settled (succeeded or failed).
+    #[tracing::instrument(skip_all, fields(order_id = %order))]
+    pub async fn refund_lines(
+        &self,
+        order: OrderId,
+        lines: Vec<(Sku, u32)>,
+        restock: bool,
+    ) -> Result<(Order, bool), CheckoutError> {
+        let now = self.clock.now();
+        let ticket = self
+            .store
+            .begin_line_refund(&NewLineRefund {
+                id: uuid::Uuid::new_v4(),
+                order,
+                lines,
+                restock,
+                lease_until: now + self.saga.lease,
+                now,
+            })
+            .await?;
+        self.send_line_refund(&ticket).await
+    }
+
+    async fn send_line_refund(
+        &self,
+        ticket: &LineRefundTicket,
+    ) -> Result<(Order, bool), CheckoutError> {
+        let answer = self
+            .gateway
+            .refund(&RefundRequest {
+                payment_intent_id: ticket.payment_intent_id.clone(),
+                amount: Some(ticket.amount),
+                idempotency_key: ticket.refund_key.clone(),
+            })
+            .await;
+        let now = self.clock.now();
+        match answer {
+            Ok(refund) => {
+                let status = line_refund_status(&refund);
+                let order = self
+                    .store
+                    .record_line_refund(ticket.id, status, Some(&refund.id), now)
+                    .await?;
+                Ok((order, status != LineRefundStatus::Pending))
+            }
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(refund = %ticket.id, error = %e, "refund outcome unknown; recovery repeats it with the same key");
+                let order = self
+                    .store
+                    .admin_order(ticket.order_id)
+                    .await?
+                    .ok_or(StoreError::NotFound("order"))?;
+                Ok((order, false))
+            }
+            Err(e) => {
+                tracing::error!(refund = %ticket.id, error = %e, "the gateway refused the refund");
+                self.store
+                    .record_line_refund(ticket.id, LineRefundStatus::Failed, None, now)
+                    .await?;
+                Err(CheckoutError::Gateway(e.to_string()))
+            }
+        }
+    }
+
+    /// `charge.refunded` for a payment with partial refunds: Stripe's `amount_refunded` is
+    /// the running total. What it holds beyond what is recorded settles the open partial
+    /// refunds it accounts for, oldest first, on the very rows the admin's answers settle.
+    /// False when the payment has no partial refund (the whole-refund path decides).
+    async fn converge_line_refunds(
+        &self,
+        intent_id: &str,
+        amount_refunded: i64,
+    ) -> Result<bool, CheckoutError> {
+        let Some((recorded, open)) = self.store.line_refunds_of_payment(intent_id).await? else {
+            return Ok(false);
+        };
+        let mut unexplained = amount_refunded - recorded;
+        for (id, amount) in open {
+            if amount <= unexplained {
+                self.store
+                    .record_line_refund(id, LineRefundStatus::Succeeded, None, self.clock.now())
+                    .await?;
+                unexplained -= amount;
+            }
+        }
+        if unexplained > 0 {
+            tracing::warn!(payment_intent = %intent_id, unexplained, "refunded at Stripe beyond the recorded refunds");
+        }
+        Ok(true)
+    }
+
+    /// Partial refunds whose answer was lost: asked again with their own keys.
+    async fn recover_line_refunds(&self, limit: u32) -> Result<usize, CheckoutError> {
+        let lease = self.lease(self.saga.lease);
+        let stalled = self.store.claim_stalled_line_refunds(limit, lease).await?;
+        for ticket in &stalled {
+            if let Err(e) = self.send_line_refund(ticket).await {
+                tracing::warn!(refund = %ticket.id, error = %e, "refund recovery failed");
+            }
+        }
+        Ok(stalled.len())
+    }
+
     /// Shipments whose capture was left unsettled (crash, unknown answer): captured again with
     /// their own keys. Returns how many were claimed.
     async fn recover_shipments(&self, limit: u32) -> Result<usize, CheckoutError> {
@@ -905,8 +1023,15 @@ impl CheckoutService {
             EventObject::Charge {
                 payment_intent: Some(intent_id),
                 refunded,
+                amount_refunded,
                 ..
             } if event.event_type == "charge.refunded" => {
+                if self
+                    .converge_line_refunds(intent_id, *amount_refunded)
+                    .await?
+                {
+                    return Ok(());
+                }
                 self.refunded_at_gateway(intent_id, *refunded).await
             }
             EventObject::Refund(refund)
@@ -1061,6 +1186,7 @@ impl CheckoutService {
         Ok(tickets.len()
             + self.reconcile_pending_refunds(limit).await?
             + self.recover_shipments(limit).await?
+            + self.recover_line_refunds(limit).await?
             + self.settle_old_authorizations(limit).await?)
     }
 
@@ -1249,6 +1375,15 @@ impl CheckoutService {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// A refund's outcome as a partial refund records it.
+fn line_refund_status(refund: &Refund) -> LineRefundStatus {
+    match refund.outcome() {
+        RefundOutcome::Succeeded => LineRefundStatus::Succeeded,
+        RefundOutcome::Failed => LineRefundStatus::Failed,
+        RefundOutcome::Pending => LineRefundStatus::Pending,
     }
 }
 

@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 use crate::domain::{OrderId, Quantity, Sku};
 
 use super::auth::Admin;
-use super::extract::OptionalJson;
+use super::extract::{AppJson, OptionalJson};
 use super::openapi::ErrorBody;
 use super::views::OrderView;
 use super::{error::not_found_of, ApiError, AppState};
@@ -24,6 +24,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/admin/orders/{id}/refund", post(refund))
         .route("/v1/admin/orders/{id}/shipments", post(ship))
+        .route("/v1/admin/orders/{id}/refunds", post(refund_lines))
 }
 
 #[derive(Default, Deserialize)]
@@ -141,6 +142,58 @@ async fn ship(
         .map(|line| (line.sku, line.quantity.get()))
         .collect();
     let (order, settled) = state.checkout.ship(id, lines, body.last).await?;
+    let status = if settled {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(OrderView::from(order))).into_response())
+}
+
+/// A partial refund by line: these units' amount goes back; `restock` puts them back in stock.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct LineRefundBody {
+    lines: Vec<ShipmentLine>,
+    #[serde(default)]
+    restock: bool,
+}
+
+/// Refunds exactly the units named (their order prices), never more than was captured in all;
+/// `restock: true` puts them back in stock, once each. `200` once Stripe refunded (the order's
+/// `refunded` amount grew; `refunded` status once everything captured went back), `202` while
+/// Stripe holds the refund `pending` or its answer is not known yet.
+#[utoipa::path(
+    post,
+    operation_id = "refund_order_lines",
+    path = "/v1/admin/orders/{id}/refunds",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("id" = String, Path)),
+    request_body = LineRefundBody,
+    responses(
+        (status = 200, body = OrderView, description = "refunded"),
+        (status = 202, body = OrderView, description = "recorded; Stripe has not settled it yet"),
+        (status = 404, body = ErrorBody, description = "`order_not_found`"),
+        (status = 409, body = ErrorBody, description = "`invalid_order_state`: not paid or shipped"),
+        (status = 422, body = ErrorBody, description = "`invalid_refund`: a SKU not of the order, more units than refundable, more than captured"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+        (status = 403, body = ErrorBody, description = "a customer's token"),
+    )
+)]
+async fn refund_lines(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    AppJson(body): AppJson<LineRefundBody>,
+) -> Result<Response, ApiError> {
+    let id = parse_order_id(&id)?;
+    let lines = body
+        .lines
+        .into_iter()
+        .map(|line| (line.sku, line.quantity.get()))
+        .collect();
+    let (order, settled) = state.checkout.refund_lines(id, lines, body.restock).await?;
     let status = if settled {
         StatusCode::OK
     } else {

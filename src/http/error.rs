@@ -195,6 +195,9 @@ impl From<StoreError> for ApiError {
             StoreError::BadShipment(why) => {
                 Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_shipment", why)
             }
+            StoreError::BadRefund(why) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_refund", why)
+            }
             StoreError::PriceChanged => Self::conflict(
                 "price_changed",
                 "a price in the cart changed while checking out; nothing was reserved, try again",

@@ -43,6 +43,7 @@ pub fn router() -> Router<AppState> {
         admin::inventory,
         admin_orders::refund,
         admin_orders::ship,
+        admin_orders::refund_lines,
         flash_sales::open,
         flash_sales::figures,
         flash_sales::take_token,

@@ -97,6 +97,10 @@ pub enum StoreError {
     /// or nothing to ship.
     #[error("{0}")]
     BadShipment(String),
+    /// The partial refund does not fit the order: an unknown SKU, more units than are
+    /// refundable, more money than was captured, or nothing to refund.
+    #[error("{0}")]
+    BadRefund(String),
     #[error("this flash-sale admission already holds a live checkout")]
     AdmissionInUse,
     /// A line of a sale's SKU without that sale's admission (the cart changed after the gate
@@ -608,6 +612,41 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         limit: u32,
         lease: Lease<'_>,
     ) -> Result<Vec<ShipmentTicket>, StoreError>;
+    /// A partial refund by line of a paid or shipped order, recorded before its gateway call
+    /// with its key and a lease ([`plan_line_refund`] decides): its units count as refunded
+    /// at once, so a concurrent refund cannot take them too.
+    async fn begin_line_refund(&self, new: &NewLineRefund) -> Result<LineRefundTicket, StoreError>;
+    /// A partial refund as the gateway answers it. `Succeeded`: the amount counts as refunded
+    /// (the order `refunded` once everything captured went back), its units go back to stock
+    /// if it restocks, one `order.refunded` event; `Pending`: kept, nothing moves yet;
+    /// `Failed`: its units are refundable again. A settled refund never settles twice (the
+    /// admin's answer and Stripe's events converge on this one row).
+    async fn record_line_refund(
+        &self,
+        id: LineRefundId,
+        status: LineRefundStatus,
+        gateway_refund_id: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<Order, StoreError>;
+    /// The order paid by this PaymentIntent: what its partial refunds gave back so far, and
+    /// its partial refunds not settled yet (oldest first, with their amounts). `None` when
+    /// the order never had a partial refund.
+    async fn line_refunds_of_payment(
+        &self,
+        payment_intent_id: &str,
+    ) -> Result<Option<(i64, Vec<(LineRefundId, i64)>)>, StoreError>;
+    /// The partial refund recorded with this gateway refund id.
+    async fn line_refund_by_gateway_id(
+        &self,
+        gateway_refund_id: &str,
+    ) -> Result<Option<LineRefundId>, StoreError>;
+    /// Partial refunds asked for whose answer was lost and whose lease ran out, claimed with a
+    /// new lease for recovery to ask again with the same key.
+    async fn claim_stalled_line_refunds(
+        &self,
+        limit: u32,
+        lease: Lease<'_>,
+    ) -> Result<Vec<LineRefundTicket>, StoreError>;
     /// Orders still holding an authorization given before `before` (oldest first): the
     /// authorization worker settles them, the ops page lists those near their end.
     async fn authorizations_before(
@@ -1035,6 +1074,10 @@ pub struct CheckoutAuditRow {
     pub captured_amount: i64,
     pub refunded_amount: i64,
     pub shipments_captured: i64,
+    pub total_amount: i64,
+    /// Lines restocked more than refunded, refunded more than ordered, or shipped and short
+    /// more than ordered.
+    pub overdrawn_lines: i64,
 }
 
 pub(crate) const CHECKOUT_AUDIT_SQL: &str = "SELECT c.id, c.state, c.refund_due, c.expires_at, \
@@ -1046,7 +1089,11 @@ pub(crate) const CHECKOUT_AUDIT_SQL: &str = "SELECT c.id, c.state, c.refund_due,
         AND x.published_at IS NULL) AS oldest_unpublished, \
      o.authorized_amount, o.captured_amount, o.refunded_amount, \
      (SELECT CAST(COALESCE(SUM(s.amount), 0) AS BIGINT) FROM shipments s \
-        WHERE s.order_id = o.id AND s.status = 'captured') AS shipments_captured \
+        WHERE s.order_id = o.id AND s.status = 'captured') AS shipments_captured, \
+     o.total_amount, \
+     (SELECT COUNT(*) FROM order_lines l WHERE l.order_id = o.id \
+        AND (l.restocked > l.refunded OR l.refunded > l.quantity \
+             OR l.shipped + l.short > l.quantity)) AS overdrawn_lines \
      FROM checkouts c JOIN orders o ON o.id = c.order_id ORDER BY c.created_at";
 
 /// Promise 1 per product, read in one statement (one snapshot) in both stores.
@@ -1316,6 +1363,215 @@ pub(crate) fn shipment_captured_event(
         "captured": {"amount": amount, "currency": currency},
         "final": final_capture,
         "captured_at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    OutboxRow {
+        event_id,
+        payload: payload.to_string(),
+    }
+}
+
+/// A partial refund's id; its idempotency key is derived from it.
+pub type LineRefundId = uuid::Uuid;
+
+/// An admin's partial refund by line.
+#[derive(Debug, Clone)]
+pub struct NewLineRefund {
+    pub id: LineRefundId,
+    pub order: OrderId,
+    pub lines: Vec<(Sku, u32)>,
+    /// Put the refunded units back in stock (once each).
+    pub restock: bool,
+    pub lease_until: DateTime<Utc>,
+    pub now: DateTime<Utc>,
+}
+
+/// A partial refund to ask the gateway for, or to ask again with the same key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineRefundTicket {
+    pub id: LineRefundId,
+    pub order_id: OrderId,
+    pub payment_intent_id: String,
+    pub amount: i64,
+    pub refund_key: String,
+}
+
+/// Where a partial refund stands at the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineRefundStatus {
+    Pending,
+    Succeeded,
+    Failed,
+}
+
+pub fn line_refund_key(id: LineRefundId) -> String {
+    format!("refund-{id}")
+}
+
+/// An order line as a partial refund sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct RefundableLine {
+    pub product_id: i64,
+    pub sku: Sku,
+    pub quantity: i64,
+    pub unit_price: i64,
+    pub shipped: i64,
+    pub refunded: i64,
+}
+
+/// One line of a partial refund, as stored with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub(crate) struct RefundedLine {
+    pub product_id: i64,
+    pub sku: Sku,
+    pub quantity: i64,
+}
+
+/// The one rule for a partial refund, both stores: SKUs of the order only, never more units
+/// than are refundable (ordered, or under manual capture shipped, less those refunded or
+/// being refunded), and never more money than was captured, counting refunds in flight.
+/// Answers the lines and the amount.
+pub(crate) fn plan_line_refund(
+    lines: &[RefundableLine],
+    wanted: &[(Sku, u32)],
+    manual: bool,
+    captured: i64,
+    refunded_or_in_flight: i64,
+) -> Result<(Vec<RefundedLine>, i64), StoreError> {
+    let mut asked: HashMap<&Sku, i64> = HashMap::new();
+    for (sku, quantity) in wanted {
+        if !lines.iter().any(|l| &l.sku == sku) {
+            return Err(StoreError::BadRefund(format!(
+                "{sku} is not a line of this order"
+            )));
+        }
+        *asked.entry(sku).or_default() += i64::from(*quantity);
+    }
+    let mut planned = Vec::new();
+    let mut amount: i64 = 0;
+    for line in lines {
+        let Some(&quantity) = asked.get(&line.sku) else {
+            continue;
+        };
+        let sold = if manual { line.shipped } else { line.quantity };
+        let refundable = sold - line.refunded;
+        if quantity > refundable {
+            return Err(StoreError::BadRefund(format!(
+                "{} has {refundable} refundable units, not {quantity}",
+                line.sku
+            )));
+        }
+        amount = line
+            .unit_price
+            .checked_mul(quantity)
+            .and_then(|a| a.checked_add(amount))
+            .ok_or(StoreError::Money(MoneyError::Overflow))?;
+        planned.push(RefundedLine {
+            product_id: line.product_id,
+            sku: line.sku.clone(),
+            quantity,
+        });
+    }
+    if amount == 0 {
+        return Err(StoreError::BadRefund("nothing to refund".into()));
+    }
+    if refunded_or_in_flight + amount > captured {
+        return Err(StoreError::BadRefund(format!(
+            "{amount} more would refund more than the {captured} captured"
+        )));
+    }
+    Ok((planned, amount))
+}
+
+/// Partial-refund statements shared by both stores.
+pub(crate) const REFUNDABLE_ORDER_SQL: &str = "SELECT status, payment_intent_id, total_amount, \
+     authorized_amount, captured_amount, refunded_amount, currency, \
+     (SELECT CAST(COALESCE(SUM(r.amount), 0) AS BIGINT) FROM order_refunds r \
+        WHERE r.order_id = orders.id AND r.status IN ('requested', 'pending')) AS in_flight \
+     FROM orders WHERE id = $1";
+pub(crate) const REFUNDABLE_LINES_SQL: &str = "SELECT product_id, sku, quantity, unit_price, \
+     shipped, refunded FROM order_lines WHERE order_id = $1 ORDER BY product_id";
+/// `$1` id, `$2` order, `$3` amount, `$4` lines, `$5` restock, `$6` key, `$7` lease, `$8` now.
+pub(crate) const INSERT_LINE_REFUND_SQL: &str = "INSERT INTO order_refunds (id, order_id, \
+     amount, lines, restock, status, refund_key, lease_until, created_at, updated_at) \
+     VALUES ($1, $2, $3, $4, $5, 'requested', $6, $7, $8, $8)";
+/// `$1` order, `$2` product, `$3` units (negative: given back).
+pub(crate) const REFUND_LINE_SQL: &str =
+    "UPDATE order_lines SET refunded = refunded + $3 WHERE order_id = $1 AND product_id = $2";
+pub(crate) const RESTOCKED_LINE_SQL: &str =
+    "UPDATE order_lines SET restocked = restocked + $3 WHERE order_id = $1 AND product_id = $2 \
+     AND restocked + $3 <= refunded";
+pub(crate) const LINE_REFUND_ROW_SQL: &str = "SELECT r.order_id, r.amount, r.lines, r.restock, \
+     r.status, o.checkout_id, o.currency FROM order_refunds r JOIN orders o ON o.id = r.order_id \
+     WHERE r.id = $1";
+/// `$1` id, `$2` status, `$3` gateway refund id, `$4` now.
+pub(crate) const SETTLE_LINE_REFUND_SQL: &str = "UPDATE order_refunds SET status = $2, \
+     gateway_refund_id = COALESCE(gateway_refund_id, $3), lease_until = NULL, updated_at = $4 \
+     WHERE id = $1";
+/// `$1` order, `$2` amount, `$3` now: fully refunded once everything captured went back (and,
+/// under manual capture, nothing is left to ship).
+pub(crate) const ORDER_REFUNDED_PART_SQL: &str = "UPDATE orders SET \
+     refunded_amount = refunded_amount + $2, \
+     status = CASE WHEN status <> 'partially_fulfilled' AND refunded_amount + $2 >= \
+                   COALESCE(NULLIF(captured_amount, 0), total_amount) \
+                   THEN 'refunded' ELSE status END, \
+     refund_status = CASE WHEN status <> 'partially_fulfilled' AND refunded_amount + $2 >= \
+                   COALESCE(NULLIF(captured_amount, 0), total_amount) \
+                   THEN 'succeeded' ELSE refund_status END, \
+     updated_at = $3 WHERE id = $1";
+pub(crate) const LINE_REFUNDS_OF_PAYMENT_SQL: &str = "SELECT r.id, r.amount, r.status, \
+     o.refunded_amount FROM orders o JOIN order_refunds r ON r.order_id = o.id \
+     WHERE o.payment_intent_id = $1 ORDER BY r.created_at, r.id";
+pub(crate) const LINE_REFUND_COLUMNS: &str = "r.id, r.order_id, o.payment_intent_id, r.amount, \
+     r.refund_key";
+
+/// Claims requested partial refunds whose lease ran out, both stores: `$1` lease until, `$2`
+/// now, `$3` limit; `{lock}` as in [`claim_pending_refunds_sql`].
+macro_rules! claim_stalled_line_refunds_sql {
+    ($lock:literal) => {
+        concat!(
+            "UPDATE order_refunds SET lease_until = $1 WHERE id IN ( \
+               SELECT id FROM order_refunds WHERE status = 'requested' AND lease_until < $2 \
+               ORDER BY lease_until LIMIT $3",
+            $lock,
+            ") RETURNING id"
+        )
+    };
+}
+pub(crate) use claim_stalled_line_refunds_sql;
+
+/// Orders a partial refund may be made of: paid or shipped ones.
+pub(crate) fn refundable(status: &str) -> Result<(), StoreError> {
+    use crate::domain::OrderStatus;
+    match OrderStatus::parse(status) {
+        Some(OrderStatus::Paid | OrderStatus::Fulfilled | OrderStatus::PartiallyFulfilled) => {
+            Ok(())
+        }
+        Some(other) => Err(StoreError::OrderState(other)),
+        None => Err(StoreError::Corrupt(format!("order status {status:?}"))),
+    }
+}
+
+/// The `order.refunded` outbox row of a partial refund, keyed by the refund.
+pub(crate) fn order_refunded_event(
+    refund: LineRefundId,
+    order: OrderId,
+    amount: i64,
+    currency: &str,
+    lines: &[RefundedLine],
+    now: DateTime<Utc>,
+) -> OutboxRow {
+    let event_id = uuid::Uuid::new_v4();
+    let lines: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::json!({"sku": l.sku, "quantity": l.quantity}))
+        .collect();
+    let payload = serde_json::json!({
+        "event_id": event_id,
+        "order_id": order,
+        "refund_id": refund,
+        "refunded": {"amount": amount, "currency": currency},
+        "lines": lines,
+        "refunded_at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     });
     OutboxRow {
         event_id,

@@ -25,16 +25,20 @@ use super::group;
 use super::rows::{self, row_decoders};
 use super::{
     admission_in_use, attach_lines, capture_key, capture_method_of, cart_must_be_open, check_patch,
-    order_authorized_event, order_paid_event, order_total, page_of, plan_shipment,
-    priced_in_lock_order, reserve_retrying, schema_is_current, shipment_captured_event, shippable,
-    to_millis, unclaimed_cart, Acquisitions, ChargeTicket, IdempotencyStart, InventoryRow, Lease,
-    NewCheckout, NewShipment, Page, Released, Retry, SaleCheckout, SaleLimit, ShipmentId,
-    ShipmentTicket, Shortfall, Store, StoreError, StoreKind, StoredKey, WantedLine,
-    AUTHORIZATIONS_BEFORE_SQL, CAPTURE_METHOD_SQL, CHECKOUT_COLUMNS, IDEMPOTENCY_RENEW,
-    INSERT_SHIPMENT_SQL, INVENTORY_AUDIT_SQL, ORDER_AUTHORIZED_SQL, ORDER_CAPTURED_SQL,
-    ORDER_COLUMNS, PRODUCT_COLUMNS, RESTOCK_SQL, SALE_CHECKOUTS_SQL, SHIPMENT_CAPTURED_SQL,
-    SHIPMENT_CAPTURING_SQL, SHIPMENT_COLUMNS, SHIPMENT_FAILED_SQL, SHIPPABLE_LINES_SQL,
-    SHIPPABLE_ORDER_SQL, SHIP_LINE_SQL, SHORT_PART_SQL, SHORT_WHOLE_SQL,
+    line_refund_key, order_authorized_event, order_paid_event, order_refunded_event, order_total,
+    page_of, plan_line_refund, plan_shipment, priced_in_lock_order, refundable, reserve_retrying,
+    schema_is_current, shipment_captured_event, shippable, to_millis, unclaimed_cart, Acquisitions,
+    ChargeTicket, IdempotencyStart, InventoryRow, Lease, LineRefundId, LineRefundStatus,
+    LineRefundTicket, NewCheckout, NewLineRefund, NewShipment, Page, RefundedLine, Released, Retry,
+    SaleCheckout, SaleLimit, ShipmentId, ShipmentTicket, Shortfall, Store, StoreError, StoreKind,
+    StoredKey, WantedLine, AUTHORIZATIONS_BEFORE_SQL, CAPTURE_METHOD_SQL, CHECKOUT_COLUMNS,
+    IDEMPOTENCY_RENEW, INSERT_LINE_REFUND_SQL, INSERT_SHIPMENT_SQL, INVENTORY_AUDIT_SQL,
+    LINE_REFUNDS_OF_PAYMENT_SQL, LINE_REFUND_COLUMNS, LINE_REFUND_ROW_SQL, ORDER_AUTHORIZED_SQL,
+    ORDER_CAPTURED_SQL, ORDER_COLUMNS, ORDER_REFUNDED_PART_SQL, PRODUCT_COLUMNS,
+    REFUNDABLE_LINES_SQL, REFUNDABLE_ORDER_SQL, REFUND_LINE_SQL, RESTOCKED_LINE_SQL, RESTOCK_SQL,
+    SALE_CHECKOUTS_SQL, SETTLE_LINE_REFUND_SQL, SHIPMENT_CAPTURED_SQL, SHIPMENT_CAPTURING_SQL,
+    SHIPMENT_COLUMNS, SHIPMENT_FAILED_SQL, SHIPPABLE_LINES_SQL, SHIPPABLE_ORDER_SQL, SHIP_LINE_SQL,
+    SHORT_PART_SQL, SHORT_WHOLE_SQL,
 };
 
 mod decode {
@@ -247,6 +251,48 @@ impl PgStore {
         .await?
         .ok_or(StoreError::NotFound("checkout"))?;
         decode::checkout(&row)
+    }
+
+    /// Refunded units back on the shelf, once each: the line's restocked count may not pass
+    /// its refunded one, and the sale shrinks by as much as the stock grows (promise 1).
+    async fn restock_units(
+        tx: &mut Transaction<'_, Postgres>,
+        order: Uuid,
+        checkout: Uuid,
+        line: &RefundedLine,
+    ) -> Result<(), StoreError> {
+        let counted = sqlx::query(RESTOCKED_LINE_SQL)
+            .bind(order)
+            .bind(line.product_id)
+            .bind(line.quantity)
+            .execute(&mut **tx)
+            .await?;
+        if counted.rows_affected() == 0 {
+            return Err(StoreError::Corrupt(format!(
+                "{} restocked more than refunded",
+                line.sku
+            )));
+        }
+        let part = sqlx::query(SHORT_PART_SQL)
+            .bind(checkout)
+            .bind(line.product_id)
+            .bind(line.quantity)
+            .execute(&mut **tx)
+            .await?;
+        if part.rows_affected() == 0 {
+            sqlx::query(SHORT_WHOLE_SQL)
+                .bind(checkout)
+                .bind(line.product_id)
+                .bind(line.quantity)
+                .execute(&mut **tx)
+                .await?;
+        }
+        sqlx::query(RESTOCK_SQL)
+            .bind(line.product_id)
+            .bind(line.quantity)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
     }
 
     /// The order a shipment belongs to, with its lines.
@@ -1809,6 +1855,227 @@ impl Store for PgStore {
             .fetch_all(&self.pool)
             .await?;
         Ok(ids.into_iter().map(OrderId::from_uuid).collect())
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %new.order))]
+    async fn begin_line_refund(&self, new: &NewLineRefund) -> Result<LineRefundTicket, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let order = sqlx::query(&format!("{REFUNDABLE_ORDER_SQL} FOR UPDATE"))
+            .bind(new.order.uuid())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound("order"))?;
+        let status: String = order.try_get("status")?;
+        refundable(&status)?;
+        let payment_intent_id: String = order
+            .try_get::<Option<String>, _>("payment_intent_id")?
+            .ok_or_else(|| StoreError::Corrupt("a paid order without a payment".into()))?;
+        let authorized: Option<i64> = order.try_get("authorized_amount")?;
+        let captured = match authorized {
+            Some(_) => order.try_get("captured_amount")?,
+            None => order.try_get("total_amount")?,
+        };
+        let refunded: i64 = order.try_get("refunded_amount")?;
+        let in_flight: i64 = order.try_get("in_flight")?;
+        let lines = sqlx::query(REFUNDABLE_LINES_SQL)
+            .bind(new.order.uuid())
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(decode::refundable_line)
+            .collect::<Result<Vec<_>, _>>()?;
+        let (planned, amount) = plan_line_refund(
+            &lines,
+            &new.lines,
+            authorized.is_some(),
+            captured,
+            refunded + in_flight,
+        )?;
+        let key = line_refund_key(new.id);
+        let lines_json = serde_json::to_string(&planned)
+            .map_err(|e| StoreError::Corrupt(format!("refund lines: {e}")))?;
+        sqlx::query(INSERT_LINE_REFUND_SQL)
+            .bind(new.id)
+            .bind(new.order.uuid())
+            .bind(amount)
+            .bind(&lines_json)
+            .bind(new.restock)
+            .bind(&key)
+            .bind(to_millis(new.lease_until))
+            .bind(to_millis(new.now))
+            .execute(&mut *tx)
+            .await?;
+        for line in &planned {
+            sqlx::query(REFUND_LINE_SQL)
+                .bind(new.order.uuid())
+                .bind(line.product_id)
+                .bind(line.quantity)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(LineRefundTicket {
+            id: new.id,
+            order_id: new.order,
+            payment_intent_id,
+            amount,
+            refund_key: key,
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(refund = %id))]
+    async fn record_line_refund(
+        &self,
+        id: LineRefundId,
+        status: LineRefundStatus,
+        gateway_refund_id: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<Order, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!("{LINE_REFUND_ROW_SQL} FOR UPDATE OF r"))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound("refund"))?;
+        let order: Uuid = row.try_get("order_id")?;
+        let current: String = row.try_get("status")?;
+        let settled = matches!(current.as_str(), "succeeded" | "failed");
+        let next = match status {
+            _ if settled => current.clone(),
+            LineRefundStatus::Pending => "pending".to_owned(),
+            LineRefundStatus::Succeeded => "succeeded".to_owned(),
+            LineRefundStatus::Failed => "failed".to_owned(),
+        };
+        sqlx::query(SETTLE_LINE_REFUND_SQL)
+            .bind(id)
+            .bind(&next)
+            .bind(gateway_refund_id)
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        if !settled && next != "pending" {
+            let amount: i64 = row.try_get("amount")?;
+            let restock: bool = row.try_get("restock")?;
+            let checkout: Uuid = row.try_get("checkout_id")?;
+            let currency: String = row.try_get("currency")?;
+            let raw: String = row.try_get("lines")?;
+            let lines: Vec<RefundedLine> = serde_json::from_str(&raw)
+                .map_err(|e| StoreError::Corrupt(format!("refund lines: {e}")))?;
+            if next == "failed" {
+                for line in &lines {
+                    sqlx::query(REFUND_LINE_SQL)
+                        .bind(order)
+                        .bind(line.product_id)
+                        .bind(-line.quantity)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            } else {
+                sqlx::query(ORDER_REFUNDED_PART_SQL)
+                    .bind(order)
+                    .bind(amount)
+                    .bind(to_millis(now))
+                    .execute(&mut *tx)
+                    .await?;
+                if restock {
+                    for line in &lines {
+                        Self::restock_units(&mut tx, order, checkout, line).await?;
+                    }
+                }
+                let event = order_refunded_event(
+                    id,
+                    OrderId::from_uuid(order),
+                    amount,
+                    &currency,
+                    &lines,
+                    now,
+                );
+                sqlx::query(
+                    "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
+                     VALUES ($1, 'order.refunded', $2, $3, $4) \
+                     ON CONFLICT (topic, order_id) DO NOTHING",
+                )
+                .bind(event.event_id)
+                .bind(id)
+                .bind(&event.payload)
+                .bind(to_millis(now))
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        self.admin_order(OrderId::from_uuid(order))
+            .await?
+            .ok_or(StoreError::NotFound("order"))
+    }
+
+    async fn line_refunds_of_payment(
+        &self,
+        payment_intent_id: &str,
+    ) -> Result<Option<(i64, Vec<(LineRefundId, i64)>)>, StoreError> {
+        let rows = sqlx::query(LINE_REFUNDS_OF_PAYMENT_SQL)
+            .bind(payment_intent_id)
+            .fetch_all(&self.pool)
+            .await?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let refunded: i64 = first.try_get("refunded_amount")?;
+        let mut open = Vec::new();
+        for row in &rows {
+            let status: String = row.try_get("status")?;
+            if matches!(status.as_str(), "requested" | "pending") {
+                open.push((row.try_get("id")?, row.try_get("amount")?));
+            }
+        }
+        Ok(Some((refunded, open)))
+    }
+
+    async fn line_refund_by_gateway_id(
+        &self,
+        gateway_refund_id: &str,
+    ) -> Result<Option<LineRefundId>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM order_refunds WHERE gateway_refund_id = $1")
+                .bind(gateway_refund_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn claim_stalled_line_refunds(
+        &self,
+        limit: u32,
+        lease: Lease<'_>,
+    ) -> Result<Vec<LineRefundTicket>, StoreError> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(super::claim_stalled_line_refunds_sql!(
+            " FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(to_millis(lease.until))
+        .bind(to_millis(lease.now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut tickets = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = sqlx::query(&format!(
+                "SELECT {LINE_REFUND_COLUMNS} FROM order_refunds r \
+                 JOIN orders o ON o.id = r.order_id WHERE r.id = $1"
+            ))
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+            tickets.push(LineRefundTicket {
+                id: row.try_get("id")?,
+                order_id: OrderId::from_uuid(row.try_get("order_id")?),
+                payment_intent_id: row
+                    .try_get::<Option<String>, _>("payment_intent_id")?
+                    .ok_or_else(|| StoreError::Corrupt("a refund of an unpaid order".into()))?,
+                amount: row.try_get("amount")?,
+                refund_key: row.try_get("refund_key")?,
+            });
+        }
+        Ok(tickets)
     }
 
     async fn mark_fulfilled(

@@ -160,6 +160,8 @@ macro_rules! row_decoders {
                 captured_amount: row.try_get("captured_amount")?,
                 refunded_amount: row.try_get("refunded_amount")?,
                 shipments_captured: row.try_get("shipments_captured")?,
+                total_amount: row.try_get("total_amount")?,
+                overdrawn_lines: row.try_get("overdrawn_lines")?,
             })
         }
 
@@ -224,6 +226,20 @@ macro_rules! row_decoders {
                 unit_price: row.try_get("unit_price")?,
                 shipped: row.try_get("shipped")?,
                 short: row.try_get("short")?,
+            })
+        }
+
+        /// An order line as a partial refund sees it (`REFUNDABLE_LINES_SQL`).
+        pub(super) fn refundable_line(
+            row: &$row,
+        ) -> Result<crate::store::RefundableLine, StoreError> {
+            Ok(crate::store::RefundableLine {
+                product_id: row.try_get("product_id")?,
+                sku: sku(row.try_get("sku")?)?,
+                quantity: row.try_get("quantity")?,
+                unit_price: row.try_get("unit_price")?,
+                shipped: row.try_get("shipped")?,
+                refunded: row.try_get("refunded")?,
             })
         }
 

@@ -27,6 +27,10 @@ both_stores!(
     manual_capture_through_the_stripe_client_captures_each_shipment_once,
     a_lapse_reported_by_stripe_through_the_stripe_client_closes_the_order,
     whole_refunds_racing_charge_refunded_never_refund_twice,
+    partial_refunds_by_line_refund_those_units_and_restock_each_once,
+    partial_refunds_of_a_shipped_order_never_pass_what_was_captured,
+    a_partial_refund_that_does_not_fit_the_order_is_refused_and_changes_nothing,
+    partial_refunds_racing_charge_refunded_settle_once_and_restock_once,
     an_order_paid_at_checkout_shows_its_total_authorized_and_captured,
 );
 
@@ -620,4 +624,257 @@ async fn an_admin_refund_locks_the_checkout_before_the_order_as_charge_refunded_
         refunded.is_ok(),
         "the admin refund goes through: {refunded:?}"
     );
+}
+
+async fn refund_lines(app: &TestApp, order: &str, body: Value) -> crate::helpers::Resp {
+    app.admin_post(&format!("/v1/admin/orders/{order}/refunds"), body)
+        .await
+}
+
+async fn partial_refunds_by_line_refund_those_units_and_restock_each_once(kind: StoreKind) {
+    let app = spawn_app_with(kind, Options::default()).await;
+    let (_, _, order) = authorized_order(&app).await;
+    assert_eq!(app.stock_of("cap-a").await, (7, 0, 7));
+
+    let first = refund_lines(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 1}], "restock": true}),
+    )
+    .await;
+
+    first.assert_status(200);
+    assert_eq!(first.str("status"), "paid");
+    assert_eq!(amount(&first.body, "refunded"), 1000);
+    assert_eq!(app.stock_of("cap-a").await, (8, 0, 8));
+    let sim = app.simulator.clone().expect("the simulator");
+    let intent = first.str("payment_intent_id");
+    assert_eq!(sim.ledger().refunded(&intent), 1000);
+
+    // The rest, without restocking: the order is refunded, the shelf unchanged.
+    let rest = refund_lines(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 2}, {"sku": "cap-b", "quantity": 2}]}),
+    )
+    .await;
+    rest.assert_status(200);
+    assert_eq!(rest.str("status"), "refunded");
+    assert_eq!(amount(&rest.body, "refunded"), 4000);
+    assert_eq!(sim.ledger().refunded(&intent), 4000);
+    assert_eq!(app.stock_of("cap-a").await, (8, 0, 8));
+    assert_eq!(app.stock_of("cap-b").await, (3, 0, 3));
+
+    // Nothing is left to refund.
+    refund_lines(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 1}], "restock": true}),
+    )
+    .await
+    .assert_error(409, "invalid_order_state");
+    eventually(10, "the refund events are published", || async {
+        topics(&app, &order)
+            .await
+            .iter()
+            .filter(|t| *t == "order.refunded")
+            .count()
+            == 2
+    })
+    .await;
+    app.audit().await.assert_clean();
+}
+
+async fn partial_refunds_of_a_shipped_order_never_pass_what_was_captured(kind: StoreKind) {
+    let app = spawn_app_with(kind, manual()).await;
+    let (_, _, order) = authorized_order(&app).await;
+    ship(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 2}]}),
+    )
+    .await
+    .assert_status(200);
+
+    // Only shipped (captured) units can be refunded.
+    refund_lines(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-b", "quantity": 1}]}),
+    )
+    .await
+    .assert_error(422, "invalid_refund");
+    let refunded = refund_lines(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 2}], "restock": true}),
+    )
+    .await;
+
+    refunded.assert_status(200);
+    assert_eq!(amount(&refunded.body, "captured"), 2000);
+    assert_eq!(amount(&refunded.body, "refunded"), 2000);
+    assert_eq!(app.stock_of("cap-a").await, (9, 0, 9));
+    refund_lines(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 1}]}),
+    )
+    .await
+    .assert_error(422, "invalid_refund");
+    app.audit().await.assert_clean();
+}
+
+async fn a_partial_refund_that_does_not_fit_the_order_is_refused_and_changes_nothing(
+    kind: StoreKind,
+) {
+    let app = spawn_app_with(kind, Options::default()).await;
+    let (_, _, order) = authorized_order(&app).await;
+    let before = (
+        app.inventory_snapshot().await,
+        admin_order(&app, &order).await,
+    );
+    let cases = [
+        (
+            json!({"lines": [{"sku": "cap-x", "quantity": 1}]}),
+            422,
+            "invalid_refund",
+            "a SKU not of the order",
+        ),
+        (
+            json!({"lines": [{"sku": "cap-a", "quantity": 4}]}),
+            422,
+            "invalid_refund",
+            "more units than ordered",
+        ),
+        (
+            json!({"lines": []}),
+            422,
+            "invalid_refund",
+            "nothing to refund",
+        ),
+        (
+            json!({"lines": [{"sku": "cap-a", "quantity": 0}]}),
+            422,
+            "validation_failed",
+            "a quantity of zero",
+        ),
+        (
+            json!({"restock": true}),
+            422,
+            "validation_failed",
+            "no lines",
+        ),
+        (
+            json!({"lines": [{"sku": "cap-a", "quantity": 1}], "restock": "yes"}),
+            422,
+            "validation_failed",
+            "restock not a boolean",
+        ),
+    ];
+    for (body, status, code, what) in cases {
+        let resp = refund_lines(&app, &order, body).await;
+        assert_eq!(
+            (resp.status.as_u16(), resp.code()),
+            (status, code),
+            "{what}: {:?}",
+            resp.body
+        );
+    }
+    assert_eq!(
+        (
+            app.inventory_snapshot().await,
+            admin_order(&app, &order).await
+        ),
+        before
+    );
+    let sim = app.simulator.clone().expect("the simulator");
+    assert!(sim.ledger().refunds.is_empty(), "nothing refunded");
+    app.audit().await.assert_clean();
+}
+
+/// Partial refunds racing Stripe's `charge.refunded` reporting them (`amount_refunded`),
+/// order by order: whichever is recorded first, each refund settles once and its units come
+/// back to stock once.
+async fn partial_refunds_racing_charge_refunded_settle_once_and_restock_once(kind: StoreKind) {
+    const ORDERS: usize = 24;
+    let app = spawn_app_with(kind, Options::default()).await;
+    app.new_product("prace-a", 700, 100).await;
+    let mut paid = Vec::with_capacity(ORDERS);
+    for i in 0..ORDERS {
+        let (customer, checkout, order) = app
+            .reserved_checkout(&format!("partial racer {i}"), &[("prace-a", 2)])
+            .await;
+        app.complete(&customer, &checkout, "pm_card_visa", &format!("pay-{i}"))
+            .await
+            .assert_status(200);
+        let intent = admin_order(&app, &order).await["payment_intent_id"]
+            .as_str()
+            .expect("an intent")
+            .to_owned();
+        paid.push((order, intent));
+    }
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2 * ORDERS));
+    let mut tasks = Vec::new();
+    for (i, (order, intent)) in paid.iter().cloned().enumerate() {
+        let (base, client) = (app.base.clone(), app.client.clone());
+        let gate = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            gate.wait().await;
+            let resp = client
+                .post(format!("{base}/v1/admin/orders/{order}/refunds"))
+                .bearer_auth(crate::helpers::ADMIN_TOKEN)
+                .json(&json!({"lines": [{"sku": "prace-a", "quantity": 1}], "restock": true}))
+                .send()
+                .await
+                .expect("an answer");
+            ("admin", resp.status().as_u16())
+        }));
+        let event = crate::saga::refund_event(&format!("evt_prace_{i}"), &intent, 1400, 700);
+        let (base, client) = (app.base.clone(), app.client.clone());
+        let gate = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            gate.wait().await;
+            let header = signature::sign(
+                event.as_bytes(),
+                WEBHOOK_SECRET,
+                chrono::Utc::now().timestamp(),
+            );
+            let resp = client
+                .post(format!("{base}/webhooks/stripe"))
+                .header("content-type", "application/json")
+                .header("Stripe-Signature", header)
+                .body(event)
+                .send()
+                .await
+                .expect("an answer");
+            ("webhook", resp.status().as_u16())
+        }));
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.expect("the task ends"));
+    }
+
+    for (who, status) in &answers {
+        match *who {
+            "admin" => assert_eq!(*status, 200, "{answers:?}"),
+            _ => assert!((200..300).contains(status), "webhook {status}: {answers:?}"),
+        }
+    }
+    let sim = app.simulator.clone().expect("the simulator");
+    for (order, intent) in &paid {
+        let now = admin_order(&app, order).await;
+        assert_eq!(now["status"], "paid");
+        assert_eq!(amount(&now, "refunded"), 700, "{order}");
+        assert_eq!(
+            sim.ledger().refunded(intent),
+            700,
+            "refunded once at the gateway"
+        );
+    }
+    // One unit of each order back on the shelf, once.
+    let back = 100 - ORDERS as i64;
+    assert_eq!(app.stock_of("prace-a").await, (back, 0, back));
+    app.audit().await.assert_clean();
 }
