@@ -275,11 +275,15 @@ fn no_ghosts(checkouts: &[CheckoutAuditRow], options: &AuditOptions<'_>) -> Chec
                 // Manual capture: the last shipment shipped nothing at all.
                 OrderStatus::Cancelled,
                 OrderStatus::Refunded,
+                OrderStatus::Disputed,
+                OrderStatus::RefundedByDispute,
             ],
             CheckoutState::Completed => &[
                 OrderStatus::Paid,
                 OrderStatus::Fulfilled,
                 OrderStatus::Refunded,
+                OrderStatus::Disputed,
+                OrderStatus::RefundedByDispute,
             ],
             CheckoutState::PaymentFailed => &[OrderStatus::PaymentFailed],
             CheckoutState::Expired | CheckoutState::Cancelled => {
@@ -362,13 +366,16 @@ fn one_event(checkouts: &[CheckoutAuditRow], options: &AuditOptions<'_>) -> Chec
                 | OrderStatus::Fulfilled
                 | OrderStatus::Authorized
                 | OrderStatus::PartiallyFulfilled
+                | OrderStatus::Disputed
         );
         // A refunded order had its event if it was paid first; a refunded late success never was.
         // So had an authorized order whose shipments shipped nothing (cancelled).
-        let refunded = row.order_status == OrderStatus::Refunded
-            || (row.order_status == OrderStatus::Cancelled
-                && row.state == CheckoutState::Completed
-                && row.authorized_amount.is_some());
+        let refunded = matches!(
+            row.order_status,
+            OrderStatus::Refunded | OrderStatus::RefundedByDispute
+        ) || (row.order_status == OrderStatus::Cancelled
+            && row.state == CheckoutState::Completed
+            && row.authorized_amount.is_some());
         match (paid, refunded, row.paid_events) {
             (true, _, 1) | (false, false, 0) | (false, true, 0 | 1) => {}
             (_, _, n) => violations.push(format!(

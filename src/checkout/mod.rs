@@ -987,6 +987,39 @@ impl CheckoutService {
         Ok(true)
     }
 
+    /// `charge.dispute.created` puts the order on hold (`disputed`, with an `order.disputed`
+    /// event so the warehouse stops); `charge.dispute.closed` records the outcome: won gives
+    /// the order back its status, lost leaves it `refunded_by_dispute` with its stock as it
+    /// is (an admin restock brings returned goods back). Other dispute events change nothing.
+    async fn dispute_event(
+        &self,
+        event_type: &str,
+        dispute_id: &str,
+        intent_id: &str,
+        status: &str,
+    ) -> Result<(), CheckoutError> {
+        let outcome = match (event_type, status) {
+            ("charge.dispute.created", _) => store::DisputeStatus::Open,
+            ("charge.dispute.closed", "lost") => store::DisputeStatus::Lost,
+            // `won`, or `warning_closed`: an inquiry that never became a chargeback.
+            ("charge.dispute.closed", _) => store::DisputeStatus::Won,
+            _ => return Ok(()),
+        };
+        match self
+            .store
+            .record_dispute(intent_id, dispute_id, outcome, self.clock.now())
+            .await?
+        {
+            Some(order) => {
+                tracing::warn!(order_id = %order.id, %dispute_id, status, "dispute recorded");
+            }
+            None => {
+                tracing::warn!(payment_intent = %intent_id, %dispute_id, "dispute of a payment of no known order")
+            }
+        }
+        Ok(())
+    }
+
     /// Partial refunds whose answer was lost: asked again with their own keys.
     async fn recover_line_refunds(&self, limit: u32) -> Result<usize, CheckoutError> {
         let lease = self.lease(self.saga.lease);
@@ -1033,6 +1066,14 @@ impl CheckoutService {
                     return Ok(());
                 }
                 self.refunded_at_gateway(intent_id, *refunded).await
+            }
+            EventObject::Dispute {
+                id,
+                payment_intent: Some(intent_id),
+                status,
+            } if event.event_type.starts_with("charge.dispute.") => {
+                self.dispute_event(&event.event_type, id, intent_id, status)
+                    .await
             }
             EventObject::Refund(refund)
                 if matches!(

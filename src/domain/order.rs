@@ -21,10 +21,14 @@ pub enum OrderStatus {
     Authorized,
     /// Manual capture: some lines shipped (and their amount captured), others still to ship.
     PartiallyFulfilled,
+    /// The card holder disputed the payment: fulfilment is on hold until the dispute closes.
+    Disputed,
+    /// The dispute was lost: the money went back through the card network.
+    RefundedByDispute,
 }
 
 impl OrderStatus {
-    pub const ALL: [OrderStatus; 9] = [
+    pub const ALL: [OrderStatus; 11] = [
         OrderStatus::PendingPayment,
         OrderStatus::PaymentProcessing,
         OrderStatus::Paid,
@@ -34,6 +38,8 @@ impl OrderStatus {
         OrderStatus::Refunded,
         OrderStatus::Authorized,
         OrderStatus::PartiallyFulfilled,
+        OrderStatus::Disputed,
+        OrderStatus::RefundedByDispute,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -47,6 +53,8 @@ impl OrderStatus {
             OrderStatus::Refunded => "refunded",
             OrderStatus::Authorized => "authorized",
             OrderStatus::PartiallyFulfilled => "partially_fulfilled",
+            OrderStatus::Disputed => "disputed",
+            OrderStatus::RefundedByDispute => "refunded_by_dispute",
         }
     }
 

@@ -647,6 +647,20 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         limit: u32,
         lease: Lease<'_>,
     ) -> Result<Vec<LineRefundTicket>, StoreError>;
+    /// A dispute of the payment `payment_intent_id` as Stripe reports it. `Open`: the order is
+    /// `disputed` (its status before kept) and one `order.disputed` event tells the warehouse
+    /// to hold its fulfilment; `Won`: the order is back where it was; `Lost`: the order is
+    /// `refunded_by_dispute`, stock untouched. A repeated or late report changes nothing.
+    /// `None` when no order was paid by that PaymentIntent.
+    async fn record_dispute(
+        &self,
+        payment_intent_id: &str,
+        dispute_id: &str,
+        status: DisputeStatus,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Order>, StoreError>;
+    /// Orders on hold for a dispute, most recent first.
+    async fn disputed_orders(&self, limit: u32) -> Result<Vec<OrderId>, StoreError>;
     /// Orders still holding an authorization given before `before` (oldest first): the
     /// authorization worker settles them, the ops page lists those near their end.
     async fn authorizations_before(
@@ -1572,6 +1586,55 @@ pub(crate) fn order_refunded_event(
         "refunded": {"amount": amount, "currency": currency},
         "lines": lines,
         "refunded_at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    OutboxRow {
+        event_id,
+        payload: payload.to_string(),
+    }
+}
+
+/// Where a dispute stands, as far as its order is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisputeStatus {
+    Open,
+    Won,
+    Lost,
+}
+
+/// `$1` PaymentIntent, `$2` dispute, `$3` now: a dispute not seen before puts its order on
+/// hold (a report of a dispute already open or closed changes nothing).
+pub(crate) const DISPUTE_OPENED_SQL: &str = "UPDATE orders SET \
+     status_before_dispute = status, status = 'disputed', dispute_id = $2, \
+     dispute_status = 'open', updated_at = $3 \
+     WHERE payment_intent_id = $1 AND (dispute_id IS NULL OR dispute_id <> $2) \
+     RETURNING id, currency";
+/// `$1` PaymentIntent, `$2` dispute, `$3` now, `$4` 'won' or 'lost': a dispute not closed yet
+/// closes; won gives the order its status back, lost leaves it `refunded_by_dispute`.
+pub(crate) const DISPUTE_CLOSED_SQL: &str = "UPDATE orders SET \
+     status = CASE WHEN $4 = 'lost' THEN 'refunded_by_dispute' \
+                   ELSE COALESCE(status_before_dispute, status) END, \
+     dispute_id = $2, dispute_status = $4, updated_at = $3 \
+     WHERE payment_intent_id = $1 \
+       AND (dispute_id IS NULL OR dispute_id <> $2 OR dispute_status = 'open') \
+     RETURNING id, currency";
+pub(crate) const DISPUTED_ORDERS_SQL: &str =
+    "SELECT id FROM orders WHERE status = 'disputed' ORDER BY updated_at DESC LIMIT $1";
+
+/// The `order.disputed` outbox row: the fulfilment hold for the warehouse.
+pub(crate) fn order_disputed_event(
+    order: OrderId,
+    dispute_id: &str,
+    payment_intent_id: &str,
+    now: DateTime<Utc>,
+) -> OutboxRow {
+    let event_id = uuid::Uuid::new_v4();
+    let payload = serde_json::json!({
+        "event_id": event_id,
+        "order_id": order,
+        "dispute_id": dispute_id,
+        "payment_intent_id": payment_intent_id,
+        "hold_fulfilment": true,
+        "disputed_at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     });
     OutboxRow {
         event_id,

@@ -28,18 +28,19 @@ use super::rows::{self, row_decoders};
 use super::{
     admission_in_use, all_matched, attach_lines, capture_key, capture_method_of, cart_must_be_open,
     check_patch, governing_sale, judge_misses, line_refund_key, order_authorized_event,
-    order_paid_event, order_refunded_event, order_total, page_of, plan_line_refund, plan_shipment,
-    priced_in_lock_order, refundable, reserve_retrying, schema_is_current, shipment_captured_event,
-    shippable, to_millis, unclaimed_cart, Acquisitions, ChargeTicket, Governed, Guarded,
-    IdempotencyStart, InventoryRow, Lease, LineRefundId, LineRefundStatus, LineRefundTicket,
-    NewCheckout, NewLineRefund, NewShipment, Page, PricedLine, RefundedLine, Released, Retry,
-    RowNow, SaleCheckout, ShipmentId, ShipmentTicket, Store, StoreError, StoreKind, StoredKey,
-    WantedLine, AUTHORIZATIONS_BEFORE_SQL, CAPTURE_METHOD_SQL, CHECKOUT_COLUMNS,
-    IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW, INSERT_LINE_REFUND_SQL, INSERT_SHIPMENT_SQL,
-    INVENTORY_AUDIT_SQL, LINE_REFUNDS_OF_PAYMENT_SQL, LINE_REFUND_COLUMNS, LINE_REFUND_ROW_SQL,
-    ORDER_AUTHORIZED_SQL, ORDER_CAPTURED_SQL, ORDER_COLUMNS, ORDER_REFUNDED_PART_SQL,
-    PRODUCT_COLUMNS, REFUNDABLE_LINES_SQL, REFUNDABLE_ORDER_SQL, REFUND_LINE_SQL,
-    RESTOCKED_LINE_SQL, RESTOCK_SQL, SALE_CHECKOUTS_SQL, SETTLE_LINE_REFUND_SQL,
+    order_disputed_event, order_paid_event, order_refunded_event, order_total, page_of,
+    plan_line_refund, plan_shipment, priced_in_lock_order, refundable, reserve_retrying,
+    schema_is_current, shipment_captured_event, shippable, to_millis, unclaimed_cart, Acquisitions,
+    ChargeTicket, DisputeStatus, Governed, Guarded, IdempotencyStart, InventoryRow, Lease,
+    LineRefundId, LineRefundStatus, LineRefundTicket, NewCheckout, NewLineRefund, NewShipment,
+    Page, PricedLine, RefundedLine, Released, Retry, RowNow, SaleCheckout, ShipmentId,
+    ShipmentTicket, Store, StoreError, StoreKind, StoredKey, WantedLine, AUTHORIZATIONS_BEFORE_SQL,
+    CAPTURE_METHOD_SQL, CHECKOUT_COLUMNS, DISPUTED_ORDERS_SQL, DISPUTE_CLOSED_SQL,
+    DISPUTE_OPENED_SQL, IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW, INSERT_LINE_REFUND_SQL,
+    INSERT_SHIPMENT_SQL, INVENTORY_AUDIT_SQL, LINE_REFUNDS_OF_PAYMENT_SQL, LINE_REFUND_COLUMNS,
+    LINE_REFUND_ROW_SQL, ORDER_AUTHORIZED_SQL, ORDER_CAPTURED_SQL, ORDER_COLUMNS,
+    ORDER_REFUNDED_PART_SQL, PRODUCT_COLUMNS, REFUNDABLE_LINES_SQL, REFUNDABLE_ORDER_SQL,
+    REFUND_LINE_SQL, RESTOCKED_LINE_SQL, RESTOCK_SQL, SALE_CHECKOUTS_SQL, SETTLE_LINE_REFUND_SQL,
     SHIPMENT_CAPTURED_SQL, SHIPMENT_CAPTURING_SQL, SHIPMENT_COLUMNS, SHIPMENT_FAILED_SQL,
     SHIPPABLE_LINES_SQL, SHIPPABLE_ORDER_SQL, SHIP_LINE_SQL, SHORT_PART_SQL, SHORT_WHOLE_SQL,
 };
@@ -2127,6 +2128,72 @@ impl Store for SqliteStore {
             });
         }
         Ok(tickets)
+    }
+
+    #[tracing::instrument(skip_all, fields(%dispute_id))]
+    async fn record_dispute(
+        &self,
+        payment_intent_id: &str,
+        dispute_id: &str,
+        status: DisputeStatus,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Order>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let changed = match status {
+            DisputeStatus::Open => {
+                sqlx::query(DISPUTE_OPENED_SQL)
+                    .bind(payment_intent_id)
+                    .bind(dispute_id)
+                    .bind(to_millis(now))
+                    .fetch_optional(&mut *tx)
+                    .await?
+            }
+            DisputeStatus::Won | DisputeStatus::Lost => {
+                sqlx::query(DISPUTE_CLOSED_SQL)
+                    .bind(payment_intent_id)
+                    .bind(dispute_id)
+                    .bind(to_millis(now))
+                    .bind(if status == DisputeStatus::Lost {
+                        "lost"
+                    } else {
+                        "won"
+                    })
+                    .fetch_optional(&mut *tx)
+                    .await?
+            }
+        };
+        if let (Some(row), DisputeStatus::Open) = (&changed, status) {
+            let order = OrderId::from_uuid(row.try_get("id")?);
+            let event = order_disputed_event(order, dispute_id, payment_intent_id, now);
+            sqlx::query(
+                "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
+                 VALUES ($1, 'order.disputed', $2, $3, $4) ON CONFLICT (topic, order_id) DO NOTHING",
+            )
+            .bind(event.event_id)
+            .bind(order.uuid())
+            .bind(&event.payload)
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        let order: Option<Uuid> =
+            sqlx::query_scalar("SELECT id FROM orders WHERE payment_intent_id = $1")
+                .bind(payment_intent_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        match order {
+            Some(id) => self.admin_order(OrderId::from_uuid(id)).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn disputed_orders(&self, limit: u32) -> Result<Vec<OrderId>, StoreError> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(DISPUTED_ORDERS_SQL)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(ids.into_iter().map(OrderId::from_uuid).collect())
     }
 
     async fn mark_fulfilled(

@@ -31,6 +31,8 @@ both_stores!(
     partial_refunds_of_a_shipped_order_never_pass_what_was_captured,
     a_partial_refund_that_does_not_fit_the_order_is_refused_and_changes_nothing,
     partial_refunds_racing_charge_refunded_settle_once_and_restock_once,
+    a_dispute_holds_the_order_and_a_lost_one_leaves_it_refunded_by_dispute,
+    a_won_dispute_gives_the_order_its_status_back,
     an_order_paid_at_checkout_shows_its_total_authorized_and_captured,
 );
 
@@ -876,5 +878,147 @@ async fn partial_refunds_racing_charge_refunded_settle_once_and_restock_once(kin
     // One unit of each order back on the shelf, once.
     let back = 100 - ORDERS as i64;
     assert_eq!(app.stock_of("prace-a").await, (back, 0, back));
+    app.audit().await.assert_clean();
+}
+
+/// A `charge.dispute.*` event as Stripe sends it, signed and delivered; answers the status.
+async fn dispute(app: &TestApp, event_id: &str, kind: &str, intent: &str, status: &str) -> u16 {
+    let payload = json!({
+        "id": event_id, "object": "event", "type": kind,
+        "created": chrono::Utc::now().timestamp(),
+        "data": {"object": {
+            "id": format!("dp_of_{intent}"), "object": "dispute", "amount": 4000,
+            "currency": "eur", "charge": format!("ch_of_{intent}"), "payment_intent": intent,
+            "reason": "fraudulent", "status": status
+        }}
+    })
+    .to_string();
+    let header = signature::sign(
+        payload.as_bytes(),
+        WEBHOOK_SECRET,
+        chrono::Utc::now().timestamp(),
+    );
+    app.client
+        .post(format!("{}/webhooks/stripe", app.base))
+        .header("content-type", "application/json")
+        .header("Stripe-Signature", header)
+        .body(payload)
+        .send()
+        .await
+        .expect("the webhook is answered")
+        .status()
+        .as_u16()
+}
+
+async fn a_dispute_holds_the_order_and_a_lost_one_leaves_it_refunded_by_dispute(kind: StoreKind) {
+    let app = spawn_app_with(kind, manual()).await;
+    let (_, _, order) = authorized_order(&app).await;
+    let shipped = ship(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 1}]}),
+    )
+    .await;
+    shipped.assert_status(200);
+    let intent = shipped.str("payment_intent_id");
+
+    let created = dispute(
+        &app,
+        "evt_dp_1",
+        "charge.dispute.created",
+        &intent,
+        "needs_response",
+    );
+    assert_eq!(created.await, 200);
+    // Stripe may deliver it again.
+    assert_eq!(
+        dispute(
+            &app,
+            "evt_dp_1b",
+            "charge.dispute.created",
+            &intent,
+            "needs_response"
+        )
+        .await,
+        200
+    );
+
+    assert_eq!(admin_order(&app, &order).await["status"], "disputed");
+    // The warehouse is told to stop, once; no shipment goes out while disputed.
+    eventually(10, "the hold event is written", || async {
+        topics(&app, &order)
+            .await
+            .iter()
+            .filter(|t| *t == "order.disputed")
+            .count()
+            == 1
+    })
+    .await;
+    ship(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 1}]}),
+    )
+    .await
+    .assert_error(409, "invalid_order_state");
+    let ops = app
+        .get("/v1/admin/ops", Some(crate::helpers::ADMIN_TOKEN))
+        .await;
+    ops.assert_status(200);
+    assert_eq!(ops.body["disputed_orders"], json!([order]));
+
+    let stock_before = app.stock_of("cap-a").await;
+    assert_eq!(
+        dispute(&app, "evt_dp_2", "charge.dispute.closed", &intent, "lost").await,
+        200
+    );
+    let lost = admin_order(&app, &order).await;
+    assert_eq!(lost["status"], "refunded_by_dispute");
+    assert_eq!(app.stock_of("cap-a").await, stock_before, "stock untouched");
+    // A late `created` does not reopen it.
+    assert_eq!(
+        dispute(
+            &app,
+            "evt_dp_3",
+            "charge.dispute.created",
+            &intent,
+            "needs_response"
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        admin_order(&app, &order).await["status"],
+        "refunded_by_dispute"
+    );
+    app.audit().await.assert_clean();
+}
+
+async fn a_won_dispute_gives_the_order_its_status_back(kind: StoreKind) {
+    let app = spawn_app_with(kind, Options::default()).await;
+    let (_, _, order) = authorized_order(&app).await;
+    let intent = admin_order(&app, &order).await["payment_intent_id"]
+        .as_str()
+        .expect("an intent")
+        .to_owned();
+
+    assert_eq!(
+        dispute(
+            &app,
+            "evt_w_1",
+            "charge.dispute.created",
+            &intent,
+            "needs_response"
+        )
+        .await,
+        200
+    );
+    assert_eq!(admin_order(&app, &order).await["status"], "disputed");
+    assert_eq!(
+        dispute(&app, "evt_w_2", "charge.dispute.closed", &intent, "won").await,
+        200
+    );
+
+    assert_eq!(admin_order(&app, &order).await["status"], "paid");
     app.audit().await.assert_clean();
 }

@@ -128,6 +128,13 @@
           el("td", { class: "num" }, money(f.total)), el("td", {}, f.payment_intent_id || "")))
       : el("tr", {}, el("td", { class: "muted", colspan: 6 }, "nothing has failed")));
 
+    const holds = o.disputed_orders.map((id) => ["disputed: fulfilment on hold", id])
+      .concat(o.authorizations_ending.map((id) => ["authorization ends within a day", id]));
+    replace($("holds"), holds.length
+      ? holds.map(([why, id]) => el("tr", { "data-order": id },
+          el("td", {}, id), el("td", {}, why)))
+      : el("tr", {}, el("td", { class: "muted", colspan: 2 }, "no order on hold")));
+
     replace($("updated"), "updated " + new Date().toLocaleTimeString());
   }
 
