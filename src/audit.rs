@@ -348,7 +348,7 @@ fn captured_within_authorized(checkouts: &[CheckoutAuditRow]) -> Check {
     }
     Check {
         promise:
-            "captures: captured <= authorized, refunded <= captured, every capture a shipment's",
+            "captures and refunds: captured <= authorized, refunded <= captured, every capture a shipment's, each unit restocked at most once",
         violations,
         skipped: None,
     }

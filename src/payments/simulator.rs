@@ -1076,6 +1076,59 @@ mod tests {
         );
     }
 
+    fn capture(
+        intent: &PaymentIntent,
+        amount: i64,
+        final_capture: bool,
+        key: &str,
+    ) -> CaptureRequest {
+        CaptureRequest {
+            payment_intent_id: intent.id.clone(),
+            amount_to_capture: amount,
+            final_capture,
+            idempotency_key: key.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn captures_take_at_most_what_is_capturable_and_the_final_one_releases_the_rest() {
+        let sim = StripeSimulator::new();
+        let manual = ChargeRequest {
+            capture_method: CaptureMethod::Manual,
+            ..charge("pm_card_visa", 3000)
+        };
+        let ChargeOutcome::Authorized(held) = sim.create_and_confirm(&manual).await.unwrap() else {
+            panic!("an authorization")
+        };
+        assert_eq!((held.amount_capturable, held.amount_received), (3000, 0));
+        // Nothing captured yet: nothing to refund.
+        assert!(sim.refund(&refund(&held, Some(100), "r0")).await.is_err());
+
+        let too_much = sim.capture(&capture(&held, 3001, false, "c0")).await;
+        assert!(
+            matches!(too_much, Err(GatewayError::InvalidRequest { ref code, .. }) if code == "amount_too_large")
+        );
+        let part = sim
+            .capture(&capture(&held, 1000, false, "c1"))
+            .await
+            .unwrap();
+        assert_eq!(part.status, IntentStatus::RequiresCapture);
+        assert_eq!((part.amount_capturable, part.amount_received), (2000, 1000));
+        // The same key replays the same capture.
+        let again = sim
+            .capture(&capture(&held, 1000, false, "c1"))
+            .await
+            .unwrap();
+        assert_eq!(again.amount_received, 1000);
+        let last = sim.capture(&capture(&held, 500, true, "c2")).await.unwrap();
+        assert_eq!(last.status, IntentStatus::Succeeded);
+        assert_eq!((last.amount_capturable, last.amount_received), (0, 1500));
+        assert!(sim.capture(&capture(&held, 1, true, "c3")).await.is_err());
+        // Refunds never pass what was captured.
+        assert!(sim.refund(&refund(&held, Some(1501), "r1")).await.is_err());
+        sim.refund(&refund(&held, Some(1500), "r2")).await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_pending_intent_can_be_canceled_but_a_succeeded_one_cannot() {
         let sim = StripeSimulator::new();

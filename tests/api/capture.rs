@@ -33,6 +33,7 @@ both_stores!(
     partial_refunds_racing_charge_refunded_settle_once_and_restock_once,
     a_dispute_holds_the_order_and_a_lost_one_leaves_it_refunded_by_dispute,
     a_won_dispute_gives_the_order_its_status_back,
+    an_authorization_after_3d_secure_is_recorded_from_its_webhook,
     an_order_paid_at_checkout_shows_its_total_authorized_and_captured,
 );
 
@@ -1020,5 +1021,40 @@ async fn a_won_dispute_gives_the_order_its_status_back(kind: StoreKind) {
     );
 
     assert_eq!(admin_order(&app, &order).await["status"], "paid");
+    app.audit().await.assert_clean();
+}
+
+async fn an_authorization_after_3d_secure_is_recorded_from_its_webhook(kind: StoreKind) {
+    let app = spawn_app_with(kind, manual()).await;
+    app.new_product("cap-a", 1000, 10).await;
+    let (customer, checkout, order) = app.reserved_checkout("secure", &[("cap-a", 2)]).await;
+    let waiting = app
+        .complete(
+            &customer,
+            &checkout,
+            "pm_card_authenticationRequired",
+            "pay-3ds",
+        )
+        .await;
+    waiting.assert_status(200);
+    assert_eq!(waiting.str("state"), "requires_action");
+    let intent_id = admin_order(&app, &order).await["payment_intent_id"]
+        .as_str()
+        .expect("an intent")
+        .to_owned();
+
+    // The customer passes 3-D Secure: Stripe holds the funds and says so by webhook.
+    let sim = app.simulator.clone().expect("the simulator");
+    let held = sim
+        .authenticate(&intent_id, true)
+        .expect("an authentication");
+    assert_eq!(held.status, IntentStatus::RequiresCapture);
+
+    eventually(10, "the authorization is recorded", || async {
+        admin_order(&app, &order).await["status"] == "authorized"
+    })
+    .await;
+    assert_eq!(amount(&admin_order(&app, &order).await, "authorized"), 2000);
+    assert_eq!(app.stock_of("cap-a").await, (8, 0, 8));
     app.audit().await.assert_clean();
 }
