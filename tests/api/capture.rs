@@ -34,6 +34,8 @@ both_stores!(
     a_dispute_holds_the_order_and_a_lost_one_leaves_it_refunded_by_dispute,
     a_won_dispute_gives_the_order_its_status_back,
     an_authorization_after_3d_secure_is_recorded_from_its_webhook,
+    a_partial_refund_stripe_holds_pending_settles_from_its_event_once,
+    a_partial_refund_stripe_fails_gives_its_units_back_to_refund,
     an_order_paid_at_checkout_shows_its_total_authorized_and_captured,
 );
 
@@ -1056,5 +1058,100 @@ async fn an_authorization_after_3d_secure_is_recorded_from_its_webhook(kind: Sto
     .await;
     assert_eq!(amount(&admin_order(&app, &order).await, "authorized"), 2000);
     assert_eq!(app.stock_of("cap-a").await, (8, 0, 8));
+    app.audit().await.assert_clean();
+}
+
+/// A signed `refund.updated` event for a refund now at `status`.
+async fn refund_updated(app: &TestApp, refund: &holdfast::payments::Refund, status: &str) -> u16 {
+    let payload = json!({
+        "id": format!("evt_ru_{}_{status}", refund.id), "object": "event", "type": "refund.updated",
+        "created": chrono::Utc::now().timestamp(),
+        "data": {"object": {
+            "id": refund.id, "object": "refund", "amount": refund.amount, "currency": "eur",
+            "payment_intent": refund.payment_intent_id, "status": status
+        }}
+    })
+    .to_string();
+    let header = signature::sign(
+        payload.as_bytes(),
+        WEBHOOK_SECRET,
+        chrono::Utc::now().timestamp(),
+    );
+    app.client
+        .post(format!("{}/webhooks/stripe", app.base))
+        .header("content-type", "application/json")
+        .header("Stripe-Signature", header)
+        .body(payload)
+        .send()
+        .await
+        .expect("the webhook is answered")
+        .status()
+        .as_u16()
+}
+
+async fn a_partial_refund_stripe_holds_pending_settles_from_its_event_once(kind: StoreKind) {
+    let app = spawn_app_with(kind, Options::default()).await;
+    let (_, _, order) = authorized_order(&app).await;
+    let sim = app.simulator.clone().expect("the simulator");
+    sim.answer_refunds_with(Some("pending"));
+
+    let asked = refund_lines(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-b", "quantity": 2}], "restock": true}),
+    )
+    .await;
+
+    asked.assert_status(202);
+    assert_eq!(amount(&asked.body, "refunded"), 0);
+    assert_eq!(
+        app.stock_of("cap-b").await,
+        (3, 0, 3),
+        "nothing back before Stripe settles"
+    );
+    // The units are held: a second refund of them is refused meanwhile.
+    refund_lines(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-b", "quantity": 1}]}),
+    )
+    .await
+    .assert_error(422, "invalid_refund");
+    let refund = sim.ledger().refunds.last().cloned().expect("a refund");
+    for _ in 0..2 {
+        assert_eq!(refund_updated(&app, &refund, "succeeded").await, 200);
+    }
+    let settled = admin_order(&app, &order).await;
+    assert_eq!(amount(&settled, "refunded"), 1000);
+    assert_eq!(app.stock_of("cap-b").await, (5, 0, 5), "restocked once");
+    app.audit().await.assert_clean();
+}
+
+async fn a_partial_refund_stripe_fails_gives_its_units_back_to_refund(kind: StoreKind) {
+    let app = spawn_app_with(kind, Options::default()).await;
+    let (_, _, order) = authorized_order(&app).await;
+    let sim = app.simulator.clone().expect("the simulator");
+    sim.answer_refunds_with(Some("failed"));
+
+    let failed = refund_lines(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 3}], "restock": true}),
+    )
+    .await;
+
+    failed.assert_status(200);
+    assert_eq!(amount(&failed.body, "refunded"), 0);
+    assert_eq!(app.stock_of("cap-a").await, (7, 0, 7));
+    // Stripe kept the money: the units may be refunded again.
+    sim.answer_refunds_with(Some("succeeded"));
+    let again = refund_lines(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 3}]}),
+    )
+    .await;
+    again.assert_status(200);
+    assert_eq!(amount(&again.body, "refunded"), 3000);
     app.audit().await.assert_clean();
 }
