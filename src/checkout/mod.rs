@@ -1020,7 +1020,9 @@ impl CheckoutService {
         Ok(())
     }
 
-    /// Partial refunds whose answer was lost: asked again with their own keys.
+    /// Partial refunds whose answer was lost: asked again with their own keys. Partial refunds
+    /// Stripe has held pending for longer than the reconcile threshold (a lost `refund.*`
+    /// event): read again and recorded as their event would have been.
     async fn recover_line_refunds(&self, limit: u32) -> Result<usize, CheckoutError> {
         let lease = self.lease(self.saga.lease);
         let stalled = self.store.claim_stalled_line_refunds(limit, lease).await?;
@@ -1029,7 +1031,29 @@ impl CheckoutService {
                 tracing::warn!(refund = %ticket.id, error = %e, "refund recovery failed");
             }
         }
-        Ok(stalled.len())
+        let settled_before = lease.now - self.saga.reconcile_after;
+        let pending = self
+            .store
+            .claim_pending_line_refunds(settled_before, limit, lease)
+            .await?;
+        for (id, refund_id) in &pending {
+            match self.gateway.retrieve_refund(refund_id).await {
+                Ok(refund) => {
+                    self.store
+                        .record_line_refund(
+                            *id,
+                            line_refund_status(&refund),
+                            Some(refund_id),
+                            self.clock.now(),
+                        )
+                        .await?;
+                }
+                Err(e) => {
+                    tracing::warn!(refund = %refund_id, error = %e, "cannot read the refund; will retry");
+                }
+            }
+        }
+        Ok(stalled.len() + pending.len())
     }
 
     /// Shipments whose capture was left unsettled (crash, unknown answer): captured again with

@@ -167,6 +167,15 @@ impl StripeSimulator {
         self.state().refund_status = Some(status.map(str::to_owned));
     }
 
+    /// Stripe settles refund `refund_id` to `status` without telling anyone (a lost event).
+    pub fn settle_refund(&self, refund_id: &str, status: &str) {
+        for refund in &mut self.state().refunds {
+            if refund.id == refund_id {
+                refund.status = Some(status.to_owned());
+            }
+        }
+    }
+
     /// A snapshot of every PaymentIntent and refund so far.
     pub fn ledger(&self) -> Ledger {
         let state = self.state();

@@ -661,6 +661,15 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
     ) -> Result<Option<Order>, StoreError>;
     /// Orders on hold for a dispute, most recent first.
     async fn disputed_orders(&self, limit: u32) -> Result<Vec<OrderId>, StoreError>;
+    /// Partial refunds Stripe holds pending and unchanged since `settled_before`, claimed with
+    /// a lease so one instance reads each again; each with its gateway refund id. Recording
+    /// one still pending moves its `updated_at`, so it waits another threshold.
+    async fn claim_pending_line_refunds(
+        &self,
+        settled_before: DateTime<Utc>,
+        limit: u32,
+        lease: Lease<'_>,
+    ) -> Result<Vec<(LineRefundId, String)>, StoreError>;
     /// Orders still holding an authorization given before `before` (oldest first): the
     /// authorization worker settles them, the ops page lists those near their end.
     async fn authorizations_before(
@@ -1552,6 +1561,24 @@ macro_rules! claim_stalled_line_refunds_sql {
     };
 }
 pub(crate) use claim_stalled_line_refunds_sql;
+
+/// Claims partial refunds Stripe holds pending, unchanged since `$4` (their `refund.*` event
+/// may be lost), both stores: `$1` lease until, `$2` now, `$3` limit; `{lock}` as in
+/// [`claim_pending_refunds_sql`].
+macro_rules! claim_pending_line_refunds_sql {
+    ($lock:literal) => {
+        concat!(
+            "UPDATE order_refunds SET lease_until = $1 WHERE id IN ( \
+               SELECT id FROM order_refunds WHERE status = 'pending' \
+                 AND gateway_refund_id IS NOT NULL AND updated_at < $4 \
+                 AND (lease_until IS NULL OR lease_until < $2) \
+               ORDER BY updated_at LIMIT $3",
+            $lock,
+            ") RETURNING id, gateway_refund_id"
+        )
+    };
+}
+pub(crate) use claim_pending_line_refunds_sql;
 
 /// Orders a partial refund may be made of: paid or shipped ones.
 pub(crate) fn refundable(status: &str) -> Result<(), StoreError> {

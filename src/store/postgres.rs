@@ -2146,6 +2146,26 @@ impl Store for PgStore {
         Ok(ids.into_iter().map(OrderId::from_uuid).collect())
     }
 
+    async fn claim_pending_line_refunds(
+        &self,
+        settled_before: DateTime<Utc>,
+        limit: u32,
+        lease: Lease<'_>,
+    ) -> Result<Vec<(LineRefundId, String)>, StoreError> {
+        let rows = sqlx::query(super::claim_pending_line_refunds_sql!(
+            " FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(to_millis(lease.until))
+        .bind(to_millis(lease.now))
+        .bind(i64::from(limit))
+        .bind(to_millis(settled_before))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("id")?, row.try_get("gateway_refund_id")?)))
+            .collect()
+    }
+
     async fn mark_fulfilled(
         &self,
         order: OrderId,

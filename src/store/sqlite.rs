@@ -2196,6 +2196,24 @@ impl Store for SqliteStore {
         Ok(ids.into_iter().map(OrderId::from_uuid).collect())
     }
 
+    async fn claim_pending_line_refunds(
+        &self,
+        settled_before: DateTime<Utc>,
+        limit: u32,
+        lease: Lease<'_>,
+    ) -> Result<Vec<(LineRefundId, String)>, StoreError> {
+        let rows = sqlx::query(super::claim_pending_line_refunds_sql!(""))
+            .bind(to_millis(lease.until))
+            .bind(to_millis(lease.now))
+            .bind(i64::from(limit))
+            .bind(to_millis(settled_before))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("id")?, row.try_get("gateway_refund_id")?)))
+            .collect()
+    }
+
     async fn mark_fulfilled(
         &self,
         order: OrderId,

@@ -36,6 +36,7 @@ both_stores!(
     an_authorization_after_3d_secure_is_recorded_from_its_webhook,
     a_partial_refund_stripe_holds_pending_settles_from_its_event_once,
     a_partial_refund_stripe_fails_gives_its_units_back_to_refund,
+    a_pending_partial_refund_whose_event_is_lost_is_read_again_by_recovery,
     an_order_paid_at_checkout_shows_its_total_authorized_and_captured,
 );
 
@@ -1153,5 +1154,42 @@ async fn a_partial_refund_stripe_fails_gives_its_units_back_to_refund(kind: Stor
     .await;
     again.assert_status(200);
     assert_eq!(amount(&again.body, "refunded"), 3000);
+    app.audit().await.assert_clean();
+}
+
+async fn a_pending_partial_refund_whose_event_is_lost_is_read_again_by_recovery(kind: StoreKind) {
+    let app = spawn_app_with(
+        kind,
+        Options {
+            manual_clock: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    let (_, _, order) = authorized_order(&app).await;
+    let sim = app.simulator.clone().expect("the simulator");
+    sim.answer_refunds_with(Some("pending"));
+    refund_lines(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 1}], "restock": true}),
+    )
+    .await
+    .assert_status(202);
+    // Still pending at Stripe: recovery reads it again and it waits on.
+    app.advance(chrono::Duration::minutes(2));
+    app.recovery.tick().await.expect("a recovery tick");
+    assert_eq!(amount(&admin_order(&app, &order).await, "refunded"), 0);
+
+    // Stripe settles it; its event never arrives.
+    let refund_id = sim.ledger().refunds.last().expect("a refund").id.clone();
+    sim.settle_refund(&refund_id, "succeeded");
+    app.advance(chrono::Duration::minutes(2));
+    app.recovery.tick().await.expect("a recovery tick");
+    app.recovery.tick().await.expect("a recovery tick");
+
+    assert_eq!(amount(&admin_order(&app, &order).await, "refunded"), 1000);
+    assert_eq!(app.stock_of("cap-a").await, (8, 0, 8), "restocked once");
+    app.relay.tick().await.expect("a relay tick");
     app.audit().await.assert_clean();
 }
