@@ -57,8 +57,10 @@ BEGIN
         p_sales, p_now, p_expires, p_max_expires, p_keys, p_sale_units, p_open_req, p_open_ids,
         p_open_skus);
     -- Ids are fresh per request: a row with one of them exists only if this call reserved it.
-    UPDATE checkouts c SET capture_method = m.method
-    FROM unnest(p_ids, p_capture) AS m(checkout, method)
-    WHERE c.id = m.checkout AND m.method <> 'automatic';
+    IF 'manual' = ANY(p_capture) THEN
+        UPDATE checkouts c SET capture_method = m.method
+        FROM unnest(p_ids, p_capture) AS m(checkout, method)
+        WHERE c.id = m.checkout AND m.method <> 'automatic';
+    END IF;
 END
 $$;

@@ -783,18 +783,25 @@ impl CheckoutService {
         lines: Vec<(Sku, u32)>,
         last: bool,
     ) -> Result<(Order, bool), CheckoutError> {
+        let ticket = self
+            .store
+            .begin_shipment(&self.new_shipment(order, lines, last))
+            .await?;
+        faults::hit(self.saga.fault, FaultPoint::BeforeCaptureCall).await;
+        self.capture_shipment(&ticket).await
+    }
+
+    /// A shipment of `order` starting now, under a fresh id and this instance's lease.
+    fn new_shipment(&self, order: OrderId, lines: Vec<(Sku, u32)>, last: bool) -> NewShipment {
         let now = self.clock.now();
-        let new = NewShipment {
+        NewShipment {
             id: uuid::Uuid::new_v4(),
             order,
             lines,
             last,
             lease_until: now + self.saga.lease,
             now,
-        };
-        let ticket = self.store.begin_shipment(&new).await?;
-        faults::hit(self.saga.fault, FaultPoint::BeforeCaptureCall).await;
-        self.capture_shipment(&ticket).await
+        }
     }
 
     /// The capture of one recorded shipment, under its key. A shipment that ships nothing
@@ -834,12 +841,7 @@ impl CheckoutService {
             }
             Err(e) if e.is_retryable() => {
                 tracing::warn!(shipment = %ticket.id, error = %e, "capture outcome unknown; recovery repeats it with the same key");
-                let order = self
-                    .store
-                    .admin_order(ticket.order_id)
-                    .await?
-                    .ok_or(StoreError::NotFound("order"))?;
-                Ok((order, false))
+                Ok((self.admin_order(ticket.order_id).await?, false))
             }
             Err(e) => {
                 tracing::error!(shipment = %ticket.id, error = %e, "the gateway refused the capture");
@@ -877,18 +879,12 @@ impl CheckoutService {
     /// back in stock), without a gateway call. `fulfilled` if something was captured,
     /// `cancelled` otherwise; never `authorized` for ever.
     async fn authorization_ended(&self, order: OrderId) -> Result<(), CheckoutError> {
-        let now = self.clock.now();
-        let new = NewShipment {
-            id: uuid::Uuid::new_v4(),
-            order,
-            lines: Vec::new(),
-            last: true,
-            lease_until: now + self.saga.lease,
-            now,
-        };
+        let new = self.new_shipment(order, Vec::new(), true);
         let ticket = self.store.begin_shipment(&new).await?;
         tracing::warn!(order_id = %order, "the authorization ended at the gateway; order closed");
-        self.store.record_shipment_captured(ticket.id, now).await?;
+        self.store
+            .record_shipment_captured(ticket.id, new.now)
+            .await?;
         Ok(())
     }
 
@@ -943,12 +939,7 @@ impl CheckoutService {
             }
             Err(e) if e.is_retryable() => {
                 tracing::warn!(refund = %ticket.id, error = %e, "refund outcome unknown; recovery repeats it with the same key");
-                let order = self
-                    .store
-                    .admin_order(ticket.order_id)
-                    .await?
-                    .ok_or(StoreError::NotFound("order"))?;
-                Ok((order, false))
+                Ok((self.admin_order(ticket.order_id).await?, false))
             }
             Err(e) => {
                 tracing::error!(refund = %ticket.id, error = %e, "the gateway refused the refund");
@@ -1018,6 +1009,15 @@ impl CheckoutService {
             }
         }
         Ok(())
+    }
+
+    /// Any order by id, as the admin sees it.
+    async fn admin_order(&self, order: OrderId) -> Result<Order, CheckoutError> {
+        Ok(self
+            .store
+            .admin_order(order)
+            .await?
+            .ok_or(StoreError::NotFound("order"))?)
     }
 
     /// Partial refunds whose answer was lost: asked again with their own keys. Partial refunds

@@ -40,6 +40,25 @@ both_stores!(
     an_order_paid_at_checkout_shows_its_total_authorized_and_captured,
 );
 
+/// Signs an event as Stripe does and delivers it to the app at `base`; answers the status.
+async fn post_signed(client: &reqwest::Client, base: &str, payload: String) -> u16 {
+    let header = signature::sign(
+        payload.as_bytes(),
+        WEBHOOK_SECRET,
+        chrono::Utc::now().timestamp(),
+    );
+    client
+        .post(format!("{base}/webhooks/stripe"))
+        .header("content-type", "application/json")
+        .header("Stripe-Signature", header)
+        .body(payload)
+        .send()
+        .await
+        .expect("the webhook is answered")
+        .status()
+        .as_u16()
+}
+
 fn manual() -> Options {
     Options {
         manual_capture: true,
@@ -450,21 +469,8 @@ async fn a_lapse_reported_by_stripe_through_the_stripe_client_closes_the_order(k
     })
     .to_string();
     for _ in 0..2 {
-        let header = signature::sign(
-            payload.as_bytes(),
-            WEBHOOK_SECRET,
-            chrono::Utc::now().timestamp(),
-        );
-        let resp = app
-            .client
-            .post(format!("{}/webhooks/stripe", app.base))
-            .header("content-type", "application/json")
-            .header("Stripe-Signature", header)
-            .body(payload.clone())
-            .send()
-            .await
-            .expect("the webhook is answered");
-        assert!(resp.status().is_success(), "{}", resp.status());
+        let status = post_signed(&app.client, &app.base, payload.clone()).await;
+        assert_eq!(status, 200);
     }
 
     let closed = admin_order(&app, &order).await;
@@ -524,21 +530,10 @@ async fn whole_refunds_racing_charge_refunded_never_refund_twice(kind: StoreKind
         let header_app = (app.base.clone(), app.client.clone());
         tasks.push(tokio::spawn(async move {
             gate.wait().await;
-            let header = signature::sign(
-                event.as_bytes(),
-                WEBHOOK_SECRET,
-                chrono::Utc::now().timestamp(),
-            );
-            let resp = header_app
-                .1
-                .post(format!("{}/webhooks/stripe", header_app.0))
-                .header("content-type", "application/json")
-                .header("Stripe-Signature", header)
-                .body(event)
-                .send()
-                .await
-                .expect("an answer");
-            ("webhook", resp.status().as_u16())
+            (
+                "webhook",
+                post_signed(&header_app.1, &header_app.0, event).await,
+            )
         }));
     }
     let mut answers = Vec::new();
@@ -841,20 +836,7 @@ async fn partial_refunds_racing_charge_refunded_settle_once_and_restock_once(kin
         let gate = barrier.clone();
         tasks.push(tokio::spawn(async move {
             gate.wait().await;
-            let header = signature::sign(
-                event.as_bytes(),
-                WEBHOOK_SECRET,
-                chrono::Utc::now().timestamp(),
-            );
-            let resp = client
-                .post(format!("{base}/webhooks/stripe"))
-                .header("content-type", "application/json")
-                .header("Stripe-Signature", header)
-                .body(event)
-                .send()
-                .await
-                .expect("an answer");
-            ("webhook", resp.status().as_u16())
+            ("webhook", post_signed(&client, &base, event).await)
         }));
     }
     let mut answers = Vec::new();
@@ -897,21 +879,7 @@ async fn dispute(app: &TestApp, event_id: &str, kind: &str, intent: &str, status
         }}
     })
     .to_string();
-    let header = signature::sign(
-        payload.as_bytes(),
-        WEBHOOK_SECRET,
-        chrono::Utc::now().timestamp(),
-    );
-    app.client
-        .post(format!("{}/webhooks/stripe", app.base))
-        .header("content-type", "application/json")
-        .header("Stripe-Signature", header)
-        .body(payload)
-        .send()
-        .await
-        .expect("the webhook is answered")
-        .status()
-        .as_u16()
+    post_signed(&app.client, &app.base, payload).await
 }
 
 async fn a_dispute_holds_the_order_and_a_lost_one_leaves_it_refunded_by_dispute(kind: StoreKind) {
@@ -1073,21 +1041,7 @@ async fn refund_updated(app: &TestApp, refund: &holdfast::payments::Refund, stat
         }}
     })
     .to_string();
-    let header = signature::sign(
-        payload.as_bytes(),
-        WEBHOOK_SECRET,
-        chrono::Utc::now().timestamp(),
-    );
-    app.client
-        .post(format!("{}/webhooks/stripe", app.base))
-        .header("content-type", "application/json")
-        .header("Stripe-Signature", header)
-        .body(payload)
-        .send()
-        .await
-        .expect("the webhook is answered")
-        .status()
-        .as_u16()
+    post_signed(&app.client, &app.base, payload).await
 }
 
 async fn a_partial_refund_stripe_holds_pending_settles_from_its_event_once(kind: StoreKind) {
