@@ -92,6 +92,7 @@ pub async fn run_with(store: &dyn Store, options: AuditOptions<'_>) -> Result<Re
             one_event(&checkouts, &options),
             credit_within_limits(store).await?,
             lines_within_rules(store).await?,
+            captured_within_authorized(&checkouts),
         ],
     })
 }
@@ -316,11 +317,23 @@ fn no_ghosts(checkouts: &[CheckoutAuditRow], options: &AuditOptions<'_>) -> Chec
         let expected: &[OrderStatus] = match row.state {
             CheckoutState::Reserved | CheckoutState::Charging => &[OrderStatus::PendingPayment],
             CheckoutState::RequiresAction => &[OrderStatus::PaymentProcessing],
+            CheckoutState::Completed if row.authorized_amount.is_some() => &[
+                OrderStatus::Authorized,
+                OrderStatus::PartiallyFulfilled,
+                OrderStatus::Fulfilled,
+                // Manual capture: the last shipment shipped nothing at all.
+                OrderStatus::Cancelled,
+                OrderStatus::Refunded,
+                OrderStatus::Disputed,
+                OrderStatus::RefundedByDispute,
+            ],
             CheckoutState::Completed => &[
                 OrderStatus::AwaitingPaymentOnTerms,
                 OrderStatus::Paid,
                 OrderStatus::Fulfilled,
                 OrderStatus::Refunded,
+                OrderStatus::Disputed,
+                OrderStatus::RefundedByDispute,
             ],
             CheckoutState::PaymentFailed => &[OrderStatus::PaymentFailed],
             CheckoutState::Expired | CheckoutState::Cancelled => {
@@ -343,6 +356,54 @@ fn no_ghosts(checkouts: &[CheckoutAuditRow], options: &AuditOptions<'_>) -> Chec
     }
 }
 
+/// Manual capture: captured ≤ authorized, refunded ≤ captured, and nothing captured that no
+/// captured shipment accounts for (no capture without a shipment).
+fn captured_within_authorized(checkouts: &[CheckoutAuditRow]) -> Check {
+    let mut violations = Vec::new();
+    for row in checkouts {
+        if row.overdrawn_lines > 0 {
+            violations.push(format!(
+                "checkout {}: {} lines restocked more than refunded, refunded more than \
+                 ordered, or shipped more than ordered",
+                row.id, row.overdrawn_lines
+            ));
+        }
+        let Some(authorized) = row.authorized_amount else {
+            if row.refunded_amount > row.total_amount {
+                violations.push(format!(
+                    "checkout {}: refunded {} of {} paid",
+                    row.id, row.refunded_amount, row.total_amount
+                ));
+            }
+            continue;
+        };
+        if row.captured_amount > authorized {
+            violations.push(format!(
+                "checkout {}: captured {} of {authorized} authorized",
+                row.id, row.captured_amount
+            ));
+        }
+        if row.refunded_amount > row.captured_amount {
+            violations.push(format!(
+                "checkout {}: refunded {} of {} captured",
+                row.id, row.refunded_amount, row.captured_amount
+            ));
+        }
+        if row.captured_amount != row.shipments_captured {
+            violations.push(format!(
+                "checkout {}: captured {} but its captured shipments add up to {}",
+                row.id, row.captured_amount, row.shipments_captured
+            ));
+        }
+    }
+    Check {
+        promise:
+            "captures and refunds: captured <= authorized, refunded <= captured, every capture a shipment's, each unit restocked at most once",
+        violations,
+        skipped: None,
+    }
+}
+
 /// Promise 5: every paid order has exactly one `order.paid` event, published in time; no
 /// unpaid order has one.
 fn one_event(checkouts: &[CheckoutAuditRow], options: &AuditOptions<'_>) -> Check {
@@ -351,10 +412,21 @@ fn one_event(checkouts: &[CheckoutAuditRow], options: &AuditOptions<'_>) -> Chec
     for row in checkouts {
         let paid = matches!(
             row.order_status,
-            OrderStatus::Paid | OrderStatus::Fulfilled | OrderStatus::AwaitingPaymentOnTerms
+            OrderStatus::Paid
+                | OrderStatus::Fulfilled
+                | OrderStatus::AwaitingPaymentOnTerms
+                | OrderStatus::Authorized
+                | OrderStatus::PartiallyFulfilled
+                | OrderStatus::Disputed
         );
         // A refunded order had its event if it was paid first; a refunded late success never was.
-        let refunded = row.order_status == OrderStatus::Refunded;
+        // So had an authorized order whose shipments shipped nothing (cancelled).
+        let refunded = matches!(
+            row.order_status,
+            OrderStatus::Refunded | OrderStatus::RefundedByDispute
+        ) || (row.order_status == OrderStatus::Cancelled
+            && row.state == CheckoutState::Completed
+            && row.authorized_amount.is_some());
         match (paid, refunded, row.paid_events) {
             (true, _, 1) | (false, false, 0) | (false, true, 0 | 1) => {}
             (_, _, n) => violations.push(format!(

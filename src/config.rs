@@ -289,6 +289,27 @@ pub struct Flags {
     )]
     pub group_linger_us: u64,
 
+    /// When cards are charged: `automatic` (at checkout) or `manual` (authorized at checkout,
+    /// captured by the shipments). Decided per checkout when it starts.
+    #[arg(
+        long,
+        env = "HOLDFAST_CAPTURE_METHOD",
+        default_value = "automatic",
+        global = true
+    )]
+    pub capture_method: CaptureArg,
+
+    /// Manual capture: an authorization older than this is settled by the authorization
+    /// worker (what shipped is captured, the rest released) before the card network lets it
+    /// lapse (7 days for most cards). Default 6 days.
+    #[arg(
+        long,
+        env = "HOLDFAST_AUTHORIZATION_WINDOW_SECONDS",
+        default_value_t = 518_400,
+        global = true
+    )]
+    pub authorization_window_seconds: u64,
+
     /// Log format: `text` or `json`.
     #[arg(
         long,
@@ -315,6 +336,21 @@ impl std::str::FromStr for SecretArg {
 impl std::fmt::Debug for SecretArg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("SecretArg([redacted])")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CaptureArg {
+    Automatic,
+    Manual,
+}
+
+impl From<CaptureArg> for crate::domain::CaptureMethod {
+    fn from(arg: CaptureArg) -> Self {
+        match arg {
+            CaptureArg::Automatic => Self::Automatic,
+            CaptureArg::Manual => Self::Manual,
+        }
     }
 }
 
@@ -361,6 +397,10 @@ pub struct Settings {
     pub demo: bool,
     /// Group reservation (`--group-reservations`, `--group-max-batch`, `--group-linger-us`).
     pub group: GroupSettings,
+    /// The shop-wide capture method (`--capture-method`).
+    pub capture_method: crate::domain::CaptureMethod,
+    /// Manual capture: how long an authorization is held before the worker settles it.
+    pub authorization_window: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -525,6 +565,13 @@ impl Settings {
             log_format: flags.log_format,
             demo: flags.demo,
             group,
+            capture_method: flags.capture_method.into(),
+            authorization_window: Duration::from_secs(in_range(
+                "authorization-window-seconds",
+                flags.authorization_window_seconds,
+                1,
+                7 * 24 * 3600,
+            )?),
         })
     }
 }

@@ -36,10 +36,16 @@ pub enum FaultPoint {
     /// The relay published a batch to the sink, before marking its rows published: the
     /// broker's duplicate window must keep the republication from counting twice.
     AfterPublish,
+    /// A shipment and its capture key are recorded, before the capture call.
+    BeforeCaptureCall,
+    /// The gateway captured, before the capture is recorded.
+    AfterCaptureCall,
+    /// The capture was recorded (order partially fulfilled or fulfilled), before the answer.
+    AfterRecordCapture,
 }
 
 impl FaultPoint {
-    pub const ALL: [FaultPoint; 12] = [
+    pub const ALL: [FaultPoint; 15] = [
         FaultPoint::AfterReserve,
         FaultPoint::AfterBeginCharge,
         FaultPoint::AfterGatewayCall,
@@ -52,6 +58,9 @@ impl FaultPoint {
         FaultPoint::AfterRefundCall,
         FaultPoint::AfterRecordRefund,
         FaultPoint::AfterPublish,
+        FaultPoint::BeforeCaptureCall,
+        FaultPoint::AfterCaptureCall,
+        FaultPoint::AfterRecordCapture,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -68,6 +77,9 @@ impl FaultPoint {
             FaultPoint::AfterRefundCall => "after_refund_call",
             FaultPoint::AfterRecordRefund => "after_record_refund",
             FaultPoint::AfterPublish => "after_publish",
+            FaultPoint::BeforeCaptureCall => "before_capture_call",
+            FaultPoint::AfterCaptureCall => "after_capture_call",
+            FaultPoint::AfterRecordCapture => "after_record_capture",
         }
     }
 }

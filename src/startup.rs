@@ -463,7 +463,12 @@ impl Application {
         };
         let checkout = Arc::new(
             CheckoutService::new(store.clone(), clock.clone(), gateway, gate, windows, saga)
-                .with_grouping(&settings.group),
+                .with_grouping(&settings.group)
+                .with_capture_method(settings.capture_method)
+                .with_authorization_window(
+                    chrono::Duration::from_std(settings.authorization_window)
+                        .unwrap_or(chrono::Duration::days(6)),
+                ),
         );
         let mut rate_limit = http::RateLimit::per_second(settings.rate_limit_per_second);
         if let Some(url) = &settings.redis_url {

@@ -100,6 +100,7 @@ async fn checkout_of(store: &PgStore, name: &str, lines: &[(&Sku, i64)]) -> NewC
             .expect("a line");
     }
     NewCheckout {
+        capture_method: Default::default(),
         id: CheckoutId::new(),
         order_id: OrderId::new(),
         customer_id: customer.id,

@@ -14,16 +14,20 @@ use std::time::Duration as StdDuration;
 use chrono::{DateTime, Duration, Utc};
 
 use crate::domain::{
-    CartId, Checkout, CheckoutId, CheckoutState, Clock, CustomerId, Money, OrderId,
+    CaptureMethod, CartId, Checkout, CheckoutId, CheckoutState, Clock, CustomerId, Money, OrderId,
 };
+use crate::domain::{Order, OrderStatus, Sku};
 use crate::faults::{self, FaultPoint};
 use crate::flash_sale::AdmissionGate;
 use crate::observe::{self, CheckoutOutcome, SagaStep};
 use crate::payments::{
-    ChargeOutcome, ChargeRequest, EventObject, GatewayError, IntentStatus, PaymentGateway,
-    PaymentIntent, Refund, RefundOutcome, RefundRequest, WebhookEvent,
+    CaptureRequest, ChargeOutcome, ChargeRequest, EventObject, GatewayError, IntentStatus,
+    PaymentGateway, PaymentIntent, Refund, RefundOutcome, RefundRequest, WebhookEvent,
 };
-use crate::store::{self, ChargeTicket, Lease, NewCheckout, OpenSale, Store, StoreError};
+use crate::store::{
+    self, ChargeTicket, Lease, LineRefundStatus, LineRefundTicket, NewCheckout, NewLineRefund,
+    NewShipment, OpenSale, ShipmentTicket, Store, StoreError,
+};
 
 pub use group::GroupSettings;
 use group::Grouper;
@@ -93,6 +97,11 @@ pub struct CheckoutService {
     owner: String,
     /// Group reservation, when switched on: concurrent reservations share a transaction.
     grouper: Option<Grouper>,
+    /// The shop-wide capture method (`--capture-method`).
+    capture: CaptureMethod,
+    /// Manual capture: how long an authorization is held before it is settled
+    /// (`--authorization-window-seconds`).
+    authorization_window: Duration,
 }
 
 /// The gateway key of one charge attempt: every retry of the attempt sends the same one.
@@ -132,7 +141,39 @@ impl CheckoutService {
             saga,
             owner,
             grouper: None,
+            capture: CaptureMethod::Automatic,
+            authorization_window: Duration::days(6),
         }
+    }
+
+    /// Authorizations older than `window` are settled before the card network lets them lapse.
+    pub fn with_authorization_window(mut self, window: Duration) -> Self {
+        self.authorization_window = window;
+        self
+    }
+
+    /// Orders whose authorization is older than the window ends at `now + within`: what the
+    /// ops page lists as near its end.
+    pub async fn authorizations_ending_within(
+        &self,
+        within: Duration,
+        limit: u32,
+    ) -> Result<Vec<OrderId>, CheckoutError> {
+        let before = self.clock.now() - self.authorization_window + within;
+        Ok(self.store.authorizations_before(before, limit).await?)
+    }
+
+    /// Checkouts started from now on are charged this way (`--capture-method`).
+    pub fn with_capture_method(mut self, capture: CaptureMethod) -> Self {
+        self.capture = capture;
+        self
+    }
+
+    /// How a checkout starting now for `customer` is captured: decided once, here, and stored
+    /// with the checkout. The shop-wide setting today; a per-customer (company) term plugs in
+    /// at this one place.
+    fn capture_method_for(&self, _customer: CustomerId) -> CaptureMethod {
+        self.capture
     }
 
     /// Reserves through the group batcher (`--group-reservations`). Starts its collector on
@@ -239,6 +280,7 @@ impl CheckoutService {
             open_sales,
             idempotency_key: idempotency_key.map(str::to_owned),
             po_number,
+            capture_method: self.capture_method_for(customer),
         };
         let reserved = observe::timed(SagaStep::Reserve, self.reserve(new)).await;
         count_reservation(&reserved);
@@ -381,6 +423,7 @@ impl CheckoutService {
             order_id: checkout.order_id,
             customer_id: checkout.customer_id,
             idempotency_key: charge_key(checkout.id, checkout.attempt),
+            capture_method: self.store.capture_method(checkout.id).await?,
         };
         let mut delays = self.saga.retry_delays.iter();
         let mut may_have_charged = !ticket.opens_attempt;
@@ -514,6 +557,7 @@ impl CheckoutService {
         let now = self.clock.now();
         match outcome {
             ChargeOutcome::Succeeded(intent) => self.record_success(id, &intent).await,
+            ChargeOutcome::Authorized(intent) => self.record_authorization(id, &intent).await,
             ChargeOutcome::RequiresAction(intent) => {
                 let waiting = self
                     .store
@@ -587,12 +631,43 @@ impl CheckoutService {
         Ok(checkout)
     }
 
+    /// requires_capture → completed with the order `authorized` (stock committed, the
+    /// `order.authorized` event written), or, when the units were given back meanwhile and are
+    /// gone, the authorization is released.
+    async fn record_authorization(
+        &self,
+        id: CheckoutId,
+        intent: &PaymentIntent,
+    ) -> Result<Checkout, CheckoutError> {
+        let amount = if intent.amount_capturable > 0 {
+            intent.amount_capturable
+        } else {
+            intent.amount
+        };
+        let checkout = self
+            .store
+            .record_charge_authorized(id, &intent.id, amount, self.clock.now())
+            .await?;
+        faults::hit(self.saga.fault, FaultPoint::AfterRecordSuccess).await;
+        if checkout.refund_due {
+            return self.refund_late_success(checkout).await;
+        }
+        self.settle_admission(&checkout).await;
+        Ok(checkout)
+    }
+
     /// Money due back goes back, with its own idempotency key (DESIGN §3): a late success whose
-    /// units were gone, or an admin refund.
+    /// units were gone, or an admin refund. An authorization nothing was captured from is
+    /// cancelled instead (Stripe releases the hold; there is nothing to refund).
     async fn refund_late_success(&self, checkout: Checkout) -> Result<Checkout, CheckoutError> {
         let Some(intent) = checkout.payment_intent_id.clone() else {
             return Ok(checkout);
         };
+        if self.store.capture_method(checkout.id).await? == CaptureMethod::Manual {
+            if let Some(released) = self.release_authorization(&checkout, &intent).await? {
+                return Ok(released);
+            }
+        }
         let request = RefundRequest {
             payment_intent_id: intent,
             amount: None,
@@ -612,6 +687,38 @@ impl CheckoutService {
                 Ok(checkout)
             }
         }
+    }
+
+    /// An authorization with nothing captured: cancelled at the gateway under its own key and
+    /// recorded as money back. `None` when something was captured (a refund is due).
+    async fn release_authorization(
+        &self,
+        checkout: &Checkout,
+        intent_id: &str,
+    ) -> Result<Option<Checkout>, CheckoutError> {
+        let intent = match self.gateway.retrieve(intent_id).await {
+            Ok(intent) => intent,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the authorization; recovery will retry");
+                return Ok(Some(checkout.clone()));
+            }
+        };
+        if intent.amount_received > 0 {
+            return Ok(None);
+        }
+        if intent.status != IntentStatus::Canceled {
+            let key = format!("checkout-{}-release", checkout.id);
+            if let Err(e) = self.gateway.cancel(intent_id, &key).await {
+                tracing::warn!(error = %e, "cannot release the authorization; recovery will retry");
+                return Ok(Some(checkout.clone()));
+            }
+        }
+        let released = self
+            .store
+            .record_refunded(checkout.id, None, self.clock.now())
+            .await?;
+        self.settle_admission(&released).await;
+        Ok(Some(released))
     }
 
     /// A refund as the gateway reports it (its answer or a `refund.*` event): only a succeeded
@@ -654,6 +761,17 @@ impl CheckoutService {
     /// lost is recorded by recovery, which asks again under the same idempotency key.
     async fn refund_event(&self, refund: &Refund) -> Result<(), CheckoutError> {
         let Some(id) = self.store.checkout_for_refund(&refund.id).await? else {
+            if let Some(line_refund) = self.store.line_refund_by_gateway_id(&refund.id).await? {
+                self.store
+                    .record_line_refund(
+                        line_refund,
+                        line_refund_status(refund),
+                        Some(&refund.id),
+                        self.clock.now(),
+                    )
+                    .await?;
+                return Ok(());
+            }
             tracing::info!(refund = %refund.id, "event of a refund holdfast did not record");
             return Ok(());
         };
@@ -662,10 +780,320 @@ impl CheckoutService {
 
     /// An admin refund of a paid order: money back through the gateway (its own idempotency
     /// key), units back on the shelf. Recorded as due first, so a crash midway is finished by
-    /// recovery.
+    /// recovery. An order only authorized (manual capture, nothing shipped) is cancelled
+    /// instead: every unit short, back in stock, the authorization released.
     pub async fn refund_order(&self, order: OrderId) -> Result<Checkout, CheckoutError> {
+        let current = self
+            .store
+            .admin_order(order)
+            .await?
+            .ok_or(StoreError::NotFound("order"))?;
+        if current.status == OrderStatus::Authorized {
+            self.ship(order, Vec::new(), true).await?;
+            return self.reload(current.checkout_id).await;
+        }
         let checkout = self.store.request_refund(order, self.clock.now()).await?;
         self.refund_late_success(checkout).await
+    }
+
+    /// Manual capture: ships `lines` of an authorized order and captures their amount
+    /// (`amount_to_capture`; `final_capture=false` while more is to ship, so each shipment
+    /// captures its own part by multicapture). The order's `last` shipment, or the one that
+    /// ships its last units, releases the rest of the authorization; units not shipped by then
+    /// are short, back in stock and never captured. The shipment and its capture key are
+    /// recorded before the call, its outcome after; recovery repeats a capture whose answer
+    /// was lost with the same key. Answers the order and whether the capture is settled.
+    #[tracing::instrument(skip_all, fields(order_id = %order))]
+    pub async fn ship(
+        &self,
+        order: OrderId,
+        lines: Vec<(Sku, u32)>,
+        last: bool,
+    ) -> Result<(Order, bool), CheckoutError> {
+        let ticket = self
+            .store
+            .begin_shipment(&self.new_shipment(order, lines, last))
+            .await?;
+        faults::hit(self.saga.fault, FaultPoint::BeforeCaptureCall).await;
+        self.capture_shipment(&ticket).await
+    }
+
+    /// A shipment of `order` starting now, under a fresh id and this instance's lease.
+    fn new_shipment(&self, order: OrderId, lines: Vec<(Sku, u32)>, last: bool) -> NewShipment {
+        let now = self.clock.now();
+        NewShipment {
+            id: uuid::Uuid::new_v4(),
+            order,
+            lines,
+            last,
+            lease_until: now + self.saga.lease,
+            now,
+        }
+    }
+
+    /// The capture of one recorded shipment, under its key. A shipment that ships nothing
+    /// (only short lines close the order) releases the authorization by cancelling it.
+    async fn capture_shipment(
+        &self,
+        ticket: &ShipmentTicket,
+    ) -> Result<(Order, bool), CheckoutError> {
+        let answer = if ticket.amount == 0 {
+            self.gateway
+                .cancel(&ticket.payment_intent_id, &ticket.capture_key)
+                .await
+        } else {
+            self.gateway
+                .capture(&CaptureRequest {
+                    payment_intent_id: ticket.payment_intent_id.clone(),
+                    amount_to_capture: ticket.amount,
+                    final_capture: ticket.final_capture,
+                    idempotency_key: ticket.capture_key.clone(),
+                })
+                .await
+        };
+        faults::hit(self.saga.fault, FaultPoint::AfterCaptureCall).await;
+        let now = self.clock.now();
+        match answer {
+            Ok(intent) => {
+                tracing::info!(shipment = %ticket.id, amount = ticket.amount, status = intent.status.as_str(), "shipment captured");
+                let order = self.store.record_shipment_captured(ticket.id, now).await?;
+                faults::hit(self.saga.fault, FaultPoint::AfterRecordCapture).await;
+                debug_assert!(
+                    order
+                        .authorized_amount
+                        .is_none_or(|a| order.captured_amount <= a),
+                    "captured more than authorized"
+                );
+                Ok((order, true))
+            }
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(shipment = %ticket.id, error = %e, "capture outcome unknown; recovery repeats it with the same key");
+                Ok((self.admin_order(ticket.order_id).await?, false))
+            }
+            Err(e) => {
+                tracing::error!(shipment = %ticket.id, error = %e, "the gateway refused the capture");
+                let order = self
+                    .store
+                    .record_shipment_failed(ticket.id, &e.to_string(), now)
+                    .await?;
+                Ok((order, true))
+            }
+        }
+    }
+
+    /// The authorization worker: an order still holding an authorization older than the
+    /// window is closed before the card network lets the authorization lapse. What shipped was
+    /// captured by its shipment; every unit not shipped is short (back in stock) and the rest
+    /// of the authorization is released. Returns how many orders were settled.
+    async fn settle_old_authorizations(&self, limit: u32) -> Result<usize, CheckoutError> {
+        let before = self.clock.now() - self.authorization_window;
+        let due = self.store.authorizations_before(before, limit).await?;
+        for order in &due {
+            tracing::warn!(order_id = %order, "authorization window over; closing the order");
+            match self.ship(*order, Vec::new(), true).await {
+                Ok(_) | Err(CheckoutError::Store(StoreError::ShipmentInProgress)) => {}
+                Err(e) => {
+                    tracing::warn!(order_id = %order, error = %e, "cannot settle the authorization; will retry")
+                }
+            }
+        }
+        Ok(due.len())
+    }
+
+    /// `payment_intent.canceled` for an order still holding its authorization (it lapsed at
+    /// the card network, or was cancelled on Stripe's dashboard): nothing more can be
+    /// captured, so the order is closed as its last shipment would close it (units not shipped
+    /// back in stock), without a gateway call. `fulfilled` if something was captured,
+    /// `cancelled` otherwise; never `authorized` for ever.
+    async fn authorization_ended(&self, order: OrderId) -> Result<(), CheckoutError> {
+        let new = self.new_shipment(order, Vec::new(), true);
+        let ticket = self.store.begin_shipment(&new).await?;
+        tracing::warn!(order_id = %order, "the authorization ended at the gateway; order closed");
+        self.store
+            .record_shipment_captured(ticket.id, new.now)
+            .await?;
+        Ok(())
+    }
+
+    /// A partial refund by line: exactly those units' amount back through the gateway (its own
+    /// key), never more than was captured; `restock` puts the units back in stock once it
+    /// succeeded. Recorded before the call, its answer after; Stripe's `charge.refunded`
+    /// (`amount_refunded`) and `refund.*` events settle the same record, whichever comes
+    /// first. Answers the order and whether the refund is settled (succeeded or failed).
+    #[tracing::instrument(skip_all, fields(order_id = %order))]
+    pub async fn refund_lines(
+        &self,
+        order: OrderId,
+        lines: Vec<(Sku, u32)>,
+        restock: bool,
+    ) -> Result<(Order, bool), CheckoutError> {
+        let now = self.clock.now();
+        let ticket = self
+            .store
+            .begin_line_refund(&NewLineRefund {
+                id: uuid::Uuid::new_v4(),
+                order,
+                lines,
+                restock,
+                lease_until: now + self.saga.lease,
+                now,
+            })
+            .await?;
+        self.send_line_refund(&ticket).await
+    }
+
+    async fn send_line_refund(
+        &self,
+        ticket: &LineRefundTicket,
+    ) -> Result<(Order, bool), CheckoutError> {
+        let answer = self
+            .gateway
+            .refund(&RefundRequest {
+                payment_intent_id: ticket.payment_intent_id.clone(),
+                amount: Some(ticket.amount),
+                idempotency_key: ticket.refund_key.clone(),
+            })
+            .await;
+        let now = self.clock.now();
+        match answer {
+            Ok(refund) => {
+                let status = line_refund_status(&refund);
+                let order = self
+                    .store
+                    .record_line_refund(ticket.id, status, Some(&refund.id), now)
+                    .await?;
+                Ok((order, status != LineRefundStatus::Pending))
+            }
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(refund = %ticket.id, error = %e, "refund outcome unknown; recovery repeats it with the same key");
+                Ok((self.admin_order(ticket.order_id).await?, false))
+            }
+            Err(e) => {
+                tracing::error!(refund = %ticket.id, error = %e, "the gateway refused the refund");
+                self.store
+                    .record_line_refund(ticket.id, LineRefundStatus::Failed, None, now)
+                    .await?;
+                Err(CheckoutError::Gateway(e.to_string()))
+            }
+        }
+    }
+
+    /// `charge.refunded` for a payment with partial refunds: Stripe's `amount_refunded` is
+    /// the running total. What it holds beyond what is recorded settles the open partial
+    /// refunds it accounts for, oldest first, on the very rows the admin's answers settle.
+    /// False when the payment has no partial refund (the whole-refund path decides).
+    async fn converge_line_refunds(
+        &self,
+        intent_id: &str,
+        amount_refunded: i64,
+    ) -> Result<bool, CheckoutError> {
+        let Some((recorded, open)) = self.store.line_refunds_of_payment(intent_id).await? else {
+            return Ok(false);
+        };
+        let mut unexplained = amount_refunded - recorded;
+        for (id, amount) in open {
+            if amount <= unexplained {
+                self.store
+                    .record_line_refund(id, LineRefundStatus::Succeeded, None, self.clock.now())
+                    .await?;
+                unexplained -= amount;
+            }
+        }
+        if unexplained > 0 {
+            tracing::warn!(payment_intent = %intent_id, unexplained, "refunded at Stripe beyond the recorded refunds");
+        }
+        Ok(true)
+    }
+
+    /// `charge.dispute.created` puts the order on hold (`disputed`, with an `order.disputed`
+    /// event so the warehouse stops); `charge.dispute.closed` records the outcome: won gives
+    /// the order back its status, lost leaves it `refunded_by_dispute` with its stock as it
+    /// is (an admin restock brings returned goods back). Other dispute events change nothing.
+    async fn dispute_event(
+        &self,
+        event_type: &str,
+        dispute_id: &str,
+        intent_id: &str,
+        status: &str,
+    ) -> Result<(), CheckoutError> {
+        let outcome = match (event_type, status) {
+            ("charge.dispute.created", _) => store::DisputeStatus::Open,
+            ("charge.dispute.closed", "lost") => store::DisputeStatus::Lost,
+            // `won`, or `warning_closed`: an inquiry that never became a chargeback.
+            ("charge.dispute.closed", _) => store::DisputeStatus::Won,
+            _ => return Ok(()),
+        };
+        match self
+            .store
+            .record_dispute(intent_id, dispute_id, outcome, self.clock.now())
+            .await?
+        {
+            Some(order) => {
+                tracing::warn!(order_id = %order.id, %dispute_id, status, "dispute recorded");
+            }
+            None => {
+                tracing::warn!(payment_intent = %intent_id, %dispute_id, "dispute of a payment of no known order")
+            }
+        }
+        Ok(())
+    }
+
+    /// Any order by id, as the admin sees it.
+    async fn admin_order(&self, order: OrderId) -> Result<Order, CheckoutError> {
+        Ok(self
+            .store
+            .admin_order(order)
+            .await?
+            .ok_or(StoreError::NotFound("order"))?)
+    }
+
+    /// Partial refunds whose answer was lost: asked again with their own keys. Partial refunds
+    /// Stripe has held pending for longer than the reconcile threshold (a lost `refund.*`
+    /// event): read again and recorded as their event would have been.
+    async fn recover_line_refunds(&self, limit: u32) -> Result<usize, CheckoutError> {
+        let lease = self.lease(self.saga.lease);
+        let stalled = self.store.claim_stalled_line_refunds(limit, lease).await?;
+        for ticket in &stalled {
+            if let Err(e) = self.send_line_refund(ticket).await {
+                tracing::warn!(refund = %ticket.id, error = %e, "refund recovery failed");
+            }
+        }
+        let settled_before = lease.now - self.saga.reconcile_after;
+        let pending = self
+            .store
+            .claim_pending_line_refunds(settled_before, limit, lease)
+            .await?;
+        for (id, refund_id) in &pending {
+            match self.gateway.retrieve_refund(refund_id).await {
+                Ok(refund) => {
+                    self.store
+                        .record_line_refund(
+                            *id,
+                            line_refund_status(&refund),
+                            Some(refund_id),
+                            self.clock.now(),
+                        )
+                        .await?;
+                }
+                Err(e) => {
+                    tracing::warn!(refund = %refund_id, error = %e, "cannot read the refund; will retry");
+                }
+            }
+        }
+        Ok(stalled.len() + pending.len())
+    }
+
+    /// Shipments whose capture was left unsettled (crash, unknown answer): captured again with
+    /// their own keys. Returns how many were claimed.
+    async fn recover_shipments(&self, limit: u32) -> Result<usize, CheckoutError> {
+        let lease = self.lease(self.saga.lease);
+        let stalled = self.store.claim_stalled_shipments(limit, lease).await?;
+        for ticket in &stalled {
+            if let Err(e) = self.capture_shipment(ticket).await {
+                tracing::warn!(shipment = %ticket.id, error = %e, "capture recovery failed; will retry");
+            }
+        }
+        Ok(stalled.len())
     }
 
     /// A verified webhook event moves its checkout on; duplicates and late events never move
@@ -679,9 +1107,24 @@ impl CheckoutService {
             EventObject::Charge {
                 payment_intent: Some(intent_id),
                 refunded,
+                amount_refunded,
                 ..
             } if event.event_type == "charge.refunded" => {
+                if self
+                    .converge_line_refunds(intent_id, *amount_refunded)
+                    .await?
+                {
+                    return Ok(());
+                }
                 self.refunded_at_gateway(intent_id, *refunded).await
+            }
+            EventObject::Dispute {
+                id,
+                payment_intent: Some(intent_id),
+                status,
+            } if event.event_type.starts_with("charge.dispute.") => {
+                self.dispute_event(&event.event_type, id, intent_id, status)
+                    .await
             }
             EventObject::Refund(refund)
                 if matches!(
@@ -704,9 +1147,25 @@ impl CheckoutService {
             tracing::warn!(payment_intent = %intent.id, "event for a payment of no known checkout");
             return Ok(());
         };
+        if event_type == "payment_intent.canceled" && checkout.state == CheckoutState::Completed {
+            let order = self.store.admin_order(checkout.order_id).await?;
+            if order.is_some_and(|o| {
+                matches!(
+                    o.status,
+                    OrderStatus::Authorized | OrderStatus::PartiallyFulfilled
+                )
+            }) {
+                return self.authorization_ended(checkout.order_id).await;
+            }
+        }
         let now = self.clock.now();
         let after = match event_type {
             "payment_intent.succeeded" => Some(self.record_success(checkout.id, intent).await?),
+            "payment_intent.amount_capturable_updated"
+                if intent.status == IntentStatus::RequiresCapture =>
+            {
+                Some(self.record_authorization(checkout.id, intent).await?)
+            }
             "payment_intent.payment_failed" => {
                 let code = intent
                     .last_payment_error
@@ -816,7 +1275,11 @@ impl CheckoutService {
                 tracing::warn!(checkout_id = %ticket.checkout.id, error = %e, "recovery step failed; will retry");
             }
         }
-        Ok(tickets.len() + self.reconcile_pending_refunds(limit).await?)
+        Ok(tickets.len()
+            + self.reconcile_pending_refunds(limit).await?
+            + self.recover_shipments(limit).await?
+            + self.recover_line_refunds(limit).await?
+            + self.settle_old_authorizations(limit).await?)
     }
 
     /// Lost `refund.*` events: a refund pending at the gateway for longer than the reconcile
@@ -904,10 +1367,20 @@ impl CheckoutService {
                 return Ok(false);
             }
         };
-        match intents.iter().find(|i| i.status == IntentStatus::Succeeded) {
+        let found = intents.iter().find(|i| {
+            matches!(
+                i.status,
+                IntentStatus::Succeeded | IntentStatus::RequiresCapture
+            )
+        });
+        match found {
             Some(paid) => {
                 tracing::info!(checkout_id = %id, payment_intent_id = %paid.id, "charge settled from the gateway");
-                self.record_success(id, paid).await?;
+                if paid.status == IntentStatus::RequiresCapture {
+                    self.record_authorization(id, paid).await?;
+                } else {
+                    self.record_success(id, paid).await?;
+                }
                 Ok(true)
             }
             None => Ok(false),
@@ -930,6 +1403,9 @@ impl CheckoutService {
         faults::hit(self.saga.fault, FaultPoint::AfterCancelCall).await;
         if after.status == IntentStatus::Succeeded {
             return self.record_success(checkout.id, &after).await;
+        }
+        if after.status == IntentStatus::RequiresCapture {
+            return self.record_authorization(checkout.id, &after).await;
         }
         self.cancelled(checkout.id, self.clock.now()).await
     }
@@ -963,6 +1439,9 @@ impl CheckoutService {
             IntentStatus::Succeeded => {
                 self.record_success(checkout.id, &intent).await?;
             }
+            IntentStatus::RequiresCapture => {
+                self.record_authorization(checkout.id, &intent).await?;
+            }
             IntentStatus::Canceled => {
                 self.cancelled(checkout.id, now).await?;
             }
@@ -988,6 +1467,15 @@ impl CheckoutService {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// A refund's outcome as a partial refund records it.
+fn line_refund_status(refund: &Refund) -> LineRefundStatus {
+    match refund.outcome() {
+        RefundOutcome::Succeeded => LineRefundStatus::Succeeded,
+        RefundOutcome::Failed => LineRefundStatus::Failed,
+        RefundOutcome::Pending => LineRefundStatus::Pending,
     }
 }
 
@@ -1023,6 +1511,7 @@ fn count_transition(before: CheckoutState, after: &Checkout) {
 fn count_gateway_call(answer: &Result<ChargeOutcome, GatewayError>) {
     observe::gateway_call(match answer {
         Ok(ChargeOutcome::Succeeded(_)) => "succeeded",
+        Ok(ChargeOutcome::Authorized(_)) => "authorized",
         Ok(ChargeOutcome::RequiresAction(_)) => "requires_action",
         Ok(ChargeOutcome::Declined { .. }) => "declined",
         Err(GatewayError::Unknown(_)) => "unknown",

@@ -25,7 +25,7 @@ pub use ids::{
     CartId, CheckoutId, CompanyId, CustomerId, EventId, FlashSaleId, IdError, InvoiceId, OrderId,
 };
 pub use money::{Currency, Money, MoneyError};
-pub use order::{Order, OrderLine, OrderStatus};
+pub use order::{CaptureMethod, Order, OrderLine, OrderStatus, PaymentAmounts};
 pub use product::{NewProduct, Product, ProductName, ProductNameError, ProductPatch};
 pub use quantity::{Quantity, QuantityError, StockLevel};
 pub use sku::{Sku, SkuError};

@@ -1,5 +1,6 @@
-//! Admin actions on orders: mark a paid order shipped (`fulfilled`), or refund it (money back
-//! through the gateway, units back in stock).
+//! Admin actions on orders: mark a paid order shipped (`fulfilled`), ship lines of an
+//! authorized order (manual capture: each shipment captures what it ships), or refund it
+//! (money back through the gateway, units back in stock).
 
 use axum::extract::State;
 
@@ -9,11 +10,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::Deserialize;
+use utoipa::ToSchema;
 
-use crate::domain::OrderId;
+use crate::domain::{OrderId, Quantity, Sku};
 
 use super::auth::Admin;
-use super::extract::OptionalJson;
+use super::extract::{AppJson, OptionalJson};
 use super::openapi::ErrorBody;
 use super::views::OrderView;
 use super::{error::not_found_of, ApiError, AppState};
@@ -22,6 +24,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/admin/orders/{id}/refund", post(refund))
         .route("/v1/admin/orders/{id}/shipments", post(ship))
+        .route("/v1/admin/orders/{id}/refunds", post(refund_lines))
 }
 
 #[derive(Default, Deserialize)]
@@ -78,7 +81,31 @@ async fn refund(
     Ok((status, order).into_response())
 }
 
-/// Marks a paid order shipped (`fulfilled`).
+/// Units of one SKU in a shipment.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ShipmentLine {
+    #[schema(value_type = String)]
+    sku: Sku,
+    #[schema(value_type = u32, minimum = 1, maximum = 10000)]
+    quantity: Quantity,
+}
+
+/// A shipment: no body (or `{}`) marks a paid order shipped; `lines` ship part of an
+/// authorized order (manual capture); `last: true` closes the order, every unit not shipped
+/// by then being short (back in stock, never captured).
+#[derive(Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ShipmentBody {
+    #[serde(default)]
+    lines: Option<Vec<ShipmentLine>>,
+    #[serde(default)]
+    last: bool,
+}
+
+/// Marks a paid order shipped (`fulfilled`), or, under manual capture, ships lines of an
+/// authorized order and captures their amount: the order is `partially_fulfilled`, then
+/// `fulfilled` after its last shipment.
 #[utoipa::path(
     post,
     operation_id = "ship_order",
@@ -86,10 +113,13 @@ async fn refund(
     tag = "admin",
     security(("admin_token" = [])),
     params(("id" = String, Path)),
+    request_body(content = Option<ShipmentBody>, description = "optional: lines shipped now"),
     responses(
-        (status = 200, body = OrderView),
+        (status = 200, body = OrderView, description = "shipped (and captured)"),
+        (status = 202, body = OrderView, description = "shipment recorded, its capture not confirmed by the gateway yet (recovery finishes it)"),
         (status = 404, body = ErrorBody, description = "`order_not_found`"),
-        (status = 409, body = ErrorBody, description = "the order is not paid"),
+        (status = 409, body = ErrorBody, description = "`invalid_order_state`: not paid (no lines) or not authorized (lines); `shipment_in_progress`"),
+        (status = 422, body = ErrorBody, description = "`invalid_shipment`: a SKU not of the order, more units than are left, or nothing to ship"),
         (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
         (status = 403, body = ErrorBody, description = "a customer's token"),
     )
@@ -98,9 +128,76 @@ async fn ship(
     _: Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    OptionalJson(NoBody {}): OptionalJson<NoBody>,
-) -> Result<Json<OrderView>, ApiError> {
+    OptionalJson(body): OptionalJson<ShipmentBody>,
+) -> Result<Response, ApiError> {
     let id = parse_order_id(&id)?;
-    let order = state.store.mark_fulfilled(id, state.clock.now()).await?;
-    Ok(Json(order.into()))
+    if body.lines.is_none() && !body.last {
+        let order = state.store.mark_fulfilled(id, state.clock.now()).await?;
+        return Ok(Json(OrderView::from(order)).into_response());
+    }
+    let lines = body
+        .lines
+        .unwrap_or_default()
+        .into_iter()
+        .map(|line| (line.sku, line.quantity.get()))
+        .collect();
+    let (order, settled) = state.checkout.ship(id, lines, body.last).await?;
+    let status = if settled {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(OrderView::from(order))).into_response())
+}
+
+/// A partial refund by line: these units' amount goes back; `restock` puts them back in stock.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct LineRefundBody {
+    lines: Vec<ShipmentLine>,
+    #[serde(default)]
+    restock: bool,
+}
+
+/// Refunds exactly the units named (their order prices), never more than was captured in all;
+/// `restock: true` puts them back in stock, once each. `200` once Stripe refunded (the order's
+/// `refunded` amount grew; `refunded` status once everything captured went back), `202` while
+/// Stripe holds the refund `pending` or its answer is not known yet.
+#[utoipa::path(
+    post,
+    operation_id = "refund_order_lines",
+    path = "/v1/admin/orders/{id}/refunds",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("id" = String, Path)),
+    request_body = LineRefundBody,
+    responses(
+        (status = 200, body = OrderView, description = "refunded"),
+        (status = 202, body = OrderView, description = "recorded; Stripe has not settled it yet"),
+        (status = 404, body = ErrorBody, description = "`order_not_found`"),
+        (status = 409, body = ErrorBody, description = "`invalid_order_state`: not paid or shipped"),
+        (status = 422, body = ErrorBody, description = "`invalid_refund`: a SKU not of the order, more units than refundable, more than captured"),
+        (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
+        (status = 403, body = ErrorBody, description = "a customer's token"),
+    )
+)]
+async fn refund_lines(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    AppJson(body): AppJson<LineRefundBody>,
+) -> Result<Response, ApiError> {
+    let id = parse_order_id(&id)?;
+    let lines = body
+        .lines
+        .into_iter()
+        .map(|line| (line.sku, line.quantity.get()))
+        .collect();
+    let (order, settled) = state.checkout.refund_lines(id, lines, body.restock).await?;
+    let status = if settled {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(OrderView::from(order))).into_response())
 }

@@ -219,6 +219,16 @@ impl From<StoreError> for ApiError {
                 "invalid_order_state",
                 format!("the order is {}", status.as_str()),
             ),
+            StoreError::ShipmentInProgress => Self::conflict(
+                "shipment_in_progress",
+                "a shipment of this order is being captured; retry shortly",
+            ),
+            StoreError::BadShipment(why) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_shipment", why)
+            }
+            StoreError::BadRefund(why) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_refund", why)
+            }
             StoreError::PriceChanged => Self::conflict(
                 "price_changed",
                 "a price in the cart changed while checking out; nothing was reserved, try again",

@@ -49,6 +49,7 @@ pub fn router() -> Router<AppState> {
         companies::pay_invoice,
         admin_orders::refund,
         admin_orders::ship,
+        admin_orders::refund_lines,
         flash_sales::open,
         flash_sales::figures,
         flash_sales::take_token,

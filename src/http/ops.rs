@@ -1,5 +1,6 @@
 //! `GET /v1/admin/ops`: one read for the operations page (DESIGN §9): checkouts by state,
-//! orders by status, outbox lag, the last failures and compensations, and the flash sales.
+//! orders by status, outbox lag, the last failures and compensations, the flash sales, orders
+//! on hold for a dispute and authorizations near their end.
 //! Admin only; the page itself (`/ops`) holds no data and asks for the token.
 
 use std::collections::BTreeMap;
@@ -26,6 +27,8 @@ pub fn router() -> Router<AppState> {
 /// How many failures the page lists: enough to see a pattern, few enough to read.
 const RECENT_FAILURES: u32 = 20;
 const FLASH_SALES: u32 = 20;
+/// How many disputed orders and ending authorizations the page lists.
+const ORDERS_LISTED: u32 = 50;
 
 #[derive(Serialize, ToSchema)]
 pub(super) struct OpsView {
@@ -43,6 +46,11 @@ pub(super) struct OpsView {
     /// Open invoices past their due date, the longest overdue first: their companies buy on
     /// account again once they are paid.
     overdue_invoices: Vec<OverdueInvoiceView>,
+    /// Orders on hold for a dispute (their fulfilment stopped), most recent first.
+    disputed_orders: Vec<String>,
+    /// Manual capture: orders whose authorization the worker settles within a day (ship what
+    /// can ship before then), oldest first.
+    authorizations_ending: Vec<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -217,6 +225,19 @@ async fn ops(_: Admin, State(state): State<AppState>) -> Result<Json<OpsView>, A
             .map(FailureView::from)
             .collect(),
         flash_sales,
+        disputed_orders: store
+            .disputed_orders(ORDERS_LISTED)
+            .await?
+            .into_iter()
+            .map(|id| id.to_string())
+            .collect(),
+        authorizations_ending: state
+            .checkout
+            .authorizations_ending_within(chrono::Duration::days(1), ORDERS_LISTED)
+            .await?
+            .into_iter()
+            .map(|id| id.to_string())
+            .collect(),
         dependencies: state
             .brokers
             .statuses()

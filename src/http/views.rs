@@ -188,7 +188,9 @@ pub struct OrderView {
     pub id: String,
     /// `pending_payment`, `payment_processing`, `paid`, `payment_failed`, `cancelled`,
     /// `fulfilled`, `refunded` or `awaiting_payment_on_terms` (placed on account, its invoice
-    /// open).
+    /// open); under manual capture also `authorized` (card held, nothing captured),
+    /// `partially_fulfilled` (some lines shipped and captured), `disputed` and
+    /// `refunded_by_dispute`.
     #[schema(value_type = String)]
     pub status: &'static str,
     pub checkout_id: String,
@@ -208,11 +210,27 @@ pub struct OrderView {
     /// The invoice of an order placed on account (`GET /v1/admin/invoices/{id}`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub invoice_id: Option<String>,
+    /// What the card is authorized for (the total once paid at checkout).
+    #[schema(value_type = MoneySchema)]
+    pub authorized: Money,
+    /// What was captured: the total once paid at checkout, the shipments' amounts under
+    /// manual capture.
+    #[schema(value_type = MoneySchema)]
+    pub captured: Money,
+    /// What went back to the card.
+    #[schema(value_type = MoneySchema)]
+    pub refunded: Money,
 }
 
 impl From<Order> for OrderView {
     fn from(o: Order) -> Self {
+        let amounts = o.amounts();
+        let currency = o.total.currency();
+        let money = |amount: i64| Money::new(amount, currency).unwrap_or(Money::zero(currency));
         Self {
+            authorized: money(amounts.authorized),
+            captured: money(amounts.captured),
+            refunded: money(amounts.refunded),
             id: o.id.to_string(),
             status: o.status.as_str(),
             checkout_id: o.checkout_id.to_string(),

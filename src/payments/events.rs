@@ -39,6 +39,13 @@ pub enum EventObject {
         refunded: bool,
     },
     Refund(Refund),
+    /// A dispute (`charge.dispute.*`): its id, the PaymentIntent disputed and its status
+    /// (`needs_response`, ..., `won`, `lost`, `warning_closed`).
+    Dispute {
+        id: String,
+        payment_intent: Option<String>,
+        status: String,
+    },
     Other,
 }
 
@@ -67,6 +74,15 @@ impl WebhookEvent {
                     refunded: charge.refunded,
                 }
             }
+            Some("dispute") => {
+                let dispute: RawDispute =
+                    serde_json::from_value(raw.data.object).map_err(malformed("dispute"))?;
+                EventObject::Dispute {
+                    id: dispute.id,
+                    payment_intent: dispute.payment_intent,
+                    status: dispute.status,
+                }
+            }
             Some("refund") => EventObject::Refund(
                 serde_json::from_value(raw.data.object).map_err(malformed("refund"))?,
             ),
@@ -86,6 +102,7 @@ impl WebhookEvent {
             EventObject::PaymentIntent(intent) => Some(&intent.id),
             EventObject::Charge { payment_intent, .. } => payment_intent.as_deref(),
             EventObject::Refund(refund) => refund.payment_intent_id.as_deref(),
+            EventObject::Dispute { payment_intent, .. } => payment_intent.as_deref(),
             EventObject::Other => None,
         }
     }
@@ -244,4 +261,14 @@ mod tests {
             );
         }
     }
+}
+
+/// The fields of a Stripe dispute (<https://docs.stripe.com/api/disputes/object>) the shop reads.
+#[derive(Deserialize)]
+struct RawDispute {
+    id: String,
+    #[serde(default)]
+    payment_intent: Option<String>,
+    #[serde(default)]
+    status: String,
 }

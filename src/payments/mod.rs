@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{CheckoutId, CustomerId, Money, OrderId};
+use crate::domain::{CaptureMethod, CheckoutId, CustomerId, Money, OrderId};
 
 pub mod events;
 pub mod signature;
@@ -42,6 +42,21 @@ pub struct ChargeRequest {
     pub order_id: OrderId,
     pub customer_id: CustomerId,
     /// `checkout-{id}-charge-{attempt}`: the same attempt always sends the same key.
+    pub idempotency_key: String,
+    /// `manual`: authorize only (`capture_method=manual`, multicapture asked for when the card
+    /// offers it); the shipments capture.
+    pub capture_method: CaptureMethod,
+}
+
+/// Capture part of an authorized PaymentIntent
+/// (<https://docs.stripe.com/api/payment_intents/capture>): `amount_to_capture` at most what is
+/// still capturable. A capture with `final_capture: false` leaves the rest capturable
+/// (multicapture, <https://docs.stripe.com/payments/multicapture>); a final one releases it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureRequest {
+    pub payment_intent_id: String,
+    pub amount_to_capture: i64,
+    pub final_capture: bool,
     pub idempotency_key: String,
 }
 
@@ -126,6 +141,12 @@ pub struct PaymentIntent {
     #[serde(default)]
     pub last_payment_error: Option<Decline>,
     pub created: i64,
+    /// What may still be captured (manual capture); 0 otherwise.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub amount_capturable: i64,
+    /// What was captured so far.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub amount_received: i64,
 }
 
 impl PaymentIntent {
@@ -149,6 +170,8 @@ impl PaymentIntent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChargeOutcome {
     Succeeded(PaymentIntent),
+    /// Manual capture: the card holds the funds (`requires_capture`); nothing captured yet.
+    Authorized(PaymentIntent),
     /// 3-D Secure or similar: the customer must act with `client_secret`; a webhook or a poll
     /// tells the saga how it ended.
     RequiresAction(PaymentIntent),
@@ -161,9 +184,9 @@ pub enum ChargeOutcome {
 impl ChargeOutcome {
     /// Reads the outcome of a confirmed PaymentIntent from its status.
     ///
-    /// `processing` and `requires_capture` mean money may still move (we never ask for manual
-    /// capture, so the latter is a surprise), hence `Unknown`: the saga keeps the checkout in
-    /// `charging` and the reconciler asks again later. The states in which money has certainly
+    /// `requires_capture` is an authorization (asked for by manual capture). `processing`
+    /// means money may still move, hence `Unknown`: the saga keeps the checkout in `charging`
+    /// and the reconciler asks again later. The states in which money has certainly
     /// not moved and cannot move without another confirmation (`requires_payment_method`,
     /// `requires_confirmation`, `canceled`) are declines; Stripe's own `last_payment_error`
     /// is used when there is one.
@@ -171,9 +194,12 @@ impl ChargeOutcome {
         match intent.status {
             IntentStatus::Succeeded => Ok(Self::Succeeded(intent)),
             IntentStatus::RequiresAction => Ok(Self::RequiresAction(intent)),
-            IntentStatus::Processing | IntentStatus::RequiresCapture => Err(GatewayError::Unknown(
-                format!("payment intent {} is {}", intent.id, intent.status.as_str()),
-            )),
+            IntentStatus::RequiresCapture => Ok(Self::Authorized(intent)),
+            IntentStatus::Processing => Err(GatewayError::Unknown(format!(
+                "payment intent {} is {}",
+                intent.id,
+                intent.status.as_str()
+            ))),
             IntentStatus::RequiresPaymentMethod
             | IntentStatus::RequiresConfirmation
             | IntentStatus::Canceled => {
@@ -196,7 +222,9 @@ impl ChargeOutcome {
     /// The PaymentIntent id, whatever the outcome (a decline of an unknown card may have none).
     pub fn payment_intent_id(&self) -> Option<&str> {
         match self {
-            Self::Succeeded(intent) | Self::RequiresAction(intent) => Some(&intent.id),
+            Self::Succeeded(intent) | Self::Authorized(intent) | Self::RequiresAction(intent) => {
+                Some(&intent.id)
+            }
             Self::Declined {
                 payment_intent_id, ..
             } => payment_intent_id.as_deref(),
@@ -324,6 +352,9 @@ pub trait PaymentGateway: Send + Sync + 'static {
 
     async fn refund(&self, req: &RefundRequest) -> Result<Refund, GatewayError>;
 
+    /// Captures part or all of an authorized PaymentIntent, under the request's key.
+    async fn capture(&self, req: &CaptureRequest) -> Result<PaymentIntent, GatewayError>;
+
     /// A refund as the gateway holds it now (for the audit).
     async fn retrieve_refund(&self, refund_id: &str) -> Result<Refund, GatewayError>;
 
@@ -349,18 +380,22 @@ mod tests {
             metadata: BTreeMap::new(),
             last_payment_error: error,
             created: 0,
+            amount_capturable: 0,
+            amount_received: 0,
         }
     }
 
     #[test]
     fn a_processing_intent_is_an_unknown_outcome_not_a_decline() {
-        for status in [IntentStatus::Processing, IntentStatus::RequiresCapture] {
-            let outcome = ChargeOutcome::from_confirmed_intent(intent(status, None));
-            assert!(
-                matches!(outcome, Err(GatewayError::Unknown(_))),
-                "{status:?}"
-            );
-        }
+        let outcome = ChargeOutcome::from_confirmed_intent(intent(IntentStatus::Processing, None));
+        assert!(matches!(outcome, Err(GatewayError::Unknown(_))));
+    }
+
+    #[test]
+    fn an_intent_awaiting_capture_is_an_authorization() {
+        let outcome =
+            ChargeOutcome::from_confirmed_intent(intent(IntentStatus::RequiresCapture, None));
+        assert!(matches!(outcome, Ok(ChargeOutcome::Authorized(_))));
     }
 
     #[test]

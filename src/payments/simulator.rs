@@ -14,6 +14,14 @@
 //! (`generic_decline`), `pm_card_chargeDeclinedInsufficientFunds` is declined
 //! (`insufficient_funds`), `pm_card_authenticationRequired` needs 3-D Secure (finished with
 //! [`StripeSimulator::authenticate`]); any other payment method is `resource_missing`.
+//!
+//! Manual capture as Stripe documents it (<https://docs.stripe.com/payments/place-a-hold-on-a-payment-method>,
+//! <https://docs.stripe.com/payments/multicapture>): a confirmed intent with
+//! `capture_method=manual` ends `requires_capture` holding the whole amount; a capture takes
+//! `amount_to_capture` (at most what is capturable); `final_capture=false` keeps the rest
+//! capturable (cards offer multicapture here), a final capture releases it and the intent is
+//! `succeeded`; refunds never exceed what was captured; an authorization left uncaptured is
+//! cancelled by Stripe after 7 days ([`StripeSimulator::lapse`] plays that).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -28,10 +36,13 @@ use tokio::sync::mpsc;
 use super::signature;
 use super::stripe::STRIPE_VERSION;
 use super::{
-    ChargeOutcome, ChargeRequest, Decline, GatewayError, IntentStatus, PaymentGateway,
-    PaymentIntent, Refund, RefundRequest,
+    CaptureRequest, ChargeOutcome, ChargeRequest, Decline, GatewayError, IntentStatus,
+    PaymentGateway, PaymentIntent, Refund, RefundRequest,
 };
-use crate::domain::CheckoutId;
+use crate::domain::{CaptureMethod, CheckoutId};
+
+/// Stripe captures one PaymentIntent at most this many times (multicapture).
+const MAX_CAPTURES: u32 = 50;
 
 /// A failed delivery is tried this many times in all, waiting twice as long after each try;
 /// Stripe itself keeps trying for days, but an in-process simulator must not pile up work.
@@ -96,6 +107,8 @@ struct State {
     by_id: HashMap<String, usize>,
     /// The charge a succeeded intent made, named in `charge.refunded` events.
     charges: HashMap<String, String>,
+    /// Intents created with `capture_method=manual`, with the captures made so far.
+    manual: HashMap<String, u32>,
     refunds: Vec<Refund>,
     /// The status new refunds answer with: `None` means Stripe's `null`; by default
     /// `succeeded`.
@@ -152,6 +165,15 @@ impl StripeSimulator {
     /// of `succeeded`, as Stripe may; no `charge.refunded` event follows them.
     pub fn answer_refunds_with(&self, status: Option<&str>) {
         self.state().refund_status = Some(status.map(str::to_owned));
+    }
+
+    /// Stripe settles refund `refund_id` to `status` without telling anyone (a lost event).
+    pub fn settle_refund(&self, refund_id: &str, status: &str) {
+        for refund in &mut self.state().refunds {
+            if refund.id == refund_id {
+                refund.status = Some(status.to_owned());
+            }
+        }
     }
 
     /// A snapshot of every PaymentIntent and refund so far.
@@ -218,6 +240,24 @@ impl StripeSimulator {
         Ok(updated)
     }
 
+    /// Stripe's own cancellation of an authorization nobody captured in time (7 days for most
+    /// cards): the intent is `canceled` (`cancellation_reason: automatic`), what was still
+    /// capturable is released, and `payment_intent.canceled` goes out.
+    pub fn lapse(&self, payment_intent_id: &str) -> Result<PaymentIntent, GatewayError> {
+        let mut state = self.state();
+        let intent = state.intent(payment_intent_id)?;
+        if intent.status != IntentStatus::RequiresCapture {
+            return Err(unexpected_state(&intent, "lapse"));
+        }
+        let mut lapsed = intent;
+        lapsed.amount_capturable = 0;
+        let lapsed = state.update(lapsed, IntentStatus::Canceled);
+        let mut object = intent_json(&lapsed, None);
+        object["cancellation_reason"] = json!("automatic");
+        state.emit("payment_intent.canceled", object);
+        Ok(lapsed)
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // No code panics while holding the lock, and every step leaves the state whole, so a
         // poisoned lock still guards consistent data.
@@ -282,11 +322,21 @@ impl State {
             metadata: req.metadata(),
             last_payment_error: None,
             created: chrono::Utc::now().timestamp(),
+            amount_capturable: 0,
+            amount_received: 0,
         };
+        if req.capture_method == CaptureMethod::Manual {
+            self.manual.insert(intent.id.clone(), 0);
+        }
         self.by_id.insert(intent.id.clone(), self.intents.len());
         self.intents.push(intent.clone());
         let outcome = match card {
-            TestCard::Succeeds => ChargeOutcome::Succeeded(self.succeed(intent)),
+            TestCard::Succeeds => match self.succeed(intent) {
+                done if done.status == IntentStatus::RequiresCapture => {
+                    ChargeOutcome::Authorized(done)
+                }
+                done => ChargeOutcome::Succeeded(done),
+            },
             TestCard::NeedsAuthentication => {
                 ChargeOutcome::RequiresAction(self.update(intent, IntentStatus::RequiresAction))
             }
@@ -324,7 +374,8 @@ impl State {
 
     fn refund(&mut self, req: &RefundRequest) -> Result<Answer, GatewayError> {
         let intent = self.intent(&req.payment_intent_id)?;
-        if intent.status != IntentStatus::Succeeded {
+        // A multicaptured intent may be refunded before its final capture.
+        if intent.status != IntentStatus::Succeeded && intent.amount_received == 0 {
             return Err(unexpected_state(&intent, "refund"));
         }
         let already: i64 = self
@@ -334,7 +385,7 @@ impl State {
             .filter(|r| r.outcome() != super::RefundOutcome::Failed)
             .map(|r| r.amount)
             .sum();
-        let remaining = intent.amount - already;
+        let remaining = intent.amount_received - already;
         if remaining == 0 {
             return Err(invalid(
                 "charge_already_refunded",
@@ -378,7 +429,8 @@ impl State {
                 "amount_refunded": refunded,
                 "currency": intent.currency,
                 "payment_intent": intent.id,
-                "refunded": refunded == intent.amount,
+                "amount_captured": intent.amount_received,
+                "refunded": refunded == intent.amount_received,
                 "status": "succeeded",
             }),
         );
@@ -404,7 +456,20 @@ impl State {
         intent
     }
 
-    fn succeed(&mut self, intent: PaymentIntent) -> PaymentIntent {
+    /// The card said yes: captured at once, or, under manual capture, authorized.
+    fn succeed(&mut self, mut intent: PaymentIntent) -> PaymentIntent {
+        if self.manual.contains_key(&intent.id) {
+            let charge_id = new_id("ch");
+            self.charges.insert(intent.id.clone(), charge_id.clone());
+            intent.amount_capturable = intent.amount;
+            let authorized = self.update(intent, IntentStatus::RequiresCapture);
+            self.emit(
+                "payment_intent.amount_capturable_updated",
+                intent_json(&authorized, Some(&charge_id)),
+            );
+            return authorized;
+        }
+        intent.amount_received = intent.amount;
         let charge_id = new_id("ch");
         self.charges.insert(intent.id.clone(), charge_id.clone());
         let succeeded = self.update(intent, IntentStatus::Succeeded);
@@ -420,6 +485,55 @@ impl State {
         let failed = self.update(intent, IntentStatus::RequiresPaymentMethod);
         self.emit("payment_intent.payment_failed", intent_json(&failed, None));
         failed
+    }
+
+    fn capture(&mut self, req: &CaptureRequest) -> Result<Answer, GatewayError> {
+        let mut intent = self.intent(&req.payment_intent_id)?;
+        let Some(&captures) = self.manual.get(&intent.id) else {
+            return Err(unexpected_state(&intent, "capture"));
+        };
+        if intent.status != IntentStatus::RequiresCapture {
+            return Err(unexpected_state(&intent, "capture"));
+        }
+        if req.amount_to_capture < 1 {
+            return Err(invalid(
+                "amount_too_small",
+                "amount_to_capture must be positive.".into(),
+            ));
+        }
+        if req.amount_to_capture > intent.amount_capturable {
+            return Err(invalid(
+                "amount_too_large",
+                format!(
+                    "The amount to capture ({}) is greater than the amount capturable ({}).",
+                    req.amount_to_capture, intent.amount_capturable
+                ),
+            ));
+        }
+        let last_allowed = captures + 1 >= MAX_CAPTURES;
+        if !req.final_capture && last_allowed {
+            return Err(invalid(
+                "payment_intent_max_captures_exceeded",
+                format!("A PaymentIntent can be captured at most {MAX_CAPTURES} times."),
+            ));
+        }
+        self.manual.insert(intent.id.clone(), captures + 1);
+        intent.amount_received += req.amount_to_capture;
+        intent.amount_capturable -= req.amount_to_capture;
+        let charge_id = self.charges.get(&intent.id).cloned();
+        let captured = if req.final_capture || intent.amount_capturable == 0 {
+            // The rest of the hold is released.
+            intent.amount_capturable = 0;
+            let done = self.update(intent, IntentStatus::Succeeded);
+            self.emit(
+                "payment_intent.succeeded",
+                intent_json(&done, charge_id.as_deref()),
+            );
+            done
+        } else {
+            self.update(intent, IntentStatus::RequiresCapture)
+        };
+        Ok(Answer::Intent(captured))
     }
 
     /// Records the event and hands it to the delivery task while still holding the lock, so
@@ -548,10 +662,11 @@ impl PaymentGateway for StripeSimulator {
     ))]
     async fn create_and_confirm(&self, req: &ChargeRequest) -> Result<ChargeOutcome, GatewayError> {
         let fingerprint = format!(
-            "charge|{}|{}|{:?}",
+            "charge|{}|{}|{:?}|{}",
             req.amount,
             req.payment_method,
-            req.metadata()
+            req.metadata(),
+            req.capture_method.as_str()
         );
         match self
             .state()
@@ -590,6 +705,21 @@ impl PaymentGateway for StripeSimulator {
         {
             Answer::Refund(refund) => Ok(refund),
             Answer::Charge(_) | Answer::Intent(_) => Err(reused_elsewhere(&req.idempotency_key)),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(gateway = "simulator", payment_intent_id = %req.payment_intent_id))]
+    async fn capture(&self, req: &CaptureRequest) -> Result<PaymentIntent, GatewayError> {
+        let fingerprint = format!(
+            "capture|{}|{}|{}",
+            req.payment_intent_id, req.amount_to_capture, req.final_capture
+        );
+        match self
+            .state()
+            .idempotent(&req.idempotency_key, fingerprint, |s| s.capture(req))?
+        {
+            Answer::Intent(intent) => Ok(intent),
+            Answer::Charge(_) | Answer::Refund(_) => Err(reused_elsewhere(&req.idempotency_key)),
         }
     }
 
@@ -638,6 +768,7 @@ mod tests {
             order_id: OrderId::new(),
             customer_id: CustomerId::new(),
             idempotency_key: format!("checkout-{checkout_id}-charge-1"),
+            capture_method: CaptureMethod::Automatic,
         }
     }
 
@@ -952,6 +1083,59 @@ mod tests {
             failed.last_payment_error.map(|d| d.code).as_deref(),
             Some("payment_intent_authentication_failure")
         );
+    }
+
+    fn capture(
+        intent: &PaymentIntent,
+        amount: i64,
+        final_capture: bool,
+        key: &str,
+    ) -> CaptureRequest {
+        CaptureRequest {
+            payment_intent_id: intent.id.clone(),
+            amount_to_capture: amount,
+            final_capture,
+            idempotency_key: key.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn captures_take_at_most_what_is_capturable_and_the_final_one_releases_the_rest() {
+        let sim = StripeSimulator::new();
+        let manual = ChargeRequest {
+            capture_method: CaptureMethod::Manual,
+            ..charge("pm_card_visa", 3000)
+        };
+        let ChargeOutcome::Authorized(held) = sim.create_and_confirm(&manual).await.unwrap() else {
+            panic!("an authorization")
+        };
+        assert_eq!((held.amount_capturable, held.amount_received), (3000, 0));
+        // Nothing captured yet: nothing to refund.
+        assert!(sim.refund(&refund(&held, Some(100), "r0")).await.is_err());
+
+        let too_much = sim.capture(&capture(&held, 3001, false, "c0")).await;
+        assert!(
+            matches!(too_much, Err(GatewayError::InvalidRequest { ref code, .. }) if code == "amount_too_large")
+        );
+        let part = sim
+            .capture(&capture(&held, 1000, false, "c1"))
+            .await
+            .unwrap();
+        assert_eq!(part.status, IntentStatus::RequiresCapture);
+        assert_eq!((part.amount_capturable, part.amount_received), (2000, 1000));
+        // The same key replays the same capture.
+        let again = sim
+            .capture(&capture(&held, 1000, false, "c1"))
+            .await
+            .unwrap();
+        assert_eq!(again.amount_received, 1000);
+        let last = sim.capture(&capture(&held, 500, true, "c2")).await.unwrap();
+        assert_eq!(last.status, IntentStatus::Succeeded);
+        assert_eq!((last.amount_capturable, last.amount_received), (0, 1500));
+        assert!(sim.capture(&capture(&held, 1, true, "c3")).await.is_err());
+        // Refunds never pass what was captured.
+        assert!(sim.refund(&refund(&held, Some(1501), "r1")).await.is_err());
+        sim.refund(&refund(&held, Some(1500), "r2")).await.unwrap();
     }
 
     #[tokio::test]

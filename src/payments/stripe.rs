@@ -25,10 +25,10 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::{
-    ChargeOutcome, ChargeRequest, Decline, GatewayError, PaymentGateway, PaymentIntent, Refund,
-    RefundRequest, METADATA_CHECKOUT_ID,
+    CaptureRequest, ChargeOutcome, ChargeRequest, Decline, GatewayError, PaymentGateway,
+    PaymentIntent, Refund, RefundRequest, METADATA_CHECKOUT_ID,
 };
-use crate::domain::CheckoutId;
+use crate::domain::{CaptureMethod, CheckoutId};
 
 /// The API version every request is pinned to, so a change of the account's default version
 /// on Stripe's dashboard cannot change the shapes we parse.
@@ -318,11 +318,33 @@ fn charge_form(req: &ChargeRequest) -> Vec<(String, String)> {
             "never".to_owned(),
         ),
     ];
+    if req.capture_method == CaptureMethod::Manual {
+        // Authorize only; multicapture, where the card offers it, lets every shipment capture
+        // its own part (https://docs.stripe.com/payments/multicapture).
+        form.push(("capture_method".to_owned(), "manual".to_owned()));
+        form.push((
+            "payment_method_options[card][request_multicapture]".to_owned(),
+            "if_available".to_owned(),
+        ));
+    }
     form.extend(
         req.metadata()
             .into_iter()
             .map(|(key, value)| (format!("metadata[{key}]"), value)),
     );
+    form
+}
+
+/// `POST /v1/payment_intents/{id}/capture`: `amount_to_capture`, and `final_capture=false`
+/// when more captures are to follow.
+fn capture_form(req: &CaptureRequest) -> Vec<(String, String)> {
+    let mut form = vec![(
+        "amount_to_capture".to_owned(),
+        req.amount_to_capture.to_string(),
+    )];
+    if !req.final_capture {
+        form.push(("final_capture".to_owned(), "false".to_owned()));
+    }
     form
 }
 
@@ -379,6 +401,22 @@ impl PaymentGateway for StripeGateway {
     async fn retrieve(&self, payment_intent_id: &str) -> Result<PaymentIntent, GatewayError> {
         let path = format!("/v1/payment_intents/{}", path_id(payment_intent_id)?);
         Ok(self.get(&path, &[]).await?)
+    }
+
+    #[tracing::instrument(skip_all, fields(
+        gateway = "stripe",
+        payment_intent_id = %req.payment_intent_id,
+        idempotency_key = %req.idempotency_key,
+        amount_to_capture = req.amount_to_capture,
+    ))]
+    async fn capture(&self, req: &CaptureRequest) -> Result<PaymentIntent, GatewayError> {
+        let path = format!(
+            "/v1/payment_intents/{}/capture",
+            path_id(&req.payment_intent_id)?
+        );
+        Ok(self
+            .post(&path, &capture_form(req), &req.idempotency_key)
+            .await?)
     }
 
     #[tracing::instrument(skip_all, fields(gateway = "stripe", refund_id = %refund_id))]
@@ -453,6 +491,7 @@ impl PaymentGateway for StripeGateway {
 fn outcome_name(outcome: &ChargeOutcome) -> &'static str {
     match outcome {
         ChargeOutcome::Succeeded(_) => "succeeded",
+        ChargeOutcome::Authorized(_) => "authorized",
         ChargeOutcome::RequiresAction(_) => "requires_action",
         ChargeOutcome::Declined { .. } => "declined",
     }

@@ -156,6 +156,7 @@ mod tests {
 
     fn request(cart: CartId) -> NewCheckout {
         NewCheckout {
+            capture_method: Default::default(),
             id: CheckoutId::new(),
             order_id: OrderId::new(),
             customer_id: CustomerId::new(),

@@ -39,10 +39,10 @@ use serde::Serialize;
 use std::collections::HashMap;
 
 use crate::domain::{
-    Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Company, CompanyId,
-    CompanyPrice, Customer, CustomerId, CustomerName, FlashSale, FlashSaleId, MoneyError,
-    NewCompany, NewFlashSale, NewProduct, Order, OrderId, OrderLine, OrderingRules, PriceTiers,
-    Product, ProductPatch, Quantity, RuleBreach, Sku,
+    CaptureMethod, Cart, CartId, CartStatus, Checkout, CheckoutId, CheckoutState, Company,
+    CompanyId, CompanyPrice, Customer, CustomerId, CustomerName, FlashSale, FlashSaleId,
+    MoneyError, NewCompany, NewFlashSale, NewProduct, Order, OrderId, OrderLine, OrderingRules,
+    PriceTiers, Product, ProductPatch, Quantity, RuleBreach, Sku,
 };
 
 pub use ops::{FailureRow, FlashSaleRow, OpsStore};
@@ -111,6 +111,17 @@ pub enum StoreError {
     ChargeInProgress,
     #[error("the order is {0:?}")]
     OrderState(crate::domain::OrderStatus),
+    /// A shipment of the order is still capturing; recovery finishes it.
+    #[error("a shipment of this order is being captured")]
+    ShipmentInProgress,
+    /// The shipment does not fit the order: an unknown SKU, more units than are left to ship,
+    /// or nothing to ship.
+    #[error("{0}")]
+    BadShipment(String),
+    /// The partial refund does not fit the order: an unknown SKU, more units than are
+    /// refundable, more money than was captured, or nothing to refund.
+    #[error("{0}")]
+    BadRefund(String),
     #[error("this flash-sale admission already holds a live checkout")]
     AdmissionInUse,
     /// A line of a sale's SKU without that sale's admission (the cart changed after the gate
@@ -371,6 +382,8 @@ pub struct NewCheckout {
     /// The sales open at `now`: the reservation checks its own lines against them
     /// ([`governing_sale`]).
     pub open_sales: Vec<OpenSale>,
+    /// How this checkout's payment is captured, stored with it by the reservation.
+    pub capture_method: CaptureMethod,
 }
 
 /// A checkout of a flash sale as the gate is rebuilt from it.
@@ -413,6 +426,21 @@ macro_rules! claim_pending_refunds_sql {
     };
 }
 pub(crate) use claim_pending_refunds_sql;
+
+/// Claims capturing shipments whose lease ran out (`claim_stalled_shipments`), both stores:
+/// `$1` lease until, `$2` now, `$3` limit; `{lock}` as in [`claim_pending_refunds_sql`].
+macro_rules! claim_stalled_shipments_sql {
+    ($lock:literal) => {
+        concat!(
+            "UPDATE shipments SET lease_until = $1 WHERE id IN ( \
+               SELECT id FROM shipments WHERE status = 'capturing' AND lease_until < $2 \
+               ORDER BY lease_until LIMIT $3",
+            $lock,
+            ") RETURNING id"
+        )
+    };
+}
+pub(crate) use claim_stalled_shipments_sql;
 
 /// A checkout claimed for a charge (or for recovery), with what the charge must repeat.
 #[derive(Debug, Clone)]
@@ -703,6 +731,19 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         payment_intent_id: &str,
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError>;
+    /// Manual capture: the card is authorized (`requires_capture`) for `amount`. Exactly as
+    /// [`Store::record_charge_succeeded`] (stock confirmed, checkout completed, a late
+    /// authorization re-reserves or is due back), but the order is `authorized` with nothing
+    /// captured, and its fulfilment event is `order.authorized`.
+    async fn record_charge_authorized(
+        &self,
+        id: CheckoutId,
+        payment_intent_id: &str,
+        amount: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError>;
+    /// How the checkout's payment is captured, as decided when it started.
+    async fn capture_method(&self, id: CheckoutId) -> Result<CaptureMethod, StoreError>;
     /// Declined: release the units, order and checkout `payment_failed`, cart open again.
     async fn record_charge_declined(
         &self,
@@ -804,6 +845,100 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         order: OrderId,
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError>;
+    /// Manual capture: records a shipment of an `authorized` or `partially_fulfilled` order
+    /// before its capture call, with the capture's key and a lease ([`plan_shipment`] decides
+    /// amounts). Its lines count as shipped; on the order's last shipment the units left are
+    /// short: released back to stock at once, never captured.
+    async fn begin_shipment(&self, new: &NewShipment) -> Result<ShipmentTicket, StoreError>;
+    /// The gateway captured the shipment: its amount adds to the order's captured amount, the
+    /// order is `partially_fulfilled`, or `fulfilled` after its last shipment (`cancelled` when
+    /// nothing at all was captured), and one `order.shipment_captured` event is written.
+    /// Recording a settled shipment again changes nothing.
+    async fn record_shipment_captured(
+        &self,
+        shipment: ShipmentId,
+        now: DateTime<Utc>,
+    ) -> Result<Order, StoreError>;
+    /// The gateway refused the capture (say, the authorization lapsed): the shipment is
+    /// `failed` with the reason, for an operator; the order keeps what it captured.
+    async fn record_shipment_failed(
+        &self,
+        shipment: ShipmentId,
+        failure: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Order, StoreError>;
+    /// Shipments still capturing whose lease ran out (a crashed instance, an unknown answer),
+    /// claimed with a new lease for recovery to capture again with the same key.
+    async fn claim_stalled_shipments(
+        &self,
+        limit: u32,
+        lease: Lease<'_>,
+    ) -> Result<Vec<ShipmentTicket>, StoreError>;
+    /// A partial refund by line of a paid or shipped order, recorded before its gateway call
+    /// with its key and a lease ([`plan_line_refund`] decides): its units count as refunded
+    /// at once, so a concurrent refund cannot take them too.
+    async fn begin_line_refund(&self, new: &NewLineRefund) -> Result<LineRefundTicket, StoreError>;
+    /// A partial refund as the gateway answers it. `Succeeded`: the amount counts as refunded
+    /// (the order `refunded` once everything captured went back), its units go back to stock
+    /// if it restocks, one `order.refunded` event; `Pending`: kept, nothing moves yet;
+    /// `Failed`: its units are refundable again. A settled refund never settles twice (the
+    /// admin's answer and Stripe's events converge on this one row).
+    async fn record_line_refund(
+        &self,
+        id: LineRefundId,
+        status: LineRefundStatus,
+        gateway_refund_id: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<Order, StoreError>;
+    /// The order paid by this PaymentIntent: what its partial refunds gave back so far, and
+    /// its partial refunds not settled yet (oldest first, with their amounts). `None` when
+    /// the order never had a partial refund.
+    async fn line_refunds_of_payment(
+        &self,
+        payment_intent_id: &str,
+    ) -> Result<Option<(i64, Vec<(LineRefundId, i64)>)>, StoreError>;
+    /// The partial refund recorded with this gateway refund id.
+    async fn line_refund_by_gateway_id(
+        &self,
+        gateway_refund_id: &str,
+    ) -> Result<Option<LineRefundId>, StoreError>;
+    /// Partial refunds asked for whose answer was lost and whose lease ran out, claimed with a
+    /// new lease for recovery to ask again with the same key.
+    async fn claim_stalled_line_refunds(
+        &self,
+        limit: u32,
+        lease: Lease<'_>,
+    ) -> Result<Vec<LineRefundTicket>, StoreError>;
+    /// A dispute of the payment `payment_intent_id` as Stripe reports it. `Open`: the order is
+    /// `disputed` (its status before kept) and one `order.disputed` event tells the warehouse
+    /// to hold its fulfilment; `Won`: the order is back where it was; `Lost`: the order is
+    /// `refunded_by_dispute`, stock untouched. A repeated or late report changes nothing.
+    /// `None` when no order was paid by that PaymentIntent.
+    async fn record_dispute(
+        &self,
+        payment_intent_id: &str,
+        dispute_id: &str,
+        status: DisputeStatus,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Order>, StoreError>;
+    /// Orders on hold for a dispute, most recent first.
+    async fn disputed_orders(&self, limit: u32) -> Result<Vec<OrderId>, StoreError>;
+    /// Partial refunds Stripe holds pending and unchanged since `settled_before`, claimed with
+    /// a lease so one instance reads each again; each with its gateway refund id. Recording
+    /// one still pending moves its `updated_at`, so it waits another threshold.
+    async fn claim_pending_line_refunds(
+        &self,
+        settled_before: DateTime<Utc>,
+        limit: u32,
+        lease: Lease<'_>,
+    ) -> Result<Vec<(LineRefundId, String)>, StoreError>;
+    /// Orders still holding an authorization given before `before` (oldest first): the
+    /// authorization worker settles them, the ops page lists those near their end.
+    async fn authorizations_before(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<OrderId>, StoreError>;
     /// paid (or placed on account) → fulfilled (shipped); fulfilling a fulfilled order changes
     /// nothing.
     async fn mark_fulfilled(&self, order: OrderId, now: DateTime<Utc>)
@@ -1325,19 +1460,37 @@ pub struct CheckoutAuditRow {
     /// The gateway's refund recorded with the checkout, and the order's `refund_status`.
     pub refund_id: Option<String>,
     pub refund_status: Option<String>,
-    /// `order.paid` outbox rows of its order, and how many of them are still unpublished.
+    /// Fulfilment events (`order.paid`, or `order.authorized` under manual capture) of its
+    /// order, and how many of them are still unpublished.
     pub paid_events: i64,
     pub unpublished_events: i64,
     pub oldest_unpublished: Option<DateTime<Utc>>,
+    /// Manual capture: the order's authorized (`None`: charged at checkout), captured and
+    /// refunded amounts, and the sum of its captured shipments.
+    pub authorized_amount: Option<i64>,
+    pub captured_amount: i64,
+    pub refunded_amount: i64,
+    pub shipments_captured: i64,
+    pub total_amount: i64,
+    /// Lines restocked more than refunded, refunded more than ordered, or shipped and short
+    /// more than ordered.
+    pub overdrawn_lines: i64,
 }
 
 pub(crate) const CHECKOUT_AUDIT_SQL: &str = "SELECT c.id, c.state, c.refund_due, c.expires_at, \
      c.lease_until, o.status AS order_status, c.refund_id, o.refund_status, \
-     (SELECT COUNT(*) FROM outbox x WHERE x.order_id = o.id AND x.topic = 'order.paid') AS paid_events, \
-     (SELECT COUNT(*) FROM outbox x WHERE x.order_id = o.id AND x.topic = 'order.paid' \
+     (SELECT COUNT(*) FROM outbox x WHERE x.order_id = o.id AND x.topic IN ('order.paid', 'order.authorized')) AS paid_events, \
+     (SELECT COUNT(*) FROM outbox x WHERE x.order_id = o.id AND x.topic IN ('order.paid', 'order.authorized') \
         AND x.published_at IS NULL) AS unpublished_events, \
-     (SELECT MIN(x.created_at) FROM outbox x WHERE x.order_id = o.id AND x.topic = 'order.paid' \
-        AND x.published_at IS NULL) AS oldest_unpublished \
+     (SELECT MIN(x.created_at) FROM outbox x WHERE x.order_id = o.id AND x.topic IN ('order.paid', 'order.authorized') \
+        AND x.published_at IS NULL) AS oldest_unpublished, \
+     o.authorized_amount, o.captured_amount, o.refunded_amount, \
+     (SELECT CAST(COALESCE(SUM(s.amount), 0) AS BIGINT) FROM shipments s \
+        WHERE s.order_id = o.id AND s.status = 'captured') AS shipments_captured, \
+     o.total_amount, \
+     (SELECT COUNT(*) FROM order_lines l WHERE l.order_id = o.id \
+        AND (l.restocked > l.refunded OR l.refunded > l.quantity \
+             OR l.shipped + l.short > l.quantity)) AS overdrawn_lines \
      FROM checkouts c JOIN orders o ON o.id = c.order_id ORDER BY c.created_at";
 
 /// Promise 1 per product, read in one statement (one snapshot) in both stores.
@@ -1352,13 +1505,14 @@ pub(crate) const INVENTORY_AUDIT_SQL: &str = "SELECT p.sku, p.stock, p.reserved,
 
 pub(crate) const ORDER_COLUMNS: &str =
     "id, customer_id, checkout_id, status, total_amount, currency, payment_intent_id, created_at, seq, \
-     refund_status, po_number, invoice_id";
+     refund_status, po_number, invoice_id, authorized_amount, captured_amount, refunded_amount";
 
 /// A customer's order with its lines, by primary key, in one statement in both stores (an
 /// order poll is one round trip): `$1` order, `$2` customer. One row per line, SKU order.
 pub(crate) const ORDER_WITH_LINES_SQL: &str = "SELECT o.id, o.customer_id, o.checkout_id, \
      o.status, o.total_amount, o.currency, o.payment_intent_id, o.created_at, o.seq, \
-     o.refund_status, o.po_number, o.invoice_id, ol.order_id, ol.sku, ol.quantity, ol.unit_price, ol.line_total \
+     o.refund_status, o.po_number, o.invoice_id, o.authorized_amount, o.captured_amount, \
+     o.refunded_amount, ol.order_id, ol.sku, ol.quantity, ol.unit_price, ol.line_total \
      FROM orders o LEFT JOIN order_lines ol ON ol.order_id = o.id \
      WHERE o.id = $1 AND o.customer_id = $2 ORDER BY ol.sku";
 
@@ -1441,6 +1595,529 @@ pub(crate) enum Paid<'a> {
     Card(&'a str),
     /// Placed on account: the invoice that bills it.
     OnAccount(crate::domain::InvoiceId),
+}
+
+/// A shipment's id; its capture's idempotency key is derived from it.
+pub type ShipmentId = uuid::Uuid;
+
+/// An admin's shipment of an order under manual capture.
+#[derive(Debug, Clone)]
+pub struct NewShipment {
+    pub id: ShipmentId,
+    pub order: OrderId,
+    /// Units shipped now, per SKU (a SKU named twice counts twice).
+    pub lines: Vec<(Sku, u32)>,
+    /// The order's last shipment: every unit not shipped by now is short.
+    pub last: bool,
+    pub lease_until: DateTime<Utc>,
+    pub now: DateTime<Utc>,
+}
+
+/// A shipment whose capture is to be made, or made again with the same key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShipmentTicket {
+    pub id: ShipmentId,
+    pub order_id: OrderId,
+    pub payment_intent_id: String,
+    /// What this shipment captures (0: nothing shipped, the authorization is released).
+    pub amount: i64,
+    /// The order's last shipment: the rest of the authorization is released.
+    pub final_capture: bool,
+    /// What the order's earlier shipments captured.
+    pub captured_before: i64,
+    pub capture_key: String,
+}
+
+/// The capture key of a shipment: every retry of its capture sends the same one.
+pub fn capture_key(shipment: ShipmentId) -> String {
+    format!("shipment-{shipment}-capture")
+}
+
+/// An order line as a shipment sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct ShippableLine {
+    pub product_id: i64,
+    pub sku: Sku,
+    pub quantity: i64,
+    pub unit_price: i64,
+    pub shipped: i64,
+    pub short: i64,
+}
+
+/// One line of a planned shipment: units shipped now and units declared short.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct PlannedLine {
+    #[serde(skip)]
+    pub product_id: i64,
+    pub sku: Sku,
+    pub quantity: i64,
+    pub short: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ShipmentPlan {
+    pub amount: i64,
+    pub final_capture: bool,
+    pub lines: Vec<PlannedLine>,
+}
+
+/// The one rule for a shipment, both stores: every SKU must be of the order, never more
+/// units than are left to ship, something must ship unless it is the last shipment; the
+/// amount is the shipped units at their order prices (promise 6). The shipment is the last
+/// when asked, or when no unit is left to ship after it; then every unit left is short.
+pub(crate) fn plan_shipment(
+    lines: &[ShippableLine],
+    wanted: &[(Sku, u32)],
+    last: bool,
+) -> Result<ShipmentPlan, StoreError> {
+    let mut asked: HashMap<&Sku, i64> = HashMap::new();
+    for (sku, quantity) in wanted {
+        if !lines.iter().any(|l| &l.sku == sku) {
+            return Err(StoreError::BadShipment(format!(
+                "{sku} is not a line of this order"
+            )));
+        }
+        *asked.entry(sku).or_default() += i64::from(*quantity);
+    }
+    let mut planned = Vec::with_capacity(lines.len());
+    let mut amount: i64 = 0;
+    let mut left_after = 0;
+    for line in lines {
+        let ship = asked.get(&line.sku).copied().unwrap_or(0);
+        let left = line.quantity - line.shipped - line.short;
+        if ship > left {
+            return Err(StoreError::BadShipment(format!(
+                "{} has {left} units left to ship, not {ship}",
+                line.sku
+            )));
+        }
+        amount = line
+            .unit_price
+            .checked_mul(ship)
+            .and_then(|a| a.checked_add(amount))
+            .ok_or(StoreError::Money(MoneyError::Overflow))?;
+        left_after += left - ship;
+        planned.push(PlannedLine {
+            product_id: line.product_id,
+            sku: line.sku.clone(),
+            quantity: ship,
+            short: left - ship,
+        });
+    }
+    let final_capture = last || left_after == 0;
+    for line in &mut planned {
+        if !final_capture {
+            line.short = 0;
+        }
+    }
+    if amount == 0 && !final_capture {
+        return Err(StoreError::BadShipment("nothing to ship".into()));
+    }
+    planned.retain(|l| l.quantity > 0 || l.short > 0);
+    Ok(ShipmentPlan {
+        amount,
+        final_capture,
+        lines: planned,
+    })
+}
+
+/// Shipment statements shared by both stores.
+pub(crate) const SHIPPABLE_ORDER_SQL: &str = "SELECT status, checkout_id, payment_intent_id, \
+     captured_amount FROM orders WHERE id = $1";
+pub(crate) const SHIPMENT_CAPTURING_SQL: &str =
+    "SELECT COUNT(*) FROM shipments WHERE order_id = $1 AND status = 'capturing'";
+pub(crate) const SHIPPABLE_LINES_SQL: &str = "SELECT product_id, sku, quantity, unit_price, \
+     shipped, short FROM order_lines WHERE order_id = $1 ORDER BY product_id";
+/// `$1` id, `$2` order, `$3` amount, `$4` final, `$5` key, `$6` lines JSON, `$7` lease, `$8` now.
+pub(crate) const INSERT_SHIPMENT_SQL: &str = "INSERT INTO shipments (id, order_id, seq, amount, \
+     final_capture, status, capture_key, lines, lease_until, created_at, updated_at) \
+     VALUES ($1, $2, (SELECT COALESCE(MAX(seq), 0) + 1 FROM shipments WHERE order_id = $2), \
+     $3, $4, 'capturing', $5, $6, $7, $8, $8)";
+/// `$1` order, `$2` product, `$3` shipped now, `$4` short now.
+pub(crate) const SHIP_LINE_SQL: &str = "UPDATE order_lines SET shipped = shipped + $3, \
+     short = short + $4 WHERE order_id = $1 AND product_id = $2";
+/// Short units leave the sale (`$1` checkout, `$2` product, `$3` units): the confirmed
+/// reservation shrinks, or is released when all of it is short, and the units are back in
+/// stock, so stock + sold still adds up (promise 1).
+pub(crate) const SHORT_PART_SQL: &str = "UPDATE reservations SET quantity = quantity - $3 \
+     WHERE checkout_id = $1 AND product_id = $2 AND status = 'confirmed' AND quantity > $3";
+pub(crate) const SHORT_WHOLE_SQL: &str = "UPDATE reservations SET status = 'released' \
+     WHERE checkout_id = $1 AND product_id = $2 AND status = 'confirmed' AND quantity = $3";
+pub(crate) const RESTOCK_SQL: &str = "UPDATE products SET stock = stock + $2 WHERE id = $1";
+/// `$1` lease until, `$2` now, `$3` limit; `{}`: PostgreSQL's row lock clause.
+pub(crate) const SHIPMENT_COLUMNS: &str = "s.id, s.order_id, o.payment_intent_id, s.amount, \
+     s.final_capture, s.capture_key, o.captured_amount";
+/// Settles a capturing shipment (`$1`, `$2` now): answers its order, amount and finality.
+pub(crate) const SHIPMENT_CAPTURED_SQL: &str = "UPDATE shipments SET status = 'captured', \
+     lease_until = NULL, updated_at = $2 WHERE id = $1 AND status = 'capturing' \
+     RETURNING order_id, amount, final_capture";
+/// `$1` order, `$2` amount captured now, `$3` final, `$4` now.
+pub(crate) const ORDER_CAPTURED_SQL: &str = "UPDATE orders SET \
+     captured_amount = captured_amount + $2, \
+     status = CASE WHEN NOT $3 THEN 'partially_fulfilled' \
+                   WHEN captured_amount + $2 = 0 THEN 'cancelled' ELSE 'fulfilled' END, \
+     updated_at = $4 WHERE id = $1";
+pub(crate) const SHIPMENT_FAILED_SQL: &str = "UPDATE shipments SET status = 'failed', \
+     failure = $2, lease_until = NULL, updated_at = $3 WHERE id = $1 AND status = 'capturing' \
+     RETURNING order_id";
+
+/// The order's status where shipments may be made.
+pub(crate) fn shippable(status: &str) -> Result<(), StoreError> {
+    match crate::domain::OrderStatus::parse(status) {
+        Some(
+            crate::domain::OrderStatus::Authorized | crate::domain::OrderStatus::PartiallyFulfilled,
+        ) => Ok(()),
+        Some(other) => Err(StoreError::OrderState(other)),
+        None => Err(StoreError::Corrupt(format!("order status {status:?}"))),
+    }
+}
+
+/// The `order.shipment_captured` outbox row: keyed by the shipment (the outbox holds one row
+/// per topic and key), the payload names the order.
+pub(crate) fn shipment_captured_event(
+    shipment: ShipmentId,
+    order: OrderId,
+    amount: i64,
+    final_capture: bool,
+    currency: &str,
+    now: DateTime<Utc>,
+) -> OutboxRow {
+    let event_id = uuid::Uuid::new_v4();
+    let payload = serde_json::json!({
+        "event_id": event_id,
+        "order_id": order,
+        "shipment_id": shipment,
+        "captured": {"amount": amount, "currency": currency},
+        "final": final_capture,
+        "captured_at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    OutboxRow {
+        event_id,
+        payload: payload.to_string(),
+    }
+}
+
+/// A partial refund's id; its idempotency key is derived from it.
+pub type LineRefundId = uuid::Uuid;
+
+/// An admin's partial refund by line.
+#[derive(Debug, Clone)]
+pub struct NewLineRefund {
+    pub id: LineRefundId,
+    pub order: OrderId,
+    pub lines: Vec<(Sku, u32)>,
+    /// Put the refunded units back in stock (once each).
+    pub restock: bool,
+    pub lease_until: DateTime<Utc>,
+    pub now: DateTime<Utc>,
+}
+
+/// A partial refund to ask the gateway for, or to ask again with the same key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineRefundTicket {
+    pub id: LineRefundId,
+    pub order_id: OrderId,
+    pub payment_intent_id: String,
+    pub amount: i64,
+    pub refund_key: String,
+}
+
+/// Where a partial refund stands at the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineRefundStatus {
+    Pending,
+    Succeeded,
+    Failed,
+}
+
+pub fn line_refund_key(id: LineRefundId) -> String {
+    format!("refund-{id}")
+}
+
+/// An order line as a partial refund sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct RefundableLine {
+    pub product_id: i64,
+    pub sku: Sku,
+    pub quantity: i64,
+    pub unit_price: i64,
+    pub shipped: i64,
+    pub refunded: i64,
+}
+
+/// One line of a partial refund, as stored with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub(crate) struct RefundedLine {
+    pub product_id: i64,
+    pub sku: Sku,
+    pub quantity: i64,
+}
+
+/// The one rule for a partial refund, both stores: SKUs of the order only, never more units
+/// than are refundable (ordered, or under manual capture shipped, less those refunded or
+/// being refunded), and never more money than was captured, counting refunds in flight.
+/// Answers the lines and the amount.
+pub(crate) fn plan_line_refund(
+    lines: &[RefundableLine],
+    wanted: &[(Sku, u32)],
+    manual: bool,
+    captured: i64,
+    refunded_or_in_flight: i64,
+) -> Result<(Vec<RefundedLine>, i64), StoreError> {
+    let mut asked: HashMap<&Sku, i64> = HashMap::new();
+    for (sku, quantity) in wanted {
+        if !lines.iter().any(|l| &l.sku == sku) {
+            return Err(StoreError::BadRefund(format!(
+                "{sku} is not a line of this order"
+            )));
+        }
+        *asked.entry(sku).or_default() += i64::from(*quantity);
+    }
+    let mut planned = Vec::new();
+    let mut amount: i64 = 0;
+    for line in lines {
+        let Some(&quantity) = asked.get(&line.sku) else {
+            continue;
+        };
+        let sold = if manual { line.shipped } else { line.quantity };
+        let refundable = sold - line.refunded;
+        if quantity > refundable {
+            return Err(StoreError::BadRefund(format!(
+                "{} has {refundable} refundable units, not {quantity}",
+                line.sku
+            )));
+        }
+        amount = line
+            .unit_price
+            .checked_mul(quantity)
+            .and_then(|a| a.checked_add(amount))
+            .ok_or(StoreError::Money(MoneyError::Overflow))?;
+        planned.push(RefundedLine {
+            product_id: line.product_id,
+            sku: line.sku.clone(),
+            quantity,
+        });
+    }
+    if amount == 0 {
+        return Err(StoreError::BadRefund("nothing to refund".into()));
+    }
+    if refunded_or_in_flight + amount > captured {
+        return Err(StoreError::BadRefund(format!(
+            "{amount} more would refund more than the {captured} captured"
+        )));
+    }
+    Ok((planned, amount))
+}
+
+/// Partial-refund statements shared by both stores.
+pub(crate) const REFUNDABLE_ORDER_SQL: &str = "SELECT status, payment_intent_id, total_amount, \
+     authorized_amount, captured_amount, refunded_amount, currency, \
+     (SELECT CAST(COALESCE(SUM(r.amount), 0) AS BIGINT) FROM order_refunds r \
+        WHERE r.order_id = orders.id AND r.status IN ('requested', 'pending')) AS in_flight \
+     FROM orders WHERE id = $1";
+pub(crate) const REFUNDABLE_LINES_SQL: &str = "SELECT product_id, sku, quantity, unit_price, \
+     shipped, refunded FROM order_lines WHERE order_id = $1 ORDER BY product_id";
+/// `$1` id, `$2` order, `$3` amount, `$4` lines, `$5` restock, `$6` key, `$7` lease, `$8` now.
+pub(crate) const INSERT_LINE_REFUND_SQL: &str = "INSERT INTO order_refunds (id, order_id, \
+     amount, lines, restock, status, refund_key, lease_until, created_at, updated_at) \
+     VALUES ($1, $2, $3, $4, $5, 'requested', $6, $7, $8, $8)";
+/// `$1` order, `$2` product, `$3` units (negative: given back).
+pub(crate) const REFUND_LINE_SQL: &str =
+    "UPDATE order_lines SET refunded = refunded + $3 WHERE order_id = $1 AND product_id = $2";
+pub(crate) const RESTOCKED_LINE_SQL: &str =
+    "UPDATE order_lines SET restocked = restocked + $3 WHERE order_id = $1 AND product_id = $2 \
+     AND restocked + $3 <= refunded";
+pub(crate) const LINE_REFUND_ROW_SQL: &str = "SELECT r.order_id, r.amount, r.lines, r.restock, \
+     r.status, o.checkout_id, o.currency FROM order_refunds r JOIN orders o ON o.id = r.order_id \
+     WHERE r.id = $1";
+/// `$1` id, `$2` status, `$3` gateway refund id, `$4` now.
+pub(crate) const SETTLE_LINE_REFUND_SQL: &str = "UPDATE order_refunds SET status = $2, \
+     gateway_refund_id = COALESCE(gateway_refund_id, $3), lease_until = NULL, updated_at = $4 \
+     WHERE id = $1";
+/// `$1` order, `$2` amount, `$3` now: fully refunded once everything captured went back (and,
+/// under manual capture, nothing is left to ship).
+pub(crate) const ORDER_REFUNDED_PART_SQL: &str = "UPDATE orders SET \
+     refunded_amount = refunded_amount + $2, \
+     status = CASE WHEN status <> 'partially_fulfilled' AND refunded_amount + $2 >= \
+                   COALESCE(NULLIF(captured_amount, 0), total_amount) \
+                   THEN 'refunded' ELSE status END, \
+     refund_status = CASE WHEN status <> 'partially_fulfilled' AND refunded_amount + $2 >= \
+                   COALESCE(NULLIF(captured_amount, 0), total_amount) \
+                   THEN 'succeeded' ELSE refund_status END, \
+     updated_at = $3 WHERE id = $1";
+pub(crate) const LINE_REFUNDS_OF_PAYMENT_SQL: &str = "SELECT r.id, r.amount, r.status, \
+     o.refunded_amount FROM orders o JOIN order_refunds r ON r.order_id = o.id \
+     WHERE o.payment_intent_id = $1 ORDER BY r.created_at, r.id";
+pub(crate) const LINE_REFUND_COLUMNS: &str = "r.id, r.order_id, o.payment_intent_id, r.amount, \
+     r.refund_key";
+
+/// Claims requested partial refunds whose lease ran out, both stores: `$1` lease until, `$2`
+/// now, `$3` limit; `{lock}` as in [`claim_pending_refunds_sql`].
+macro_rules! claim_stalled_line_refunds_sql {
+    ($lock:literal) => {
+        concat!(
+            "UPDATE order_refunds SET lease_until = $1 WHERE id IN ( \
+               SELECT id FROM order_refunds WHERE status = 'requested' AND lease_until < $2 \
+               ORDER BY lease_until LIMIT $3",
+            $lock,
+            ") RETURNING id"
+        )
+    };
+}
+pub(crate) use claim_stalled_line_refunds_sql;
+
+/// Claims partial refunds Stripe holds pending, unchanged since `$4` (their `refund.*` event
+/// may be lost), both stores: `$1` lease until, `$2` now, `$3` limit; `{lock}` as in
+/// [`claim_pending_refunds_sql`].
+macro_rules! claim_pending_line_refunds_sql {
+    ($lock:literal) => {
+        concat!(
+            "UPDATE order_refunds SET lease_until = $1 WHERE id IN ( \
+               SELECT id FROM order_refunds WHERE status = 'pending' \
+                 AND gateway_refund_id IS NOT NULL AND updated_at < $4 \
+                 AND (lease_until IS NULL OR lease_until < $2) \
+               ORDER BY updated_at LIMIT $3",
+            $lock,
+            ") RETURNING id, gateway_refund_id"
+        )
+    };
+}
+pub(crate) use claim_pending_line_refunds_sql;
+
+/// Orders a partial refund may be made of: paid or shipped ones.
+pub(crate) fn refundable(status: &str) -> Result<(), StoreError> {
+    use crate::domain::OrderStatus;
+    match OrderStatus::parse(status) {
+        Some(OrderStatus::Paid | OrderStatus::Fulfilled | OrderStatus::PartiallyFulfilled) => {
+            Ok(())
+        }
+        Some(other) => Err(StoreError::OrderState(other)),
+        None => Err(StoreError::Corrupt(format!("order status {status:?}"))),
+    }
+}
+
+/// The `order.refunded` outbox row of a partial refund, keyed by the refund.
+pub(crate) fn order_refunded_event(
+    refund: LineRefundId,
+    order: OrderId,
+    amount: i64,
+    currency: &str,
+    lines: &[RefundedLine],
+    now: DateTime<Utc>,
+) -> OutboxRow {
+    let event_id = uuid::Uuid::new_v4();
+    let lines: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::json!({"sku": l.sku, "quantity": l.quantity}))
+        .collect();
+    let payload = serde_json::json!({
+        "event_id": event_id,
+        "order_id": order,
+        "refund_id": refund,
+        "refunded": {"amount": amount, "currency": currency},
+        "lines": lines,
+        "refunded_at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    OutboxRow {
+        event_id,
+        payload: payload.to_string(),
+    }
+}
+
+/// Where a dispute stands, as far as its order is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisputeStatus {
+    Open,
+    Won,
+    Lost,
+}
+
+/// `$1` PaymentIntent, `$2` dispute, `$3` now: a dispute not seen before puts its order on
+/// hold (a report of a dispute already open or closed changes nothing).
+pub(crate) const DISPUTE_OPENED_SQL: &str = "UPDATE orders SET \
+     status_before_dispute = status, status = 'disputed', dispute_id = $2, \
+     dispute_status = 'open', updated_at = $3 \
+     WHERE payment_intent_id = $1 AND (dispute_id IS NULL OR dispute_id <> $2) \
+     RETURNING id, currency";
+/// `$1` PaymentIntent, `$2` dispute, `$3` now, `$4` 'won' or 'lost': a dispute not closed yet
+/// closes; won gives the order its status back, lost leaves it `refunded_by_dispute`.
+pub(crate) const DISPUTE_CLOSED_SQL: &str = "UPDATE orders SET \
+     status = CASE WHEN $4 = 'lost' THEN 'refunded_by_dispute' \
+                   ELSE COALESCE(status_before_dispute, status) END, \
+     dispute_id = $2, dispute_status = $4, updated_at = $3 \
+     WHERE payment_intent_id = $1 \
+       AND (dispute_id IS NULL OR dispute_id <> $2 OR dispute_status = 'open') \
+     RETURNING id, currency";
+pub(crate) const DISPUTED_ORDERS_SQL: &str =
+    "SELECT id FROM orders WHERE status = 'disputed' ORDER BY updated_at DESC LIMIT $1";
+
+/// The `order.disputed` outbox row: the fulfilment hold for the warehouse.
+pub(crate) fn order_disputed_event(
+    order: OrderId,
+    dispute_id: &str,
+    payment_intent_id: &str,
+    now: DateTime<Utc>,
+) -> OutboxRow {
+    let event_id = uuid::Uuid::new_v4();
+    let payload = serde_json::json!({
+        "event_id": event_id,
+        "order_id": order,
+        "dispute_id": dispute_id,
+        "payment_intent_id": payment_intent_id,
+        "hold_fulfilment": true,
+        "disputed_at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    OutboxRow {
+        event_id,
+        payload: payload.to_string(),
+    }
+}
+
+/// The capture method of one checkout (`$1`), both stores.
+pub(crate) const CAPTURE_METHOD_SQL: &str = "SELECT capture_method FROM checkouts WHERE id = $1";
+
+pub(crate) fn capture_method_of(raw: Option<String>) -> Result<CaptureMethod, StoreError> {
+    let raw = raw.ok_or(StoreError::NotFound("checkout"))?;
+    CaptureMethod::parse(&raw).ok_or_else(|| StoreError::Corrupt(format!("capture method {raw:?}")))
+}
+
+/// The order's move to `authorized` (`$1` order, `$2` PaymentIntent, `$3` authorized amount,
+/// `$4` now), both stores.
+pub(crate) const ORDER_AUTHORIZED_SQL: &str = "UPDATE orders SET status = 'authorized', \
+     payment_intent_id = $2, authorized_amount = $3, captured_amount = 0, authorized_at = $4, \
+     updated_at = $4 WHERE id = $1";
+
+/// Orders still holding an authorization given before `$1`, oldest first, at most `$2`.
+pub(crate) const AUTHORIZATIONS_BEFORE_SQL: &str = "SELECT id FROM orders \
+     WHERE status IN ('authorized', 'partially_fulfilled') AND authorized_at < $1 \
+     ORDER BY authorized_at LIMIT $2";
+
+/// The `order.authorized` outbox row of an authorized checkout: the fulfilment event under
+/// manual capture, carrying what `order.paid` carries, plus the authorized amount.
+pub(crate) fn order_authorized_event(
+    checkout: &Checkout,
+    payment_intent_id: &str,
+    amount: i64,
+    lines: Vec<(OrderId, OrderLine)>,
+    now: DateTime<Utc>,
+) -> OutboxRow {
+    let event_id = uuid::Uuid::new_v4();
+    let lines: Vec<OrderLine> = lines.into_iter().map(|(_, line)| line).collect();
+    let payload = serde_json::json!({
+        "event_id": event_id,
+        "order_id": checkout.order_id,
+        "customer_id": checkout.customer_id,
+        "checkout_id": checkout.id,
+        "total": checkout.total,
+        "authorized": {"amount": amount, "currency": checkout.total.currency()},
+        "lines": lines,
+        "payment_intent_id": payment_intent_id,
+        "authorized_at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    OutboxRow {
+        event_id,
+        payload: payload.to_string(),
+    }
 }
 
 pub(crate) fn order_paid_event(

@@ -19,29 +19,39 @@ use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::domain::{
-    Cart, CartId, CartLine, CartStatus, Checkout, CheckoutId, CheckoutState, Company, CompanyId,
-    CompanyPrice, Customer, CustomerId, CustomerName, FlashSale, FlashSaleId, Invoice, InvoiceId,
-    NewCompany, NewFlashSale, NewProduct, Order, OrderId, OrderStatus, Product, ProductPatch,
-    Quantity, Sku,
+    CaptureMethod, Cart, CartId, CartLine, CartStatus, Checkout, CheckoutId, CheckoutState,
+    Company, CompanyId, CompanyPrice, Customer, CustomerId, CustomerName, FlashSale, FlashSaleId,
+    Invoice, InvoiceId, NewCompany, NewFlashSale, NewProduct, Order, OrderId, OrderStatus, Product,
+    ProductPatch, Quantity, Sku,
 };
 
 use super::group;
 use super::rows::{self, row_decoders};
 use super::{
-    admission_in_use, attach_lines, cart_must_be_open, check_patch, heartbeat_refused, order_total,
-    page_of, priced_in_lock_order, reserve_retrying, schema_is_current, to_millis, unclaimed_cart,
-    Acquisitions, ChargeTicket, IdempotencyStart, InventoryRow, Lease, NewCheckout, Page, Released,
-    Retry, SaleCheckout, SaleLimit, Shortfall, Store, StoreError, StoreKind, StoredKey, WantedLine,
-    CART_SQL, CHECKOUT_COLUMNS, COMPANY_COLUMNS, COMPANY_PRICES_SQL, IDEMPOTENCY_RENEW,
-    INSERT_PRODUCT_SQL, INVENTORY_AUDIT_SQL, ORDER_COLUMNS, ORDER_WITH_LINES_SQL,
-    PAID_ORDER_LINES_SQL, PRODUCT_COLUMNS, SALE_CHECKOUTS_SQL, UPDATE_PRODUCT_SQL,
-    UPSERT_COMPANY_PRICE_SQL,
+    admission_in_use, attach_lines, capture_key, capture_method_of, cart_must_be_open, check_patch,
+    heartbeat_refused, line_refund_key, order_authorized_event, order_disputed_event,
+    order_paid_event, order_refunded_event, order_total, page_of, plan_line_refund, plan_shipment,
+    priced_in_lock_order, refundable, reserve_retrying, schema_is_current, shipment_captured_event,
+    shippable, to_millis, unclaimed_cart, Acquisitions, ChargeTicket, DisputeStatus,
+    IdempotencyStart, InventoryRow, Lease, LineRefundId, LineRefundStatus, LineRefundTicket,
+    NewCheckout, NewLineRefund, NewShipment, Page, RefundedLine, Released, Retry, SaleCheckout,
+    SaleLimit, ShipmentId, ShipmentTicket, Shortfall, Store, StoreError, StoreKind, StoredKey,
+    WantedLine, AUTHORIZATIONS_BEFORE_SQL, CAPTURE_METHOD_SQL, CART_SQL, CHECKOUT_COLUMNS,
+    COMPANY_COLUMNS, COMPANY_PRICES_SQL, DISPUTED_ORDERS_SQL, DISPUTE_CLOSED_SQL,
+    DISPUTE_OPENED_SQL, IDEMPOTENCY_RENEW, INSERT_LINE_REFUND_SQL, INSERT_PRODUCT_SQL,
+    INSERT_SHIPMENT_SQL, INVENTORY_AUDIT_SQL, LINE_REFUNDS_OF_PAYMENT_SQL, LINE_REFUND_COLUMNS,
+    LINE_REFUND_ROW_SQL, ORDER_AUTHORIZED_SQL, ORDER_CAPTURED_SQL, ORDER_COLUMNS,
+    ORDER_REFUNDED_PART_SQL, ORDER_WITH_LINES_SQL, PAID_ORDER_LINES_SQL, PRODUCT_COLUMNS,
+    REFUNDABLE_LINES_SQL, REFUNDABLE_ORDER_SQL, REFUND_LINE_SQL, RESTOCKED_LINE_SQL, RESTOCK_SQL,
+    SALE_CHECKOUTS_SQL, SETTLE_LINE_REFUND_SQL, SHIPMENT_CAPTURED_SQL, SHIPMENT_CAPTURING_SQL,
+    SHIPMENT_COLUMNS, SHIPMENT_FAILED_SQL, SHIPPABLE_LINES_SQL, SHIPPABLE_ORDER_SQL, SHIP_LINE_SQL,
+    SHORT_PART_SQL, SHORT_WHOLE_SQL, UPDATE_PRODUCT_SQL, UPSERT_COMPANY_PRICE_SQL,
 };
 use super::{
-    credit_row_sql, invoice_payment, on_account_checkout, on_account_terms, order_paid_event,
-    CreditAuditRow, CART_CHECKED_OUT_SQL, CREDIT_AUDIT_SQL, INVOICE_COLUMNS,
-    INVOICE_PAID_ORDER_SQL, INVOICE_PAYMENT_SQL, ON_ACCOUNT_CHECKOUT_SQL, ON_ACCOUNT_CREDIT_SQL,
-    ON_ACCOUNT_ORDER_SQL, OUTBOX_ORDER_PAID_SQL,
+    credit_row_sql, invoice_payment, on_account_checkout, on_account_terms, CreditAuditRow,
+    CART_CHECKED_OUT_SQL, CREDIT_AUDIT_SQL, INVOICE_COLUMNS, INVOICE_PAID_ORDER_SQL,
+    INVOICE_PAYMENT_SQL, ON_ACCOUNT_CHECKOUT_SQL, ON_ACCOUNT_CREDIT_SQL, ON_ACCOUNT_ORDER_SQL,
+    OUTBOX_ORDER_PAID_SQL,
 };
 
 mod decode {
@@ -229,6 +239,60 @@ impl PgStore {
         decode::checkout(&row)
     }
 
+    /// Refunded units back on the shelf, once each: the line's restocked count may not pass
+    /// its refunded one, and the sale shrinks by as much as the stock grows (promise 1).
+    async fn restock_units(
+        tx: &mut Transaction<'_, Postgres>,
+        order: Uuid,
+        checkout: Uuid,
+        line: &RefundedLine,
+    ) -> Result<(), StoreError> {
+        let counted = sqlx::query(RESTOCKED_LINE_SQL)
+            .bind(order)
+            .bind(line.product_id)
+            .bind(line.quantity)
+            .execute(&mut **tx)
+            .await?;
+        if counted.rows_affected() == 0 {
+            return Err(StoreError::Corrupt(format!(
+                "{} restocked more than refunded",
+                line.sku
+            )));
+        }
+        let part = sqlx::query(SHORT_PART_SQL)
+            .bind(checkout)
+            .bind(line.product_id)
+            .bind(line.quantity)
+            .execute(&mut **tx)
+            .await?;
+        if part.rows_affected() == 0 {
+            sqlx::query(SHORT_WHOLE_SQL)
+                .bind(checkout)
+                .bind(line.product_id)
+                .bind(line.quantity)
+                .execute(&mut **tx)
+                .await?;
+        }
+        sqlx::query(RESTOCK_SQL)
+            .bind(line.product_id)
+            .bind(line.quantity)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// The order a shipment belongs to, with its lines.
+    async fn order_of_shipment(&self, shipment: ShipmentId) -> Result<Order, StoreError> {
+        let order: Uuid = sqlx::query_scalar("SELECT order_id FROM shipments WHERE id = $1")
+            .bind(shipment)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound("shipment"))?;
+        self.admin_order(OrderId::from_uuid(order))
+            .await?
+            .ok_or(StoreError::NotFound("order"))
+    }
+
     /// A refunded sale: its confirmed units go back on the shelf.
     async fn return_stock(
         tx: &mut Transaction<'_, Postgres>,
@@ -268,9 +332,9 @@ impl PgStore {
             }
         }
         let rows = sqlx::query(
-            "SELECT * FROM hf_reserve_checkouts($1::UUID[], $2::UUID[], $3::UUID[], $4::UUID[], \
-             $5::UUID[], $6, $7::BIGINT[], $8::BIGINT[], $9::TEXT[], $10::BIGINT[], $11::INT[], \
-             $12::UUID[], $13::TEXT[], $14::TEXT[])",
+            "SELECT * FROM hf_reserve_checkouts_captured($1::UUID[], $2::UUID[], $3::UUID[], \
+             $4::UUID[], $5::UUID[], $6, $7::BIGINT[], $8::BIGINT[], $9::TEXT[], $10::BIGINT[], \
+             $11::INT[], $12::UUID[], $13::TEXT[], $14::TEXT[], $15::TEXT[])",
         )
         .bind(batch.iter().map(|n| n.id.uuid()).collect::<Vec<_>>())
         .bind(batch.iter().map(|n| n.order_id.uuid()).collect::<Vec<_>>())
@@ -319,6 +383,12 @@ impl PgStore {
             batch
                 .iter()
                 .map(|n| n.po_number.as_ref().map(|p| p.as_str().to_owned()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            batch
+                .iter()
+                .map(|n| n.capture_method.as_str())
                 .collect::<Vec<_>>(),
         )
         .fetch_all(&self.pool)
@@ -1364,6 +1434,105 @@ impl Store for PgStore {
     }
 
     #[tracing::instrument(skip_all, fields(checkout_id = %id))]
+    async fn record_charge_authorized(
+        &self,
+        id: CheckoutId,
+        payment_intent_id: &str,
+        amount: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = Self::lock_checkout(&mut tx, id).await?;
+        match current.state {
+            CheckoutState::Completed | CheckoutState::Refunded => return Ok(current),
+            CheckoutState::Reserved | CheckoutState::Charging | CheckoutState::RequiresAction => {
+                sqlx::query("SELECT hf_end_reservations(ARRAY[$1], 'confirmed')")
+                    .bind(id.uuid())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            CheckoutState::Expired | CheckoutState::PaymentFailed | CheckoutState::Cancelled => {
+                if current.refund_due {
+                    return Ok(current);
+                }
+                let taken_again: bool =
+                    sqlx::query_scalar("SELECT hf_reserve_again_and_confirm($1)")
+                        .bind(id.uuid())
+                        .fetch_one(&mut *tx)
+                        .await?;
+                if !taken_again {
+                    // Units gone: the authorization is due back (cancelled at the gateway).
+                    let row = sqlx::query(&format!(
+                        "UPDATE checkouts SET refund_due = TRUE, payment_intent_id = $2, \
+                         lease_owner = NULL, lease_until = $3, updated_at = $3 WHERE id = $1 \
+                         RETURNING {CHECKOUT_COLUMNS}"
+                    ))
+                    .bind(id.uuid())
+                    .bind(payment_intent_id)
+                    .bind(to_millis(now))
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    return decode::checkout(&row);
+                }
+            }
+        }
+        sqlx::query(ORDER_AUTHORIZED_SQL)
+            .bind(current.order_id.uuid())
+            .bind(payment_intent_id)
+            .bind(amount)
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE carts SET status = 'checked_out', updated_at = $2 WHERE id = $1")
+            .bind(current.cart_id.uuid())
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query(&format!(
+            "UPDATE checkouts SET state = 'completed', payment_intent_id = $2, lease_owner = NULL, \
+             lease_until = NULL, updated_at = $3 WHERE id = $1 RETURNING {CHECKOUT_COLUMNS}"
+        ))
+        .bind(id.uuid())
+        .bind(payment_intent_id)
+        .bind(to_millis(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        let authorized = decode::checkout(&row)?;
+        let lines = sqlx::query(
+            "SELECT ol.order_id, ol.sku, ol.quantity, ol.unit_price, ol.line_total, o.currency \
+             FROM order_lines ol JOIN orders o ON o.id = ol.order_id WHERE o.id = $1 ORDER BY ol.sku",
+        )
+        .bind(current.order_id.uuid())
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(decode::order_line)
+        .collect::<Result<Vec<_>, _>>()?;
+        let event = order_authorized_event(&authorized, payment_intent_id, amount, lines, now);
+        sqlx::query(
+            "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
+             VALUES ($1, 'order.authorized', $2, $3, $4) ON CONFLICT (topic, order_id) DO NOTHING",
+        )
+        .bind(event.event_id)
+        .bind(authorized.order_id.uuid())
+        .bind(&event.payload)
+        .bind(to_millis(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(authorized)
+    }
+
+    async fn capture_method(&self, id: CheckoutId) -> Result<CaptureMethod, StoreError> {
+        let raw: Option<String> = sqlx::query_scalar(CAPTURE_METHOD_SQL)
+            .bind(id.uuid())
+            .fetch_optional(&self.pool)
+            .await?;
+        capture_method_of(raw)
+    }
+
+    #[tracing::instrument(skip_all, fields(checkout_id = %id))]
     async fn record_charge_declined(
         &self,
         id: CheckoutId,
@@ -1624,6 +1793,12 @@ impl Store for PgStore {
         now: DateTime<Utc>,
     ) -> Result<Checkout, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // The checkout first, then its order: the order `record_refunded` (a `charge.refunded`
+        // event) takes them in, so the two never deadlock.
+        sqlx::query("SELECT id FROM checkouts WHERE order_id = $1 FOR UPDATE")
+            .bind(order.uuid())
+            .fetch_optional(&mut *tx)
+            .await?;
         let status: String =
             sqlx::query_scalar("SELECT status FROM orders WHERE id = $1 FOR UPDATE")
                 .bind(order.uuid())
@@ -1645,6 +1820,506 @@ impl Store for PgStore {
         .await?;
         tx.commit().await?;
         decode::checkout(&row)
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %new.order))]
+    async fn begin_shipment(&self, new: &NewShipment) -> Result<ShipmentTicket, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let order = sqlx::query(&format!("{SHIPPABLE_ORDER_SQL} FOR UPDATE"))
+            .bind(new.order.uuid())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound("order"))?;
+        let status: String = order.try_get("status")?;
+        shippable(&status)?;
+        let checkout: Uuid = order.try_get("checkout_id")?;
+        let payment_intent_id: Option<String> = order.try_get("payment_intent_id")?;
+        let payment_intent_id = payment_intent_id
+            .ok_or_else(|| StoreError::Corrupt("an authorized order without a payment".into()))?;
+        let captured_before: i64 = order.try_get("captured_amount")?;
+        let capturing: i64 = sqlx::query_scalar(SHIPMENT_CAPTURING_SQL)
+            .bind(new.order.uuid())
+            .fetch_one(&mut *tx)
+            .await?;
+        if capturing > 0 {
+            return Err(StoreError::ShipmentInProgress);
+        }
+        let lines = sqlx::query(SHIPPABLE_LINES_SQL)
+            .bind(new.order.uuid())
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(decode::shippable_line)
+            .collect::<Result<Vec<_>, _>>()?;
+        let plan = plan_shipment(&lines, &new.lines, new.last)?;
+        let key = capture_key(new.id);
+        let lines_json = serde_json::to_string(&plan.lines)
+            .map_err(|e| StoreError::Corrupt(format!("shipment lines: {e}")))?;
+        sqlx::query(INSERT_SHIPMENT_SQL)
+            .bind(new.id)
+            .bind(new.order.uuid())
+            .bind(plan.amount)
+            .bind(plan.final_capture)
+            .bind(&key)
+            .bind(&lines_json)
+            .bind(to_millis(new.lease_until))
+            .bind(to_millis(new.now))
+            .execute(&mut *tx)
+            .await?;
+        for line in &plan.lines {
+            sqlx::query(SHIP_LINE_SQL)
+                .bind(new.order.uuid())
+                .bind(line.product_id)
+                .bind(line.quantity)
+                .bind(line.short)
+                .execute(&mut *tx)
+                .await?;
+            if line.short > 0 {
+                let part = sqlx::query(SHORT_PART_SQL)
+                    .bind(checkout)
+                    .bind(line.product_id)
+                    .bind(line.short)
+                    .execute(&mut *tx)
+                    .await?;
+                if part.rows_affected() == 0 {
+                    sqlx::query(SHORT_WHOLE_SQL)
+                        .bind(checkout)
+                        .bind(line.product_id)
+                        .bind(line.short)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query(RESTOCK_SQL)
+                    .bind(line.product_id)
+                    .bind(line.short)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(ShipmentTicket {
+            id: new.id,
+            order_id: new.order,
+            payment_intent_id,
+            amount: plan.amount,
+            final_capture: plan.final_capture,
+            captured_before,
+            capture_key: key,
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(%shipment))]
+    async fn record_shipment_captured(
+        &self,
+        shipment: ShipmentId,
+        now: DateTime<Utc>,
+    ) -> Result<Order, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let settled = sqlx::query(SHIPMENT_CAPTURED_SQL)
+            .bind(shipment)
+            .bind(to_millis(now))
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(row) = settled {
+            let order: Uuid = row.try_get("order_id")?;
+            let amount: i64 = row.try_get("amount")?;
+            let final_capture: bool = row.try_get("final_capture")?;
+            sqlx::query(ORDER_CAPTURED_SQL)
+                .bind(order)
+                .bind(amount)
+                .bind(final_capture)
+                .bind(to_millis(now))
+                .execute(&mut *tx)
+                .await?;
+            let currency: String = sqlx::query_scalar("SELECT currency FROM orders WHERE id = $1")
+                .bind(order)
+                .fetch_one(&mut *tx)
+                .await?;
+            let event = shipment_captured_event(
+                shipment,
+                OrderId::from_uuid(order),
+                amount,
+                final_capture,
+                &currency,
+                now,
+            );
+            // Keyed by the shipment: one event per shipment, whoever records it first.
+            sqlx::query(
+                "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
+                 VALUES ($1, 'order.shipment_captured', $2, $3, $4) \
+                 ON CONFLICT (topic, order_id) DO NOTHING",
+            )
+            .bind(event.event_id)
+            .bind(shipment)
+            .bind(&event.payload)
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.order_of_shipment(shipment).await
+    }
+
+    async fn record_shipment_failed(
+        &self,
+        shipment: ShipmentId,
+        failure: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Order, StoreError> {
+        sqlx::query(SHIPMENT_FAILED_SQL)
+            .bind(shipment)
+            .bind(failure)
+            .bind(to_millis(now))
+            .fetch_optional(&self.pool)
+            .await?;
+        self.order_of_shipment(shipment).await
+    }
+
+    async fn claim_stalled_shipments(
+        &self,
+        limit: u32,
+        lease: Lease<'_>,
+    ) -> Result<Vec<ShipmentTicket>, StoreError> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(super::claim_stalled_shipments_sql!(
+            " FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(to_millis(lease.until))
+        .bind(to_millis(lease.now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut tickets = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = sqlx::query(&format!(
+                "SELECT {SHIPMENT_COLUMNS} FROM shipments s JOIN orders o ON o.id = s.order_id \
+                 WHERE s.id = $1"
+            ))
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+            tickets.push(decode::shipment_ticket(&row)?);
+        }
+        Ok(tickets)
+    }
+
+    async fn authorizations_before(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<OrderId>, StoreError> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(AUTHORIZATIONS_BEFORE_SQL)
+            .bind(to_millis(before))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(ids.into_iter().map(OrderId::from_uuid).collect())
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %new.order))]
+    async fn begin_line_refund(&self, new: &NewLineRefund) -> Result<LineRefundTicket, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let order = sqlx::query(&format!("{REFUNDABLE_ORDER_SQL} FOR UPDATE"))
+            .bind(new.order.uuid())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound("order"))?;
+        let status: String = order.try_get("status")?;
+        refundable(&status)?;
+        let payment_intent_id: String = order
+            .try_get::<Option<String>, _>("payment_intent_id")?
+            .ok_or_else(|| StoreError::Corrupt("a paid order without a payment".into()))?;
+        let authorized: Option<i64> = order.try_get("authorized_amount")?;
+        let captured = match authorized {
+            Some(_) => order.try_get("captured_amount")?,
+            None => order.try_get("total_amount")?,
+        };
+        let refunded: i64 = order.try_get("refunded_amount")?;
+        let in_flight: i64 = order.try_get("in_flight")?;
+        let lines = sqlx::query(REFUNDABLE_LINES_SQL)
+            .bind(new.order.uuid())
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(decode::refundable_line)
+            .collect::<Result<Vec<_>, _>>()?;
+        let (planned, amount) = plan_line_refund(
+            &lines,
+            &new.lines,
+            authorized.is_some(),
+            captured,
+            refunded + in_flight,
+        )?;
+        let key = line_refund_key(new.id);
+        let lines_json = serde_json::to_string(&planned)
+            .map_err(|e| StoreError::Corrupt(format!("refund lines: {e}")))?;
+        sqlx::query(INSERT_LINE_REFUND_SQL)
+            .bind(new.id)
+            .bind(new.order.uuid())
+            .bind(amount)
+            .bind(&lines_json)
+            .bind(new.restock)
+            .bind(&key)
+            .bind(to_millis(new.lease_until))
+            .bind(to_millis(new.now))
+            .execute(&mut *tx)
+            .await?;
+        for line in &planned {
+            sqlx::query(REFUND_LINE_SQL)
+                .bind(new.order.uuid())
+                .bind(line.product_id)
+                .bind(line.quantity)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(LineRefundTicket {
+            id: new.id,
+            order_id: new.order,
+            payment_intent_id,
+            amount,
+            refund_key: key,
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(refund = %id))]
+    async fn record_line_refund(
+        &self,
+        id: LineRefundId,
+        status: LineRefundStatus,
+        gateway_refund_id: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<Order, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!("{LINE_REFUND_ROW_SQL} FOR UPDATE OF r"))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound("refund"))?;
+        let order: Uuid = row.try_get("order_id")?;
+        let current: String = row.try_get("status")?;
+        let settled = matches!(current.as_str(), "succeeded" | "failed");
+        let next = match status {
+            _ if settled => current.clone(),
+            LineRefundStatus::Pending => "pending".to_owned(),
+            LineRefundStatus::Succeeded => "succeeded".to_owned(),
+            LineRefundStatus::Failed => "failed".to_owned(),
+        };
+        sqlx::query(SETTLE_LINE_REFUND_SQL)
+            .bind(id)
+            .bind(&next)
+            .bind(gateway_refund_id)
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        if !settled && next != "pending" {
+            let amount: i64 = row.try_get("amount")?;
+            let restock: bool = row.try_get("restock")?;
+            let checkout: Uuid = row.try_get("checkout_id")?;
+            let currency: String = row.try_get("currency")?;
+            let raw: String = row.try_get("lines")?;
+            let lines: Vec<RefundedLine> = serde_json::from_str(&raw)
+                .map_err(|e| StoreError::Corrupt(format!("refund lines: {e}")))?;
+            if next == "failed" {
+                for line in &lines {
+                    sqlx::query(REFUND_LINE_SQL)
+                        .bind(order)
+                        .bind(line.product_id)
+                        .bind(-line.quantity)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            } else {
+                sqlx::query(ORDER_REFUNDED_PART_SQL)
+                    .bind(order)
+                    .bind(amount)
+                    .bind(to_millis(now))
+                    .execute(&mut *tx)
+                    .await?;
+                if restock {
+                    for line in &lines {
+                        Self::restock_units(&mut tx, order, checkout, line).await?;
+                    }
+                }
+                let event = order_refunded_event(
+                    id,
+                    OrderId::from_uuid(order),
+                    amount,
+                    &currency,
+                    &lines,
+                    now,
+                );
+                sqlx::query(
+                    "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
+                     VALUES ($1, 'order.refunded', $2, $3, $4) \
+                     ON CONFLICT (topic, order_id) DO NOTHING",
+                )
+                .bind(event.event_id)
+                .bind(id)
+                .bind(&event.payload)
+                .bind(to_millis(now))
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        self.admin_order(OrderId::from_uuid(order))
+            .await?
+            .ok_or(StoreError::NotFound("order"))
+    }
+
+    async fn line_refunds_of_payment(
+        &self,
+        payment_intent_id: &str,
+    ) -> Result<Option<(i64, Vec<(LineRefundId, i64)>)>, StoreError> {
+        let rows = sqlx::query(LINE_REFUNDS_OF_PAYMENT_SQL)
+            .bind(payment_intent_id)
+            .fetch_all(&self.pool)
+            .await?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let refunded: i64 = first.try_get("refunded_amount")?;
+        let mut open = Vec::new();
+        for row in &rows {
+            let status: String = row.try_get("status")?;
+            if matches!(status.as_str(), "requested" | "pending") {
+                open.push((row.try_get("id")?, row.try_get("amount")?));
+            }
+        }
+        Ok(Some((refunded, open)))
+    }
+
+    async fn line_refund_by_gateway_id(
+        &self,
+        gateway_refund_id: &str,
+    ) -> Result<Option<LineRefundId>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM order_refunds WHERE gateway_refund_id = $1")
+                .bind(gateway_refund_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn claim_stalled_line_refunds(
+        &self,
+        limit: u32,
+        lease: Lease<'_>,
+    ) -> Result<Vec<LineRefundTicket>, StoreError> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(super::claim_stalled_line_refunds_sql!(
+            " FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(to_millis(lease.until))
+        .bind(to_millis(lease.now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut tickets = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = sqlx::query(&format!(
+                "SELECT {LINE_REFUND_COLUMNS} FROM order_refunds r \
+                 JOIN orders o ON o.id = r.order_id WHERE r.id = $1"
+            ))
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+            tickets.push(LineRefundTicket {
+                id: row.try_get("id")?,
+                order_id: OrderId::from_uuid(row.try_get("order_id")?),
+                payment_intent_id: row
+                    .try_get::<Option<String>, _>("payment_intent_id")?
+                    .ok_or_else(|| StoreError::Corrupt("a refund of an unpaid order".into()))?,
+                amount: row.try_get("amount")?,
+                refund_key: row.try_get("refund_key")?,
+            });
+        }
+        Ok(tickets)
+    }
+
+    #[tracing::instrument(skip_all, fields(%dispute_id))]
+    async fn record_dispute(
+        &self,
+        payment_intent_id: &str,
+        dispute_id: &str,
+        status: DisputeStatus,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Order>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let changed = match status {
+            DisputeStatus::Open => {
+                sqlx::query(DISPUTE_OPENED_SQL)
+                    .bind(payment_intent_id)
+                    .bind(dispute_id)
+                    .bind(to_millis(now))
+                    .fetch_optional(&mut *tx)
+                    .await?
+            }
+            DisputeStatus::Won | DisputeStatus::Lost => {
+                sqlx::query(DISPUTE_CLOSED_SQL)
+                    .bind(payment_intent_id)
+                    .bind(dispute_id)
+                    .bind(to_millis(now))
+                    .bind(if status == DisputeStatus::Lost {
+                        "lost"
+                    } else {
+                        "won"
+                    })
+                    .fetch_optional(&mut *tx)
+                    .await?
+            }
+        };
+        if let (Some(row), DisputeStatus::Open) = (&changed, status) {
+            let order = OrderId::from_uuid(row.try_get("id")?);
+            let event = order_disputed_event(order, dispute_id, payment_intent_id, now);
+            sqlx::query(
+                "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
+                 VALUES ($1, 'order.disputed', $2, $3, $4) ON CONFLICT (topic, order_id) DO NOTHING",
+            )
+            .bind(event.event_id)
+            .bind(order.uuid())
+            .bind(&event.payload)
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        let order: Option<Uuid> =
+            sqlx::query_scalar("SELECT id FROM orders WHERE payment_intent_id = $1")
+                .bind(payment_intent_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        match order {
+            Some(id) => self.admin_order(OrderId::from_uuid(id)).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn disputed_orders(&self, limit: u32) -> Result<Vec<OrderId>, StoreError> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(DISPUTED_ORDERS_SQL)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(ids.into_iter().map(OrderId::from_uuid).collect())
+    }
+
+    async fn claim_pending_line_refunds(
+        &self,
+        settled_before: DateTime<Utc>,
+        limit: u32,
+        lease: Lease<'_>,
+    ) -> Result<Vec<(LineRefundId, String)>, StoreError> {
+        let rows = sqlx::query(super::claim_pending_line_refunds_sql!(
+            " FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(to_millis(lease.until))
+        .bind(to_millis(lease.now))
+        .bind(i64::from(limit))
+        .bind(to_millis(settled_before))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("id")?, row.try_get("gateway_refund_id")?)))
+            .collect()
     }
 
     async fn mark_fulfilled(

@@ -222,6 +222,12 @@ macro_rules! row_decoders {
                     .try_get::<Option<i64>, _>("oldest_unpublished")?
                     .map(from_millis)
                     .transpose()?,
+                authorized_amount: row.try_get("authorized_amount")?,
+                captured_amount: row.try_get("captured_amount")?,
+                refunded_amount: row.try_get("refunded_amount")?,
+                shipments_captured: row.try_get("shipments_captured")?,
+                total_amount: row.try_get("total_amount")?,
+                overdrawn_lines: row.try_get("overdrawn_lines")?,
             })
         }
 
@@ -256,6 +262,54 @@ macro_rules! row_decoders {
                 invoice_id: row
                     .try_get::<Option<uuid::Uuid>, _>("invoice_id")?
                     .map(crate::domain::InvoiceId::from_uuid),
+                authorized_amount: row.try_get("authorized_amount")?,
+                captured_amount: row.try_get("captured_amount")?,
+                refunded_amount: row.try_get("refunded_amount")?,
+            })
+        }
+
+        /// A shipment to capture, as selected with `SHIPMENT_COLUMNS`.
+        pub(super) fn shipment_ticket(
+            row: &$row,
+        ) -> Result<crate::store::ShipmentTicket, StoreError> {
+            Ok(crate::store::ShipmentTicket {
+                id: row.try_get("id")?,
+                order_id: OrderId::from_uuid(row.try_get("order_id")?),
+                payment_intent_id: row
+                    .try_get::<Option<String>, _>("payment_intent_id")?
+                    .ok_or_else(|| StoreError::Corrupt("a shipment of an unpaid order".into()))?,
+                amount: row.try_get("amount")?,
+                final_capture: row.try_get("final_capture")?,
+                captured_before: row.try_get("captured_amount")?,
+                capture_key: row.try_get("capture_key")?,
+            })
+        }
+
+        /// An order line as a shipment sees it (`SHIPPABLE_LINES_SQL`).
+        pub(super) fn shippable_line(
+            row: &$row,
+        ) -> Result<crate::store::ShippableLine, StoreError> {
+            Ok(crate::store::ShippableLine {
+                product_id: row.try_get("product_id")?,
+                sku: sku(row.try_get("sku")?)?,
+                quantity: row.try_get("quantity")?,
+                unit_price: row.try_get("unit_price")?,
+                shipped: row.try_get("shipped")?,
+                short: row.try_get("short")?,
+            })
+        }
+
+        /// An order line as a partial refund sees it (`REFUNDABLE_LINES_SQL`).
+        pub(super) fn refundable_line(
+            row: &$row,
+        ) -> Result<crate::store::RefundableLine, StoreError> {
+            Ok(crate::store::RefundableLine {
+                product_id: row.try_get("product_id")?,
+                sku: sku(row.try_get("sku")?)?,
+                quantity: row.try_get("quantity")?,
+                unit_price: row.try_get("unit_price")?,
+                shipped: row.try_get("shipped")?,
+                refunded: row.try_get("refunded")?,
             })
         }
 

@@ -30,6 +30,7 @@ async fn a_second_charge_for_one_checkout_fails_the_audit(kind: StoreKind) {
         order_id: OrderId::parse(&order).expect("an order id"),
         customer_id: CustomerId::new(),
         idempotency_key: format!("rogue-{checkout}"),
+        capture_method: Default::default(),
     };
     let outcome = app
         .gateway

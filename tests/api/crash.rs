@@ -121,6 +121,12 @@ crash_at!(
         => FaultPoint::AfterRecordRefund, Scenario::LateSuccess;
     a_process_killed_between_publishing_events_and_marking_them_leaves_one_order_paid_message_per_order
         => FaultPoint::AfterPublish, Scenario::Visa;
+    a_process_killed_after_a_shipment_is_recorded_and_before_its_capture_captures_it_once_after_restart
+        => FaultPoint::BeforeCaptureCall, Scenario::ManualShipment;
+    a_process_killed_after_the_gateway_captured_a_shipment_records_it_without_a_second_capture
+        => FaultPoint::AfterCaptureCall, Scenario::ManualShipment;
+    a_process_killed_after_a_capture_is_recorded_leaves_each_shipment_captured_once
+        => FaultPoint::AfterRecordCapture, Scenario::ManualShipment;
 );
 
 #[test]
@@ -156,6 +162,9 @@ enum Scenario {
     /// Every checkout expires and another buyer takes all the units; then a payment for each
     /// expired checkout succeeds after all and its webhook arrives: the money goes back.
     LateSuccess,
+    /// Manual capture: every buyer's card is authorized with `pm_card_visa`, then the admin
+    /// ships every order whole, each shipment capturing the order's amount.
+    ManualShipment,
 }
 
 /// Buyers who authenticate after the restart in [`Scenario::Authenticate`].
@@ -169,7 +178,10 @@ impl Scenario {
             Scenario::Reserve => (4, 1800),
             Scenario::LateSuccess => (1, 1800),
             Scenario::Authenticate | Scenario::AbandonAuthentication => (3, 5),
-            Scenario::Visa | Scenario::Decline | Scenario::AdminRefund => (180, 1800),
+            Scenario::Visa
+            | Scenario::Decline
+            | Scenario::AdminRefund
+            | Scenario::ManualShipment => (180, 1800),
         }
     }
 
@@ -194,7 +206,10 @@ fn markers(point: FaultPoint) -> usize {
         | FaultPoint::AfterGatewayCall
         | FaultPoint::AfterRecordSuccess
         | FaultPoint::AfterRecordDecline
-        | FaultPoint::AfterRecordRequiresAction => BUYERS,
+        | FaultPoint::AfterRecordRequiresAction
+        | FaultPoint::BeforeCaptureCall
+        | FaultPoint::AfterCaptureCall
+        | FaultPoint::AfterRecordCapture => BUYERS,
         FaultPoint::AfterCancelCall
         | FaultPoint::AfterRecordCancel
         | FaultPoint::BeforeRefundCall
@@ -295,6 +310,11 @@ fn at_kill(point: FaultPoint, scenario: Scenario) -> Vec<Seen> {
             times(BUYERS, Seen::new("completed", 1, 1).refund_due())
         }
         (FaultPoint::AfterRecordRefund, _) => times(BUYERS, Seen::new("refunded", 1, 1)),
+        // Authorized, not captured: the intents wait in `requires_capture`.
+        (FaultPoint::BeforeCaptureCall, _) => times(BUYERS, Seen::new("completed", 0, 0)),
+        (FaultPoint::AfterCaptureCall | FaultPoint::AfterRecordCapture, _) => {
+            times(BUYERS, Seen::new("completed", 1, 0))
+        }
     };
     seen.sort();
     seen
@@ -320,6 +340,7 @@ fn at_end(scenario: Scenario) -> Vec<Seen> {
         }
         Scenario::AbandonAuthentication => times(BUYERS, Seen::new("cancelled", 0, 0).cancelled()),
         Scenario::AdminRefund => times(BUYERS, Seen::new("refunded", 1, 1)),
+        Scenario::ManualShipment => times(BUYERS, Seen::new("completed", 1, 0)),
         Scenario::LateSuccess => {
             let mut seen = times(BUYERS, Seen::new("refunded", 1, 1));
             seen.push(Seen::new("completed", 1, 0));
@@ -335,7 +356,8 @@ async fn a_process_killed_at_a_fault_point_is_finished_by_its_successor(
     scenario: Scenario,
 ) {
     // Arrange: a process that stops at `point`, a product and five buyers with carts.
-    let deployment = Deployment::new(scenario.windows()).await;
+    let mut deployment = Deployment::new(scenario.windows()).await;
+    deployment.manual_capture = scenario == Scenario::ManualShipment;
     let mut first = deployment.start(Some(point)).await;
     let quantities: Vec<i64> = (0..BUYERS).map(|i| i as i64 % 3 + 1).collect();
     // A late payment is refunded only when its units are gone: another buyer takes them all.
@@ -406,7 +428,24 @@ async fn a_process_killed_at_a_fault_point_is_finished_by_its_successor(
         })
         .map(|c| c.order_id)
         .collect();
-    deployment.assert_one_event_per_paid_order(&db, &paid).await;
+    if scenario == Scenario::ManualShipment {
+        // Each captured exactly its order's amount, in one capture.
+        for checkout in &checkouts {
+            assert_eq!(deployment.fake.captures_for(checkout.id), 1);
+            assert_eq!(
+                deployment.fake.captured_for(checkout.id),
+                PRICE * checkout.units
+            );
+        }
+        deployment
+            .assert_one_event_per_order(&db, "order.authorized", &paid)
+            .await;
+        deployment
+            .assert_one_event_per_order(&db, "order.shipment_captured", &paid)
+            .await;
+    } else {
+        deployment.assert_one_event_per_paid_order(&db, &paid).await;
+    }
     deployment.assert_audit_clean(&db).await;
     drop(second);
     deployment.finish().await;
@@ -831,6 +870,8 @@ struct Deployment {
     /// `(reservation TTL, maximum lifetime)` in seconds.
     windows: (u64, u64),
     client: reqwest::Client,
+    /// `--capture-method manual`.
+    manual_capture: bool,
 }
 
 impl Deployment {
@@ -848,6 +889,7 @@ impl Deployment {
                 .timeout(Duration::from_secs(60))
                 .build()
                 .expect("http client"),
+            manual_capture: false,
         }
     }
 
@@ -887,6 +929,9 @@ impl Deployment {
             .arg(self.data_dir.path());
         if let Some(point) = fault {
             command.env("HOLDFAST_FAULT_POINT", point.as_str());
+        }
+        if self.manual_capture {
+            command.args(["--capture-method", "manual"]);
         }
         command
     }
@@ -1051,6 +1096,28 @@ impl Deployment {
     /// still in flight (they hang at the point until the process dies).
     async fn lead_to_fault(&self, scenario: Scenario, buyers: &mut [Buyer]) -> Vec<JoinHandle<()>> {
         match scenario {
+            Scenario::ManualShipment => {
+                let mut shipments = Vec::with_capacity(buyers.len());
+                for buyer in buyers.iter_mut() {
+                    let authorized = self.check_out_now(buyer, "pm_card_visa").await;
+                    assert_eq!(authorized["state"], "completed", "{authorized}");
+                }
+                for buyer in buyers.iter() {
+                    let request = self
+                        .client
+                        .post(format!(
+                            "{}/v1/admin/orders/{}/shipments",
+                            self.base,
+                            buyer.checkout().order_id
+                        ))
+                        .bearer_auth(ADMIN_TOKEN)
+                        .json(&json!({"lines": [{"sku": SKU, "quantity": buyer.quantity}]}));
+                    shipments.push(tokio::spawn(async move {
+                        let _ = request.send().await;
+                    }));
+                }
+                shipments
+            }
             Scenario::Reserve => buyers
                 .iter()
                 .map(|buyer| {
@@ -1132,6 +1199,7 @@ impl Deployment {
                     order_id: OrderId::from_uuid(checkout.order_id),
                     customer_id: CustomerId::new(),
                     idempotency_key: format!("late-{}", checkout.id),
+                    capture_method: Default::default(),
                 })
                 .await
                 .expect("the fake charges");
@@ -1200,6 +1268,23 @@ impl Deployment {
                         "a redelivered webhook is accepted: {}",
                         response.status()
                     );
+                }
+            }
+            Scenario::ManualShipment => {
+                // Recovery captures what the killed process left capturing.
+                let deadline = Instant::now() + SETTLE_WITHIN;
+                loop {
+                    let open: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM orders WHERE status <> 'fulfilled'",
+                    )
+                    .fetch_one(&db.pool)
+                    .await
+                    .expect("count the orders");
+                    if open == 0 {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "{open} orders never fulfilled");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
             Scenario::Visa
@@ -1325,7 +1410,7 @@ impl Deployment {
             lag.unpublished, BUYERS as i64,
             "no event was marked published"
         );
-        let on_stream: usize = self.stream.order_paid_messages().await.values().sum();
+        let on_stream: usize = self.stream.messages_of("order.paid").await.values().sum();
         assert!(
             on_stream >= 1,
             "the relay published before it stopped: {on_stream} messages"
@@ -1385,11 +1470,34 @@ impl Deployment {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let per_order = self.stream.order_paid_messages().await;
+        let per_order = self.stream.messages_of("order.paid").await;
         let expected: HashMap<String, usize> = paid.iter().map(|o| (o.to_string(), 1)).collect();
         assert_eq!(
             per_order, expected,
             "order.paid messages per order on the stream"
+        );
+    }
+
+    /// Once everything is published: exactly one `topic` message per order of `orders` on the
+    /// stream, none for any other order.
+    async fn assert_one_event_per_order(&self, db: &Db, topic: &str, orders: &[Uuid]) {
+        let deadline = Instant::now() + PUBLISH_WITHIN;
+        while db
+            .store
+            .outbox_lag(chrono::Utc::now())
+            .await
+            .expect("outbox lag")
+            .unpublished
+            > 0
+        {
+            assert!(Instant::now() < deadline, "events still unpublished");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let expected: HashMap<String, usize> = orders.iter().map(|o| (o.to_string(), 1)).collect();
+        assert_eq!(
+            self.stream.messages_of(topic).await,
+            expected,
+            "{topic} messages per order on the stream"
         );
     }
 
@@ -1437,7 +1545,7 @@ impl Deployment {
             String::from_utf8_lossy(&output.stderr)
         );
         let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 7, "one line per promise:\n{stdout}");
+        assert_eq!(lines.len(), 8, "one line per promise:\n{stdout}");
         assert!(
             lines.iter().all(|l| l.starts_with("ok ")),
             "every promise checked and kept:\n{stdout}"
@@ -1537,11 +1645,17 @@ impl TestStream {
     }
 
     /// How many `order.paid` messages the stream holds per `order_id` of their payload.
-    async fn order_paid_messages(&self) -> HashMap<String, usize> {
+    /// Messages of one topic on the stream, per order their payload names. Every message is
+    /// one of the known topics.
+    async fn messages_of(&self, topic: &str) -> HashMap<String, usize> {
         let js = Self::jetstream().await;
         let mut stream = js.get_stream(&self.name).await.expect("the stream exists");
         let state = stream.info().await.expect("stream info").state.clone();
-        let subject = format!("{}.order.paid", self.name);
+        let known: Vec<String> = ["order.paid", "order.authorized", "order.shipment_captured"]
+            .iter()
+            .map(|t| format!("{}.{t}", self.name))
+            .collect();
+        let subject = format!("{}.{topic}", self.name);
         let mut per_order = HashMap::new();
         if state.messages == 0 {
             return per_order;
@@ -1551,7 +1665,14 @@ impl TestStream {
                 .get_raw_message(sequence)
                 .await
                 .expect("a stored message");
-            assert_eq!(message.subject.as_str(), subject, "only order.paid events");
+            assert!(
+                known.iter().any(|k| k == message.subject.as_str()),
+                "an unknown event {}",
+                message.subject
+            );
+            if message.subject.as_str() != subject {
+                continue;
+            }
             let payload: Value = serde_json::from_slice(&message.payload).expect("a JSON payload");
             let order = payload["order_id"]
                 .as_str()

@@ -70,6 +70,7 @@ async fn store_buyer(app: &TestApp, name: &str, lines: &[(&str, i64)]) -> (Custo
 /// A reservation request; with a sale, admitted for one unit of it.
 fn request(customer: CustomerId, cart: CartId, sale: Option<&FlashSale>) -> NewCheckout {
     NewCheckout {
+        capture_method: Default::default(),
         id: CheckoutId::new(),
         order_id: OrderId::new(),
         customer_id: customer,

@@ -88,6 +88,8 @@ pub struct Options {
     /// `--stripe-webhook-secret` as given (several comma-separated while rotating); `None` =
     /// [`WEBHOOK_SECRET`].
     pub webhook_secrets: Option<String>,
+    /// `--capture-method manual` when true.
+    pub manual_capture: bool,
 }
 
 /// Short retries so unknown outcomes resolve within a test's patience.
@@ -121,6 +123,7 @@ impl Default for Options {
             request_timeout_seconds: 30,
             group_linger_us: None,
             webhook_secrets: None,
+            manual_capture: false,
         }
     }
 }
@@ -182,6 +185,9 @@ pub async fn spawn_app_with(kind: StoreKind, options: Options) -> TestApp {
         "--request-timeout-seconds".into(),
         options.request_timeout_seconds.to_string(),
     ];
+    if options.manual_capture {
+        args.extend(["--capture-method".to_owned(), "manual".to_owned()]);
+    }
     if options.nats {
         let name = format!("hf_test_{}", uuid::Uuid::new_v4().simple());
         args.extend(["--nats-url".to_owned(), nats_url()]);

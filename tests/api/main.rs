@@ -9,6 +9,7 @@ mod audit;
 mod authz;
 mod binary;
 mod browser;
+mod capture;
 mod carts;
 mod catalogue;
 mod crash;

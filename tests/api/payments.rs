@@ -46,6 +46,7 @@ fn charge(payment_method: &str, amount: i64) -> ChargeRequest {
         order_id: OrderId::new(),
         customer_id: CustomerId::new(),
         idempotency_key: format!("checkout-{checkout_id}-charge-1"),
+        capture_method: Default::default(),
     }
 }
 

@@ -1185,6 +1185,7 @@ async fn a_late_success_for_an_expired_checkout_takes_the_units_again_or_refunds
             order_id: OrderId::parse(&second_order).unwrap(),
             customer_id: CustomerId::new(),
             idempotency_key: "late-bob".into(),
+            capture_method: Default::default(),
         })
         .await
         .expect("the simulator charges");
@@ -1783,6 +1784,7 @@ async fn over_http_a_reused_charge_key_is_settled_from_the_gateway_by_recovery(k
             order_id: OrderId::parse(&order).unwrap(),
             customer_id: CustomerId::new(),
             idempotency_key: charge_key(checkout_id(&checkout), 1),
+            capture_method: Default::default(),
         })
         .await;
     assert!(

@@ -244,6 +244,7 @@ async fn a_sale_item_added_after_the_gate_decided_is_not_reserved_without_admiss
     let cart = app.new_cart(&ada).await;
     app.set_line(&ada, &cart, "tea", 1).await.assert_status(200);
     let decided = holdfast::store::NewCheckout {
+        capture_method: Default::default(),
         id: holdfast::domain::CheckoutId::new(),
         order_id: holdfast::domain::OrderId::new(),
         customer_id: customer,
@@ -549,6 +550,7 @@ async fn only_the_admission_index_makes_a_checkout_insert_admission_in_use(kind:
         let cart = app.new_cart(&ada).await;
         app.set_line(&ada, &cart, "tea", 1).await.assert_status(200);
         requests.push(holdfast::store::NewCheckout {
+            capture_method: Default::default(),
             id: holdfast::domain::CheckoutId::new(),
             order_id: holdfast::domain::OrderId::new(),
             customer_id: customer,

@@ -327,6 +327,8 @@ impl PaymentGateway for SimGateway {
                         metadata: req.metadata(),
                         last_payment_error: error,
                         created: ledger.next_id as i64,
+                        amount_capturable: 0,
+                        amount_received: 0,
                     };
                     ledger.intents.push(intent.clone());
                     ledger.charge_keys.insert(req.idempotency_key.clone(), id);
@@ -401,6 +403,17 @@ impl PaymentGateway for SimGateway {
             return Err(unknown(fate));
         }
         answer
+    }
+
+    /// This model charges at checkout only: nothing is ever authorized to capture.
+    async fn capture(
+        &self,
+        req: &holdfast::payments::CaptureRequest,
+    ) -> Result<PaymentIntent, GatewayError> {
+        Err(GatewayError::InvalidRequest {
+            code: "payment_intent_unexpected_state".to_owned(),
+            message: format!("{} is not awaiting capture", req.payment_intent_id),
+        })
     }
 
     async fn refund(&self, req: &RefundRequest) -> Result<Refund, GatewayError> {

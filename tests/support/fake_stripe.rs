@@ -115,6 +115,14 @@ struct Intent {
     last_payment_error: Option<Value>,
     latest_charge: Option<String>,
     created: i64,
+    /// `capture_method=manual`: confirmed intents wait in `requires_capture`.
+    manual: bool,
+    /// Multicapture was asked for (`request_multicapture=if_available`) and the card offers it.
+    multicapture: bool,
+    amount_capturable: i64,
+    amount_received: i64,
+    captures: u32,
+    cancellation_reason: Option<&'static str>,
 }
 
 struct RefundRow {
@@ -257,10 +265,53 @@ impl FakeStripe {
         for &at in &waiting {
             let charge = ledger.new_id("ch");
             let intent = &mut ledger.intents[at];
-            intent.status = "succeeded";
             intent.latest_charge = Some(charge);
+            intent.card_said_yes();
         }
         waiting.len()
+    }
+
+    /// Stripe cancels this checkout's authorizations nobody captured in time (7 days for most
+    /// cards): `canceled`, `cancellation_reason: automatic`. Returns how many lapsed.
+    pub fn lapse(&self, checkout_id: CheckoutId) -> usize {
+        let id = checkout_id.to_string();
+        let mut ledger = self.shared.ledger();
+        let mut lapsed = 0;
+        for intent in &mut ledger.intents {
+            if intent.status == "requires_capture"
+                && intent.metadata.get("checkout_id") == Some(&id)
+            {
+                intent.status = "canceled";
+                intent.cancellation_reason = Some("automatic");
+                intent.amount_capturable = 0;
+                lapsed += 1;
+            }
+        }
+        lapsed
+    }
+
+    /// What was captured on this checkout's PaymentIntents, in all.
+    pub fn captured_for(&self, checkout_id: CheckoutId) -> i64 {
+        let id = checkout_id.to_string();
+        self.shared
+            .ledger()
+            .intents
+            .iter()
+            .filter(|i| i.metadata.get("checkout_id") == Some(&id))
+            .map(|i| i.amount_received)
+            .sum()
+    }
+
+    /// How many captures were made on this checkout's PaymentIntents.
+    pub fn captures_for(&self, checkout_id: CheckoutId) -> u32 {
+        let id = checkout_id.to_string();
+        self.shared
+            .ledger()
+            .intents
+            .iter()
+            .filter(|i| i.metadata.get("checkout_id") == Some(&id))
+            .map(|i| i.captures)
+            .sum()
     }
 
     /// All PaymentIntents ever created, whatever their status.
@@ -597,6 +648,7 @@ fn route(
         (&Method::GET, ["v1", "payment_intents", "search"]) => (ledger.search(params), true),
         (&Method::GET, ["v1", "payment_intents", id]) => (ledger.retrieve(id), true),
         (&Method::POST, ["v1", "payment_intents", id, "cancel"]) => ledger.cancel(id),
+        (&Method::POST, ["v1", "payment_intents", id, "capture"]) => ledger.capture(id, params),
         (&Method::POST, ["v1", "refunds"]) => ledger.refund(params),
         (&Method::GET, ["v1", "refunds", id]) => (ledger.retrieve_refund(id), true),
         _ => (
@@ -683,6 +735,21 @@ impl Ledger {
                 Some((key.to_owned(), v.clone()))
             })
             .collect();
+        let manual = match param(params, "capture_method") {
+            None | Some("automatic" | "automatic_async") => false,
+            Some("manual") => true,
+            Some(other) => {
+                return refuse(
+                    "parameter_invalid",
+                    &format!("Invalid capture_method: {other}"),
+                )
+            }
+        };
+        // Multicapture: online Visa / Mastercard payments, asked for at creation.
+        let multicapture = manual
+            && param(params, "payment_method_options[card][request_multicapture]")
+                == Some("if_available")
+            && matches!(payment_method, "pm_card_visa" | "pm_card_mastercard");
         let id = self.new_id("pi");
         let mut intent = Intent {
             id,
@@ -694,12 +761,20 @@ impl Ledger {
             last_payment_error: None,
             latest_charge: None,
             created: 1_700_000_000 + i64::try_from(self.next_id).unwrap_or_default(),
+            manual,
+            multicapture,
+            amount_capturable: 0,
+            amount_received: 0,
+            captures: 0,
+            cancellation_reason: None,
         };
         let reply = match outcome {
             Ok(status) => {
-                intent.status = status;
                 if status == "succeeded" {
                     intent.latest_charge = Some(self.new_id("ch"));
+                    intent.card_said_yes();
+                } else {
+                    intent.status = status;
                 }
                 Reply {
                     status: StatusCode::OK,
@@ -765,6 +840,96 @@ impl Ledger {
             );
         }
         intent.status = "canceled";
+        intent.cancellation_reason = Some("requested_by_customer");
+        // Cancelling an authorization releases what was still held.
+        intent.amount_capturable = 0;
+        (
+            Reply {
+                status: StatusCode::OK,
+                body: intent.to_json(),
+            },
+            true,
+        )
+    }
+
+    /// `POST /v1/payment_intents/{id}/capture` (<https://docs.stripe.com/api/payment_intents/capture>):
+    /// only `requires_capture`; `amount_to_capture` defaults to everything capturable and may
+    /// not exceed it; `final_capture=false` needs multicapture and keeps the rest capturable,
+    /// at most 50 captures; a final capture releases the rest and the intent `succeeded`.
+    fn capture(&mut self, id: &str, params: &[(String, String)]) -> (Reply, bool) {
+        let intent = match self.find(id) {
+            Ok(intent) => intent,
+            Err(reply) => return (reply, false),
+        };
+        if intent.status != "requires_capture" {
+            let message = format!(
+                "This PaymentIntent could not be captured because it has a status of {}. Only a PaymentIntent with one of the following statuses may be captured: requires_capture.",
+                intent.status
+            );
+            return (
+                invalid(
+                    StatusCode::BAD_REQUEST,
+                    "payment_intent_unexpected_state",
+                    message,
+                ),
+                true,
+            );
+        }
+        let amount = match param(params, "amount_to_capture").map(str::parse::<i64>) {
+            None => intent.amount_capturable,
+            Some(Ok(amount)) if amount >= 1 => amount,
+            Some(_) => {
+                return (
+                    invalid(
+                        StatusCode::BAD_REQUEST,
+                        "parameter_invalid_integer",
+                        "Invalid integer: amount_to_capture".into(),
+                    ),
+                    false,
+                )
+            }
+        };
+        if amount > intent.amount_capturable {
+            let message = format!(
+                "The amount to capture ({amount}) is greater than the amount capturable ({}).",
+                intent.amount_capturable
+            );
+            return (
+                invalid(StatusCode::BAD_REQUEST, "amount_too_large", message),
+                false,
+            );
+        }
+        let final_capture = match param(params, "final_capture") {
+            None | Some("true") => true,
+            Some("false") => false,
+            Some(_) => {
+                return (
+                    invalid(
+                        StatusCode::BAD_REQUEST,
+                        "parameter_invalid_boolean",
+                        "Invalid boolean: final_capture".into(),
+                    ),
+                    false,
+                )
+            }
+        };
+        if !final_capture && (!intent.multicapture || intent.captures + 1 >= 50) {
+            return (
+                invalid(
+                    StatusCode::BAD_REQUEST,
+                    "payment_intent_multicapture_not_available",
+                    "Multicapture is not available for this PaymentIntent.".into(),
+                ),
+                false,
+            );
+        }
+        intent.captures += 1;
+        intent.amount_received += amount;
+        intent.amount_capturable -= amount;
+        if final_capture || intent.amount_capturable == 0 {
+            intent.amount_capturable = 0;
+            intent.status = "succeeded";
+        }
         (
             Reply {
                 status: StatusCode::OK,
@@ -800,10 +965,12 @@ impl Ledger {
             );
         };
         let (amount_charged, status) = match self.find(pi) {
-            Ok(intent) => (intent.amount, intent.status),
+            Ok(intent) => (intent.amount_received, intent.status),
             Err(reply) => return (reply, false),
         };
-        if status != "succeeded" {
+        // Refunds take back captured money only; a multicaptured intent has some before its
+        // final capture.
+        if status != "succeeded" && amount_charged == 0 {
             return (
                 invalid(
                     StatusCode::BAD_REQUEST,
@@ -921,6 +1088,17 @@ impl Ledger {
 }
 
 impl Intent {
+    /// The card accepted the payment: captured at once, or authorized under manual capture.
+    fn card_said_yes(&mut self) {
+        if self.manual {
+            self.status = "requires_capture";
+            self.amount_capturable = self.amount;
+        } else {
+            self.status = "succeeded";
+            self.amount_received = self.amount;
+        }
+    }
+
     /// The PaymentIntent as Stripe serialises it, extra fields included, so the client is
     /// tested against the real shape and not only the fields it reads.
     fn to_json(&self) -> Value {
@@ -931,12 +1109,12 @@ impl Intent {
             "id": self.id,
             "object": "payment_intent",
             "amount": self.amount,
-            "amount_capturable": 0,
-            "amount_received": if self.status == "succeeded" { self.amount } else { 0 },
+            "amount_capturable": self.amount_capturable,
+            "amount_received": self.amount_received,
             "automatic_payment_methods": {"allow_redirects": "never", "enabled": true},
             "canceled_at": null,
-            "cancellation_reason": null,
-            "capture_method": "automatic_async",
+            "cancellation_reason": self.cancellation_reason,
+            "capture_method": if self.manual { "manual" } else { "automatic_async" },
             "client_secret": format!("{}_secret_fake", self.id),
             "confirmation_method": "automatic",
             "created": self.created,
@@ -947,6 +1125,7 @@ impl Intent {
             "metadata": self.metadata,
             "next_action": next_action,
             "payment_method": self.payment_method,
+            "payment_method_options": {"card": {"request_multicapture": if self.multicapture { "if_available" } else { "never" }}},
             "payment_method_types": ["card"],
             "status": self.status,
         })

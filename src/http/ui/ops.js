@@ -135,6 +135,12 @@
           el("td", {}, i.order_id.slice(0, 8)), el("td", { class: "num" }, money(i.balance)),
           el("td", {}, when(i.due_at))))
       : el("tr", {}, el("td", { class: "muted", colspan: 5 }, "no invoice is overdue")));
+    const holds = o.disputed_orders.map((id) => ["disputed: fulfilment on hold", id])
+      .concat(o.authorizations_ending.map((id) => ["authorization ends within a day", id]));
+    replace($("holds"), holds.length
+      ? holds.map(([why, id]) => el("tr", { "data-order": id },
+          el("td", {}, id), el("td", {}, why)))
+      : el("tr", {}, el("td", { class: "muted", colspan: 2 }, "no order on hold")));
 
     replace($("updated"), "updated " + new Date().toLocaleTimeString());
   }

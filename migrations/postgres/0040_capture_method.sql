@@ -1,0 +1,66 @@
+-- Authorize at checkout, capture at shipment. The capture method is decided once per checkout
+-- when it starts and kept with it ('automatic': charged at checkout; 'manual': authorized at
+-- checkout, captured by the shipments).
+ALTER TABLE checkouts ADD COLUMN capture_method TEXT NOT NULL DEFAULT 'automatic';
+-- The order's money in minor units: authorized_amount stays NULL for an order charged at
+-- checkout; captured_amount is what shipments captured; refunded_amount what partial refunds
+-- gave back.
+ALTER TABLE orders ADD COLUMN authorized_amount BIGINT;
+ALTER TABLE orders ADD COLUMN captured_amount BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE orders ADD COLUMN refunded_amount BIGINT NOT NULL DEFAULT 0;
+
+-- hf_reserve_checkouts (migration 0022) with each request's capture method (`p_capture[i]`):
+-- the reservation and the method are written in the same call and transaction, so no
+-- checkout is ever seen without the method it started with. Checkouts charged at checkout
+-- (the column's default) cost nothing more.
+CREATE FUNCTION hf_reserve_checkouts_captured(
+    p_ids          UUID[],
+    p_order_ids    UUID[],
+    p_customers    UUID[],
+    p_carts        UUID[],
+    p_sales        UUID[],
+    p_now          BIGINT,
+    p_expires      BIGINT[],
+    p_max_expires  BIGINT[],
+    p_keys         TEXT[],
+    p_sale_units   BIGINT[],
+    p_open_req     INT[],
+    p_open_ids     UUID[],
+    p_open_skus    TEXT[],
+    p_capture      TEXT[]
+) RETURNS TABLE (
+    idx                INT,
+    outcome            TEXT,
+    details            TEXT,
+    id                 UUID,
+    customer_id        UUID,
+    cart_id            UUID,
+    order_id           UUID,
+    state              TEXT,
+    total_amount       BIGINT,
+    currency           TEXT,
+    expires_at         BIGINT,
+    max_expires_at     BIGINT,
+    created_at         BIGINT,
+    attempt            INTEGER,
+    payment_intent_id  TEXT,
+    client_secret      TEXT,
+    decline_code       TEXT,
+    payment_method     TEXT,
+    refund_due         BOOLEAN,
+    flash_sale_id      UUID,
+    flash_sale_units   BIGINT
+) LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY SELECT * FROM hf_reserve_checkouts(p_ids, p_order_ids, p_customers, p_carts,
+        p_sales, p_now, p_expires, p_max_expires, p_keys, p_sale_units, p_open_req, p_open_ids,
+        p_open_skus);
+    -- Ids are fresh per request: a row with one of them exists only if this call reserved it.
+    IF 'manual' = ANY(p_capture) THEN
+        UPDATE checkouts c SET capture_method = m.method
+        FROM unnest(p_ids, p_capture) AS m(checkout, method)
+        WHERE c.id = m.checkout AND m.method <> 'automatic';
+    END IF;
+END
+$$;
