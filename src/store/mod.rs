@@ -20,6 +20,9 @@ macro_rules! flash_sale_columns {
     };
 }
 
+#[macro_use]
+mod wholesale;
+
 mod group;
 mod ops;
 mod ops_postgres;
@@ -518,7 +521,7 @@ pub struct InventoryRow {
 }
 
 #[async_trait]
-pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
+pub trait Store: OutboxStore + OpsStore + WholesaleStore + Send + Sync + 'static {
     fn kind(&self) -> StoreKind;
     /// How many times this store has taken a connection from its pool so far.
     fn acquisitions(&self) -> u64;
@@ -540,60 +543,6 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
         company: Option<CompanyId>,
     ) -> Result<Customer, StoreError>;
 
-    // Companies.
-    async fn create_company(
-        &self,
-        company: &NewCompany,
-        now: DateTime<Utc>,
-    ) -> Result<Company, StoreError>;
-    async fn company(&self, id: CompanyId) -> Result<Option<Company>, StoreError>;
-    /// Sets (or replaces) the company's price of one SKU. Bumps nothing on the product: the
-    /// reservation reads the price list in its own transaction.
-    async fn set_company_price(
-        &self,
-        company: CompanyId,
-        sku: &Sku,
-        price: &CompanyPrice,
-        now: DateTime<Utc>,
-    ) -> Result<(), StoreError>;
-    /// reserved → completed on account, in one transaction: the buyer's company has net terms,
-    /// no overdue invoice and room under its credit limit for the total; the units are sold,
-    /// the order is `awaiting_payment_on_terms` with a new invoice due after the terms, the
-    /// company's open balance grows by the total, and the order's fulfilment event is written.
-    async fn complete_on_account(
-        &self,
-        customer: CustomerId,
-        id: CheckoutId,
-        now: DateTime<Utc>,
-    ) -> Result<(Checkout, crate::domain::Invoice), StoreError>;
-    async fn invoice(
-        &self,
-        id: crate::domain::InvoiceId,
-    ) -> Result<Option<crate::domain::Invoice>, StoreError>;
-    /// A payment of `amount` (1 up to the balance) against an open invoice: the company's open
-    /// balance shrinks by it; paid in full, the invoice is `paid` and its order `paid`.
-    async fn record_invoice_payment(
-        &self,
-        id: crate::domain::InvoiceId,
-        amount: i64,
-        now: DateTime<Utc>,
-    ) -> Result<crate::domain::Invoice, StoreError>;
-    /// Every company's credit, for the audit.
-    async fn credit_audit(&self) -> Result<Vec<CreditAuditRow>, StoreError>;
-    /// Order lines whose quantity the SQL finds outside the rules recorded with them when they
-    /// were reserved (the audit names the rule each breaks).
-    async fn line_rules_audit(&self) -> Result<Vec<LineRulesRow>, StoreError>;
-    /// Open invoices past their due date at `now`, the longest overdue first (the ops page).
-    async fn overdue_invoices(
-        &self,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> Result<Vec<crate::domain::Invoice>, StoreError>;
-    /// The company's whole price list, by SKU (for the catalogue a buyer is shown).
-    async fn company_prices(
-        &self,
-        company: CompanyId,
-    ) -> Result<Vec<(Sku, CompanyPrice)>, StoreError>;
     async fn customer_by_token_hash(
         &self,
         token_hash: &str,
@@ -1007,6 +956,65 @@ pub trait Store: OutboxStore + OpsStore + Send + Sync + 'static {
     async fn inventory_audit(&self) -> Result<Vec<InventoryRow>, StoreError>;
     /// Promises 4 and 5, one row per checkout.
     async fn checkout_audit(&self) -> Result<Vec<CheckoutAuditRow>, StoreError>;
+}
+
+/// Wholesale: companies, price lists, orders on account and invoices (`wholesale.rs` writes the
+/// methods once for both stores).
+#[async_trait]
+pub trait WholesaleStore: Send + Sync {
+    async fn create_company(
+        &self,
+        company: &NewCompany,
+        now: DateTime<Utc>,
+    ) -> Result<Company, StoreError>;
+    async fn company(&self, id: CompanyId) -> Result<Option<Company>, StoreError>;
+    /// Sets (or replaces) the company's price of one SKU. Bumps nothing on the product: the
+    /// reservation reads the price list in its own transaction.
+    async fn set_company_price(
+        &self,
+        company: CompanyId,
+        sku: &Sku,
+        price: &CompanyPrice,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// reserved → completed on account, in one transaction: the buyer's company has net terms,
+    /// no overdue invoice and room under its credit limit for the total; the units are sold,
+    /// the order is `awaiting_payment_on_terms` with a new invoice due after the terms, the
+    /// company's open balance grows by the total, and the order's fulfilment event is written.
+    async fn complete_on_account(
+        &self,
+        customer: CustomerId,
+        id: CheckoutId,
+        now: DateTime<Utc>,
+    ) -> Result<(Checkout, crate::domain::Invoice), StoreError>;
+    async fn invoice(
+        &self,
+        id: crate::domain::InvoiceId,
+    ) -> Result<Option<crate::domain::Invoice>, StoreError>;
+    /// A payment of `amount` (1 up to the balance) against an open invoice: the company's open
+    /// balance shrinks by it; paid in full, the invoice is `paid` and its order `paid`.
+    async fn record_invoice_payment(
+        &self,
+        id: crate::domain::InvoiceId,
+        amount: i64,
+        now: DateTime<Utc>,
+    ) -> Result<crate::domain::Invoice, StoreError>;
+    /// Every company's credit, for the audit.
+    async fn credit_audit(&self) -> Result<Vec<CreditAuditRow>, StoreError>;
+    /// Order lines whose quantity the SQL finds outside the rules recorded with them when they
+    /// were reserved (the audit names the rule each breaks).
+    async fn line_rules_audit(&self) -> Result<Vec<LineRulesRow>, StoreError>;
+    /// Open invoices past their due date at `now`, the longest overdue first (the ops page).
+    async fn overdue_invoices(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<crate::domain::Invoice>, StoreError>;
+    /// The company's whole price list, by SKU (for the catalogue a buyer is shown).
+    async fn company_prices(
+        &self,
+        company: CompanyId,
+    ) -> Result<Vec<(Sku, CompanyPrice)>, StoreError>;
 }
 
 /// How `Duration`s and instants are stored: milliseconds since the epoch, in both stores.

@@ -225,6 +225,19 @@ impl PgStore {
         decode::checkout(&row)
     }
 
+    /// Sold: the checkout's active reservations leave `reserved` and `stock` together
+    /// (`hf_end_reservations`, migration 0023).
+    async fn confirm_reservations(
+        tx: &mut Transaction<'_, Postgres>,
+        id: CheckoutId,
+    ) -> Result<(), StoreError> {
+        sqlx::query("SELECT hf_end_reservations(ARRAY[$1], 'confirmed')")
+            .bind(id.uuid())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
     async fn lock_checkout(
         tx: &mut Transaction<'_, Postgres>,
         id: CheckoutId,
@@ -606,6 +619,15 @@ fn checkout_state(row: &PgRow) -> Result<CheckoutState, StoreError> {
     CheckoutState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("state {state:?}")))
 }
 
+wholesale_store_methods!(
+    PgStore,
+    lock: " FOR UPDATE",
+    credit_lock: "FOR UPDATE OF co",
+    insert_invoice: "INSERT INTO invoices (id, company_id, order_id, amount, currency, status, \
+         due_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'open', $6, $7, $7) \
+         RETURNING {}",
+);
+
 #[async_trait]
 impl Store for PgStore {
     fn kind(&self) -> StoreKind {
@@ -648,285 +670,6 @@ impl Store for PgStore {
         .await?;
         tx.commit().await?;
         decode::customer(&row)
-    }
-
-    async fn create_company(
-        &self,
-        company: &NewCompany,
-        now: DateTime<Utc>,
-    ) -> Result<Company, StoreError> {
-        let row = sqlx::query(&format!(
-            "INSERT INTO companies ({COMPANY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             RETURNING {COMPANY_COLUMNS}"
-        ))
-        .bind(CompanyId::new().uuid())
-        .bind(company.name.as_str())
-        .bind(company.currency.as_str())
-        .bind(company.payment_terms.as_str())
-        .bind(company.credit_limit)
-        .bind(company.po_number_required)
-        .bind(to_millis(now))
-        .fetch_one(&self.pool)
-        .await?;
-        decode::company(&row)
-    }
-
-    async fn company(&self, id: CompanyId) -> Result<Option<Company>, StoreError> {
-        sqlx::query(&format!(
-            "SELECT {COMPANY_COLUMNS} FROM companies WHERE id = $1"
-        ))
-        .bind(id.uuid())
-        .fetch_optional(&self.pool)
-        .await?
-        .as_ref()
-        .map(decode::company)
-        .transpose()
-    }
-
-    async fn set_company_price(
-        &self,
-        company: CompanyId,
-        sku: &Sku,
-        price: &CompanyPrice,
-        now: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query_scalar::<_, Uuid>("SELECT id FROM companies WHERE id = $1")
-            .bind(company.uuid())
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(StoreError::NotFound("company"))?;
-        let product: i64 = sqlx::query_scalar("SELECT id FROM products WHERE sku = $1")
-            .bind(sku.as_str())
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(StoreError::NotFound("product"))?;
-        sqlx::query(UPSERT_COMPANY_PRICE_SQL)
-            .bind(company.uuid())
-            .bind(product)
-            .bind(price.amount)
-            .bind(price.percent_off.map(i64::from))
-            .bind(price.tiers.to_json())
-            .bind(to_millis(now))
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    #[tracing::instrument(skip_all, fields(checkout_id = %id))]
-    async fn complete_on_account(
-        &self,
-        customer: CustomerId,
-        id: CheckoutId,
-        now: DateTime<Utc>,
-    ) -> Result<(Checkout, Invoice), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let current = sqlx::query(&format!(
-            "SELECT {CHECKOUT_COLUMNS} FROM checkouts WHERE id = $1 AND customer_id = $2 FOR UPDATE"
-        ))
-        .bind(id.uuid())
-        .bind(customer.uuid())
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(StoreError::NotFound("checkout"))?;
-        let current = decode::checkout(&current)?;
-        on_account_checkout(&current, now)?;
-        let credit = sqlx::query(credit_row_sql!("FOR UPDATE OF co"))
-            .bind(customer.uuid())
-            .bind(to_millis(now))
-            .fetch_optional(&mut *tx)
-            .await?
-            .as_ref()
-            .map(decode_credit)
-            .transpose()?;
-        let days = on_account_terms(credit.as_ref(), current.total)?;
-        let company = credit
-            .map(|c| c.company)
-            .ok_or(StoreError::OnAccountNotAvailable)?;
-        sqlx::query("SELECT hf_end_reservations(ARRAY[$1], 'confirmed')")
-            .bind(id.uuid())
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(ON_ACCOUNT_CREDIT_SQL)
-            .bind(company.uuid())
-            .bind(current.total.amount())
-            .execute(&mut *tx)
-            .await?;
-        let invoice = sqlx::query(&format!(
-            "INSERT INTO invoices (id, company_id, order_id, amount, currency, status, due_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'open', $6, $7, $7) RETURNING {INVOICE_COLUMNS}"
-        ))
-            .bind(InvoiceId::new().uuid())
-            .bind(company.uuid())
-            .bind(current.order_id.uuid())
-            .bind(current.total.amount())
-            .bind(current.total.currency().as_str())
-            .bind(to_millis(now + chrono::Duration::days(days)))
-            .bind(to_millis(now))
-            .fetch_one(&mut *tx)
-            .await?;
-        let invoice = decode::invoice(&invoice)?;
-        sqlx::query(ON_ACCOUNT_ORDER_SQL)
-            .bind(current.order_id.uuid())
-            .bind(invoice.id.uuid())
-            .bind(to_millis(now))
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(CART_CHECKED_OUT_SQL)
-            .bind(current.cart_id.uuid())
-            .bind(to_millis(now))
-            .execute(&mut *tx)
-            .await?;
-        let completed = sqlx::query(ON_ACCOUNT_CHECKOUT_SQL)
-            .bind(id.uuid())
-            .bind(to_millis(now))
-            .fetch_one(&mut *tx)
-            .await?;
-        let completed = decode::checkout(&completed)?;
-        let rows = sqlx::query(PAID_ORDER_LINES_SQL)
-            .bind(current.order_id.uuid())
-            .fetch_all(&mut *tx)
-            .await?;
-        let po_number: Option<String> = match rows.first() {
-            Some(row) => row.try_get("po_number")?,
-            None => None,
-        };
-        let lines = rows
-            .iter()
-            .map(decode::order_line)
-            .collect::<Result<Vec<_>, _>>()?;
-        let event = order_paid_event(
-            &completed,
-            super::Paid::OnAccount(invoice.id),
-            lines,
-            po_number,
-            now,
-        );
-        sqlx::query(OUTBOX_ORDER_PAID_SQL)
-            .bind(event.event_id)
-            .bind(completed.order_id.uuid())
-            .bind(&event.payload)
-            .bind(to_millis(now))
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok((completed, invoice))
-    }
-
-    async fn invoice(&self, id: InvoiceId) -> Result<Option<Invoice>, StoreError> {
-        sqlx::query(&format!(
-            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE id = $1"
-        ))
-        .bind(id.uuid())
-        .fetch_optional(&self.pool)
-        .await?
-        .as_ref()
-        .map(decode::invoice)
-        .transpose()
-    }
-
-    #[tracing::instrument(skip_all, fields(invoice_id = %id))]
-    async fn record_invoice_payment(
-        &self,
-        id: InvoiceId,
-        amount: i64,
-        now: DateTime<Utc>,
-    ) -> Result<Invoice, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let current = sqlx::query(&format!(
-            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE id = $1 FOR UPDATE"
-        ))
-        .bind(id.uuid())
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(StoreError::NotFound("invoice"))?;
-        let current = decode::invoice(&current)?;
-        invoice_payment(&current, amount)?;
-        let paid = sqlx::query(INVOICE_PAYMENT_SQL)
-            .bind(id.uuid())
-            .bind(amount)
-            .bind(to_millis(now))
-            .fetch_one(&mut *tx)
-            .await?;
-        let paid = decode::invoice(&paid)?;
-        sqlx::query(ON_ACCOUNT_CREDIT_SQL)
-            .bind(current.company_id.uuid())
-            .bind(-amount)
-            .execute(&mut *tx)
-            .await?;
-        if paid.status == "paid" {
-            sqlx::query(INVOICE_PAID_ORDER_SQL)
-                .bind(paid.order_id.uuid())
-                .bind(to_millis(now))
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(paid)
-    }
-
-    async fn overdue_invoices(
-        &self,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> Result<Vec<Invoice>, StoreError> {
-        sqlx::query(super::OVERDUE_INVOICES_SQL)
-            .bind(to_millis(now))
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(decode::invoice)
-            .collect()
-    }
-
-    async fn line_rules_audit(&self) -> Result<Vec<super::LineRulesRow>, StoreError> {
-        sqlx::query(super::LINE_RULES_AUDIT_SQL)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|row| {
-                Ok(super::LineRulesRow {
-                    order_id: OrderId::from_uuid(row.try_get("order_id")?),
-                    sku: rows::sku(row.try_get("sku")?)?,
-                    quantity: rows::quantity(row.try_get("quantity")?)?.get(),
-                    rules: rows::rules(
-                        row.try_get("min_quantity")?,
-                        row.try_get("increment")?,
-                        row.try_get("max_quantity")?,
-                    )?,
-                })
-            })
-            .collect()
-    }
-
-    async fn credit_audit(&self) -> Result<Vec<CreditAuditRow>, StoreError> {
-        sqlx::query(CREDIT_AUDIT_SQL)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|row| {
-                Ok(CreditAuditRow {
-                    company: CompanyId::from_uuid(row.try_get("id")?),
-                    limit: row.try_get("credit_limit")?,
-                    outstanding: row.try_get("credit_outstanding")?,
-                    invoiced: row.try_get("invoiced")?,
-                })
-            })
-            .collect()
-    }
-
-    async fn company_prices(
-        &self,
-        company: CompanyId,
-    ) -> Result<Vec<(Sku, CompanyPrice)>, StoreError> {
-        sqlx::query(COMPANY_PRICES_SQL)
-            .bind(company.uuid())
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(decode::company_price_row)
-            .collect()
     }
 
     async fn customer_by_token_hash(
@@ -1446,10 +1189,7 @@ impl Store for PgStore {
         match current.state {
             CheckoutState::Completed | CheckoutState::Refunded => return Ok(current),
             CheckoutState::Reserved | CheckoutState::Charging | CheckoutState::RequiresAction => {
-                sqlx::query("SELECT hf_end_reservations(ARRAY[$1], 'confirmed')")
-                    .bind(id.uuid())
-                    .execute(&mut *tx)
-                    .await?;
+                Self::confirm_reservations(&mut tx, id).await?;
             }
             CheckoutState::Expired | CheckoutState::PaymentFailed | CheckoutState::Cancelled => {
                 if current.refund_due {
