@@ -166,7 +166,8 @@ for run in $runs; do
             start
             sample_activity
             "$hf" loadgen users --shoppers "$shoppers" --duration "$duration" \
-                --target "$target" "${flags[@]}" --server-pid "${servers[0]}" 2>"$work/progress-one.log"
+                --target "$target" "${flags[@]}" --server-pid "${servers[0]}" 2>"$work/progress-one.log" \
+                || { tail -n 20 "$work/progress-one.log"; echo "users-figures: the load generator failed" >&2; }
             awk '/^\[/ && ++n % 10 == 0' "$work/progress-one.log"
             ;;
         two|kill)

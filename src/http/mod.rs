@@ -110,6 +110,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             reload_catalogue_after_writes,
         ))
+        .layer(axum::middleware::from_fn(run_to_completion))
         .with_state(state)
         .layer(axum::middleware::from_fn(metrics::track))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -163,6 +164,40 @@ async fn reload_catalogue_after_writes(
         state.catalogue.changed_and_reloaded().await;
     }
     resp
+}
+
+/// A request, once routed and its body read, runs to its end in a task of its own, whether or
+/// not its client still waits (it went away, or the request timeout answered `408`). Dropped
+/// half-way, a store call could leave its pooled connection inside a transaction nobody ends
+/// (sqlx 0.8 does not roll back a `BEGIN` whose round trip was cancelled), and every later
+/// statement on that connection would fail; a charge would stay `charging` until recovery took
+/// it over. The body is read before, where a client that stops sending can still be given up on
+/// (and is bounded there as the extractors bound it: `413 payload_too_large`).
+async fn run_to_completion(
+    req: Request<axum::body::Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = match axum::body::to_bytes(body, BODY_LIMIT).await {
+        Ok(body) => body,
+        Err(e) => return body_refused(e).into_response(),
+    };
+    let req = Request::from_parts(parts, axum::body::Body::from(body));
+    match tokio::spawn(next.run(req)).await {
+        Ok(resp) => resp,
+        Err(e) => ApiError::internal(format!("a request's task failed: {e}")).into_response(),
+    }
+}
+
+fn body_refused(e: axum::Error) -> ApiError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = cause {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return limits::payload_too_large();
+        }
+        cause = err.source();
+    }
+    ApiError::bad_request("bad_request", format!("the body could not be read: {e}"))
 }
 
 async fn not_found() -> Response {

@@ -12,7 +12,10 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use crate::both_stores;
-use crate::helpers::{spawn_app_with, AssertClean, Customer, Options, Resp, TestApp, ADMIN_TOKEN};
+use crate::fake_stripe::{FakeStripe, SECRET_KEY};
+use crate::helpers::{
+    eventually, spawn_app_with, AssertClean, Customer, Options, Resp, TestApp, ADMIN_TOKEN,
+};
 
 both_stores!(
     a_customer_over_the_rate_limit_gets_429_and_changes_nothing_while_others_go_on,
@@ -23,6 +26,7 @@ both_stores!(
     oversized_headers_are_refused,
     a_client_that_withholds_its_body_gets_408_and_the_connection_is_closed,
     a_client_that_withholds_its_headers_is_disconnected,
+    a_payment_past_the_request_timeout_is_answered_408_and_still_recorded,
 );
 
 /// Where the app listens, for clients that write raw bytes.
@@ -662,4 +666,46 @@ async fn with_redis_token_requests_take_the_shared_budget_in_the_gate_call() {
     start.assert_status(429);
     b.stop().await;
     a.audit().await.assert_clean();
+}
+
+/// The client stops waiting (`408`) while the charge is at the gateway; the request goes on
+/// and records the payment, so the checkout does not sit in `charging` for recovery to find.
+async fn a_payment_past_the_request_timeout_is_answered_408_and_still_recorded(kind: StoreKind) {
+    // Arrange: workers off (the clock moves only when told), so only the request itself can
+    // record the charge.
+    let fake = FakeStripe::start().await;
+    let app = spawn_app_with(
+        kind,
+        Options {
+            request_timeout_seconds: 1,
+            manual_clock: true,
+            stripe: Some((fake.base_url(), SECRET_KEY.to_owned())),
+            ..Options::default()
+        },
+    )
+    .await;
+    app.new_product("tea-01", 450, 5).await;
+    let (ada, checkout, order) = app.reserved_checkout("Ada", &[("tea-01", 1)]).await;
+    fake.hold();
+
+    // Act
+    let answered = app.complete(&ada, &checkout, "pm_card_visa", "late").await;
+    fake.release();
+
+    // Assert
+    answered.assert_error(408, "request_timeout");
+    let path = format!("/v1/orders/{order}");
+    eventually(10, "the order is paid", || async {
+        app.get(&path, Some(&ada.token)).await.body["status"] == "paid"
+    })
+    .await;
+    // Its answer was stored too: the same key replays it once the request has finished.
+    eventually(10, "the first answer is replayed", || async {
+        let replay = app.complete(&ada, &checkout, "pm_card_visa", "late").await;
+        replay.status.as_u16() == 200 && replay.body["state"] == "completed"
+    })
+    .await;
+    let id = holdfast::domain::CheckoutId::parse(&checkout).expect("a checkout id");
+    assert_eq!(fake.charges_for(id), 1);
+    app.audit().await.assert_clean();
 }
