@@ -49,10 +49,6 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        // Answers go out at once, not held back by Nagle's algorithm for the client's ACK.
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
         let service = TowerToHyperService::new(router.clone());
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
