@@ -188,7 +188,8 @@ for run in $runs; do
             sample_activity
             "$hf" loadgen users --shoppers "$shoppers" --duration "$duration" \
                 --targets "$a,$b" --target "$a" "${flags[@]}" --server-pid "$pids" \
-                2>>"$work/progress-$run.log" || true
+                2>>"$work/progress-$run.log" \
+                || { grep -v '^\[' "$work/progress-$run.log" | tail -n 5; echo "users-figures: the load generator failed" >&2; }
             grep -h killed "$work/progress-$run.log" || true
             awk '/^\[/ && ++n % 10 == 0' "$work/progress-$run.log"
             ;;

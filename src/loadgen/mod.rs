@@ -384,6 +384,9 @@ fn read_token(path: &Path) -> anyhow::Result<SecretString> {
 // ---------------------------------------------------------------------------------------------
 // The HTTP side.
 
+/// How often a final read that found the store saturated (`503`) is asked again, 1 s apart.
+const SATURATED_READS: u32 = 60;
+
 /// One answer, read whole. A body that is not JSON is kept as a string for error samples.
 #[derive(Debug, Clone)]
 pub(crate) struct Answer {
@@ -617,13 +620,22 @@ impl Api {
     /// A SKU's stock, reserved and available units as the admin sees them now.
     pub async fn stock_of(&self, sku: &str) -> anyhow::Result<StockAtEnd> {
         let path = format!("/v1/admin/products/{sku}");
-        let answer = self
-            .expect(
-                "read a product",
-                200,
-                self.call(Method::GET, &path, Some(self.admin()), None, None),
-            )
-            .await?;
+        // The run's tail may still saturate the store: `503` (with `Retry-After`) is asked again,
+        // a bounded number of times, instead of ending the run without its figures.
+        let mut saturated = 0;
+        let answer = loop {
+            let call = self
+                .call(Method::GET, &path, Some(self.admin()), None, None)
+                .await;
+            if matches!(&call, Ok(a) if a.status == 503) && saturated < SATURATED_READS {
+                saturated += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            break self
+                .expect("read a product", 200, std::future::ready(call))
+                .await?;
+        };
         let number = |field: &str| {
             answer.body[field]
                 .as_i64()
