@@ -259,10 +259,14 @@ pub(crate) const OVERDUE_INVOICES_SQL: &str = "SELECT id, number, company_id, or
      currency, paid_amount, status, due_at, created_at FROM invoices \
      WHERE status = 'open' AND due_at < $1 ORDER BY due_at LIMIT $2";
 
-/// Credit per company for the audit: limit, open balance, and what its open invoices still owe.
+/// Credit per company for the audit: limit, open balance, what its open invoices still owe,
+/// and how many of its invoices disagree with their order about a refund.
 pub(crate) const CREDIT_AUDIT_SQL: &str = "SELECT co.id, co.credit_limit, co.credit_outstanding, \
      CAST(COALESCE((SELECT SUM(i.amount - i.paid_amount) FROM invoices i \
-        WHERE i.company_id = co.id AND i.status = 'open'), 0) AS BIGINT) AS invoiced \
+        WHERE i.company_id = co.id AND i.status = 'open'), 0) AS BIGINT) AS invoiced, \
+     CAST((SELECT COUNT(*) FROM invoices i JOIN orders o ON o.id = i.order_id \
+        WHERE i.company_id = co.id AND (i.status = 'void') <> (o.status = 'refunded')) \
+        AS BIGINT) AS voids_astray \
      FROM companies co ORDER BY co.id";
 
 /// An order line with the ordering rules its product had when it was reserved.
@@ -289,6 +293,8 @@ pub struct CreditAuditRow {
     pub outstanding: i64,
     /// What its invoices still owe.
     pub invoiced: i64,
+    /// Invoices void while their order is not refunded, or not void while it is.
+    pub voids_astray: i64,
 }
 
 /// A checkout may be completed on account only while its reservation is live, and not one of

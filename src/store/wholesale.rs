@@ -332,6 +332,7 @@ macro_rules! wholesale_store_methods {
                     limit: row.try_get("credit_limit")?,
                     outstanding: row.try_get("credit_outstanding")?,
                     invoiced: row.try_get("invoiced")?,
+                    voids_astray: row.try_get("voids_astray")?,
                 })
             })
             .collect()

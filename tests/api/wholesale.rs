@@ -30,6 +30,7 @@ both_stores!(
     an_overdue_invoice_blocks_further_orders_on_account,
     many_buyers_of_one_company_never_overdraw_its_credit_limit,
     the_audit_catches_credit_taken_without_an_invoice,
+    the_audit_catches_an_invoice_voided_without_its_order_refunded,
     the_audit_catches_a_line_sold_outside_its_rules,
     a_rule_tightened_while_checkouts_run_never_reserves_a_line_outside_it,
     a_rule_tightened_while_grouped_checkouts_run_never_reserves_a_line_outside_it,
@@ -1476,4 +1477,26 @@ async fn a_buyer_sees_the_orders_of_every_buyer_of_the_company(kind: StoreKind) 
             .assert_error(404, "order_not_found");
     }
     app.audit().await.assert_clean();
+}
+
+async fn the_audit_catches_an_invoice_voided_without_its_order_refunded(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 100).await;
+    let acme = net_30(&app, "Acme", 10_000).await;
+    let bea = buyer_of(&app, &acme, "Bea").await;
+    let (order, invoice) = placed_on_account(&app, &bea, 2).await;
+    pay(&app, &invoice, 900).await.assert_status(200);
+    app.audit().await.assert_clean();
+
+    crate::helpers::execute_sql(&app, &["UPDATE invoices SET status = 'void'".to_owned()]).await;
+
+    let report = app.audit().await;
+    let found: Vec<&String> = report.violations().collect();
+    assert!(
+        found
+            .iter()
+            .any(|v| v.contains(&acme) && v.contains("1 invoices void without their order")),
+        "{found:?}"
+    );
+    assert_eq!(order_of(&app, &bea, &order).await["status"], "paid");
 }
