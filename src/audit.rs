@@ -114,9 +114,17 @@ async fn credit_within_limits(store: &dyn Store) -> Result<Check, StoreError> {
                 row.company, row.outstanding, row.invoiced
             ));
         }
+        if row.voids_astray > 0 {
+            violations.push(format!(
+                "company {}: {} invoices void without their order refunded, or open or paid \
+                 with it refunded",
+                row.company, row.voids_astray
+            ));
+        }
     }
     Ok(Check {
-        promise: "no company's outstanding credit above its limit; outstanding = open invoices",
+        promise: "no company's outstanding credit above its limit; outstanding = open invoices; \
+                  an invoice is void exactly when its order is refunded",
         violations,
         skipped: None,
     })

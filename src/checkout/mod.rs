@@ -781,7 +781,8 @@ impl CheckoutService {
     /// An admin refund of a paid order: money back through the gateway (its own idempotency
     /// key), units back on the shelf. Recorded as due first, so a crash midway is finished by
     /// recovery. An order only authorized (manual capture, nothing shipped) is cancelled
-    /// instead: every unit short, back in stock, the authorization released.
+    /// instead: every unit short, back in stock, the authorization released. An order placed
+    /// on account involves no gateway: its invoice is voided and its credit given back.
     pub async fn refund_order(&self, order: OrderId) -> Result<Checkout, CheckoutError> {
         let current = self
             .store
@@ -791,6 +792,12 @@ impl CheckoutService {
         if current.status == OrderStatus::Authorized {
             self.ship(order, Vec::new(), true).await?;
             return self.reload(current.checkout_id).await;
+        }
+        if current.invoice_id.is_some() {
+            return Ok(self
+                .store
+                .refund_on_account(order, self.clock.now())
+                .await?);
         }
         let checkout = self.store.request_refund(order, self.clock.now()).await?;
         self.refund_late_success(checkout).await

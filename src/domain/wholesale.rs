@@ -370,14 +370,18 @@ pub struct Invoice {
     pub order_id: super::OrderId,
     pub amount: Money,
     pub paid: Money,
-    /// `open` or `paid`.
+    /// `open`, `paid`, or `void` (its order refunded: nothing more is owed).
     pub status: String,
     pub due_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
 }
 
 impl Invoice {
+    /// What is still owed: nothing on a void invoice.
     pub fn balance(&self) -> i64 {
+        if self.status == "void" {
+            return 0;
+        }
         self.amount.amount() - self.paid.amount()
     }
 

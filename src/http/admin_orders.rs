@@ -47,7 +47,9 @@ async fn current(state: &AppState, id: OrderId) -> Result<Json<OrderView>, ApiEr
 /// `200` with the refunded order, or `202` with the order still `paid` when the refund is
 /// recorded but the gateway has not confirmed it yet (recovery finishes it) or Stripe holds it
 /// `pending` (`refund_status: "pending"`; its `refund.updated` event finishes it). A refund
-/// Stripe failed leaves the order `paid` with `refund_status: "failed"` (`200`).
+/// Stripe failed leaves the order `paid` with `refund_status: "failed"` (`200`). An order
+/// placed on account (`awaiting_payment_on_terms`, or `paid` on terms) is refunded at once
+/// (`200`): its invoice is `void`, its open balance given back to the company's credit.
 #[utoipa::path(
     post,
     operation_id = "refund_order",
@@ -59,7 +61,7 @@ async fn current(state: &AppState, id: OrderId) -> Result<Json<OrderView>, ApiEr
         (status = 200, body = OrderView, description = "refunded"),
         (status = 202, body = OrderView, description = "refund recorded, not yet confirmed by the gateway, or `refund_status: pending` at Stripe"),
         (status = 404, body = ErrorBody, description = "`order_not_found`"),
-        (status = 409, body = ErrorBody, description = "the order cannot be refunded in its status"),
+        (status = 409, body = ErrorBody, description = "`invalid_order_state`: the order cannot be refunded in its status (not paid, or shipped)"),
         (status = 401, body = ErrorBody, description = "no token, or an unknown one"),
         (status = 403, body = ErrorBody, description = "a customer's token"),
     )

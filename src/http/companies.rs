@@ -272,7 +272,7 @@ pub struct InvoiceView {
     paid: Money,
     /// What is still owed, minor units.
     balance: i64,
-    /// `open` or `paid`.
+    /// `open`, `paid`, or `void` (its order refunded; `paid` keeps what had been paid).
     status: String,
     /// Open past its due date: further orders on account are refused until it is paid.
     overdue: bool,

@@ -1,4 +1,5 @@
-//! A customer's orders: their own only.
+//! A customer's orders: their own, and for a company's buyer those of every buyer of the
+//! company.
 
 use axum::extract::State;
 
@@ -20,7 +21,8 @@ pub fn router() -> Router<AppState> {
         .route("/v1/orders/{id}", get(one))
 }
 
-/// The caller's orders, oldest first.
+/// The caller's orders, oldest first; a company's buyer sees those of every buyer of the
+/// company.
 #[utoipa::path(
     get,
     operation_id = "list_orders",
@@ -57,7 +59,7 @@ async fn list(
     }))
 }
 
-/// One of the caller's orders.
+/// One of the caller's orders, or, for a company's buyer, of another buyer of the company.
 #[utoipa::path(
     get,
     operation_id = "get_order",

@@ -259,10 +259,14 @@ pub(crate) const OVERDUE_INVOICES_SQL: &str = "SELECT id, number, company_id, or
      currency, paid_amount, status, due_at, created_at FROM invoices \
      WHERE status = 'open' AND due_at < $1 ORDER BY due_at LIMIT $2";
 
-/// Credit per company for the audit: limit, open balance, and what its open invoices still owe.
+/// Credit per company for the audit: limit, open balance, what its open invoices still owe,
+/// and how many of its invoices disagree with their order about a refund.
 pub(crate) const CREDIT_AUDIT_SQL: &str = "SELECT co.id, co.credit_limit, co.credit_outstanding, \
      CAST(COALESCE((SELECT SUM(i.amount - i.paid_amount) FROM invoices i \
-        WHERE i.company_id = co.id), 0) AS BIGINT) AS invoiced \
+        WHERE i.company_id = co.id AND i.status = 'open'), 0) AS BIGINT) AS invoiced, \
+     CAST((SELECT COUNT(*) FROM invoices i JOIN orders o ON o.id = i.order_id \
+        WHERE i.company_id = co.id AND (i.status = 'void') <> (o.status = 'refunded')) \
+        AS BIGINT) AS voids_astray \
      FROM companies co ORDER BY co.id";
 
 /// An order line with the ordering rules its product had when it was reserved.
@@ -289,6 +293,8 @@ pub struct CreditAuditRow {
     pub outstanding: i64,
     /// What its invoices still owe.
     pub invoiced: i64,
+    /// Invoices void while their order is not refunded, or not void while it is.
+    pub voids_astray: i64,
 }
 
 /// A checkout may be completed on account only while its reservation is live, and not one of
@@ -343,6 +349,28 @@ pub(crate) const INVOICE_PAYMENT_SQL: &str = "UPDATE invoices SET paid_amount = 
      status = CASE WHEN paid_amount + $2 = amount THEN 'paid' ELSE 'open' END, updated_at = $3 \
      WHERE id = $1 RETURNING id, number, company_id, order_id, amount, currency, paid_amount, \
      status, due_at, created_at";
+/// The refund of an order on account: its invoice closed, checkout and order `refunded`.
+pub(crate) const VOID_INVOICE_SQL: &str =
+    "UPDATE invoices SET status = 'void', updated_at = $2 WHERE id = $1";
+pub(crate) const REFUNDED_ON_ACCOUNT_ORDER_SQL: &str = "UPDATE orders SET status = 'refunded', \
+     refund_status = 'succeeded', updated_at = $2 WHERE id = $1";
+pub(crate) const REFUNDED_ON_ACCOUNT_CHECKOUT_SQL: &str = concat!(
+    "UPDATE checkouts SET state = 'refunded', refund_due = FALSE, lease_owner = NULL, \
+     lease_until = NULL, updated_at = $2 WHERE id = $1 RETURNING ",
+    checkout_columns!()
+);
+
+/// An order on account can be refunded whole while its invoice is open or once it is paid;
+/// shipped goods, as for a card, are not.
+pub(crate) fn on_account_refundable(status: &str) -> Result<(), StoreError> {
+    use crate::domain::OrderStatus;
+    match OrderStatus::parse(status) {
+        Some(OrderStatus::AwaitingPaymentOnTerms | OrderStatus::Paid) => Ok(()),
+        Some(other) => Err(StoreError::OrderState(other)),
+        None => Err(StoreError::Corrupt(format!("order status {status:?}"))),
+    }
+}
+
 pub(crate) const INVOICE_PAID_ORDER_SQL: &str = "UPDATE orders SET status = 'paid', \
      updated_at = $2 WHERE id = $1 AND status = 'awaiting_payment_on_terms'";
 
@@ -943,7 +971,8 @@ pub trait Store: OutboxStore + OpsStore + WholesaleStore + Send + Sync + 'static
     /// from after a restart or lost Redis keys (DESIGN §5).
     async fn sale_checkouts(&self, sale: FlashSaleId) -> Result<Vec<SaleCheckout>, StoreError>;
 
-    // Orders.
+    // Orders: a customer sees their own and, as a company's buyer, those of the company's
+    // other buyers.
     async fn order(&self, customer: CustomerId, id: OrderId) -> Result<Option<Order>, StoreError>;
     async fn list_orders(
         &self,
@@ -999,6 +1028,16 @@ pub trait WholesaleStore: Send + Sync {
         amount: i64,
         now: DateTime<Utc>,
     ) -> Result<crate::domain::Invoice, StoreError>;
+    /// An admin refund of an order placed on account (`awaiting_payment_on_terms`, or `paid`
+    /// once its invoice was): in one transaction, taking the invoice first as a payment does,
+    /// the invoice's open balance leaves the company's outstanding credit, the invoice is
+    /// `void`, the units go back on the shelf, and checkout and order are `refunded`. What the
+    /// company had paid stays on the invoice (`paid`), for the merchant to return.
+    async fn refund_on_account(
+        &self,
+        order: OrderId,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError>;
     /// Every company's credit, for the audit.
     async fn credit_audit(&self) -> Result<Vec<CreditAuditRow>, StoreError>;
     /// Order lines whose quantity the SQL finds outside the rules recorded with them when they
@@ -1515,14 +1554,47 @@ pub(crate) const ORDER_COLUMNS: &str =
     "id, customer_id, checkout_id, status, total_amount, currency, payment_intent_id, created_at, seq, \
      refund_status, po_number, invoice_id, authorized_amount, captured_amount, refunded_amount";
 
+/// The orders a customer (the parameter named) sees, as a condition on `orders o`: their own
+/// and, for a company's buyer, those of the company's other buyers.
+macro_rules! seen_by {
+    ($customer:literal) => {
+        concat!(
+            "o.customer_id IN (SELECT b.id FROM customers b WHERE b.id = ",
+            $customer,
+            " OR b.company_id = (SELECT me.company_id FROM customers me WHERE me.id = ",
+            $customer,
+            "))"
+        )
+    };
+}
+
 /// A customer's order with its lines, by primary key, in one statement in both stores (an
 /// order poll is one round trip): `$1` order, `$2` customer. One row per line, SKU order.
-pub(crate) const ORDER_WITH_LINES_SQL: &str = "SELECT o.id, o.customer_id, o.checkout_id, \
+pub(crate) const ORDER_WITH_LINES_SQL: &str = concat!(
+    "SELECT o.id, o.customer_id, o.checkout_id, \
      o.status, o.total_amount, o.currency, o.payment_intent_id, o.created_at, o.seq, \
      o.refund_status, o.po_number, o.invoice_id, o.authorized_amount, o.captured_amount, \
      o.refunded_amount, ol.order_id, ol.sku, ol.quantity, ol.unit_price, ol.line_total \
-     FROM orders o LEFT JOIN order_lines ol ON ol.order_id = o.id \
-     WHERE o.id = $1 AND o.customer_id = $2 ORDER BY ol.sku";
+     FROM orders o LEFT JOIN order_lines ol ON ol.order_id = o.id WHERE o.id = $1 AND ",
+    seen_by!("$2"),
+    " ORDER BY ol.sku"
+);
+
+/// A page of the orders a customer sees (`$1`), after `seq` `$2`, at most `$3`, both stores.
+pub(crate) fn orders_page_sql() -> String {
+    format!(
+        "SELECT {ORDER_COLUMNS} FROM orders o WHERE {} AND o.seq > $2 ORDER BY o.seq LIMIT $3",
+        seen_by!("$1")
+    )
+}
+
+/// The lines of the orders a customer sees (`$1`) with `seq` from `$2` to `$3`, both stores.
+pub(crate) const ORDER_LINES_PAGE_SQL: &str = concat!(
+    "SELECT ol.order_id, ol.sku, ol.quantity, ol.unit_price, ol.line_total, o.currency \
+     FROM order_lines ol JOIN orders o ON o.id = ol.order_id WHERE ",
+    seen_by!("$1"),
+    " AND o.seq BETWEEN $2 AND $3 ORDER BY ol.sku"
+);
 
 /// A customer's cart with its lines, in one statement in both stores: `$1` cart, `$2`
 /// customer. One row per line in SKU order; a cart without lines is one row with NULL line

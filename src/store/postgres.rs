@@ -432,19 +432,15 @@ impl PgStore {
         seq_from: i64,
         seq_to: i64,
     ) -> Result<Vec<(OrderId, crate::domain::OrderLine)>, StoreError> {
-        sqlx::query(
-            "SELECT ol.order_id, ol.sku, ol.quantity, ol.unit_price, ol.line_total, o.currency \
-             FROM order_lines ol JOIN orders o ON o.id = ol.order_id \
-             WHERE o.customer_id = $1 AND o.seq BETWEEN $2 AND $3 ORDER BY ol.sku",
-        )
-        .bind(customer.uuid())
-        .bind(seq_from)
-        .bind(seq_to)
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(decode::order_line)
-        .collect()
+        sqlx::query(super::ORDER_LINES_PAGE_SQL)
+            .bind(customer.uuid())
+            .bind(seq_from)
+            .bind(seq_to)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(decode::order_line)
+            .collect()
     }
 }
 
@@ -2345,15 +2341,12 @@ impl Store for PgStore {
         let after: i64 = after
             .map_or(Ok(0), str::parse)
             .map_err(|_| StoreError::NotFound("cursor"))?;
-        let rows = sqlx::query(&format!(
-            "SELECT {ORDER_COLUMNS} FROM orders WHERE customer_id = $1 AND seq > $2 \
-             ORDER BY seq LIMIT $3"
-        ))
-        .bind(customer.uuid())
-        .bind(after)
-        .bind(i64::from(limit) + 1)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(&super::orders_page_sql())
+            .bind(customer.uuid())
+            .bind(after)
+            .bind(i64::from(limit) + 1)
+            .fetch_all(&self.pool)
+            .await?;
         let mut seqs = Vec::with_capacity(rows.len());
         let mut items = Vec::with_capacity(rows.len());
         for row in &rows {

@@ -227,6 +227,65 @@ macro_rules! wholesale_store_methods {
         Ok(paid)
     }
 
+    #[tracing::instrument(skip_all, fields(order_id = %order))]
+    async fn refund_on_account(
+        &self,
+        order: OrderId,
+        now: DateTime<Utc>,
+    ) -> Result<Checkout, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The invoice first, as a payment takes it; then the checkout before its order, as a
+        // card refund takes them; the company's credit before the products, as an order on
+        // account takes them. So none of them deadlocks with this refund.
+        let invoice = sqlx::query(&format!(
+            concat!("SELECT {} FROM invoices WHERE order_id = $1", $lock),
+            INVOICE_COLUMNS
+        ))
+        .bind(order.uuid())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound("order"))?;
+        let invoice = decode::invoice(&invoice)?;
+        let checkout = sqlx::query(&format!(
+            concat!("SELECT {} FROM checkouts WHERE order_id = $1", $lock),
+            CHECKOUT_COLUMNS
+        ))
+        .bind(order.uuid())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::NotFound("order"))?;
+        let checkout = decode::checkout(&checkout)?;
+        let status: String =
+            sqlx::query_scalar(concat!("SELECT status FROM orders WHERE id = $1", $lock))
+                .bind(order.uuid())
+                .fetch_one(&mut *tx)
+                .await?;
+        super::on_account_refundable(&status)?;
+        sqlx::query(ON_ACCOUNT_CREDIT_SQL)
+            .bind(invoice.company_id.uuid())
+            .bind(-invoice.balance())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(super::VOID_INVOICE_SQL)
+            .bind(invoice.id.uuid())
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        Self::return_stock(&mut tx, checkout.id).await?;
+        sqlx::query(super::REFUNDED_ON_ACCOUNT_ORDER_SQL)
+            .bind(order.uuid())
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
+        let refunded = sqlx::query(super::REFUNDED_ON_ACCOUNT_CHECKOUT_SQL)
+            .bind(checkout.id.uuid())
+            .bind(to_millis(now))
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        decode::checkout(&refunded)
+    }
+
     async fn overdue_invoices(
         &self,
         now: DateTime<Utc>,
@@ -273,6 +332,7 @@ macro_rules! wholesale_store_methods {
                     limit: row.try_get("credit_limit")?,
                     outstanding: row.try_get("credit_outstanding")?,
                     invoiced: row.try_get("invoiced")?,
+                    voids_astray: row.try_get("voids_astray")?,
                 })
             })
             .collect()

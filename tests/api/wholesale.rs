@@ -30,10 +30,14 @@ both_stores!(
     an_overdue_invoice_blocks_further_orders_on_account,
     many_buyers_of_one_company_never_overdraw_its_credit_limit,
     the_audit_catches_credit_taken_without_an_invoice,
+    the_audit_catches_an_invoice_voided_without_its_order_refunded,
     the_audit_catches_a_line_sold_outside_its_rules,
     a_rule_tightened_while_checkouts_run_never_reserves_a_line_outside_it,
     a_rule_tightened_while_grouped_checkouts_run_never_reserves_a_line_outside_it,
     a_price_list_changed_while_checkouts_run_prices_each_order_at_one_of_its_figures,
+    refunding_an_order_on_account_gives_its_credit_back_voids_its_invoice_and_restocks,
+    payments_recorded_while_orders_on_account_are_refunded_leave_no_credit_behind,
+    a_buyer_sees_the_orders_of_every_buyer_of_the_company,
 );
 
 async fn company(app: &TestApp, body: Value) -> String {
@@ -1255,4 +1259,244 @@ async fn the_audit_catches_a_line_sold_outside_its_rules(kind: StoreKind) {
             .any(|v| v.contains("13 x glass-06 breaks its increment of 6")),
         "{found:?}"
     );
+}
+
+/// A company on net-30 terms in EUR with this credit limit.
+async fn net_30(app: &TestApp, name: &str, credit_limit: i64) -> String {
+    company(
+        app,
+        json!({"name": name, "currency": "EUR", "payment_terms": "net_30",
+               "credit_limit": credit_limit}),
+    )
+    .await
+}
+
+/// An order of `quantity` x tea-01 placed on account by `buyer`: `(order id, invoice id)`.
+async fn placed_on_account(app: &TestApp, buyer: &Customer, quantity: i64) -> (String, String) {
+    let (checkout, order) = reserved_for(app, buyer, &[("tea-01", quantity)]).await;
+    let placed = on_account(app, buyer, &checkout).await;
+    placed.assert_status(200);
+    (order, placed.str("invoice_id"))
+}
+
+async fn refund_order(app: &TestApp, order: &str) -> Resp {
+    app.admin_post(&format!("/v1/admin/orders/{order}/refund"), json!({}))
+        .await
+}
+
+async fn invoice_of(app: &TestApp, invoice: &str) -> Value {
+    let resp = app
+        .get(&format!("/v1/admin/invoices/{invoice}"), Some(ADMIN_TOKEN))
+        .await;
+    resp.assert_status(200);
+    resp.body
+}
+
+async fn refunding_an_order_on_account_gives_its_credit_back_voids_its_invoice_and_restocks(
+    kind: StoreKind,
+) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 100).await;
+    let acme = net_30(&app, "Acme", 10_000).await;
+    let bea = buyer_of(&app, &acme, "Bea").await;
+
+    // Awaiting payment, partly paid: the open balance goes back to the company's credit.
+    let (order, invoice) = placed_on_account(&app, &bea, 10).await;
+    pay(&app, &invoice, 1000).await.assert_status(200);
+    assert_eq!(outstanding(&app).await, 3500);
+    assert_eq!(app.stock_of("tea-01").await, (90, 0, 90));
+
+    let refunded = refund_order(&app, &order).await;
+
+    refunded.assert_status(200);
+    assert_eq!(refunded.body["status"], "refunded");
+    assert_eq!(outstanding(&app).await, 0);
+    let void = invoice_of(&app, &invoice).await;
+    assert_eq!(void["status"], "void");
+    assert_eq!(void["balance"], 0);
+    assert_eq!(void["paid"], json!({"amount": 1000, "currency": "EUR"}));
+    assert_eq!(void["overdue"], false);
+    assert_eq!(
+        app.stock_of("tea-01").await,
+        (100, 0, 100),
+        "the units are back"
+    );
+    assert_eq!(order_of(&app, &bea, &order).await["status"], "refunded");
+    // A void invoice takes no payment, and the order is not refunded twice.
+    pay(&app, &invoice, 1)
+        .await
+        .assert_error(422, "payment_exceeds_balance");
+    refund_order(&app, &order)
+        .await
+        .assert_error(409, "invalid_order_state");
+    assert_eq!(outstanding(&app).await, 0);
+    assert_eq!(app.stock_of("tea-01").await, (100, 0, 100));
+
+    // Paid in full on terms: nothing owed to release, the invoice is closed, the units back.
+    let (paid_order, paid_invoice) = placed_on_account(&app, &bea, 4).await;
+    pay(&app, &paid_invoice, 1800).await.assert_status(200);
+    assert_eq!(order_of(&app, &bea, &paid_order).await["status"], "paid");
+    let refunded = refund_order(&app, &paid_order).await;
+    refunded.assert_status(200);
+    assert_eq!(refunded.body["status"], "refunded");
+    assert_eq!(invoice_of(&app, &paid_invoice).await["status"], "void");
+    assert_eq!(outstanding(&app).await, 0);
+    assert_eq!(app.stock_of("tea-01").await, (100, 0, 100));
+
+    // Shipped goods are not refunded whole, as for an order paid by card.
+    let (shipped, _) = placed_on_account(&app, &bea, 2).await;
+    app.admin_post(&format!("/v1/admin/orders/{shipped}/shipments"), json!({}))
+        .await
+        .assert_status(200);
+    refund_order(&app, &shipped)
+        .await
+        .assert_error(409, "invalid_order_state");
+    assert_eq!(outstanding(&app).await, 900);
+    app.audit().await.assert_clean();
+}
+
+/// Each order's whole balance is paid while the order is refunded: whichever commits first,
+/// the refund succeeds, the company owes nothing, every invoice is void and every unit back.
+async fn payments_recorded_while_orders_on_account_are_refunded_leave_no_credit_behind(
+    kind: StoreKind,
+) {
+    const ORDERS: usize = 8;
+    let app = Arc::new(spawn_app(kind).await);
+    app.new_product("tea-01", 450, 100).await;
+    let acme = net_30(&app, "Acme", 100_000).await;
+    let bea = buyer_of(&app, &acme, "Bea").await;
+    let mut placed = Vec::new();
+    for _ in 0..ORDERS {
+        placed.push(placed_on_account(&app, &bea, 2).await);
+    }
+    assert_eq!(outstanding(&app).await, ORDERS as i64 * 900);
+    let barrier = Arc::new(Barrier::new(2 * ORDERS));
+    let mut tasks = Vec::new();
+    for (order, invoice) in &placed {
+        let (app1, barrier1, order) = (app.clone(), barrier.clone(), order.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier1.wait().await;
+            ("refund", refund_order(&app1, &order).await)
+        }));
+        let (app2, barrier2, invoice) = (app.clone(), barrier.clone(), invoice.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier2.wait().await;
+            ("payment", pay(&app2, &invoice, 900).await)
+        }));
+    }
+    let mut payments = 0;
+    for task in tasks {
+        let (what, resp) = task.await.expect("a task");
+        match (what, resp.status.as_u16()) {
+            ("refund", 200) => assert_eq!(resp.body["status"], "refunded"),
+            ("payment", 200) => payments += 1,
+            ("payment", 422) => assert_eq!(resp.code(), "payment_exceeds_balance"),
+            (what, other) => panic!("{what}: unexpected {other}: {:?}", resp.body),
+        }
+    }
+    assert!(payments <= ORDERS);
+    assert_eq!(outstanding(&app).await, 0);
+    for (_, invoice) in &placed {
+        assert_eq!(invoice_of(&app, invoice).await["status"], "void");
+    }
+    assert_eq!(app.stock_of("tea-01").await, (100, 0, 100));
+    app.audit().await.assert_clean();
+}
+
+async fn a_buyer_sees_the_orders_of_every_buyer_of_the_company(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 100).await;
+    let acme = acme(&app).await;
+    let other = net_30(&app, "Other Co", 100_000).await;
+    let bea = buyer_of(&app, &acme, "Bea").await;
+    let cal = buyer_of(&app, &acme, "Cal").await;
+    let dan = buyer_of(&app, &other, "Dan").await;
+    let (eve, eve_cart) = app.buyer_with("Eve", &[("tea-01", 1)]).await;
+    let (_, bea_order) = reserved_for(&app, &bea, &[("tea-01", 1)]).await;
+    let (_, cal_order) = reserved_for(&app, &cal, &[("tea-01", 2)]).await;
+    let (_, dan_order) = reserved_for(&app, &dan, &[("tea-01", 3)]).await;
+    let eve_started = app.start_checkout(&eve, &eve_cart).await;
+    eve_started.assert_status(201);
+    let eve_order = eve_started.str("order_id");
+
+    let listed = |resp: Resp| -> Vec<String> {
+        resp.assert_status(200);
+        resp.body["data"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|o| o["id"].as_str().expect("an id").to_owned())
+            .collect()
+    };
+    for buyer in [&bea, &cal] {
+        assert_eq!(
+            listed(app.get("/v1/orders", Some(&buyer.token)).await),
+            vec![bea_order.clone(), cal_order.clone()]
+        );
+    }
+    // Pages of a company's orders follow each other.
+    let first = app.get("/v1/orders?limit=1", Some(&bea.token)).await;
+    let cursor = first.body["next_cursor"]
+        .as_str()
+        .expect("a cursor")
+        .to_owned();
+    assert_eq!(listed(first), vec![bea_order.clone()]);
+    assert_eq!(
+        listed(
+            app.get(
+                &format!("/v1/orders?limit=1&cursor={cursor}"),
+                Some(&bea.token)
+            )
+            .await
+        ),
+        vec![cal_order.clone()]
+    );
+    let cal_seen_by_bea = order_of(&app, &bea, &cal_order).await;
+    assert_eq!(cal_seen_by_bea["lines"][0]["quantity"], 2);
+    assert_eq!(
+        order_of(&app, &cal, &bea_order).await["id"],
+        bea_order.as_str()
+    );
+    // Another company's buyer and a retail customer see their own only, and nothing else.
+    assert_eq!(
+        listed(app.get("/v1/orders", Some(&dan.token)).await),
+        vec![dan_order.clone()]
+    );
+    assert_eq!(
+        listed(app.get("/v1/orders", Some(&eve.token)).await),
+        vec![eve_order.clone()]
+    );
+    for (who, order) in [
+        (&dan, &bea_order),
+        (&bea, &dan_order),
+        (&eve, &bea_order),
+        (&bea, &eve_order),
+    ] {
+        app.get(&format!("/v1/orders/{order}"), Some(&who.token))
+            .await
+            .assert_error(404, "order_not_found");
+    }
+    app.audit().await.assert_clean();
+}
+
+async fn the_audit_catches_an_invoice_voided_without_its_order_refunded(kind: StoreKind) {
+    let app = spawn_app(kind).await;
+    app.new_product("tea-01", 450, 100).await;
+    let acme = net_30(&app, "Acme", 10_000).await;
+    let bea = buyer_of(&app, &acme, "Bea").await;
+    let (order, invoice) = placed_on_account(&app, &bea, 2).await;
+    pay(&app, &invoice, 900).await.assert_status(200);
+    app.audit().await.assert_clean();
+
+    crate::helpers::execute_sql(&app, &["UPDATE invoices SET status = 'void'".to_owned()]).await;
+
+    let report = app.audit().await;
+    let found: Vec<&String> = report.violations().collect();
+    assert!(
+        found
+            .iter()
+            .any(|v| v.contains(&acme) && v.contains("1 invoices void without their order")),
+        "{found:?}"
+    );
+    assert_eq!(order_of(&app, &bea, &order).await["status"], "paid");
 }
