@@ -169,11 +169,21 @@ impl CheckoutService {
         self
     }
 
-    /// How a checkout starting now for `customer` is captured: decided once, here, and stored
-    /// with the checkout. The shop-wide setting today; a per-customer (company) term plugs in
-    /// at this one place.
-    fn capture_method_for(&self, _customer: CustomerId) -> CaptureMethod {
+    /// The shop-wide capture method (`--capture-method`): what a retail customer's checkouts
+    /// and those of a company without a setting of its own use.
+    pub fn shop_capture_method(&self) -> CaptureMethod {
         self.capture
+    }
+
+    /// How a checkout starting now for `customer` is captured: decided once, here, and stored
+    /// with the checkout. The buyer's company's wholesale terms decide when they set it; the
+    /// shop's setting otherwise (retail customers included).
+    async fn capture_method_for(&self, customer: CustomerId) -> Result<CaptureMethod, StoreError> {
+        Ok(self
+            .store
+            .company_capture_method(customer)
+            .await?
+            .unwrap_or(self.capture))
     }
 
     /// Reserves through the group batcher (`--group-reservations`). Starts its collector on
@@ -231,10 +241,13 @@ impl CheckoutService {
         po_number: Option<crate::domain::PoNumber>,
     ) -> Result<Checkout, CheckoutError> {
         let now = self.clock.now();
-        let (found, sales) = self
-            .store
-            .cart_and_current_sales(customer, cart, now)
-            .await?;
+        // Both reads at once: the capture method costs no extra wait on the buyer's path.
+        let (cart_and_sales, capture_method) = tokio::join!(
+            self.store.cart_and_current_sales(customer, cart, now),
+            self.capture_method_for(customer),
+        );
+        let (found, sales) = cart_and_sales?;
+        let capture_method = capture_method?;
         let lines = found
             .ok_or(CheckoutError::Store(StoreError::NotFound("cart")))?
             .lines;
@@ -280,7 +293,7 @@ impl CheckoutService {
             open_sales,
             idempotency_key: idempotency_key.map(str::to_owned),
             po_number,
-            capture_method: self.capture_method_for(customer),
+            capture_method,
         };
         let reserved = observe::timed(SagaStep::Reserve, self.reserve(new)).await;
         count_reservation(&reserved);

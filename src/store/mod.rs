@@ -1015,6 +1015,12 @@ pub trait WholesaleStore: Send + Sync {
         &self,
         company: CompanyId,
     ) -> Result<Vec<(Sku, CompanyPrice)>, StoreError>;
+    /// The capture method of the customer's company, when it has one that sets it; `None`
+    /// for a retail customer and for a company following the shop's setting.
+    async fn company_capture_method(
+        &self,
+        customer: CustomerId,
+    ) -> Result<Option<crate::domain::CaptureMethod>, StoreError>;
 }
 
 /// How `Duration`s and instants are stored: milliseconds since the epoch, in both stores.
@@ -1443,7 +1449,13 @@ pub(crate) const INSERT_PRODUCT_SQL: &str = "INSERT INTO products (sku, name, pr
      price_tiers";
 
 pub(crate) const COMPANY_COLUMNS: &str =
-    "id, name, currency, payment_terms, credit_limit, po_number_required, created_at";
+    "id, name, currency, payment_terms, credit_limit, po_number_required, created_at, \
+     capture_method";
+
+/// The capture method a customer's company sets (both stores): no row for a retail customer,
+/// a NULL for a company following the shop's setting.
+pub(crate) const COMPANY_CAPTURE_METHOD_SQL: &str = "SELECT co.capture_method FROM customers cu \
+     JOIN companies co ON co.id = cu.company_id WHERE cu.id = $1";
 
 /// A company's price of a SKU, set or replaced (both stores): `$1` company, `$2` product id,
 /// amount, percent_off, tiers, updated_at.

@@ -14,7 +14,7 @@ use crate::both_stores;
 use crate::fake_stripe::{FakeStripe, SECRET_KEY};
 use crate::helpers::{
     eventually, fetch_strings, spawn_app_with, AssertClean, Customer, Options, TestApp,
-    WEBHOOK_SECRET,
+    ADMIN_TOKEN, WEBHOOK_SECRET,
 };
 
 both_stores!(
@@ -38,6 +38,10 @@ both_stores!(
     a_partial_refund_stripe_fails_gives_its_units_back_to_refund,
     a_pending_partial_refund_whose_event_is_lost_is_read_again_by_recovery,
     an_order_paid_at_checkout_shows_its_total_authorized_and_captured,
+    a_company_on_manual_capture_is_authorized_while_retail_is_charged_at_once,
+    a_company_on_manual_capture_is_authorized_through_the_stripe_client,
+    a_company_charged_at_checkout_in_a_manual_capture_shop_is_charged_at_once,
+    a_company_with_an_unknown_capture_method_is_refused_and_nothing_changes,
 );
 
 /// Signs an event as Stripe does and delivers it to the app at `base`; answers the status.
@@ -1146,4 +1150,183 @@ async fn a_pending_partial_refund_whose_event_is_lost_is_read_again_by_recovery(
     assert_eq!(app.stock_of("cap-a").await, (8, 0, 8), "restocked once");
     app.relay.tick().await.expect("a relay tick");
     app.audit().await.assert_clean();
+}
+
+/// A prepaid company, with `capture_method` when given: its id.
+async fn company_capturing(app: &TestApp, capture_method: Option<&str>) -> String {
+    let mut body = json!({"name": "Acme Hotels", "currency": "EUR", "payment_terms": "prepaid",
+                          "credit_limit": 0});
+    if let Some(method) = capture_method {
+        body["capture_method"] = json!(method);
+    }
+    let resp = app.admin_post("/v1/admin/companies", body).await;
+    resp.assert_status(201);
+    resp.str("id")
+}
+
+async fn buyer_of(app: &TestApp, company: &str, name: &str) -> Customer {
+    let resp = app
+        .admin_post(
+            "/v1/admin/customers",
+            json!({"name": name, "company_id": company}),
+        )
+        .await;
+    resp.assert_status(201);
+    Customer {
+        token: resp.str("token"),
+    }
+}
+
+/// `(capture_method, capture_method_source)` as the company's GET shows them.
+async fn company_capture(app: &TestApp, company: &str) -> (String, String) {
+    let shown = app
+        .get(&format!("/v1/admin/companies/{company}"), Some(ADMIN_TOKEN))
+        .await;
+    shown.assert_status(200);
+    (
+        shown.str("capture_method"),
+        shown.str("capture_method_source"),
+    )
+}
+
+/// The customer buys 2 `cap-a` (10.00 each) with `pm_card_visa`: the order id.
+async fn bought(app: &TestApp, customer: &Customer, key: &str) -> String {
+    let cart = app.new_cart(customer).await;
+    app.set_line(customer, &cart, "cap-a", 2)
+        .await
+        .assert_status(200);
+    let started = app.start_checkout(customer, &cart).await;
+    started.assert_status(201);
+    let paid = app
+        .complete(customer, &started.str("id"), "pm_card_visa", key)
+        .await;
+    paid.assert_status(200);
+    assert_eq!(paid.str("state"), "completed", "{:?}", paid.body);
+    started.str("order_id")
+}
+
+/// The order is `authorized` for 20.00 with nothing captured, its PaymentIntent holding it.
+async fn assert_authorized(app: &TestApp, order: &str) {
+    let shown = admin_order(app, order).await;
+    assert_eq!(shown["status"], "authorized", "{shown}");
+    assert_eq!(amount(&shown, "authorized"), 2000);
+    assert_eq!(amount(&shown, "captured"), 0);
+    let pi = shown["payment_intent_id"].as_str().expect("an intent");
+    assert_eq!(intent(app, pi).await.status, IntentStatus::RequiresCapture);
+}
+
+/// The order is `paid`: 20.00 charged at checkout, its PaymentIntent succeeded.
+async fn assert_charged(app: &TestApp, order: &str) {
+    let shown = admin_order(app, order).await;
+    assert_eq!(shown["status"], "paid", "{shown}");
+    assert_eq!(amount(&shown, "captured"), 2000);
+    let pi = shown["payment_intent_id"].as_str().expect("an intent");
+    assert_eq!(intent(app, pi).await.status, IntentStatus::Succeeded);
+}
+
+/// In a shop charging at checkout: a buyer of a company on manual capture is authorized and
+/// captured by the shipment; a retail customer and a buyer of a company without a setting of
+/// its own are charged at once.
+async fn company_on_manual_capture_in_an_automatic_shop(app: &TestApp) {
+    app.new_product("cap-a", 1000, 10).await;
+    let manual_company = company_capturing(app, Some("manual")).await;
+    let following = company_capturing(app, None).await;
+    assert_eq!(
+        company_capture(app, &manual_company).await,
+        ("manual".to_owned(), "company".to_owned())
+    );
+    assert_eq!(
+        company_capture(app, &following).await,
+        ("automatic".to_owned(), "shop".to_owned())
+    );
+    let wholesale = buyer_of(app, &manual_company, "Bea").await;
+    let other = buyer_of(app, &following, "Cy").await;
+    let retail = app.new_customer("Ada").await;
+
+    let held = bought(app, &wholesale, "pay-w").await;
+    let charged = bought(app, &retail, "pay-r").await;
+    let charged_too = bought(app, &other, "pay-o").await;
+
+    assert_authorized(app, &held).await;
+    assert_charged(app, &charged).await;
+    assert_charged(app, &charged_too).await;
+    let shipped = ship(
+        app,
+        &held,
+        json!({"lines": [{"sku": "cap-a", "quantity": 2}]}),
+    )
+    .await;
+    shipped.assert_status(200);
+    assert_eq!(shipped.str("status"), "fulfilled");
+    assert_eq!(amount(&admin_order(app, &held).await, "captured"), 2000);
+    app.audit().await.assert_clean();
+}
+
+async fn a_company_on_manual_capture_is_authorized_while_retail_is_charged_at_once(
+    kind: StoreKind,
+) {
+    let app = spawn_app_with(kind, Options::default()).await;
+    company_on_manual_capture_in_an_automatic_shop(&app).await;
+}
+
+async fn a_company_on_manual_capture_is_authorized_through_the_stripe_client(kind: StoreKind) {
+    let fake = FakeStripe::start().await;
+    let app = spawn_app_with(
+        kind,
+        Options {
+            stripe: Some((fake.base_url(), SECRET_KEY.to_owned())),
+            ..Options::default()
+        },
+    )
+    .await;
+    company_on_manual_capture_in_an_automatic_shop(&app).await;
+}
+
+async fn a_company_charged_at_checkout_in_a_manual_capture_shop_is_charged_at_once(
+    kind: StoreKind,
+) {
+    let app = spawn_app_with(kind, manual()).await;
+    app.new_product("cap-a", 1000, 10).await;
+    let automatic = company_capturing(&app, Some("automatic")).await;
+    let following = company_capturing(&app, None).await;
+    assert_eq!(
+        company_capture(&app, &following).await,
+        ("manual".to_owned(), "shop".to_owned())
+    );
+    let buyer = buyer_of(&app, &automatic, "Bea").await;
+    let retail = app.new_customer("Ada").await;
+
+    let charged = bought(&app, &buyer, "pay-b").await;
+    let held = bought(&app, &retail, "pay-r").await;
+
+    assert_charged(&app, &charged).await;
+    assert_authorized(&app, &held).await;
+    app.audit().await.assert_clean();
+}
+
+async fn a_company_with_an_unknown_capture_method_is_refused_and_nothing_changes(kind: StoreKind) {
+    let app = spawn_app_with(kind, Options::default()).await;
+    let count = "SELECT CAST(COUNT(*) AS TEXT) FROM companies";
+    let before = fetch_strings(&app, count).await;
+    let cases = [
+        (json!("later"), "an unknown method"),
+        (json!("Manual"), "another spelling"),
+        (json!(""), "empty"),
+    ];
+    for (method, what) in cases {
+        let resp = app
+            .admin_post(
+                "/v1/admin/companies",
+                json!({"name": "Acme", "currency": "EUR", "payment_terms": "prepaid",
+                       "credit_limit": 0, "capture_method": method}),
+            )
+            .await;
+        assert_eq!(resp.status.as_u16(), 422, "{what}: {:?}", resp.body);
+        assert_eq!(resp.code(), "validation_failed", "{what}");
+    }
+    assert_eq!(
+        fetch_strings(&app, count).await,
+        before,
+        "nothing was opened"
+    );
 }
