@@ -959,6 +959,7 @@ impl CheckoutService {
         &self,
         ticket: &LineRefundTicket,
     ) -> Result<(Order, bool), CheckoutError> {
+        faults::hit(self.saga.fault, FaultPoint::BeforeRefundCall).await;
         let answer = self
             .gateway
             .refund(&RefundRequest {
@@ -967,6 +968,7 @@ impl CheckoutService {
                 idempotency_key: ticket.refund_key.clone(),
             })
             .await;
+        faults::hit(self.saga.fault, FaultPoint::AfterRefundCall).await;
         let now = self.clock.now();
         match answer {
             Ok(refund) => {
@@ -975,6 +977,7 @@ impl CheckoutService {
                     .store
                     .record_line_refund(ticket.id, status, Some(&refund.id), now)
                     .await?;
+                faults::hit(self.saga.fault, FaultPoint::AfterRecordRefund).await;
                 Ok((order, status != LineRefundStatus::Pending))
             }
             Err(e) if e.is_retryable() => {

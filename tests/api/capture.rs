@@ -16,6 +16,7 @@ use crate::helpers::{
     eventually, fetch_strings, spawn_app_with, AssertClean, Customer, Options, TestApp,
     ADMIN_TOKEN, WEBHOOK_SECRET,
 };
+use crate::wholesale::buyer_of;
 
 both_stores!(
     an_authorized_order_is_captured_shipment_by_shipment,
@@ -1162,19 +1163,6 @@ async fn company_capturing(app: &TestApp, capture_method: Option<&str>) -> Strin
     let resp = app.admin_post("/v1/admin/companies", body).await;
     resp.assert_status(201);
     resp.str("id")
-}
-
-async fn buyer_of(app: &TestApp, company: &str, name: &str) -> Customer {
-    let resp = app
-        .admin_post(
-            "/v1/admin/customers",
-            json!({"name": name, "company_id": company}),
-        )
-        .await;
-    resp.assert_status(201);
-    Customer {
-        token: resp.str("token"),
-    }
 }
 
 /// `(capture_method, capture_method_source)` as the company's GET shows them.
