@@ -795,18 +795,61 @@ impl CheckoutService {
     /// key), units back on the shelf. Recorded as due first, so a crash midway is finished by
     /// recovery. An order only authorized (manual capture, nothing shipped) is cancelled
     /// instead: every unit short, back in stock, the authorization released.
-    pub async fn refund_order(&self, order: OrderId) -> Result<Checkout, CheckoutError> {
-        let current = self
-            .store
-            .admin_order(order)
-            .await?
-            .ok_or(StoreError::NotFound("order"))?;
+    ///
+    /// An order captured by shipments, or one with partial refunds, gets back what is left of
+    /// what was captured: an order still authorized for units not shipped is closed first (those
+    /// units short, the rest of the authorization released), then every unit shipped (or sold)
+    /// and not yet refunded is refunded by line and put back in stock, never more money than
+    /// was captured. Answers the checkout and whether the refund is settled.
+    pub async fn refund_order(&self, order: OrderId) -> Result<(Checkout, bool), CheckoutError> {
+        let current = self.admin_order(order).await?;
         if current.status == OrderStatus::Authorized {
             self.ship(order, Vec::new(), true).await?;
-            return self.reload(current.checkout_id).await;
+            return Ok((self.reload(current.checkout_id).await?, true));
+        }
+        if current.authorized_amount.is_some() || self.has_partial_refunds(&current).await? {
+            return self.refund_rest(current).await;
         }
         let checkout = self.store.request_refund(order, self.clock.now()).await?;
-        self.refund_late_success(checkout).await
+        Ok((self.refund_late_success(checkout).await?, true))
+    }
+
+    async fn has_partial_refunds(&self, order: &Order) -> Result<bool, CheckoutError> {
+        Ok(match &order.payment_intent_id {
+            Some(intent) => self.store.line_refunds_of_payment(intent).await?.is_some(),
+            None => false,
+        })
+    }
+
+    /// The whole refund of an order captured by shipments or partly refunded: see
+    /// [`Self::refund_order`].
+    async fn refund_rest(&self, current: Order) -> Result<(Checkout, bool), CheckoutError> {
+        let order = current.id;
+        if current.status == OrderStatus::PartiallyFulfilled {
+            let (closed, settled) = self.ship(order, Vec::new(), true).await?;
+            if !settled {
+                // The release's answer is unknown; recovery finishes it, then a refund can.
+                return Ok((self.reload(current.checkout_id).await?, false));
+            }
+            if closed.captured_amount == 0 {
+                return Ok((self.reload(current.checkout_id).await?, true));
+            }
+        }
+        let now = self.clock.now();
+        let ticket = self
+            .store
+            .begin_line_refund(&NewLineRefund {
+                id: uuid::Uuid::new_v4(),
+                order,
+                lines: Vec::new(),
+                rest: true,
+                restock: true,
+                lease_until: now + self.saga.lease,
+                now,
+            })
+            .await?;
+        let (_, settled) = self.send_line_refund(&ticket).await?;
+        Ok((self.reload(current.checkout_id).await?, settled))
     }
 
     /// Manual capture: ships `lines` of an authorized order and captures their amount
@@ -947,6 +990,7 @@ impl CheckoutService {
                 id: uuid::Uuid::new_v4(),
                 order,
                 lines,
+                rest: false,
                 restock,
                 lease_until: now + self.saga.lease,
                 now,

@@ -71,13 +71,14 @@ async fn refund(
     OptionalJson(NoBody {}): OptionalJson<NoBody>,
 ) -> Result<Response, ApiError> {
     let id = parse_order_id(&id)?;
-    let checkout = state.checkout.refund_order(id).await?;
+    let (checkout, settled) = state.checkout.refund_order(id).await?;
     let order = current(&state, id).await?;
-    let status = if checkout.refund_due || order.refund_status.as_deref() == Some("pending") {
-        StatusCode::ACCEPTED
-    } else {
-        StatusCode::OK
-    };
+    let status =
+        if !settled || checkout.refund_due || order.refund_status.as_deref() == Some("pending") {
+            StatusCode::ACCEPTED
+        } else {
+            StatusCode::OK
+        };
     Ok((status, order).into_response())
 }
 

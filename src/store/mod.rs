@@ -1826,6 +1826,9 @@ pub struct NewLineRefund {
     pub id: LineRefundId,
     pub order: OrderId,
     pub lines: Vec<(Sku, u32)>,
+    /// Instead of `lines`: every unit still refundable (what a whole refund of an order with
+    /// partial refunds or manual captures gives back).
+    pub rest: bool,
     /// Put the refunded units back in stock (once each).
     pub restock: bool,
     pub lease_until: DateTime<Utc>,
@@ -1876,14 +1879,29 @@ pub(crate) struct RefundedLine {
 /// The one rule for a partial refund, both stores: SKUs of the order only, never more units
 /// than are refundable (ordered, or under manual capture shipped, less those refunded or
 /// being refunded), and never more money than was captured, counting refunds in flight.
-/// Answers the lines and the amount.
+/// `wanted` `None`: every refundable unit. Answers the lines and the amount.
 pub(crate) fn plan_line_refund(
     lines: &[RefundableLine],
-    wanted: &[(Sku, u32)],
+    wanted: Option<&[(Sku, u32)]>,
     manual: bool,
     captured: i64,
     refunded_or_in_flight: i64,
 ) -> Result<(Vec<RefundedLine>, i64), StoreError> {
+    let sold = |line: &RefundableLine| if manual { line.shipped } else { line.quantity };
+    let rest: Vec<(Sku, u32)>;
+    let wanted = match wanted {
+        Some(wanted) => wanted,
+        None => {
+            rest = lines
+                .iter()
+                .filter_map(|l| {
+                    let left = u32::try_from(sold(l) - l.refunded).ok()?;
+                    (left > 0).then(|| (l.sku.clone(), left))
+                })
+                .collect();
+            &rest
+        }
+    };
     let mut asked: HashMap<&Sku, i64> = HashMap::new();
     for (sku, quantity) in wanted {
         if !lines.iter().any(|l| &l.sku == sku) {
@@ -1899,8 +1917,7 @@ pub(crate) fn plan_line_refund(
         let Some(&quantity) = asked.get(&line.sku) else {
             continue;
         };
-        let sold = if manual { line.shipped } else { line.quantity };
-        let refundable = sold - line.refunded;
+        let refundable = sold(line) - line.refunded;
         if quantity > refundable {
             return Err(StoreError::BadRefund(format!(
                 "{} has {refundable} refundable units, not {quantity}",

@@ -2002,7 +2002,7 @@ impl Store for SqliteStore {
             .collect::<Result<Vec<_>, _>>()?;
         let (planned, amount) = plan_line_refund(
             &lines,
-            &new.lines,
+            (!new.rest).then_some(new.lines.as_slice()),
             authorized.is_some(),
             captured,
             refunded + in_flight,

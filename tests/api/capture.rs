@@ -43,6 +43,10 @@ both_stores!(
     a_company_on_manual_capture_is_authorized_through_the_stripe_client,
     a_company_charged_at_checkout_in_a_manual_capture_shop_is_charged_at_once,
     a_company_with_an_unknown_capture_method_is_refused_and_nothing_changes,
+    a_whole_refund_of_a_partly_shipped_order_closes_it_and_refunds_only_what_was_captured,
+    a_whole_refund_of_a_partly_shipped_order_through_the_stripe_client_refunds_only_what_was_captured,
+    a_whole_refund_of_an_order_shipped_short_refunds_what_was_captured_never_the_total,
+    a_whole_refund_of_an_order_with_partial_refunds_refunds_the_rest,
 );
 
 /// Signs an event as Stripe does and delivers it to the app at `base`; answers the status.
@@ -1317,4 +1321,147 @@ async fn a_company_with_an_unknown_capture_method_is_refused_and_nothing_changes
         before,
         "nothing was opened"
     );
+}
+
+/// A manual-capture order of 3 A and 2 B (40.00): 2 A shipped (20.00 captured), 1 A refunded
+/// and restocked; then the whole refund. `refunded_at_gateway` reads the gateway's ledger.
+async fn whole_refund_of_a_partly_shipped_order(
+    app: &TestApp,
+    refunded_at_gateway: impl Fn(&str) -> i64,
+) {
+    let (_, _, order) = authorized_order(app).await;
+    ship(
+        app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 2}]}),
+    )
+    .await
+    .assert_status(200);
+    refund_lines(
+        app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 1}], "restock": true}),
+    )
+    .await
+    .assert_status(200);
+    let intent_id = admin_order(app, &order).await["payment_intent_id"]
+        .as_str()
+        .expect("an intent")
+        .to_owned();
+    assert_eq!(refunded_at_gateway(&intent_id), 1000);
+
+    let whole = app
+        .admin_post(&format!("/v1/admin/orders/{order}/refund"), json!({}))
+        .await;
+
+    whole.assert_status(200);
+    assert_eq!(whole.str("status"), "refunded", "{:?}", whole.body);
+    assert_eq!(amount(&whole.body, "captured"), 2000);
+    assert_eq!(amount(&whole.body, "refunded"), 2000);
+    assert_eq!(
+        refunded_at_gateway(&intent_id),
+        2000,
+        "never more than captured"
+    );
+    let closed = intent(app, &intent_id).await;
+    assert_ne!(
+        closed.status,
+        IntentStatus::RequiresCapture,
+        "the hold is released"
+    );
+    // Every unit is back: the one never shipped, both B short, the two shipped ones refunded.
+    assert_eq!(app.stock_of("cap-a").await, (10, 0, 10));
+    assert_eq!(app.stock_of("cap-b").await, (5, 0, 5));
+    // Once refunded, nothing more.
+    app.admin_post(&format!("/v1/admin/orders/{order}/refund"), json!({}))
+        .await
+        .assert_error(409, "invalid_order_state");
+    assert_eq!(refunded_at_gateway(&intent_id), 2000);
+    app.audit().await.assert_clean();
+}
+
+async fn a_whole_refund_of_a_partly_shipped_order_closes_it_and_refunds_only_what_was_captured(
+    kind: StoreKind,
+) {
+    let app = spawn_app_with(kind, manual()).await;
+    let sim = app.simulator.clone().expect("the simulator");
+    whole_refund_of_a_partly_shipped_order(&app, |pi| sim.ledger().refunded(pi)).await;
+}
+
+async fn a_whole_refund_of_a_partly_shipped_order_through_the_stripe_client_refunds_only_what_was_captured(
+    kind: StoreKind,
+) {
+    let fake = FakeStripe::start().await;
+    let app = spawn_app_with(
+        kind,
+        Options {
+            stripe: Some((fake.base_url(), SECRET_KEY.to_owned())),
+            ..manual()
+        },
+    )
+    .await;
+    whole_refund_of_a_partly_shipped_order(&app, |pi| fake.refunded(pi)).await;
+}
+
+async fn a_whole_refund_of_an_order_shipped_short_refunds_what_was_captured_never_the_total(
+    kind: StoreKind,
+) {
+    let app = spawn_app_with(kind, manual()).await;
+    let sim = app.simulator.clone().expect("the simulator");
+    let (_, _, order) = authorized_order(&app).await;
+    let shipped = ship(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 3}], "last": true}),
+    )
+    .await;
+    shipped.assert_status(200);
+    assert_eq!(shipped.str("status"), "fulfilled");
+
+    let whole = app
+        .admin_post(&format!("/v1/admin/orders/{order}/refund"), json!({}))
+        .await;
+
+    whole.assert_status(200);
+    assert_eq!(whole.str("status"), "refunded");
+    assert_eq!(amount(&whole.body, "refunded"), 3000);
+    assert_eq!(sim.ledger().refunded(&whole.str("payment_intent_id")), 3000);
+    assert_eq!(app.stock_of("cap-a").await, (10, 0, 10));
+    assert_eq!(app.stock_of("cap-b").await, (5, 0, 5));
+    app.audit().await.assert_clean();
+}
+
+async fn a_whole_refund_of_an_order_with_partial_refunds_refunds_the_rest(kind: StoreKind) {
+    let app = spawn_app_with(kind, Options::default()).await;
+    let sim = app.simulator.clone().expect("the simulator");
+    let (_, _, order) = authorized_order(&app).await;
+    refund_lines(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-b", "quantity": 1}]}),
+    )
+    .await
+    .assert_status(200);
+
+    let whole = app
+        .admin_post(&format!("/v1/admin/orders/{order}/refund"), json!({}))
+        .await;
+
+    whole.assert_status(200);
+    assert_eq!(whole.str("status"), "refunded", "{:?}", whole.body);
+    assert_eq!(amount(&whole.body, "refunded"), 4000);
+    let intent_id = whole.str("payment_intent_id");
+    assert_eq!(
+        sim.ledger().refunded(&intent_id),
+        4000,
+        "the rest, not the total again"
+    );
+    // The rest goes back on the shelf; the unit refunded without restocking stays out.
+    assert_eq!(app.stock_of("cap-a").await, (10, 0, 10));
+    assert_eq!(app.stock_of("cap-b").await, (4, 0, 4));
+    app.admin_post(&format!("/v1/admin/orders/{order}/refund"), json!({}))
+        .await
+        .assert_error(409, "invalid_order_state");
+    assert_eq!(sim.ledger().refunded(&intent_id), 4000);
+    app.audit().await.assert_clean();
 }

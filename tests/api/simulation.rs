@@ -902,7 +902,12 @@ impl History {
             Step::Refund(i) => {
                 if let Some(&(_, _, order)) = self.checkouts.get(i) {
                     let out = self
-                        .run(crash, async move { service.refund_order(order).await })
+                        .run(crash, async move {
+                            service
+                                .refund_order(order)
+                                .await
+                                .map(|(checkout, _)| checkout)
+                        })
                         .await;
                     self.note(&out);
                 }
