@@ -104,6 +104,44 @@ pub struct CheckoutService {
     authorization_window: Duration,
 }
 
+/// What the refund an admin's request made came to, for its answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundReport {
+    /// `succeeded`, `pending` (Stripe settles it later), `failed` (Stripe kept the money) or
+    /// `unknown` (the answer was lost: recovery asks again under the same key).
+    pub status: &'static str,
+    /// Stripe's `failure_reason` of a failed refund, when it gives one.
+    pub failure_reason: Option<String>,
+}
+
+impl RefundReport {
+    fn of(refund: &Refund) -> Self {
+        Self {
+            status: match refund.outcome() {
+                RefundOutcome::Succeeded => "succeeded",
+                RefundOutcome::Pending => "pending",
+                RefundOutcome::Failed => "failed",
+            },
+            failure_reason: refund
+                .failure_reason
+                .clone()
+                .filter(|_| refund.outcome() == RefundOutcome::Failed),
+        }
+    }
+
+    fn unknown() -> Self {
+        Self {
+            status: "unknown",
+            failure_reason: None,
+        }
+    }
+
+    /// Succeeded or failed: nothing more will happen to it.
+    pub fn settled(&self) -> bool {
+        matches!(self.status, "succeeded" | "failed")
+    }
+}
+
 /// The gateway key of one charge attempt: every retry of the attempt sends the same one.
 pub fn charge_key(id: CheckoutId, attempt: i32) -> String {
     format!("checkout-{id}-charge-{attempt}")
@@ -673,12 +711,20 @@ impl CheckoutService {
     /// units were gone, or an admin refund. An authorization nothing was captured from is
     /// cancelled instead (Stripe releases the hold; there is nothing to refund).
     async fn refund_late_success(&self, checkout: Checkout) -> Result<Checkout, CheckoutError> {
+        Ok(self.refund_whole(checkout).await?.0)
+    }
+
+    /// [`Self::refund_late_success`], with what the refund call came to when one was made.
+    async fn refund_whole(
+        &self,
+        checkout: Checkout,
+    ) -> Result<(Checkout, Option<RefundReport>), CheckoutError> {
         let Some(intent) = checkout.payment_intent_id.clone() else {
-            return Ok(checkout);
+            return Ok((checkout, None));
         };
         if self.store.capture_method(checkout.id).await? == CaptureMethod::Manual {
             if let Some(released) = self.release_authorization(&checkout, &intent).await? {
-                return Ok(released);
+                return Ok((released, None));
             }
         }
         let request = RefundRequest {
@@ -693,11 +739,11 @@ impl CheckoutService {
             Ok(refund) => {
                 let recorded = self.record_refund(checkout.id, &refund).await?;
                 faults::hit(self.saga.fault, FaultPoint::AfterRecordRefund).await;
-                Ok(recorded)
+                Ok((recorded, Some(RefundReport::of(&refund))))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "refund failed; recovery will retry");
-                Ok(checkout)
+                Ok((checkout, Some(RefundReport::unknown())))
             }
         }
     }
@@ -800,18 +846,22 @@ impl CheckoutService {
     /// what was captured: an order still authorized for units not shipped is closed first (those
     /// units short, the rest of the authorization released), then every unit shipped (or sold)
     /// and not yet refunded is refunded by line and put back in stock, never more money than
-    /// was captured. Answers the checkout and whether the refund is settled.
-    pub async fn refund_order(&self, order: OrderId) -> Result<(Checkout, bool), CheckoutError> {
+    /// was captured. Answers the checkout and what the refund call came to (`None`: nothing was
+    /// refunded, only an authorization released).
+    pub async fn refund_order(
+        &self,
+        order: OrderId,
+    ) -> Result<(Checkout, Option<RefundReport>), CheckoutError> {
         let current = self.admin_order(order).await?;
         if current.status == OrderStatus::Authorized {
             self.ship(order, Vec::new(), true).await?;
-            return Ok((self.reload(current.checkout_id).await?, true));
+            return Ok((self.reload(current.checkout_id).await?, None));
         }
         if current.authorized_amount.is_some() || self.has_partial_refunds(&current).await? {
             return self.refund_rest(current).await;
         }
         let checkout = self.store.request_refund(order, self.clock.now()).await?;
-        Ok((self.refund_late_success(checkout).await?, true))
+        self.refund_whole(checkout).await
     }
 
     async fn has_partial_refunds(&self, order: &Order) -> Result<bool, CheckoutError> {
@@ -823,16 +873,20 @@ impl CheckoutService {
 
     /// The whole refund of an order captured by shipments or partly refunded: see
     /// [`Self::refund_order`].
-    async fn refund_rest(&self, current: Order) -> Result<(Checkout, bool), CheckoutError> {
+    async fn refund_rest(
+        &self,
+        current: Order,
+    ) -> Result<(Checkout, Option<RefundReport>), CheckoutError> {
         let order = current.id;
         if current.status == OrderStatus::PartiallyFulfilled {
             let (closed, settled) = self.ship(order, Vec::new(), true).await?;
             if !settled {
                 // The release's answer is unknown; recovery finishes it, then a refund can.
-                return Ok((self.reload(current.checkout_id).await?, false));
+                let checkout = self.reload(current.checkout_id).await?;
+                return Ok((checkout, Some(RefundReport::unknown())));
             }
             if closed.captured_amount == 0 {
-                return Ok((self.reload(current.checkout_id).await?, true));
+                return Ok((self.reload(current.checkout_id).await?, None));
             }
         }
         let now = self.clock.now();
@@ -848,8 +902,8 @@ impl CheckoutService {
                 now,
             })
             .await?;
-        let (_, settled) = self.send_line_refund(&ticket).await?;
-        Ok((self.reload(current.checkout_id).await?, settled))
+        let (_, report) = self.send_line_refund(&ticket).await?;
+        Ok((self.reload(current.checkout_id).await?, Some(report)))
     }
 
     /// Manual capture: ships `lines` of an authorized order and captures their amount
@@ -975,14 +1029,15 @@ impl CheckoutService {
     /// key), never more than was captured; `restock` puts the units back in stock once it
     /// succeeded. Recorded before the call, its answer after; Stripe's `charge.refunded`
     /// (`amount_refunded`) and `refund.*` events settle the same record, whichever comes
-    /// first. Answers the order and whether the refund is settled (succeeded or failed).
+    /// first. Answers the order and what the refund came to (Stripe may fail it: the units
+    /// are refundable again and the answer says why).
     #[tracing::instrument(skip_all, fields(order_id = %order))]
     pub async fn refund_lines(
         &self,
         order: OrderId,
         lines: Vec<(Sku, u32)>,
         restock: bool,
-    ) -> Result<(Order, bool), CheckoutError> {
+    ) -> Result<(Order, RefundReport), CheckoutError> {
         let now = self.clock.now();
         let ticket = self
             .store
@@ -1002,7 +1057,7 @@ impl CheckoutService {
     async fn send_line_refund(
         &self,
         ticket: &LineRefundTicket,
-    ) -> Result<(Order, bool), CheckoutError> {
+    ) -> Result<(Order, RefundReport), CheckoutError> {
         faults::hit(self.saga.fault, FaultPoint::BeforeRefundCall).await;
         let answer = self
             .gateway
@@ -1022,11 +1077,17 @@ impl CheckoutService {
                     .record_line_refund(ticket.id, status, Some(&refund.id), now)
                     .await?;
                 faults::hit(self.saga.fault, FaultPoint::AfterRecordRefund).await;
-                Ok((order, status != LineRefundStatus::Pending))
+                if status == LineRefundStatus::Failed {
+                    tracing::error!(refund = %ticket.id, reason = ?refund.failure_reason, "the gateway failed the refund");
+                }
+                Ok((order, RefundReport::of(&refund)))
             }
             Err(e) if e.is_retryable() => {
                 tracing::warn!(refund = %ticket.id, error = %e, "refund outcome unknown; recovery repeats it with the same key");
-                Ok((self.admin_order(ticket.order_id).await?, false))
+                Ok((
+                    self.admin_order(ticket.order_id).await?,
+                    RefundReport::unknown(),
+                ))
             }
             Err(e) => {
                 tracing::error!(refund = %ticket.id, error = %e, "the gateway refused the refund");

@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
+use crate::checkout::RefundReport;
 use crate::domain::{OrderId, Quantity, Sku};
 
 use super::auth::Admin;
@@ -71,15 +72,26 @@ async fn refund(
     OptionalJson(NoBody {}): OptionalJson<NoBody>,
 ) -> Result<Response, ApiError> {
     let id = parse_order_id(&id)?;
-    let (checkout, settled) = state.checkout.refund_order(id).await?;
-    let order = current(&state, id).await?;
+    let (checkout, report) = state.checkout.refund_order(id).await?;
+    let Json(mut order) = current(&state, id).await?;
+    let unsettled = report.as_ref().is_some_and(|r| !r.settled());
+    reported(&mut order, report);
     let status =
-        if !settled || checkout.refund_due || order.refund_status.as_deref() == Some("pending") {
+        if unsettled || checkout.refund_due || order.refund_status.as_deref() == Some("pending") {
             StatusCode::ACCEPTED
         } else {
             StatusCode::OK
         };
-    Ok((status, order).into_response())
+    Ok((status, Json(order)).into_response())
+}
+
+/// The answer to a refund request shows what its refund came to: `refund_status` and, when
+/// Stripe failed it, `refund_failure_reason`.
+fn reported(order: &mut OrderView, report: Option<RefundReport>) {
+    if let Some(report) = report {
+        order.refund_status = Some(report.status.to_owned());
+        order.refund_failure_reason = report.failure_reason;
+    }
 }
 
 /// Units of one SKU in a shipment.
@@ -194,11 +206,13 @@ async fn refund_lines(
         .into_iter()
         .map(|line| (line.sku, line.quantity.get()))
         .collect();
-    let (order, settled) = state.checkout.refund_lines(id, lines, body.restock).await?;
-    let status = if settled {
+    let (order, report) = state.checkout.refund_lines(id, lines, body.restock).await?;
+    let status = if report.settled() {
         StatusCode::OK
     } else {
         StatusCode::ACCEPTED
     };
-    Ok((status, Json(OrderView::from(order))).into_response())
+    let mut view = OrderView::from(order);
+    reported(&mut view, Some(report));
+    Ok((status, Json(view)).into_response())
 }

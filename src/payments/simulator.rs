@@ -172,6 +172,7 @@ impl StripeSimulator {
         for refund in &mut self.state().refunds {
             if refund.id == refund_id {
                 refund.status = Some(status.to_owned());
+                refund.failure_reason = failure_reason_of(Some(status));
             }
         }
     }
@@ -405,14 +406,16 @@ impl State {
                 format!("Refund amount ({amount}) is greater than unrefunded amount on charge ({remaining})."),
             ));
         }
+        let status = self
+            .refund_status
+            .clone()
+            .unwrap_or_else(|| Some("succeeded".into()));
         let refund = Refund {
             id: new_id("re"),
             payment_intent_id: Some(intent.id.clone()),
             amount,
-            status: self
-                .refund_status
-                .clone()
-                .unwrap_or_else(|| Some("succeeded".into())),
+            failure_reason: failure_reason_of(status.as_deref()),
+            status,
         };
         self.refunds.push(refund.clone());
         if refund.outcome() != super::RefundOutcome::Succeeded {
@@ -596,6 +599,11 @@ fn invalid(code: &str, message: String) -> GatewayError {
 
 fn random_part() -> String {
     Alphanumeric.sample_string(&mut rand::thread_rng(), 24)
+}
+
+/// What a failed test-mode refund gives as its reason: the card cannot take the money back.
+pub fn failure_reason_of(status: Option<&str>) -> Option<String> {
+    (status == Some("failed")).then(|| "expired_or_canceled_card".to_owned())
 }
 
 fn new_id(prefix: &str) -> String {

@@ -47,6 +47,8 @@ both_stores!(
     a_whole_refund_of_a_partly_shipped_order_through_the_stripe_client_refunds_only_what_was_captured,
     a_whole_refund_of_an_order_shipped_short_refunds_what_was_captured_never_the_total,
     a_whole_refund_of_an_order_with_partial_refunds_refunds_the_rest,
+    refunds_stripe_fails_are_reported_with_their_reason,
+    refunds_stripe_fails_through_the_stripe_client_are_reported_with_their_reason,
 );
 
 /// Signs an event as Stripe does and delivers it to the app at `base`; answers the status.
@@ -1464,4 +1466,89 @@ async fn a_whole_refund_of_an_order_with_partial_refunds_refunds_the_rest(kind: 
         .assert_error(409, "invalid_order_state");
     assert_eq!(sim.ledger().refunded(&intent_id), 4000);
     app.audit().await.assert_clean();
+}
+
+/// Stripe fails a partial refund and then a whole one (`answer_refunds_with` sets how the
+/// gateway answers new refunds): each answer says `refund_status: "failed"` and why, the
+/// money and the units stay where they were, and the refund can be asked for again.
+async fn failed_refunds_are_reported(app: &TestApp, answer_refunds_with: impl Fn(Option<&str>)) {
+    let (_, _, order) = authorized_order(app).await;
+    let (other, checkout, whole_only) = app.reserved_checkout("other", &[("cap-a", 1)]).await;
+    app.complete(&other, &checkout, "pm_card_visa", "pay-2")
+        .await
+        .assert_status(200);
+    answer_refunds_with(Some("failed"));
+
+    // An order without partial refunds, refunded whole.
+    let alone = app
+        .admin_post(&format!("/v1/admin/orders/{whole_only}/refund"), json!({}))
+        .await;
+    let partial = refund_lines(
+        app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 1}], "restock": true}),
+    )
+    .await;
+    let whole = app
+        .admin_post(&format!("/v1/admin/orders/{order}/refund"), json!({}))
+        .await;
+
+    for (answer, what) in [
+        (&alone, "whole, alone"),
+        (&partial, "partial"),
+        (&whole, "whole, after a partial one"),
+    ] {
+        answer.assert_status(200);
+        assert_eq!(
+            answer.str("refund_status"),
+            "failed",
+            "{what}: {:?}",
+            answer.body
+        );
+        assert_eq!(
+            answer.str("refund_failure_reason"),
+            "expired_or_canceled_card",
+            "{what}"
+        );
+        assert_eq!(answer.str("status"), "paid", "{what}");
+        assert_eq!(amount(&answer.body, "refunded"), 0, "{what}");
+    }
+    assert_eq!(app.stock_of("cap-a").await, (6, 0, 6));
+    answer_refunds_with(Some("succeeded"));
+    let again = refund_lines(
+        app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 1}]}),
+    )
+    .await;
+    again.assert_status(200);
+    assert_eq!(again.str("refund_status"), "succeeded");
+    assert!(
+        again.body.get("refund_failure_reason").is_none(),
+        "{:?}",
+        again.body
+    );
+    assert_eq!(amount(&again.body, "refunded"), 1000);
+    app.audit().await.assert_clean();
+}
+
+async fn refunds_stripe_fails_are_reported_with_their_reason(kind: StoreKind) {
+    let app = spawn_app_with(kind, Options::default()).await;
+    let sim = app.simulator.clone().expect("the simulator");
+    failed_refunds_are_reported(&app, |status| sim.answer_refunds_with(status)).await;
+}
+
+async fn refunds_stripe_fails_through_the_stripe_client_are_reported_with_their_reason(
+    kind: StoreKind,
+) {
+    let fake = FakeStripe::start().await;
+    let app = spawn_app_with(
+        kind,
+        Options {
+            stripe: Some((fake.base_url(), SECRET_KEY.to_owned())),
+            ..Options::default()
+        },
+    )
+    .await;
+    failed_refunds_are_reported(&app, |status| fake.answer_refunds_with(status)).await;
 }

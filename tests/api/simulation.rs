@@ -451,6 +451,7 @@ impl PaymentGateway for SimGateway {
                         payment_intent_id: Some(intent.id.clone()),
                         amount,
                         status: Some("succeeded".to_owned()),
+                        failure_reason: None,
                     };
                     *ledger.refunded.entry(intent.id.clone()).or_default() += amount;
                     ledger

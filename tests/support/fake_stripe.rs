@@ -142,6 +142,7 @@ impl RefundRow {
             "currency": "eur",
             "payment_intent": self.payment_intent,
             "status": self.status,
+            "failure_reason": holdfast::payments::simulator::failure_reason_of(self.status.as_deref()),
             "reason": null,
             "charge": null,
             "metadata": {},
