@@ -1779,7 +1779,28 @@ pub(crate) const ORDER_CAPTURED_SQL: &str = "UPDATE orders SET \
      updated_at = $4 WHERE id = $1";
 pub(crate) const SHIPMENT_FAILED_SQL: &str = "UPDATE shipments SET status = 'failed', \
      failure = $2, lease_until = NULL, updated_at = $3 WHERE id = $1 AND status = 'capturing' \
-     RETURNING order_id";
+     RETURNING lines";
+/// A refused shipment gives its units back to ship (`$1` shipment, `$2` sku, `$3` units):
+/// nothing was captured for them.
+pub(crate) const UNSHIP_LINE_SQL: &str = "UPDATE order_lines SET shipped = shipped - $3 \
+     WHERE order_id = (SELECT order_id FROM shipments WHERE id = $1) \
+     AND product_id = (SELECT id FROM products WHERE sku = $2) AND shipped >= $3";
+
+/// `(sku, units shipped)` of a shipment's stored lines (`[{sku, quantity, short}]`).
+pub(crate) fn shipped_units(raw: &str) -> Result<Vec<(String, i64)>, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        sku: String,
+        quantity: i64,
+    }
+    let lines: Vec<Line> = serde_json::from_str(raw)
+        .map_err(|e| StoreError::Corrupt(format!("shipment lines: {e}")))?;
+    Ok(lines
+        .into_iter()
+        .filter(|l| l.quantity > 0)
+        .map(|l| (l.sku, l.quantity))
+        .collect())
+}
 
 /// The order's status where shipments may be made.
 pub(crate) fn shippable(status: &str) -> Result<(), StoreError> {

@@ -1926,12 +1926,22 @@ impl Store for SqliteStore {
         failure: &str,
         now: DateTime<Utc>,
     ) -> Result<Order, StoreError> {
-        sqlx::query(SHIPMENT_FAILED_SQL)
+        let mut tx = self.pool.begin().await?;
+        let lines: Option<String> = sqlx::query_scalar(SHIPMENT_FAILED_SQL)
             .bind(shipment)
             .bind(failure)
             .bind(to_millis(now))
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?;
+        for (sku, units) in super::shipped_units(lines.as_deref().unwrap_or("[]"))? {
+            sqlx::query(super::UNSHIP_LINE_SQL)
+                .bind(shipment)
+                .bind(sku)
+                .bind(units)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         self.order_of_shipment(shipment).await
     }
 

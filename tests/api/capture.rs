@@ -49,6 +49,8 @@ both_stores!(
     a_whole_refund_of_an_order_with_partial_refunds_refunds_the_rest,
     refunds_stripe_fails_are_reported_with_their_reason,
     refunds_stripe_fails_through_the_stripe_client_are_reported_with_their_reason,
+    a_card_without_multicapture_refuses_a_shipment_that_is_not_the_last,
+    a_card_without_multicapture_refuses_it_through_the_stripe_client,
 );
 
 /// Signs an event as Stripe does and delivers it to the app at `base`; answers the status.
@@ -1551,4 +1553,84 @@ async fn refunds_stripe_fails_through_the_stripe_client_are_reported_with_their_
     )
     .await;
     failed_refunds_are_reported(&app, |status| fake.answer_refunds_with(status)).await;
+}
+
+/// A card without multicapture (`pm_card_jcb`: Stripe offers it for Visa, Mastercard, Amex
+/// and Discover only): a shipment that is not the last captures with `final_capture=false`,
+/// which Stripe refuses; the shipment is recorded `failed`, nothing is captured or shipped,
+/// and the order keeps its authorization, so the whole order still ships in one last capture.
+/// Answers the checkout's id.
+async fn shipments_on_a_card_without_multicapture(app: &TestApp) -> String {
+    app.new_product("cap-a", 1000, 10).await;
+    let (customer, checkout, order) = app.reserved_checkout("buyer", &[("cap-a", 3)]).await;
+    let paid = app
+        .complete(&customer, &checkout, "pm_card_jcb", "pay-1")
+        .await;
+    paid.assert_status(200);
+    assert_eq!(paid.str("state"), "completed", "{:?}", paid.body);
+    assert_eq!(admin_order(app, &order).await["status"], "authorized");
+
+    let refused = ship(
+        app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 1}]}),
+    )
+    .await;
+
+    refused.assert_status(200);
+    assert_eq!(refused.str("status"), "authorized", "{:?}", refused.body);
+    assert_eq!(amount(&refused.body, "captured"), 0);
+    let shipments = fetch_strings(
+        app,
+        "SELECT status || ':' || COALESCE(failure, '') FROM shipments",
+    )
+    .await;
+    assert_eq!(shipments.len(), 1);
+    assert!(
+        shipments[0].starts_with("failed:") && shipments[0].contains("multicapture"),
+        "{shipments:?}"
+    );
+    let intent_id = refused.str("payment_intent_id");
+    let held = intent(app, &intent_id).await;
+    assert_eq!(held.status, IntentStatus::RequiresCapture);
+    assert_eq!(held.amount_received, 0);
+    // The whole order in its last shipment: one final capture.
+    let last = ship(
+        app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 3}], "last": true}),
+    )
+    .await;
+    last.assert_status(200);
+    assert_eq!(last.str("status"), "fulfilled");
+    assert_eq!(amount(&last.body, "captured"), 3000);
+    let done = intent(app, &intent_id).await;
+    assert_eq!(done.status, IntentStatus::Succeeded);
+    assert_eq!(done.amount_received, 3000);
+    app.audit().await.assert_clean();
+    checkout
+}
+
+async fn a_card_without_multicapture_refuses_a_shipment_that_is_not_the_last(kind: StoreKind) {
+    let app = spawn_app_with(kind, manual()).await;
+    shipments_on_a_card_without_multicapture(&app).await;
+}
+
+async fn a_card_without_multicapture_refuses_it_through_the_stripe_client(kind: StoreKind) {
+    let fake = FakeStripe::start().await;
+    let app = spawn_app_with(
+        kind,
+        Options {
+            stripe: Some((fake.base_url(), SECRET_KEY.to_owned())),
+            ..manual()
+        },
+    )
+    .await;
+    let checkout = shipments_on_a_card_without_multicapture(&app).await;
+    let checkout = holdfast::domain::CheckoutId::parse(&checkout).expect("a checkout id");
+    assert_eq!(
+        fake.captures_for(checkout),
+        1,
+        "only the final capture was made"
+    );
 }
