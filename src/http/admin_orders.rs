@@ -48,7 +48,10 @@ async fn current(state: &AppState, id: OrderId) -> Result<Json<OrderView>, ApiEr
 /// `200` with the refunded order, or `202` with the order still `paid` when the refund is
 /// recorded but the gateway has not confirmed it yet (recovery finishes it) or Stripe holds it
 /// `pending` (`refund_status: "pending"`; its `refund.updated` event finishes it). A refund
-/// Stripe failed leaves the order `paid` with `refund_status: "failed"` (`200`).
+/// Stripe failed leaves the order `paid` with `refund_status: "failed"` and Stripe's
+/// `refund_failure_reason` (`200`). An order captured by shipments, or with partial refunds,
+/// gets back what is left of what was captured (an order still holding an authorization for
+/// unshipped units is closed first); an `authorized` one is cancelled.
 #[utoipa::path(
     post,
     operation_id = "refund_order",
@@ -174,8 +177,9 @@ struct LineRefundBody {
 
 /// Refunds exactly the units named (their order prices), never more than was captured in all;
 /// `restock: true` puts them back in stock, once each. `200` once Stripe refunded (the order's
-/// `refunded` amount grew; `refunded` status once everything captured went back), `202` while
-/// Stripe holds the refund `pending` or its answer is not known yet.
+/// `refunded` amount grew; `refunded` status once everything captured went back) or failed it
+/// (`refund_status: "failed"` with `refund_failure_reason`; the units are refundable again),
+/// `202` while Stripe holds the refund `pending` or its answer is not known yet.
 #[utoipa::path(
     post,
     operation_id = "refund_order_lines",
