@@ -889,20 +889,7 @@ impl CheckoutService {
                 return Ok((self.reload(current.checkout_id).await?, None));
             }
         }
-        let now = self.clock.now();
-        let ticket = self
-            .store
-            .begin_line_refund(&NewLineRefund {
-                id: uuid::Uuid::new_v4(),
-                order,
-                lines: Vec::new(),
-                rest: true,
-                restock: true,
-                lease_until: now + self.saga.lease,
-                now,
-            })
-            .await?;
-        let (_, report) = self.send_line_refund(&ticket).await?;
+        let (_, report) = self.refund_by_line(order, Vec::new(), true, true).await?;
         Ok((self.reload(current.checkout_id).await?, Some(report)))
     }
 
@@ -1038,6 +1025,18 @@ impl CheckoutService {
         lines: Vec<(Sku, u32)>,
         restock: bool,
     ) -> Result<(Order, RefundReport), CheckoutError> {
+        self.refund_by_line(order, lines, false, restock).await
+    }
+
+    /// Records a refund of `lines` (`rest`: of every unit still refundable) and asks the
+    /// gateway for it.
+    async fn refund_by_line(
+        &self,
+        order: OrderId,
+        lines: Vec<(Sku, u32)>,
+        rest: bool,
+        restock: bool,
+    ) -> Result<(Order, RefundReport), CheckoutError> {
         let now = self.clock.now();
         let ticket = self
             .store
@@ -1045,7 +1044,7 @@ impl CheckoutService {
                 id: uuid::Uuid::new_v4(),
                 order,
                 lines,
-                rest: false,
+                rest,
                 restock,
                 lease_until: now + self.saga.lease,
                 now,

@@ -16,6 +16,7 @@ use crate::helpers::{
     eventually, fetch_strings, spawn_app_with, AssertClean, Customer, Options, TestApp,
     ADMIN_TOKEN, WEBHOOK_SECRET,
 };
+use crate::saga::app_with_fake_stripe;
 use crate::wholesale::buyer_of;
 
 both_stores!(
@@ -1266,15 +1267,7 @@ async fn a_company_on_manual_capture_is_authorized_while_retail_is_charged_at_on
 }
 
 async fn a_company_on_manual_capture_is_authorized_through_the_stripe_client(kind: StoreKind) {
-    let fake = FakeStripe::start().await;
-    let app = spawn_app_with(
-        kind,
-        Options {
-            stripe: Some((fake.base_url(), SECRET_KEY.to_owned())),
-            ..Options::default()
-        },
-    )
-    .await;
+    let (app, _fake) = app_with_fake_stripe(kind, Options::default()).await;
     company_on_manual_capture_in_an_automatic_shop(&app).await;
 }
 
@@ -1395,15 +1388,7 @@ async fn a_whole_refund_of_a_partly_shipped_order_closes_it_and_refunds_only_wha
 async fn a_whole_refund_of_a_partly_shipped_order_through_the_stripe_client_refunds_only_what_was_captured(
     kind: StoreKind,
 ) {
-    let fake = FakeStripe::start().await;
-    let app = spawn_app_with(
-        kind,
-        Options {
-            stripe: Some((fake.base_url(), SECRET_KEY.to_owned())),
-            ..manual()
-        },
-    )
-    .await;
+    let (app, fake) = app_with_fake_stripe(kind, manual()).await;
     whole_refund_of_a_partly_shipped_order(&app, |pi| fake.refunded(pi)).await;
 }
 
@@ -1543,15 +1528,7 @@ async fn refunds_stripe_fails_are_reported_with_their_reason(kind: StoreKind) {
 async fn refunds_stripe_fails_through_the_stripe_client_are_reported_with_their_reason(
     kind: StoreKind,
 ) {
-    let fake = FakeStripe::start().await;
-    let app = spawn_app_with(
-        kind,
-        Options {
-            stripe: Some((fake.base_url(), SECRET_KEY.to_owned())),
-            ..Options::default()
-        },
-    )
-    .await;
+    let (app, fake) = app_with_fake_stripe(kind, Options::default()).await;
     failed_refunds_are_reported(&app, |status| fake.answer_refunds_with(status)).await;
 }
 
@@ -1617,15 +1594,7 @@ async fn a_card_without_multicapture_refuses_a_shipment_that_is_not_the_last(kin
 }
 
 async fn a_card_without_multicapture_refuses_it_through_the_stripe_client(kind: StoreKind) {
-    let fake = FakeStripe::start().await;
-    let app = spawn_app_with(
-        kind,
-        Options {
-            stripe: Some((fake.base_url(), SECRET_KEY.to_owned())),
-            ..manual()
-        },
-    )
-    .await;
+    let (app, fake) = app_with_fake_stripe(kind, manual()).await;
     let checkout = shipments_on_a_card_without_multicapture(&app).await;
     let checkout = holdfast::domain::CheckoutId::parse(&checkout).expect("a checkout id");
     assert_eq!(

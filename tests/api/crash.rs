@@ -1196,41 +1196,28 @@ impl Deployment {
                     .map(|buyer| self.complete_in_background(buyer, scenario.payment_method()))
                     .collect()
             }
-            Scenario::PartialRefund => {
+            Scenario::PartialRefund | Scenario::AdminRefund => {
                 for buyer in buyers.iter_mut() {
                     let paid = self.check_out_now(buyer, "pm_card_visa").await;
                     assert_eq!(paid["state"], "completed", "{paid}");
                 }
+                // One unit of each order by line, put back in stock; or each order whole.
+                let (action, body) = match scenario {
+                    Scenario::PartialRefund => (
+                        "refunds",
+                        json!({"lines": [{"sku": SKU, "quantity": 1}], "restock": true}),
+                    ),
+                    _ => ("refund", json!({})),
+                };
                 buyers
                     .iter()
                     .map(|buyer| {
                         let order = buyer.checkout().order_id;
                         let request = self
                             .client
-                            .post(format!("{}/v1/admin/orders/{order}/refunds", self.base))
+                            .post(format!("{}/v1/admin/orders/{order}/{action}", self.base))
                             .bearer_auth(ADMIN_TOKEN)
-                            .json(&json!({"lines": [{"sku": SKU, "quantity": 1}],
-                                          "restock": true}));
-                        tokio::spawn(async move {
-                            let _ = request.send().await;
-                        })
-                    })
-                    .collect()
-            }
-            Scenario::AdminRefund => {
-                for buyer in buyers.iter_mut() {
-                    let paid = self.check_out_now(buyer, "pm_card_visa").await;
-                    assert_eq!(paid["state"], "completed", "{paid}");
-                }
-                buyers
-                    .iter()
-                    .map(|buyer| {
-                        let order = buyer.checkout().order_id;
-                        let request = self
-                            .client
-                            .post(format!("{}/v1/admin/orders/{order}/refund", self.base))
-                            .bearer_auth(ADMIN_TOKEN)
-                            .json(&json!({}));
+                            .json(&body);
                         tokio::spawn(async move {
                             let _ = request.send().await;
                         })
