@@ -83,6 +83,7 @@ async fn seed_wholesale(
                 payment_terms: PaymentTerms::Net30,
                 credit_limit: 500_000,
                 po_number_required: false,
+                capture_method: None,
             },
             now,
         )

@@ -102,6 +102,72 @@ pub struct CheckoutService {
     /// Manual capture: how long an authorization is held before it is settled
     /// (`--authorization-window-seconds`).
     authorization_window: Duration,
+    /// Each buyer's company capture method (`None`: the company, if any, follows the shop),
+    /// read once per instance: a buyer's company and a company's capture method are set when
+    /// they are created and never change, so an entry never goes stale.
+    company_capture: CompanyCapture,
+}
+
+/// A map and a bound (cleared when full; a std lock held for a lookup or an insert only,
+/// never across an await): written by hand, as the customer-token cache is.
+#[derive(Default)]
+struct CompanyCapture(
+    std::sync::RwLock<std::collections::HashMap<CustomerId, Option<CaptureMethod>>>,
+);
+
+impl CompanyCapture {
+    const CAPACITY: usize = 200_000;
+
+    fn get(&self, customer: CustomerId) -> Option<Option<CaptureMethod>> {
+        self.0.read().ok()?.get(&customer).copied()
+    }
+
+    fn put(&self, customer: CustomerId, method: Option<CaptureMethod>) {
+        if let Ok(mut map) = self.0.write() {
+            if map.len() >= Self::CAPACITY {
+                map.clear();
+            }
+            map.insert(customer, method);
+        }
+    }
+}
+
+/// What the refund an admin's request made came to, for its answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundReport {
+    /// `succeeded`, `pending` (Stripe settles it later), `failed` (Stripe kept the money) or
+    /// `unknown` (the answer was lost: recovery asks again under the same key).
+    pub status: &'static str,
+    /// Stripe's `failure_reason` of a failed refund, when it gives one.
+    pub failure_reason: Option<String>,
+}
+
+impl RefundReport {
+    fn of(refund: &Refund) -> Self {
+        Self {
+            status: match refund.outcome() {
+                RefundOutcome::Succeeded => "succeeded",
+                RefundOutcome::Pending => "pending",
+                RefundOutcome::Failed => "failed",
+            },
+            failure_reason: refund
+                .failure_reason
+                .clone()
+                .filter(|_| refund.outcome() == RefundOutcome::Failed),
+        }
+    }
+
+    fn unknown() -> Self {
+        Self {
+            status: "unknown",
+            failure_reason: None,
+        }
+    }
+
+    /// Succeeded or failed: nothing more will happen to it.
+    pub fn settled(&self) -> bool {
+        matches!(self.status, "succeeded" | "failed")
+    }
 }
 
 /// The gateway key of one charge attempt: every retry of the attempt sends the same one.
@@ -143,6 +209,7 @@ impl CheckoutService {
             grouper: None,
             capture: CaptureMethod::Automatic,
             authorization_window: Duration::days(6),
+            company_capture: CompanyCapture::default(),
         }
     }
 
@@ -169,11 +236,25 @@ impl CheckoutService {
         self
     }
 
-    /// How a checkout starting now for `customer` is captured: decided once, here, and stored
-    /// with the checkout. The shop-wide setting today; a per-customer (company) term plugs in
-    /// at this one place.
-    fn capture_method_for(&self, _customer: CustomerId) -> CaptureMethod {
+    /// The shop-wide capture method (`--capture-method`): what a retail customer's checkouts
+    /// and those of a company without a setting of its own use.
+    pub fn shop_capture_method(&self) -> CaptureMethod {
         self.capture
+    }
+
+    /// How a checkout starting now for `customer` is captured: decided once, here, and stored
+    /// with the checkout. The buyer's company's wholesale terms decide when they set it; the
+    /// shop's setting otherwise (retail customers included).
+    async fn capture_method_for(&self, customer: CustomerId) -> Result<CaptureMethod, StoreError> {
+        let company = match self.company_capture.get(customer) {
+            Some(known) => known,
+            None => {
+                let read = self.store.company_capture_method(customer).await?;
+                self.company_capture.put(customer, read);
+                read
+            }
+        };
+        Ok(company.unwrap_or(self.capture))
     }
 
     /// Reserves through the group batcher (`--group-reservations`). Starts its collector on
@@ -231,10 +312,14 @@ impl CheckoutService {
         po_number: Option<crate::domain::PoNumber>,
     ) -> Result<Checkout, CheckoutError> {
         let now = self.clock.now();
-        let (found, sales) = self
-            .store
-            .cart_and_current_sales(customer, cart, now)
-            .await?;
+        // Both reads at once: the capture method (read from the store once per buyer and
+        // instance) costs no extra wait on the buyer's path.
+        let (cart_and_sales, capture_method) = tokio::join!(
+            self.store.cart_and_current_sales(customer, cart, now),
+            self.capture_method_for(customer),
+        );
+        let (found, sales) = cart_and_sales?;
+        let capture_method = capture_method?;
         let lines = found
             .ok_or(CheckoutError::Store(StoreError::NotFound("cart")))?
             .lines;
@@ -280,7 +365,7 @@ impl CheckoutService {
             open_sales,
             idempotency_key: idempotency_key.map(str::to_owned),
             po_number,
-            capture_method: self.capture_method_for(customer),
+            capture_method,
         };
         let reserved = observe::timed(SagaStep::Reserve, self.reserve(new)).await;
         count_reservation(&reserved);
@@ -660,12 +745,20 @@ impl CheckoutService {
     /// units were gone, or an admin refund. An authorization nothing was captured from is
     /// cancelled instead (Stripe releases the hold; there is nothing to refund).
     async fn refund_late_success(&self, checkout: Checkout) -> Result<Checkout, CheckoutError> {
+        Ok(self.refund_whole(checkout).await?.0)
+    }
+
+    /// [`Self::refund_late_success`], with what the refund call came to when one was made.
+    async fn refund_whole(
+        &self,
+        checkout: Checkout,
+    ) -> Result<(Checkout, Option<RefundReport>), CheckoutError> {
         let Some(intent) = checkout.payment_intent_id.clone() else {
-            return Ok(checkout);
+            return Ok((checkout, None));
         };
         if self.store.capture_method(checkout.id).await? == CaptureMethod::Manual {
             if let Some(released) = self.release_authorization(&checkout, &intent).await? {
-                return Ok(released);
+                return Ok((released, None));
             }
         }
         let request = RefundRequest {
@@ -680,11 +773,11 @@ impl CheckoutService {
             Ok(refund) => {
                 let recorded = self.record_refund(checkout.id, &refund).await?;
                 faults::hit(self.saga.fault, FaultPoint::AfterRecordRefund).await;
-                Ok(recorded)
+                Ok((recorded, Some(RefundReport::of(&refund))))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "refund failed; recovery will retry");
-                Ok(checkout)
+                Ok((checkout, Some(RefundReport::unknown())))
             }
         }
     }
@@ -783,24 +876,63 @@ impl CheckoutService {
     /// recovery. An order only authorized (manual capture, nothing shipped) is cancelled
     /// instead: every unit short, back in stock, the authorization released. An order placed
     /// on account involves no gateway: its invoice is voided and its credit given back.
-    pub async fn refund_order(&self, order: OrderId) -> Result<Checkout, CheckoutError> {
-        let current = self
-            .store
-            .admin_order(order)
-            .await?
-            .ok_or(StoreError::NotFound("order"))?;
+    ///
+    /// An order captured by shipments, or one with partial refunds, gets back what is left of
+    /// what was captured: an order still authorized for units not shipped is closed first (those
+    /// units short, the rest of the authorization released), then every unit shipped (or sold)
+    /// and not yet refunded is refunded by line and put back in stock, never more money than
+    /// was captured. Answers the checkout and what the refund call came to (`None`: nothing was
+    /// refunded, only an authorization released).
+    pub async fn refund_order(
+        &self,
+        order: OrderId,
+    ) -> Result<(Checkout, Option<RefundReport>), CheckoutError> {
+        let current = self.admin_order(order).await?;
         if current.status == OrderStatus::Authorized {
             self.ship(order, Vec::new(), true).await?;
-            return self.reload(current.checkout_id).await;
+            return Ok((self.reload(current.checkout_id).await?, None));
+        }
+        if current.authorized_amount.is_some() || self.has_partial_refunds(&current).await? {
+            return self.refund_rest(current).await;
         }
         if current.invoice_id.is_some() {
-            return Ok(self
+            let checkout = self
                 .store
                 .refund_on_account(order, self.clock.now())
-                .await?);
+                .await?;
+            return Ok((checkout, None));
         }
         let checkout = self.store.request_refund(order, self.clock.now()).await?;
-        self.refund_late_success(checkout).await
+        self.refund_whole(checkout).await
+    }
+
+    async fn has_partial_refunds(&self, order: &Order) -> Result<bool, CheckoutError> {
+        Ok(match &order.payment_intent_id {
+            Some(intent) => self.store.line_refunds_of_payment(intent).await?.is_some(),
+            None => false,
+        })
+    }
+
+    /// The whole refund of an order captured by shipments or partly refunded: see
+    /// [`Self::refund_order`].
+    async fn refund_rest(
+        &self,
+        current: Order,
+    ) -> Result<(Checkout, Option<RefundReport>), CheckoutError> {
+        let order = current.id;
+        if current.status == OrderStatus::PartiallyFulfilled {
+            let (closed, settled) = self.ship(order, Vec::new(), true).await?;
+            if !settled {
+                // The release's answer is unknown; recovery finishes it, then a refund can.
+                let checkout = self.reload(current.checkout_id).await?;
+                return Ok((checkout, Some(RefundReport::unknown())));
+            }
+            if closed.captured_amount == 0 {
+                return Ok((self.reload(current.checkout_id).await?, None));
+            }
+        }
+        let (_, report) = self.refund_by_line(order, Vec::new(), true, true).await?;
+        Ok((self.reload(current.checkout_id).await?, Some(report)))
     }
 
     /// Manual capture: ships `lines` of an authorized order and captures their amount
@@ -926,14 +1058,27 @@ impl CheckoutService {
     /// key), never more than was captured; `restock` puts the units back in stock once it
     /// succeeded. Recorded before the call, its answer after; Stripe's `charge.refunded`
     /// (`amount_refunded`) and `refund.*` events settle the same record, whichever comes
-    /// first. Answers the order and whether the refund is settled (succeeded or failed).
+    /// first. Answers the order and what the refund came to (Stripe may fail it: the units
+    /// are refundable again and the answer says why).
     #[tracing::instrument(skip_all, fields(order_id = %order))]
     pub async fn refund_lines(
         &self,
         order: OrderId,
         lines: Vec<(Sku, u32)>,
         restock: bool,
-    ) -> Result<(Order, bool), CheckoutError> {
+    ) -> Result<(Order, RefundReport), CheckoutError> {
+        self.refund_by_line(order, lines, false, restock).await
+    }
+
+    /// Records a refund of `lines` (`rest`: of every unit still refundable) and asks the
+    /// gateway for it.
+    async fn refund_by_line(
+        &self,
+        order: OrderId,
+        lines: Vec<(Sku, u32)>,
+        rest: bool,
+        restock: bool,
+    ) -> Result<(Order, RefundReport), CheckoutError> {
         let now = self.clock.now();
         let ticket = self
             .store
@@ -941,6 +1086,7 @@ impl CheckoutService {
                 id: uuid::Uuid::new_v4(),
                 order,
                 lines,
+                rest,
                 restock,
                 lease_until: now + self.saga.lease,
                 now,
@@ -952,7 +1098,8 @@ impl CheckoutService {
     async fn send_line_refund(
         &self,
         ticket: &LineRefundTicket,
-    ) -> Result<(Order, bool), CheckoutError> {
+    ) -> Result<(Order, RefundReport), CheckoutError> {
+        faults::hit(self.saga.fault, FaultPoint::BeforeRefundCall).await;
         let answer = self
             .gateway
             .refund(&RefundRequest {
@@ -961,6 +1108,7 @@ impl CheckoutService {
                 idempotency_key: ticket.refund_key.clone(),
             })
             .await;
+        faults::hit(self.saga.fault, FaultPoint::AfterRefundCall).await;
         let now = self.clock.now();
         match answer {
             Ok(refund) => {
@@ -969,11 +1117,18 @@ impl CheckoutService {
                     .store
                     .record_line_refund(ticket.id, status, Some(&refund.id), now)
                     .await?;
-                Ok((order, status != LineRefundStatus::Pending))
+                faults::hit(self.saga.fault, FaultPoint::AfterRecordRefund).await;
+                if status == LineRefundStatus::Failed {
+                    tracing::error!(refund = %ticket.id, reason = ?refund.failure_reason, "the gateway failed the refund");
+                }
+                Ok((order, RefundReport::of(&refund)))
             }
             Err(e) if e.is_retryable() => {
                 tracing::warn!(refund = %ticket.id, error = %e, "refund outcome unknown; recovery repeats it with the same key");
-                Ok((self.admin_order(ticket.order_id).await?, false))
+                Ok((
+                    self.admin_order(ticket.order_id).await?,
+                    RefundReport::unknown(),
+                ))
             }
             Err(e) => {
                 tracing::error!(refund = %ticket.id, error = %e, "the gateway refused the refund");

@@ -346,6 +346,8 @@ pub struct NewCompany {
     pub credit_limit: i64,
     /// Every checkout of its buyers must carry a purchase-order number.
     pub po_number_required: bool,
+    /// How its buyers' cards are charged; `None`: as the shop's `--capture-method` says.
+    pub capture_method: Option<super::CaptureMethod>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -357,6 +359,8 @@ pub struct Company {
     pub credit_limit: i64,
     pub po_number_required: bool,
     pub created_at: DateTime<Utc>,
+    /// `None`: its buyers' checkouts follow the shop's `--capture-method`.
+    pub capture_method: Option<super::CaptureMethod>,
 }
 
 /// The invoice of an order placed on account: its open balance counts against the company's

@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
+use crate::checkout::RefundReport;
 use crate::domain::{OrderId, Quantity, Sku};
 
 use super::auth::Admin;
@@ -47,9 +48,12 @@ async fn current(state: &AppState, id: OrderId) -> Result<Json<OrderView>, ApiEr
 /// `200` with the refunded order, or `202` with the order still `paid` when the refund is
 /// recorded but the gateway has not confirmed it yet (recovery finishes it) or Stripe holds it
 /// `pending` (`refund_status: "pending"`; its `refund.updated` event finishes it). A refund
-/// Stripe failed leaves the order `paid` with `refund_status: "failed"` (`200`). An order
-/// placed on account (`awaiting_payment_on_terms`, or `paid` on terms) is refunded at once
-/// (`200`): its invoice is `void`, its open balance given back to the company's credit.
+/// Stripe failed leaves the order `paid` with `refund_status: "failed"` and Stripe's
+/// `refund_failure_reason` (`200`). An order captured by shipments, or with partial refunds,
+/// gets back what is left of what was captured (an order still holding an authorization for
+/// unshipped units is closed first); an `authorized` one is cancelled.
+/// An order placed on account (`awaiting_payment_on_terms`, or `paid` on terms) is refunded at
+/// once (`200`): its invoice is `void`, its open balance given back to the company's credit.
 #[utoipa::path(
     post,
     operation_id = "refund_order",
@@ -73,14 +77,26 @@ async fn refund(
     OptionalJson(NoBody {}): OptionalJson<NoBody>,
 ) -> Result<Response, ApiError> {
     let id = parse_order_id(&id)?;
-    let checkout = state.checkout.refund_order(id).await?;
-    let order = current(&state, id).await?;
-    let status = if checkout.refund_due || order.refund_status.as_deref() == Some("pending") {
-        StatusCode::ACCEPTED
-    } else {
-        StatusCode::OK
-    };
-    Ok((status, order).into_response())
+    let (checkout, report) = state.checkout.refund_order(id).await?;
+    let Json(mut order) = current(&state, id).await?;
+    let unsettled = report.as_ref().is_some_and(|r| !r.settled());
+    reported(&mut order, report);
+    let status =
+        if unsettled || checkout.refund_due || order.refund_status.as_deref() == Some("pending") {
+            StatusCode::ACCEPTED
+        } else {
+            StatusCode::OK
+        };
+    Ok((status, Json(order)).into_response())
+}
+
+/// The answer to a refund request shows what its refund came to: `refund_status` and, when
+/// Stripe failed it, `refund_failure_reason`.
+fn reported(order: &mut OrderView, report: Option<RefundReport>) {
+    if let Some(report) = report {
+        order.refund_status = Some(report.status.to_owned());
+        order.refund_failure_reason = report.failure_reason;
+    }
 }
 
 /// Units of one SKU in a shipment.
@@ -163,8 +179,9 @@ struct LineRefundBody {
 
 /// Refunds exactly the units named (their order prices), never more than was captured in all;
 /// `restock: true` puts them back in stock, once each. `200` once Stripe refunded (the order's
-/// `refunded` amount grew; `refunded` status once everything captured went back), `202` while
-/// Stripe holds the refund `pending` or its answer is not known yet.
+/// `refunded` amount grew; `refunded` status once everything captured went back) or failed it
+/// (`refund_status: "failed"` with `refund_failure_reason`; the units are refundable again),
+/// `202` while Stripe holds the refund `pending` or its answer is not known yet.
 #[utoipa::path(
     post,
     operation_id = "refund_order_lines",
@@ -195,11 +212,13 @@ async fn refund_lines(
         .into_iter()
         .map(|line| (line.sku, line.quantity.get()))
         .collect();
-    let (order, settled) = state.checkout.refund_lines(id, lines, body.restock).await?;
-    let status = if settled {
+    let (order, report) = state.checkout.refund_lines(id, lines, body.restock).await?;
+    let status = if report.settled() {
         StatusCode::OK
     } else {
         StatusCode::ACCEPTED
     };
-    Ok((status, Json(OrderView::from(order))).into_response())
+    let mut view = OrderView::from(order);
+    reported(&mut view, Some(report));
+    Ok((status, Json(view)).into_response())
 }

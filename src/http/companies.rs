@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::domain::{
-    Company, CompanyId, CompanyPrice, Currency, CustomerName, Invoice, InvoiceId, Money,
-    NewCompany, PaymentTerms, PriceTiers, Sku,
+    CaptureMethod, Company, CompanyId, CompanyPrice, Currency, CustomerName, Invoice, InvoiceId,
+    Money, NewCompany, PaymentTerms, PriceTiers, Sku,
 };
 
 use super::admin::parse_sku;
@@ -49,6 +49,11 @@ struct CreateCompany {
     /// Every checkout of its buyers must carry a `po_number` (default false).
     #[serde(default)]
     po_number_required: bool,
+    /// `automatic` (charged at checkout) or `manual` (authorized at checkout, captured by the
+    /// shipments). Left out: its buyers' checkouts follow the shop's `--capture-method`.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    capture_method: Option<CaptureMethod>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -63,11 +68,23 @@ pub struct CompanyView {
     po_number_required: bool,
     #[serde(serialize_with = "rfc3339")]
     created_at: DateTime<Utc>,
+    /// How its buyers' checkouts are charged now: `automatic` or `manual` (the company's own
+    /// setting, or the shop's `--capture-method` when it has none).
+    capture_method: String,
+    /// `company` when the company sets `capture_method`, `shop` when it follows the shop.
+    capture_method_source: &'static str,
 }
 
-impl From<Company> for CompanyView {
-    fn from(c: Company) -> Self {
+impl CompanyView {
+    /// The company as shown, its capture method resolved against the shop's `shop` setting.
+    fn of(c: Company, shop: CaptureMethod) -> Self {
         Self {
+            capture_method: c.capture_method.unwrap_or(shop).as_str().to_owned(),
+            capture_method_source: if c.capture_method.is_some() {
+                "company"
+            } else {
+                "shop"
+            },
             id: c.id.to_string(),
             name: c.name,
             currency: c.currency.as_str().to_owned(),
@@ -108,9 +125,11 @@ async fn create(
         payment_terms: body.payment_terms,
         credit_limit: body.credit_limit,
         po_number_required: body.po_number_required,
+        capture_method: body.capture_method,
     };
     let company = state.store.create_company(&new, state.clock.now()).await?;
-    Ok((StatusCode::CREATED, Json(company.into())))
+    let shop = state.checkout.shop_capture_method();
+    Ok((StatusCode::CREATED, Json(CompanyView::of(company, shop))))
 }
 
 fn parse_company_id(raw: &str) -> Result<CompanyId, ApiError> {
@@ -145,7 +164,8 @@ async fn one(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<CompanyView>, ApiError> {
-    Ok(Json(company_of(&state, &id).await?.into()))
+    let shop = state.checkout.shop_capture_method();
+    Ok(Json(CompanyView::of(company_of(&state, &id).await?, shop)))
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -204,6 +204,10 @@ pub struct OrderView {
     /// Once a refund was asked for: `pending` (the order stays `paid` until Stripe settles
     /// it), `failed` (Stripe kept the money: the order stays `paid`) or `succeeded`.
     pub refund_status: Option<String>,
+    /// In the answer to a refund Stripe failed: Stripe's `failure_reason`
+    /// (`lost_or_stolen_card`, `expired_or_canceled_card`, `unknown`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refund_failure_reason: Option<String>,
     /// The buyer's purchase-order number, if the checkout carried one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub po_number: Option<String>,
@@ -239,6 +243,7 @@ impl From<Order> for OrderView {
             payment_intent_id: o.payment_intent_id,
             created_at: o.created_at,
             refund_status: o.refund_status,
+            refund_failure_reason: None,
             po_number: o.po_number,
             invoice_id: o.invoice_id.map(|i| i.to_string()),
         }

@@ -278,6 +278,10 @@ pub struct Refund {
     /// `None` when Stripe sent `null`.
     #[serde(default)]
     pub status: Option<String>,
+    /// Why Stripe failed it, when it did and says (`lost_or_stolen_card`,
+    /// `expired_or_canceled_card`, `unknown`, ...).
+    #[serde(default)]
+    pub failure_reason: Option<String>,
 }
 
 /// Where a refund stands, as far as the order is concerned.

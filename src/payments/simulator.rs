@@ -10,7 +10,8 @@
 //! embedded shape too.
 //!
 //! Test payment methods, as in Stripe's test mode (<https://docs.stripe.com/testing>):
-//! `pm_card_visa` and `pm_card_mastercard` succeed, `pm_card_chargeDeclined` is declined
+//! `pm_card_visa`, `pm_card_mastercard`, `pm_card_amex`, `pm_card_discover` and `pm_card_jcb`
+//! succeed (the JCB card without multicapture), `pm_card_chargeDeclined` is declined
 //! (`generic_decline`), `pm_card_chargeDeclinedInsufficientFunds` is declined
 //! (`insufficient_funds`), `pm_card_authenticationRequired` needs 3-D Secure (finished with
 //! [`StripeSimulator::authenticate`]); any other payment method is `resource_missing`.
@@ -109,6 +110,8 @@ struct State {
     charges: HashMap<String, String>,
     /// Intents created with `capture_method=manual`, with the captures made so far.
     manual: HashMap<String, u32>,
+    /// Manual intents whose card offers no multicapture: captured once, finally.
+    single_capture: std::collections::HashSet<String>,
     refunds: Vec<Refund>,
     /// The status new refunds answer with: `None` means Stripe's `null`; by default
     /// `succeeded`.
@@ -142,7 +145,8 @@ enum TestCard {
 
 fn test_card(payment_method: &str) -> Option<TestCard> {
     Some(match payment_method {
-        "pm_card_visa" | "pm_card_mastercard" => TestCard::Succeeds,
+        "pm_card_visa" | "pm_card_mastercard" | "pm_card_amex" | "pm_card_discover"
+        | "pm_card_jcb" => TestCard::Succeeds,
         "pm_card_chargeDeclined" => TestCard::Declines {
             decline_code: "generic_decline",
             message: "Your card was declined.",
@@ -172,6 +176,7 @@ impl StripeSimulator {
         for refund in &mut self.state().refunds {
             if refund.id == refund_id {
                 refund.status = Some(status.to_owned());
+                refund.failure_reason = failure_reason_of(Some(status));
             }
         }
     }
@@ -327,6 +332,9 @@ impl State {
         };
         if req.capture_method == CaptureMethod::Manual {
             self.manual.insert(intent.id.clone(), 0);
+            if !offers_multicapture(&req.payment_method) {
+                self.single_capture.insert(intent.id.clone());
+            }
         }
         self.by_id.insert(intent.id.clone(), self.intents.len());
         self.intents.push(intent.clone());
@@ -405,14 +413,16 @@ impl State {
                 format!("Refund amount ({amount}) is greater than unrefunded amount on charge ({remaining})."),
             ));
         }
+        let status = self
+            .refund_status
+            .clone()
+            .unwrap_or_else(|| Some("succeeded".into()));
         let refund = Refund {
             id: new_id("re"),
             payment_intent_id: Some(intent.id.clone()),
             amount,
-            status: self
-                .refund_status
-                .clone()
-                .unwrap_or_else(|| Some("succeeded".into())),
+            failure_reason: failure_reason_of(status.as_deref()),
+            status,
         };
         self.refunds.push(refund.clone());
         if refund.outcome() != super::RefundOutcome::Succeeded {
@@ -510,6 +520,12 @@ impl State {
                 ),
             ));
         }
+        if !req.final_capture && self.single_capture.contains(&intent.id) {
+            return Err(invalid(
+                "payment_intent_multicapture_not_available",
+                "Multicapture is not available for this PaymentIntent.".into(),
+            ));
+        }
         let last_allowed = captures + 1 >= MAX_CAPTURES;
         if !req.final_capture && last_allowed {
             return Err(invalid(
@@ -596,6 +612,21 @@ fn invalid(code: &str, message: String) -> GatewayError {
 
 fn random_part() -> String {
     Alphanumeric.sample_string(&mut rand::thread_rng(), 24)
+}
+
+/// Multicapture is offered for online Visa, Mastercard, Amex and Discover cards
+/// (<https://docs.stripe.com/payments/multicapture>); other brands (`pm_card_jcb` here) are
+/// captured once.
+pub fn offers_multicapture(payment_method: &str) -> bool {
+    matches!(
+        payment_method,
+        "pm_card_visa" | "pm_card_mastercard" | "pm_card_amex" | "pm_card_discover"
+    )
+}
+
+/// What a failed test-mode refund gives as its reason: the card cannot take the money back.
+pub fn failure_reason_of(status: Option<&str>) -> Option<String> {
+    (status == Some("failed")).then(|| "expired_or_canceled_card".to_owned())
 }
 
 fn new_id(prefix: &str) -> String {

@@ -1054,6 +1054,12 @@ pub trait WholesaleStore: Send + Sync {
         &self,
         company: CompanyId,
     ) -> Result<Vec<(Sku, CompanyPrice)>, StoreError>;
+    /// The capture method of the customer's company, when it has one that sets it; `None`
+    /// for a retail customer and for a company following the shop's setting.
+    async fn company_capture_method(
+        &self,
+        customer: CustomerId,
+    ) -> Result<Option<crate::domain::CaptureMethod>, StoreError>;
 }
 
 /// How `Duration`s and instants are stored: milliseconds since the epoch, in both stores.
@@ -1482,7 +1488,13 @@ pub(crate) const INSERT_PRODUCT_SQL: &str = "INSERT INTO products (sku, name, pr
      price_tiers";
 
 pub(crate) const COMPANY_COLUMNS: &str =
-    "id, name, currency, payment_terms, credit_limit, po_number_required, created_at";
+    "id, name, currency, payment_terms, credit_limit, po_number_required, created_at, \
+     capture_method";
+
+/// The capture method a customer's company sets (both stores): no row for a retail customer,
+/// a NULL for a company following the shop's setting.
+pub(crate) const COMPANY_CAPTURE_METHOD_SQL: &str = "SELECT co.capture_method FROM customers cu \
+     JOIN companies co ON co.id = cu.company_id WHERE cu.id = $1";
 
 /// A company's price of a SKU, set or replaced (both stores): `$1` company, `$2` product id,
 /// amount, percent_off, tiers, updated_at.
@@ -1839,7 +1851,28 @@ pub(crate) const ORDER_CAPTURED_SQL: &str = "UPDATE orders SET \
      updated_at = $4 WHERE id = $1";
 pub(crate) const SHIPMENT_FAILED_SQL: &str = "UPDATE shipments SET status = 'failed', \
      failure = $2, lease_until = NULL, updated_at = $3 WHERE id = $1 AND status = 'capturing' \
-     RETURNING order_id";
+     RETURNING lines";
+/// A refused shipment gives its units back to ship (`$1` shipment, `$2` sku, `$3` units):
+/// nothing was captured for them.
+pub(crate) const UNSHIP_LINE_SQL: &str = "UPDATE order_lines SET shipped = shipped - $3 \
+     WHERE order_id = (SELECT order_id FROM shipments WHERE id = $1) \
+     AND product_id = (SELECT id FROM products WHERE sku = $2) AND shipped >= $3";
+
+/// `(sku, units shipped)` of a shipment's stored lines (`[{sku, quantity, short}]`).
+pub(crate) fn shipped_units(raw: &str) -> Result<Vec<(String, i64)>, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        sku: String,
+        quantity: i64,
+    }
+    let lines: Vec<Line> = serde_json::from_str(raw)
+        .map_err(|e| StoreError::Corrupt(format!("shipment lines: {e}")))?;
+    Ok(lines
+        .into_iter()
+        .filter(|l| l.quantity > 0)
+        .map(|l| (l.sku, l.quantity))
+        .collect())
+}
 
 /// The order's status where shipments may be made.
 pub(crate) fn shippable(status: &str) -> Result<(), StoreError> {
@@ -1886,6 +1919,9 @@ pub struct NewLineRefund {
     pub id: LineRefundId,
     pub order: OrderId,
     pub lines: Vec<(Sku, u32)>,
+    /// Instead of `lines`: every unit still refundable (what a whole refund of an order with
+    /// partial refunds or manual captures gives back).
+    pub rest: bool,
     /// Put the refunded units back in stock (once each).
     pub restock: bool,
     pub lease_until: DateTime<Utc>,
@@ -1936,14 +1972,29 @@ pub(crate) struct RefundedLine {
 /// The one rule for a partial refund, both stores: SKUs of the order only, never more units
 /// than are refundable (ordered, or under manual capture shipped, less those refunded or
 /// being refunded), and never more money than was captured, counting refunds in flight.
-/// Answers the lines and the amount.
+/// `wanted` `None`: every refundable unit. Answers the lines and the amount.
 pub(crate) fn plan_line_refund(
     lines: &[RefundableLine],
-    wanted: &[(Sku, u32)],
+    wanted: Option<&[(Sku, u32)]>,
     manual: bool,
     captured: i64,
     refunded_or_in_flight: i64,
 ) -> Result<(Vec<RefundedLine>, i64), StoreError> {
+    let sold = |line: &RefundableLine| if manual { line.shipped } else { line.quantity };
+    let rest: Vec<(Sku, u32)>;
+    let wanted = match wanted {
+        Some(wanted) => wanted,
+        None => {
+            rest = lines
+                .iter()
+                .filter_map(|l| {
+                    let left = u32::try_from(sold(l) - l.refunded).ok()?;
+                    (left > 0).then(|| (l.sku.clone(), left))
+                })
+                .collect();
+            &rest
+        }
+    };
     let mut asked: HashMap<&Sku, i64> = HashMap::new();
     for (sku, quantity) in wanted {
         if !lines.iter().any(|l| &l.sku == sku) {
@@ -1959,8 +2010,7 @@ pub(crate) fn plan_line_refund(
         let Some(&quantity) = asked.get(&line.sku) else {
             continue;
         };
-        let sold = if manual { line.shipped } else { line.quantity };
-        let refundable = sold - line.refunded;
+        let refundable = sold(line) - line.refunded;
         if quantity > refundable {
             return Err(StoreError::BadRefund(format!(
                 "{} has {refundable} refundable units, not {quantity}",

@@ -37,15 +37,16 @@ use super::{
     NewCheckout, NewLineRefund, NewShipment, Page, RefundedLine, Released, Retry, SaleCheckout,
     SaleLimit, ShipmentId, ShipmentTicket, Shortfall, Store, StoreError, StoreKind, StoredKey,
     WantedLine, AUTHORIZATIONS_BEFORE_SQL, CAPTURE_METHOD_SQL, CART_SQL, CHECKOUT_COLUMNS,
-    COMPANY_COLUMNS, COMPANY_PRICES_SQL, DISPUTED_ORDERS_SQL, DISPUTE_CLOSED_SQL,
-    DISPUTE_OPENED_SQL, IDEMPOTENCY_RENEW, INSERT_LINE_REFUND_SQL, INSERT_PRODUCT_SQL,
-    INSERT_SHIPMENT_SQL, INVENTORY_AUDIT_SQL, LINE_REFUNDS_OF_PAYMENT_SQL, LINE_REFUND_COLUMNS,
-    LINE_REFUND_ROW_SQL, ORDER_AUTHORIZED_SQL, ORDER_CAPTURED_SQL, ORDER_COLUMNS,
-    ORDER_REFUNDED_PART_SQL, ORDER_WITH_LINES_SQL, PAID_ORDER_LINES_SQL, PRODUCT_COLUMNS,
-    REFUNDABLE_LINES_SQL, REFUNDABLE_ORDER_SQL, REFUND_LINE_SQL, RESTOCKED_LINE_SQL, RESTOCK_SQL,
-    SALE_CHECKOUTS_SQL, SETTLE_LINE_REFUND_SQL, SHIPMENT_CAPTURED_SQL, SHIPMENT_CAPTURING_SQL,
-    SHIPMENT_COLUMNS, SHIPMENT_FAILED_SQL, SHIPPABLE_LINES_SQL, SHIPPABLE_ORDER_SQL, SHIP_LINE_SQL,
-    SHORT_PART_SQL, SHORT_WHOLE_SQL, UPDATE_PRODUCT_SQL, UPSERT_COMPANY_PRICE_SQL,
+    COMPANY_CAPTURE_METHOD_SQL, COMPANY_COLUMNS, COMPANY_PRICES_SQL, DISPUTED_ORDERS_SQL,
+    DISPUTE_CLOSED_SQL, DISPUTE_OPENED_SQL, IDEMPOTENCY_RENEW, INSERT_LINE_REFUND_SQL,
+    INSERT_PRODUCT_SQL, INSERT_SHIPMENT_SQL, INVENTORY_AUDIT_SQL, LINE_REFUNDS_OF_PAYMENT_SQL,
+    LINE_REFUND_COLUMNS, LINE_REFUND_ROW_SQL, ORDER_AUTHORIZED_SQL, ORDER_CAPTURED_SQL,
+    ORDER_COLUMNS, ORDER_REFUNDED_PART_SQL, ORDER_WITH_LINES_SQL, PAID_ORDER_LINES_SQL,
+    PRODUCT_COLUMNS, REFUNDABLE_LINES_SQL, REFUNDABLE_ORDER_SQL, REFUND_LINE_SQL,
+    RESTOCKED_LINE_SQL, RESTOCK_SQL, SALE_CHECKOUTS_SQL, SETTLE_LINE_REFUND_SQL,
+    SHIPMENT_CAPTURED_SQL, SHIPMENT_CAPTURING_SQL, SHIPMENT_COLUMNS, SHIPMENT_FAILED_SQL,
+    SHIPPABLE_LINES_SQL, SHIPPABLE_ORDER_SQL, SHIP_LINE_SQL, SHORT_PART_SQL, SHORT_WHOLE_SQL,
+    UPDATE_PRODUCT_SQL, UPSERT_COMPANY_PRICE_SQL,
 };
 use super::{
     credit_row_sql, invoice_payment, on_account_checkout, on_account_terms, CreditAuditRow,
@@ -1702,12 +1703,22 @@ impl Store for PgStore {
         failure: &str,
         now: DateTime<Utc>,
     ) -> Result<Order, StoreError> {
-        sqlx::query(SHIPMENT_FAILED_SQL)
+        let mut tx = self.pool.begin().await?;
+        let lines: Option<String> = sqlx::query_scalar(SHIPMENT_FAILED_SQL)
             .bind(shipment)
             .bind(failure)
             .bind(to_millis(now))
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?;
+        for (sku, units) in super::shipped_units(lines.as_deref().unwrap_or("[]"))? {
+            sqlx::query(super::UNSHIP_LINE_SQL)
+                .bind(shipment)
+                .bind(sku)
+                .bind(units)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         self.order_of_shipment(shipment).await
     }
 
@@ -1780,7 +1791,7 @@ impl Store for PgStore {
             .collect::<Result<Vec<_>, _>>()?;
         let (planned, amount) = plan_line_refund(
             &lines,
-            &new.lines,
+            (!new.rest).then_some(new.lines.as_slice()),
             authorized.is_some(),
             captured,
             refunded + in_flight,

@@ -93,6 +93,13 @@ macro_rules! row_decoders {
                 credit_limit: row.try_get("credit_limit")?,
                 po_number_required: row.try_get("po_number_required")?,
                 created_at: from_millis(row.try_get("created_at")?)?,
+                capture_method: row
+                    .try_get::<Option<String>, _>("capture_method")?
+                    .map(|m| {
+                        crate::domain::CaptureMethod::parse(&m)
+                            .ok_or_else(|| StoreError::Corrupt(format!("capture method {m:?}")))
+                    })
+                    .transpose()?,
             })
         }
 

@@ -38,18 +38,18 @@ use super::{
     NewCheckout, NewLineRefund, NewShipment, Page, PricedLine, RefundedLine, Released, Retry,
     RowNow, SaleCheckout, ShipmentId, ShipmentTicket, Store, StoreError, StoreKind, StoredKey,
     WantedLine, AUTHORIZATIONS_BEFORE_SQL, CAPTURE_METHOD_SQL, CART_CHECKED_OUT_SQL, CART_SQL,
-    CHECKOUT_COLUMNS, COMPANY_COLUMNS, COMPANY_PRICES_SQL, CREDIT_AUDIT_SQL, DISPUTED_ORDERS_SQL,
-    DISPUTE_CLOSED_SQL, DISPUTE_OPENED_SQL, IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW,
-    INSERT_LINE_REFUND_SQL, INSERT_PRODUCT_SQL, INSERT_SHIPMENT_SQL, INVENTORY_AUDIT_SQL,
-    INVOICE_COLUMNS, INVOICE_PAID_ORDER_SQL, INVOICE_PAYMENT_SQL, LINE_REFUNDS_OF_PAYMENT_SQL,
-    LINE_REFUND_COLUMNS, LINE_REFUND_ROW_SQL, ON_ACCOUNT_CHECKOUT_SQL, ON_ACCOUNT_CREDIT_SQL,
-    ON_ACCOUNT_ORDER_SQL, ORDER_AUTHORIZED_SQL, ORDER_CAPTURED_SQL, ORDER_COLUMNS,
-    ORDER_REFUNDED_PART_SQL, ORDER_WITH_LINES_SQL, OUTBOX_ORDER_PAID_SQL, PAID_ORDER_LINES_SQL,
-    PO_NUMBER_REQUIRED_SQL, PRODUCT_COLUMNS, REFUNDABLE_LINES_SQL, REFUNDABLE_ORDER_SQL,
-    REFUND_LINE_SQL, RESTOCKED_LINE_SQL, RESTOCK_SQL, SALE_CHECKOUTS_SQL, SETTLE_LINE_REFUND_SQL,
-    SHIPMENT_CAPTURED_SQL, SHIPMENT_CAPTURING_SQL, SHIPMENT_COLUMNS, SHIPMENT_FAILED_SQL,
-    SHIPPABLE_LINES_SQL, SHIPPABLE_ORDER_SQL, SHIP_LINE_SQL, SHORT_PART_SQL, SHORT_WHOLE_SQL,
-    UPDATE_PRODUCT_SQL, UPSERT_COMPANY_PRICE_SQL,
+    CHECKOUT_COLUMNS, COMPANY_CAPTURE_METHOD_SQL, COMPANY_COLUMNS, COMPANY_PRICES_SQL,
+    CREDIT_AUDIT_SQL, DISPUTED_ORDERS_SQL, DISPUTE_CLOSED_SQL, DISPUTE_OPENED_SQL,
+    IDEMPOTENCY_CREATED, IDEMPOTENCY_RENEW, INSERT_LINE_REFUND_SQL, INSERT_PRODUCT_SQL,
+    INSERT_SHIPMENT_SQL, INVENTORY_AUDIT_SQL, INVOICE_COLUMNS, INVOICE_PAID_ORDER_SQL,
+    INVOICE_PAYMENT_SQL, LINE_REFUNDS_OF_PAYMENT_SQL, LINE_REFUND_COLUMNS, LINE_REFUND_ROW_SQL,
+    ON_ACCOUNT_CHECKOUT_SQL, ON_ACCOUNT_CREDIT_SQL, ON_ACCOUNT_ORDER_SQL, ORDER_AUTHORIZED_SQL,
+    ORDER_CAPTURED_SQL, ORDER_COLUMNS, ORDER_REFUNDED_PART_SQL, ORDER_WITH_LINES_SQL,
+    OUTBOX_ORDER_PAID_SQL, PAID_ORDER_LINES_SQL, PO_NUMBER_REQUIRED_SQL, PRODUCT_COLUMNS,
+    REFUNDABLE_LINES_SQL, REFUNDABLE_ORDER_SQL, REFUND_LINE_SQL, RESTOCKED_LINE_SQL, RESTOCK_SQL,
+    SALE_CHECKOUTS_SQL, SETTLE_LINE_REFUND_SQL, SHIPMENT_CAPTURED_SQL, SHIPMENT_CAPTURING_SQL,
+    SHIPMENT_COLUMNS, SHIPMENT_FAILED_SQL, SHIPPABLE_LINES_SQL, SHIPPABLE_ORDER_SQL, SHIP_LINE_SQL,
+    SHORT_PART_SQL, SHORT_WHOLE_SQL, UPDATE_PRODUCT_SQL, UPSERT_COMPANY_PRICE_SQL,
 };
 
 mod decode {
@@ -1922,12 +1922,22 @@ impl Store for SqliteStore {
         failure: &str,
         now: DateTime<Utc>,
     ) -> Result<Order, StoreError> {
-        sqlx::query(SHIPMENT_FAILED_SQL)
+        let mut tx = self.pool.begin().await?;
+        let lines: Option<String> = sqlx::query_scalar(SHIPMENT_FAILED_SQL)
             .bind(shipment)
             .bind(failure)
             .bind(to_millis(now))
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?;
+        for (sku, units) in super::shipped_units(lines.as_deref().unwrap_or("[]"))? {
+            sqlx::query(super::UNSHIP_LINE_SQL)
+                .bind(shipment)
+                .bind(sku)
+                .bind(units)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         self.order_of_shipment(shipment).await
     }
 
@@ -1998,7 +2008,7 @@ impl Store for SqliteStore {
             .collect::<Result<Vec<_>, _>>()?;
         let (planned, amount) = plan_line_refund(
             &lines,
-            &new.lines,
+            (!new.rest).then_some(new.lines.as_slice()),
             authorized.is_some(),
             captured,
             refunded + in_flight,

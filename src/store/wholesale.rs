@@ -18,7 +18,7 @@ macro_rules! wholesale_store_methods {
         now: DateTime<Utc>,
     ) -> Result<Company, StoreError> {
         let row = sqlx::query(&format!(
-            "INSERT INTO companies ({COMPANY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+            "INSERT INTO companies ({COMPANY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              RETURNING {COMPANY_COLUMNS}"
         ))
         .bind(CompanyId::new().uuid())
@@ -28,6 +28,7 @@ macro_rules! wholesale_store_methods {
         .bind(company.credit_limit)
         .bind(company.po_number_required)
         .bind(to_millis(now))
+        .bind(company.capture_method.map(CaptureMethod::as_str))
         .fetch_one(&self.pool)
         .await?;
         decode::company(&row)
@@ -349,6 +350,22 @@ macro_rules! wholesale_store_methods {
             .iter()
             .map(decode::company_price_row)
             .collect()
+    }
+
+    async fn company_capture_method(
+        &self,
+        customer: CustomerId,
+    ) -> Result<Option<CaptureMethod>, StoreError> {
+        let raw: Option<Option<String>> = sqlx::query_scalar(COMPANY_CAPTURE_METHOD_SQL)
+            .bind(customer.uuid())
+            .fetch_optional(&self.pool)
+            .await?;
+        raw.flatten()
+            .map(|m| {
+                CaptureMethod::parse(&m)
+                    .ok_or_else(|| StoreError::Corrupt(format!("capture method {m:?}")))
+            })
+            .transpose()
     }
         }
     };

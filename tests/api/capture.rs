@@ -14,8 +14,10 @@ use crate::both_stores;
 use crate::fake_stripe::{FakeStripe, SECRET_KEY};
 use crate::helpers::{
     eventually, fetch_strings, spawn_app_with, AssertClean, Customer, Options, TestApp,
-    WEBHOOK_SECRET,
+    ADMIN_TOKEN, WEBHOOK_SECRET,
 };
+use crate::saga::app_with_fake_stripe;
+use crate::wholesale::buyer_of;
 
 both_stores!(
     an_authorized_order_is_captured_shipment_by_shipment,
@@ -38,6 +40,18 @@ both_stores!(
     a_partial_refund_stripe_fails_gives_its_units_back_to_refund,
     a_pending_partial_refund_whose_event_is_lost_is_read_again_by_recovery,
     an_order_paid_at_checkout_shows_its_total_authorized_and_captured,
+    a_company_on_manual_capture_is_authorized_while_retail_is_charged_at_once,
+    a_company_on_manual_capture_is_authorized_through_the_stripe_client,
+    a_company_charged_at_checkout_in_a_manual_capture_shop_is_charged_at_once,
+    a_company_with_an_unknown_capture_method_is_refused_and_nothing_changes,
+    a_whole_refund_of_a_partly_shipped_order_closes_it_and_refunds_only_what_was_captured,
+    a_whole_refund_of_a_partly_shipped_order_through_the_stripe_client_refunds_only_what_was_captured,
+    a_whole_refund_of_an_order_shipped_short_refunds_what_was_captured_never_the_total,
+    a_whole_refund_of_an_order_with_partial_refunds_refunds_the_rest,
+    refunds_stripe_fails_are_reported_with_their_reason,
+    refunds_stripe_fails_through_the_stripe_client_are_reported_with_their_reason,
+    a_card_without_multicapture_refuses_a_shipment_that_is_not_the_last,
+    a_card_without_multicapture_refuses_it_through_the_stripe_client,
 );
 
 /// Signs an event as Stripe does and delivers it to the app at `base`; answers the status.
@@ -1146,4 +1160,446 @@ async fn a_pending_partial_refund_whose_event_is_lost_is_read_again_by_recovery(
     assert_eq!(app.stock_of("cap-a").await, (8, 0, 8), "restocked once");
     app.relay.tick().await.expect("a relay tick");
     app.audit().await.assert_clean();
+}
+
+/// A prepaid company, with `capture_method` when given: its id.
+async fn company_capturing(app: &TestApp, capture_method: Option<&str>) -> String {
+    let mut body = json!({"name": "Acme Hotels", "currency": "EUR", "payment_terms": "prepaid",
+                          "credit_limit": 0});
+    if let Some(method) = capture_method {
+        body["capture_method"] = json!(method);
+    }
+    let resp = app.admin_post("/v1/admin/companies", body).await;
+    resp.assert_status(201);
+    resp.str("id")
+}
+
+/// `(capture_method, capture_method_source)` as the company's GET shows them.
+async fn company_capture(app: &TestApp, company: &str) -> (String, String) {
+    let shown = app
+        .get(&format!("/v1/admin/companies/{company}"), Some(ADMIN_TOKEN))
+        .await;
+    shown.assert_status(200);
+    (
+        shown.str("capture_method"),
+        shown.str("capture_method_source"),
+    )
+}
+
+/// The customer buys 2 `cap-a` (10.00 each) with `pm_card_visa`: the order id.
+async fn bought(app: &TestApp, customer: &Customer, key: &str) -> String {
+    let cart = app.new_cart(customer).await;
+    app.set_line(customer, &cart, "cap-a", 2)
+        .await
+        .assert_status(200);
+    let started = app.start_checkout(customer, &cart).await;
+    started.assert_status(201);
+    let paid = app
+        .complete(customer, &started.str("id"), "pm_card_visa", key)
+        .await;
+    paid.assert_status(200);
+    assert_eq!(paid.str("state"), "completed", "{:?}", paid.body);
+    started.str("order_id")
+}
+
+/// The order is `authorized` for 20.00 with nothing captured, its PaymentIntent holding it.
+async fn assert_authorized(app: &TestApp, order: &str) {
+    let shown = admin_order(app, order).await;
+    assert_eq!(shown["status"], "authorized", "{shown}");
+    assert_eq!(amount(&shown, "authorized"), 2000);
+    assert_eq!(amount(&shown, "captured"), 0);
+    let pi = shown["payment_intent_id"].as_str().expect("an intent");
+    assert_eq!(intent(app, pi).await.status, IntentStatus::RequiresCapture);
+}
+
+/// The order is `paid`: 20.00 charged at checkout, its PaymentIntent succeeded.
+async fn assert_charged(app: &TestApp, order: &str) {
+    let shown = admin_order(app, order).await;
+    assert_eq!(shown["status"], "paid", "{shown}");
+    assert_eq!(amount(&shown, "captured"), 2000);
+    let pi = shown["payment_intent_id"].as_str().expect("an intent");
+    assert_eq!(intent(app, pi).await.status, IntentStatus::Succeeded);
+}
+
+/// In a shop charging at checkout: a buyer of a company on manual capture is authorized and
+/// captured by the shipment; a retail customer and a buyer of a company without a setting of
+/// its own are charged at once.
+async fn company_on_manual_capture_in_an_automatic_shop(app: &TestApp) {
+    app.new_product("cap-a", 1000, 10).await;
+    let manual_company = company_capturing(app, Some("manual")).await;
+    let following = company_capturing(app, None).await;
+    assert_eq!(
+        company_capture(app, &manual_company).await,
+        ("manual".to_owned(), "company".to_owned())
+    );
+    assert_eq!(
+        company_capture(app, &following).await,
+        ("automatic".to_owned(), "shop".to_owned())
+    );
+    let wholesale = buyer_of(app, &manual_company, "Bea").await;
+    let other = buyer_of(app, &following, "Cy").await;
+    let retail = app.new_customer("Ada").await;
+
+    let held = bought(app, &wholesale, "pay-w").await;
+    let charged = bought(app, &retail, "pay-r").await;
+    let charged_too = bought(app, &other, "pay-o").await;
+
+    assert_authorized(app, &held).await;
+    assert_charged(app, &charged).await;
+    assert_charged(app, &charged_too).await;
+    let shipped = ship(
+        app,
+        &held,
+        json!({"lines": [{"sku": "cap-a", "quantity": 2}]}),
+    )
+    .await;
+    shipped.assert_status(200);
+    assert_eq!(shipped.str("status"), "fulfilled");
+    assert_eq!(amount(&admin_order(app, &held).await, "captured"), 2000);
+    app.audit().await.assert_clean();
+}
+
+async fn a_company_on_manual_capture_is_authorized_while_retail_is_charged_at_once(
+    kind: StoreKind,
+) {
+    let app = spawn_app_with(kind, Options::default()).await;
+    company_on_manual_capture_in_an_automatic_shop(&app).await;
+}
+
+async fn a_company_on_manual_capture_is_authorized_through_the_stripe_client(kind: StoreKind) {
+    let (app, _fake) = app_with_fake_stripe(kind, Options::default()).await;
+    company_on_manual_capture_in_an_automatic_shop(&app).await;
+}
+
+async fn a_company_charged_at_checkout_in_a_manual_capture_shop_is_charged_at_once(
+    kind: StoreKind,
+) {
+    let app = spawn_app_with(kind, manual()).await;
+    app.new_product("cap-a", 1000, 10).await;
+    let automatic = company_capturing(&app, Some("automatic")).await;
+    let following = company_capturing(&app, None).await;
+    assert_eq!(
+        company_capture(&app, &following).await,
+        ("manual".to_owned(), "shop".to_owned())
+    );
+    let buyer = buyer_of(&app, &automatic, "Bea").await;
+    let retail = app.new_customer("Ada").await;
+
+    let charged = bought(&app, &buyer, "pay-b").await;
+    let held = bought(&app, &retail, "pay-r").await;
+
+    assert_charged(&app, &charged).await;
+    assert_authorized(&app, &held).await;
+    app.audit().await.assert_clean();
+}
+
+async fn a_company_with_an_unknown_capture_method_is_refused_and_nothing_changes(kind: StoreKind) {
+    let app = spawn_app_with(kind, Options::default()).await;
+    let count = "SELECT CAST(COUNT(*) AS TEXT) FROM companies";
+    let before = fetch_strings(&app, count).await;
+    let cases = [
+        (json!("later"), "an unknown method"),
+        (json!("Manual"), "another spelling"),
+        (json!(""), "empty"),
+    ];
+    for (method, what) in cases {
+        let resp = app
+            .admin_post(
+                "/v1/admin/companies",
+                json!({"name": "Acme", "currency": "EUR", "payment_terms": "prepaid",
+                       "credit_limit": 0, "capture_method": method}),
+            )
+            .await;
+        assert_eq!(resp.status.as_u16(), 422, "{what}: {:?}", resp.body);
+        assert_eq!(resp.code(), "validation_failed", "{what}");
+    }
+    assert_eq!(
+        fetch_strings(&app, count).await,
+        before,
+        "nothing was opened"
+    );
+}
+
+/// A manual-capture order of 3 A and 2 B (40.00): 2 A shipped (20.00 captured), 1 A refunded
+/// and restocked; then the whole refund. `refunded_at_gateway` reads the gateway's ledger.
+async fn whole_refund_of_a_partly_shipped_order(
+    app: &TestApp,
+    refunded_at_gateway: impl Fn(&str) -> i64,
+) {
+    let (_, _, order) = authorized_order(app).await;
+    ship(
+        app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 2}]}),
+    )
+    .await
+    .assert_status(200);
+    refund_lines(
+        app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 1}], "restock": true}),
+    )
+    .await
+    .assert_status(200);
+    let intent_id = admin_order(app, &order).await["payment_intent_id"]
+        .as_str()
+        .expect("an intent")
+        .to_owned();
+    assert_eq!(refunded_at_gateway(&intent_id), 1000);
+
+    let whole = app
+        .admin_post(&format!("/v1/admin/orders/{order}/refund"), json!({}))
+        .await;
+
+    whole.assert_status(200);
+    assert_eq!(whole.str("status"), "refunded", "{:?}", whole.body);
+    assert_eq!(amount(&whole.body, "captured"), 2000);
+    assert_eq!(amount(&whole.body, "refunded"), 2000);
+    assert_eq!(
+        refunded_at_gateway(&intent_id),
+        2000,
+        "never more than captured"
+    );
+    let closed = intent(app, &intent_id).await;
+    assert_ne!(
+        closed.status,
+        IntentStatus::RequiresCapture,
+        "the hold is released"
+    );
+    // Every unit is back: the one never shipped, both B short, the two shipped ones refunded.
+    assert_eq!(app.stock_of("cap-a").await, (10, 0, 10));
+    assert_eq!(app.stock_of("cap-b").await, (5, 0, 5));
+    // Once refunded, nothing more.
+    app.admin_post(&format!("/v1/admin/orders/{order}/refund"), json!({}))
+        .await
+        .assert_error(409, "invalid_order_state");
+    assert_eq!(refunded_at_gateway(&intent_id), 2000);
+    app.audit().await.assert_clean();
+}
+
+async fn a_whole_refund_of_a_partly_shipped_order_closes_it_and_refunds_only_what_was_captured(
+    kind: StoreKind,
+) {
+    let app = spawn_app_with(kind, manual()).await;
+    let sim = app.simulator.clone().expect("the simulator");
+    whole_refund_of_a_partly_shipped_order(&app, |pi| sim.ledger().refunded(pi)).await;
+}
+
+async fn a_whole_refund_of_a_partly_shipped_order_through_the_stripe_client_refunds_only_what_was_captured(
+    kind: StoreKind,
+) {
+    let (app, fake) = app_with_fake_stripe(kind, manual()).await;
+    whole_refund_of_a_partly_shipped_order(&app, |pi| fake.refunded(pi)).await;
+}
+
+async fn a_whole_refund_of_an_order_shipped_short_refunds_what_was_captured_never_the_total(
+    kind: StoreKind,
+) {
+    let app = spawn_app_with(kind, manual()).await;
+    let sim = app.simulator.clone().expect("the simulator");
+    let (_, _, order) = authorized_order(&app).await;
+    let shipped = ship(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 3}], "last": true}),
+    )
+    .await;
+    shipped.assert_status(200);
+    assert_eq!(shipped.str("status"), "fulfilled");
+
+    let whole = app
+        .admin_post(&format!("/v1/admin/orders/{order}/refund"), json!({}))
+        .await;
+
+    whole.assert_status(200);
+    assert_eq!(whole.str("status"), "refunded");
+    assert_eq!(amount(&whole.body, "refunded"), 3000);
+    assert_eq!(sim.ledger().refunded(&whole.str("payment_intent_id")), 3000);
+    assert_eq!(app.stock_of("cap-a").await, (10, 0, 10));
+    assert_eq!(app.stock_of("cap-b").await, (5, 0, 5));
+    app.audit().await.assert_clean();
+}
+
+async fn a_whole_refund_of_an_order_with_partial_refunds_refunds_the_rest(kind: StoreKind) {
+    let app = spawn_app_with(kind, Options::default()).await;
+    let sim = app.simulator.clone().expect("the simulator");
+    let (_, _, order) = authorized_order(&app).await;
+    refund_lines(
+        &app,
+        &order,
+        json!({"lines": [{"sku": "cap-b", "quantity": 1}]}),
+    )
+    .await
+    .assert_status(200);
+
+    let whole = app
+        .admin_post(&format!("/v1/admin/orders/{order}/refund"), json!({}))
+        .await;
+
+    whole.assert_status(200);
+    assert_eq!(whole.str("status"), "refunded", "{:?}", whole.body);
+    assert_eq!(amount(&whole.body, "refunded"), 4000);
+    let intent_id = whole.str("payment_intent_id");
+    assert_eq!(
+        sim.ledger().refunded(&intent_id),
+        4000,
+        "the rest, not the total again"
+    );
+    // The rest goes back on the shelf; the unit refunded without restocking stays out.
+    assert_eq!(app.stock_of("cap-a").await, (10, 0, 10));
+    assert_eq!(app.stock_of("cap-b").await, (4, 0, 4));
+    app.admin_post(&format!("/v1/admin/orders/{order}/refund"), json!({}))
+        .await
+        .assert_error(409, "invalid_order_state");
+    assert_eq!(sim.ledger().refunded(&intent_id), 4000);
+    app.audit().await.assert_clean();
+}
+
+/// Stripe fails a partial refund and then a whole one (`answer_refunds_with` sets how the
+/// gateway answers new refunds): each answer says `refund_status: "failed"` and why, the
+/// money and the units stay where they were, and the refund can be asked for again.
+async fn failed_refunds_are_reported(app: &TestApp, answer_refunds_with: impl Fn(Option<&str>)) {
+    let (_, _, order) = authorized_order(app).await;
+    let (other, checkout, whole_only) = app.reserved_checkout("other", &[("cap-a", 1)]).await;
+    app.complete(&other, &checkout, "pm_card_visa", "pay-2")
+        .await
+        .assert_status(200);
+    answer_refunds_with(Some("failed"));
+
+    // An order without partial refunds, refunded whole.
+    let alone = app
+        .admin_post(&format!("/v1/admin/orders/{whole_only}/refund"), json!({}))
+        .await;
+    let partial = refund_lines(
+        app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 1}], "restock": true}),
+    )
+    .await;
+    let whole = app
+        .admin_post(&format!("/v1/admin/orders/{order}/refund"), json!({}))
+        .await;
+
+    for (answer, what) in [
+        (&alone, "whole, alone"),
+        (&partial, "partial"),
+        (&whole, "whole, after a partial one"),
+    ] {
+        answer.assert_status(200);
+        assert_eq!(
+            answer.str("refund_status"),
+            "failed",
+            "{what}: {:?}",
+            answer.body
+        );
+        assert_eq!(
+            answer.str("refund_failure_reason"),
+            "expired_or_canceled_card",
+            "{what}"
+        );
+        assert_eq!(answer.str("status"), "paid", "{what}");
+        assert_eq!(amount(&answer.body, "refunded"), 0, "{what}");
+    }
+    assert_eq!(app.stock_of("cap-a").await, (6, 0, 6));
+    answer_refunds_with(Some("succeeded"));
+    let again = refund_lines(
+        app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 1}]}),
+    )
+    .await;
+    again.assert_status(200);
+    assert_eq!(again.str("refund_status"), "succeeded");
+    assert!(
+        again.body.get("refund_failure_reason").is_none(),
+        "{:?}",
+        again.body
+    );
+    assert_eq!(amount(&again.body, "refunded"), 1000);
+    app.audit().await.assert_clean();
+}
+
+async fn refunds_stripe_fails_are_reported_with_their_reason(kind: StoreKind) {
+    let app = spawn_app_with(kind, Options::default()).await;
+    let sim = app.simulator.clone().expect("the simulator");
+    failed_refunds_are_reported(&app, |status| sim.answer_refunds_with(status)).await;
+}
+
+async fn refunds_stripe_fails_through_the_stripe_client_are_reported_with_their_reason(
+    kind: StoreKind,
+) {
+    let (app, fake) = app_with_fake_stripe(kind, Options::default()).await;
+    failed_refunds_are_reported(&app, |status| fake.answer_refunds_with(status)).await;
+}
+
+/// A card without multicapture (`pm_card_jcb`: Stripe offers it for Visa, Mastercard, Amex
+/// and Discover only): a shipment that is not the last captures with `final_capture=false`,
+/// which Stripe refuses; the shipment is recorded `failed`, nothing is captured or shipped,
+/// and the order keeps its authorization, so the whole order still ships in one last capture.
+/// Answers the checkout's id.
+async fn shipments_on_a_card_without_multicapture(app: &TestApp) -> String {
+    app.new_product("cap-a", 1000, 10).await;
+    let (customer, checkout, order) = app.reserved_checkout("buyer", &[("cap-a", 3)]).await;
+    let paid = app
+        .complete(&customer, &checkout, "pm_card_jcb", "pay-1")
+        .await;
+    paid.assert_status(200);
+    assert_eq!(paid.str("state"), "completed", "{:?}", paid.body);
+    assert_eq!(admin_order(app, &order).await["status"], "authorized");
+
+    let refused = ship(
+        app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 1}]}),
+    )
+    .await;
+
+    refused.assert_status(200);
+    assert_eq!(refused.str("status"), "authorized", "{:?}", refused.body);
+    assert_eq!(amount(&refused.body, "captured"), 0);
+    let shipments = fetch_strings(
+        app,
+        "SELECT status || ':' || COALESCE(failure, '') FROM shipments",
+    )
+    .await;
+    assert_eq!(shipments.len(), 1);
+    assert!(
+        shipments[0].starts_with("failed:") && shipments[0].contains("multicapture"),
+        "{shipments:?}"
+    );
+    let intent_id = refused.str("payment_intent_id");
+    let held = intent(app, &intent_id).await;
+    assert_eq!(held.status, IntentStatus::RequiresCapture);
+    assert_eq!(held.amount_received, 0);
+    // The whole order in its last shipment: one final capture.
+    let last = ship(
+        app,
+        &order,
+        json!({"lines": [{"sku": "cap-a", "quantity": 3}], "last": true}),
+    )
+    .await;
+    last.assert_status(200);
+    assert_eq!(last.str("status"), "fulfilled");
+    assert_eq!(amount(&last.body, "captured"), 3000);
+    let done = intent(app, &intent_id).await;
+    assert_eq!(done.status, IntentStatus::Succeeded);
+    assert_eq!(done.amount_received, 3000);
+    app.audit().await.assert_clean();
+    checkout
+}
+
+async fn a_card_without_multicapture_refuses_a_shipment_that_is_not_the_last(kind: StoreKind) {
+    let app = spawn_app_with(kind, manual()).await;
+    shipments_on_a_card_without_multicapture(&app).await;
+}
+
+async fn a_card_without_multicapture_refuses_it_through_the_stripe_client(kind: StoreKind) {
+    let (app, fake) = app_with_fake_stripe(kind, manual()).await;
+    let checkout = shipments_on_a_card_without_multicapture(&app).await;
+    let checkout = holdfast::domain::CheckoutId::parse(&checkout).expect("a checkout id");
+    assert_eq!(
+        fake.captures_for(checkout),
+        1,
+        "only the final capture was made"
+    );
 }

@@ -121,6 +121,12 @@ crash_at!(
         => FaultPoint::AfterRecordRefund, Scenario::LateSuccess;
     a_process_killed_between_publishing_events_and_marking_them_leaves_one_order_paid_message_per_order
         => FaultPoint::AfterPublish, Scenario::Visa;
+    a_process_killed_before_a_partial_refund_reaches_the_gateway_refunds_it_once_after_restart
+        => FaultPoint::BeforeRefundCall, Scenario::PartialRefund;
+    a_process_killed_after_the_gateway_made_a_partial_refund_records_it_without_a_second_refund
+        => FaultPoint::AfterRefundCall, Scenario::PartialRefund;
+    a_process_killed_after_a_partial_refund_is_recorded_leaves_each_order_refunded_once_and_restocked_once
+        => FaultPoint::AfterRecordRefund, Scenario::PartialRefund;
     a_process_killed_after_a_shipment_is_recorded_and_before_its_capture_captures_it_once_after_restart
         => FaultPoint::BeforeCaptureCall, Scenario::ManualShipment;
     a_process_killed_after_the_gateway_captured_a_shipment_records_it_without_a_second_capture
@@ -159,6 +165,9 @@ enum Scenario {
     AbandonAuthentication,
     /// Every buyer pays with `pm_card_visa`, then the admin refunds every order.
     AdminRefund,
+    /// Every buyer pays with `pm_card_visa`, then the admin refunds one unit of every order by
+    /// line (`POST /v1/admin/orders/{id}/refunds`), putting it back in stock.
+    PartialRefund,
     /// Every checkout expires and another buyer takes all the units; then a payment for each
     /// expired checkout succeeds after all and its webhook arrives: the money goes back.
     LateSuccess,
@@ -181,6 +190,7 @@ impl Scenario {
             Scenario::Visa
             | Scenario::Decline
             | Scenario::AdminRefund
+            | Scenario::PartialRefund
             | Scenario::ManualShipment => (180, 1800),
         }
     }
@@ -198,8 +208,12 @@ impl Scenario {
 
 /// How many markers the test waits for before it looks at the checkouts: one per request for
 /// points a customer's request reaches; one for points a background worker reaches (the worker
-/// stops at the first) or that a request and recovery may race to (refunds).
-fn markers(point: FaultPoint) -> usize {
+/// stops at the first) or that a request and recovery may race to (whole refunds). Every
+/// partial refund is a request of its own, recorded before it reaches the point.
+fn markers(point: FaultPoint, scenario: Scenario) -> usize {
+    if scenario == Scenario::PartialRefund {
+        return BUYERS;
+    }
     match point {
         FaultPoint::AfterReserve
         | FaultPoint::AfterBeginCharge
@@ -303,6 +317,13 @@ fn at_kill(point: FaultPoint, scenario: Scenario) -> Vec<Seen> {
             seen.push(carol);
             seen
         }
+        // A partial refund leaves the checkout completed; its own row says it is due.
+        (FaultPoint::BeforeRefundCall, Scenario::PartialRefund) => {
+            times(BUYERS, Seen::new("completed", 1, 0))
+        }
+        (FaultPoint::AfterRefundCall | FaultPoint::AfterRecordRefund, Scenario::PartialRefund) => {
+            times(BUYERS, Seen::new("completed", 1, 1))
+        }
         (FaultPoint::BeforeRefundCall, _) => {
             times(BUYERS, Seen::new("completed", 1, 0).refund_due())
         }
@@ -340,6 +361,7 @@ fn at_end(scenario: Scenario) -> Vec<Seen> {
         }
         Scenario::AbandonAuthentication => times(BUYERS, Seen::new("cancelled", 0, 0).cancelled()),
         Scenario::AdminRefund => times(BUYERS, Seen::new("refunded", 1, 1)),
+        Scenario::PartialRefund => times(BUYERS, Seen::new("completed", 1, 1)),
         Scenario::ManualShipment => times(BUYERS, Seen::new("completed", 1, 0)),
         Scenario::LateSuccess => {
             let mut seen = times(BUYERS, Seen::new("refunded", 1, 1));
@@ -375,7 +397,11 @@ async fn a_process_killed_at_a_fault_point_is_finished_by_its_successor(
     // where the point leaves it; start it again without one.
     let in_flight = deployment.lead_to_fault(scenario, &mut buyers).await;
     first
-        .wait_for_line(&faults::marker(point), markers(point), REACH_WITHIN)
+        .wait_for_line(
+            &faults::marker(point),
+            markers(point, scenario),
+            REACH_WITHIN,
+        )
         .await;
     let db = deployment.db().await;
     let expected = at_kill(point, scenario);
@@ -401,6 +427,13 @@ async fn a_process_killed_at_a_fault_point_is_finished_by_its_successor(
     if point == FaultPoint::AfterPublish {
         deployment.assert_published_but_not_marked(&db).await;
     }
+    if scenario == Scenario::PartialRefund {
+        assert_eq!(
+            deployment.partial_refunds(&db).await.len(),
+            BUYERS,
+            "every partial refund was recorded before the kill"
+        );
+    }
     let second = deployment.start(None).await;
     deployment.after_restart(scenario, &mut buyers, &db).await;
 
@@ -416,9 +449,14 @@ async fn a_process_killed_at_a_fault_point_is_finished_by_its_successor(
         .filter(|c| c.state == "completed")
         .map(|c| c.units)
         .sum();
+    // A partial refund puts its one unit back, once.
+    let restocked = match scenario {
+        Scenario::PartialRefund => BUYERS as i64,
+        _ => 0,
+    };
     assert_eq!(
         deployment.inventory().await,
-        (stock - sold, 0),
+        (stock - sold + restocked, 0),
         "(stock, reserved): units of completed checkouts are sold, every other unit is back"
     );
     let paid: Vec<Uuid> = checkouts
@@ -445,6 +483,21 @@ async fn a_process_killed_at_a_fault_point_is_finished_by_its_successor(
             .await;
     } else {
         deployment.assert_one_event_per_paid_order(&db, &paid).await;
+    }
+    if scenario == Scenario::PartialRefund {
+        // One refund per request, of one unit, settled once.
+        assert_eq!(
+            deployment.partial_refunds(&db).await,
+            vec![("succeeded".to_owned(), PRICE); BUYERS]
+        );
+        let refunded: Vec<i64> = sqlx::query_scalar("SELECT refunded_amount FROM orders")
+            .fetch_all(&db.pool)
+            .await
+            .expect("read the orders");
+        assert_eq!(refunded, vec![PRICE; BUYERS]);
+        deployment
+            .assert_one_event_per_order(&db, "order.refunded", &paid)
+            .await;
     }
     deployment.assert_audit_clean(&db).await;
     drop(second);
@@ -1143,20 +1196,28 @@ impl Deployment {
                     .map(|buyer| self.complete_in_background(buyer, scenario.payment_method()))
                     .collect()
             }
-            Scenario::AdminRefund => {
+            Scenario::PartialRefund | Scenario::AdminRefund => {
                 for buyer in buyers.iter_mut() {
                     let paid = self.check_out_now(buyer, "pm_card_visa").await;
                     assert_eq!(paid["state"], "completed", "{paid}");
                 }
+                // One unit of each order by line, put back in stock; or each order whole.
+                let (action, body) = match scenario {
+                    Scenario::PartialRefund => (
+                        "refunds",
+                        json!({"lines": [{"sku": SKU, "quantity": 1}], "restock": true}),
+                    ),
+                    _ => ("refund", json!({})),
+                };
                 buyers
                     .iter()
                     .map(|buyer| {
                         let order = buyer.checkout().order_id;
                         let request = self
                             .client
-                            .post(format!("{}/v1/admin/orders/{order}/refund", self.base))
+                            .post(format!("{}/v1/admin/orders/{order}/{action}", self.base))
                             .bearer_auth(ADMIN_TOKEN)
-                            .json(&json!({}));
+                            .json(&body);
                         tokio::spawn(async move {
                             let _ = request.send().await;
                         })
@@ -1270,6 +1331,23 @@ impl Deployment {
                     );
                 }
             }
+            Scenario::PartialRefund => {
+                // Recovery sends again, under their keys, the refunds the killed process left.
+                let deadline = Instant::now() + SETTLE_WITHIN;
+                while self
+                    .partial_refunds(db)
+                    .await
+                    .iter()
+                    .any(|(status, _)| status != "succeeded")
+                {
+                    assert!(
+                        Instant::now() < deadline,
+                        "partial refunds never settled: {:?}",
+                        self.partial_refunds(db).await
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
             Scenario::ManualShipment => {
                 // Recovery captures what the killed process left capturing.
                 let deadline = Instant::now() + SETTLE_WITHIN;
@@ -1358,6 +1436,14 @@ impl Deployment {
             .collect();
         seen.sort();
         seen
+    }
+
+    /// `(status, amount)` of every partial refund, in order.
+    async fn partial_refunds(&self, db: &Db) -> Vec<(String, i64)> {
+        sqlx::query_as("SELECT status, amount FROM order_refunds ORDER BY status, amount")
+            .fetch_all(&db.pool)
+            .await
+            .expect("read the partial refunds")
     }
 
     /// Waits until the checkouts are seen as `expected`.
@@ -1651,10 +1737,15 @@ impl TestStream {
         let js = Self::jetstream().await;
         let mut stream = js.get_stream(&self.name).await.expect("the stream exists");
         let state = stream.info().await.expect("stream info").state.clone();
-        let known: Vec<String> = ["order.paid", "order.authorized", "order.shipment_captured"]
-            .iter()
-            .map(|t| format!("{}.{t}", self.name))
-            .collect();
+        let known: Vec<String> = [
+            "order.paid",
+            "order.authorized",
+            "order.shipment_captured",
+            "order.refunded",
+        ]
+        .iter()
+        .map(|t| format!("{}.{t}", self.name))
+        .collect();
         let subject = format!("{}.{topic}", self.name);
         let mut per_order = HashMap::new();
         if state.messages == 0 {

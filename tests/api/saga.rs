@@ -1221,7 +1221,10 @@ async fn app_on_fake_stripe() -> (TestApp, FakeStripe) {
     app_with_fake_stripe(StoreKind::Postgres, Options::default()).await
 }
 
-async fn app_with_fake_stripe(kind: StoreKind, options: Options) -> (TestApp, FakeStripe) {
+pub(crate) async fn app_with_fake_stripe(
+    kind: StoreKind,
+    options: Options,
+) -> (TestApp, FakeStripe) {
     let fake = FakeStripe::start().await;
     let app = spawn_app_with(
         kind,

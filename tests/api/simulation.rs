@@ -451,6 +451,7 @@ impl PaymentGateway for SimGateway {
                         payment_intent_id: Some(intent.id.clone()),
                         amount,
                         status: Some("succeeded".to_owned()),
+                        failure_reason: None,
                     };
                     *ledger.refunded.entry(intent.id.clone()).or_default() += amount;
                     ledger
@@ -902,7 +903,12 @@ impl History {
             Step::Refund(i) => {
                 if let Some(&(_, _, order)) = self.checkouts.get(i) {
                     let out = self
-                        .run(crash, async move { service.refund_order(order).await })
+                        .run(crash, async move {
+                            service
+                                .refund_order(order)
+                                .await
+                                .map(|(checkout, _)| checkout)
+                        })
                         .await;
                     self.note(&out);
                 }

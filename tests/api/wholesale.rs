@@ -55,7 +55,7 @@ async fn acme(app: &TestApp) -> String {
     .await
 }
 
-async fn buyer_of(app: &TestApp, company_id: &str, name: &str) -> Customer {
+pub(crate) async fn buyer_of(app: &TestApp, company_id: &str, name: &str) -> Customer {
     let resp = app
         .admin_post(
             "/v1/admin/customers",

@@ -142,6 +142,7 @@ impl RefundRow {
             "currency": "eur",
             "payment_intent": self.payment_intent,
             "status": self.status,
+            "failure_reason": holdfast::payments::simulator::failure_reason_of(self.status.as_deref()),
             "reason": null,
             "charge": null,
             "metadata": {},
@@ -715,7 +716,8 @@ impl Ledger {
         }
         let payment_method = param(params, "payment_method").unwrap_or_default();
         let outcome = match payment_method {
-            "pm_card_visa" | "pm_card_mastercard" => Ok("succeeded"),
+            "pm_card_visa" | "pm_card_mastercard" | "pm_card_amex" | "pm_card_discover"
+            | "pm_card_jcb" => Ok("succeeded"),
             "pm_card_authenticationRequired" => Ok("requires_action"),
             "pm_card_chargeDeclined" => Err(("generic_decline", "Your card was declined.")),
             "pm_card_chargeDeclinedInsufficientFunds" => {
@@ -749,7 +751,7 @@ impl Ledger {
         let multicapture = manual
             && param(params, "payment_method_options[card][request_multicapture]")
                 == Some("if_available")
-            && matches!(payment_method, "pm_card_visa" | "pm_card_mastercard");
+            && holdfast::payments::simulator::offers_multicapture(payment_method);
         let id = self.new_id("pi");
         let mut intent = Intent {
             id,
