@@ -329,6 +329,21 @@ pub(crate) fn invoice_payment(
     Ok(())
 }
 
+/// The outbox row of one event of `$topic` (`$1` event id, `$2` the row's key: the order, or
+/// the shipment, refund or dispute an event is one of, `$3` payload, `$4` time): written at
+/// most once per topic and key, whoever records it first. The one statement every store
+/// phase that emits an event uses.
+macro_rules! outbox_insert_sql {
+    ($topic:literal) => {
+        concat!(
+            "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) VALUES ($1, '",
+            $topic,
+            "', $2, $3, $4) ON CONFLICT (topic, order_id) DO NOTHING"
+        )
+    };
+}
+pub(crate) use outbox_insert_sql;
+
 /// The on-account phase's writes, the same text in both stores.
 pub(crate) const ON_ACCOUNT_CREDIT_SQL: &str =
     "UPDATE companies SET credit_outstanding = credit_outstanding + $2 WHERE id = $1";
@@ -341,9 +356,7 @@ pub(crate) const ON_ACCOUNT_CHECKOUT_SQL: &str = concat!(
 );
 pub(crate) const CART_CHECKED_OUT_SQL: &str =
     "UPDATE carts SET status = 'checked_out', updated_at = $2 WHERE id = $1";
-pub(crate) const OUTBOX_ORDER_PAID_SQL: &str = "INSERT INTO outbox (event_id, topic, order_id, \
-     payload, created_at) VALUES ($1, 'order.paid', $2, $3, $4) \
-     ON CONFLICT (topic, order_id) DO NOTHING";
+pub(crate) const OUTBOX_ORDER_PAID_SQL: &str = outbox_insert_sql!("order.paid");
 /// A payment against an invoice (`$2` the amount): paid in full, it is `paid`.
 pub(crate) const INVOICE_PAYMENT_SQL: &str = "UPDATE invoices SET paid_amount = paid_amount + $2, \
      status = CASE WHEN paid_amount + $2 = amount THEN 'paid' ELSE 'open' END, updated_at = $3 \

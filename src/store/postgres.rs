@@ -1247,16 +1247,13 @@ impl Store for PgStore {
         .map(decode::order_line)
         .collect::<Result<Vec<_>, _>>()?;
         let event = order_authorized_event(&authorized, payment_intent_id, amount, lines, now);
-        sqlx::query(
-            "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
-             VALUES ($1, 'order.authorized', $2, $3, $4) ON CONFLICT (topic, order_id) DO NOTHING",
-        )
-        .bind(event.event_id)
-        .bind(authorized.order_id.uuid())
-        .bind(&event.payload)
-        .bind(to_millis(now))
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(super::outbox_insert_sql!("order.authorized"))
+            .bind(event.event_id)
+            .bind(authorized.order_id.uuid())
+            .bind(&event.payload)
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(authorized)
     }
@@ -1681,17 +1678,13 @@ impl Store for PgStore {
                 now,
             );
             // Keyed by the shipment: one event per shipment, whoever records it first.
-            sqlx::query(
-                "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
-                 VALUES ($1, 'order.shipment_captured', $2, $3, $4) \
-                 ON CONFLICT (topic, order_id) DO NOTHING",
-            )
-            .bind(event.event_id)
-            .bind(shipment)
-            .bind(&event.payload)
-            .bind(to_millis(now))
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(super::outbox_insert_sql!("order.shipment_captured"))
+                .bind(event.event_id)
+                .bind(shipment)
+                .bind(&event.payload)
+                .bind(to_millis(now))
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         self.order_of_shipment(shipment).await
@@ -1895,17 +1888,13 @@ impl Store for PgStore {
                     &lines,
                     now,
                 );
-                sqlx::query(
-                    "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
-                     VALUES ($1, 'order.refunded', $2, $3, $4) \
-                     ON CONFLICT (topic, order_id) DO NOTHING",
-                )
-                .bind(event.event_id)
-                .bind(id)
-                .bind(&event.payload)
-                .bind(to_millis(now))
-                .execute(&mut *tx)
-                .await?;
+                sqlx::query(super::outbox_insert_sql!("order.refunded"))
+                    .bind(event.event_id)
+                    .bind(id)
+                    .bind(&event.payload)
+                    .bind(to_millis(now))
+                    .execute(&mut *tx)
+                    .await?;
             }
         }
         tx.commit().await?;
@@ -2018,16 +2007,13 @@ impl Store for PgStore {
         if let (Some(row), DisputeStatus::Open) = (&changed, status) {
             let order = OrderId::from_uuid(row.try_get("id")?);
             let event = order_disputed_event(order, dispute_id, payment_intent_id, now);
-            sqlx::query(
-                "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
-                 VALUES ($1, 'order.disputed', $2, $3, $4) ON CONFLICT (topic, order_id) DO NOTHING",
-            )
-            .bind(event.event_id)
-            .bind(order.uuid())
-            .bind(&event.payload)
-            .bind(to_millis(now))
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(super::outbox_insert_sql!("order.disputed"))
+                .bind(event.event_id)
+                .bind(order.uuid())
+                .bind(&event.payload)
+                .bind(to_millis(now))
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         let order: Option<Uuid> =

@@ -1361,16 +1361,13 @@ impl Store for SqliteStore {
             po_number,
             now,
         );
-        sqlx::query(
-            "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
-             VALUES ($1, 'order.paid', $2, $3, $4) ON CONFLICT (topic, order_id) DO NOTHING",
-        )
-        .bind(event.event_id)
-        .bind(completed.order_id.uuid())
-        .bind(&event.payload)
-        .bind(to_millis(now))
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(super::outbox_insert_sql!("order.paid"))
+            .bind(event.event_id)
+            .bind(completed.order_id.uuid())
+            .bind(&event.payload)
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(completed)
     }
@@ -1444,16 +1441,13 @@ impl Store for SqliteStore {
         .map(decode::order_line)
         .collect::<Result<Vec<_>, _>>()?;
         let event = order_authorized_event(&authorized, payment_intent_id, amount, lines, now);
-        sqlx::query(
-            "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
-             VALUES ($1, 'order.authorized', $2, $3, $4) ON CONFLICT (topic, order_id) DO NOTHING",
-        )
-        .bind(event.event_id)
-        .bind(authorized.order_id.uuid())
-        .bind(&event.payload)
-        .bind(to_millis(now))
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(super::outbox_insert_sql!("order.authorized"))
+            .bind(event.event_id)
+            .bind(authorized.order_id.uuid())
+            .bind(&event.payload)
+            .bind(to_millis(now))
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(authorized)
     }
@@ -1900,17 +1894,13 @@ impl Store for SqliteStore {
                 now,
             );
             // Keyed by the shipment: one event per shipment, whoever records it first.
-            sqlx::query(
-                "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
-                 VALUES ($1, 'order.shipment_captured', $2, $3, $4) \
-                 ON CONFLICT (topic, order_id) DO NOTHING",
-            )
-            .bind(event.event_id)
-            .bind(shipment)
-            .bind(&event.payload)
-            .bind(to_millis(now))
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(super::outbox_insert_sql!("order.shipment_captured"))
+                .bind(event.event_id)
+                .bind(shipment)
+                .bind(&event.payload)
+                .bind(to_millis(now))
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         self.order_of_shipment(shipment).await
@@ -2112,17 +2102,13 @@ impl Store for SqliteStore {
                     &lines,
                     now,
                 );
-                sqlx::query(
-                    "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
-                     VALUES ($1, 'order.refunded', $2, $3, $4) \
-                     ON CONFLICT (topic, order_id) DO NOTHING",
-                )
-                .bind(event.event_id)
-                .bind(id)
-                .bind(&event.payload)
-                .bind(to_millis(now))
-                .execute(&mut *tx)
-                .await?;
+                sqlx::query(super::outbox_insert_sql!("order.refunded"))
+                    .bind(event.event_id)
+                    .bind(id)
+                    .bind(&event.payload)
+                    .bind(to_millis(now))
+                    .execute(&mut *tx)
+                    .await?;
             }
         }
         tx.commit().await?;
@@ -2233,16 +2219,13 @@ impl Store for SqliteStore {
         if let (Some(row), DisputeStatus::Open) = (&changed, status) {
             let order = OrderId::from_uuid(row.try_get("id")?);
             let event = order_disputed_event(order, dispute_id, payment_intent_id, now);
-            sqlx::query(
-                "INSERT INTO outbox (event_id, topic, order_id, payload, created_at) \
-                 VALUES ($1, 'order.disputed', $2, $3, $4) ON CONFLICT (topic, order_id) DO NOTHING",
-            )
-            .bind(event.event_id)
-            .bind(order.uuid())
-            .bind(&event.payload)
-            .bind(to_millis(now))
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query(super::outbox_insert_sql!("order.disputed"))
+                .bind(event.event_id)
+                .bind(order.uuid())
+                .bind(&event.payload)
+                .bind(to_millis(now))
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         let order: Option<Uuid> =
